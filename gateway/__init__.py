@@ -1,0 +1,1 @@
+"""FicMart payment gateway: domain, storage and HTTP API."""

@@ -1,0 +1,219 @@
+"""The payment domain: statuses, allowed transitions and what a bank answer means.
+
+Pure Python, no I/O. Everything that decides "may this happen" or "what does
+this bank outcome do to the payment" lives here, so that it can be tested
+exhaustively without a database, a broker or a bank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    AUTHORIZED = "authorized"
+    CAPTURING = "capturing"
+    CAPTURED = "captured"
+    VOIDING = "voiding"
+    VOIDED = "voided"
+    REFUNDING = "refunding"
+    REFUNDED = "refunded"
+    DECLINED = "declined"
+    EXPIRED = "expired"
+
+
+# "Accepted, the bank call is in progress": long polls wait while in one of these.
+IN_PROGRESS = frozenset({Status.PENDING, Status.CAPTURING, Status.VOIDING, Status.REFUNDING})
+# After these an order may try a new authorization; every other status is a live payment.
+ORDER_RETRYABLE = frozenset({Status.DECLINED, Status.VOIDED, Status.EXPIRED})
+
+
+class Action(StrEnum):
+    """What FicMart may ask of an existing payment."""
+
+    CAPTURE = "capture"
+    VOID = "void"
+    REFUND = "refund"
+
+
+class OperationKind(StrEnum):
+    """A unit of work at the bank. RELEASE is the void of a hold that expired."""
+
+    AUTHORIZE = "authorize"
+    CAPTURE = "capture"
+    VOID = "void"
+    REFUND = "refund"
+    RELEASE = "release"
+
+
+class InvalidTransition(Exception):
+    def __init__(self, status: Status, action: str):
+        super().__init__(f"cannot {action} a payment that is {status}")
+        self.status = status
+        self.action = action
+
+
+# (status, requested action) -> (in-progress status, operation to run)
+_REQUESTS: dict[tuple[Status, Action], tuple[Status, OperationKind]] = {
+    (Status.AUTHORIZED, Action.CAPTURE): (Status.CAPTURING, OperationKind.CAPTURE),
+    (Status.AUTHORIZED, Action.VOID): (Status.VOIDING, OperationKind.VOID),
+    (Status.CAPTURED, Action.REFUND): (Status.REFUNDING, OperationKind.REFUND),
+}
+
+
+def request(status: Status, action: Action) -> tuple[Status, OperationKind]:
+    """The status a payment moves to when FicMart asks for `action`, and the bank work."""
+    try:
+        return _REQUESTS[(status, action)]
+    except KeyError:
+        raise InvalidTransition(status, action.value) from None
+
+
+def expire(status: Status) -> tuple[Status, OperationKind]:
+    """A hold that lapsed before capture: the payment is expired and the hold released."""
+    if status is not Status.AUTHORIZED:
+        raise InvalidTransition(status, "expire")
+    return Status.EXPIRED, OperationKind.RELEASE
+
+
+class Verdict(StrEnum):
+    SUCCEEDED = "succeeded"
+    REFUSED = "refused"  # a reason that will not go away: the payment returns or is declined
+    EXPIRED = "expired"  # capture refused because the hold lapsed
+    RETRY = "retry"  # transient: the same request with the same key may succeed later
+    CONFIRM = "confirm"  # "already done": maybe by our own earlier attempt whose answer was lost
+
+
+@dataclass(frozen=True)
+class BankOutcome:
+    """What came back from one bank call, before interpretation.
+
+    kind is "ok" (2xx with a JSON body), "error" (4xx/5xx with a JSON error
+    code), "timeout", "connection" (refused, reset, dropped) or "unparseable"
+    (a body that is not the JSON we expect).
+    """
+
+    kind: str
+    http_status: int | None = None
+    code: str | None = None
+    message: str | None = None
+    body: dict | None = None
+
+
+# Bank error codes that say the request itself can never succeed.
+_REFUSALS: dict[OperationKind, frozenset[str]] = {
+    OperationKind.AUTHORIZE: frozenset(
+        {"invalid_card", "invalid_cvv", "invalid_amount", "card_expired", "insufficient_funds"}
+    ),
+    OperationKind.CAPTURE: frozenset({"authorization_not_found", "amount_mismatch", "invalid_amount"}),
+    OperationKind.VOID: frozenset({"authorization_not_found"}),
+    OperationKind.RELEASE: frozenset({"authorization_not_found"}),
+    OperationKind.REFUND: frozenset({"capture_not_found", "amount_mismatch", "invalid_amount"}),
+}
+
+# Bank error codes that may mean our own earlier attempt already did the work.
+_ALREADY_DONE: dict[OperationKind, frozenset[str]] = {
+    OperationKind.AUTHORIZE: frozenset(),
+    OperationKind.CAPTURE: frozenset({"authorization_already_used", "already_captured"}),
+    OperationKind.VOID: frozenset({"authorization_already_used", "already_voided"}),
+    OperationKind.RELEASE: frozenset({"authorization_already_used", "already_voided"}),
+    OperationKind.REFUND: frozenset({"already_refunded"}),
+}
+
+
+def classify(kind: OperationKind, outcome: BankOutcome) -> Verdict:
+    """What one bank outcome means for an operation of `kind`."""
+    if outcome.kind == "ok":
+        return Verdict.SUCCEEDED
+    if outcome.kind != "error" or outcome.http_status is None or outcome.http_status >= 500:
+        return Verdict.RETRY
+    code = outcome.code or ""
+    if kind is OperationKind.CAPTURE and code == "authorization_expired":
+        return Verdict.EXPIRED
+    if code in _REFUSALS[kind]:
+        return Verdict.REFUSED
+    if code in _ALREADY_DONE[kind]:
+        return Verdict.CONFIRM
+    # An error the contract does not list for this call: nothing proves the
+    # work was not done, so never settle it as a refusal; retries end parked.
+    return Verdict.RETRY
+
+
+# (operation, verdict) -> the payment's status once the outcome is recorded.
+_SETTLEMENTS: dict[tuple[OperationKind, Verdict], Status] = {
+    (OperationKind.AUTHORIZE, Verdict.SUCCEEDED): Status.AUTHORIZED,
+    (OperationKind.AUTHORIZE, Verdict.REFUSED): Status.DECLINED,
+    (OperationKind.CAPTURE, Verdict.SUCCEEDED): Status.CAPTURED,
+    (OperationKind.CAPTURE, Verdict.REFUSED): Status.AUTHORIZED,
+    (OperationKind.CAPTURE, Verdict.EXPIRED): Status.EXPIRED,
+    (OperationKind.VOID, Verdict.SUCCEEDED): Status.VOIDED,
+    (OperationKind.VOID, Verdict.REFUSED): Status.AUTHORIZED,
+    (OperationKind.REFUND, Verdict.SUCCEEDED): Status.REFUNDED,
+    (OperationKind.REFUND, Verdict.REFUSED): Status.CAPTURED,
+    (OperationKind.RELEASE, Verdict.SUCCEEDED): Status.EXPIRED,
+    (OperationKind.RELEASE, Verdict.REFUSED): Status.EXPIRED,
+}
+
+# The status a payment must be in while each operation runs.
+RUNNING_STATUS: dict[OperationKind, Status] = {
+    OperationKind.AUTHORIZE: Status.PENDING,
+    OperationKind.CAPTURE: Status.CAPTURING,
+    OperationKind.VOID: Status.VOIDING,
+    OperationKind.REFUND: Status.REFUNDING,
+    OperationKind.RELEASE: Status.EXPIRED,
+}
+
+
+def settle(kind: OperationKind, verdict: Verdict) -> Status:
+    """The payment's status after a final verdict on an operation."""
+    try:
+        return _SETTLEMENTS[(kind, verdict)]
+    except KeyError:
+        raise ValueError(f"{verdict} is not a final verdict for {kind}") from None
+
+
+def follow_up(kind: OperationKind, verdict: Verdict) -> OperationKind | None:
+    """Bank work that a settled outcome makes necessary.
+
+    A capture refused for an expired hold leaves the hold open at the bank
+    (it keeps the customer's funds reserved), so it is released with a void.
+    """
+    if kind is OperationKind.CAPTURE and verdict is Verdict.EXPIRED:
+        return OperationKind.RELEASE
+    return None
+
+
+def is_final(verdict: Verdict) -> bool:
+    return verdict in (Verdict.SUCCEEDED, Verdict.REFUSED, Verdict.EXPIRED)
+
+
+# The events FicMart sees: one per status a payment settles in.
+EVENT_STATUSES = frozenset(
+    {Status.AUTHORIZED, Status.DECLINED, Status.CAPTURED, Status.VOIDED, Status.REFUNDED, Status.EXPIRED}
+)
+
+
+def event_type(status: Status) -> str:
+    return f"payment.{status.value}"
+
+
+ATTENTION_EVENT = "payment.attention_required"
+
+
+def error_for(outcome: BankOutcome) -> dict:
+    """The `last_error` a payment shows for an outcome that was not a success."""
+    if outcome.kind == "error" and outcome.code:
+        retryable = outcome.http_status is None or outcome.http_status >= 500
+        return {"code": outcome.code, "message": outcome.message or outcome.code, "retryable": retryable}
+    messages = {
+        "timeout": "the bank did not answer in time",
+        "connection": "the bank could not be reached",
+        "unparseable": "the bank answered with a body that could not be read",
+    }
+    return {
+        "code": f"bank_{outcome.kind}",
+        "message": messages.get(outcome.kind, f"bank answered HTTP {outcome.http_status}"),
+        "retryable": True,
+    }

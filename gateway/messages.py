@@ -1,0 +1,39 @@
+"""The messages the gateway writes to its outbox: commands for workers and events for FicMart."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+
+from gateway.timefmt import iso
+
+COMMANDS_EXCHANGE = "payments.commands"
+EVENTS_EXCHANGE = "payments.events"
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    exchange: str
+    routing_key: str
+    message_id: str
+    body: bytes
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def command(operation_id: str, kind: str) -> OutboxMessage:
+    """Ask a worker to run one operation at the bank; the body names it, nothing more."""
+    return OutboxMessage(
+        COMMANDS_EXCHANGE, kind, new_id("cmd"), orjson.dumps({"operation_id": operation_id})
+    )
+
+
+def event(event_type: str, payment: dict, occurred_at: datetime) -> OutboxMessage:
+    event_id = new_id("evt")
+    body = {"event_id": event_id, "type": event_type, "occurred_at": iso(occurred_at), "payment": payment}
+    return OutboxMessage(EVENTS_EXCHANGE, event_type, event_id, orjson.dumps(body))

@@ -1,0 +1,371 @@
+"""The atomic phases of a payment. Each public function is ONE transaction.
+
+API side:    authorize(), request_action()   record intent + outbox command
+Worker side: claim(), record_outcome(), park(), release()
+Sweepers:    expire_hold()
+
+Each phase reads what it needs with the rows locked, asks the domain what
+may happen, and writes every consequence (payment, history, operation,
+outbox message, stored idempotent response) before it commits. There is
+no state in between that a crash could leave half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from gateway import domain, messages
+from gateway.cards import CardVault, brand
+from gateway.db import Q
+from gateway.domain import Action, OperationKind, Status, Verdict
+from gateway.timefmt import now, parse
+from gateway.views import payment_json
+
+
+# ---- errors the API turns into responses --------------------------------------------
+
+
+class RequestInProgress(Exception):
+    """Another request with the same idempotency key is being handled right now."""
+
+
+class IdempotencyKeyReused(Exception):
+    """The key was used before for a different request."""
+
+
+class PaymentNotFound(Exception):
+    pass
+
+
+class OrderAlreadyPaid(Exception):
+    def __init__(self, payment_id: str):
+        super().__init__(f"order already has a live payment {payment_id}")
+        self.payment_id = payment_id
+
+
+class AmountMismatch(Exception):
+    def __init__(self, expected: int, got: int):
+        super().__init__(f"amount must equal the payment's full amount {expected}, got {got}")
+        self.expected = expected
+        self.got = got
+
+
+# ---- API phases ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdempotentRequest:
+    merchant: str
+    key: str
+    method: str
+    path: str
+    body: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for part in (self.method.encode(), self.path.encode(), self.body):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    location: str | None = None
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class CardInput:
+    number: str
+    cvv: str
+    expiry_month: int
+    expiry_year: int
+
+
+async def _check_key(conn: asyncpg.Connection, req: IdempotentRequest) -> Response | None:
+    """The stored response for this key, None if the key is new; raises if busy or reused."""
+    row = await conn.fetchrow(Q["lock_idempotency_key"], req.merchant, req.key)
+    if not row["locked"]:
+        raise RequestInProgress()
+    if row["fingerprint"] is None:
+        return None
+    if row["fingerprint"] != req.fingerprint:
+        raise IdempotencyKeyReused()
+    return Response(row["response_status"], bytes(row["response_body"]), row["location"], replayed=True)
+
+
+async def authorize(
+    pool: asyncpg.Pool,
+    vault: CardVault,
+    req: IdempotentRequest,
+    *,
+    order_id: str,
+    customer_id: str,
+    amount: int,
+    card: CardInput,
+) -> Response:
+    """Record a new payment and its authorize operation; the bank is called later by a worker."""
+    payment_id = messages.new_id("pay")
+    operation_id = messages.new_id("op")
+    at = now()
+    row = {
+        "id": payment_id, "order_id": order_id, "customer_id": customer_id, "amount": amount,
+        "currency": "USD", "status": Status.PENDING.value, "card_brand": brand(card.number),
+        "card_last4": card.number[-4:], "card_expiry_month": card.expiry_month,
+        "card_expiry_year": card.expiry_year, "authorization_id": None,
+        "authorization_expires_at": None, "capture_id": None, "void_id": None, "refund_id": None,
+        "last_error": None, "attention_required": False, "created_at": at, "updated_at": at,
+    }
+    row["history"] = [{"status": Status.PENDING.value, "at": payment_json({**row, "history": []})["created_at"]}]
+    location = f"/v1/payments/{payment_id}"
+    body = orjson.dumps(payment_json(row))
+    cmd = messages.command(operation_id, OperationKind.AUTHORIZE.value)
+    async with pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                stored = await _check_key(conn, req)
+                if stored:
+                    return stored
+                await conn.execute(
+                    Q["insert_authorization"],
+                    payment_id, req.merchant, order_id, customer_id, amount,
+                    row["card_brand"], row["card_last4"], card.expiry_month, card.expiry_year, at,
+                    operation_id, bank_key(operation_id), vault.seal(payment_id, card.number, card.cvv),
+                    cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+                    req.key, req.method, req.path, req.fingerprint, body, location,
+                )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "payments_one_live_per_order":
+                raise
+            existing = await conn.fetchval(Q["live_payment_for_order"], req.merchant, order_id)
+            raise OrderAlreadyPaid(existing or "unknown") from None
+    return Response(202, body, location)
+
+
+async def request_action(
+    pool: asyncpg.Pool, req: IdempotentRequest, payment_id: str, action: Action, amount: int | None
+) -> Response:
+    """Capture, void or refund: move the payment to its in-progress status and enqueue the work."""
+    async with pool.acquire() as conn, conn.transaction():
+        stored = await _check_key(conn, req)
+        if stored:
+            return stored
+        row = await conn.fetchrow(Q["lock_payment"], payment_id, req.merchant)
+        if row is None:
+            raise PaymentNotFound()
+        if amount is not None and amount != row["amount"]:
+            raise AmountMismatch(row["amount"], amount)
+        running, kind = domain.request(Status(row["status"]), action)
+        payment, op_id, cmd = _begin(row, running, kind, at := now())
+        body = orjson.dumps(payment)
+        await conn.execute(
+            Q["start_operation"],
+            payment_id, running.value, at, f"api:{action.value}", op_id, kind.value, bank_key(op_id),
+            cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+            None, None, None, None,
+            req.merchant, req.key, req.method, req.path, req.fingerprint, body,
+        )
+    return Response(202, body)
+
+
+def _begin(row: asyncpg.Record, status: Status, kind: OperationKind, at: datetime):
+    """The payment as it will read once `status` is entered, a new operation id and its command."""
+    updated = {**row, "status": status.value, "last_error": None, "updated_at": at}
+    payment = payment_json(updated)
+    if status.value != row["status"]:
+        payment["history"].append({"status": status.value, "at": payment["updated_at"]})
+    op_id = messages.new_id("op")
+    return payment, op_id, messages.command(op_id, kind.value)
+
+
+def bank_key(operation_id: str) -> str:
+    """The bank idempotency key: derived from our own operation id, stable across every retry."""
+    return f"gw-{operation_id}"
+
+
+# ---- worker phases ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    operation_id: str
+    kind: OperationKind
+    bank_key: str
+    attempts: int
+    first_attempt_at: datetime
+    payment_id: str
+    amount: int
+    authorization_id: str | None
+    capture_id: str | None
+    card_expiry_month: int
+    card_expiry_year: int
+    sealed_card: bytes | None
+
+
+@dataclass(frozen=True)
+class OperationState:
+    """Why an operation could not be claimed."""
+
+    exists: bool
+    finished: bool = False
+    parked: bool = False
+    lease_left: float = 0.0
+
+
+async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
+    """Take the lease for one bank attempt, or say why not (finished, leased elsewhere, unknown)."""
+    row = await pool.fetchrow(Q["claim_operation"], operation_id, owner, lease_seconds)
+    if row is not None:
+        return Claim(
+            operation_id=row["id"], kind=OperationKind(row["kind"]), bank_key=row["bank_key"],
+            attempts=row["attempts"], first_attempt_at=row["first_attempt_at"],
+            payment_id=row["payment_id"], amount=row["amount"],
+            authorization_id=row["authorization_id"], capture_id=row["capture_id"],
+            card_expiry_month=row["card_expiry_month"], card_expiry_year=row["card_expiry_year"],
+            sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
+        )
+    state = await pool.fetchrow(Q["operation_state"], operation_id)
+    if state is None:
+        return OperationState(exists=False)
+    return OperationState(
+        exists=True, finished=state["status"] != "pending", parked=state["parked"], lease_left=state["lease_left"] or 0.0
+    )
+
+
+async def release(
+    pool: asyncpg.Pool, operation_id: str, owner: str, error: dict | None, bank_ms: int
+) -> None:
+    """Give the lease back after an attempt that settled nothing (a transient failure)."""
+    await pool.execute(Q["release_lease"], operation_id, owner, error, bank_ms)
+
+
+# Bank response fields copied onto the receipt, per operation.
+_BANK_IDS = {
+    OperationKind.AUTHORIZE: ("authorization_id", "expires_at"),
+    OperationKind.CAPTURE: ("capture_id",),
+    OperationKind.VOID: ("void_id",),
+    OperationKind.RELEASE: ("void_id",),
+    OperationKind.REFUND: ("refund_id",),
+}
+
+
+def _bank_fields(kind: OperationKind, verdict: Verdict, body: dict | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if verdict is not Verdict.SUCCEEDED or not body:
+        return fields
+    for name in _BANK_IDS[kind]:
+        if name == "expires_at":
+            fields["authorization_expires_at"] = parse(body["expires_at"])
+        else:
+            fields[name] = body[name]
+    return fields
+
+
+async def record_outcome(
+    pool: asyncpg.Pool,
+    operation_id: str,
+    verdict: Verdict,
+    outcome: domain.BankOutcome,
+    bank_ms: int,
+) -> dict | None:
+    """Settle an operation with a final verdict. Returns the payment, or None if already settled.
+
+    One transaction: operation, payment, history, card deletion, completion
+    event and, where the domain asks for it, the follow-up operation.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q["lock_operation"], operation_id)
+        if row is None:
+            return None
+        kind = OperationKind(row["kind"])
+        status = domain.settle(kind, verdict)
+        at = now()
+        error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome)
+        fields = _bank_fields(kind, verdict, outcome.body)
+        moved = status.value != row["status"]
+        updated = {**row, **fields, "status": status.value, "last_error": error,
+                   "attention_required": False, "updated_at": at}
+        payment = payment_json(updated)
+        if moved:
+            payment["history"].append({"status": status.value, "at": payment["updated_at"]})
+        event = messages.event(domain.event_type(status), payment, at) if moved else None
+        await conn.execute(
+            Q["finish_operation"],
+            operation_id, "succeeded" if verdict is Verdict.SUCCEEDED else "failed", at, error,
+            outcome.body, bank_ms, status.value,
+            fields.get("authorization_id"), fields.get("authorization_expires_at"),
+            fields.get("capture_id"), fields.get("void_id"), fields.get("refund_id"),
+            f"bank:{kind.value}:{verdict.value}", moved, kind is OperationKind.AUTHORIZE,
+            *(_event_args(event)),
+        )
+        follow_up = domain.follow_up(kind, verdict)
+        if follow_up is not None:
+            await _enqueue(conn, row["id"], follow_up, at)
+    return payment
+
+
+def _event_args(event: messages.OutboxMessage | None) -> tuple:
+    if event is None:
+        return (None, None, None, None)
+    return (event.exchange, event.routing_key, event.message_id, event.body)
+
+
+async def _enqueue(conn: asyncpg.Connection, payment_id: str, kind: OperationKind, at: datetime) -> str:
+    op_id = messages.new_id("op")
+    cmd = messages.command(op_id, kind.value)
+    await conn.execute(
+        Q["insert_operation"], op_id, payment_id, kind.value, bank_key(op_id), at,
+        cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+    )
+    return op_id
+
+
+async def park(pool: asyncpg.Pool, operation_id: str, error: dict) -> dict | None:
+    """Retries are exhausted: flag the payment for ops and announce it. None if already settled."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q["lock_operation"], operation_id)
+        if row is None:
+            return None
+        at = now()
+        payment = payment_json({**row, "attention_required": True, "last_error": error, "updated_at": at})
+        event = messages.event(domain.ATTENTION_EVENT, payment, at)
+        await conn.execute(Q["park_operation"], operation_id, at, error, *_event_args(event))
+    return payment
+
+
+async def unpark(pool: asyncpg.Pool, operation_id: str) -> bool:
+    """Back from the dead-letter queue: False when the operation has meanwhile finished."""
+    return await pool.fetchval(Q["unpark_operation"], operation_id) is not None
+
+
+async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
+    """An authorized payment whose hold lapsed: mark it expired and release the hold at the bank.
+
+    Returns the payment, or None when it is no longer authorized (captured or
+    voided meanwhile): the caller only acts on what is still true under the lock.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q["lock_payment"], payment_id, None)
+        if row is None or row["status"] != Status.AUTHORIZED.value:
+            return None
+        status, kind = domain.expire(Status(row["status"]))
+        payment, op_id, cmd = _begin(row, status, kind, at := now())
+        event = messages.event(domain.event_type(status), payment, at)
+        await conn.execute(
+            Q["start_operation"],
+            payment_id, status.value, at, "sweeper:hold_expired", op_id, kind.value, bank_key(op_id),
+            cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+            *_event_args(event),
+            None, None, None, None, None, None,
+        )
+    return payment

@@ -1,0 +1,148 @@
+-- The gateway's whole schema. Applied by `gatewayctl migrate`: every
+-- statement is idempotent, so it is safe to run twice and on a live database.
+
+CREATE TABLE IF NOT EXISTS payments (
+    id                        text PRIMARY KEY,            -- pay_<32 hex>
+    merchant                  text NOT NULL,               -- the API key's caller name: scope of everything
+    order_id                  text NOT NULL,
+    customer_id               text NOT NULL,
+    amount                    bigint NOT NULL CHECK (amount > 0),
+    currency                  text NOT NULL CHECK (currency = 'USD'),
+    status                    text NOT NULL CHECK (status IN (
+                                  'pending', 'authorized', 'capturing', 'captured', 'voiding',
+                                  'voided', 'refunding', 'refunded', 'declined', 'expired')),
+    card_brand                text NOT NULL,
+    card_last4                text NOT NULL CHECK (card_last4 ~ '^[0-9]{4}$'),
+    card_expiry_month         smallint NOT NULL CHECK (card_expiry_month BETWEEN 1 AND 12),
+    card_expiry_year          smallint NOT NULL,
+    authorization_id          text,
+    authorization_expires_at  timestamptz,
+    capture_id                text,
+    void_id                   text,
+    refund_id                 text,
+    last_error                jsonb,
+    attention_required        boolean NOT NULL DEFAULT false,
+    created_at                timestamptz NOT NULL,
+    updated_at                timestamptz NOT NULL
+);
+
+-- One live payment per order: declined, voided and expired ones make room for a new attempt.
+CREATE UNIQUE INDEX IF NOT EXISTS payments_one_live_per_order
+    ON payments (merchant, order_id) WHERE status NOT IN ('declined', 'voided', 'expired');
+CREATE INDEX IF NOT EXISTS payments_by_order ON payments (merchant, order_id, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS payments_by_customer ON payments (merchant, customer_id, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS payments_hold_expiry ON payments (authorization_expires_at) WHERE status = 'authorized';
+
+CREATE TABLE IF NOT EXISTS payment_history (
+    id          bigserial PRIMARY KEY,
+    payment_id  text NOT NULL REFERENCES payments (id),
+    status      text NOT NULL,
+    cause       text NOT NULL,                               -- what moved it: api, bank outcome, sweeper...
+    at          timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payment_history_by_payment ON payment_history (payment_id, id);
+
+CREATE TABLE IF NOT EXISTS operations (
+    id                text PRIMARY KEY,                     -- op_<32 hex>
+    payment_id        text NOT NULL REFERENCES payments (id),
+    kind              text NOT NULL CHECK (kind IN ('authorize', 'capture', 'void', 'refund', 'release')),
+    status            text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'succeeded', 'failed')),
+    -- Sent to the bank on every attempt; built from our own id, never from client input.
+    bank_key          text NOT NULL UNIQUE,
+    attempts          integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    -- A worker holds the lease while a bank call may be running, so no second
+    -- request for the same operation can start before the first is over.
+    lease_owner       text,
+    lease_until       timestamptz,
+    parked            boolean NOT NULL DEFAULT false,       -- in the dead-letter queue
+    last_error        jsonb,
+    bank_response     jsonb,
+    bank_ms           integer NOT NULL DEFAULT 0,           -- time spent waiting for the bank
+    first_attempt_at  timestamptz,
+    created_at        timestamptz NOT NULL,
+    updated_at        timestamptz NOT NULL,
+    finished_at       timestamptz
+);
+-- One operation in flight per payment.
+CREATE UNIQUE INDEX IF NOT EXISTS operations_one_in_flight
+    ON operations (payment_id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS operations_by_payment ON operations (payment_id, created_at);
+CREATE INDEX IF NOT EXISTS operations_pending ON operations (updated_at) WHERE status = 'pending';
+
+-- The card for an authorization still to be sent, AES-GCM encrypted; deleted
+-- in the transaction that records the authorization's final outcome.
+CREATE TABLE IF NOT EXISTS card_vault (
+    payment_id  text PRIMARY KEY REFERENCES payments (id),
+    sealed      bytea NOT NULL,
+    created_at  timestamptz NOT NULL
+);
+
+-- Responses to the gateway's own POSTs. A row is only ever committed together
+-- with the work it answers, so a key either has its final response or nothing;
+-- "in progress" is a transaction-scoped advisory lock on the key.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    merchant         text NOT NULL,
+    key              text NOT NULL,
+    method           text NOT NULL,
+    path             text NOT NULL,
+    fingerprint      text NOT NULL,                          -- sha256 of method, path and body
+    response_status  smallint NOT NULL,
+    response_body    bytea NOT NULL,
+    location         text,
+    created_at       timestamptz NOT NULL,
+    PRIMARY KEY (merchant, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys (created_at);
+
+-- Messages to publish: written in the same transaction as the state they announce.
+CREATE TABLE IF NOT EXISTS outbox (
+    id            bigserial PRIMARY KEY,
+    exchange      text NOT NULL,
+    routing_key   text NOT NULL,
+    message_id    text NOT NULL,
+    body          bytea NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    published_at  timestamptz
+);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (id) WHERE published_at IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_sent_age ON outbox (published_at) WHERE published_at IS NOT NULL;
+
+-- What reconciliation found where our receipts and the bank disagree.
+CREATE TABLE IF NOT EXISTS reconciliation_findings (
+    id          bigserial PRIMARY KEY,
+    run_id      text NOT NULL,
+    payment_id  text NOT NULL REFERENCES payments (id),
+    kind        text NOT NULL,
+    detail      jsonb NOT NULL,
+    repaired    boolean NOT NULL DEFAULT false,
+    found_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS reconciliation_findings_by_run ON reconciliation_findings (run_id);
+
+-- Wake the relay when there is something to publish, and long polls when a payment moves.
+CREATE OR REPLACE FUNCTION notify_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('outbox', '');
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION notify_payment() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('payment_updated', NEW.id);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER outbox_inserted AFTER INSERT ON outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_outbox();
+
+CREATE OR REPLACE TRIGGER payment_updated AFTER UPDATE ON payments
+    FOR EACH ROW EXECUTE FUNCTION notify_payment();
+
+-- A payment's history as the receipt shows it, oldest first; timestamps in the API's format.
+CREATE OR REPLACE FUNCTION payment_history_json(pid text) RETURNS json LANGUAGE sql STABLE AS $$
+    SELECT coalesce(json_agg(json_build_object(
+               'status', h.status,
+               'at', to_char(h.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) ORDER BY h.id), '[]')
+      FROM payment_history h
+     WHERE h.payment_id = pid
+$$;

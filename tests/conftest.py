@@ -1,0 +1,48 @@
+"""Shared fixtures: a private database (schema applied) and RabbitMQ vhost per test run."""
+
+from __future__ import annotations
+
+import base64
+import os
+from contextlib import ExitStack
+
+import pytest
+
+from gateway import db
+from tests.support import services
+
+DEV_CARD_KEY = base64.b64encode(b"k" * 32).decode()
+
+
+@pytest.fixture(scope="session")
+def server_urls():
+    with ExitStack() as stack:
+        yield services.server_urls(stack)
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_urls):
+    admin_url = server_urls[0]
+    url = await services.create_database(admin_url)
+    await db.migrate(url)
+    yield url
+    await services.drop_database(admin_url, url)
+
+
+@pytest.fixture(scope="session")
+def amqp_url(server_urls):
+    url, vhost = services.create_vhost(server_urls[1])
+    yield url
+    services.delete_vhost(vhost)
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url):
+    p = await db.create_pool(database_url, min_size=1, max_size=20)
+    yield p
+    await p.close()
+
+
+@pytest.fixture(scope="session")
+def card_key() -> str:
+    return os.environ.get("CARD_ENCRYPTION_KEY", DEV_CARD_KEY)
