@@ -1,0 +1,80 @@
+# One image for every process of the gateway: mockbank, gateway-api,
+# gateway-relay, gateway-worker and gatewayctl. compose.yaml picks the
+# process per service with `command:`; the default is the API.
+#
+#   docker build -t ficmart-gateway:dev .
+#   docker run --rm -p 8080:8080 -e CARD_ENCRYPTION_KEY=... ficmart-gateway:dev
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---------------------------------------------------------------- builder ----
+# Builds /opt/venv: the runtime dependencies of pyproject.toml (no `dev`
+# extra) plus the project itself, installed in editable mode from /app.
+FROM ${PYTHON_IMAGE} AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /app
+
+# Dependencies first, from pyproject.toml alone, so that a change to the
+# sources does not reinstall them. Every dependency ships manylinux wheels
+# for CPython 3.11 (amd64 and arm64), so no compiler is needed.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+
+# The project. gateway/db.py reads the schema as
+# Path(gateway/__file__).parent.parent / "schema.sql", i.e. next to the
+# package directory, so the packages must be imported from the source tree
+# in /app, not from a copy in site-packages (where `pip install .` would put
+# them, without schema.sql). An editable install does exactly that: it puts
+# only metadata, the console scripts and a path hook into the venv, and the
+# hook maps gateway, worker and mockbank to /app/<package>. The final stage
+# therefore keeps the source tree at the same path, /app, and the venv at
+# the same path, /opt/venv.
+COPY . .
+RUN pip install --no-deps -e .
+
+# ------------------------------------------------------------------ final ----
+FROM ${PYTHON_IMAGE}
+
+LABEL org.opencontainers.image.title="ficmart-gateway" \
+      org.opencontainers.image.description="FicMart payment gateway: API, relay, worker, mock bank"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# An unprivileged user with a fixed uid; the code and the venv stay owned by
+# root, so the processes cannot modify them.
+RUN groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid gateway --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin gateway
+
+COPY --from=builder /opt/venv /opt/venv
+
+WORKDIR /app
+# Only what .dockerignore lets through: pyproject.toml, schema.sql and the
+# gateway, worker and mockbank packages (the same files the builder
+# installed from). Compiled once here, since the processes cannot write
+# bytecode next to the sources.
+COPY . .
+RUN python -m compileall -q gateway worker mockbank \
+    && python -c "import gateway.db as db; assert db.SCHEMA_PATH.is_file(), db.SCHEMA_PATH"
+
+USER 10001:10001
+
+# 8080: gateway-api, 8787: mockbank. Both listen on 127.0.0.1 unless told
+# --host 0.0.0.0, as below and in compose.yaml.
+EXPOSE 8080 8787
+
+# No HEALTHCHECK here: the relay and the worker serve no HTTP, so each
+# service declares its own check in compose.yaml.
+CMD ["gateway-api", "--host", "0.0.0.0", "--port", "8080"]
