@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 
 def luhn_ok(number: str) -> bool:
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()):
         return False
     total = 0
     for i, ch in enumerate(reversed(number)):
@@ -57,7 +57,7 @@ class CardVault:
     def open(self, payment_id: str, sealed: bytes) -> tuple[str, str]:
         try:
             plain = self._aead.decrypt(sealed[:12], sealed[12:], payment_id.encode())
-        except InvalidTag:
+        except (InvalidTag, ValueError):  # ValueError: too short to hold a nonce
             raise VaultError("card data cannot be decrypted with this CARD_ENCRYPTION_KEY") from None
         card = orjson.loads(plain)
         return card["number"], card["cvv"]

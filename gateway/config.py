@@ -40,16 +40,21 @@ class Settings:
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
-    parsed = urlparse(value)
+    problem = f"{name} must be a {'/'.join(schemes)} URL with a host and a valid port, got {value!r}"
+    try:
+        parsed = urlparse(value)
+        parsed.port  # noqa: B018 - raises ValueError on a port out of range or not a number
+    except ValueError:
+        raise ConfigError(problem) from None
     if parsed.scheme not in schemes or not parsed.hostname:
-        raise ConfigError(f"{name} must be a {'/'.join(schemes)} URL with a host, got {value!r}")
+        raise ConfigError(problem)
     return value
 
 
 def _api_keys(value: str) -> dict[str, str]:
     keys: dict[str, str] = {}
     for pair in value.split(","):
-        name, sep, key = pair.strip().partition(":")
+        name, sep, key = (part.strip() for part in pair.partition(":"))
         if not sep or not name or len(key) < 8 or not key.isprintable():
             raise ConfigError(
                 "GATEWAY_API_KEYS must be comma-separated name:key pairs with keys of "

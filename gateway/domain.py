@@ -202,10 +202,17 @@ def event_type(status: Status) -> str:
 ATTENTION_EVENT = "payment.attention_required"
 
 
-def error_for(outcome: BankOutcome) -> dict:
-    """The `last_error` a payment shows for an outcome that was not a success."""
+def error_for(outcome: BankOutcome, kind: OperationKind | None = None) -> dict:
+    """The `last_error` a payment shows for an outcome that was not a success.
+
+    `retryable` follows classify() when the operation is known; otherwise a
+    bank answer below 500 counts as a refusal.
+    """
+    if kind is not None:
+        retryable = classify(kind, outcome) in (Verdict.RETRY, Verdict.CONFIRM)
+    else:
+        retryable = outcome.kind != "error" or outcome.http_status is None or outcome.http_status >= 500
     if outcome.kind == "error" and outcome.code:
-        retryable = outcome.http_status is None or outcome.http_status >= 500
         return {"code": outcome.code, "message": outcome.message or outcome.code, "retryable": retryable}
     messages = {
         "timeout": "the bank did not answer in time",
@@ -215,5 +222,5 @@ def error_for(outcome: BankOutcome) -> dict:
     return {
         "code": f"bank_{outcome.kind}",
         "message": messages.get(outcome.kind, f"bank answered HTTP {outcome.http_status}"),
-        "retryable": True,
+        "retryable": retryable,
     }

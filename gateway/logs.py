@@ -16,16 +16,25 @@ import orjson
 import structlog
 
 _FORBIDDEN_KEYS = {"card_number", "number", "cvv", "card"}
-_PAN = re.compile(r"\b\d{13,19}\b")
+# 13-19 digits, optionally grouped by spaces or dashes, not part of a longer digit run.
+_PAN = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
+
+
+def _scrub(value):
+    if isinstance(value, dict):
+        return {k: "[redacted]" if k in _FORBIDDEN_KEYS else _scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_scrub(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        text = str(value)
+        return _PAN.sub("[redacted]", text) if _PAN.search(text) else value
+    return value
 
 
 def _redact(_logger, _name, event: dict) -> dict:
-    for key in list(event):
-        if key in _FORBIDDEN_KEYS:
-            event[key] = "[redacted]"
-        elif isinstance(event[key], str) and _PAN.search(event[key]):
-            event[key] = _PAN.sub("[redacted]", event[key])
-    return event
+    return _scrub(event)
 
 
 def _dumps(obj, default=None) -> str:
@@ -33,16 +42,27 @@ def _dumps(obj, default=None) -> str:
 
 
 def setup(level: str, process: str) -> None:
-    logging.basicConfig(format="%(message)s", stream=sys.stdout, level=level.upper())
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    render = [_redact, structlog.processors.JSONRenderer(serializer=_dumps)]
+    # Libraries (aiohttp, aio-pika, asyncpg) log through the standard library:
+    # the same JSON and the same redaction for their lines too.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+            foreign_pre_chain=shared,
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _redact,
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ],
+        processors=[*shared, *render],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=True,

@@ -145,36 +145,71 @@ async def authorize(
                     req.key, req.method, req.path, req.fingerprint, body, location,
                 )
         except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name != "payments_one_live_per_order":
+            if exc.constraint_name not in ("payments_one_live_per_order", "idempotency_keys_pkey"):
                 raise
+            stored = await _recheck_key(conn, req)
+            if stored:
+                return stored
             existing = await conn.fetchval(Q["live_payment_for_order"], req.merchant, order_id)
             raise OrderAlreadyPaid(existing or "unknown") from None
     return Response(202, body, location)
+
+
+async def _recheck_key(conn: asyncpg.Connection, req: IdempotentRequest) -> Response | None:
+    """After a conflict: was it our own twin request, committed just before our key check?
+
+    lock_idempotency_key reads the key row in the statement's snapshot, taken
+    before the advisory lock: a twin that commits in between leaves us holding
+    the lock without seeing its row, and we then collide with its work (the
+    order's live payment, the new status). Looking again in a new statement
+    turns that collision into the replay it should have been.
+    """
+    async with conn.transaction():
+        return await _check_key(conn, req)
+
+
+async def stored_response(pool: asyncpg.Pool, req: IdempotentRequest) -> Response | None:
+    """The stored response for this key (raises if busy or reused), None if the key is new."""
+    async with pool.acquire() as conn:
+        return await _recheck_key(conn, req)
 
 
 async def request_action(
     pool: asyncpg.Pool, req: IdempotentRequest, payment_id: str, action: Action, amount: int | None
 ) -> Response:
     """Capture, void or refund: move the payment to its in-progress status and enqueue the work."""
-    async with pool.acquire() as conn, conn.transaction():
-        stored = await _check_key(conn, req)
-        if stored:
-            return stored
-        row = await conn.fetchrow(Q["lock_payment"], payment_id, req.merchant)
-        if row is None:
-            raise PaymentNotFound()
-        if amount is not None and amount != row["amount"]:
-            raise AmountMismatch(row["amount"], amount)
-        running, kind = domain.request(Status(row["status"]), action)
-        payment, op_id, cmd = _begin(row, running, kind, at := now())
-        body = orjson.dumps(payment)
-        await conn.execute(
-            Q["start_operation"],
-            payment_id, running.value, at, f"api:{action.value}", op_id, kind.value, bank_key(op_id),
-            cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
-            None, None, None, None,
-            req.merchant, req.key, req.method, req.path, req.fingerprint, body,
-        )
+    async with pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                return await _request_action(conn, req, payment_id, action, amount)
+        except domain.InvalidTransition:
+            stored = await _recheck_key(conn, req)  # see _recheck_key: a twin may have moved the payment
+            if stored:
+                return stored
+            raise
+
+
+async def _request_action(
+    conn: asyncpg.Connection, req: IdempotentRequest, payment_id: str, action: Action, amount: int | None
+) -> Response:
+    stored = await _check_key(conn, req)
+    if stored:
+        return stored
+    row = await conn.fetchrow(Q["lock_payment"], payment_id, req.merchant)
+    if row is None:
+        raise PaymentNotFound()
+    if amount is not None and amount != row["amount"]:
+        raise AmountMismatch(row["amount"], amount)
+    running, kind = domain.request(Status(row["status"]), action)
+    payment, op_id, cmd = _begin(row, running, kind, at := now())
+    body = orjson.dumps(payment)
+    await conn.execute(
+        Q["start_operation"],
+        payment_id, running.value, at, f"api:{action.value}", op_id, kind.value, bank_key(op_id),
+        cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+        None, None, None, None,
+        req.merchant, req.key, req.method, req.path, req.fingerprint, body,
+    )
     return Response(202, body)
 
 
@@ -290,7 +325,7 @@ async def record_outcome(
         kind = OperationKind(row["kind"])
         status = domain.settle(kind, verdict)
         at = now()
-        error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome)
+        error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome, kind)
         fields = _bank_fields(kind, verdict, outcome.body)
         moved = status.value != row["status"]
         updated = {**row, **fields, "status": status.value, "last_error": error,
