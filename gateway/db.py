@@ -48,8 +48,11 @@ async def connect(dsn: str, **kwargs) -> asyncpg.Connection:
     return conn
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, **pool_kwargs) -> asyncpg.Pool:
+    """`pool_kwargs` go to asyncpg.create_pool as they are (e.g. `reset`)."""
+    return await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, **pool_kwargs
+    )
 
 
 def schema_sql() -> str:

@@ -82,7 +82,8 @@ SELECT $6, $7, $8, $9 FROM operation;
 -- name: claim_operation
 -- Take the lease for one bank attempt. Fails (no row) when the operation is
 -- finished or another worker's lease has not run out: a bank call of that
--- worker may still be running, and the bank has no in-flight lock.
+-- worker may still be running, and the bank has no in-flight lock. A parked
+-- operation waits for ops (unpark_operation) and is not claimed either.
 WITH claimed AS (
     UPDATE operations
        SET attempts = attempts + 1,
@@ -90,7 +91,7 @@ WITH claimed AS (
            lease_until = now() + make_interval(secs => $3),
            first_attempt_at = coalesce(first_attempt_at, now()),
            updated_at = now()
-     WHERE id = $1 AND status = 'pending'
+     WHERE id = $1 AND status = 'pending' AND NOT parked
        AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $2)
     RETURNING *
 )

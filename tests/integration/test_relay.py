@@ -1,0 +1,271 @@
+"""gateway-relay against the real PostgreSQL and RabbitMQ: at least once, never lost.
+
+The module works in its own database and vhost so that it can reason about
+the whole outbox (other modules leave rows of their own in the shared one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aio_pika
+import pytest
+
+from gateway import db
+from tests.support import services
+from worker import settings as wsettings
+from worker.relay import Relay
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+async def relay_env(server_urls):
+    admin_url, amqp_root = server_urls
+    database_url = await services.create_database(admin_url)
+    await db.migrate(database_url)
+    amqp_url, vhost = services.create_vhost(amqp_root)
+    pool = await db.create_pool(database_url, min_size=1, max_size=5)
+    broker = await aio_pika.connect_robust(amqp_url)
+    yield database_url, amqp_url, pool, broker
+    await broker.close()
+    await pool.close()
+    services.delete_vhost(vhost)
+    await services.drop_database(admin_url, database_url)
+
+
+@pytest.fixture
+async def env(relay_env):
+    database_url, amqp_url, pool, broker = relay_env
+    await pool.execute("DELETE FROM outbox")
+    yield relay_env
+
+
+def make_relay(database_url: str, amqp_url: str, **kw) -> Relay:
+    return Relay(database_url, amqp_url, wsettings.RelaySettings(**{"poll_seconds": 0.2, **kw}), ladder=(1, 2, 3))
+
+
+async def bound_queue(broker, *, bind: bool = True):
+    """A fresh topic exchange, and a queue bound to it with '#' (unless bind=False)."""
+    channel = await broker.channel()
+    name = f"test.relay.{uuid.uuid4().hex[:8]}"
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, auto_delete=False)
+    queue = await channel.declare_queue(f"{name}.q", exclusive=True)
+    if bind:
+        await queue.bind(exchange, "#")
+    return name, queue
+
+
+async def insert_rows(pool, exchange: str, n: int) -> list[str]:
+    ids = [f"msg_{uuid.uuid4().hex}" for _ in range(n)]
+    await pool.executemany(
+        "INSERT INTO outbox (exchange, routing_key, message_id, body) VALUES ($1, 'payment.test', $2, $3)",
+        [(exchange, mid, b'{"n": %d}' % i) for i, mid in enumerate(ids)],
+    )
+    return ids
+
+
+async def drain_queue(queue, *, expect: int | None = None, wait: float = 5.0) -> list:
+    """Messages in the queue; with `expect`, waits up to `wait` s for that many, then a bit more."""
+    got = []
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        msg = await queue.get(no_ack=True, fail=False)
+        if msg is not None:
+            got.append(msg)
+            continue
+        if expect is None or (len(got) >= expect and asyncio.get_running_loop().time() > deadline - wait + 0.3):
+            return got
+        if asyncio.get_running_loop().time() > deadline:
+            return got
+        await asyncio.sleep(0.05)
+
+
+async def unsent(pool) -> int:
+    return await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+
+
+async def test_rows_published_once_with_properties_and_marked(env):
+    database_url, amqp_url, pool, broker = env
+    exchange, queue = await bound_queue(broker)
+    ids = await insert_rows(pool, exchange, 450)
+    relay = make_relay(database_url, amqp_url, batch_size=100)
+    await relay.start()
+    try:
+        assert await relay.drain() == (450, 0)
+        assert await relay.drain() == (0, 0)  # nothing left, nothing sent twice
+    finally:
+        await relay.close()
+    got = await drain_queue(queue, expect=450)
+    assert sorted(m.message_id for m in got) == sorted(ids)
+    first = got[0]
+    assert first.content_type == "application/json"
+    assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert first.routing_key == "payment.test"
+    assert await unsent(pool) == 0
+
+
+async def test_notify_wakes_the_relay_before_the_poll(env):
+    database_url, amqp_url, pool, broker = env
+    exchange, queue = await bound_queue(broker)
+    relay = make_relay(database_url, amqp_url, poll_seconds=30)
+    await relay.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await asyncio.sleep(0.5)  # first pass done, now waiting on NOTIFY (the poll is 30 s)
+        (mid,) = await insert_rows(pool, exchange, 1)
+        got = await drain_queue(queue, expect=1, wait=5)
+        assert [m.message_id for m in got] == [mid]
+    finally:
+        stop.set()
+        await task
+        await relay.close()
+
+
+async def test_unroutable_rows_stay_unsent(env):
+    database_url, amqp_url, pool, broker = env
+    exchange, _ = await bound_queue(broker, bind=False)  # the exchange exists, nothing is bound
+    good_exchange, queue = await bound_queue(broker)
+    bad = await insert_rows(pool, exchange, 3)
+    good = await insert_rows(pool, good_exchange, 2)
+    relay = make_relay(database_url, amqp_url)
+    await relay.start()
+    try:
+        assert await relay.drain() == (2, 3)
+        assert await relay.drain() == (0, 0)  # held back for a moment...
+        relay._held_back = {k: (n, 0.0) for k, (n, _) in relay._held_back.items()}
+        assert await relay.drain() == (0, 3)  # ...then retried: still returned, still unsent
+    finally:
+        await relay.close()
+    rows = await pool.fetch("SELECT message_id FROM outbox WHERE published_at IS NULL")
+    assert sorted(r["message_id"] for r in rows) == sorted(bad)
+    assert sorted(m.message_id for m in await drain_queue(queue, expect=2)) == sorted(good)
+
+
+async def test_a_bad_row_does_not_hold_up_the_rows_behind_it(env):
+    database_url, amqp_url, pool, broker = env
+    unbound, _ = await bound_queue(broker, bind=False)
+    exchange, queue = await bound_queue(broker)
+    bad = await insert_rows(pool, unbound, 1)
+    missing = await insert_rows(pool, "no.such.exchange", 1)  # would close a shared channel
+    good = await insert_rows(pool, exchange, 9)
+    relay = make_relay(database_url, amqp_url, batch_size=2)
+    await relay.start()
+    try:
+        published, failed = await relay.drain()
+    finally:
+        await relay.close()
+    assert (published, failed) == (9, 2)
+    assert sorted(m.message_id for m in await drain_queue(queue, expect=9)) == sorted(good)
+    rows = await pool.fetch("SELECT message_id FROM outbox WHERE published_at IS NULL")
+    assert sorted(r["message_id"] for r in rows) == sorted(bad + missing)
+
+
+async def test_broker_gone_leaves_rows_unsent(env):
+    database_url, amqp_url, pool, broker = env
+    exchange, _ = await bound_queue(broker)
+    await insert_rows(pool, exchange, 5)
+    relay = make_relay(database_url, amqp_url)
+    await relay.start()
+    await relay.connection.close()
+    try:
+        assert await relay.drain() == (0, 5)
+    finally:
+        await relay.close()
+    assert await unsent(pool) == 5
+
+
+async def test_two_relays_at_once_leave_nothing_unsent(env):
+    database_url, amqp_url, pool, broker = env
+    exchange, queue = await bound_queue(broker)
+    ids = await insert_rows(pool, exchange, 3000)
+    relays = [make_relay(database_url, amqp_url, batch_size=100) for _ in range(2)]
+    for r in relays:
+        await r.start()
+    try:
+        results = await asyncio.gather(*(r.drain() for r in relays))
+        # Each drain stops at its first short batch; finish what either may have left behind.
+        results.append(await relays[0].drain())
+    finally:
+        for r in relays:
+            await r.close()
+    assert sum(p for p, _ in results) == 3000 and all(f == 0 for _, f in results)
+    assert all(p > 0 for p, _ in results[:2]), "both relays should have taken a share"
+    got = await drain_queue(queue, expect=3000, wait=10)
+    assert set(m.message_id for m in got) == set(ids)  # at least once each
+    assert len(got) == 3000  # SKIP LOCKED: and here exactly once
+    assert await unsent(pool) == 0
+
+
+class CrashBeforeMark(Relay):
+    """Publishes (and gets the confirms) but dies before published_at is written."""
+
+    async def _mark(self, conn, ids):
+        raise ConnectionResetError("crash between publish and mark")
+
+
+async def test_crash_between_publish_and_mark_publishes_again(env):
+    database_url, amqp_url, pool, broker = env
+    exchange, queue = await bound_queue(broker)
+    ids = await insert_rows(pool, exchange, 10)
+    crashing = CrashBeforeMark(database_url, amqp_url, wsettings.RelaySettings(), ladder=(1, 2, 3))
+    await crashing.start()
+    try:
+        with pytest.raises(ConnectionResetError):
+            await crashing.relay_batch()
+    finally:
+        await crashing.close()
+    assert await unsent(pool) == 10  # the transaction rolled back: nothing marked
+    first = await drain_queue(queue, expect=10)
+    assert sorted(m.message_id for m in first) == sorted(ids)
+
+    relay = make_relay(database_url, amqp_url)
+    await relay.start()
+    try:
+        assert await relay.drain() == (10, 0)
+    finally:
+        await relay.close()
+    second = await drain_queue(queue, expect=10)
+    assert sorted(m.message_id for m in second) == sorted(ids)  # again: at least once, never lost
+    assert await unsent(pool) == 0
+
+
+async def test_run_survives_a_broker_outage(env):
+    """connect_robust reconnects; rows inserted during the outage go out afterwards."""
+    database_url, amqp_url, pool, broker = env
+    exchange, queue = await bound_queue(broker)
+    relay = make_relay(database_url, amqp_url)
+    await relay.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        # Drop the relay's connection from the broker's side, as a restart would.
+        await relay.connection.transport.connection.close()  # type: ignore[union-attr]
+        ids = await insert_rows(pool, exchange, 20)
+        got = await drain_queue(queue, expect=20, wait=30)
+        assert set(ids) <= {m.message_id for m in got}
+    finally:
+        stop.set()
+        await task
+        await relay.close()
+    assert await unsent(pool) == 0
+
+
+async def test_prune_deletes_only_old_published_rows(env):
+    database_url, amqp_url, pool, broker = env
+    await pool.execute(
+        """INSERT INTO outbox (exchange, routing_key, message_id, body, published_at) VALUES
+           ('x', 'k', 'old', '\\x7b7d', now() - interval '8 days'),
+           ('x', 'k', 'recent', '\\x7b7d', now() - interval '1 day')"""
+    )
+    await insert_rows(pool, "x", 1)  # unsent: never pruned
+    relay = make_relay(database_url, amqp_url, retention_days=7)
+    await relay.start()
+    try:
+        assert await relay.prune() == 1
+    finally:
+        await relay.close()
+    left = {r["message_id"] for r in await pool.fetch("SELECT message_id FROM outbox")}
+    assert "old" not in left and "recent" in left and len(left) == 2

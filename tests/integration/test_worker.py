@@ -1,0 +1,537 @@
+"""The whole asynchronous path against a REAL mock bank process:
+
+    payments.authorize/request_action -> outbox -> relay -> payments.work -> worker
+    -> mockbank -> payments.record_outcome -> outbox (event)
+
+The relay and the worker run in this process (short retry ladder 1,2,3 s);
+the bank is the `mockbank` console script, driven through /_mock/chaos and
+/_mock/faults. The module has its own database and vhost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+
+import aio_pika
+import aiohttp
+import orjson
+import pytest
+
+from gateway import config, db, payments
+from gateway.cards import CardVault
+from gateway.domain import Action
+from gateway.messages import COMMANDS_EXCHANGE
+from tests.support import services
+from tests.support.procs import ScriptProcess, free_port
+from worker import settings as wsettings
+from worker import topology
+from worker.consumer import Worker
+from worker.relay import Relay
+
+pytestmark = pytest.mark.timeout(180)
+
+HAPPY = ("4111111111111111", "123", 12, 2030)
+NO_FUNDS = ("5555555555554444", "789", 9, 2030)
+EXPIRED = ("5105105105105100", "321", 3, 2030)  # the bank's stored expiry is 03/2020
+
+WORKER_CFG = wsettings.WorkerSettings(
+    bank_timeout=3, prefetch=200, concurrency=100, db_pool_size=10, retry_ladder=(1, 2, 3),
+    quick_retries=3, quick_retry_base=0.05, lease_margin=2, confirm_delay=0.2,
+    sweep_interval=0.5, stuck_after=1, sweep_batch=100,
+)
+
+
+class Pipeline:
+    def __init__(self, database_url: str, amqp_url: str, bank_url: str, card_key: str, pool, broker):
+        self.database_url, self.amqp_url, self.bank_url = database_url, amqp_url, bank_url
+        self.pool, self.broker = pool, broker
+        self.settings = config.parse({"DATABASE_URL": database_url, "AMQP_URL": amqp_url, "BANK_URL": bank_url,
+                                      "CARD_ENCRYPTION_KEY": card_key}, need_card_key=True)
+        self.vault = CardVault(base64.b64decode(card_key))
+        self.http = aiohttp.ClientSession()
+        self.worker: Worker | None = None
+        self.relay: Relay | None = None
+        self._relay_stop = asyncio.Event()
+        self._relay_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.relay = Relay(self.database_url, self.amqp_url, wsettings.RelaySettings(poll_seconds=0.2),
+                           ladder=WORKER_CFG.retry_ladder)
+        await self.relay.start()
+        self.resume_relay()
+        await self.start_worker()
+
+    async def start_worker(self) -> None:
+        self.worker = Worker(self.settings, WORKER_CFG)
+        await self.worker.start()
+
+    def resume_relay(self) -> None:
+        self._relay_stop = asyncio.Event()
+        self._relay_task = asyncio.create_task(self.relay.run(self._relay_stop))
+
+    async def pause_relay(self) -> None:
+        self._relay_stop.set()
+        await self._relay_task
+
+    @contextlib.asynccontextmanager
+    async def relay_paused(self):
+        await self.pause_relay()
+        try:
+            yield
+        finally:
+            self.resume_relay()
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop(grace=5)
+        await self.pause_relay()
+        await self.relay.close()
+        await self.http.close()
+
+    # ---- the API side, without HTTP ------------------------------------------------------
+
+    async def authorize(self, card=HAPPY, amount: int = 1500) -> str:
+        number, cvv, month, year = card
+        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments",
+                                         uuid.uuid4().bytes)
+        resp = await payments.authorize(
+            self.pool, self.vault, req, order_id=f"ord_{uuid.uuid4().hex[:10]}", customer_id="cus_1",
+            amount=amount, card=payments.CardInput(number, cvv, month, year),
+        )
+        return orjson.loads(resp.body)["id"]
+
+    async def request(self, payment_id: str, action: Action) -> None:
+        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST",
+                                         f"/v1/payments/{payment_id}/{action.value}", b"")
+        await payments.request_action(self.pool, req, payment_id, action, None)
+
+    async def wait(self, payment_id: str, until, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = dict(await self.pool.fetchrow("SELECT * FROM payments WHERE id = $1", payment_id))
+            if until(row):
+                return row
+            if time.monotonic() > deadline:
+                raise AssertionError(f"payment never reached the expected state: {row}")
+            await asyncio.sleep(0.05)
+
+    async def wait_status(self, payment_id: str, status: str, timeout: float = 30.0) -> dict:
+        return await self.wait(payment_id, lambda r: r["status"] == status, timeout)
+
+    async def operation(self, payment_id: str, kind: str) -> dict:
+        return dict(await self.pool.fetchrow(
+            "SELECT * FROM operations WHERE payment_id = $1 AND kind = $2 ORDER BY created_at DESC LIMIT 1",
+            payment_id, kind))
+
+    async def events(self, payment_id: str) -> list[str]:
+        rows = await self.pool.fetch(
+            "SELECT routing_key FROM outbox WHERE exchange = 'payments.events'"
+            " AND convert_from(body, 'UTF8')::jsonb #>> '{payment,id}' = $1 ORDER BY id", payment_id)
+        return [r["routing_key"] for r in rows]
+
+    # ---- the bank --------------------------------------------------------------------------
+
+    async def ledger(self) -> dict:
+        async with self.http.get(f"{self.bank_url}/_mock/ledger") as resp:
+            return await resp.json()
+
+    async def bank_entries(self, section: str, key: str) -> list[dict]:
+        return [e for e in (await self.ledger())[section] if e["idempotency_key"] == key]
+
+    async def chaos(self, **changes) -> None:
+        async with self.http.put(f"{self.bank_url}/_mock/chaos", json=changes) as resp:
+            assert resp.status == 200, await resp.text()
+
+    async def fault(self, **spec) -> None:
+        async with self.http.post(f"{self.bank_url}/_mock/faults", json=spec) as resp:
+            assert resp.status == 201, await resp.text()
+
+    async def bank_post(self, path: str, key: str, body: dict) -> tuple[int, dict]:
+        async with self.http.post(f"{self.bank_url}{path}", json=body, headers={"Idempotency-Key": key}) as resp:
+            return resp.status, await resp.json()
+
+    # ---- the broker -------------------------------------------------------------------------
+
+    async def dead_letters(self, operation_id: str | None, wait: float = 5.0, match=None) -> list:
+        """Messages for this operation (or matching `match`) in payments.dead; others are put back."""
+        match = match or (lambda msg: (msg.headers or {}).get("operation_id") == operation_id)
+        channel = await self.broker.channel()
+        queue = await channel.declare_queue(topology.DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        found, deadline = [], time.monotonic() + wait
+        while not found and time.monotonic() < deadline:
+            others = []
+            while (msg := await queue.get(no_ack=False, fail=False)) is not None:
+                if match(msg):
+                    found.append(msg)
+                    await msg.ack()
+                else:
+                    others.append(msg)
+            for msg in others:
+                await msg.nack(requeue=True)
+            if not found:
+                await asyncio.sleep(0.2)
+        await channel.close()
+        return found
+
+    async def replay(self, operation_id: str, kind: str, *, force: bool = False) -> None:
+        """What ops replay does: unpark, then send the command again (with x-force if asked)."""
+        assert await payments.unpark(self.pool, operation_id)
+        headers = {topology.FORCE_HEADER: True} if force else {}
+        await self.send_command(orjson.dumps({"operation_id": operation_id}), kind, headers)
+
+    async def send_command(self, body: bytes, kind: str, headers: dict | None = None) -> None:
+        channel = await self.broker.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(COMMANDS_EXCHANGE)
+        await exchange.publish(aio_pika.Message(body, headers=headers or {},
+                                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=kind)
+        await channel.close()
+
+
+@pytest.fixture(scope="module")
+async def pipeline(server_urls, card_key):
+    admin_url, amqp_root = server_urls
+    database_url = await services.create_database(admin_url)
+    await db.migrate(database_url)
+    amqp_url, vhost = services.create_vhost(amqp_root)
+    port = free_port()
+    bank = ScriptProcess("mockbank", "--port", str(port), env={
+        "MIN_LATENCY_MS": "5", "MAX_LATENCY_MS": "30", "FAILURE_RATE": "0", "RESPONSE_LOSS_RATE": "0",
+        "LOG_LEVEL": "warning"})
+    bank.start()
+    pool = await db.create_pool(database_url, min_size=1, max_size=10)
+    broker = await aio_pika.connect_robust(amqp_url)
+    pipe = Pipeline(database_url, amqp_url, f"http://127.0.0.1:{port}", card_key, pool, broker)
+    pipe.vhost = vhost
+    pipe.card_key = card_key
+    try:
+        await bank.wait_http(f"http://127.0.0.1:{port}/health")
+        await pipe.start()
+        yield pipe
+    finally:
+        await pipe.close()
+        await broker.close()
+        await pool.close()
+        await bank.stop()
+        bank.close()
+        services.delete_vhost(vhost)
+        await services.drop_database(admin_url, database_url)
+
+
+@pytest.fixture
+async def pipe(pipeline):
+    async with pipeline.http.post(f"{pipeline.bank_url}/_mock/reset") as resp:
+        assert resp.status == 200
+    yield pipeline
+
+
+# ---- the happy path ---------------------------------------------------------------------------
+
+
+async def test_authorize_records_the_hold_emits_the_event_and_forgets_the_card(pipe):
+    pid = await pipe.authorize(amount=2500)
+    row = await pipe.wait_status(pid, "authorized")
+    assert row["authorization_id"].startswith("auth_") and row["authorization_expires_at"] is not None
+    assert row["last_error"] is None and not row["attention_required"]
+    assert await pipe.events(pid) == ["payment.authorized"]
+    assert await pipe.pool.fetchval("SELECT count(*) FROM card_vault WHERE payment_id = $1", pid) == 0
+    op = await pipe.operation(pid, "authorize")
+    assert op["status"] == "succeeded" and op["lease_owner"] is None and op["bank_ms"] > 0
+    (hold,) = await pipe.bank_entries("authorizations", op["bank_key"])
+    assert (hold["authorization_id"], hold["amount"], hold["status"]) == (row["authorization_id"], 2500, "open")
+
+
+@pytest.mark.parametrize("card, code", [(NO_FUNDS, "insufficient_funds"), (EXPIRED, "card_expired")])
+async def test_declines(pipe, card, code):
+    pid = await pipe.authorize(card=card)
+    row = await pipe.wait_status(pid, "declined")
+    assert row["last_error"]["code"] == code and row["last_error"]["retryable"] is False
+    assert await pipe.events(pid) == ["payment.declined"]
+    assert await pipe.pool.fetchval("SELECT count(*) FROM card_vault WHERE payment_id = $1", pid) == 0
+    assert (await pipe.ledger())["authorizations"] == []
+
+
+async def test_capture_then_refund_and_void(pipe):
+    pid = await pipe.authorize(amount=700)
+    await pipe.wait_status(pid, "authorized")
+    await pipe.request(pid, Action.CAPTURE)
+    row = await pipe.wait_status(pid, "captured")
+    assert row["capture_id"].startswith("cap_")
+    await pipe.request(pid, Action.REFUND)
+    row = await pipe.wait_status(pid, "refunded")
+    assert row["refund_id"].startswith("ref_")
+    assert await pipe.events(pid) == ["payment.authorized", "payment.captured", "payment.refunded"]
+
+    other = await pipe.authorize(amount=300)
+    await pipe.wait_status(other, "authorized")
+    await pipe.request(other, Action.VOID)
+    row = await pipe.wait_status(other, "voided")
+    assert row["void_id"].startswith("void_")
+
+    refunded = await pipe.wait_status(pid, "refunded")
+    ledger = await pipe.ledger()
+    assert [(c["capture_id"], c["refund_id"]) for c in ledger["captures"]] == [
+        (refunded["capture_id"], refunded["refund_id"])]
+    assert [v["authorization_id"] for v in ledger["voids"]] == [row["authorization_id"]]
+    assert await pipe.events(other) == ["payment.authorized", "payment.voided"]
+
+
+# ---- the bank misbehaves -------------------------------------------------------------------------
+
+
+async def test_lost_responses_still_give_exactly_one_hold_and_one_capture(pipe):
+    await pipe.chaos(response_loss_rate=1.0)
+    pid = await pipe.authorize(amount=900)
+    await pipe.wait_status(pid, "authorized")
+    await pipe.request(pid, Action.CAPTURE)
+    await pipe.wait_status(pid, "captured")
+    auth_key = (await pipe.operation(pid, "authorize"))["bank_key"]
+    cap_key = (await pipe.operation(pid, "capture"))["bank_key"]
+    ledger = await pipe.ledger()
+    assert len([a for a in ledger["authorizations"] if a["idempotency_key"] == auth_key]) == 1
+    assert len(ledger["authorizations"]) == 1 and len(ledger["captures"]) == 1
+    assert ledger["captures"][0]["idempotency_key"] == cap_key
+    assert ledger["stats"]["lost_responses"] >= 2 and ledger["stats"]["replays"] >= 2
+    held = next(a for a in ledger["accounts"] if a["card_last4"] == "1111")
+    assert held["balance"] == 1_000_000 - 900 and held["held"] == 0
+
+
+async def test_high_failure_rate_is_retried_to_success(pipe):
+    await pipe.chaos(failure_rate=0.4)
+    pids = [await pipe.authorize(amount=100 + i) for i in range(8)]
+    for pid in pids:
+        await pipe.wait_status(pid, "authorized", timeout=60)
+        await pipe.request(pid, Action.CAPTURE)
+    for pid in pids:
+        await pipe.wait_status(pid, "captured", timeout=60)
+    ledger = await pipe.ledger()
+    assert len(ledger["authorizations"]) == 8 and len(ledger["captures"]) == 8
+    assert ledger["stats"]["injected_failures"] > 0
+    retried = await pipe.pool.fetchval(
+        "SELECT count(*) FROM operations WHERE payment_id = ANY($1) AND attempts > 1", pids)
+    assert retried > 0
+
+
+async def test_bank_down_longer_than_the_ladder_parks_for_ops_then_replay_works(pipe):
+    await pipe.chaos(down=True)
+    pid = await pipe.authorize(amount=400)
+    row = await pipe.wait(pid, lambda r: r["attention_required"], timeout=60)
+    assert row["status"] == "pending"
+    assert row["last_error"]["code"] == "bank_connection" and row["last_error"]["retryable"] is True
+    assert await pipe.events(pid) == ["payment.attention_required"]
+    op = await pipe.operation(pid, "authorize")
+    assert op["parked"] and op["status"] == "pending" and op["lease_owner"] is None
+    assert op["attempts"] == WORKER_CFG.quick_retries * (len(WORKER_CFG.retry_ladder) + 1)
+    (dead,) = await pipe.dead_letters(op["id"])
+    headers = dead.headers
+    assert headers["payment_id"] == pid and headers["kind"] == "authorize"
+    assert headers["attempts"] == op["attempts"] and headers[topology.RETRIES_HEADER] == 3
+    assert orjson.loads(headers["last_error"])["code"] == "bank_connection"
+    assert orjson.loads(dead.body) == {"operation_id": op["id"]}
+
+    await pipe.chaos(down=False)
+    await pipe.replay(op["id"], "authorize")
+    row = await pipe.wait_status(pid, "authorized")
+    assert not row["attention_required"] and row["last_error"] is None
+    assert len(await pipe.bank_entries("authorizations", op["bank_key"])) == 1
+
+
+async def test_already_done_then_a_real_answer_is_settled(pipe):
+    """CONFIRM: the bank says authorization_already_used once; the same request again succeeds."""
+    pid = await pipe.authorize(amount=600)
+    await pipe.wait_status(pid, "authorized")
+    await pipe.fault(action="error", path="/api/v1/captures", method="POST", status=400, times=1,
+                     body={"error": "authorization_already_used", "message": "injected"})
+    await pipe.request(pid, Action.CAPTURE)
+    row = await pipe.wait_status(pid, "captured")
+    assert not row["attention_required"]
+    assert len((await pipe.ledger())["captures"]) == 1
+    assert (await pipe.operation(pid, "capture"))["attempts"] == 2
+
+
+async def test_already_done_by_someone_else_is_parked_not_guessed(pipe):
+    pid = await pipe.authorize(amount=650)
+    row = await pipe.wait_status(pid, "authorized")
+    status, _ = await pipe.bank_post("/api/v1/voids", "not-the-gateway", {"authorization_id": row["authorization_id"]})
+    assert status == 200
+    await pipe.request(pid, Action.CAPTURE)
+    row = await pipe.wait(pid, lambda r: r["attention_required"])
+    assert row["status"] == "capturing" and row["last_error"]["code"] == "bank_outcome_uncertain"
+    op = await pipe.operation(pid, "capture")
+    assert op["parked"] and op["attempts"] == 2
+    assert len(await pipe.dead_letters(op["id"])) == 1
+    assert (await pipe.ledger())["captures"] == []
+
+
+async def test_unknown_operation_is_dropped_and_an_unreadable_command_goes_to_the_dead_queue(pipe):
+    await pipe.send_command(orjson.dumps({"operation_id": "op_does_not_exist"}), "authorize")
+    tag = uuid.uuid4().hex
+    await pipe.send_command(orjson.dumps({"not": tag}), "capture")
+    (dead,) = await pipe.dead_letters(None, match=lambda m: tag.encode() in m.body)
+    assert orjson.loads(dead.headers["last_error"])["code"] == "bad_message"
+    assert await pipe.dead_letters("op_does_not_exist", wait=0.5) == []
+
+
+# ---- leases, the 24 h rule, the sweeper, shutdown ---------------------------------------------
+
+
+async def test_an_operation_leased_elsewhere_waits_for_the_lease(pipe):
+    async with pipe.relay_paused():
+        pid = await pipe.authorize()
+        await pipe.pool.execute(
+            "UPDATE operations SET lease_owner = 'another-worker', lease_until = now() + interval '2 seconds'"
+            " WHERE payment_id = $1", pid)
+        started = time.monotonic()
+    await pipe.wait_status(pid, "authorized")
+    assert time.monotonic() - started >= 1.5
+    op = await pipe.operation(pid, "authorize")
+    assert op["attempts"] == 1  # the bounce did not count as an attempt
+    assert len(await pipe.bank_entries("authorizations", op["bank_key"])) == 1
+
+
+async def test_authorize_first_tried_over_23_hours_ago_is_parked_unless_forced(pipe):
+    async with pipe.relay_paused():
+        pid = await pipe.authorize()
+        await pipe.pool.execute(
+            "UPDATE operations SET first_attempt_at = now() - interval '25 hours', attempts = 1"
+            " WHERE payment_id = $1", pid)
+    row = await pipe.wait(pid, lambda r: r["attention_required"])
+    assert row["status"] == "pending" and row["last_error"]["code"] == "bank_key_expired"
+    op = await pipe.operation(pid, "authorize")
+    assert op["parked"]
+    assert (await pipe.ledger())["authorizations"] == []  # the bank was never called
+    (dead,) = await pipe.dead_letters(op["id"])
+    assert orjson.loads(dead.headers["last_error"])["code"] == "bank_key_expired"
+
+    await pipe.replay(op["id"], "authorize", force=True)  # ops checked the bank: no hold
+    await pipe.wait_status(pid, "authorized")
+    assert len(await pipe.bank_entries("authorizations", op["bank_key"])) == 1
+
+
+async def test_sweeper_reenqueues_an_operation_whose_command_was_lost(pipe):
+    async with pipe.relay_paused():
+        pid = await pipe.authorize()
+        op = await pipe.operation(pid, "authorize")
+        deleted = await pipe.pool.execute(
+            "DELETE FROM outbox WHERE published_at IS NULL AND exchange = 'payments.commands'"
+            " AND convert_from(body, 'UTF8')::jsonb ->> 'operation_id' = $1", op["id"])
+        assert deleted == "DELETE 1"
+        await pipe.pool.execute("UPDATE operations SET updated_at = now() - interval '1 minute' WHERE id = $1",
+                                op["id"])
+    await pipe.wait_status(pid, "authorized", timeout=20)
+    assert len(await pipe.bank_entries("authorizations", op["bank_key"])) == 1
+
+
+async def test_sweeper_expires_a_lapsed_hold_and_voids_it(pipe):
+    pid = await pipe.authorize(amount=800)
+    row = await pipe.wait_status(pid, "authorized")
+    await pipe.pool.execute(
+        "UPDATE payments SET authorization_expires_at = now() - interval '1 second' WHERE id = $1", pid)
+    await pipe.wait_status(pid, "expired", timeout=20)
+    release = await pipe.operation(pid, "release")
+    deadline = time.monotonic() + 20
+    while (await pipe.operation(pid, "release"))["status"] != "succeeded":
+        assert time.monotonic() < deadline, "the hold was never released"
+        await asyncio.sleep(0.1)
+    (void,) = await pipe.bank_entries("voids", release["bank_key"])
+    assert void["authorization_id"] == row["authorization_id"]
+    assert await pipe.events(pid) == ["payment.authorized", "payment.expired"]
+
+
+async def test_stop_finishes_in_flight_work_before_closing(pipe):
+    await pipe.chaos(min_latency_ms=1500, max_latency_ms=1500)
+    pid = await pipe.authorize()
+    deadline = time.monotonic() + 10
+    while (await pipe.operation(pid, "authorize"))["lease_owner"] is None:  # the bank call is running
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await pipe.worker.stop()
+    try:
+        row = await pipe.pool.fetchrow("SELECT status FROM payments WHERE id = $1", pid)
+        assert row["status"] == "authorized"
+    finally:
+        await pipe.start_worker()
+
+
+async def test_worker_survives_a_broker_connection_loss(pipe):
+    """connect_robust reconnects and consuming resumes; nothing is lost meanwhile."""
+    await pipe.worker.connection.transport.connection.close()  # type: ignore[union-attr]
+    pid = await pipe.authorize()
+    await pipe.wait_status(pid, "authorized", timeout=40)
+
+
+async def test_many_authorizations_at_once(pipe):
+    """One worker keeps many slow bank calls in flight: 100 x 300 ms takes far less than 30 s."""
+    await pipe.chaos(min_latency_ms=300, max_latency_ms=300)
+    started = time.monotonic()
+    pids = await asyncio.gather(*(pipe.authorize(amount=10) for _ in range(100)))
+    for pid in pids:
+        await pipe.wait_status(pid, "authorized", timeout=30)
+    assert time.monotonic() - started < 10
+    assert len((await pipe.ledger())["authorizations"]) == 100
+
+
+async def test_topology_is_quorum_work_and_dead_with_a_ttl_ladder(pipe):
+    ctl = shutil.which("rabbitmqctl")
+    if not ctl or not pipe.vhost:
+        pytest.skip("needs rabbitmqctl and a private vhost")
+    out = subprocess.run([ctl, "list_queues", "-p", pipe.vhost, "name", "type", "durable", "arguments",
+                          "--formatter", "json"], check=True, capture_output=True, text=True, timeout=60).stdout
+    queues = {q["name"]: q for q in json.loads(out)}
+    assert queues["payments.work"]["type"] == "quorum" and queues["payments.dead"]["type"] == "quorum"
+    for delay, name in ((1, "payments.retry.1s"), (2, "payments.retry.2s"), (3, "payments.retry.3s")):
+        q = queues[name]
+        assert q["type"] == "classic" and q["durable"]
+        args = {entry[0]: entry[-1] for entry in q["arguments"]}  # [name, type, value]
+        assert args["x-message-ttl"] == delay * 1000
+        assert args["x-dead-letter-exchange"] == COMMANDS_EXCHANGE
+
+
+async def test_console_scripts_run_the_pipeline_and_stop_gracefully_on_sigterm(pipe):
+    """gateway-relay and gateway-worker as real processes; SIGTERM while a bank call is in flight."""
+    await pipe.worker.stop(grace=5)
+    await pipe.pause_relay()
+    env = {"DATABASE_URL": pipe.database_url, "AMQP_URL": pipe.amqp_url, "BANK_URL": pipe.bank_url,
+           "CARD_ENCRYPTION_KEY": pipe.card_key, "WORKER_RETRY_LADDER": "1,2,3", "BANK_TIMEOUT_SECONDS": "5",
+           "LOG_LEVEL": "info"}
+    relay = ScriptProcess("gateway-relay", env=env).start()
+    worker = ScriptProcess("gateway-worker", env=env).start()
+    try:
+        pid = await pipe.authorize()
+        await pipe.wait_status(pid, "authorized", timeout=30)
+
+        await pipe.chaos(min_latency_ms=1500, max_latency_ms=1500)
+        slow = await pipe.authorize()
+        deadline = time.monotonic() + 10
+        while (await pipe.operation(slow, "authorize"))["lease_owner"] is None:
+            assert time.monotonic() < deadline, worker.stdout_tail()
+            await asyncio.sleep(0.02)
+        worker.popen.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit(timeout=15) == 0, worker.stderr_tail()
+        assert (await pipe.pool.fetchrow("SELECT status FROM payments WHERE id = $1", slow))["status"] == "authorized"
+        assert "4111111111111111" not in worker.stdout_tail(1_000_000) + worker.stderr_tail(1_000_000)
+        relay.popen.send_signal(signal.SIGTERM)
+        assert await relay.wait_exit(timeout=15) == 0, relay.stderr_tail()
+    finally:
+        await worker.stop()
+        await relay.stop()
+        worker.close()
+        relay.close()
+        pipe.resume_relay()
+        await pipe.start_worker()
+
+
+def test_bad_worker_setting_exits_2():
+    from tests.support.procs import run_script
+
+    result = run_script("gateway-worker", env={"CARD_ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode(),
+                                                "WORKER_RETRY_LADDER": "5,1"})
+    assert result.returncode == 2 and "WORKER_RETRY_LADDER" in result.stderr
+    assert run_script("gateway-relay", "--help").returncode == 0

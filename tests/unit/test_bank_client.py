@@ -1,0 +1,206 @@
+"""worker.bank: every way the bank can answer (or not) maps to the right BankOutcome."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp import web
+from aioresponses import aioresponses
+
+from gateway import domain
+from gateway.domain import OperationKind, Verdict
+from worker.bank import BankClient
+
+BANK = "http://bank.test"
+AUTH_URL = f"{BANK}/api/v1/authorizations"
+CARD = "4111111111111111"
+CVV = "123"
+
+APPROVED = {"authorization_id": "auth_1", "status": "approved", "amount": 500, "currency": "USD",
+            "expires_at": "2030-01-01T00:00:00Z", "created_at": "2029-12-25T00:00:00Z"}
+
+
+@pytest.fixture
+async def bank():
+    async with BankClient(BANK, timeout=5) as client:
+        yield client
+
+
+class _Response(aiohttp.ClientResponse):
+    """aioresponses 0.7.9 predates aiohttp 3.14's required `stream_writer`; supply a stub."""
+
+    def __init__(self, method, url, **kwargs):
+        kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
+        super().__init__(method, url, **kwargs)
+
+
+class _Mock(aioresponses):
+    def add(self, *args, **kwargs):
+        kwargs.setdefault("response_class", _Response)
+        return super().add(*args, **kwargs)
+
+
+@pytest.fixture
+def mocked():
+    with _Mock() as m:
+        yield m
+
+
+async def _authorize(bank: BankClient, key: str = "gw-op_1") -> domain.BankOutcome:
+    return await bank.authorize(key, card_number=CARD, cvv=CVV, expiry_month=12, expiry_year=2030, amount=500)
+
+
+def _sent(mocked, method: str, url: str):
+    (call,) = [c for (m, u), calls in mocked.requests.items() if m == method and str(u) == url for c in calls]
+    return call.kwargs
+
+
+async def test_2xx_json_is_ok_with_body(bank, mocked):
+    mocked.post(AUTH_URL, status=200, payload=APPROVED)
+    outcome = await _authorize(bank)
+    assert outcome == domain.BankOutcome("ok", http_status=200, body=APPROVED)
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.SUCCEEDED
+
+
+async def test_idempotency_key_and_json_body_are_sent(bank, mocked):
+    mocked.post(AUTH_URL, status=200, payload=APPROVED)
+    await _authorize(bank, key="gw-op_abc")
+    sent = _sent(mocked, "POST", AUTH_URL)
+    assert sent["headers"]["Idempotency-Key"] == "gw-op_abc"
+    assert sent["headers"]["Content-Type"] == "application/json"
+    assert b'"card_number":"4111111111111111"' in sent["data"]
+
+
+@pytest.mark.parametrize("call, path, kwargs, body", [
+    ("capture", "/api/v1/captures", {"authorization_id": "auth_1", "amount": 500},
+     {"capture_id": "cap_1", "authorization_id": "auth_1", "status": "captured"}),
+    ("void", "/api/v1/voids", {"authorization_id": "auth_1"},
+     {"void_id": "void_1", "authorization_id": "auth_1", "status": "voided"}),
+    ("refund", "/api/v1/refunds", {"capture_id": "cap_1", "amount": 500},
+     {"refund_id": "ref_1", "capture_id": "cap_1", "status": "refunded"}),
+])
+async def test_capture_void_refund_post_with_key(bank, mocked, call, path, kwargs, body):
+    mocked.post(BANK + path, status=200, payload=body)
+    outcome = await getattr(bank, call)("gw-op_x", **kwargs)
+    assert outcome.kind == "ok" and outcome.body == body
+    sent = _sent(mocked, "POST", BANK + path)
+    assert sent["headers"]["Idempotency-Key"] == "gw-op_x"
+
+
+async def test_4xx_json_error_carries_the_code(bank, mocked):
+    mocked.post(AUTH_URL, status=402, payload={"error": "insufficient_funds", "message": "not enough money"})
+    outcome = await _authorize(bank)
+    assert (outcome.kind, outcome.http_status, outcome.code, outcome.message) == (
+        "error", 402, "insufficient_funds", "not enough money")
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.REFUSED
+
+
+async def test_400_plain_text_is_unparseable_not_a_refusal(bank, mocked):
+    mocked.post(AUTH_URL, status=400, body="missing Idempotency-Key header\n", content_type="text/plain")
+    outcome = await _authorize(bank)
+    assert (outcome.kind, outcome.http_status, outcome.code) == ("unparseable", 400, None)
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
+
+
+async def test_500_internal_error_is_retry(bank, mocked):
+    mocked.post(AUTH_URL, status=500, payload={"error": "internal_error"})
+    outcome = await _authorize(bank)
+    assert (outcome.kind, outcome.http_status, outcome.code) == ("error", 500, "internal_error")
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
+
+
+async def test_502_html_is_unparseable(bank, mocked):
+    mocked.post(AUTH_URL, status=502, body="<html><body>Bad Gateway</body></html>", content_type="text/html")
+    outcome = await _authorize(bank)
+    assert (outcome.kind, outcome.http_status) == ("unparseable", 502)
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
+
+
+async def test_invalid_json_200_is_unparseable(bank, mocked):
+    mocked.post(AUTH_URL, status=200, body='{"authorization_id": "auth_1", ', content_type="application/json")
+    outcome = await _authorize(bank)
+    assert (outcome.kind, outcome.http_status) == ("unparseable", 200)
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
+
+
+async def test_200_without_the_new_id_is_unparseable(bank, mocked):
+    mocked.post(AUTH_URL, status=200, payload={"status": "approved"})
+    assert (await _authorize(bank)).kind == "unparseable"
+
+
+async def test_timeout(bank, mocked):
+    mocked.post(AUTH_URL, exception=asyncio.TimeoutError())
+    outcome = await _authorize(bank)
+    assert outcome == domain.BankOutcome("timeout")
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
+
+
+async def test_real_timeout_fires():
+    release = asyncio.Event()
+
+    async def slow(request):
+        await release.wait()
+        return web.json_response(APPROVED)
+
+    app = web.Application()
+    app.router.add_post("/api/v1/authorizations", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with BankClient(f"http://127.0.0.1:{port}", timeout=0.3) as client:
+            assert (await _authorize(client)).kind == "timeout"
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("exc", [
+    aiohttp.ClientConnectionError("boom"),
+    aiohttp.ServerDisconnectedError(),
+    ConnectionResetError(104, "reset"),
+    aiohttp.ClientPayloadError("truncated"),
+])
+async def test_connection_problems(bank, mocked, exc):
+    mocked.post(AUTH_URL, exception=exc)
+    assert await _authorize(bank) == domain.BankOutcome("connection")
+
+
+async def test_connection_refused_for_real():
+    async with BankClient("http://127.0.0.1:1", timeout=2) as client:
+        assert (await _authorize(client)).kind == "connection"
+
+
+async def test_gets(bank, mocked):
+    mocked.get(f"{BANK}/api/v1/authorizations/auth_1", status=200, payload=APPROVED)
+    mocked.get(f"{BANK}/api/v1/captures/cap_9", status=404, payload={"error": "not_found", "message": "nope"})
+    mocked.get(f"{BANK}/api/v1/refunds/ref_1", status=200,
+               payload={"refund_id": "ref_1", "capture_id": "cap_1", "status": "refunded"})
+    assert (await bank.get_authorization("auth_1")).body == APPROVED
+    missing = await bank.get_capture("cap_9")
+    assert (missing.kind, missing.http_status, missing.code) == ("error", 404, "not_found")
+    assert (await bank.get_refund("ref_1")).kind == "ok"
+    assert "Idempotency-Key" not in (_sent(mocked, "GET", f"{BANK}/api/v1/authorizations/auth_1")["headers"] or {})
+
+
+async def test_no_card_data_in_outcomes_or_logs(bank, mocked, caplog, capsys):
+    """Even a bank or a library that echoes the card number must not leak it."""
+    echoed = f"card {CARD} cvv {CVV} declined"
+    mocked.post(AUTH_URL, status=400, payload={"error": "invalid_card", "message": echoed})
+    mocked.post(AUTH_URL, exception=aiohttp.ClientConnectionError(f"reset while sending {CARD}"))
+    mocked.post(AUTH_URL, status=500, body=f"<html>{CARD}</html>", content_type="text/html")
+    with structlog.testing.capture_logs() as logged:
+        outcomes = [await _authorize(bank) for _ in range(3)]
+    assert outcomes[0].code == "invalid_card" and CARD not in (outcomes[0].message or "")
+    error = domain.error_for(outcomes[0])
+    texts = [repr(o) for o in outcomes[1:]] + [repr(logged), caplog.text, str(error), *capsys.readouterr()]
+    for text in texts:
+        assert not re.search(r"\d{13,19}", text), text

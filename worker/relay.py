@@ -1,0 +1,292 @@
+"""gateway-relay: publish the outbox to RabbitMQ, at least once, never lost.
+
+One batch is one PostgreSQL transaction:
+
+    SELECT unsent rows ... FOR UPDATE SKIP LOCKED     (other relays skip them)
+    publish every row (concurrently, persistent, mandatory, publisher confirms)
+    UPDATE published_at for the rows the broker confirmed
+    COMMIT
+
+A row is marked only after its confirm, so a crash anywhere before COMMIT
+publishes it again later (duplicates are possible, consumers dedupe on
+message_id); a returned (unroutable) or nacked message stays unsent and is
+retried later: that row alone waits (with a growing delay), the rows behind
+it go on. The relay wakes on NOTIFY 'outbox' (the insert
+trigger) and polls as a fallback, and it prunes old published rows now and then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import aio_pika
+import aio_pika.exceptions
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from gateway import config, db, logs
+from gateway.db import Q
+from worker import settings as wsettings
+from worker import topology
+
+log = logs.get("relay")
+
+PUBLISH_TIMEOUT = 30.0
+
+# A publish that failed because of the row itself (returned as unroutable, nacked, or
+# naming an exchange that does not exist): that row waits, the others go on.
+_ROW_ERRORS = (
+    aio_pika.exceptions.PublishError,
+    aio_pika.exceptions.DeliveryError,
+    aio_pika.exceptions.ChannelNotFoundEntity,
+)
+
+
+@dataclass(frozen=True)
+class Batch:
+    fetched: int
+    published: int
+    failed: int
+    broker_trouble: bool  # a failure not caused by a row: stop and back off
+
+
+class Relay:
+    def __init__(self, database_url: str, amqp_url: str, cfg: wsettings.RelaySettings | None = None,
+                 ladder: tuple[int, ...] | None = None):
+        self.database_url = database_url
+        self.amqp_url = amqp_url
+        self.cfg = cfg or wsettings.RelaySettings()
+        self.ladder = ladder or wsettings.parse_ladder(wsettings.DEFAULT_RETRY_LADDER)
+        self.pool: asyncpg.Pool | None = None
+        self.connection: AbstractRobustConnection | None = None
+        self.channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._wake = asyncio.Event()
+        self._known_exchanges: set[str] = set()
+        self.broker_trouble = False  # the last batch failed for a reason that is not a row's
+        # outbox id -> (failures so far, monotonic time before which it is not retried)
+        self._held_back: dict[int, tuple[int, float]] = {}
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.pool = await db.create_pool(self.database_url, min_size=1, max_size=4)
+        self.connection = await aio_pika.connect_robust(self.amqp_url, client_properties={"connection_name": "gateway-relay"})
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._exchanges = dict(await topology.declare(self.channel, self.ladder))
+        self._known_exchanges = set(self._exchanges) | {""}
+
+    async def close(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            await self._listener.close(timeout=5)
+        if self.connection is not None:
+            await self.connection.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        self._listener = await asyncpg.connect(self.database_url)
+        await self._listener.add_listener("outbox", lambda *_: self._wake.set())
+
+    # ---- one batch ------------------------------------------------------------------------
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        """The exchange to publish to. One we did not declare is first checked on a throwaway
+        channel: publishing to a missing exchange would close the shared channel and fail
+        every other publish of the batch with it."""
+        if name not in self._known_exchanges:
+            probe = await self.connection.channel()
+            try:
+                await probe.declare_exchange(name, passive=True)
+            finally:
+                with contextlib.suppress(Exception):
+                    await probe.close()  # also stops a robust channel from reopening itself
+            self._known_exchanges.add(name)
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await self.channel.get_exchange(name, ensure=False) if name else self.channel.default_exchange
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def _publish(self, row: asyncpg.Record) -> None:
+        message = aio_pika.Message(
+            body=bytes(row["body"]),
+            message_id=row["message_id"],
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        exchange = await self._exchange(row["exchange"])
+        await exchange.publish(message, routing_key=row["routing_key"], mandatory=True, timeout=PUBLISH_TIMEOUT)
+
+    async def _mark(self, conn: asyncpg.Connection, ids: list[int]) -> None:
+        await conn.execute(Q["mark_outbox_published"], ids)
+
+    async def relay_batch(self) -> Batch:
+        """Publish one batch of unsent rows."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(Q["claim_outbox_batch"], self.cfg.batch_size, self._holding_back())
+            if not rows:
+                return Batch(0, 0, 0, False)
+            results = await asyncio.gather(*(self._publish(r) for r in rows), return_exceptions=True)
+            confirmed = [r["id"] for r, res in zip(rows, results) if not isinstance(res, BaseException)]
+            failed = [(r, res) for r, res in zip(rows, results) if isinstance(res, BaseException)]
+            if confirmed:
+                await self._mark(conn, confirmed)
+        for row_id in confirmed:
+            self._held_back.pop(row_id, None)
+        broker_trouble = any(not isinstance(exc, _ROW_ERRORS) for _, exc in failed)
+        for row, exc in failed:
+            if not isinstance(exc, _ROW_ERRORS):
+                continue  # not this row's fault: the whole relay backs off instead
+            count = self._held_back.get(row["id"], (0, 0.0))[0] + 1
+            self._held_back[row["id"]] = (count, time.monotonic() + min(60.0, 0.5 * 2 ** min(count, 8)))
+        for row, exc in failed[:5]:
+            log.error("outbox publish failed", outbox_id=row["id"], exchange=row["exchange"],
+                      routing_key=row["routing_key"], error=type(exc).__name__, detail=str(exc)[:200])
+        return Batch(len(rows), len(confirmed), len(failed), broker_trouble)
+
+    def _holding_back(self) -> list[int]:
+        now = time.monotonic()
+        for row_id in [r for r, (_, until) in self._held_back.items() if until < now - 600]:
+            del self._held_back[row_id]  # long gone (another relay published it) or retried since
+        return [row_id for row_id, (_, until) in self._held_back.items() if until > now]
+
+    async def drain(self) -> tuple[int, int]:
+        """Batches until the outbox has nothing more to give now."""
+        total = failed_total = 0
+        while True:
+            batch = await self.relay_batch()
+            total += batch.published
+            failed_total += batch.failed
+            self.broker_trouble = batch.broker_trouble
+            if batch.broker_trouble or batch.fetched < self.cfg.batch_size:
+                return total, failed_total
+
+    async def prune(self) -> int:
+        deleted = 0
+        while True:
+            status = await self.pool.execute(Q["prune_outbox"], self.cfg.retention_days * 86400.0, 10_000)
+            n = int(status.split()[-1])
+            deleted += n
+            if n < 10_000:
+                break
+        if deleted:
+            log.info("pruned published outbox rows", count=deleted)
+        return deleted
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until `stop` is set; survives broker and database outages with backoff."""
+        failures = 0
+        next_prune = 0.0
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await self._ensure_listener()
+                published, failed = await self.drain()
+                if published:
+                    log.debug("published outbox rows", count=published)
+                if time.monotonic() >= next_prune:
+                    await self.prune()
+                    next_prune = time.monotonic() + self.cfg.prune_interval
+                failures = failures + 1 if self.broker_trouble else 0
+            except Exception as exc:  # the database or the broker is away: back off, try again
+                failures += 1
+                log.warning("relay pass failed", error=type(exc).__name__, detail=str(exc)[:200])
+                if self._listener is not None and not self._listener.is_closed():
+                    self._listener.terminate()
+                self._listener = None
+            if failures:
+                delay = min(30.0, 0.5 * 2 ** min(failures, 10)) * random.uniform(0.5, 1.0)
+                await _wait(stop, delay)
+            else:
+                await _wait_any(stop, self._wake, self.cfg.poll_seconds)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> None:
+    tasks = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _connect_with_backoff(relay: Relay, stop: asyncio.Event) -> bool:
+    attempt = 0
+    while not stop.is_set():
+        try:
+            await relay.start()
+            return True
+        except Exception as exc:
+            attempt += 1
+            log.warning("relay cannot start yet", error=type(exc).__name__, detail=str(exc)[:200], attempt=attempt)
+            await relay.close()
+            await _wait(stop, min(30.0, 0.5 * 2 ** min(attempt, 10)))
+    return False
+
+
+async def serve() -> None:
+    settings = config.load()
+    cfg = wsettings.load(wsettings.parse_relay)
+    ladder = wsettings.load(lambda env: wsettings.parse_ladder(env.get("WORKER_RETRY_LADDER") or wsettings.DEFAULT_RETRY_LADDER))
+    logs.setup(settings.log_level, "gateway-relay")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    relay = Relay(settings.database_url, settings.amqp_url, cfg, ladder)
+    try:
+        if await _connect_with_backoff(relay, stop):
+            log.info("relay started", batch_size=cfg.batch_size, poll_seconds=cfg.poll_seconds)
+            await relay.run(stop)
+    finally:
+        await relay.close()
+        log.info("relay stopped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="gateway-relay",
+        description="Publish the gateway's outbox (commands and events) to RabbitMQ, at least once.",
+        epilog=wsettings.epilog(wsettings.RELAY_VARS) + "; WORKER_RETRY_LADDER (for the declared topology).",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    _parser().parse_args(argv)
+    run_loop(serve())
+    return 0
+
+
+def run_loop(coro) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Periodic housekeeping inside gateway-worker.
+
+(a) Stuck operations: pending, not parked, no live lease and idle for longer
+    than SWEEPER_STUCK_AFTER_SECONDS plus the longest retry delay (so an
+    operation resting in a retry queue is not counted) get a fresh command
+    through the outbox. The bank key does not change, so if the old command
+    turns up after all, the second one finds the operation finished.
+(b) Lapsed holds: authorized payments whose authorization_expires_at has
+    passed are expired by payments.expire_hold(), which also starts the
+    RELEASE (void) of the hold at the bank.
+
+Several workers may sweep at once: (a) locks with SKIP LOCKED and bumps
+updated_at in the same transaction; (b) re-checks each payment under its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from gateway import logs, messages, payments
+from gateway.db import Q
+
+log = logs.get("sweeper")
+
+
+async def requeue_stuck(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> int:
+    """Re-enqueue a command for every stuck operation; returns how many."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(Q["lock_stuck_operations"], idle_seconds, limit)
+        if not rows:
+            return 0
+        cmds = [messages.command(r["id"], r["kind"]) for r in rows]
+        await conn.execute(
+            Q["requeue_operations"],
+            [r["id"] for r in rows],
+            [c.exchange for c in cmds],
+            [c.routing_key for c in cmds],
+            [c.message_id for c in cmds],
+            [c.body for c in cmds],
+        )
+    for r in rows:
+        log.warning("re-enqueued stuck operation", operation_id=r["id"], payment_id=r["payment_id"], kind=r["kind"])
+    return len(rows)
+
+
+async def expire_lapsed_holds(pool: asyncpg.Pool, limit: int) -> int:
+    """Expire every authorized payment whose hold has lapsed; returns how many moved."""
+    ids = [r["id"] for r in await pool.fetch(Q["lapsed_holds"], limit)]
+    moved = 0
+    for payment_id in ids:
+        if await payments.expire_hold(pool, payment_id) is not None:
+            moved += 1
+            log.info("hold expired", payment_id=payment_id)
+    return moved
+
+
+async def sweep_once(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> tuple[int, int]:
+    return await requeue_stuck(pool, idle_seconds, limit), await expire_lapsed_holds(pool, limit)
+
+
+async def run(pool: asyncpg.Pool, stop: asyncio.Event, *, interval: float, idle_seconds: float, limit: int) -> None:
+    """Sweep every `interval` seconds until `stop` is set; a failed pass is logged and retried."""
+    while not stop.is_set():
+        try:
+            await sweep_once(pool, idle_seconds, limit)
+        except Exception as exc:
+            log.warning("sweep failed", error=type(exc).__name__, detail=str(exc)[:200])
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,78 @@
+"""RabbitMQ topology, declared idempotently by whichever process starts first.
+
+    payments.commands  topic     routing key = operation kind -> payments.work
+    payments.work      quorum    the workers' queue, bound to every kind
+    payments.retry     headers   header retry-queue=<name> -> that rung
+    payments.retry.Ns  classic   x-message-ttl N s, dead-letters back to
+                                 payments.commands with the original routing key
+    payments.dead      quorum    operations that exhausted their retries (ops replays)
+    payments.events    topic     payment.<status> for FicMart
+    payments.events.archive  classic, bound '#', bounded: every event is routable,
+                                 so a publish with mandatory=True is only returned
+                                 when something is really missing.
+
+A rung's name carries its delay, so two ladders (a test's short one and the
+default) can share a vhost without conflicting queue arguments.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+
+from gateway.domain import OperationKind
+from gateway.messages import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
+
+WORK_QUEUE = "payments.work"
+RETRY_EXCHANGE = "payments.retry"
+DEAD_QUEUE = "payments.dead"
+EVENTS_ARCHIVE_QUEUE = "payments.events.archive"
+
+# Message headers.
+RETRIES_HEADER = "x-retries"  # ladder rungs already taken by this command
+FORCE_HEADER = "x-force"  # ops replay --force: send an old authorize anyway
+RETRY_QUEUE_HEADER = "retry-queue"  # headers-exchange match key (x-* headers are not matched)
+
+EVENTS_ARCHIVE_ARGS = {"x-message-ttl": 7 * 24 * 3600 * 1000, "x-max-length": 100_000}
+
+
+def retry_queue_name(delay_seconds: int) -> str:
+    """payments.retry.1s, payments.retry.30s, payments.retry.2m, payments.retry.1h..."""
+    if delay_seconds % 3600 == 0:
+        return f"payments.retry.{delay_seconds // 3600}h"
+    if delay_seconds % 60 == 0:
+        return f"payments.retry.{delay_seconds // 60}m"
+    return f"payments.retry.{delay_seconds}s"
+
+
+def rung_for(ladder: tuple[int, ...], at_least: float) -> int:
+    """The shortest delay of the ladder that is >= at_least seconds (else the longest)."""
+    for delay in ladder:
+        if delay >= at_least:
+            return delay
+    return ladder[-1]
+
+
+async def declare(channel: AbstractChannel, ladder: tuple[int, ...]) -> dict[str, AbstractExchange]:
+    """Declare everything; safe to repeat. Returns the exchanges by name."""
+    commands = await channel.declare_exchange(COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    retry = await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True)
+
+    work = await channel.declare_queue(WORK_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    for kind in OperationKind:
+        await work.bind(commands, routing_key=kind.value)
+
+    for delay in ladder:
+        name = retry_queue_name(delay)
+        rung = await channel.declare_queue(
+            name,
+            durable=True,
+            arguments={"x-message-ttl": delay * 1000, "x-dead-letter-exchange": COMMANDS_EXCHANGE},
+        )
+        await rung.bind(retry, routing_key="", arguments={"x-match": "all", RETRY_QUEUE_HEADER: name})
+
+    await channel.declare_queue(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    archive = await channel.declare_queue(EVENTS_ARCHIVE_QUEUE, durable=True, arguments=EVENTS_ARCHIVE_ARGS)
+    await archive.bind(events, routing_key="#")
+    return {COMMANDS_EXCHANGE: commands, EVENTS_EXCHANGE: events, RETRY_EXCHANGE: retry}
