@@ -1,0 +1,12 @@
+"""Mock card bank for the payment gateway's tests (see bank-contract.md).
+
+* ``mockbank.server`` - the aiohttp app, the ``mockbank`` console script and the
+  /_mock/* test endpoints (documented in its module docstring).
+* ``mockbank.ledger`` - the in-memory books; ``extra_card(i)`` gives the card
+  data of generated load-test account ``i``.
+* ``mockbank.config`` - environment variables and their validation.
+"""
+
+from mockbank.ledger import TEST_ACCOUNTS, extra_card, luhn_valid
+
+__all__ = ["TEST_ACCOUNTS", "extra_card", "luhn_valid"]

@@ -1,0 +1,32 @@
+"""Fixtures for the bank contract suite: a REAL ``mockbank`` process per scenario.
+
+``bank`` is the shared zero-chaos bank (MIN/MAX_LATENCY_MS=0, FAILURE_RATE=0,
+LOG_LEVEL=debug), reset through POST /_mock/reset before every test. Tests that
+need other start-up settings use ``running_bank(env)`` from bankclient.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.contract.bankclient import BankClient, running_bank  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+async def shared_bank() -> AsyncIterator[BankClient]:
+    async with running_bank({"LOG_LEVEL": "debug"}) as client:
+        yield client
+
+
+@pytest.fixture
+async def bank(shared_bank: BankClient) -> BankClient:
+    await shared_bank.reset()
+    return shared_bank

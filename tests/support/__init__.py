@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites (see tests/support/procs.py)."""
