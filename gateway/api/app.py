@@ -1,0 +1,152 @@
+"""The HTTP API process: app factory and the `gateway-api` console script.
+
+create_app() wires everything once: settings, the Postgres pool (given, as
+in tests, or owned by the app), the card vault, the long-poll watcher, the
+readiness probe, metrics and the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+import asyncpg
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
+
+from gateway import config, db, logs
+from gateway.api import openapi, routes
+from gateway.api.health import Readiness
+from gateway.api.longpoll import PaymentWatcher
+from gateway.api.middleware import MERCHANT, METRICS, HttpMetrics, api_middleware, merchants_by_digest
+from gateway.cards import CardVault
+
+log = logs.get("gateway.api")
+
+MAX_BODY = 64 * 1024
+DEFAULT_POOL_SIZE = 12
+_CONNECT_ATTEMPTS = 8
+
+
+class StartupError(Exception):
+    """A dependency the process cannot start without is missing."""
+
+
+def create_app(settings: config.Settings, pool: asyncpg.Pool | None = None, *, pool_size: int = DEFAULT_POOL_SIZE) -> web.Application:
+    """The aiohttp application. With `pool` given the app uses it and leaves closing it to the caller."""
+    if settings.card_key is None:
+        raise ValueError("the API needs settings.card_key (CARD_ENCRYPTION_KEY) to seal cards")
+    app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BODY)
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    app[METRICS] = HttpMetrics(registry)
+    app[MERCHANT] = merchants_by_digest(settings.api_keys)
+    document = openapi.build()
+    watcher = PaymentWatcher(settings.database_url)
+    Gauge("gateway_longpoll_waiters", "Requests waiting for a payment to settle", registry=registry).set_function(
+        lambda: watcher.waiting
+    )
+    state = routes.State(
+        vault=CardVault(settings.card_key), watcher=watcher, registry=registry,
+        openapi=orjson.dumps(document), docs=openapi.render_docs(document),
+    )
+    app[routes.STATE] = state
+    routes.setup(app)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        own_pool = pool is None
+        state.pool = pool if pool is not None else await _create_pool(settings.database_url, pool_size)
+        state.readiness = Readiness(state.pool, settings.amqp_url)
+        await watcher.start()
+        try:
+            yield
+        finally:
+            await watcher.close()
+            if own_pool:
+                await state.pool.close()
+
+    async def stop_waiting(_app: web.Application) -> None:
+        await watcher.close()  # long polls answer now rather than hold the shutdown up
+
+    app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(stop_waiting)
+    return app
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (one round trip per request saved).
+
+    asyncpg still rolls back a transaction left open before calling this. The
+    API's connections never SET, LISTEN, open cursors or take session-level
+    advisory locks (only transaction-scoped ones), so there is nothing else to reset.
+    """
+
+
+async def _create_pool(dsn: str, size: int) -> asyncpg.Pool:
+    delay = 0.25
+    for attempt in range(1, _CONNECT_ATTEMPTS + 1):
+        try:
+            return await db.create_pool(dsn, min_size=min(4, size), max_size=size, reset=_keep_session)
+        except (OSError, asyncpg.PostgresError) as exc:
+            if attempt == _CONNECT_ATTEMPTS:
+                raise StartupError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+            log.warning("database not reachable yet", error=f"{type(exc).__name__}: {exc}", retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gateway-api",
+        description="FicMart payment gateway HTTP API. Settings come from the environment "
+        "(DATABASE_URL, AMQP_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY, LOG_LEVEL).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    parser.add_argument(
+        "--db-pool-size", type=int, default=DEFAULT_POOL_SIZE,
+        help=f"most Postgres connections this process opens (default {DEFAULT_POOL_SIZE})",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be 0-65535")
+    if args.db_pool_size < 1:
+        parser.error("--db-pool-size must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    settings = config.load(need_card_key=True)
+    logs.setup(settings.log_level, "gateway-api")
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is not built for Windows
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    app = create_app(settings, pool_size=args.db_pool_size)
+
+    def announce(*_args, **_kwargs) -> None:  # run_app calls this once the socket is bound
+        log.info("gateway-api listening", host=args.host, port=args.port)
+
+    try:
+        web.run_app(
+            app, host=args.host, port=args.port, access_log=None, print=announce, loop=loop, shutdown_timeout=10
+        )
+    except StartupError as exc:
+        log.error("gateway-api cannot start", error=str(exc))
+        print(f"gateway-api: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as exc:  # the address is taken or cannot be bound
+        print(f"gateway-api: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Long polls: wait until a payment leaves its in-progress status, woken by Postgres NOTIFY.
+
+One LISTEN connection per process on channel `payment_updated` (schema.sql
+notifies it with the payment id on every UPDATE of payments). Each waiting
+request registers an asyncio.Event under its payment id BEFORE it reads the
+row, so a change committed between the read and the wait still wakes it
+(no lost wake-up). The database is read again only when a notification for
+that payment arrives. While the LISTEN connection is down, waiters fall back
+to re-reading once a second, and reconnecting wakes everyone for a re-read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+
+import asyncpg
+
+from gateway import logs
+from gateway.domain import IN_PROGRESS
+
+log = logs.get("gateway.api.longpoll")
+
+CHANNEL = "payment_updated"
+APPLICATION_NAME = "gateway-api-listener"  # how the LISTEN connection shows in pg_stat_activity
+_IN_PROGRESS = frozenset(s.value for s in IN_PROGRESS)
+_FALLBACK_INTERVAL = 1.0
+_HEARTBEAT = 15.0
+
+
+class PaymentWatcher:
+    def __init__(self, dsn: str):
+        self._dsn = dsn
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+
+    @property
+    def listening(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(events) for events in self._waiters.values())
+
+    async def start(self, wait: float = 5.0) -> None:
+        """Start listening; waits up to `wait` seconds for the first connection, then goes on in the background."""
+        self._task = asyncio.create_task(self._run(), name="payment-watcher")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), wait)
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake_all()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.contextmanager
+    def watch(self, payment_id: str) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._waiters.setdefault(payment_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            events = self._waiters.get(payment_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiters[payment_id]
+
+    async def wait_settled(
+        self, payment_id: str, read: Callable[[], Awaitable[dict | None]], timeout: float
+    ) -> dict | None:
+        """The payment once it is out of an in-progress status, or as it is when `timeout` runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        with self.watch(payment_id) as changed:
+            payment = await read()
+            while payment is not None and payment["status"] in _IN_PROGRESS and not self._closing:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                listening = self.listening
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining if listening else min(remaining, _FALLBACK_INTERVAL))
+                except TimeoutError:
+                    if listening:
+                        break  # no notification: the row is as we read it
+                changed.clear()
+                payment = await read()
+        return payment
+
+    # ---- the LISTEN connection ----
+
+    def _notified(self, _conn, _pid, _channel, payment_id: str) -> None:
+        for event in self._waiters.get(payment_id, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while not self._closing:
+            conn = None
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn, timeout=5, server_settings={"application_name": APPLICATION_NAME}
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, self._notified)
+                self._connected.set()
+                self._wake_all()  # changes while we were not listening are only seen by re-reading
+                log.info("listening for payment updates")
+                backoff = 0.1
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), _HEARTBEAT)
+                    if not lost.is_set():
+                        await conn.fetchval("SELECT 1", timeout=5)
+                log.warning("payment listener connection lost", retry_in=backoff)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
+                log.warning("payment listener down", error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
+            finally:
+                self._connected.clear()
+                self._wake_all()
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            if not self._closing:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,131 @@
+"""What every request goes through: request id, API key, error format, access log, metrics.
+
+One middleware rather than a stack of them: each layer of an aiohttp
+middleware chain costs a coroutine frame per request, and these concerns
+share the same try/finally anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+import uuid
+
+import asyncpg
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from gateway import logs
+from gateway.api.errors import ApiError, error_response, from_http_exception
+
+log = logs.get("gateway.api")
+
+MERCHANT = web.AppKey("merchant_by_key_digest", dict)
+METRICS = web.AppKey("http_metrics", object)
+# The caller's name (scope of payments and idempotency keys), set once the API key checks out.
+CALLER = web.RequestKey("caller", str) if hasattr(web, "RequestKey") else "caller"
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_CONTEXT = ("request_id", "payment_id", "merchant")
+
+# The database or the network is down: the client may retry the same request (same key) later.
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+BEARER = 'Bearer realm="gateway"'
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def merchants_by_digest(api_keys: dict[str, str]) -> dict[bytes, str]:
+    """Keys are looked up by their sha256, so lookups take the same time whatever the guess."""
+    return {key_digest(key): name for key, name in api_keys.items()}
+
+
+class HttpMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        labels = ("method", "route", "status")
+        self.requests = Counter(
+            "gateway_http_requests", "HTTP requests handled", labels, registry=registry
+        )
+        self.latency = Histogram(
+            "gateway_http_request_duration_seconds", "Time to answer an HTTP request", labels,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
+            registry=registry,
+        )
+        self._children: dict[tuple[str, str, str], tuple] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, str(status))
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(*key), self.latency.labels(*key))
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _authenticate(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <api key>", headers={"WWW-Authenticate": BEARER})
+    merchant = request.app[MERCHANT].get(key_digest(token.strip()))
+    if merchant is None:
+        raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": BEARER})
+    return merchant
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    request_id = request.headers.get("X-Request-Id")
+    if request_id is None or not _REQUEST_ID.match(request_id):
+        request_id = f"req_{uuid.uuid4().hex}"
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    status = 499  # the client went away before an answer was ready
+    try:
+        try:
+            path = request.path
+            if path.startswith("/v1/") or path == "/v1":
+                merchant = request[CALLER] = _authenticate(request)
+                structlog.contextvars.bind_contextvars(merchant=merchant)
+            response = await handler(request)
+        except ApiError as exc:
+            response = exc.response()
+        except web.HTTPException as exc:
+            response = from_http_exception(exc)
+        except _UNAVAILABLE as exc:
+            log.warning("dependency unavailable", error=f"{type(exc).__name__}: {exc}")
+            response = error_response(
+                503, "service_unavailable", "a dependency of the gateway is unavailable; retry later",
+                headers={"Retry-After": "1"},
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error", method=request.method, route=_route(request))
+            response = error_response(500, "internal_error", "the gateway failed to handle the request")
+        response.headers["X-Request-Id"] = request_id
+        status = response.status
+        return response
+    finally:
+        seconds = time.perf_counter() - started
+        method = request.method if request.method in _METHODS else "OTHER"
+        route = _route(request)
+        request.app[METRICS].observe(method, route, status, seconds)
+        log.info("request", method=method, route=route, status=status, duration_ms=round(seconds * 1000, 2))
+        structlog.contextvars.unbind_contextvars(*_CONTEXT)

@@ -1,0 +1,424 @@
+"""The OpenAPI 3.1 document, generated from the pydantic models of schemas.py, and /docs.
+
+Both are built once at start-up. /docs is the same document rendered on the
+server as plain HTML (no scripts, nothing fetched from elsewhere).
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from gateway.api import schemas
+from gateway.api.errors import JSON
+
+REF = "#/components/schemas/{model}"
+
+_MODELS: list[type[BaseModel]] = [
+    schemas.AuthorizeIn, schemas.ActionIn, schemas.Payment, schemas.PaymentList,
+    schemas.ErrorResponse, schemas.Health, schemas.Readiness,
+]
+
+DESCRIPTION = """\
+The payment gateway between FicMart's order service and its card bank.
+
+* JSON bodies, UTF-8; amounts are integer cents; currency is always `USD`.
+* Every `/v1` request needs `Authorization: Bearer <api key>` (401 otherwise). Payments and
+  idempotency keys are scoped to the caller the key belongs to.
+* Every POST under `/v1` needs an `Idempotency-Key` header: 1-255 printable ASCII characters
+  (400 otherwise). The same key with the same method, path and body returns the original
+  answer with `Idempotent-Replayed: true`; with another body or path, 422
+  `idempotency_key_reused`; while the first request is still running, 409
+  `request_in_progress` with `Retry-After`. Keys are kept at least 24 hours.
+* Errors are always `{"error": {"code": "...", "message": "...", ...}}`. Unknown JSON
+  fields and unknown query parameters are rejected with 422, and JSON types are strict:
+  an amount is `5000`, not `"5000"` nor `5000.0`. Bodies larger than 64 KiB get 413; a
+  non-empty body sent with a Content-Type other than JSON gets 415.
+* Every response carries `X-Request-Id` (the request's own, if it sent a sane one:
+  1-128 characters of `A-Z a-z 0-9 . _ : -`).
+* 503 `service_unavailable` (with `Retry-After`) means the database could not be reached;
+  repeating the request with the same Idempotency-Key is safe.
+
+Payment lifecycle: `pending -> authorized -> capturing -> captured -> refunding -> refunded`;
+`authorized -> voiding -> voided`; `authorized -> expired`; `pending -> declined`.
+`pending`, `capturing`, `voiding` and `refunding` mean the bank call is in progress.
+"""
+
+_ERROR_CODES = {
+    400: "`invalid_json`, `idempotency_key_missing`, `idempotency_key_invalid`",
+    401: "`unauthorized`: missing or unknown API key",
+    404: "`payment_not_found`",
+    409: "",
+    413: "`payload_too_large`: body over 64 KiB",
+    415: "`unsupported_media_type`: the body must be application/json",
+    422: "",
+    500: "`internal_error`: a bug; logged with the request id",
+    503: "`service_unavailable`: the database is unreachable; retry with the same Idempotency-Key",
+}
+
+
+def _error(status: int, codes: str | None = None) -> dict:
+    headers = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
+    if status in (409, 503):
+        headers["Retry-After"] = {
+            "description": "seconds to wait before retrying (request_in_progress, service_unavailable)",
+            "schema": {"type": "integer"},
+        }
+    return {
+        "description": codes or _ERROR_CODES[status],
+        "headers": headers,
+        "content": {JSON: {"schema": {"$ref": REF.format(model="ErrorResponse")}}},
+    }
+
+
+def _ok(description: str, model: str | None, extra_headers: dict | None = None, content_type: str = JSON) -> dict:
+    headers = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}, **(extra_headers or {})}
+    out: dict[str, Any] = {"description": description, "headers": headers}
+    if model is not None:
+        out["content"] = {content_type: {"schema": {"$ref": REF.format(model=model)}}}
+    return out
+
+
+def _query_params(model: type[BaseModel]) -> list[dict]:
+    schema = model.model_json_schema()
+    params = []
+    for name, prop in schema["properties"].items():
+        prop = dict(prop)
+        description = prop.pop("description", None)
+        prop.pop("title", None)
+        if "anyOf" in prop:  # optional: a query parameter is either there or not, never null
+            (branch,) = [b for b in prop.pop("anyOf") if b.get("type") != "null"]
+            prop = {**branch, **prop}
+        if prop.get("default", 0) is None:
+            prop.pop("default")
+        param = {"name": name, "in": "query", "required": False, "schema": prop}
+        if description:
+            param["description"] = description
+        params.append(param)
+    return params
+
+
+def build() -> dict:
+    _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template=REF)
+    auth = [{"bearerAuth": []}]
+    v1_errors = {401: _error(401), 500: _error(500), 503: _error(503)}
+    post_errors = {
+        400: _error(400), 413: _error(413), 415: _error(415),
+    }
+    payment_id = {"$ref": "#/components/parameters/PaymentId"}
+    idem = {"$ref": "#/components/parameters/IdempotencyKey"}
+    request_id = {"$ref": "#/components/parameters/RequestId"}
+    replayed = {"Idempotent-Replayed": {"$ref": "#/components/headers/Idempotent-Replayed"}}
+
+    def action(name: str, status: str, refusal: str) -> dict:
+        return {
+            "post": {
+                "operationId": f"{name}_payment",
+                "summary": f"{name.capitalize()} a payment",
+                "description": (
+                    f"Moves the payment to `{status}` and hands the {name} to the bank in the background; "
+                    f"follow it with `GET /v1/payments/{{id}}?wait=N` or the `payment.*` events. "
+                    f"The body is empty, `{{}}` or `{{\"amount\": N}}` with N equal to the full amount "
+                    f"(no partial operations). {refusal}"
+                ),
+                "tags": ["payments"],
+                "security": auth,
+                "parameters": [payment_id, idem, request_id],
+                "requestBody": {
+                    "required": False,
+                    "content": {JSON: {"schema": {"$ref": REF.format(model="ActionIn")}}},
+                },
+                "responses": {
+                    "202": _ok(f"accepted: the payment, now `{status}`", "Payment", replayed),
+                    **{str(k): v for k, v in post_errors.items()},
+                    "404": _error(404, "`payment_not_found`: no such payment for this API key"),
+                    "409": _error(409, "`invalid_state_transition` (the error names the current `status`), "
+                                       "`request_in_progress`"),
+                    "422": _error(422, "`validation_error` (with `details`), `amount_mismatch` "
+                                       "(with `expected_amount`), `idempotency_key_reused`"),
+                    **{str(k): v for k, v in v1_errors.items()},
+                },
+            }
+        }
+
+    paths = {
+        "/v1/payments": {
+            "post": {
+                "operationId": "authorize_payment",
+                "summary": "Authorize a payment",
+                "description": (
+                    "Records the payment as `pending` and hands the authorization to the bank in the "
+                    "background. Input the gateway can judge alone (Luhn, card expired by its own expiry "
+                    "date, CVV format, amount, currency, missing or unknown fields) gets 422 at once. "
+                    "An order with a live payment (anything but declined, voided, expired) gets 409 "
+                    "`order_already_paid` naming it in `payment_id`. The card number and CVV never "
+                    "appear in any response."
+                ),
+                "tags": ["payments"],
+                "security": auth,
+                "parameters": [idem, request_id],
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": {"$ref": REF.format(model="AuthorizeIn")}}},
+                },
+                "responses": {
+                    "202": _ok("accepted: the payment, `pending`", "Payment", {
+                        "Location": {"description": "/v1/payments/{id}", "schema": {"type": "string"}},
+                        **replayed,
+                    }),
+                    **{str(k): v for k, v in post_errors.items()},
+                    "409": _error(409, "`order_already_paid` (with `payment_id`), `request_in_progress`"),
+                    "422": _error(422, "`validation_error` (with `details`: field, code, message), "
+                                       "`idempotency_key_reused`"),
+                    **{str(k): v for k, v in v1_errors.items()},
+                },
+            },
+            "get": {
+                "operationId": "list_payments",
+                "summary": "List the payments of an order or a customer",
+                "description": (
+                    "Exactly one of `order_id` or `customer_id` (422 `validation_error` otherwise). "
+                    "Newest first, `limit` per page (default 10); pass the last id of a page as "
+                    "`starting_after` to get the next one while `has_more` is true. An unknown "
+                    "`starting_after` gets 404 `payment_not_found`."
+                ),
+                "tags": ["payments"],
+                "security": auth,
+                "parameters": [*_query_params(schemas.ListQuery), request_id],
+                "responses": {
+                    "200": _ok("a page of payments", "PaymentList"),
+                    "404": _error(404, "`payment_not_found`: `starting_after` names no payment"),
+                    "422": _error(422, "`validation_error` (with `details`)"),
+                    **{str(k): v for k, v in v1_errors.items()},
+                },
+            },
+        },
+        "/v1/payments/{payment_id}": {
+            "get": {
+                "operationId": "get_payment",
+                "summary": "Get a payment (optionally long poll)",
+                "description": (
+                    "With `wait=N` (0-30 seconds) and the payment in an in-progress status "
+                    "(pending, capturing, voiding, refunding), the request is held until the payment "
+                    "leaves it or N seconds pass, then answers with the payment as it is."
+                ),
+                "tags": ["payments"],
+                "security": auth,
+                "parameters": [payment_id, *_query_params(schemas.GetQuery), request_id],
+                "responses": {
+                    "200": _ok("the payment", "Payment"),
+                    "404": _error(404, "`payment_not_found`"),
+                    "422": _error(422, "`validation_error`: bad `wait`"),
+                    **{str(k): v for k, v in v1_errors.items()},
+                },
+            }
+        },
+        "/v1/payments/{payment_id}/capture": action(
+            "capture", "capturing", "Only an `authorized` payment can be captured (409 otherwise)."),
+        "/v1/payments/{payment_id}/void": action(
+            "void", "voiding", "Only an `authorized` payment can be voided (409 otherwise)."),
+        "/v1/payments/{payment_id}/refund": action(
+            "refund", "refunding", "Only a `captured` payment can be refunded, once (409 otherwise)."),
+        "/healthz": {"get": {
+            "operationId": "healthz", "summary": "Liveness", "tags": ["operations"], "security": [],
+            "responses": {"200": _ok("the process is up", "Health")},
+        }},
+        "/readyz": {"get": {
+            "operationId": "readyz", "summary": "Readiness: database and broker reachable",
+            "tags": ["operations"], "security": [],
+            "responses": {
+                "200": _ok("ready", "Readiness"),
+                "503": _ok("not ready: `checks` says which dependency failed", "Readiness"),
+            },
+        }},
+        "/metrics": {"get": {
+            "operationId": "metrics", "summary": "Prometheus metrics (text exposition format)",
+            "tags": ["operations"], "security": [],
+            "responses": {"200": {
+                "description": "request counts and latency histograms by route template and status",
+                "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }},
+        }},
+        "/openapi.json": {"get": {
+            "operationId": "openapi", "summary": "This document", "tags": ["operations"], "security": [],
+            "responses": {"200": {
+                "description": "OpenAPI 3.1",
+                "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
+                "content": {JSON: {"schema": {"type": "object"}}},
+            }},
+        }},
+        "/docs": {"get": {
+            "operationId": "docs", "summary": "This document as an HTML page", "tags": ["operations"],
+            "security": [],
+            "responses": {"200": {
+                "description": "HTML",
+                "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            }},
+        }},
+    }
+    for item in paths.values():
+        for op in item.values():
+            op["responses"] = dict(sorted(op["responses"].items()))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "FicMart payment gateway", "version": "1.0.0", "description": DESCRIPTION},
+        "tags": [
+            {"name": "payments", "description": "authorize, capture, void, refund, read"},
+            {"name": "operations", "description": "health, readiness, metrics, this document"},
+        ],
+        "paths": paths,
+        "components": {
+            "schemas": defs["$defs"],
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "an API key from GATEWAY_API_KEYS"},
+            },
+            "parameters": {
+                "IdempotencyKey": {
+                    "name": "Idempotency-Key", "in": "header", "required": True,
+                    "description": "1-255 printable ASCII characters (0x20-0x7E); HTTP drops leading and "
+                                   "trailing spaces. Scoped to the API key's caller; kept at least 24 hours.",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+                               "pattern": r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$"},
+                },
+                "RequestId": {
+                    "name": "X-Request-Id", "in": "header", "required": False,
+                    "description": "echoed in the response when it is 1-128 characters of A-Z a-z 0-9 . _ : - ; "
+                                   "any other value (or none) is replaced by a generated `req_...` id",
+                    "schema": {"type": "string"},
+                },
+                "PaymentId": {
+                    "name": "payment_id", "in": "path", "required": True,
+                    "schema": {"type": "string", "pattern": schemas.PAYMENT_ID_PATTERN},
+                },
+            },
+            "headers": {
+                "X-Request-Id": {"description": "the request's id, also in every log line",
+                                 "schema": {"type": "string"}},
+                "Idempotent-Replayed": {
+                    "description": "`true` when this is the stored answer to an earlier request with the same key",
+                    "schema": {"type": "string", "enum": ["true"]},
+                },
+            },
+        },
+    }
+
+
+# ---- /docs -----------------------------------------------------------------------------
+
+_CSS = """
+body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+h2{border-bottom:1px solid #ccc;margin-top:2.5rem}h3{margin:1.8rem 0 .3rem}
+code,.m{font-family:ui-monospace,monospace;font-size:90%}
+.m{display:inline-block;min-width:4.5em;font-weight:bold}.get{color:#06c}.post{color:#080}
+table{border-collapse:collapse;margin:.4rem 0 1rem;width:100%}
+td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f4f4f4}pre{background:#f6f6f6;padding:.6rem;white-space:pre-wrap}
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _md(text: str) -> str:
+    """The tiny bit of markdown the descriptions use: `code`."""
+    parts = _e(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _type(schema: dict) -> str:
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return f'<a href="#schema-{_e(name)}">{_e(name)}</a>'
+    if "anyOf" in schema:
+        return " | ".join(_type(s) for s in schema["anyOf"])
+    if "const" in schema:
+        return f"<code>{_e(repr(schema['const']))}</code>"
+    if "enum" in schema:
+        return "one of " + ", ".join(f"<code>{_e(v)}</code>" for v in schema["enum"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return "array of " + _type(schema.get("items", {}))
+    if kind == "object" and "additionalProperties" in schema:
+        return "object of " + _type(schema["additionalProperties"])
+    out = _e(kind)
+    if "format" in schema:
+        out += f" ({_e(schema['format'])})"
+    return out
+
+
+def _constraints(schema: dict) -> str:
+    labels = [("minimum", ">= "), ("maximum", "<= "), ("minLength", "min length "), ("maxLength", "max length "),
+              ("pattern", "pattern "), ("default", "default ")]
+    items = [f"{label}<code>{_e(schema[key])}</code>" for key, label in labels if key in schema]
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") != "null":
+            items.append(_constraints(branch))
+    return "; ".join(i for i in items if i)
+
+
+def _schema_table(schema: dict) -> str:
+    props = schema.get("properties")
+    if not props:
+        return f"<p>{_type(schema)}</p>"
+    required = set(schema.get("required", []))
+    rows = "".join(
+        f"<tr><td><code>{_e(name)}</code>{' *' if name in required else ''}</td><td>{_type(p)}</td>"
+        f"<td>{_constraints(p)}</td><td>{_md(p.get('description', ''))}</td></tr>"
+        for name, p in props.items()
+    )
+    extra = "" if schema.get("additionalProperties", True) is not False else "<p>Other fields are rejected.</p>"
+    return ("<table><tr><th>field (* required)</th><th>type</th><th>constraints</th><th>about</th></tr>"
+            f"{rows}</table>{extra}")
+
+
+def render_docs(doc: dict) -> bytes:
+    comps = doc["components"]
+    out = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>{_e(doc['info']['title'])} API</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(doc['info']['title'])} <small>v{_e(doc['info']['version'])}</small></h1>",
+        f"<pre>{_md(doc['info']['description'])}</pre>",
+        '<p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p>',
+        "<h2>Endpoints</h2><ul>",
+    ]
+    ops = [(path, method, op) for path, item in doc["paths"].items() for method, op in item.items()]
+    for path, method, op in ops:
+        out.append(f'<li><a href="#{_e(op["operationId"])}"><span class="m {method}">{method.upper()}</span>'
+                   f"<code>{_e(path)}</code></a> {_e(op['summary'])}</li>")
+    out.append("</ul>")
+    for path, method, op in ops:
+        out.append(f'<h3 id="{_e(op["operationId"])}"><span class="m {method}">{method.upper()}</span>'
+                   f"<code>{_e(path)}</code></h3><p><b>{_e(op['summary'])}</b>. {_md(op.get('description', ''))}</p>")
+        out.append(f"<p>Auth: {'Bearer API key' if op.get('security') else 'none'}</p>")
+        params = [comps["parameters"][p["$ref"].rsplit("/", 1)[-1]] if "$ref" in p else p
+                  for p in op.get("parameters", [])]
+        if params:
+            out.append("<table><tr><th>parameter</th><th>in</th><th>type</th><th>constraints</th><th>about</th></tr>")
+            for p in params:
+                out.append(f"<tr><td><code>{_e(p['name'])}</code>{' *' if p.get('required') else ''}</td>"
+                           f"<td>{_e(p['in'])}</td><td>{_type(p['schema'])}</td><td>{_constraints(p['schema'])}</td>"
+                           f"<td>{_md(p.get('description', ''))}</td></tr>")
+            out.append("</table>")
+        if "requestBody" in op:
+            for ctype, media in op["requestBody"]["content"].items():
+                need = "required" if op["requestBody"].get("required") else "optional"
+                out.append(f"<p>Body ({need}, <code>{_e(ctype)}</code>): {_type(media['schema'])}</p>")
+        out.append("<table><tr><th>status</th><th>meaning</th><th>body</th></tr>")
+        for status, resp in op["responses"].items():
+            body = ", ".join(f"{_type(m['schema'])} <code>{_e(c)}</code>" for c, m in resp.get("content", {}).items())
+            out.append(f"<tr><td>{_e(status)}</td><td>{_md(resp['description'])}</td><td>{body}</td></tr>")
+        out.append("</table>")
+    out.append("<h2>Schemas</h2>")
+    for name, schema in comps["schemas"].items():
+        out.append(f'<h3 id="schema-{_e(name)}"><code>{_e(name)}</code></h3>')
+        if schema.get("description"):
+            out.append(f"<p>{_md(schema['description'])}</p>")
+        out.append(_schema_table(schema))
+    out.append("</body></html>")
+    return "\n".join(out).encode()

@@ -1,0 +1,264 @@
+"""Thin handlers: read the request, call payments / views, answer.
+
+Every write goes through one atomic phase of gateway/payments.py; every
+read through gateway/views.py. Nothing here touches SQL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from gateway import logs, payments, views
+from gateway.api import schemas
+from gateway.api.errors import JSON, ApiError
+from gateway.api.health import Readiness
+from gateway.api.longpoll import PaymentWatcher
+from gateway.api.middleware import CALLER
+from gateway.cards import CardVault
+from gateway.domain import Action, InvalidTransition
+
+
+@dataclass
+class State:
+    """What the handlers need, wired once by app.create_app."""
+
+    vault: CardVault
+    watcher: PaymentWatcher
+    registry: CollectorRegistry
+    openapi: bytes
+    docs: bytes
+    pool: asyncpg.Pool | None = None
+    readiness: Readiness | None = None
+
+
+STATE = web.AppKey("state", State)
+
+M = TypeVar("M", bound=BaseModel)
+
+_HEALTHY = orjson.dumps({"status": "ok"})
+
+
+# ---- request helpers ----------------------------------------------------------------
+
+
+def _json(status: int, body: bytes | dict, headers: dict[str, str] | None = None) -> web.Response:
+    if not isinstance(body, bytes):
+        body = orjson.dumps(body)
+    return web.Response(status=status, body=body, content_type=JSON, headers=headers)
+
+
+def _idempotency_key(request: web.Request) -> str:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        raise ApiError(400, "idempotency_key_missing", "POST requests need an Idempotency-Key header")
+    if not schemas.IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(400, "idempotency_key_invalid", "Idempotency-Key must be 1-255 printable ASCII characters")
+    return key
+
+
+def _payment_id(request: web.Request) -> str:
+    payment_id = request.match_info["payment_id"]
+    if not schemas.PAYMENT_ID.fullmatch(payment_id):
+        raise ApiError(404, "payment_not_found", "no such payment")
+    logs.bind(payment_id=payment_id)
+    return payment_id
+
+
+async def _body(request: web.Request) -> bytes:
+    body = await request.read()
+    if body and "Content-Type" in request.headers:  # an empty body may come with any (or no) type
+        mime = request.content_type
+        if mime != JSON and not mime.endswith("+json"):
+            raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    return body
+
+
+def _parse(model: type[M], body: bytes) -> M:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        if schemas.is_invalid_json(exc):
+            raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+        raise _invalid("the request body is invalid", schemas.error_details(exc, "body")) from None
+
+
+def _query(model: type[M], request: web.Request) -> M:
+    try:
+        return model.model_validate(dict(request.query.items()))
+    except ValidationError as exc:
+        raise _invalid("the query string is invalid", schemas.error_details(exc, "query")) from None
+
+
+def _invalid(message: str, details: list[dict]) -> ApiError:
+    return ApiError(422, "validation_error", message, details=details)
+
+
+def _respond(response: payments.Response) -> web.Response:
+    headers = {}
+    if response.location:
+        headers["Location"] = response.location
+    if response.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return _json(response.status, response.body, headers)
+
+
+def _key_errors(exc: Exception) -> ApiError:
+    if isinstance(exc, payments.RequestInProgress):
+        return ApiError(
+            409, "request_in_progress", "a request with this Idempotency-Key is still being handled; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    return ApiError(
+        422, "idempotency_key_reused", "this Idempotency-Key was used for a different request (other body or path)"
+    )
+
+
+# ---- /v1/payments -----------------------------------------------------------------------
+
+
+async def authorize(request: web.Request) -> web.Response:
+    key = _idempotency_key(request)
+    body = await _body(request)
+    state = request.app[STATE]
+    req = payments.IdempotentRequest(request[CALLER], key, "POST", request.path, body)
+    try:
+        data = _parse(schemas.AuthorizeIn, body)
+    except ApiError as exc:
+        # A retry of a request accepted before its card's expiry month ended gets its stored answer.
+        if exc.status == 422 and all(d["code"] == "card_expired" for d in exc.extra["details"]):
+            stored = await _stored(state, req)
+            if stored is not None:
+                return _respond(stored)
+        raise
+    card = data.card
+    try:
+        response = await payments.authorize(
+            state.pool, state.vault, req,
+            order_id=data.order_id, customer_id=data.customer_id, amount=data.amount,
+            card=payments.CardInput(card.number, card.cvv, card.expiry_month, card.expiry_year),
+        )
+    except (payments.RequestInProgress, payments.IdempotencyKeyReused) as exc:
+        raise _key_errors(exc) from None
+    except payments.OrderAlreadyPaid as exc:
+        raise ApiError(
+            409, "order_already_paid", f"order {data.order_id} already has a live payment {exc.payment_id}",
+            payment_id=exc.payment_id,
+        ) from None
+    if response.location:
+        logs.bind(payment_id=response.location.rsplit("/", 1)[-1])
+    return _respond(response)
+
+
+async def _stored(state: State, req: payments.IdempotentRequest) -> payments.Response | None:
+    try:
+        return await payments.stored_response(state.pool, req)
+    except (payments.RequestInProgress, payments.IdempotencyKeyReused):
+        return None
+
+
+def action(kind: Action):
+    async def handler(request: web.Request) -> web.Response:
+        key = _idempotency_key(request)
+        payment_id = _payment_id(request)
+        body = await _body(request)
+        amount = _parse(schemas.ActionIn, body).amount if body.strip() else None
+        state = request.app[STATE]
+        req = payments.IdempotentRequest(request[CALLER], key, "POST", request.path, body)
+        try:
+            response = await payments.request_action(state.pool, req, payment_id, kind, amount)
+        except (payments.RequestInProgress, payments.IdempotencyKeyReused) as exc:
+            raise _key_errors(exc) from None
+        except payments.PaymentNotFound:
+            raise ApiError(404, "payment_not_found", "no such payment") from None
+        except payments.AmountMismatch as exc:
+            raise ApiError(
+                422, "amount_mismatch",
+                f"amount must equal the payment's full amount {exc.expected}; partial {kind.value}s are not supported",
+                expected_amount=exc.expected,
+            ) from None
+        except InvalidTransition as exc:
+            raise ApiError(
+                409, "invalid_state_transition", f"cannot {kind.value} a payment that is {exc.status.value}",
+                status=exc.status.value,
+            ) from None
+        return _respond(response)
+
+    handler.__name__ = f"{kind.value}_payment"
+    return handler
+
+
+async def get_payment(request: web.Request) -> web.Response:
+    query = _query(schemas.GetQuery, request)
+    payment_id = _payment_id(request)
+    state, merchant = request.app[STATE], request[CALLER]
+
+    def read():
+        return views.get_payment(state.pool, merchant, payment_id)
+
+    if query.wait > 0:
+        payment = await state.watcher.wait_settled(payment_id, read, query.wait)
+    else:
+        payment = await read()
+    if payment is None:
+        raise ApiError(404, "payment_not_found", "no such payment")
+    return _json(200, payment)
+
+
+async def list_payments(request: web.Request) -> web.Response:
+    query = _query(schemas.ListQuery, request)
+    page = await views.list_payments(
+        request.app[STATE].pool, request[CALLER],
+        order_id=query.order_id, customer_id=query.customer_id,
+        limit=query.limit, starting_after=query.starting_after,
+    )
+    if page is None:
+        raise ApiError(404, "payment_not_found", "starting_after names no payment", param="starting_after")
+    data, has_more = page
+    return _json(200, {"data": data, "has_more": has_more})
+
+
+# ---- operations -------------------------------------------------------------------------
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return _json(200, _HEALTHY)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = await request.app[STATE].readiness.check()
+    ready = all(v == "ok" for v in checks.values())
+    return _json(200 if ready else 503, {"status": "ok" if ready else "unavailable", "checks": checks})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[STATE].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return _json(200, request.app[STATE].openapi)
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[STATE].docs, content_type="text/html", charset="utf-8")
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/payments", authorize, name="authorize")
+    r.add_get("/v1/payments", list_payments, name="list_payments")
+    r.add_get("/v1/payments/{payment_id}", get_payment, name="get_payment")
+    for kind in Action:
+        r.add_post(f"/v1/payments/{{payment_id}}/{kind.value}", action(kind), name=f"{kind.value}_payment")
+    r.add_get("/healthz", healthz, name="healthz")
+    r.add_get("/readyz", readyz, name="readyz")
+    r.add_get("/metrics", metrics, name="metrics")
+    r.add_get("/openapi.json", openapi_json, name="openapi")
+    r.add_get("/docs", docs, name="docs")
