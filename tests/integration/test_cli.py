@@ -1,0 +1,410 @@
+"""gatewayctl as a real process (the console script of the venv) against PostgreSQL and RabbitMQ.
+
+The module has its own database and vhost: `dlq list` and `replay --all` see
+everything parked, so no other module's operations may be in the way.
+Dead letters are put in place the way the worker does it (payments.park, then
+a message on payments.dead with the consumer's headers); the last test lets
+the real worker park an authorization against a bank that is down, and
+replays it once the bank is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+import uuid
+
+import aio_pika
+import aiohttp
+import orjson
+import pytest
+
+from gateway import config, db, payments
+from gateway.cards import CardVault
+from gateway.domain import Action, BankOutcome, Verdict
+from tests.support import services
+from tests.support.procs import ScriptProcess, free_port, script_path
+from worker import settings as wsettings
+from worker import cli, topology
+from worker.consumer import Worker, _dead_headers
+from worker.relay import Relay
+
+pytestmark = pytest.mark.timeout(120)
+
+HAPPY = ("4111111111111111", "123", 12, 2030)
+ERROR = {"code": "bank_connection", "message": "the bank could not be reached", "retryable": True}
+QUORUM = {"x-queue-type": "quorum"}
+
+
+class Env:
+    def __init__(self, database_url: str, amqp_url: str, pool, broker, vault: CardVault):
+        self.database_url, self.amqp_url = database_url, amqp_url
+        self.pool, self.broker, self.vault = pool, broker, vault
+
+    def cli_env(self, **extra) -> dict[str, str | None]:
+        env = {"DATABASE_URL": self.database_url, "AMQP_URL": self.amqp_url, "LOG_LEVEL": None,
+               "WORKER_RETRY_LADDER": None, "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS": None}
+        env.update(extra)
+        return env
+
+    async def cli(self, *args: str, env: dict | None = None, expect: int | None = 0):
+        """Run gatewayctl; returns (exit code, stdout, stderr)."""
+        full = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for key, value in self.cli_env(**(env or {})).items():
+            if value is None:
+                full.pop(key, None)
+            else:
+                full[key] = value
+        proc = await asyncio.create_subprocess_exec(
+            script_path("gatewayctl"), *args, env=full, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        out, err = out.decode(), err.decode()
+        if expect is not None:
+            assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+        return proc.returncode, out, err
+
+    async def cli_json(self, *args: str, expect: int | None = 0, env: dict | None = None):
+        _, out, _ = await self.cli(*args, "--json", expect=expect, env=env)
+        return orjson.loads(out)
+
+    # ---- payments and parked operations, as the API and the worker make them ---------------
+
+    async def authorize(self, amount: int = 1500) -> tuple[str, str]:
+        number, cvv, month, year = HAPPY
+        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments", uuid.uuid4().bytes)
+        resp = await payments.authorize(self.pool, self.vault, req, order_id=f"ord_{uuid.uuid4().hex[:10]}",
+                                        customer_id="cus_1", amount=amount,
+                                        card=payments.CardInput(number, cvv, month, year))
+        pid = orjson.loads(resp.body)["id"]
+        return pid, await self.pending_op(pid)
+
+    async def pending_op(self, pid: str) -> str:
+        return await self.pool.fetchval(
+            "SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
+
+    async def settle(self, op: str, body: dict) -> None:
+        claim = await payments.claim(self.pool, op, "test", 30)
+        assert isinstance(claim, payments.Claim), claim
+        await payments.record_outcome(self.pool, op, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
+
+    async def parked(self, kind: str = "capture", *, first_attempt_hours_ago: float | None = None,
+                     dead_letters: int = 1) -> tuple[str, str]:
+        """A payment whose `kind` operation is parked, with its dead letter(s) in payments.dead."""
+        pid, op = await self.authorize()
+        if kind == "capture":
+            await self.settle(op, {"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": "2030-01-01T00:00:00Z"})
+            req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", f"/v1/payments/{pid}/capture", b"")
+            await payments.request_action(self.pool, req, pid, Action.CAPTURE, None)
+            op = await self.pending_op(pid)
+        claim = await payments.claim(self.pool, op, "test-worker", 30)
+        assert isinstance(claim, payments.Claim)
+        if first_attempt_hours_ago is not None:
+            await self.pool.execute(
+                "UPDATE operations SET first_attempt_at = now() - make_interval(secs => $2 * 3600) WHERE id = $1",
+                op, first_attempt_hours_ago)
+        assert await payments.park(self.pool, op, ERROR) is not None
+        for _ in range(dead_letters):
+            await self.dead_letter(op, pid, kind, claim.attempts)
+        return pid, op
+
+    async def dead_letter(self, op: str, pid: str, kind: str, attempts: int = 1, headers: dict | None = None,
+                          body: bytes | None = None) -> None:
+        channel = await self.broker.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(body if body is not None else orjson.dumps({"operation_id": op}),
+                             headers=headers if headers is not None else _dead_headers(op, pid, kind, attempts,
+                                                                                        ERROR, 3),
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=topology.DEAD_QUEUE)
+        await channel.close()
+
+    async def operation(self, op: str) -> dict:
+        return dict(await self.pool.fetchrow("SELECT * FROM operations WHERE id = $1", op))
+
+    async def payment(self, pid: str) -> dict:
+        return dict(await self.pool.fetchrow("SELECT * FROM payments WHERE id = $1", pid))
+
+    # ---- the broker ---------------------------------------------------------------------------
+
+    async def drain(self, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Take (ack) every message of a queue, in order."""
+        channel = await self.broker.channel()
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=QUORUM)
+        out = []
+        while (msg := await queue.get(no_ack=False, fail=False)) is not None:
+            await msg.ack()
+            out.append(msg)
+        await channel.close()
+        return out
+
+    async def count(self, queue_name: str) -> int:
+        channel = await self.broker.channel()
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=QUORUM)
+        n = queue.declaration_result.message_count
+        await channel.close()
+        return n
+
+
+@pytest.fixture(scope="module")
+async def cli_env(server_urls, card_key):
+    admin_url, amqp_root = server_urls
+    database_url = await services.create_database(admin_url)
+    await db.migrate(database_url)
+    amqp_url, vhost = services.create_vhost(amqp_root)
+    pool = await db.create_pool(database_url, min_size=1, max_size=10)
+    broker = await aio_pika.connect_robust(amqp_url)
+    channel = await broker.channel()
+    await topology.declare(channel, wsettings.parse_ladder(wsettings.DEFAULT_RETRY_LADDER))
+    await channel.close()
+    try:
+        yield Env(database_url, amqp_url, pool, broker, CardVault(base64.b64decode(card_key)))
+    finally:
+        await broker.close()
+        await pool.close()
+        services.delete_vhost(vhost)
+        await services.drop_database(admin_url, database_url)
+
+
+@pytest.fixture
+async def env(cli_env):
+    await cli_env.pool.execute("TRUNCATE payments, payment_history, operations, card_vault, outbox, "
+                               "idempotency_keys, reconciliation_findings")
+    for name in (topology.DEAD_QUEUE, topology.WORK_QUEUE):
+        await cli_env.drain(name)
+    yield cli_env
+
+
+# ---- configuration and migrate ------------------------------------------------------------------
+
+
+async def test_help_everywhere(cli_env, capsys):
+    _, out, _ = await cli_env.cli("--help")  # the installed console script
+    assert out.startswith("usage: gatewayctl") and "Exit codes" in out
+    for args in (["migrate"], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "replay"], ["reconcile"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*args, "--help"])
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: gatewayctl {' '.join(args)}"), args
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["dlq"])
+    assert exit_.value.code == 2 and "DLQ_COMMAND" in capsys.readouterr().err
+
+
+async def test_bad_configuration_exits_2_with_a_clear_message(cli_env):
+    _, _, err = await cli_env.cli("migrate", env={"DATABASE_URL": "mysql://db/x"}, expect=2)
+    assert "DATABASE_URL" in err and "Traceback" not in err
+    _, _, err = await cli_env.cli("dlq", "list", env={"WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS": "soon"}, expect=2)
+    assert "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS" in err and "Traceback" not in err
+    _, _, err = await cli_env.cli("reconcile", "--rate", "0", expect=2)
+    assert "--rate" in err
+    _, _, err = await cli_env.cli("dlq", "replay", expect=2)
+    assert "OPERATION_ID or --all" in err
+
+
+async def test_unreachable_database_exits_3(cli_env):
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    _, _, err = await cli_env.cli("migrate", env={"DATABASE_URL": url}, expect=3)
+    assert "cannot connect to PostgreSQL" in err and "Traceback" not in err
+
+
+async def test_migrate_creates_then_is_safe_twice(server_urls, cli_env):
+    admin_url = server_urls[0]
+    url = await services.create_database(admin_url)
+    try:
+        code, out, _ = await cli_env.cli("migrate", env={"DATABASE_URL": url})
+        assert "created" in out and "payments" in out and "reconciliation_findings" in out
+        first = await cli_env.cli_json("migrate", env={"DATABASE_URL": url})
+        assert first["created"] == {} and first["present"]["table"] >= 7
+        _, out, _ = await cli_env.cli("migrate", env={"DATABASE_URL": url})
+        assert "already up to date" in out
+    finally:
+        await services.drop_database(admin_url, url)
+
+
+# ---- dlq list / show ------------------------------------------------------------------------------
+
+
+async def test_list_shows_each_operation_and_leaves_the_queue_as_it_was(env):
+    parked = [await env.parked("capture") for _ in range(3)]
+    await env.dead_letter(parked[1][1], parked[1][0], "capture")  # the consumer may dead-letter twice
+    await env.dead_letter("", "", "", headers={"last_error": "bad"}, body=b"not json")  # an unreadable command
+    db_only_pid, db_only_op = await env.parked("capture", dead_letters=0)
+
+    first = await env.cli_json("dlq", "list")
+    second = await env.cli_json("dlq", "list")
+    def without_age(doc):
+        return [{k: v for k, v in e.items() if k != "age"} for e in doc["operations"]]
+
+    assert without_age(first) == without_age(second) and first["messages"] == second["messages"] == 5
+    ops = first["operations"]
+    assert [e["operation_id"] for e in ops] == [op for _, op in parked] + [None, db_only_op]
+    for entry, (pid, op) in zip(ops, parked):
+        assert entry["payment_id"] == pid and entry["kind"] == "capture" and entry["attempts"] == 1
+        assert entry["state"] == "parked" and entry["last_error"] == ERROR and entry["age"].endswith("s")
+    assert [e["messages"] for e in ops] == [1, 2, 1, 1, 0]
+    assert ops[3]["state"].startswith("unreadable") and ops[4]["state"] == "parked, no message in the queue"
+
+    # Human output, then the queue itself: same messages, same order, nothing acked.
+    _, out, _ = await env.cli("dlq", "list")
+    assert "OPERATION" in out and parked[0][1] in out and "bank_connection" in out and db_only_op in out
+    left = await env.drain(topology.DEAD_QUEUE)
+    assert [(m.headers or {}).get("operation_id") for m in left] == [
+        parked[0][1], parked[1][1], parked[2][1], parked[1][1], None]
+    assert left[-1].body == b"not json"
+
+
+async def test_show_has_operation_receipt_history_and_dead_letters(env):
+    pid, op = await env.parked("capture")
+    doc = await env.cli_json("dlq", "show", op)
+    assert doc["operation"]["id"] == op and doc["operation"]["parked"] and doc["state"] == "parked"
+    assert doc["payment"]["id"] == pid and doc["payment"]["status"] == "capturing"
+    assert doc["payment"]["attention_required"] and doc["payment"]["merchant"] == "ficmart"
+    assert [h["status"] for h in doc["history"]] == ["pending", "authorized", "capturing"]
+    assert [o["kind"] for o in doc["operations"]] == ["authorize", "capture"]
+    assert len(doc["dead_letters"]) == 1 and doc["dead_letters"][0]["headers"]["operation_id"] == op
+    assert "unparks" in doc["replay"]
+    _, out, _ = await env.cli("dlq", "show", op)
+    assert "capturing, attention_required" in out and "api:capture" in out and "1 message(s)" in out
+    await env.cli("dlq", "show", "op_nope", expect=1)
+    assert await env.count(topology.DEAD_QUEUE) == 1
+
+
+# ---- dlq replay --------------------------------------------------------------------------------------
+
+
+async def test_replay_unparks_and_sends_the_command_with_retries_reset(env):
+    pid, op = await env.parked("capture", dead_letters=2)
+    _, out, _ = await env.cli("dlq", "replay", op)
+    assert "was parked" in out and "2 dead letter(s) removed" in out
+    assert await env.count(topology.DEAD_QUEUE) == 0
+    row = await env.operation(op)
+    assert not row["parked"] and row["status"] == "pending"
+    assert not (await env.payment(pid))["attention_required"]
+    (cmd,) = await env.drain(topology.WORK_QUEUE)
+    assert orjson.loads(cmd.body) == {"operation_id": op}
+    assert cmd.headers[topology.RETRIES_HEADER] == 0 and topology.FORCE_HEADER not in cmd.headers
+    assert cmd.delivery_mode == aio_pika.DeliveryMode.PERSISTENT and cmd.routing_key == "capture"
+
+
+async def test_replay_of_a_finished_operation_drops_the_message_and_does_nothing(env):
+    pid, op = await env.parked("capture")
+    # Finished meanwhile, e.g. an earlier replay whose worker succeeded while a duplicate dead letter stayed.
+    assert await payments.unpark(env.pool, op)
+    await env.settle(op, {"capture_id": f"cap_{uuid.uuid4()}"})
+    doc = await env.cli_json("dlq", "replay", op)
+    (result,) = doc["results"]
+    assert result["result"] == "already_final" and result["dead_letters_dropped"] == 1
+    _, out, _ = await env.cli("dlq", "replay", op)  # again, with nothing left: still a no-op
+    assert "already final" in out and "nothing to do" in out
+    assert await env.count(topology.DEAD_QUEUE) == 0 and await env.count(topology.WORK_QUEUE) == 0
+    assert (await env.payment(pid))["status"] == "captured"
+
+
+async def test_replay_when_the_message_is_gone_re_enqueues_from_the_database(env):
+    pid, op = await env.parked("capture", dead_letters=0)
+    _, out, _ = await env.cli("dlq", "replay", op)
+    assert "re-enqueued from the database" in out
+    (cmd,) = await env.drain(topology.WORK_QUEUE)
+    assert orjson.loads(cmd.body) == {"operation_id": op} and cmd.headers[topology.RETRIES_HEADER] == 0
+    assert not (await env.operation(op))["parked"]
+
+
+async def test_old_authorization_is_refused_without_force(env):
+    pid, op = await env.parked("authorize", first_attempt_hours_ago=23.5)
+    young_pid, young_op = await env.parked("authorize", first_attempt_hours_ago=1)
+    listing = await env.cli_json("dlq", "list")
+    assert [e["needs_force"] for e in listing["operations"]] == [True, False]
+
+    code, out, _ = await env.cli("dlq", "replay", op, expect=1)
+    assert "refused" in out and "24 h" in out and "second hold" in out and "--force" in out
+    assert (await env.operation(op))["parked"] and (await env.payment(pid))["attention_required"]
+    assert await env.count(topology.WORK_QUEUE) == 0
+
+    doc = await env.cli_json("dlq", "replay", "--all", expect=1)  # the young one goes, the old one stays
+    assert {r["operation_id"]: r["result"] for r in doc["results"]} == {op: "refused", young_op: "replayed"}
+    (left,) = await env.drain(topology.DEAD_QUEUE)
+    assert left.headers["operation_id"] == op
+    await env.dead_letter(op, pid, "authorize")  # put it back for the forced replay
+
+    _, out, _ = await env.cli("dlq", "replay", op, "--force")
+    assert "x-force" in out
+    cmds = {orjson.loads(m.body)["operation_id"]: m for m in await env.drain(topology.WORK_QUEUE)}
+    assert cmds[op].headers[topology.FORCE_HEADER] is True and cmds[op].headers[topology.RETRIES_HEADER] == 0
+    assert topology.FORCE_HEADER not in cmds[young_op].headers
+    assert not (await env.operation(op))["parked"] and await env.count(topology.DEAD_QUEUE) == 0
+
+
+async def test_replay_all_handles_each_case(env):
+    parked = [await env.parked("capture") for _ in range(2)]
+    done_pid, done_op = await env.parked("capture")
+    assert await payments.unpark(env.pool, done_op)
+    await env.settle(done_op, {"capture_id": f"cap_{uuid.uuid4()}"})
+    db_only = await env.parked("capture", dead_letters=0)
+    await env.dead_letter("", "", "", headers={}, body=b"{}")
+    doc = await env.cli_json("dlq", "replay", "--all", expect=1)  # the unreadable message is not done
+    results = {r["operation_id"]: r["result"] for r in doc["results"]}
+    assert results == {parked[0][1]: "replayed", parked[1][1]: "replayed", done_op: "already_final",
+                       db_only[1]: "replayed", None: "unreadable"}
+    sent = [orjson.loads(m.body)["operation_id"] for m in await env.drain(topology.WORK_QUEUE)]
+    assert sent == [parked[0][1], parked[1][1], db_only[1]]
+    (left,) = await env.drain(topology.DEAD_QUEUE)
+    assert left.body == b"{}"
+    _, out, _ = await env.cli("dlq", "replay", "--all")
+    assert "nothing to replay" in out
+
+
+# ---- the real worker parks, ops replays ------------------------------------------------------------
+
+
+async def test_worker_parks_against_a_down_bank_and_replay_finishes_it(env, card_key):
+    port = free_port()
+    bank_url = f"http://127.0.0.1:{port}"
+    cfg = wsettings.WorkerSettings(bank_timeout=2, prefetch=50, concurrency=10, db_pool_size=4, retry_ladder=(1,),
+                                   quick_retries=1, quick_retry_base=0.01, lease_margin=1, confirm_delay=0.1)
+    settings = config.parse({"DATABASE_URL": env.database_url, "AMQP_URL": env.amqp_url, "BANK_URL": bank_url,
+                             "CARD_ENCRYPTION_KEY": card_key}, need_card_key=True)
+    async with ScriptProcess("mockbank", "--port", str(port), env={
+            "MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "0", "FAILURE_RATE": "0", "LOG_LEVEL": "warning"}) as bank, \
+            aiohttp.ClientSession() as http:
+        await bank.wait_http(f"{bank_url}/health")
+        async with http.put(f"{bank_url}/_mock/chaos", json={"down": True}) as resp:
+            assert resp.status == 200
+        relay = Relay(env.database_url, env.amqp_url, wsettings.RelaySettings(poll_seconds=0.1), ladder=(1,))
+        await relay.start()
+        stop = asyncio.Event()
+        relay_task = asyncio.create_task(relay.run(stop))
+        worker = Worker(settings, cfg, run_sweeper=False)
+        await worker.start()
+        try:
+            pid, op = await env.authorize(amount=4200)
+            await wait_for(lambda: env.operation(op), lambda o: o["parked"])
+            listing = await env.cli_json("dlq", "list")
+            (entry,) = listing["operations"]
+            assert entry["operation_id"] == op and entry["state"] == "parked" and entry["messages"] == 1
+            assert entry["last_error"]["code"] == "bank_connection" and entry["attempts"] >= 1
+
+            async with http.put(f"{bank_url}/_mock/chaos", json={"down": False}) as resp:
+                assert resp.status == 200
+            await env.cli("dlq", "replay", op)
+            row = await wait_for(lambda: env.payment(pid), lambda p: p["status"] == "authorized")
+            assert not row["attention_required"] and row["authorization_id"].startswith("auth_")
+            assert await env.count(topology.DEAD_QUEUE) == 0
+        finally:
+            await worker.stop(grace=2)
+            stop.set()
+            await relay_task
+            await relay.close()
+
+
+async def wait_for(read, until, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await read()
+        if until(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never reached the expected state: {value}")
+        await asyncio.sleep(0.05)
