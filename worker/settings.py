@@ -39,6 +39,9 @@ WORKER_VARS = {
     "SWEEPER_INTERVAL_SECONDS": ("15", "how often the sweeper runs"),
     "SWEEPER_STUCK_AFTER_SECONDS": ("60", "idle time (on top of the longest retry delay) before a pending operation is re-enqueued"),
     "SWEEPER_BATCH_SIZE": ("500", "operations or payments handled per sweeper pass"),
+    "RECONCILE_INTERVAL_SECONDS": ("3600", "how often one worker reconciles receipts with the bank (0: never)"),
+    "RECONCILE_RATE": ("5", "bank requests per second a reconciliation pass may make"),
+    "RECONCILE_LIMIT": ("500", "newest settled payments checked per pass"),
 }
 
 
@@ -89,6 +92,9 @@ class WorkerSettings:
     sweep_interval: float = 15.0
     stuck_after: float = 60.0
     sweep_batch: int = 500
+    reconcile_interval: float = 3600.0
+    reconcile_rate: float = 5.0
+    reconcile_limit: int = 500
 
     @property
     def lease_seconds(self) -> float:
@@ -122,6 +128,9 @@ def parse_worker(env: Mapping[str, str]) -> WorkerSettings:
         sweep_interval=_number(env, "SWEEPER_INTERVAL_SECONDS", t, lo=0, lo_open=True),
         stuck_after=_number(env, "SWEEPER_STUCK_AFTER_SECONDS", t, lo=0, lo_open=True),
         sweep_batch=int(_number(env, "SWEEPER_BATCH_SIZE", t, lo=1, integer=True)),
+        reconcile_interval=_number(env, "RECONCILE_INTERVAL_SECONDS", t, lo=0),
+        reconcile_rate=_number(env, "RECONCILE_RATE", t, lo=0, lo_open=True),
+        reconcile_limit=int(_number(env, "RECONCILE_LIMIT", t, lo=1, integer=True)),
     )
 
 

@@ -9,8 +9,12 @@
     passed are expired by payments.expire_hold(), which also starts the
     RELEASE (void) of the hold at the bank.
 
+(c) Reconciliation, every RECONCILE_INTERVAL_SECONDS: receipts against the
+    bank's books (worker.reconcile), repairing only what moves no money.
+
 Several workers may sweep at once: (a) locks with SKIP LOCKED and bumps
-updated_at in the same transaction; (b) re-checks each payment under its lock.
+updated_at in the same transaction; (b) re-checks each payment under its lock;
+(c) runs in one worker at a time, under a session advisory lock.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncpg
 
 from gateway import logs, messages, payments
 from gateway.db import Q
+from worker import reconcile
 
 log = logs.get("sweeper")
 
@@ -60,11 +65,36 @@ async def sweep_once(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> tup
     return await requeue_stuck(pool, idle_seconds, limit), await expire_lapsed_holds(pool, limit)
 
 
-async def run(pool: asyncpg.Pool, stop: asyncio.Event, *, interval: float, idle_seconds: float, limit: int) -> None:
-    """Sweep every `interval` seconds until `stop` is set; a failed pass is logged and retried."""
+_RECONCILE_LOCK = 0x7265636F6E63696C  # one reconciliation pass at a time across workers
+
+
+async def reconcile_once(pool: asyncpg.Pool, bank, *, rate: float, limit: int) -> reconcile.Report | None:
+    """A repairing reconciliation pass, unless another worker is running one (then None)."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RECONCILE_LOCK):
+            return None
+        try:
+            report = await reconcile.run_reconciliation(pool, bank, rate_per_second=rate, limit=limit, repair=True)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _RECONCILE_LOCK)
+    log.info("reconciliation pass", run_id=report.run_id, checked=report.checked, findings=len(report.findings))
+    return report
+
+
+async def run(pool: asyncpg.Pool, stop: asyncio.Event, *, interval: float, idle_seconds: float, limit: int,
+              bank=None, reconcile_interval: float = 0, reconcile_rate: float = 5, reconcile_limit: int = 500) -> None:
+    """Sweep every `interval` seconds (and reconcile every `reconcile_interval`) until `stop` is set.
+
+    A failed pass is logged and tried again at the next tick.
+    """
+    loop = asyncio.get_running_loop()
+    next_reconcile = loop.time() + reconcile_interval
     while not stop.is_set():
         try:
             await sweep_once(pool, idle_seconds, limit)
+            if bank is not None and reconcile_interval > 0 and loop.time() >= next_reconcile:
+                next_reconcile = loop.time() + reconcile_interval
+                await reconcile_once(pool, bank, rate=reconcile_rate, limit=reconcile_limit)
         except Exception as exc:
             log.warning("sweep failed", error=type(exc).__name__, detail=str(exc)[:200])
         try:

@@ -277,3 +277,26 @@ async def test_the_bank_is_asked_at_a_bounded_rate(books):
     elapsed = time.monotonic() - started
     assert report.ok and report.checked == 10 and report.bank_calls == 10
     assert elapsed >= 1.5, elapsed  # 10 evenly spaced requests at 5/s: at least 1.8 s
+
+
+async def test_the_worker_reconciles_periodically_one_worker_at_a_time(books):
+    from worker import sweeper
+
+    paid = await books.payment(upto="captured")
+    await books.corrupt(paid["id"], amount=paid["amount"] + 1)
+    # Another worker's pass holds the lock: this one stands aside.
+    async with books.pool.acquire() as other:
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", sweeper._RECONCILE_LOCK)
+        try:
+            assert await sweeper.reconcile_once(books.pool, books.bank, rate=50, limit=20) is None
+        finally:
+            await other.execute("SELECT pg_advisory_unlock($1)", sweeper._RECONCILE_LOCK)
+    report = await sweeper.reconcile_once(books.pool, books.bank, rate=50, limit=20)
+    assert report is not None
+    assert any(f.payment_id == paid["id"] and f.kind == "amount_mismatch" for f in report.findings)
+    # The worker's pass repairs: a money disagreement is flagged for a human, never rewritten.
+    row = await books.row(paid["id"])
+    assert row["attention_required"] is True
+    assert row["amount"] == paid["amount"] + 1
+    # Its lock was released: the next tick runs again.
+    assert await sweeper.reconcile_once(books.pool, books.bank, rate=50, limit=20) is not None
