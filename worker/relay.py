@@ -32,6 +32,7 @@ import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from gateway import config, db, logs
+from gateway.crashpoints import crash_point
 from gateway.db import Q
 from worker import settings as wsettings
 from worker import topology
@@ -39,6 +40,8 @@ from worker import topology
 log = logs.get("relay")
 
 PUBLISH_TIMEOUT = 30.0
+BUSY_SECONDS = 2.0  # after publishing, poll every BUSY_POLL_SECONDS for this long
+BUSY_POLL_SECONDS = 0.05
 
 # A publish that failed because of the row itself (returned as unroutable, nacked, or
 # naming an exchange that does not exist): that row waits, the others go on.
@@ -138,6 +141,7 @@ class Relay:
             if not rows:
                 return Batch(0, 0, 0, False)
             results = await asyncio.gather(*(self._publish(r) for r in rows), return_exceptions=True)
+            crash_point("relay.after_publish")
             confirmed = [r["id"] for r, res in zip(rows, results) if not isinstance(res, BaseException)]
             failed = [(r, res) for r, res in zip(rows, results) if isinstance(res, BaseException)]
             if confirmed:
@@ -190,12 +194,14 @@ class Relay:
         """Relay until `stop` is set; survives broker and database outages with backoff."""
         failures = 0
         next_prune = 0.0
+        last_published = 0.0
         while not stop.is_set():
             self._wake.clear()
             try:
                 await self._ensure_listener()
                 published, failed = await self.drain()
                 if published:
+                    last_published = time.monotonic()
                     log.debug("published outbox rows", count=published)
                 if time.monotonic() >= next_prune:
                     await self.prune()
@@ -211,7 +217,11 @@ class Relay:
                 delay = min(30.0, 0.5 * 2 ** min(failures, 10)) * random.uniform(0.5, 1.0)
                 await _wait(stop, delay)
             else:
-                await _wait_any(stop, self._wake, self.cfg.poll_seconds)
+                # While traffic flows, inserts skip their NOTIFY (schema.sql: notify_outbox) when
+                # they see older rows still unsent, so a row can land just after our last empty
+                # look without waking us: poll briskly for a moment after any activity.
+                busy = time.monotonic() - last_published < BUSY_SECONDS
+                await _wait_any(stop, self._wake, BUSY_POLL_SECONDS if busy else self.cfg.poll_seconds)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

@@ -28,7 +28,7 @@ RELAY_VARS = {
 WORKER_VARS = {
     "BANK_TIMEOUT_SECONDS": ("20", "total timeout of one bank call (the bank may take 15 s)"),
     "WORKER_PREFETCH": ("1000", "unacknowledged messages per worker"),
-    "WORKER_CONCURRENCY": ("500", "messages handled at once (bank calls in flight)"),
+    "WORKER_CONCURRENCY": ("1000", "messages handled at once (bank calls in flight)"),
     "WORKER_DB_POOL_SIZE": ("20", "PostgreSQL connections per worker"),
     "WORKER_RETRY_LADDER": (DEFAULT_RETRY_LADDER, "delays (seconds) of the retry queues, in order"),
     "WORKER_QUICK_RETRIES": ("3", "bank attempts per message before the next ladder rung"),
@@ -81,7 +81,7 @@ class RelaySettings:
 class WorkerSettings:
     bank_timeout: float = 20.0
     prefetch: int = 1000
-    concurrency: int = 500
+    concurrency: int = 1000
     db_pool_size: int = 20
     retry_ladder: tuple[int, ...] = field(default=(1, 5, 30, 120, 600))
     quick_retries: int = 3

@@ -76,20 +76,11 @@ def create_app(settings: config.Settings, pool: asyncpg.Pool | None = None, *, p
     return app
 
 
-async def _keep_session(_conn: asyncpg.Connection) -> None:
-    """Pool release without asyncpg's reset query (one round trip per request saved).
-
-    asyncpg still rolls back a transaction left open before calling this. The
-    API's connections never SET, LISTEN, open cursors or take session-level
-    advisory locks (only transaction-scoped ones), so there is nothing else to reset.
-    """
-
-
 async def _create_pool(dsn: str, size: int) -> asyncpg.Pool:
     delay = 0.25
     for attempt in range(1, _CONNECT_ATTEMPTS + 1):
         try:
-            return await db.create_pool(dsn, min_size=min(4, size), max_size=size, reset=_keep_session)
+            return await db.create_pool(dsn, min_size=min(4, size), max_size=size)
         except (OSError, asyncpg.PostgresError) as exc:
             if attempt == _CONNECT_ATTEMPTS:
                 raise StartupError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,283 @@
+"""Ceilings: what PostgreSQL and RabbitMQ do on this machine without the gateway around them.
+
+PostgreSQL (in a throwaway database with the gateway's schema, triggers included):
+  same_sql  - the API's submit transaction, run directly with asyncpg: BEGIN;
+              Q['lock_idempotency_key']; Q['insert_authorization']; COMMIT, exactly
+              as gateway.payments.authorize does (same pool size, same concurrency);
+  naive     - for reference, four separate INSERTs (idempotency key, payment,
+              history, outbox) in one transaction;
+  one_statement - what-if: the same work (advisory lock, key lookup, the six
+              INSERTs of insert_authorization) as ONE autocommit statement, i.e. one
+              round trip instead of four (BEGIN, lock, insert, COMMIT);
+  same_sql_no_notify - diagnostic: same_sql with the outbox NOTIFY trigger dropped
+              (a committing transaction that has NOTIFYed takes a database-wide
+              lock, so such commits are serialised).
+RabbitMQ (on a throwaway quorum queue in the private vhost, persistent messages):
+  publish   - publisher confirms, 200 publishes outstanding (the relay's batch size);
+  consume   - prefetch 1000 (the worker's), one ack per message (as the worker does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import aio_pika
+import asyncpg
+import orjson
+
+from bench.util import pcts
+from gateway import db, messages
+from gateway.cards import CardVault
+from gateway.db import Q
+from gateway.payments import IdempotentRequest, bank_key
+from gateway.timefmt import now
+from gateway.views import payment_json
+from tests.support import services
+
+
+@dataclass
+class Ceiling:
+    name: str
+    ops: int
+    seconds: float
+    latency_ms: dict[float, float] | None = None
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds if self.seconds > 0 else float("nan")
+
+
+NAIVE = (
+    """INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status,
+                                     response_body, location, created_at)
+       VALUES ($1, $2, 'POST', '/v1/payments', $3, 202, $4, $5, $6)""",
+    """INSERT INTO payments (id, merchant, order_id, customer_id, amount, currency, status, card_brand,
+                             card_last4, card_expiry_month, card_expiry_year, created_at, updated_at)
+       VALUES ($1, $2, $3, $4, $5, 'USD', 'pending', $6, $7, $8, $9, $10, $10)""",
+    "INSERT INTO payment_history (payment_id, status, cause, at) VALUES ($1, 'pending', 'api:authorize', $2)",
+    "INSERT INTO outbox (exchange, routing_key, message_id, body) VALUES ($1, $2, $3, $4)",
+)
+
+
+def _one_statement() -> str:
+    """insert_authorization guarded by lock_idempotency_key, as a single statement.
+
+    The key check and the advisory lock go first (CTE `k`); every INSERT reads `payment`,
+    which only yields a row when the lock was taken and the key is new. The outer SELECT
+    returns what _check_key needs. Parameters: those of insert_authorization ($1-$23).
+    """
+    body = Q["insert_authorization"]
+    _, _, rest = body.partition("WITH payment AS (")
+    insert_payment, _, tail = rest.partition("RETURNING id\n)")
+    insert_payment = insert_payment.replace(
+        "VALUES ($1, $2, $3, $4, $5, 'USD', 'pending', $6, $7, $8, $9, $10, $10)",
+        "SELECT $1, $2, $3, $4, $5, 'USD', 'pending', $6, $7, $8, $9, $10, $10 FROM k "
+        "WHERE k.locked AND k.fingerprint IS NULL")
+    assert "FROM k" in insert_payment, "insert_authorization changed shape: update bench/ceilings.py"
+    final_insert_at = tail.rindex("INSERT INTO idempotency_keys")
+    return (
+        "WITH k AS (SELECT pg_try_advisory_xact_lock(hashtextextended($2 || E'\\x1f' || $18, 0)) AS locked,\n"
+        "                  (SELECT fingerprint FROM idempotency_keys WHERE merchant = $2 AND key = $18) AS fingerprint\n"
+        "), payment AS (" + insert_payment + "RETURNING id\n)" + tail[:final_insert_at]
+        + ", idem AS (\n" + tail[final_insert_at:].rstrip().rstrip(";") + "\nRETURNING 1)\n"
+        + "SELECT k.locked, k.fingerprint, (SELECT count(*) FROM idem) AS inserted FROM k"
+    )
+
+
+class _Template:
+    """Realistic parameter values (sizes as the API writes them); only the ids vary per call."""
+
+    def __init__(self) -> None:
+        vault = CardVault(os.urandom(32))
+        self.sealed = vault.seal("pay_" + "0" * 32, "4000000000000002", "123")
+        at = now()
+        row = {
+            "id": "pay_" + "0" * 32, "order_id": "ord_" + "0" * 40, "customer_id": "cus_ceiling", "amount": 5000,
+            "currency": "USD", "status": "pending", "card_brand": "visa", "card_last4": "0002",
+            "card_expiry_month": 12, "card_expiry_year": 2035, "authorization_id": None,
+            "authorization_expires_at": None, "capture_id": None, "void_id": None, "refund_id": None,
+            "last_error": None, "attention_required": False, "created_at": at, "updated_at": at,
+            "history": [{"status": "pending", "at": "2030-01-01T00:00:00.000000Z"}],
+        }
+        self.body = orjson.dumps(payment_json(row))
+        self.request_body = orjson.dumps({"order_id": row["order_id"], "customer_id": "cus_ceiling", "amount": 5000,
+                                          "currency": "USD", "card": {"number": "4000000000000002", "cvv": "123",
+                                                                      "expiry_month": 12, "expiry_year": 2035}})
+        self.run = uuid.uuid4().hex[:8]
+
+    def same_sql(self, i: int) -> tuple[tuple, tuple]:
+        pid, op = messages.new_id("pay"), messages.new_id("op")
+        key = f"ceil-{uuid.uuid4().hex}"
+        req = IdempotentRequest("ceiling", key, "POST", "/v1/payments", self.request_body)
+        cmd = messages.command(op, "authorize")
+        at = now()
+        lock = ("ceiling", key)
+        insert = (pid, "ceiling", f"ord_{key}", "cus_ceiling", 5000, "visa", "0002", 12, 2035, at,
+                  op, bank_key(op), self.sealed, cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+                  key, "POST", "/v1/payments", req.fingerprint, self.body, f"/v1/payments/{pid}")
+        return lock, insert
+
+    def naive(self, i: int) -> tuple[tuple, ...]:
+        pid = messages.new_id("pay")
+        key = f"naive-{self.run}-{i}"
+        cmd = messages.command(messages.new_id("op"), "authorize")
+        at = now()
+        return (
+            ("ceiling", key, "f" * 64, self.body, f"/v1/payments/{pid}", at),
+            (pid, "ceiling", f"ord_{key}", "cus_ceiling", 5000, "visa", "0002", 12, 2035, at),
+            (pid, at),
+            (cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body),
+        )
+
+
+async def _noop_reset(_conn: asyncpg.Connection) -> None:
+    """As the API's pool: no reset query when a connection goes back to the pool."""
+
+
+async def _slice(pool: asyncpg.Pool, body, counter, concurrency: int, warmup: float, seconds: float
+                 ) -> tuple[int, list[float]]:
+    """`concurrency` clients for warmup + seconds; completions and latencies of the last `seconds`."""
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    t_w, t_e = t0 + warmup, t0 + warmup + seconds
+
+    async def client() -> None:
+        while (start := time.perf_counter()) < t_e:
+            await body(pool, next(counter))
+            end = time.perf_counter()
+            if t_w <= end <= t_e:
+                latencies.append((end - start) * 1000)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return len(latencies), latencies
+
+
+async def postgres(admin_url: str, *, concurrency: int, pool_size: int, warmup: float, seconds: float,
+                   rounds: int = 4) -> list[Ceiling]:
+    """Each variant runs `rounds` slices of seconds/rounds, interleaved round-robin, so that a
+    noisy neighbour's burst hits every variant alike; the figure is the median slice rate."""
+    template = _Template()
+
+    async def same_sql(pool: asyncpg.Pool, i: int) -> None:
+        lock, insert = template.same_sql(i)
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(Q["lock_idempotency_key"], *lock)
+            assert row["locked"]
+            await conn.execute(Q["insert_authorization"], *insert)
+
+    one_sql = _one_statement()
+
+    async def one_statement(pool: asyncpg.Pool, i: int) -> None:
+        _, insert = template.same_sql(i)
+        row = await pool.fetchrow(one_sql, *insert)
+        assert row["locked"] and row["inserted"] == 1, row
+
+    async def naive(pool: asyncpg.Pool, i: int) -> None:
+        params = template.naive(i)
+        async with pool.acquire() as conn, conn.transaction():
+            for sql, args in zip(NAIVE, params):
+                await conn.execute(sql, *args)
+
+    dsn = await services.create_database(admin_url)
+    pool = None
+    try:
+        await db.migrate(dsn)
+        # One pool (connections are scarce on a shared server); the no-NOTIFY variant runs with
+        # the trigger disabled for its slices only.
+        pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size, reset=_noop_reset)
+        variants = {
+            "pg_same_sql": (True, same_sql),
+            "pg_naive_4rt": (True, naive),
+            "pg_one_statement": (True, one_statement),
+            "pg_same_sql_no_notify": (False, same_sql),
+        }
+        counter = itertools.count()
+        slice_s = seconds / rounds
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        latencies: dict[str, list[float]] = {name: [] for name in variants}
+        for r in range(rounds):
+            for name, (notify, body) in variants.items():
+                if not notify:
+                    await pool.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_inserted")
+                try:
+                    done, lat = await _slice(pool, body, counter, concurrency,
+                                             warmup if r == 0 else min(0.2, warmup), slice_s)
+                finally:
+                    if not notify:
+                        await pool.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_inserted")
+                rates[name].append(done / slice_s)
+                latencies[name] += lat
+        results = []
+        for name in variants:
+            ordered = sorted(rates[name])
+            n = len(ordered)
+            median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+            spread = f"; slices {ordered[0]:,.0f}-{ordered[-1]:,.0f}/s" if n > 1 else ""
+            results.append(Ceiling(name, round(median * seconds), seconds, pcts(latencies[name]),
+                                   f"{concurrency} conc., pool {pool_size}{spread}"))
+        return results
+    finally:
+        if pool is not None:
+            await pool.close()
+        await services.drop_database(admin_url, dsn)
+
+
+async def rabbitmq(amqp_url: str, *, seconds: float, window: int = 200, prefetch: int = 1000) -> list[Ceiling]:
+    connection = await aio_pika.connect(amqp_url)
+    name = f"bench.ceiling.{uuid.uuid4().hex[:8]}"
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+        body = orjson.dumps({"operation_id": messages.new_id("op")})
+        published = 0
+        latencies: list[float] = []
+        t_e = time.perf_counter() + seconds
+
+        async def publisher() -> None:
+            nonlocal published
+            while (start := time.perf_counter()) < t_e:
+                message = aio_pika.Message(body=body, message_id=messages.new_id("cmd"),
+                                           content_type="application/json",
+                                           delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                await channel.default_exchange.publish(message, routing_key=name, mandatory=True, timeout=30)
+                published += 1
+                latencies.append((time.perf_counter() - start) * 1000)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(publisher() for _ in range(window)))
+        publish = Ceiling("rabbit_publish_confirm", published, time.perf_counter() - t0, pcts(latencies),
+                          f"{window} unconfirmed at most")
+
+        consume_channel = await connection.channel()
+        await consume_channel.set_qos(prefetch_count=prefetch)
+        cqueue = await consume_channel.declare_queue(name, passive=True)
+        consumed = 0
+        all_in = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal consumed
+            await message.ack()
+            consumed += 1
+            if consumed >= published:
+                all_in.set()
+
+        t0 = time.perf_counter()
+        tag = await cqueue.consume(on_message)
+        try:
+            await asyncio.wait_for(all_in.wait(), timeout=max(30.0, seconds * 10))
+        except TimeoutError:
+            pass
+        elapsed = time.perf_counter() - t0
+        await cqueue.cancel(tag)
+        consume = Ceiling("rabbit_consume_ack", consumed, elapsed, None,
+                          f"prefetch {prefetch}, one ack per message")
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
+    return [publish, consume]
