@@ -22,6 +22,7 @@ import orjson
 
 from gateway import domain, messages
 from gateway.cards import CardVault, brand
+from gateway.crashpoints import crash_point
 from gateway.db import Q
 from gateway.domain import Action, OperationKind, Status, Verdict
 from gateway.timefmt import now, parse
@@ -152,6 +153,7 @@ async def authorize(
                 return stored
             existing = await conn.fetchval(Q["live_payment_for_order"], req.merchant, order_id)
             raise OrderAlreadyPaid(existing or "unknown") from None
+    crash_point("api.after_commit")
     return Response(202, body, location)
 
 
@@ -181,7 +183,9 @@ async def request_action(
     async with pool.acquire() as conn:
         try:
             async with conn.transaction():
-                return await _request_action(conn, req, payment_id, action, amount)
+                response = await _request_action(conn, req, payment_id, action, amount)
+            crash_point("api.after_commit")
+            return response
         except domain.InvalidTransition:
             stored = await _recheck_key(conn, req)  # see _recheck_key: a twin may have moved the payment
             if stored:

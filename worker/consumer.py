@@ -41,6 +41,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from gateway import config, db, domain, logs, messages, payments
 from gateway.cards import CardVault, VaultError
+from gateway.crashpoints import crash_point
 from gateway.db import Q
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.timefmt import now
@@ -109,6 +110,8 @@ class Worker:
             self._sweeper = asyncio.create_task(sweeper.run(
                 self.pool, self._stop_sweeper, interval=self.cfg.sweep_interval,
                 idle_seconds=self.cfg.stuck_after + max(self.cfg.retry_ladder), limit=self.cfg.sweep_batch,
+                bank=self.bank, reconcile_interval=self.cfg.reconcile_interval,
+                reconcile_rate=self.cfg.reconcile_rate, reconcile_limit=self.cfg.reconcile_limit,
             ))
         log.info("worker started", worker_id=self.worker_id, concurrency=self.cfg.concurrency,
                  prefetch=self.cfg.prefetch, retry_ladder=list(self.cfg.retry_ladder))
@@ -204,9 +207,11 @@ class Worker:
             ), retries, bank_ms=run.bank_ms, attempts=run.attempts)
             return
         if domain.is_final(run.verdict):
+            crash_point("worker.after_bank")
             await payments.record_outcome(self.pool, operation_id, run.verdict, run.outcome, run.bank_ms)
             log.info("operation settled", verdict=run.verdict.value, bank_ms=run.bank_ms,
                      code=run.outcome.code)
+            crash_point("worker.after_record")
             await message.ack()
             return
         await self._retry_later(message, claim, domain.error_for(run.outcome), retries, force, run.bank_ms,
