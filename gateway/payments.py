@@ -237,6 +237,7 @@ def bank_key(operation_id: str) -> str:
 
 @dataclass(frozen=True)
 class Claim:
+    owner: str  # who holds the lease: one handling of one message
     operation_id: str
     kind: OperationKind
     bank_key: str
@@ -266,7 +267,7 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
     row = await pool.fetchrow(Q["claim_operation"], operation_id, owner, lease_seconds)
     if row is not None:
         return Claim(
-            operation_id=row["id"], kind=OperationKind(row["kind"]), bank_key=row["bank_key"],
+            owner=owner, operation_id=row["id"], kind=OperationKind(row["kind"]), bank_key=row["bank_key"],
             attempts=row["attempts"], first_attempt_at=row["first_attempt_at"],
             payment_id=row["payment_id"], amount=row["amount"],
             authorization_id=row["authorization_id"], capture_id=row["capture_id"],

@@ -174,7 +174,10 @@ class Worker:
         headers = message.headers or {}
         retries = _int(headers.get(topology.RETRIES_HEADER))
         force = headers.get(topology.FORCE_HEADER) in (True, "true", "1", 1)
-        got = await payments.claim(self.pool, operation_id, self.worker_id, self.cfg.lease_seconds)
+        # The lease belongs to this handling of this message, not to the process: a
+        # duplicate of the command arriving here while our bank call runs must wait.
+        owner = f"{self.worker_id}/{uuid.uuid4().hex[:8]}"
+        got = await payments.claim(self.pool, operation_id, owner, self.cfg.lease_seconds)
         if not isinstance(got, payments.Claim):
             await self._not_claimed(message, operation_id, got, retries, force)
             return
@@ -246,7 +249,7 @@ class Worker:
         tries = 0
 
         async def renew() -> bool:
-            got = await payments.claim(self.pool, claim.operation_id, self.worker_id, self.cfg.lease_seconds)
+            got = await payments.claim(self.pool, claim.operation_id, claim.owner, self.cfg.lease_seconds)
             if isinstance(got, payments.Claim):
                 run.attempts = got.attempts
                 return True
@@ -318,7 +321,7 @@ class Worker:
         if retries >= len(self.cfg.retry_ladder):
             await self._park(message, claim, error, retries, bank_ms=bank_ms, attempts=attempts)
             return
-        await payments.release(self.pool, claim.operation_id, self.worker_id, error, bank_ms)
+        await payments.release(self.pool, claim.operation_id, claim.owner, error, bank_ms)
         delay = self.cfg.retry_ladder[retries]
         await self._publish_retry(message.body, claim.kind.value, delay, retries + 1, force)
         log.info("bank attempts failed; retrying later", delay=delay, rung=retries + 1, error_code=error["code"])
@@ -328,7 +331,7 @@ class Worker:
                     bank_ms: int = 0, attempts: int | None = None) -> None:
         attempts = claim.attempts if attempts is None else attempts
         if bank_ms:
-            await payments.release(self.pool, claim.operation_id, self.worker_id, error, bank_ms)
+            await payments.release(self.pool, claim.operation_id, claim.owner, error, bank_ms)
         payment = await payments.park(self.pool, claim.operation_id, error)
         if payment is not None:
             await self._publish_dead(message.body, _dead_headers(

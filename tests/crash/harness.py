@@ -1,0 +1,249 @@
+"""A crash run: traffic through the API while processes die at their worst moments.
+
+    policy = QuotaPolicy(kills_per_point=2, rng=random.Random(7))   # or ProbabilityPolicy({...})
+    summary = await crash_run(server_urls, card_key, policy, payments=150, concurrency=30,
+                              broker_cuts=1, db_cuts=1, seed=7, drain_timeout=120)
+    print(summary.line()); assert not summary.problems()
+
+The processes are armed through GATEWAY_CRASH_POINTS (gateway/crashpoints.py);
+a Supervisor notices every death within a fraction of a second, counts it
+against the crash point that fired (read from the dead process's stderr) and
+starts the process again, armed as the policy says. Meanwhile FicMart's flows
+run (tests/e2e/flows.py) and, at set points of the traffic, the broker
+connections of the private vhost are closed and the gateway's connections to
+its private database are terminated. When the traffic is done the policy is
+disarmed, the stack is left to become quiescent, and the run is audited
+(tests/e2e/flows.py). For a payment with a bank operation lost or doubled the
+summary adds its ledger entries, its operations and every log line naming it
+(the gateway runs at LOG_LEVEL=info here, and dead processes' output is kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tests.e2e.flows import Audit, Flow, audit, bank_entries, plans, run_flows, wait_for_events
+from tests.e2e.stack import GATEWAY_PROCESSES, Death, Stack
+
+POINTS_OF = {
+    "api": ("api.after_commit",),
+    "relay": ("relay.after_publish",),
+    "worker": ("worker.after_bank", "worker.after_record"),
+}
+# The bank misbehaves a little too: the kills come on top of failures and lost answers. Calls
+# take up to 300 ms, long enough for a duplicate command (a relay republish, a sweeper
+# re-enqueue, a redelivery) to turn up while the first copy is still at the bank.
+BANK_CHAOS = {"MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "300", "FAILURE_RATE": "0.05", "RESPONSE_LOSS_RATE": "0.05"}
+# Passes through a point before an armed process dies there (QuotaPolicy draws N from this range).
+PASSES = {
+    "api.after_commit": (5, 40),
+    "relay.after_publish": (3, 25),
+    "worker.after_bank": (5, 40),
+    "worker.after_record": (5, 40),
+}
+
+
+class QuotaPolicy:
+    """Deterministic number of kills: each start of a process arms ONE of its points at a random
+    N-th pass ('point:@N'), until every point has been armed `kills_per_point` times."""
+
+    def __init__(self, kills_per_point: int, rng: random.Random):
+        self.left = Counter({p: kills_per_point for points in POINTS_OF.values() for p in points})
+        self.rng = rng
+        self.armed = True
+
+    def arm(self, process: str) -> str | None:
+        if not self.armed:
+            return None
+        candidates = [p for p in POINTS_OF[process] if self.left[p] > 0]
+        if not candidates:
+            return None
+        point = max(candidates, key=lambda p: (self.left[p], self.rng.random()))
+        self.left[point] -= 1
+        return f"{point}:@{self.rng.randint(*PASSES[point])}"
+
+
+class ProbabilityPolicy:
+    """Every start arms all the process's points with a fixed probability ('point:P')."""
+
+    def __init__(self, probabilities: dict[str, float]):
+        self.probabilities = probabilities
+        self.armed = True
+
+    def arm(self, process: str) -> str | None:
+        if not self.armed:
+            return None
+        spec = [f"{p}:{self.probabilities[p]}" for p in POINTS_OF[process] if self.probabilities.get(p)]
+        return ",".join(spec) or None
+
+
+class Supervisor:
+    """Restarts any gateway process that died, counting kills per crash point."""
+
+    def __init__(self, stack: Stack, policy):
+        self.stack = stack
+        self.policy = policy
+        self.kills: Counter = Counter()
+        self.restarts: Counter = Counter()
+        self.unexpected: list[Death] = []
+        self.restart_seconds = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for name in GATEWAY_PROCESSES:
+                death = self.stack.death(name)
+                if death is None:
+                    continue
+                if death.point is not None and death.returncode == -9:
+                    self.kills[death.point] += 1
+                else:
+                    self.unexpected.append(death)
+                started = time.monotonic()
+                await self.stack.restart(name, self.policy.arm(name))
+                self.restart_seconds += time.monotonic() - started
+                self.restarts[name] += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+
+
+@dataclass
+class Summary:
+    payments: int
+    kills: Counter
+    restarts: Counter
+    broker_cuts: int
+    db_cuts: int
+    terminated_backends: int
+    audit: Audit
+    duplicate_orders: list[str]
+    unexpected: list[Death]
+    client_retries: dict
+    backlog: dict
+    wall: float
+    drain: float
+    events: int = 0
+    deliveries: int = 0
+    slowest_flow: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        a = self.audit
+        kills = ", ".join(f"{p}={n}" for p, n in sorted(self.kills.items())) or "none"
+        return (
+            f"payments={self.payments} statuses={dict(a.statuses)} kills[{kills}] total_kills={sum(self.kills.values())} "
+            f"restarts={dict(self.restarts)} broker_cuts={self.broker_cuts} db_cuts={self.db_cuts} "
+            f"(backends terminated={self.terminated_backends}) client_retries={self.client_retries} "
+            f"lost={len(a.lost)} doubled={len(a.doubled)} stuck={len(a.stuck)} parked={len(a.parked)} "
+            f"wrong={len(a.wrong)} missing_events={len(a.missing_events)} doubled_events={len(a.doubled_events)} "
+            f"unsent_outbox={a.unsent_outbox} duplicate_orders={len(self.duplicate_orders)} "
+            f"unexpected_deaths={len(self.unexpected)} events={self.events} deliveries={self.deliveries} "
+            f"slowest_flow={self.slowest_flow:.1f}s drain={self.drain:.1f}s wall={self.wall:.1f}s"
+        )
+
+    def problems(self) -> list[str]:
+        out = [f"{k}: {v[:8]}" for k, v in self.audit.failures.items()]
+        out += [f"duplicate orders: {self.duplicate_orders[:8]}"] if self.duplicate_orders else []
+        out += [f"{d.name} died without a crash point (rc={d.returncode}):\n{d.stderr[-1500:]}" for d in self.unexpected]
+        return out + self.notes[:3] if out else out
+
+
+async def crash_run(server_urls, card_key: str, policy, *, payments: int, concurrency: int, broker_cuts: int,
+                    db_cuts: int, seed: int, drain_timeout: float) -> Summary:
+    """A fresh stack (own database and vhost; a mock bank with a little chaos), the run, the audit."""
+    stack = Stack(server_urls, card_key, bank_env=BANK_CHAOS, gateway_env={"LOG_LEVEL": "info"},
+                  event_queue="crash-test.events")
+    try:
+        await stack.start(arm=policy.arm)
+        return await _run(stack, policy, payments=payments, concurrency=concurrency, broker_cuts=broker_cuts,
+                          db_cuts=db_cuts, seed=seed, drain_timeout=drain_timeout)
+    finally:
+        await stack.close()
+
+
+async def _run(stack: Stack, policy, *, payments: int, concurrency: int, broker_cuts: int, db_cuts: int,
+               seed: int, drain_timeout: float) -> Summary:
+    started = time.monotonic()
+    supervisor = Supervisor(stack, policy)
+    stop = asyncio.Event()
+    watching = asyncio.create_task(supervisor.run(stop))
+
+    # The disruptions fire when that share of the flows is done, spread over the run.
+    cuts = sorted([(i / (broker_cuts + 1) + 0.05, "broker") for i in range(1, broker_cuts + 1)]
+                  + [(i / (db_cuts + 1) - 0.05, "db") for i in range(1, db_cuts + 1)])
+    done = Counter()
+    progress = asyncio.Event()
+
+    def on_done(_flow: Flow) -> None:
+        done["flows"] += 1
+        progress.set()
+
+    terminated = 0
+
+    async def disrupt() -> None:
+        nonlocal terminated
+        for share, what in cuts:
+            while done["flows"] < share * payments:
+                progress.clear()
+                await progress.wait()
+            if what == "broker":
+                await stack.close_broker_connections()
+                done["broker"] += 1
+            else:
+                terminated += await stack.terminate_gateway_connections()
+                done["db"] += 1
+
+    disruptor = asyncio.create_task(disrupt())
+    client = stack.client(patience=180)
+    cards = await stack.bank.extra_cards(20)
+    run_id = uuid.uuid4().hex[:8]
+    try:
+        flows = await run_flows(client, plans(payments, cards, seed=seed), run_id, concurrency, on_done)
+        await asyncio.wait_for(disruptor, 60)
+        policy.armed = False  # from now on a process that dies comes back unarmed
+        drain_started = time.monotonic()
+        backlog = await stack.quiescent(timeout=drain_timeout)
+        await wait_for_events(stack.events, client, flows)
+        drain = time.monotonic() - drain_started
+    finally:
+        stop.set()
+        await watching
+        disruptor.cancel()
+    ledger = await stack.bank.ledger()
+    result = await audit(client, flows, ledger, stack.events, backlog.get("unsent", -1), allow_parked=True)
+    duplicates = []
+    for flow in flows:
+        found = await client.by_order(flow.order_id)
+        if len(found) != 1:
+            duplicates.append(f"{flow.order_id}: {[p['id'] for p in found]}")
+    notes = await _evidence(stack, flows, result, ledger)
+    return Summary(
+        notes=notes, payments=payments, kills=supervisor.kills, restarts=supervisor.restarts, broker_cuts=done["broker"],
+        db_cuts=done["db"], terminated_backends=terminated, audit=result, duplicate_orders=duplicates,
+        unexpected=supervisor.unexpected, client_retries=vars(client.stats), backlog=backlog,
+        wall=time.monotonic() - started, drain=drain, events=len(stack.events.events),
+        deliveries=stack.events.deliveries, slowest_flow=max(f.seconds for f in flows),
+    )
+
+
+async def _evidence(stack: Stack, flows: list[Flow], result: Audit, ledger: dict) -> list[str]:
+    """For each payment with a bank operation lost or doubled: its ledger entries, its operations
+    and every log line that names it, to tell what happened."""
+    suspects = {line.split("(", 1)[0] for line in result.lost + result.doubled}
+    notes = []
+    for flow in flows:
+        if flow.payment_id not in suspects:
+            continue
+        entries = bank_entries(ledger, flow.plan.amount)
+        operations = [dict(r) for r in await stack.pool.fetch(
+            "SELECT id, kind, status, attempts, parked, bank_key, first_attempt_at, finished_at FROM operations"
+            " WHERE payment_id = $1 ORDER BY created_at", flow.payment_id)]
+        logs = stack.log_lines(flow.payment_id) + [
+            line for op in operations for line in stack.log_lines(op["id"]) if flow.payment_id not in line]
+        notes.append(f"evidence {flow.payment_id}: ledger={entries}\noperations={operations}\nlogs:\n" + "\n".join(logs))
+    return notes

@@ -1,0 +1,467 @@
+"""The whole system as real processes, driven the way FicMart drives it.
+
+    stack = Stack(server_urls, card_key, bank_env={...}, gateway_env={...})
+    await stack.start()          # private database + vhost, then mockbank, gateway-api,
+                                 # gateway-relay, gateway-worker (console scripts)
+    client = stack.client()      # FicMart: Bearer key, Idempotency-Key, retries
+    stack.bank                   # the mock's /_mock endpoints (ledger, chaos, expire...)
+    stack.events                 # test consumer of payments.events ('#'), deduped by event_id
+    await stack.restart("worker", crash="worker.after_bank:@20")
+    await stack.quiescent()      # nothing in flight, nothing unsent
+    await stack.close()
+
+Used by tests/e2e and tests/crash. The test process itself only talks HTTP
+to the API and the mock, AMQP to its own event queue, and reads the
+database for the quiescence check (outbox rows unsent, operations pending).
+Its database connections carry application_name TEST_APP, so a test that
+terminates "the gateway's connections" can spare its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aio_pika
+import aiohttp
+import asyncpg
+import orjson
+
+from gateway import db
+from tests.support import services
+from tests.support.procs import ScriptProcess, free_port
+
+API_KEY = "sk_test_ficmart_dev"
+MERCHANT = "ficmart"
+TEST_APP = "gateway-tests"
+IN_PROGRESS = frozenset({"pending", "capturing", "voiding", "refunding"})
+EVENT_STATUSES = frozenset({"authorized", "declined", "captured", "voided", "refunded", "expired"})
+
+HAPPY = {"number": "4111111111111111", "cvv": "123", "expiry_month": 12, "expiry_year": 2030}
+NO_FUNDS = {"number": "5555555555554444", "cvv": "789", "expiry_month": 9, "expiry_year": 2030}
+# The bank's stored expiry of this card is 03/2020; the request's own expiry must be valid
+# for the gateway to accept it (the bank does not compare the two).
+EXPIRED_CARD = {"number": "5105105105105100", "cvv": "321", "expiry_month": 3, "expiry_year": 2030}
+
+# Chaos off, fast: the tests turn it on where they need it.
+BANK_ENV = {
+    "MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "20", "FAILURE_RATE": "0", "RESPONSE_LOSS_RATE": "0",
+    "MOCKBANK_EXTRA_ACCOUNTS": "50", "LOG_LEVEL": "warning",
+}
+# A short ladder and short leases so that retries, parking and crash recovery take seconds.
+GATEWAY_ENV = {
+    "WORKER_RETRY_LADDER": "1,2,4",
+    "WORKER_QUICK_RETRIES": "3",
+    "WORKER_QUICK_RETRY_BASE_SECONDS": "0.05",
+    "BANK_TIMEOUT_SECONDS": "3",
+    "WORKER_LEASE_MARGIN_SECONDS": "1",
+    "WORKER_CONFIRM_DELAY_SECONDS": "0.2",
+    "WORKER_CONCURRENCY": "64",
+    "WORKER_PREFETCH": "128",
+    "WORKER_DB_POOL_SIZE": "8",
+    "SWEEPER_INTERVAL_SECONDS": "0.5",
+    "SWEEPER_STUCK_AFTER_SECONDS": "2",
+    "RELAY_POLL_SECONDS": "0.2",
+    "LOG_LEVEL": "warning",
+}
+GATEWAY_PROCESSES = ("api", "relay", "worker")
+_CRASH_LINE = re.compile(r"gateway crash point: (\S+) pid=(\d+)")
+
+
+class StackError(AssertionError):
+    pass
+
+
+# ---- the mock bank's test endpoints --------------------------------------------------------
+
+
+class Bank:
+    def __init__(self, url: str, http: aiohttp.ClientSession):
+        self.url = url
+        self.http = http
+
+    async def _call(self, method: str, path: str, body=None, expect: int = 200) -> dict:
+        async with self.http.request(method, f"{self.url}{path}", json=body) as resp:
+            data = await resp.json(content_type=None)
+            if resp.status != expect:
+                raise StackError(f"{method} {path}: HTTP {resp.status} {data}")
+            return data
+
+    async def ledger(self) -> dict:
+        return await self._call("GET", "/_mock/ledger?accounts=touched")
+
+    async def chaos(self, **changes) -> dict:
+        return await self._call("PUT", "/_mock/chaos", changes)
+
+    async def reset(self) -> None:
+        await self._call("POST", "/_mock/reset")
+
+    async def expire(self, authorization_id: str) -> dict:
+        return await self._call("POST", f"/_mock/authorizations/{authorization_id}/expire")
+
+    async def extra_cards(self, count: int) -> list[dict]:
+        """Generated accounts ($100M each): card dicts as the gateway's API takes them."""
+        data = await self._call("GET", f"/_mock/accounts?offset=4&limit={count}")
+        return [{"number": a["card_number"], "cvv": a["cvv"], "expiry_month": a["expiry_month"],
+                 "expiry_year": a["expiry_year"]} for a in data["accounts"]]
+
+
+# ---- FicMart's HTTP client --------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict | None
+    headers: dict
+
+
+@dataclass
+class ClientStats:
+    connection_errors: int = 0
+    server_errors: int = 0
+    in_progress: int = 0
+    replayed: int = 0
+
+
+class Client:
+    """What FicMart's order service does: every POST has an Idempotency-Key, and a request whose
+    answer did not arrive (connection error, timeout, 5xx, 409 request_in_progress) is sent again
+    with the SAME key until it gets an answer or `patience` seconds pass."""
+
+    def __init__(self, api_url: str, http: aiohttp.ClientSession, *, patience: float = 120.0):
+        self.api_url = api_url
+        self.http = http
+        self.patience = patience
+        self.stats = ClientStats()
+        self.auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def request(self, method: str, path: str, body: dict | None = None, *, key: str | None = None,
+                      params: dict | None = None, timeout: float = 10.0) -> Reply:
+        headers = dict(self.auth)
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        data = orjson.dumps(body) if body is not None else None
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        deadline = time.monotonic() + self.patience
+        delay = 0.1
+        while True:
+            try:
+                async with self.http.request(method, f"{self.api_url}{path}", data=data, headers=headers,
+                                             params=params, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                    raw = await resp.read()
+                    reply = Reply(resp.status, orjson.loads(raw) if raw else None, dict(resp.headers))
+            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+                self.stats.connection_errors += 1
+            else:
+                code = (reply.body or {}).get("error", {}).get("code") if isinstance(reply.body, dict) else None
+                if reply.status >= 500:
+                    self.stats.server_errors += 1
+                elif reply.status == 409 and code == "request_in_progress":
+                    self.stats.in_progress += 1
+                else:
+                    if reply.headers.get("Idempotent-Replayed") == "true":
+                        self.stats.replayed += 1
+                    return reply
+            if time.monotonic() > deadline:
+                raise StackError(f"{method} {path} got no answer within {self.patience:g}s")
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 1.0)
+
+    async def authorize(self, *, order_id: str, amount: int, card: dict, customer_id: str = "cus_e2e",
+                        key: str | None = None) -> Reply:
+        body = {"order_id": order_id, "customer_id": customer_id, "amount": amount, "currency": "USD",
+                "card": card}
+        return await self.request("POST", "/v1/payments", body, key=key or uuid.uuid4().hex)
+
+    async def act(self, payment_id: str, action: str, key: str | None = None) -> Reply:
+        return await self.request("POST", f"/v1/payments/{payment_id}/{action}", key=key or uuid.uuid4().hex)
+
+    async def payment(self, payment_id: str, wait: float | None = None) -> dict:
+        params = {"wait": str(wait)} if wait else None
+        reply = await self.request("GET", f"/v1/payments/{payment_id}", params=params,
+                                   timeout=(wait or 0) + 10.0)
+        if reply.status != 200:
+            raise StackError(f"GET {payment_id}: HTTP {reply.status} {reply.body}")
+        return reply.body
+
+    async def by_order(self, order_id: str) -> list[dict]:
+        reply = await self.request("GET", "/v1/payments", params={"order_id": order_id})
+        assert reply.status == 200, reply
+        return reply.body["data"]
+
+    async def settled(self, payment_id: str, timeout: float = 60.0, poll: float = 10.0) -> dict:
+        """Long-poll until the payment leaves its in-progress status (or is parked for ops)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            payment = await self.payment(payment_id, wait=max(1, min(poll, int(left))))
+            if payment["status"] not in IN_PROGRESS or payment["attention_required"]:
+                return payment
+            if time.monotonic() > deadline:
+                return payment
+
+
+# ---- the test's own event consumer -------------------------------------------------------------
+
+
+class EventLog:
+    """Every message on payments.events ('#'), deduplicated by event_id.
+
+    exclusive=True: an exclusive queue, gone with the connection (enough when the broker is
+    left alone). The crash tests pass a queue name instead: a durable queue in the private
+    vhost survives the connection drops they cause, so no event is missed for that reason.
+    """
+
+    def __init__(self, amqp_url: str, queue_name: str | None = None):
+        self.amqp_url = amqp_url
+        self.queue_name = queue_name
+        self.events: dict[str, dict] = {}
+        self._by_payment: dict[str, list[dict]] = {}
+        self.meta: dict[str, tuple[str, str | None]] = {}  # event_id -> (routing key, message_id)
+        self.deliveries = 0
+        self.bad: list[str] = []
+        self._changed = asyncio.Event()
+        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
+
+    async def start(self) -> None:
+        self.connection = await aio_pika.connect_robust(self.amqp_url, client_properties={"connection_name": "e2e-events"})
+        channel = await self.connection.channel()
+        exchange = await channel.declare_exchange("payments.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        if self.queue_name:
+            queue = await channel.declare_queue(self.queue_name, durable=True)
+        else:
+            queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, routing_key="#")
+        await queue.consume(self._on_message)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.deliveries += 1
+        try:
+            self.record(orjson.loads(message.body), message.routing_key, message.message_id)
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.bad.append(f"unreadable event {message.body[:200]!r}")
+        await message.ack()
+
+    def record(self, body: dict, routing_key: str, message_id: str | None) -> bool:
+        """Keep an event unless its event_id was seen before; True when it is new."""
+        event_id = body["event_id"]
+        if event_id in self.events:
+            return False
+        self.events[event_id] = body
+        self.meta[event_id] = (routing_key, message_id)
+        self._by_payment.setdefault(body["payment"]["id"], []).append(body)
+        self._changed.set()
+        return True
+
+    def of(self, payment_id: str) -> list[dict]:
+        return list(self._by_payment.get(payment_id, ()))
+
+    def types(self, payment_id: str) -> Counter:
+        return Counter(e["type"] for e in self.of(payment_id))
+
+    async def wait_for(self, predicate, timeout: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+            except TimeoutError:
+                pass
+        return True
+
+
+# ---- the stack ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Death:
+    name: str
+    returncode: int | None
+    point: str | None  # the crash point that fired, None for any other death
+    stderr: str
+
+
+@dataclass
+class Stack:
+    server_urls: tuple[str, str]
+    card_key: str
+    bank_env: dict = field(default_factory=dict)
+    gateway_env: dict = field(default_factory=dict)
+    event_queue: str | None = None
+
+    def __post_init__(self):
+        self.procs: dict[str, ScriptProcess] = {}
+        self.database_url = self.amqp_url = self.vhost = None
+        self.pool: asyncpg.Pool | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.bank_port = free_port()
+        self.api_port = free_port()
+        self.bank_url = f"http://127.0.0.1:{self.bank_port}"
+        self.api_url = f"http://127.0.0.1:{self.api_port}"
+        self.events: EventLog | None = None
+        self.bank: Bank | None = None
+        self.starts: Counter = Counter()
+        self.retired: list[ScriptProcess] = []  # dead or replaced processes, kept for their logs
+
+    # -- lifecycle
+
+    async def start(self, arm=None) -> Stack:
+        """Everything up; `arm(process name)` gives each gateway process its GATEWAY_CRASH_POINTS."""
+        admin_url, amqp_root = self.server_urls
+        self.database_url = await services.create_database(admin_url)
+        await db.migrate(self.database_url)
+        self.amqp_url, self.vhost = services.create_vhost(amqp_root)
+        self.pool = await db.create_pool(self.database_url, min_size=1, max_size=4,
+                                         server_settings={"application_name": TEST_APP})
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200))
+        self.bank = Bank(self.bank_url, self.http)
+        await self.start_bank()
+        self.events = EventLog(self.amqp_url, self.event_queue)
+        await self.events.start()  # declares payments.events itself, so it can bind before any publish
+        for name in GATEWAY_PROCESSES:
+            await self.start_process(name, arm(name) if arm else None)
+        return self
+
+    async def start_bank(self, **env: str) -> None:
+        bank = ScriptProcess("mockbank", "--port", str(self.bank_port), env={**BANK_ENV, **self.bank_env, **env})
+        self.procs["bank"] = bank.start()
+        await bank.wait_http(f"{self.bank_url}/health", timeout=30)
+
+    async def restart_bank(self, **env: str) -> None:
+        """The mock bank again on its port, with `env` over the stack's settings. Its books
+        start empty (the mock keeps them in memory)."""
+        old = self.procs["bank"]
+        await old.stop()
+        old.close()
+        await self.start_bank(**env)
+
+    def env(self, crash: str | None = None) -> dict:
+        return {
+            "DATABASE_URL": self.database_url, "AMQP_URL": self.amqp_url, "BANK_URL": self.bank_url,
+            "GATEWAY_API_KEYS": f"{MERCHANT}:{API_KEY}", "CARD_ENCRYPTION_KEY": self.card_key,
+            **GATEWAY_ENV, **self.gateway_env, "GATEWAY_CRASH_POINTS": crash,
+        }
+
+    async def start_process(self, name: str, crash: str | None = None) -> ScriptProcess:
+        if name == "api":
+            proc = ScriptProcess("gateway-api", "--port", str(self.api_port), "--db-pool-size", "10",
+                                 env=self.env(crash))
+        else:
+            proc = ScriptProcess(f"gateway-{name}", env=self.env(crash))
+        self.procs[name] = proc.start()
+        self.starts[name] += 1
+        if name == "api":
+            await proc.wait_http(f"{self.api_url}/healthz", timeout=60)
+        return proc
+
+    def death(self, name: str) -> Death | None:
+        """If `name` has died: how (its crash point, if one fired). None while it runs."""
+        proc = self.procs[name]
+        if proc.running:
+            return None
+        tail = proc.stderr_tail(3000)
+        points = _CRASH_LINE.findall(tail)
+        point = points[-1][0] if points and points[-1][1] == str(proc.pid) else None
+        return Death(name, proc.returncode, point, tail)
+
+    async def restart(self, name: str, crash: str | None = None) -> ScriptProcess:
+        old = self.procs[name]
+        await old.kill()
+        self.retired.append(old)
+        return await self.start_process(name, crash)
+
+    def log_lines(self, needle: str, limit: int = 40) -> list[str]:
+        """Lines of every process's output (also of the dead ones) that mention `needle`."""
+        lines = []
+        for proc in [*self.retired, *self.procs.values()]:
+            for text in (proc.stdout_tail(50_000_000), proc.stderr_tail(1_000_000)):
+                lines += [f"{proc.name}[{proc.pid}] {line}" for line in text.splitlines() if needle in line]
+        return lines[:limit]
+
+    async def close(self) -> None:
+        for name in (*reversed(GATEWAY_PROCESSES), "bank"):
+            proc = self.procs.get(name)
+            if proc is not None:
+                await proc.stop(timeout=10)
+                proc.close()
+        for proc in self.retired:
+            proc.close()
+        if self.events is not None:
+            await self.events.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.pool is not None:
+            await self.pool.close()
+        if self.vhost:
+            services.delete_vhost(self.vhost)
+        if self.database_url:
+            await services.drop_database(self.server_urls[0], self.database_url)
+
+    # -- helpers
+
+    def client(self, patience: float = 120.0) -> Client:
+        return Client(self.api_url, self.http, patience=patience)
+
+    async def backlog(self) -> dict:
+        """What is still in flight: unsent outbox rows, pending operations not parked,
+        payments in progress not flagged for ops."""
+        row = await self.pool.fetchrow(
+            """SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unsent,
+                      (SELECT count(*) FROM operations WHERE status = 'pending' AND NOT parked) AS running,
+                      (SELECT count(*) FROM payments
+                        WHERE status IN ('pending', 'capturing', 'voiding', 'refunding')
+                          AND NOT attention_required) AS in_progress""")
+        return dict(row)
+
+    async def quiescent(self, timeout: float = 60.0) -> dict:
+        """Wait until nothing is in flight (twice in a row, 0.5 s apart); returns the last backlog."""
+        deadline = time.monotonic() + timeout
+        calm = 0
+        while True:
+            try:
+                backlog = await self.backlog()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                backlog = {"unreachable": 1}
+            calm = calm + 1 if not any(backlog.values()) else 0
+            if calm >= 2:
+                return backlog
+            if time.monotonic() > deadline:
+                return backlog
+            await asyncio.sleep(0.5)
+
+    async def terminate_gateway_connections(self) -> int:
+        """pg_terminate_backend for every connection to the private database except the test's own:
+        what a database restart does to the gateway, without touching anyone else's databases."""
+        name = self.database_url.rsplit("/", 1)[-1]
+        admin = await asyncpg.connect(services.with_database(self.server_urls[0], "postgres"))
+        try:
+            return await admin.fetchval(
+                """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                    WHERE datname = $1 AND pid <> pg_backend_pid() AND application_name <> $2""",
+                name, TEST_APP)
+        finally:
+            await admin.close()
+
+    async def close_broker_connections(self) -> None:
+        """Close every AMQP connection of the private vhost (the gateway's and the test's own):
+        what a broker restart does to the clients, without stopping the shared RabbitMQ."""
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "close_all_connections", "--vhost", self.vhost, "crash test: broker restart",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _out, err = await asyncio.wait_for(proc.communicate(), 120)
+        if proc.returncode != 0:
+            raise StackError(f"rabbitmqctl close_all_connections failed: {err.decode()[-500:]}")

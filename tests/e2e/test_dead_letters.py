@@ -1,0 +1,118 @@
+"""A bank that stays down longer than the retry ladder: parked for ops, then replayed.
+
+The ladder of the e2e stack is 1,2,4 s after three quick tries, so an operation
+is parked about 8 s after the bank went away. Ops then brings it back with
+`gatewayctl dlq replay --all`; where worker/cli.py does not exist yet the test
+does what that command does (payments.unpark, then the command again on
+payments.commands) and says so in its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+import uuid
+
+import aio_pika
+import pytest
+
+from gateway import payments
+from gateway.messages import COMMANDS_EXCHANGE
+from tests.e2e.flows import bank_entries
+from tests.e2e.stack import HAPPY
+from tests.support.procs import run_script
+from worker import topology
+
+pytestmark = pytest.mark.timeout(150)
+
+
+async def dead_letters(stack) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Everything in payments.dead, left in place (read, then requeued)."""
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        found = []
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            found.append(message)
+        for message in found:
+            await message.nack(requeue=True)
+        return found
+    finally:
+        await connection.close()
+
+
+async def replay_all(stack) -> str:
+    if importlib.util.find_spec("worker.cli") is not None:
+        result = run_script("gatewayctl", "dlq", "replay", "--all", timeout=60,
+                            env={"DATABASE_URL": stack.database_url, "AMQP_URL": stack.amqp_url})
+        assert result.returncode == 0, result.stdout + result.stderr
+        return "gatewayctl dlq replay --all"
+    # worker/cli.py is not there yet: the same steps by hand.
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(topology.DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        commands = await channel.get_exchange(COMMANDS_EXCHANGE)
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            headers = message.headers or {}
+            if await payments.unpark(stack.pool, headers["operation_id"]):
+                await commands.publish(aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                       routing_key=headers["kind"])
+            await message.ack()
+    finally:
+        await connection.close()
+    return "by hand (payments.unpark + publish): worker/cli.py is missing"
+
+
+async def wait_until(client, payment_id: str, done, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        payment = await client.payment(payment_id)
+        if done(payment):
+            return payment
+        assert time.monotonic() < deadline, payment
+        await asyncio.sleep(0.3)
+
+
+async def test_bank_down_longer_than_the_ladder_parks_then_replay_settles_once(e2e, client, amount, capsys):
+    held, fresh = amount(), amount()
+    reply = await client.authorize(order_id=f"ord_{uuid.uuid4().hex[:10]}", amount=held, card=HAPPY)
+    first = await client.settled(reply.body["id"], timeout=30)
+    assert first["status"] == "authorized"
+
+    await e2e.bank.chaos(down=True)
+    try:
+        capture = await client.act(first["id"], "capture")
+        assert capture.status == 202
+        reply = await client.authorize(order_id=f"ord_{uuid.uuid4().hex[:10]}", amount=fresh, card=HAPPY)
+        assert reply.status == 202
+        second_id = reply.body["id"]
+        parked = [await wait_until(client, pid, lambda p: p["attention_required"], timeout=60)
+                  for pid in (first["id"], second_id)]
+        assert [p["status"] for p in parked] == ["capturing", "pending"]  # the in-progress status stays
+        assert all(p["last_error"]["retryable"] for p in parked)
+        for p in parked:
+            assert await e2e.events.wait_for(lambda p=p: e2e.events.types(p["id"])["payment.attention_required"] >= 1, 15)
+        dead = {(m.headers or {}).get("payment_id") for m in await dead_letters(e2e)}
+        assert {first["id"], second_id} <= dead
+    finally:
+        await e2e.bank.chaos(down=False)
+
+    how = await replay_all(e2e)
+    with capsys.disabled():
+        print(f"\n[dlq] replayed {how}")
+    captured = await client.settled(first["id"], timeout=30)
+    authorized = await client.settled(second_id, timeout=30)
+    assert (captured["status"], captured["attention_required"]) == ("captured", False)
+    assert (authorized["status"], authorized["attention_required"]) == ("authorized", False)
+    ledger = await e2e.bank.ledger()
+    a, b = bank_entries(ledger, held), bank_entries(ledger, fresh)
+    assert len(a["authorizations"]) == 1 and len(a["captures"]) == 1
+    assert a["captures"][0]["capture_id"] == captured["bank"]["capture_id"]
+    assert len(b["authorizations"]) == 1 and b["captures"] == []  # exactly one hold
+    assert b["authorizations"][0]["authorization_id"] == authorized["bank"]["authorization_id"]
+    assert await e2e.events.wait_for(lambda: e2e.events.types(second_id)["payment.authorized"] == 1, 15)
+    assert await e2e.events.wait_for(lambda: e2e.events.types(first["id"])["payment.captured"] == 1, 15)
+    assert not [m for m in await dead_letters(e2e) if (m.headers or {}).get("payment_id") in (first["id"], second_id)]
