@@ -1,14 +1,11 @@
 """Ceilings: what PostgreSQL and RabbitMQ do on this machine without the gateway around them.
 
 PostgreSQL (in a throwaway database with the gateway's schema, triggers included):
-  same_sql  - the API's submit transaction, run directly with asyncpg: BEGIN;
-              Q['lock_idempotency_key']; Q['insert_authorization']; COMMIT, exactly
+  same_sql  - the API's submit, run directly with asyncpg: Q['submit_authorization'],
+              one autocommit statement (advisory lock, key lookup, six INSERTs), exactly
               as gateway.payments.authorize does (same pool size, same concurrency);
   naive     - for reference, four separate INSERTs (idempotency key, payment,
               history, outbox) in one transaction;
-  one_statement - what-if: the same work (advisory lock, key lookup, the six
-              INSERTs of insert_authorization) as ONE autocommit statement, i.e. one
-              round trip instead of four (BEGIN, lock, insert, COMMIT);
   same_sql_no_notify - diagnostic: same_sql with the outbox NOTIFY trigger dropped
               (a committing transaction that has NOTIFYed takes a database-wide
               lock, so such commits are serialised).
@@ -65,31 +62,6 @@ NAIVE = (
 )
 
 
-def _one_statement() -> str:
-    """insert_authorization guarded by lock_idempotency_key, as a single statement.
-
-    The key check and the advisory lock go first (CTE `k`); every INSERT reads `payment`,
-    which only yields a row when the lock was taken and the key is new. The outer SELECT
-    returns what _check_key needs. Parameters: those of insert_authorization ($1-$23).
-    """
-    body = Q["insert_authorization"]
-    _, _, rest = body.partition("WITH payment AS (")
-    insert_payment, _, tail = rest.partition("RETURNING id\n)")
-    insert_payment = insert_payment.replace(
-        "VALUES ($1, $2, $3, $4, $5, 'USD', 'pending', $6, $7, $8, $9, $10, $10)",
-        "SELECT $1, $2, $3, $4, $5, 'USD', 'pending', $6, $7, $8, $9, $10, $10 FROM k "
-        "WHERE k.locked AND k.fingerprint IS NULL")
-    assert "FROM k" in insert_payment, "insert_authorization changed shape: update bench/ceilings.py"
-    final_insert_at = tail.rindex("INSERT INTO idempotency_keys")
-    return (
-        "WITH k AS (SELECT pg_try_advisory_xact_lock(hashtextextended($2 || E'\\x1f' || $18, 0)) AS locked,\n"
-        "                  (SELECT fingerprint FROM idempotency_keys WHERE merchant = $2 AND key = $18) AS fingerprint\n"
-        "), payment AS (" + insert_payment + "RETURNING id\n)" + tail[:final_insert_at]
-        + ", idem AS (\n" + tail[final_insert_at:].rstrip().rstrip(";") + "\nRETURNING 1)\n"
-        + "SELECT k.locked, k.fingerprint, (SELECT count(*) FROM idem) AS inserted FROM k"
-    )
-
-
 class _Template:
     """Realistic parameter values (sizes as the API writes them); only the ids vary per call."""
 
@@ -111,17 +83,15 @@ class _Template:
                                                                       "expiry_month": 12, "expiry_year": 2035}})
         self.run = uuid.uuid4().hex[:8]
 
-    def same_sql(self, i: int) -> tuple[tuple, tuple]:
+    def same_sql(self, i: int) -> tuple:
         pid, op = messages.new_id("pay"), messages.new_id("op")
         key = f"ceil-{uuid.uuid4().hex}"
         req = IdempotentRequest("ceiling", key, "POST", "/v1/payments", self.request_body)
         cmd = messages.command(op, "authorize")
         at = now()
-        lock = ("ceiling", key)
-        insert = (pid, "ceiling", f"ord_{key}", "cus_ceiling", 5000, "visa", "0002", 12, 2035, at,
-                  op, bank_key(op), self.sealed, cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
-                  key, "POST", "/v1/payments", req.fingerprint, self.body, f"/v1/payments/{pid}")
-        return lock, insert
+        return (pid, "ceiling", f"ord_{key}", "cus_ceiling", 5000, "visa", "0002", 12, 2035, at,
+                op, bank_key(op), self.sealed, cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+                key, "POST", "/v1/payments", req.fingerprint, self.body, f"/v1/payments/{pid}")
 
     def naive(self, i: int) -> tuple[tuple, ...]:
         pid = messages.new_id("pay")
@@ -165,18 +135,8 @@ async def postgres(admin_url: str, *, concurrency: int, pool_size: int, warmup: 
     template = _Template()
 
     async def same_sql(pool: asyncpg.Pool, i: int) -> None:
-        lock, insert = template.same_sql(i)
-        async with pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(Q["lock_idempotency_key"], *lock)
-            assert row["locked"]
-            await conn.execute(Q["insert_authorization"], *insert)
-
-    one_sql = _one_statement()
-
-    async def one_statement(pool: asyncpg.Pool, i: int) -> None:
-        _, insert = template.same_sql(i)
-        row = await pool.fetchrow(one_sql, *insert)
-        assert row["locked"] and row["inserted"] == 1, row
+        row = await pool.fetchrow(Q["submit_authorization"], *template.same_sql(i))
+        assert row["locked"] and row["inserted"], row
 
     async def naive(pool: asyncpg.Pool, i: int) -> None:
         params = template.naive(i)
@@ -194,7 +154,6 @@ async def postgres(admin_url: str, *, concurrency: int, pool_size: int, warmup: 
         variants = {
             "pg_same_sql": (True, same_sql),
             "pg_naive_4rt": (True, naive),
-            "pg_one_statement": (True, one_statement),
             "pg_same_sql_no_notify": (False, same_sql),
         }
         counter = itertools.count()

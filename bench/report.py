@@ -176,9 +176,8 @@ class Report:
         if self.ceilings:
             self.rows.append("CEILINGS (this machine, this run)")
             labels = {
-                "pg_same_sql": "PG submit txn, SAME SQL as authorize() (asyncpg)",
+                "pg_same_sql": "PG submit, SAME SQL as authorize() (one statement)",
                 "pg_naive_4rt": "PG submit txn, naive 4 INSERTs (reference)",
-                "pg_one_statement": "PG what-if: same work as ONE statement (1 round trip)",
                 "pg_same_sql_no_notify": "PG same SQL, outbox NOTIFY trigger dropped (diag.)",
                 "rabbit_publish_confirm": "RabbitMQ publish + confirm, persistent, quorum queue",
                 "rabbit_consume_ack": "RabbitMQ consume + ack",

@@ -133,18 +133,14 @@ async def authorize(
     cmd = messages.command(operation_id, OperationKind.AUTHORIZE.value)
     async with pool.acquire() as conn:
         try:
-            async with conn.transaction():
-                stored = await _check_key(conn, req)
-                if stored:
-                    return stored
-                await conn.execute(
-                    Q["insert_authorization"],
-                    payment_id, req.merchant, order_id, customer_id, amount,
-                    row["card_brand"], row["card_last4"], card.expiry_month, card.expiry_year, at,
-                    operation_id, bank_key(operation_id), vault.seal(payment_id, card.number, card.cvv),
-                    cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
-                    req.key, req.method, req.path, req.fingerprint, body, location,
-                )
+            outcome = await conn.fetchrow(
+                Q["submit_authorization"],
+                payment_id, req.merchant, order_id, customer_id, amount,
+                row["card_brand"], row["card_last4"], card.expiry_month, card.expiry_year, at,
+                operation_id, bank_key(operation_id), vault.seal(payment_id, card.number, card.cvv),
+                cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+                req.key, req.method, req.path, req.fingerprint, body, location,
+            )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name not in ("payments_one_live_per_order", "idempotency_keys_pkey"):
                 raise
@@ -153,6 +149,15 @@ async def authorize(
                 return stored
             existing = await conn.fetchval(Q["live_payment_for_order"], req.merchant, order_id)
             raise OrderAlreadyPaid(existing or "unknown") from None
+        if not outcome["inserted"]:
+            if not outcome["locked"]:
+                raise RequestInProgress()
+            if outcome["fingerprint"] != req.fingerprint:
+                raise IdempotencyKeyReused()
+            stored = await _recheck_key(conn, req)  # the key's response, read in full
+            if stored is None:
+                raise RuntimeError("idempotency key row vanished")  # keys are kept >= 24 h
+            return stored
     crash_point("api.after_commit")
     return Response(202, body, location)
 

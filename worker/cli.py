@@ -629,24 +629,20 @@ async def cmd_reconcile(args, settings: config.Settings) -> int:
 # ---- the parser -------------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+def _positive(number: type[int] | type[float]):
+    """An argparse type: a finite number of that type, above zero."""
+    kind = "an integer" if number is int else "a number"
 
+    def parse(text: str):
+        try:
+            value = number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
+    return parse
 
 
 ENVIRONMENT = (
@@ -746,9 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true",
                    help="take the bank's hold expiry (and expire the payment if the hold has lapsed); flag "
                         "money disagreements with attention_required. Money is never changed.")
-    p.add_argument("--rate", type=_positive_float, default=reconcile.DEFAULT_RATE, metavar="N",
+    p.add_argument("--rate", type=_positive(float), default=reconcile.DEFAULT_RATE, metavar="N",
                    help=f"bank requests per second, retries included (default {reconcile.DEFAULT_RATE:g})")
-    p.add_argument("--limit", type=_positive_int, default=reconcile.DEFAULT_LIMIT, metavar="N",
+    p.add_argument("--limit", type=_positive(int), default=reconcile.DEFAULT_LIMIT, metavar="N",
                    help=f"payments to check, newest first (default {reconcile.DEFAULT_LIMIT})")
     p.set_defaults(handler=cmd_reconcile)
     return parser

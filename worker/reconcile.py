@@ -226,29 +226,22 @@ class _Pass:
                 add(EXPIRY_MISMATCH, object="authorization", id=auth_id, field="expires_at",
                     ours=iso(ours), bank=iso(bank_expiry))
 
-        if p["capture_id"]:
-            cap_id = p["capture_id"]
-            outcome = await self._get(self.bank.get_capture, cap_id)
-            if self._usable(outcome, "capture", cap_id, add):
+        # A capture must name our authorization, a refund our capture; both move the full amount.
+        for obj, ident, get, link_field, our_link in (
+            ("capture", p["capture_id"], self.bank.get_capture, "authorization_id", auth_id),
+            ("refund", p["refund_id"], self.bank.get_refund, "capture_id", p["capture_id"]),
+        ):
+            if not ident:
+                continue
+            outcome = await self._get(get, ident)
+            if self._usable(outcome, obj, ident, add):
                 body = outcome.body
                 if body.get("amount") != p["amount"]:
-                    add(AMOUNT_MISMATCH, object="capture", id=cap_id, field="amount",
+                    add(AMOUNT_MISMATCH, object=obj, id=ident, field="amount",
                         ours=p["amount"], bank=body.get("amount"))
-                if body.get("authorization_id") != auth_id:
-                    add(LINK_MISMATCH, object="capture", id=cap_id, field="authorization_id",
-                        ours=auth_id, bank=body.get("authorization_id"))
-
-        if p["refund_id"]:
-            ref_id = p["refund_id"]
-            outcome = await self._get(self.bank.get_refund, ref_id)
-            if self._usable(outcome, "refund", ref_id, add):
-                body = outcome.body
-                if body.get("amount") != p["amount"]:
-                    add(AMOUNT_MISMATCH, object="refund", id=ref_id, field="amount",
-                        ours=p["amount"], bank=body.get("amount"))
-                if body.get("capture_id") != p["capture_id"]:
-                    add(LINK_MISMATCH, object="refund", id=ref_id, field="capture_id",
-                        ours=p["capture_id"], bank=body.get("capture_id"))
+                if body.get(link_field) != our_link:
+                    add(LINK_MISMATCH, object=obj, id=ident, field=link_field,
+                        ours=our_link, bank=body.get(link_field))
         return found
 
     def _usable(self, outcome: BankOutcome, obj: str, ident: str, add) -> bool:

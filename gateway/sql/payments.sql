@@ -9,14 +9,22 @@ SELECT pg_try_advisory_xact_lock(hashtextextended($1 || E'\x1f' || $2, 0)) AS lo
   FROM (SELECT 1) AS one
   LEFT JOIN idempotency_keys k ON k.merchant = $1 AND k.key = $2;
 
--- name: insert_authorization
--- A new payment, its first history row, the authorize operation, the sealed
--- card, the command for a worker and the stored response: one statement.
-WITH payment AS (
+-- name: submit_authorization
+-- The whole authorize request in ONE statement (one round trip, its own
+-- transaction): take the key's advisory lock and look for a stored response
+-- (`k`); only when the lock was taken and the key is new, insert the payment,
+-- its first history row, the authorize operation, the sealed card, the command
+-- for a worker and the stored response. Every INSERT reads `payment`, so none
+-- runs unless the first did.
+WITH k AS (
+    SELECT pg_try_advisory_xact_lock(hashtextextended($2 || E'\x1f' || $18, 0)) AS locked,
+           (SELECT fingerprint FROM idempotency_keys WHERE merchant = $2 AND key = $18) AS fingerprint
+), payment AS (
     INSERT INTO payments (id, merchant, order_id, customer_id, amount, currency, status,
                           card_brand, card_last4, card_expiry_month, card_expiry_year,
                           created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, 'USD', 'pending', $6, $7, $8, $9, $10, $10)
+    SELECT $1, $2, $3, $4, $5, 'USD', 'pending', $6, $7, $8, $9, $10, $10
+      FROM k WHERE k.locked AND k.fingerprint IS NULL
     RETURNING id
 ), history AS (
     INSERT INTO payment_history (payment_id, status, cause, at)
@@ -30,10 +38,13 @@ WITH payment AS (
 ), command AS (
     INSERT INTO outbox (exchange, routing_key, message_id, body)
     SELECT $14, $15, $16, $17 FROM payment
+), stored AS (
+    INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status,
+                                  response_body, location, created_at)
+    SELECT $2, $18, $19, $20, $21, 202, $22, $23, $10 FROM payment
+    RETURNING 1
 )
-INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status,
-                              response_body, location, created_at)
-SELECT $2, $18, $19, $20, $21, 202, $22, $23, $10 FROM payment;
+SELECT k.locked, k.fingerprint, EXISTS (SELECT 1 FROM stored) AS inserted FROM k;
 
 -- name: live_payment_for_order
 SELECT id FROM payments

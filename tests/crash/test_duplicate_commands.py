@@ -20,19 +20,15 @@ import orjson
 import pytest
 
 from gateway.messages import COMMANDS_EXCHANGE
-from tests.e2e.stack import HAPPY, Stack
+from tests.e2e.stack import HAPPY, Stack, running_stack
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 async def stack(server_urls, card_key):
-    s = Stack(server_urls, card_key)
-    try:
-        await s.start()
+    async with running_stack(server_urls, card_key) as s:
         yield s
-    finally:
-        await s.close()
 
 
 async def publish_command(stack: Stack, operation_id: str, kind: str) -> None:

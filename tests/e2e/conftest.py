@@ -10,19 +10,15 @@ import itertools
 
 import pytest
 
-from tests.e2e.stack import Stack
+from tests.e2e.stack import running_stack
 
 _amounts = itertools.count(20_001)
 
 
 @pytest.fixture(scope="package")
 async def stack(server_urls, card_key):
-    s = Stack(server_urls, card_key)
-    try:
-        await s.start()
+    async with running_stack(server_urls, card_key) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture

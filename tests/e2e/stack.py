@@ -20,6 +20,7 @@ terminates "the gateway's connections" can spare its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import time
@@ -465,3 +466,14 @@ class Stack:
         _out, err = await asyncio.wait_for(proc.communicate(), 120)
         if proc.returncode != 0:
             raise StackError(f"rabbitmqctl close_all_connections failed: {err.decode()[-500:]}")
+
+
+@contextlib.asynccontextmanager
+async def running_stack(server_urls, card_key):
+    """A started Stack, closed on the way out whatever happened."""
+    stack = Stack(server_urls, card_key)
+    try:
+        await stack.start()
+        yield stack
+    finally:
+        await stack.close()
