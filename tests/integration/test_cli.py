@@ -24,7 +24,7 @@ import pytest
 from gateway import config, db, payments
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, Verdict
-from tests.support import services
+from tests.support import factories, services
 from tests.support.procs import ScriptProcess, free_port, script_path
 from worker import settings as wsettings
 from worker import cli, topology
@@ -33,7 +33,6 @@ from worker.relay import Relay
 
 pytestmark = pytest.mark.timeout(120)
 
-HAPPY = ("4111111111111111", "123", 12, 2030)
 ERROR = {"code": "bank_connection", "message": "the bank could not be reached", "retryable": True}
 QUORUM = {"x-queue-type": "quorum"}
 
@@ -73,12 +72,7 @@ class Env:
     # ---- payments and parked operations, as the API and the worker make them ---------------
 
     async def authorize(self, amount: int = 1500) -> tuple[str, str]:
-        number, cvv, month, year = HAPPY
-        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments", uuid.uuid4().bytes)
-        resp = await payments.authorize(self.pool, self.vault, req, order_id=f"ord_{uuid.uuid4().hex[:10]}",
-                                        customer_id="cus_1", amount=amount,
-                                        card=payments.CardInput(number, cvv, month, year))
-        pid = orjson.loads(resp.body)["id"]
+        pid = await factories.authorize(self.pool, self.vault, amount)
         return pid, await self.pending_op(pid)
 
     async def pending_op(self, pid: str) -> str:

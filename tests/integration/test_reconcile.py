@@ -25,14 +25,13 @@ from gateway import db, domain, payments
 from gateway.cards import CardVault
 from gateway.domain import Action, OperationKind, Verdict
 from gateway.timefmt import parse
-from tests.support import services
+from tests.support import factories, services
 from tests.support.procs import ScriptProcess, free_port, script_path
 from worker.bank import BankClient
 from worker.reconcile import run_reconciliation
 
 pytestmark = pytest.mark.timeout(120)
 
-HAPPY = ("4111111111111111", "123", 12, 2030)
 
 
 class Books:
@@ -43,12 +42,7 @@ class Books:
 
     async def payment(self, amount: int = 1000, upto: str = "authorized") -> dict:
         """A payment moved through the real bank up to `upto`; returns its row."""
-        number, cvv, month, year = HAPPY
-        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments", uuid.uuid4().bytes)
-        resp = await payments.authorize(self.pool, self.vault, req, order_id=f"ord_{uuid.uuid4().hex[:10]}",
-                                        customer_id="cus_1", amount=amount,
-                                        card=payments.CardInput(number, cvv, month, year))
-        pid = orjson.loads(resp.body)["id"]
+        pid = await factories.authorize(self.pool, self.vault, amount)
         await self.work(pid)
         steps = {"authorized": [], "voided": [Action.VOID], "captured": [Action.CAPTURE],
                  "refunding": [Action.CAPTURE, Action.REFUND], "refunded": [Action.CAPTURE, Action.REFUND]}[upto]

@@ -1,0 +1,22 @@
+"""Payments made the way the API makes them, for tests that need one in the database."""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+
+from gateway import payments
+from gateway.cards import CardVault
+
+HAPPY = ("4111111111111111", "123", 12, 2030)  # bank-contract.md's happy-path card
+
+
+async def authorize(pool, vault: CardVault, amount: int, card: tuple = HAPPY) -> str:
+    """A new pending payment (fresh order and idempotency key); returns its id."""
+    number, cvv, month, year = card
+    req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments", uuid.uuid4().bytes)
+    resp = await payments.authorize(pool, vault, req, order_id=f"ord_{uuid.uuid4().hex[:10]}",
+                                    customer_id="cus_1", amount=amount,
+                                    card=payments.CardInput(number, cvv, month, year))
+    return orjson.loads(resp.body)["id"]
