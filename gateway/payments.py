@@ -95,7 +95,11 @@ class CardInput:
 
 async def _check_key(conn: asyncpg.Connection, req: IdempotentRequest) -> Response | None:
     """The stored response for this key, None if the key is new; raises if busy or reused."""
-    row = await conn.fetchrow(Q["lock_idempotency_key"], req.merchant, req.key)
+    return _stored(await conn.fetchrow(Q["lock_idempotency_key"], req.merchant, req.key), req)
+
+
+def _stored(row: asyncpg.Record, req: IdempotentRequest) -> Response | None:
+    """Read a row of lock_idempotency_key's columns: the replay, None, or why not."""
     if not row["locked"]:
         raise RequestInProgress()
     if row["fingerprint"] is None:
@@ -201,11 +205,11 @@ async def request_action(
 async def _request_action(
     conn: asyncpg.Connection, req: IdempotentRequest, payment_id: str, action: Action, amount: int | None
 ) -> Response:
-    stored = await _check_key(conn, req)
+    row = await conn.fetchrow(Q["lock_key_and_payment"], req.merchant, req.key, payment_id)
+    stored = _stored(row, req)
     if stored:
         return stored
-    row = await conn.fetchrow(Q["lock_payment"], payment_id, req.merchant)
-    if row is None:
+    if row["id"] is None:
         raise PaymentNotFound()
     if amount is not None and amount != row["amount"]:
         raise AmountMismatch(row["amount"], amount)
@@ -400,7 +404,7 @@ async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
     voided meanwhile): the caller only acts on what is still true under the lock.
     """
     async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(Q["lock_payment"], payment_id, None)
+        row = await conn.fetchrow(Q["lock_payment"], payment_id)
         if row is None or row["status"] != Status.AUTHORIZED.value:
             return None
         status, kind = domain.expire(Status(row["status"]))

@@ -53,8 +53,19 @@ SELECT id FROM payments
 -- name: lock_payment
 SELECT p.*, payment_history_json(p.id) AS history
   FROM payments p
- WHERE p.id = $1 AND ($2::text IS NULL OR p.merchant = $2)
+ WHERE p.id = $1
    FOR UPDATE;
+
+-- name: lock_key_and_payment
+-- lock_idempotency_key and lock_payment in one round trip: the key's lock and
+-- stored response, and the payment row locked FOR UPDATE (its columns are
+-- null when this merchant has no such payment).
+SELECT k.*, p.*, payment_history_json(p.id) AS history
+  FROM (SELECT pg_try_advisory_xact_lock(hashtextextended($1 || E'\x1f' || $2, 0)) AS locked,
+               i.method, i.path, i.fingerprint, i.response_status, i.response_body, i.location
+          FROM (SELECT 1) AS one
+          LEFT JOIN idempotency_keys i ON i.merchant = $1 AND i.key = $2) AS k
+  LEFT JOIN LATERAL (SELECT * FROM payments WHERE id = $3 AND merchant = $1 FOR UPDATE) AS p ON true;
 
 -- name: start_operation
 -- The payment enters an in-progress status, with its history row, the new
