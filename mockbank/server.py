@@ -245,13 +245,20 @@ async def _chaos_prelude(request: web.Request, state: State, fault: Fault | None
 Operation = Callable[[Bank, dict[str, Any], str], Result]
 
 
+def _arrive(request: web.Request, state) -> web.StreamResponse | None:
+    """Count an API request; a bank that is down drops it before anything else happens."""
+    state.stats["api_requests"] += 1
+    if state.chaos.down:
+        state.stats["dropped_down"] += 1
+        return _drop(request)
+    return None
+
+
 def api_post(operation: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
-        state.stats["api_requests"] += 1
-        if state.chaos.down:
-            state.stats["dropped_down"] += 1
-            return _drop(request)
+        if (dropped := _arrive(request, state)) is not None:
+            return dropped
 
         key = request.headers.get("Idempotency-Key", "")
         if not key:
@@ -310,10 +317,8 @@ def _main_id(body: dict[str, Any]) -> str:
 def api_get(lookup: Callable[[Bank, str], Result]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
-        state.stats["api_requests"] += 1
-        if state.chaos.down:
-            state.stats["dropped_down"] += 1
-            return _drop(request)
+        if (dropped := _arrive(request, state)) is not None:
+            return dropped
         fault = state.take_fault(request.method, request.path)
         lose = fault is not None and fault.action == "lose_response"
         early = await _chaos_prelude(request, state, fault, skip_failure=lose)
