@@ -109,9 +109,3 @@ SELECT $3, $4, $5, $6 FROM payment;
 -- name: insert_finding
 INSERT INTO reconciliation_findings (run_id, payment_id, kind, detail, repaired, found_at)
 VALUES ($1, $2, $3, $4, $5, $6);
-
--- name: findings_of_run
-SELECT payment_id, kind, detail, repaired, found_at
-  FROM reconciliation_findings
- WHERE run_id = $1
- ORDER BY id;
