@@ -16,8 +16,10 @@ import orjson
 import structlog
 
 _FORBIDDEN_KEYS = {"card_number", "number", "cvv", "card"}
-# 13-19 digits, optionally grouped by spaces or dashes, not part of a longer digit run.
-_PAN = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
+# 13-19 digits, optionally grouped by spaces or dashes, standing alone: not part of a
+# longer digit run, nor of an id whose hex happens to hold a long run of digits
+# (pay_..., op_..., evt_... would otherwise lose a piece now and then).
+_PAN = re.compile(r"(?<![0-9A-Za-z])\d(?:[ -]?\d){12,18}(?![0-9A-Za-z])")
 
 
 def _scrub(value):

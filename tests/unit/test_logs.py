@@ -252,3 +252,17 @@ def test_iso_sorts_like_time(a, b):
     ua, ub = a.astimezone(timezone.utc), b.astimezone(timezone.utc)
     assert (timefmt.iso(a) < timefmt.iso(b)) == (ua < ub)
     assert (timefmt.iso(a) == timefmt.iso(b)) == (ua == ub)
+
+
+def test_ids_whose_hex_holds_a_long_digit_run_are_kept_whole(log, capsys):
+    # uuid4 hex has a run of 13+ decimal digits in about 1 id of 60: such ids must
+    # survive redaction intact, or log lines stop matching their payment.
+    ids = {
+        "payment_id": "pay_a1234567890123456b0c0d0e0f0a0b0c",
+        "operation_id": "op_4111111111111111abcdefabcdefabcd",
+        "event_id": "evt_abcdefabcdefabcd4111111111111111",
+    }
+    log.info("settled", **ids)
+    _raw, line = one_line(capsys)
+    for name, value in ids.items():
+        assert line[name] == value
