@@ -22,18 +22,14 @@ def server_urls():
 
 @pytest.fixture(scope="session")
 async def database_url(server_urls):
-    admin_url = server_urls[0]
-    url = await services.create_database(admin_url)
-    await db.migrate(url)
-    yield url
-    await services.drop_database(admin_url, url)
+    async with services.private_database(server_urls[0]) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def amqp_url(server_urls):
-    url, vhost = services.create_vhost(server_urls[1])
-    yield url
-    services.delete_vhost(vhost)
+    with services.private_vhost(server_urls[1]) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

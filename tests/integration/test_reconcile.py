@@ -107,24 +107,21 @@ class Books:
 
 @pytest.fixture(scope="module")
 async def books_env(server_urls, card_key):
-    admin_url = server_urls[0]
-    database_url = await services.create_database(admin_url)
-    await db.migrate(database_url)
     port = free_port()
     bank_url = f"http://127.0.0.1:{port}"
-    proc = ScriptProcess("mockbank", "--port", str(port), env={
-        "MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "0", "FAILURE_RATE": "0", "RESPONSE_LOSS_RATE": "0",
-        "LOG_LEVEL": "warning"}).start()
-    pool = await db.create_pool(database_url, min_size=1, max_size=10)
-    try:
-        await proc.wait_http(f"{bank_url}/health")
-        async with BankClient(bank_url, timeout=10) as bank, aiohttp.ClientSession() as http:
-            yield Books(database_url, bank_url, pool, CardVault(base64.b64decode(card_key)), bank, http)
-    finally:
-        await pool.close()
-        await proc.stop()
-        proc.close()
-        await services.drop_database(admin_url, database_url)
+    async with services.private_database(server_urls[0]) as database_url:
+        proc = ScriptProcess("mockbank", "--port", str(port), env={
+            "MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "0", "FAILURE_RATE": "0", "RESPONSE_LOSS_RATE": "0",
+            "LOG_LEVEL": "warning"}).start()
+        pool = await db.create_pool(database_url, min_size=1, max_size=10)
+        try:
+            await proc.wait_http(f"{bank_url}/health")
+            async with BankClient(bank_url, timeout=10) as bank, aiohttp.ClientSession() as http:
+                yield Books(database_url, bank_url, pool, CardVault(base64.b64decode(card_key)), bank, http)
+        finally:
+            await pool.close()
+            await proc.stop()
+            proc.close()
 
 
 @pytest.fixture

@@ -23,16 +23,13 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 async def relay_env(server_urls):
     admin_url, amqp_root = server_urls
-    database_url = await services.create_database(admin_url)
-    await db.migrate(database_url)
-    amqp_url, vhost = services.create_vhost(amqp_root)
-    pool = await db.create_pool(database_url, min_size=1, max_size=5)
-    broker = await aio_pika.connect_robust(amqp_url)
-    yield database_url, amqp_url, pool, broker
-    await broker.close()
-    await pool.close()
-    services.delete_vhost(vhost)
-    await services.drop_database(admin_url, database_url)
+    async with services.private_database(admin_url) as database_url:
+        with services.private_vhost(amqp_root) as amqp_url:
+            pool = await db.create_pool(database_url, min_size=1, max_size=5)
+            broker = await aio_pika.connect_robust(amqp_url)
+            yield database_url, amqp_url, pool, broker
+            await broker.close()
+            await pool.close()
 
 
 @pytest.fixture

@@ -12,10 +12,12 @@ import os
 import shutil
 import subprocess
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from urllib.parse import quote, urlparse, urlunparse
 
 import asyncpg
+
+from gateway import db
 
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCAL_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -96,3 +98,24 @@ def delete_vhost(vhost: str | None) -> None:
     ctl = shutil.which("rabbitmqctl")
     if vhost and ctl:
         subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+@asynccontextmanager
+async def private_database(admin_url: str):
+    """A new database with schema.sql applied; dropped on the way out."""
+    url = await create_database(admin_url)
+    try:
+        await db.migrate(url)
+        yield url
+    finally:
+        await drop_database(admin_url, url)
+
+
+@contextmanager
+def private_vhost(amqp_url: str):
+    """A new RabbitMQ vhost where rabbitmqctl is at hand (else the URL as given); deleted after."""
+    url, vhost = create_vhost(amqp_url)
+    try:
+        yield url
+    finally:
+        delete_vhost(vhost)
