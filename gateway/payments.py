@@ -25,7 +25,7 @@ from gateway.cards import CardVault, brand
 from gateway.crashpoints import crash_point
 from gateway.db import Q
 from gateway.domain import Action, OperationKind, Status, Verdict
-from gateway.timefmt import now, parse
+from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
 
 
@@ -131,7 +131,7 @@ async def authorize(
         "authorization_expires_at": None, "capture_id": None, "void_id": None, "refund_id": None,
         "last_error": None, "attention_required": False, "created_at": at, "updated_at": at,
     }
-    row["history"] = [{"status": Status.PENDING.value, "at": payment_json({**row, "history": []})["created_at"]}]
+    row["history"] = [{"status": Status.PENDING.value, "at": iso(at)}]
     location = f"/v1/payments/{payment_id}"
     body = orjson.dumps(payment_json(row))
     cmd = messages.command(operation_id, OperationKind.AUTHORIZE.value)
@@ -156,9 +156,7 @@ async def authorize(
         if not outcome["inserted"]:
             if not outcome["locked"]:
                 raise RequestInProgress()
-            if outcome["fingerprint"] != req.fingerprint:
-                raise IdempotencyKeyReused()
-            stored = await _recheck_key(conn, req)  # the key's response, read in full
+            stored = await _recheck_key(conn, req)  # the key's response in full, or reused
             if stored is None:
                 raise RuntimeError("idempotency key row vanished")  # keys are kept >= 24 h
             return stored
@@ -269,6 +267,10 @@ class OperationState:
     finished: bool = False
     parked: bool = False
     lease_left: float = 0.0
+    kind: str | None = None
+    payment_id: str | None = None
+    attempts: int = 0
+    last_error: dict | None = None
 
 
 async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
@@ -287,7 +289,9 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
     if state is None:
         return OperationState(exists=False)
     return OperationState(
-        exists=True, finished=state["status"] != "pending", parked=state["parked"], lease_left=state["lease_left"] or 0.0
+        exists=True, finished=state["status"] != "pending", parked=state["parked"],
+        lease_left=state["lease_left"] or 0.0, kind=state["kind"], payment_id=state["payment_id"],
+        attempts=state["attempts"], last_error=state["last_error"],
     )
 
 

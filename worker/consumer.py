@@ -42,7 +42,6 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from gateway import config, db, domain, logs, messages, payments
 from gateway.cards import CardVault, VaultError
 from gateway.crashpoints import crash_point
-from gateway.db import Q
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.timefmt import now
 from worker import settings as wsettings
@@ -304,16 +303,14 @@ class Worker:
         elif state.parked:
             # Parked (waiting for ops): make sure the dead-letter queue has it, in case the
             # publish after park() was the step that failed; ops dedupe on operation_id.
-            row = await self.pool.fetchrow(Q["operation_state"], operation_id)
             await self._publish_dead(message.body, _dead_headers(
-                operation_id, row["payment_id"], row["kind"], row["attempts"], row["last_error"], retries))
+                operation_id, state.payment_id, state.kind, state.attempts, state.last_error, retries))
         else:
             # Leased by another worker whose bank call may still be running: come back once
             # the lease can have run out. Not an attempt, so the rung count stays.
-            row = await self.pool.fetchrow(Q["operation_state"], operation_id)
             delay = topology.rung_for(self.cfg.retry_ladder, state.lease_left)
             log.info("operation leased by another worker; retrying later", lease_left=state.lease_left, delay=delay)
-            await self._publish_retry(message.body, row["kind"], delay, retries, force)
+            await self._publish_retry(message.body, state.kind, delay, retries, force)
         await message.ack()
 
     async def _retry_later(self, message: AbstractIncomingMessage, claim: payments.Claim, error: dict,

@@ -44,7 +44,7 @@ WITH k AS (
     SELECT $2, $18, $19, $20, $21, 202, $22, $23, $10 FROM payment
     RETURNING 1
 )
-SELECT k.locked, k.fingerprint, EXISTS (SELECT 1 FROM stored) AS inserted FROM k;
+SELECT k.locked, EXISTS (SELECT 1 FROM stored) AS inserted FROM k;
 
 -- name: live_payment_for_order
 SELECT id FROM payments
