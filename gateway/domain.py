@@ -91,8 +91,9 @@ class BankOutcome:
     """What came back from one bank call, before interpretation.
 
     kind is "ok" (2xx with a JSON body), "error" (4xx/5xx with a JSON error
-    code), "timeout", "connection" (refused, reset, dropped) or "unparseable"
-    (a body that is not the JSON we expect).
+    code), "timeout", "connection" (refused, reset, dropped), "unparseable"
+    (a body that is not the JSON we expect), "redirect" (a 3xx, never
+    followed) or "oversized" (a body past the client's bound, not read).
     """
 
     kind: str
@@ -218,6 +219,8 @@ def error_for(outcome: BankOutcome, kind: OperationKind | None = None) -> dict:
         "timeout": "the bank did not answer in time",
         "connection": "the bank could not be reached",
         "unparseable": "the bank answered with a body that could not be read",
+        "redirect": "the bank answered with a redirect, which the gateway never follows",
+        "oversized": "the bank answered with a body larger than any answer of its contract",
     }
     return {
         "code": f"bank_{outcome.kind}",

@@ -12,7 +12,6 @@ into outcomes, not into exception text.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from urllib.parse import quote
 
@@ -36,6 +35,9 @@ _REQUIRED = {
 }
 _PAN = re.compile(r"\d{12,19}")
 _MAX_MESSAGE = 300
+# The largest answer the bank's contract can produce is well under a kilobyte; anything
+# past this bound is not read, so a runaway body cannot grow the worker's memory.
+MAX_BODY_BYTES = 1 << 20
 
 
 def _clean(text: object) -> str | None:
@@ -50,6 +52,10 @@ def _outcome(call: str, status: int, raw: bytes) -> BankOutcome:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         body = None
+    if 300 <= status < 400:
+        # Never followed: a redirect would resend the card, the CVV and our key to
+        # wherever the Location points, and its answer would not be the bank's.
+        return BankOutcome("redirect", http_status=status)
     if 200 <= status < 300:
         if isinstance(body, dict) and all(isinstance(body.get(f), str) for f in _REQUIRED[call]):
             return BankOutcome("ok", http_status=status, body=body)
@@ -62,6 +68,20 @@ def _outcome(call: str, status: int, raw: bytes) -> BankOutcome:
     return BankOutcome("unparseable", http_status=status)
 
 
+async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The body, or None once it is past MAX_BODY_BYTES (the rest is never read)."""
+    if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.readany():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class BankClient:
     """One aiohttp session with a large connection pool, shared by every call of a worker."""
 
@@ -71,7 +91,7 @@ class BankClient:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "BankClient":
+    async def __aenter__(self) -> BankClient:
         self._open()
         return self
 
@@ -98,13 +118,19 @@ class BankClient:
     async def authorize(
         self, key: str, *, card_number: str, cvv: str, expiry_month: int, expiry_year: int, amount: int
     ) -> BankOutcome:
-        body = {"card_number": card_number, "cvv": cvv, "expiry_month": expiry_month,
-                "expiry_year": expiry_year, "amount": amount}
+        body = {
+            "card_number": card_number,
+            "cvv": cvv,
+            "expiry_month": expiry_month,
+            "expiry_year": expiry_year,
+            "amount": amount,
+        }
         return await self._post("authorize", "/api/v1/authorizations", key, body)
 
     async def capture(self, key: str, *, authorization_id: str, amount: int) -> BankOutcome:
-        return await self._post("capture", "/api/v1/captures", key,
-                                {"authorization_id": authorization_id, "amount": amount})
+        return await self._post(
+            "capture", "/api/v1/captures", key, {"authorization_id": authorization_id, "amount": amount}
+        )
 
     async def void(self, key: str, *, authorization_id: str) -> BankOutcome:
         return await self._post("void", "/api/v1/voids", key, {"authorization_id": authorization_id})
@@ -133,16 +159,23 @@ class BankClient:
     async def _send(self, call: str, method: str, path: str, headers: dict, data: bytes | None) -> BankOutcome:
         session = self._open()
         try:
-            async with session.request(method, self.base_url + path, headers=headers, data=data) as resp:
-                raw = await resp.read()
-                outcome = _outcome(call, resp.status, raw)
-        except asyncio.TimeoutError:
+            async with session.request(
+                method, self.base_url + path, headers=headers, data=data, allow_redirects=False
+            ) as resp:
+                raw = await _read_bounded(resp)
+                outcome = (
+                    BankOutcome("oversized", http_status=resp.status)
+                    if raw is None
+                    else _outcome(call, resp.status, raw)
+                )
+        except TimeoutError:
             outcome = BankOutcome("timeout")
         except (aiohttp.ClientError, OSError) as exc:
             # The exception names the URL at most, never the body; log its type only.
             log.debug("bank connection problem", call=call, error=type(exc).__name__)
             outcome = BankOutcome("connection")
         if outcome.kind != "ok":
-            log.info("bank call not ok", call=call, outcome=outcome.kind, http_status=outcome.http_status,
-                     code=outcome.code)
+            log.info(
+                "bank call not ok", call=call, outcome=outcome.kind, http_status=outcome.http_status, code=outcome.code
+            )
         return outcome

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-
 from types import SimpleNamespace
 
 import aiohttp
@@ -22,8 +21,14 @@ AUTH_URL = f"{BANK}/api/v1/authorizations"
 CARD = "4111111111111111"
 CVV = "123"
 
-APPROVED = {"authorization_id": "auth_1", "status": "approved", "amount": 500, "currency": "USD",
-            "expires_at": "2030-01-01T00:00:00Z", "created_at": "2029-12-25T00:00:00Z"}
+APPROVED = {
+    "authorization_id": "auth_1",
+    "status": "approved",
+    "amount": 500,
+    "currency": "USD",
+    "expires_at": "2030-01-01T00:00:00Z",
+    "created_at": "2029-12-25T00:00:00Z",
+}
 
 
 @pytest.fixture
@@ -77,14 +82,29 @@ async def test_idempotency_key_and_json_body_are_sent(bank, mocked):
     assert b'"card_number":"4111111111111111"' in sent["data"]
 
 
-@pytest.mark.parametrize("call, path, kwargs, body", [
-    ("capture", "/api/v1/captures", {"authorization_id": "auth_1", "amount": 500},
-     {"capture_id": "cap_1", "authorization_id": "auth_1", "status": "captured"}),
-    ("void", "/api/v1/voids", {"authorization_id": "auth_1"},
-     {"void_id": "void_1", "authorization_id": "auth_1", "status": "voided"}),
-    ("refund", "/api/v1/refunds", {"capture_id": "cap_1", "amount": 500},
-     {"refund_id": "ref_1", "capture_id": "cap_1", "status": "refunded"}),
-])
+@pytest.mark.parametrize(
+    "call, path, kwargs, body",
+    [
+        (
+            "capture",
+            "/api/v1/captures",
+            {"authorization_id": "auth_1", "amount": 500},
+            {"capture_id": "cap_1", "authorization_id": "auth_1", "status": "captured"},
+        ),
+        (
+            "void",
+            "/api/v1/voids",
+            {"authorization_id": "auth_1"},
+            {"void_id": "void_1", "authorization_id": "auth_1", "status": "voided"},
+        ),
+        (
+            "refund",
+            "/api/v1/refunds",
+            {"capture_id": "cap_1", "amount": 500},
+            {"refund_id": "ref_1", "capture_id": "cap_1", "status": "refunded"},
+        ),
+    ],
+)
 async def test_capture_void_refund_post_with_key(bank, mocked, call, path, kwargs, body):
     mocked.post(BANK + path, status=200, payload=body)
     outcome = await getattr(bank, call)("gw-op_x", **kwargs)
@@ -97,7 +117,11 @@ async def test_4xx_json_error_carries_the_code(bank, mocked):
     mocked.post(AUTH_URL, status=402, payload={"error": "insufficient_funds", "message": "not enough money"})
     outcome = await _authorize(bank)
     assert (outcome.kind, outcome.http_status, outcome.code, outcome.message) == (
-        "error", 402, "insufficient_funds", "not enough money")
+        "error",
+        402,
+        "insufficient_funds",
+        "not enough money",
+    )
     assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.REFUSED
 
 
@@ -135,7 +159,7 @@ async def test_200_without_the_new_id_is_unparseable(bank, mocked):
 
 
 async def test_timeout(bank, mocked):
-    mocked.post(AUTH_URL, exception=asyncio.TimeoutError())
+    mocked.post(AUTH_URL, exception=TimeoutError())
     outcome = await _authorize(bank)
     assert outcome == domain.BankOutcome("timeout")
     assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
@@ -163,12 +187,15 @@ async def test_real_timeout_fires():
         await runner.cleanup()
 
 
-@pytest.mark.parametrize("exc", [
-    aiohttp.ClientConnectionError("boom"),
-    aiohttp.ServerDisconnectedError(),
-    ConnectionResetError(104, "reset"),
-    aiohttp.ClientPayloadError("truncated"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiohttp.ClientConnectionError("boom"),
+        aiohttp.ServerDisconnectedError(),
+        ConnectionResetError(104, "reset"),
+        aiohttp.ClientPayloadError("truncated"),
+    ],
+)
 async def test_connection_problems(bank, mocked, exc):
     mocked.post(AUTH_URL, exception=exc)
     assert await _authorize(bank) == domain.BankOutcome("connection")
@@ -182,8 +209,11 @@ async def test_connection_refused_for_real():
 async def test_gets(bank, mocked):
     mocked.get(f"{BANK}/api/v1/authorizations/auth_1", status=200, payload=APPROVED)
     mocked.get(f"{BANK}/api/v1/captures/cap_9", status=404, payload={"error": "not_found", "message": "nope"})
-    mocked.get(f"{BANK}/api/v1/refunds/ref_1", status=200,
-               payload={"refund_id": "ref_1", "capture_id": "cap_1", "status": "refunded"})
+    mocked.get(
+        f"{BANK}/api/v1/refunds/ref_1",
+        status=200,
+        payload={"refund_id": "ref_1", "capture_id": "cap_1", "status": "refunded"},
+    )
     assert (await bank.get_authorization("auth_1")).body == APPROVED
     missing = await bank.get_capture("cap_9")
     assert (missing.kind, missing.http_status, missing.code) == ("error", 404, "not_found")
@@ -204,3 +234,68 @@ async def test_no_card_data_in_outcomes_or_logs(bank, mocked, caplog, capsys):
     texts = [repr(o) for o in outcomes[1:]] + [repr(logged), caplog.text, str(error), *capsys.readouterr()]
     for text in texts:
         assert not re.search(r"\d{13,19}", text), text
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_redirects_are_never_followed(status):
+    """A bank answering 3xx must not make us resend the card and key elsewhere, nor count as success."""
+    received: list[bytes] = []
+
+    async def elsewhere(request):
+        received.append(await request.read())
+        return web.json_response(APPROVED)
+
+    target_app = web.Application()
+    target_app.router.add_route("*", "/x", elsewhere)
+    target, target_url = await _serve(target_app)
+
+    async def redirect(_request):
+        return web.Response(status=status, headers={"Location": f"{target_url}/x"})
+
+    bank_app = web.Application()
+    bank_app.router.add_post("/api/v1/authorizations", redirect)
+    bank_runner, bank_url = await _serve(bank_app)
+    try:
+        async with BankClient(bank_url, timeout=5) as client:
+            outcome = await _authorize(client)
+    finally:
+        await bank_runner.cleanup()
+        await target.cleanup()
+    assert received == []
+    assert (outcome.kind, outcome.http_status) == ("redirect", status)
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
+    assert domain.error_for(outcome)["code"] == "bank_redirect"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_huge_body_is_not_read_past_the_bound(chunked):
+    from worker.bank import MAX_BODY_BYTES
+
+    async def huge(request):
+        if not chunked:
+            return web.Response(body=b"x" * (MAX_BODY_BYTES + 1), content_type="application/json")
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(b" " * 65536)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/api/v1/authorizations", huge)
+    runner, url = await _serve(app)
+    try:
+        async with BankClient(url, timeout=5) as client:
+            outcome = await _authorize(client)
+    finally:
+        await runner.cleanup()
+    assert outcome.kind == "oversized"
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
