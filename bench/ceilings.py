@@ -70,17 +70,37 @@ class _Template:
         self.sealed = vault.seal("pay_" + "0" * 32, "4000000000000002", "123")
         at = now()
         row = {
-            "id": "pay_" + "0" * 32, "order_id": "ord_" + "0" * 40, "customer_id": "cus_ceiling", "amount": 5000,
-            "currency": "USD", "status": "pending", "card_brand": "visa", "card_last4": "0002",
-            "card_expiry_month": 12, "card_expiry_year": 2035, "authorization_id": None,
-            "authorization_expires_at": None, "capture_id": None, "void_id": None, "refund_id": None,
-            "last_error": None, "attention_required": False, "created_at": at, "updated_at": at,
+            "id": "pay_" + "0" * 32,
+            "order_id": "ord_" + "0" * 40,
+            "customer_id": "cus_ceiling",
+            "amount": 5000,
+            "currency": "USD",
+            "status": "pending",
+            "card_brand": "visa",
+            "card_last4": "0002",
+            "card_expiry_month": 12,
+            "card_expiry_year": 2035,
+            "authorization_id": None,
+            "authorization_expires_at": None,
+            "capture_id": None,
+            "void_id": None,
+            "refund_id": None,
+            "last_error": None,
+            "attention_required": False,
+            "created_at": at,
+            "updated_at": at,
             "history": [{"status": "pending", "at": "2030-01-01T00:00:00.000000Z"}],
         }
         self.body = orjson.dumps(payment_json(row))
-        self.request_body = orjson.dumps({"order_id": row["order_id"], "customer_id": "cus_ceiling", "amount": 5000,
-                                          "currency": "USD", "card": {"number": "4000000000000002", "cvv": "123",
-                                                                      "expiry_month": 12, "expiry_year": 2035}})
+        self.request_body = orjson.dumps(
+            {
+                "order_id": row["order_id"],
+                "customer_id": "cus_ceiling",
+                "amount": 5000,
+                "currency": "USD",
+                "card": {"number": "4000000000000002", "cvv": "123", "expiry_month": 12, "expiry_year": 2035},
+            }
+        )
         self.run = uuid.uuid4().hex[:8]
 
     def same_sql(self, i: int) -> tuple:
@@ -89,9 +109,31 @@ class _Template:
         req = IdempotentRequest("ceiling", key, "POST", "/v1/payments", self.request_body)
         cmd = messages.command(op, "authorize")
         at = now()
-        return (pid, "ceiling", f"ord_{key}", "cus_ceiling", 5000, "visa", "0002", 12, 2035, at,
-                op, bank_key(op), self.sealed, cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
-                key, "POST", "/v1/payments", req.fingerprint, self.body, f"/v1/payments/{pid}")
+        return (
+            pid,
+            "ceiling",
+            f"ord_{key}",
+            "cus_ceiling",
+            5000,
+            "visa",
+            "0002",
+            12,
+            2035,
+            at,
+            op,
+            bank_key(op),
+            self.sealed,
+            cmd.exchange,
+            cmd.routing_key,
+            cmd.message_id,
+            cmd.body,
+            key,
+            "POST",
+            "/v1/payments",
+            req.fingerprint,
+            self.body,
+            f"/v1/payments/{pid}",
+        )
 
     def naive(self, i: int) -> tuple[tuple, ...]:
         pid = messages.new_id("pay")
@@ -110,8 +152,9 @@ async def _noop_reset(_conn: asyncpg.Connection) -> None:
     """As the API's pool: no reset query when a connection goes back to the pool."""
 
 
-async def _slice(pool: asyncpg.Pool, body, counter, concurrency: int, warmup: float, seconds: float
-                 ) -> tuple[int, list[float]]:
+async def _slice(
+    pool: asyncpg.Pool, body, counter, concurrency: int, warmup: float, seconds: float
+) -> tuple[int, list[float]]:
     """`concurrency` clients for warmup + seconds; completions and latencies of the last `seconds`."""
     latencies: list[float] = []
     t0 = time.perf_counter()
@@ -128,8 +171,9 @@ async def _slice(pool: asyncpg.Pool, body, counter, concurrency: int, warmup: fl
     return len(latencies), latencies
 
 
-async def postgres(admin_url: str, *, concurrency: int, pool_size: int, warmup: float, seconds: float,
-                   rounds: int = 4) -> list[Ceiling]:
+async def postgres(
+    admin_url: str, *, concurrency: int, pool_size: int, warmup: float, seconds: float, rounds: int = 4
+) -> list[Ceiling]:
     """Each variant runs `rounds` slices of seconds/rounds, interleaved round-robin, so that a
     noisy neighbour's burst hits every variant alike; the figure is the median slice rate."""
     template = _Template()
@@ -141,7 +185,7 @@ async def postgres(admin_url: str, *, concurrency: int, pool_size: int, warmup: 
     async def naive(pool: asyncpg.Pool, i: int) -> None:
         params = template.naive(i)
         async with pool.acquire() as conn, conn.transaction():
-            for sql, args in zip(NAIVE, params):
+            for sql, args in zip(NAIVE, params, strict=True):
                 await conn.execute(sql, *args)
 
     dsn = await services.create_database(admin_url)
@@ -165,8 +209,9 @@ async def postgres(admin_url: str, *, concurrency: int, pool_size: int, warmup: 
                 if not notify:
                     await pool.execute("ALTER TABLE outbox DISABLE TRIGGER outbox_inserted")
                 try:
-                    done, lat = await _slice(pool, body, counter, concurrency,
-                                             warmup if r == 0 else min(0.2, warmup), slice_s)
+                    done, lat = await _slice(
+                        pool, body, counter, concurrency, warmup if r == 0 else min(0.2, warmup), slice_s
+                    )
                 finally:
                     if not notify:
                         await pool.execute("ALTER TABLE outbox ENABLE TRIGGER outbox_inserted")
@@ -178,8 +223,15 @@ async def postgres(admin_url: str, *, concurrency: int, pool_size: int, warmup: 
             n = len(ordered)
             median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
             spread = f"; slices {ordered[0]:,.0f}-{ordered[-1]:,.0f}/s" if n > 1 else ""
-            results.append(Ceiling(name, round(median * seconds), seconds, pcts(latencies[name]),
-                                   f"{concurrency} conc., pool {pool_size}{spread}"))
+            results.append(
+                Ceiling(
+                    name,
+                    round(median * seconds),
+                    seconds,
+                    pcts(latencies[name]),
+                    f"{concurrency} conc., pool {pool_size}{spread}",
+                )
+            )
         return results
     finally:
         if pool is not None:
@@ -201,17 +253,25 @@ async def rabbitmq(amqp_url: str, *, seconds: float, window: int = 200, prefetch
         async def publisher() -> None:
             nonlocal published
             while (start := time.perf_counter()) < t_e:
-                message = aio_pika.Message(body=body, message_id=messages.new_id("cmd"),
-                                           content_type="application/json",
-                                           delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                message = aio_pika.Message(
+                    body=body,
+                    message_id=messages.new_id("cmd"),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
                 await channel.default_exchange.publish(message, routing_key=name, mandatory=True, timeout=30)
                 published += 1
                 latencies.append((time.perf_counter() - start) * 1000)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(publisher() for _ in range(window)))
-        publish = Ceiling("rabbit_publish_confirm", published, time.perf_counter() - t0, pcts(latencies),
-                          f"{window} unconfirmed at most")
+        publish = Ceiling(
+            "rabbit_publish_confirm",
+            published,
+            time.perf_counter() - t0,
+            pcts(latencies),
+            f"{window} unconfirmed at most",
+        )
 
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=prefetch)
@@ -234,8 +294,7 @@ async def rabbitmq(amqp_url: str, *, seconds: float, window: int = 200, prefetch
             pass
         elapsed = time.perf_counter() - t0
         await cqueue.cancel(tag)
-        consume = Ceiling("rabbit_consume_ack", consumed, elapsed, None,
-                          f"prefetch {prefetch}, one ack per message")
+        consume = Ceiling("rabbit_consume_ack", consumed, elapsed, None, f"prefetch {prefetch}, one ack per message")
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()

@@ -76,13 +76,16 @@ def install() -> None:
     aio_pika.Exchange.publish = counted_publish
     ack = aio_pika.IncomingMessage.ack
     if inspect.iscoroutinefunction(ack):
+
         async def counted_ack(self, *args, **kwargs):
             COUNTS["amqp ack"] += 1
             return await ack(self, *args, **kwargs)
     else:
+
         def counted_ack(self, *args, **kwargs):
             COUNTS["amqp ack"] += 1
             return ack(self, *args, **kwargs)
+
     aio_pika.IncomingMessage.ack = counted_ack
 
 

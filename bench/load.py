@@ -93,18 +93,28 @@ def authorize_source(tag: str, cards: list[dict], amount: int = 5000) -> Callabl
     def source(i: int) -> Request:
         card = cards[i % len(cards)]
         key = f"{tag}-{run}-{i}"
-        body = orjson.dumps({
-            "order_id": f"ord_{key}", "customer_id": f"cus_{tag}", "amount": amount, "currency": "USD",
-            "card": {"number": card["card_number"], "cvv": card["cvv"],
-                     "expiry_month": card["expiry_month"], "expiry_year": card["expiry_year"]},
-        })
+        body = orjson.dumps(
+            {
+                "order_id": f"ord_{key}",
+                "customer_id": f"cus_{tag}",
+                "amount": amount,
+                "currency": "USD",
+                "card": {
+                    "number": card["card_number"],
+                    "cvv": card["cvv"],
+                    "expiry_month": card["expiry_month"],
+                    "expiry_year": card["expiry_year"],
+                },
+            }
+        )
         return Request("/v1/payments", body, key)
 
     return source
 
 
-def action_source(action: str, payment_ids: list[str], start: int = 0, stop: int | None = None
-                  ) -> Callable[[int], Request | None]:
+def action_source(
+    action: str, payment_ids: list[str], start: int = 0, stop: int | None = None
+) -> Callable[[int], Request | None]:
     """capture/void/refund of each payment in payment_ids[start:stop], once."""
     ids = payment_ids[start:stop]
     run = uuid.uuid4().hex[:8]
@@ -139,8 +149,15 @@ def session(total_timeout: float = 30.0) -> aiohttp.ClientSession:
 Snap = Callable[[], Awaitable[object]]
 
 
-async def closed_loop(http: aiohttp.ClientSession, base: str, source: Callable[[int], Request | None],
-                      clients: int, warmup: float, seconds: float, snap: Snap) -> LoadResult:
+async def closed_loop(
+    http: aiohttp.ClientSession,
+    base: str,
+    source: Callable[[int], Request | None],
+    clients: int,
+    warmup: float,
+    seconds: float,
+    snap: Snap,
+) -> LoadResult:
     """`clients` concurrent clients for warmup + seconds; the window is the last `seconds`
     (cut short when the source runs dry)."""
     result = LoadResult()
@@ -176,10 +193,18 @@ async def closed_loop(http: aiohttp.ClientSession, base: str, source: Callable[[
     return result
 
 
-async def open_loop(http: aiohttp.ClientSession, base: str, source: Callable[[int], Request | None],
-                    rate: float, seconds: float, snap: Snap | None = None, warmup: float = 0.0,
-                    count: int | None = None, on_sample: Callable[[Sample], None] | None = None,
-                    max_in_flight: int | None = None) -> LoadResult:
+async def open_loop(
+    http: aiohttp.ClientSession,
+    base: str,
+    source: Callable[[int], Request | None],
+    rate: float,
+    seconds: float,
+    snap: Snap | None = None,
+    warmup: float = 0.0,
+    count: int | None = None,
+    on_sample: Callable[[Sample], None] | None = None,
+    max_in_flight: int | None = None,
+) -> LoadResult:
     """`rate` requests/s for `seconds` (or `count` requests); the window skips the first `warmup` s."""
     result = LoadResult(offered_rate=rate, by_start=True)
     total = count if count is not None else int(rate * seconds)

@@ -58,8 +58,15 @@ class Completion:
 class Monitor:
     """Counts final payments of a phase while it runs (and xact_commit next to it)."""
 
-    def __init__(self, system: System, *, customer: str | None = None, ids: list[str] | None = None,
-                 in_progress: str = "pending", leased: bool = False):
+    def __init__(
+        self,
+        system: System,
+        *,
+        customer: str | None = None,
+        ids: list[str] | None = None,
+        in_progress: str = "pending",
+        leased: bool = False,
+    ):
         self.system = system
         self.customer, self.ids, self.in_progress, self.leased = customer, ids, in_progress, leased
         self.accepted = 0
@@ -73,20 +80,28 @@ class Monitor:
         if self.ids is not None:
             return await conn.fetchval(
                 "SELECT count(*) FROM payments WHERE id = ANY($1::text[]) AND (status <> $2 OR attention_required)",
-                self.ids, self.in_progress)
+                self.ids,
+                self.in_progress,
+            )
         return await conn.fetchval(
             "SELECT count(*) FROM payments WHERE merchant = $1 AND customer_id = $2 "
-            "AND (status <> $3 OR attention_required)", MERCHANT, self.customer, self.in_progress)
+            "AND (status <> $3 OR attention_required)",
+            MERCHANT,
+            self.customer,
+            self.in_progress,
+        )
 
     async def tick(self) -> Tick:
         finals = await self._count()
         xact = await self.system.stats.fetchval(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", self.system.dbname)
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", self.system.dbname
+        )
         leased = None
         if self.leased:
             self.result.polls += 1
             leased = await self.system.conn.fetchval(
-                "SELECT count(*) FROM operations WHERE status = 'pending' AND lease_until > now()")
+                "SELECT count(*) FROM operations WHERE status = 'pending' AND lease_until > now()"
+            )
         t = Tick(time.perf_counter(), finals, self.accepted, xact, leased)
         self.result.ticks.append(t)
         return t
@@ -144,20 +159,23 @@ class Steps:
 async def steps(system: System, kind: str, *, customer: str | None = None, ids: list[str] | None = None) -> Steps:
     start = "p.created_at" if kind == "authorize" else "o.created_at"
     where = "p.id = ANY($2::text[])" if ids is not None else "p.merchant = 'bench' AND p.customer_id = $2"
-    rows = await system.conn.fetch(f"""
+    rows = await system.conn.fetch(
+        f"""
         SELECT p.status, p.attention_required, o.status AS op_status, o.attempts, o.bank_ms,
                extract(epoch FROM {start}) AS t_start,
                extract(epoch FROM o.first_attempt_at) AS t_first,
                extract(epoch FROM o.finished_at) AS t_end
           FROM payments p JOIN operations o ON o.payment_id = p.id AND o.kind = $1
-         WHERE {where}""", kind, ids if ids is not None else customer)
+         WHERE {where}""",
+        kind,
+        ids if ids is not None else customer,
+    )
     done = [r for r in rows if r["t_end"] is not None]
     statuses = Counter(r["status"] + ("+attention" if r["attention_required"] else "") for r in rows)
     total = [(float(r["t_end"]) - float(r["t_start"])) * 1000 for r in done]
     bank = [r["bank_ms"] for r in done]
     dispatch = [(float(r["t_first"]) - float(r["t_start"])) * 1000 for r in done if r["t_first"] is not None]
-    settle = [(float(r["t_end"]) - float(r["t_first"])) * 1000 - r["bank_ms"] for r in done
-              if r["t_first"] is not None]
+    settle = [(float(r["t_end"]) - float(r["t_first"])) * 1000 - r["bank_ms"] for r in done if r["t_first"] is not None]
     ends = sorted(float(r["t_end"]) for r in done)
     starts = [float(r["t_start"]) for r in rows]
     makespan = (ends[-1] - min(starts)) if ends and starts else float("nan")
@@ -169,10 +187,18 @@ async def steps(system: System, kind: str, *, customer: str | None = None, ids: 
     held = [(float(r["t_end"]) - float(r["t_first"])) for r in done if r["t_first"] is not None]
     little = steady * (sum(held) / len(held)) if held and not math.isnan(steady) else float("nan")
     return Steps(
-        count=len(rows), statuses=statuses, attempts_over_1=sum(1 for r in rows if r["attempts"] > 1),
-        makespan_s=makespan, steady_rate=steady, total_ms=pcts(total),
-        overhead_ms=pcts(t - b for t, b in zip(total, bank)), dispatch_ms=pcts(dispatch),
-        settle_ms=pcts(settle), bank_ms=pcts(bank), in_flight_little=little, finished_in=ends,
+        count=len(rows),
+        statuses=statuses,
+        attempts_over_1=sum(1 for r in rows if r["attempts"] > 1),
+        makespan_s=makespan,
+        steady_rate=steady,
+        total_ms=pcts(total),
+        overhead_ms=pcts(t - b for t, b in zip(total, bank, strict=True)),
+        dispatch_ms=pcts(dispatch),
+        settle_ms=pcts(settle),
+        bank_ms=pcts(bank),
+        in_flight_little=little,
+        finished_in=ends,
     )
 
 
@@ -199,5 +225,7 @@ def cpu_per_item(before: Snapshot, after: Snapshot, items: int) -> dict[str, tup
     if not items:
         return {}
     total, kernel = after.cpu_delta(before), after.sys_delta(before)
-    return {name: (sec * 1000 / items, kernel[name] / sec if name in kernel and sec > 0 else None)
-            for name, sec in total.items()}
+    return {
+        name: (sec * 1000 / items, kernel[name] / sec if name in kernel and sec > 0 else None)
+        for name, sec in total.items()
+    }

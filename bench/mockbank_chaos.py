@@ -34,8 +34,7 @@ if str(ROOT) not in sys.path:
 from mockbank.ledger import extra_card  # noqa: E402
 from tests.support.procs import ScriptProcess, free_port  # noqa: E402
 
-CHAOS_VARS = ("MIN_LATENCY_MS", "MAX_LATENCY_MS", "FAILURE_RATE", "RESPONSE_LOSS_RATE",
-              "AUTH_EXPIRY_HOURS")
+CHAOS_VARS = ("MIN_LATENCY_MS", "MAX_LATENCY_MS", "FAILURE_RATE", "RESPONSE_LOSS_RATE", "AUTH_EXPIRY_HOURS")
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -81,11 +80,10 @@ async def run_load(base: str, requests: int, concurrency: int, cards: int) -> in
             async with sem:
                 t0 = time.perf_counter()
                 try:
-                    async with session.post(f"{base}/api/v1/authorizations", json=body,
-                                            headers=headers) as resp:
+                    async with session.post(f"{base}/api/v1/authorizations", json=body, headers=headers) as resp:
                         await resp.read()
                         status = resp.status
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     status = type(exc).__name__
                 latencies.append(time.perf_counter() - t0)
             by_status[status] += 1
@@ -102,11 +100,12 @@ async def run_load(base: str, requests: int, concurrency: int, cards: int) -> in
     n = len(lat)
     fails = by_status.get(500, 0)
     lo, hi = wilson(fails, n)
-    print(f"requests {n}, concurrency {concurrency}, cards {cards}, wall {wall:.2f} s "
-          f"({n / wall:.0f} req/s)")
+    print(f"requests {n}, concurrency {concurrency}, cards {cards}, wall {wall:.2f} s ({n / wall:.0f} req/s)")
     print("statuses " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items(), key=str)))
-    print(f"latency ms  min {lat[0]:.0f}  p50 {percentile(lat, 50):.0f}  p90 {percentile(lat, 90):.0f}"
-          f"  p99 {percentile(lat, 99):.0f}  max {lat[-1]:.0f}")
+    print(
+        f"latency ms  min {lat[0]:.0f}  p50 {percentile(lat, 50):.0f}  p90 {percentile(lat, 90):.0f}"
+        f"  p99 {percentile(lat, 99):.0f}  max {lat[-1]:.0f}"
+    )
     print(f"500 rate {fails / n:.2%} ({fails}/{n}), 95% Wilson interval [{lo:.2%}, {hi:.2%}]")
 
     # Consistency of the books.

@@ -35,8 +35,20 @@ class Recorder:
     def __init__(self, pid: int, out: Path, *, rate: int = 100, native: bool = False, fmt: str = "raw"):
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
-        argv = [py_spy(), "record", "--pid", str(pid), "--rate", str(rate), "--format", fmt, "-o", str(out),
-                "--duration", "3600"]
+        argv = [
+            py_spy(),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            str(rate),
+            "--format",
+            fmt,
+            "-o",
+            str(out),
+            "--duration",
+            "3600",
+        ]
         if native:
             argv.append("--native")
         self.log = out.with_suffix(".pyspy.log")
@@ -81,7 +93,7 @@ def _package(file: str) -> str:
     if file.startswith("<frozen"):
         return "stdlib"
     if file.startswith("stdlib:"):
-        rest = file[len("stdlib:"):]
+        rest = file[len("stdlib:") :]
         return "stdlib:" + (rest.split("/")[0] if "/" in rest else rest.removesuffix(".py"))
     head = file.split("/")[0]
     return head.removesuffix(".py") or "?"

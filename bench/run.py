@@ -81,45 +81,97 @@ class Plan:
     final_timeout: float
 
 
-FULL = Plan(ceiling_warmup=1, ceiling_seconds=8, warmup=2, seconds=10, open_seconds=8, e2e_count=5000,
-            capture_rate_count=1000, probe_seconds=5, latency_seconds=12, final_timeout=45)
-QUICK = Plan(ceiling_warmup=0.5, ceiling_seconds=2, warmup=1, seconds=4, open_seconds=4, e2e_count=2500,
-             capture_rate_count=500, probe_seconds=3, latency_seconds=5, final_timeout=30)
+FULL = Plan(
+    ceiling_warmup=1,
+    ceiling_seconds=8,
+    warmup=2,
+    seconds=10,
+    open_seconds=8,
+    e2e_count=5000,
+    capture_rate_count=1000,
+    probe_seconds=5,
+    latency_seconds=12,
+    final_timeout=45,
+)
+QUICK = Plan(
+    ceiling_warmup=0.5,
+    ceiling_seconds=2,
+    warmup=1,
+    seconds=4,
+    open_seconds=4,
+    e2e_count=2500,
+    capture_rate_count=500,
+    probe_seconds=3,
+    latency_seconds=5,
+    final_timeout=30,
+)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    p = argparse.ArgumentParser(
+        prog="bench.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+    )
     p.add_argument("--quick", action="store_true", help="shorter runs (~1 minute)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all; capture implies e2e)")
-    p.add_argument("--profile", choices=ROLES, help="run py-spy on this process during its zero-latency load "
-                   "(api: the authorize runs; worker/relay/mockbank: e2e) and print the top functions; "
-                   "without --scenarios only that scenario runs")
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all; capture implies e2e)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=ROLES,
+        help="run py-spy on this process during its zero-latency load "
+        "(api: the authorize runs; worker/relay/mockbank: e2e) and print the top functions; "
+        "without --scenarios only that scenario runs",
+    )
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (default 100)")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames of asyncpg, uvloop...)")
     p.add_argument("--clients", type=int, default=64, help="closed-loop concurrency (default 64)")
-    p.add_argument("--e2e-rate", type=float, default=600.0,
-                   help="offered authorizations/s in the e2e scenario (default 600; target 500)")
+    p.add_argument(
+        "--e2e-rate",
+        type=float,
+        default=600.0,
+        help="offered authorizations/s in the e2e scenario (default 600; target 500)",
+    )
     p.add_argument("--capture-rate", type=float, default=500.0, help="offered captures/s, pipeline running")
-    p.add_argument("--latency-rate", type=float, default=500.0,
-                   help="offered authorizations/s at the default bank latency (default 500; target 400)")
-    p.add_argument("--max-in-flight", type=int, default=load.MAX_IN_FLIGHT,
-                   help=f"open loop: most requests open at once, like a client's connection pool "
-                        f"(default {load.MAX_IN_FLIGHT}); later ones wait, their latency counted from when due")
+    p.add_argument(
+        "--latency-rate",
+        type=float,
+        default=500.0,
+        help="offered authorizations/s at the default bank latency (default 500; target 400)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=load.MAX_IN_FLIGHT,
+        help=f"open loop: most requests open at once, like a client's connection pool "
+        f"(default {load.MAX_IN_FLIGHT}); later ones wait, their latency counted from when due",
+    )
     p.add_argument("--cards", type=int, default=10_000, help="generated bank accounts to spread load over")
-    p.add_argument("--db-pool-size", type=int, default=None,
-                   help="gateway-api --db-pool-size, also used by the PostgreSQL ceilings (default: the API's 20)")
+    p.add_argument(
+        "--db-pool-size",
+        type=int,
+        default=None,
+        help="gateway-api --db-pool-size, also used by the PostgreSQL ceilings (default: the API's 20)",
+    )
     p.add_argument("--worker-concurrency", type=int, help="WORKER_CONCURRENCY for the worker (default: its own)")
     p.add_argument("--worker-prefetch", type=int, help="WORKER_PREFETCH for the worker (default: its own)")
     p.add_argument("--log-level", default="info", help="LOG_LEVEL of the gateway processes (default info, as shipped)")
-    p.add_argument("--without-outbox-notify", action="store_true",
-                   help="diagnostic: drop the outbox NOTIFY trigger in the private database (the relay then "
-                        "polls every 20 ms); shows the API without the commit serialisation NOTIFY causes")
-    p.add_argument("--census", action="store_true",
-                   help="run api/relay/worker under bench.census and print PostgreSQL round trips, transactions "
-                        "and AMQP publishes/acks per payment by process and statement")
+    p.add_argument(
+        "--without-outbox-notify",
+        action="store_true",
+        help="diagnostic: drop the outbox NOTIFY trigger in the private database (the relay then "
+        "polls every 20 ms); shows the API without the commit serialisation NOTIFY causes",
+    )
+    p.add_argument(
+        "--census",
+        action="store_true",
+        help="run api/relay/worker under bench.census and print PostgreSQL round trips, transactions "
+        "and AMQP publishes/acks per payment by process and statement",
+    )
     p.add_argument("--json", type=Path, help="also write the results here (default bench/out/results-<time>.json)")
     args = p.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -146,10 +198,18 @@ class Bench:
             worker_env["WORKER_CONCURRENCY"] = str(args.worker_concurrency)
         if args.worker_prefetch:
             worker_env["WORKER_PREFETCH"] = str(args.worker_prefetch)
-        self.system = System(Options(admin_url=admin, amqp_url=amqp, cards=args.cards,
-                                     api_pool_size=args.db_pool_size, log_level=args.log_level,
-                                     worker_env=worker_env, without_outbox_notify=args.without_outbox_notify,
-                                     census=args.census))
+        self.system = System(
+            Options(
+                admin_url=admin,
+                amqp_url=amqp,
+                cards=args.cards,
+                api_pool_size=args.db_pool_size,
+                log_level=args.log_level,
+                worker_env=worker_env,
+                without_outbox_notify=args.without_outbox_notify,
+                census=args.census,
+            )
+        )
         self.report = Report(quick=args.quick, profile=args.profile)
         self.http = None
         self.cards: list[dict] = []
@@ -168,8 +228,9 @@ class Bench:
         out = OUT / f"{name}.txt"
         out.unlink(missing_ok=True)
         print(f"  py-spy attached to {self.args.profile} (pid {self.system.pid(self.args.profile)}) -> {out}")
-        return profiling.Recorder(self.system.pid(self.args.profile), out, rate=self.args.profile_rate,
-                                  native=self.args.profile_native)
+        return profiling.Recorder(
+            self.system.pid(self.args.profile), out, rate=self.args.profile_rate, native=self.args.profile_native
+        )
 
     async def _stop_profile(self, recorder, title: str) -> None:
         if recorder is None:
@@ -199,13 +260,17 @@ class Bench:
     async def run(self) -> None:
         t0 = time.perf_counter()
         load_avg = os.getloadavg()
-        print(f"bench: scenarios {', '.join(self.args.chosen)}{' (quick)' if self.args.quick else ''}; "
-              f"load average at start {load_avg[0]:.2f} on {os.cpu_count()} CPUs")
+        print(
+            f"bench: scenarios {', '.join(self.args.chosen)}{' (quick)' if self.args.quick else ''}; "
+            f"load average at start {load_avg[0]:.2f} on {os.cpu_count()} CPUs"
+        )
         self.report.meta.update(cpus=os.cpu_count(), load_avg_start=load_avg[0], scenarios=self.args.chosen)
         try:
             await self.system.setup()
-            print(f"  database {self.system.dbname}, vhost {self.system.vhost}, "
-                  f"api {self.system.api_url}, bank {self.system.bank_url} ({time.perf_counter() - t0:.1f}s)")
+            print(
+                f"  database {self.system.dbname}, vhost {self.system.vhost}, "
+                f"api {self.system.api_url}, bank {self.system.bank_url} ({time.perf_counter() - t0:.1f}s)"
+            )
             self.cards = await self.system.cards(self.args.cards)
             self.report.memory_mark("start", self.system.memory())
             async with load.session() as self.http:
@@ -244,12 +309,19 @@ class Bench:
         print(f"\nresults: {out}   total {self.report.meta['seconds']:.0f}s")
 
     async def ceilings(self) -> None:
-        print("ceilings: PostgreSQL submit transaction (same SQL, naive 4 INSERTs, one statement, no NOTIFY), "
-              "interleaved ...")
+        print(
+            "ceilings: PostgreSQL submit transaction (same SQL, naive 4 INSERTs, one statement, no NOTIFY), "
+            "interleaved ..."
+        )
         pool = self.args.db_pool_size or 20
-        results = await ceilings.postgres(self.system.opts.admin_url, concurrency=self.args.clients, pool_size=pool,
-                                          warmup=self.plan.ceiling_warmup, seconds=self.plan.ceiling_seconds,
-                                          rounds=2 if self.args.quick else 4)
+        results = await ceilings.postgres(
+            self.system.opts.admin_url,
+            concurrency=self.args.clients,
+            pool_size=pool,
+            warmup=self.plan.ceiling_warmup,
+            seconds=self.plan.ceiling_seconds,
+            rounds=2 if self.args.quick else 4,
+        )
         print("ceilings: RabbitMQ publish-confirm and consume-ack ...")
         results += await ceilings.rabbitmq(self.system.amqp_url, seconds=self.plan.ceiling_seconds / 2)
         for c in results:
@@ -261,16 +333,31 @@ class Bench:
         print(f"authorize: closed loop, {self.args.clients} clients, {p.warmup:g}+{p.seconds:g}s, API alone ...")
         recorder = self._start_profile("authorize")
         census0 = await self.system.census()
-        closed = await load.closed_loop(self.http, self.system.api_url, load.authorize_source("acc", self.cards),
-                                        self.args.clients, p.warmup, p.seconds, self.system.snapshot)
-        self.report.census("authorize accept (API alone)", census0, await self.system.census(),
-                           closed.statuses().get(202, 0))
+        closed = await load.closed_loop(
+            self.http,
+            self.system.api_url,
+            load.authorize_source("acc", self.cards),
+            self.args.clients,
+            p.warmup,
+            p.seconds,
+            self.system.snapshot,
+        )
+        self.report.census(
+            "authorize accept (API alone)", census0, await self.system.census(), closed.statuses().get(202, 0)
+        )
         rate = closed.rate()
         print(f"  {rate:,.0f} accepted/s; open loop at {rate / 2:,.0f}/s for {p.open_seconds:g}s ...")
         opened = None
         if rate >= 2:
-            opened = await load.open_loop(self.http, self.system.api_url, load.authorize_source("acc2", self.cards),
-                                          rate / 2, p.open_seconds, self.system.snapshot, warmup=1.0)
+            opened = await load.open_loop(
+                self.http,
+                self.system.api_url,
+                load.authorize_source("acc2", self.cards),
+                rate / 2,
+                p.open_seconds,
+                self.system.snapshot,
+                warmup=1.0,
+            )
         await self._stop_profile(recorder, "POST /v1/payments, closed + open loop")
         self.api_xacts = self.report.accept("authorize", closed, opened)
         self.system.check_alive()
@@ -281,8 +368,9 @@ class Bench:
         recorder = self._start_profile("e2e")
         census0 = await self.system.census()
         res, completion, before, after = await self._authorize_e2e("e2e", rate, count)
-        self.report.census("authorize end to end (API + pipeline)", census0, await self.system.census(),
-                           res.statuses().get(202, 0))
+        self.report.census(
+            "authorize end to end (API + pipeline)", census0, await self.system.census(), res.statuses().get(202, 0)
+        )
         await self._stop_profile(recorder, f"e2e authorizations at {rate:g}/s, bank latency 0")
         st = await measure.steps(self.system, "authorize", customer="cus_e2e")
         self.report.e2e("authorize", res, completion, st, before, after)
@@ -310,11 +398,15 @@ class Bench:
         no backend still holds unflushed pg_stat counters from earlier work; then the drain
         of that backlog, then captures at a fixed rate with the pipeline running, then a probe."""
         p = self.plan
-        ids = [r["id"] for r in await self.system.conn.fetch(
-            "SELECT id FROM payments WHERE customer_id IN ('cus_e2e', 'cus_probe') AND status = 'authorized' "
-            "ORDER BY created_at")]
+        ids = [
+            r["id"]
+            for r in await self.system.conn.fetch(
+                "SELECT id FROM payments WHERE customer_id IN ('cus_e2e', 'cus_probe') AND status = 'authorized' "
+                "ORDER BY created_at"
+            )
+        ]
         rate = self.args.capture_rate
-        at_rate, ids = ids[:p.capture_rate_count], ids[p.capture_rate_count:]
+        at_rate, ids = ids[: p.capture_rate_count], ids[p.capture_rate_count :]
         probe_n = min(len(ids) // 4, int(rate / 2 * p.probe_seconds))
         probe_ids, ids = ids[:probe_n], ids[probe_n:]
         if len(at_rate) < 50 or len(ids) < 100:
@@ -327,16 +419,32 @@ class Bench:
         print(f"capture: closed loop over {len(closed_ids)} payments, relay paused ...")
         self.system.pause("relay")
         try:
-            closed = await load.closed_loop(self.http, self.system.api_url, load.action_source("capture", closed_ids),
-                                            self.args.clients, min(0.5, p.warmup), p.seconds, self.system.snapshot)
+            closed = await load.closed_loop(
+                self.http,
+                self.system.api_url,
+                load.action_source("capture", closed_ids),
+                self.args.clients,
+                min(0.5, p.warmup),
+                p.seconds,
+                self.system.snapshot,
+            )
             crate = closed.rate()
             opened = None
             if crate >= 2:
                 secs = len(open_ids) / (crate / 2)
-                print(f"  {crate:,.0f} accepted/s; open loop at {crate / 2:,.0f}/s over {len(open_ids)} payments "
-                      f"({secs:.1f}s) ...")
-                opened = await load.open_loop(self.http, self.system.api_url, load.action_source("capture", open_ids),
-                                              crate / 2, secs, self.system.snapshot, warmup=min(1.0, secs / 4))
+                print(
+                    f"  {crate:,.0f} accepted/s; open loop at {crate / 2:,.0f}/s over {len(open_ids)} payments "
+                    f"({secs:.1f}s) ..."
+                )
+                opened = await load.open_loop(
+                    self.http,
+                    self.system.api_url,
+                    load.action_source("capture", open_ids),
+                    crate / 2,
+                    secs,
+                    self.system.snapshot,
+                    warmup=min(1.0, secs / 4),
+                )
         finally:
             self.system.resume("relay")
         self.report.accept("capture", closed, opened)
@@ -359,23 +467,37 @@ class Bench:
         census0 = await self.system.census()
         before = await self.system.snapshot()
         monitor.start()
-        res = await load.open_loop(self.http, self.system.api_url, load.action_source("capture", at_rate), rate, 0,
-                                   count=len(at_rate), on_sample=seen)
+        res = await load.open_loop(
+            self.http,
+            self.system.api_url,
+            load.action_source("capture", at_rate),
+            rate,
+            0,
+            count=len(at_rate),
+            on_sample=seen,
+        )
         completion = await monitor.wait_all_final(monitor.accepted, p.final_timeout)
         after = await self.system.snapshot()
-        self.report.census("capture end to end (API + pipeline)", census0, await self.system.census(),
-                           res.statuses().get(202, 0))
+        self.report.census(
+            "capture end to end (API + pipeline)", census0, await self.system.census(), res.statuses().get(202, 0)
+        )
         st = await measure.steps(self.system, "capture", ids=at_rate)
         print(f"  {st.rate:,.0f} captures/s end to end")
         probe_rate = max(20.0, min(rate, st.rate) / 2)
-        probe_ids = probe_ids[:max(20, int(probe_rate * p.probe_seconds))]
+        probe_ids = probe_ids[: max(20, int(probe_rate * p.probe_seconds))]
         if len(probe_ids) >= 20:
             print(f"capture: overhead probe, {len(probe_ids)} captures at {probe_rate:,.0f}/s ...")
             pmon = measure.Monitor(self.system, ids=probe_ids, in_progress="capturing")
             pbefore = await self.system.snapshot()
             pmon.start()
-            pres = await load.open_loop(self.http, self.system.api_url, load.action_source("capture", probe_ids),
-                                        probe_rate, 0, count=len(probe_ids))
+            pres = await load.open_loop(
+                self.http,
+                self.system.api_url,
+                load.action_source("capture", probe_ids),
+                probe_rate,
+                0,
+                count=len(probe_ids),
+            )
             await pmon.wait_all_final(pres.statuses().get(202, 0), p.final_timeout)
             pafter = await self.system.snapshot()
             pst = await measure.steps(self.system, "capture", ids=probe_ids)

@@ -36,8 +36,11 @@ from tests.support.procs import ScriptProcess, free_port
 API_KEY = "sk_bench_0123456789"
 MERCHANT = "bench"
 ROLES = ("mockbank", "api", "relay", "worker")
-ENTRY = {"api": ("gateway-api", "gateway.api.app:main"), "relay": ("gateway-relay", "worker.relay:main"),
-         "worker": ("gateway-worker", "worker.consumer:main")}
+ENTRY = {
+    "api": ("gateway-api", "gateway.api.app:main"),
+    "relay": ("gateway-relay", "worker.relay:main"),
+    "worker": ("gateway-worker", "worker.consumer:main"),
+}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,10 +123,19 @@ class System:
         bank_port, api_port = free_port(), free_port()
         self.bank_url = f"http://127.0.0.1:{bank_port}"
         self.api_url = f"http://127.0.0.1:{api_port}"
-        self.procs["mockbank"] = Proc("mockbank", "--port", str(bank_port), env={
-            "MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "0", "FAILURE_RATE": "0", "RESPONSE_LOSS_RATE": "0",
-            "MOCKBANK_EXTRA_ACCOUNTS": str(self.opts.cards), "LOG_LEVEL": "warning",
-        }).start()
+        self.procs["mockbank"] = Proc(
+            "mockbank",
+            "--port",
+            str(bank_port),
+            env={
+                "MIN_LATENCY_MS": "0",
+                "MAX_LATENCY_MS": "0",
+                "FAILURE_RATE": "0",
+                "RESPONSE_LOSS_RATE": "0",
+                "MOCKBANK_EXTRA_ACCOUNTS": str(self.opts.cards),
+                "LOG_LEVEL": "warning",
+            },
+        ).start()
         api_args = ["--port", str(api_port)]
         if self.opts.api_pool_size:
             api_args += ["--db-pool-size", str(self.opts.api_pool_size)]
@@ -133,9 +145,13 @@ class System:
 
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {
-            "DATABASE_URL": self.database_url, "AMQP_URL": self.amqp_url, "BANK_URL": self.bank_url,
-            "GATEWAY_API_KEYS": f"{MERCHANT}:{API_KEY}", "CARD_ENCRYPTION_KEY": self.card_key,
-            "LOG_LEVEL": self.opts.log_level, **(extra or {}),
+            "DATABASE_URL": self.database_url,
+            "AMQP_URL": self.amqp_url,
+            "BANK_URL": self.bank_url,
+            "GATEWAY_API_KEYS": f"{MERCHANT}:{API_KEY}",
+            "CARD_ENCRYPTION_KEY": self.card_key,
+            "LOG_LEVEL": self.opts.log_level,
+            **(extra or {}),
         }
 
     def _gateway(self, role: str, args: list[str], extra: dict[str, str]) -> Proc:
@@ -181,8 +197,9 @@ class System:
             while True:
                 for name in ("relay", "worker"):
                     if not self.procs[name].running:
-                        raise RuntimeError(f"gateway-{name} exited:\n{self.procs[name].stdout_tail()}"
-                                           f"{self.procs[name].stderr_tail()}")
+                        raise RuntimeError(
+                            f"gateway-{name} exited:\n{self.procs[name].stdout_tail()}{self.procs[name].stderr_tail()}"
+                        )
                 try:
                     channel = await connection.channel()
                     queue = await channel.declare_queue("payments.work", passive=True)
@@ -242,15 +259,16 @@ class System:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{proc.stderr_tail()}\n{proc.stdout_tail()}")
 
     async def set_chaos(self, **chaos) -> None:
-        async with aiohttp.ClientSession() as session, session.put(
-                f"{self.bank_url}/_mock/chaos", json=chaos) as resp:
+        async with aiohttp.ClientSession() as session, session.put(f"{self.bank_url}/_mock/chaos", json=chaos) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"PUT /_mock/chaos answered {resp.status}: {await resp.text()}")
 
     async def cards(self, count: int) -> list[dict]:
         """Generated accounts of the mock bank (big balances), as GET /_mock/accounts lists them."""
-        async with aiohttp.ClientSession() as session, session.get(
-                f"{self.bank_url}/_mock/accounts", params={"offset": 4, "limit": count}) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.bank_url}/_mock/accounts", params={"offset": 4, "limit": count}) as resp,
+        ):
             listing = await resp.json()
         cards = [a for a in listing["accounts"] if a["kind"] == "extra"]
         if not cards:
@@ -280,7 +298,9 @@ class System:
         row = await self.stats.fetchrow(
             "SELECT xact_commit, xact_rollback, "
             "       (SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = $1) AS pids "
-            "  FROM pg_stat_database WHERE datname = $1", self.dbname)
+            "  FROM pg_stat_database WHERE datname = $1",
+            self.dbname,
+        )
         snap = Snapshot(at=time.perf_counter(), xact_commit=row["xact_commit"], xact_rollback=row["xact_rollback"])
         for pid in row["pids"] or ():
             value = cpu_seconds(pid)
@@ -299,7 +319,8 @@ class System:
         """Per-table tuples and autovacuum/autoanalyze runs in the private database so far."""
         rows = await self.conn.fetch(
             "SELECT relname, n_live_tup, n_dead_tup, autovacuum_count, autoanalyze_count "
-            "FROM pg_stat_user_tables ORDER BY relname")
+            "FROM pg_stat_user_tables ORDER BY relname"
+        )
         return [dict(r) for r in rows]
 
     def memory(self) -> dict[str, tuple[int | None, int | None]]:

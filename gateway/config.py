@@ -57,8 +57,7 @@ def _api_keys(value: str) -> dict[str, str]:
         name, sep, key = (part.strip() for part in pair.partition(":"))
         if not sep or not name or len(key) < 8 or not key.isprintable():
             raise ConfigError(
-                "GATEWAY_API_KEYS must be comma-separated name:key pairs with keys of "
-                "at least 8 printable characters"
+                "GATEWAY_API_KEYS must be comma-separated name:key pairs with keys of at least 8 printable characters"
             )
         if key in keys:
             raise ConfigError("GATEWAY_API_KEYS lists the same key twice")

@@ -76,7 +76,9 @@ def parse(raw: str | None) -> dict[str, tuple[str, float]] | None:
                     raise ValueError
                 points[name] = ("p", p)
         except ValueError:
-            raise CrashPointError(f"{ENV}: {name}:{spec} is neither a probability in (0, 1] nor @N with N >= 1") from None
+            raise CrashPointError(
+                f"{ENV}: {name}:{spec} is neither a probability in (0, 1] nor @N with N >= 1"
+            ) from None
     return points or None
 
 

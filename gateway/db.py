@@ -22,7 +22,7 @@ def _load_queries() -> dict[str, str]:
         if not file.name.endswith(".sql"):
             continue
         parts = _HEADER.split(file.read_text())
-        for name, body in zip(parts[1::2], parts[2::2]):
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
             if name in queries:
                 raise RuntimeError(f"query {name} is defined twice")
             queries[name] = body.strip()
@@ -61,9 +61,7 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, **pool_kwargs) -> asyncpg.Pool:
     """`pool_kwargs` go to asyncpg.create_pool as they are (e.g. `timeout`)."""
     pool_kwargs.setdefault("reset", _keep_session)
-    return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, **pool_kwargs
-    )
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, **pool_kwargs)
 
 
 def schema_sql() -> str:

@@ -28,9 +28,7 @@ def new_id(prefix: str) -> str:
 
 def command(operation_id: str, kind: str) -> OutboxMessage:
     """Ask a worker to run one operation at the bank; the body names it, nothing more."""
-    return OutboxMessage(
-        COMMANDS_EXCHANGE, kind, new_id("cmd"), orjson.dumps({"operation_id": operation_id})
-    )
+    return OutboxMessage(COMMANDS_EXCHANGE, kind, new_id("cmd"), orjson.dumps({"operation_id": operation_id}))
 
 
 def event(event_type: str, payment: dict, occurred_at: datetime) -> OutboxMessage:

@@ -28,7 +28,6 @@ from gateway.domain import Action, OperationKind, Status, Verdict
 from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
 
-
 # ---- errors the API turns into responses --------------------------------------------
 
 
@@ -124,12 +123,25 @@ async def authorize(
     operation_id = messages.new_id("op")
     at = now()
     row = {
-        "id": payment_id, "order_id": order_id, "customer_id": customer_id, "amount": amount,
-        "currency": "USD", "status": Status.PENDING.value, "card_brand": brand(card.number),
-        "card_last4": card.number[-4:], "card_expiry_month": card.expiry_month,
-        "card_expiry_year": card.expiry_year, "authorization_id": None,
-        "authorization_expires_at": None, "capture_id": None, "void_id": None, "refund_id": None,
-        "last_error": None, "attention_required": False, "created_at": at, "updated_at": at,
+        "id": payment_id,
+        "order_id": order_id,
+        "customer_id": customer_id,
+        "amount": amount,
+        "currency": "USD",
+        "status": Status.PENDING.value,
+        "card_brand": brand(card.number),
+        "card_last4": card.number[-4:],
+        "card_expiry_month": card.expiry_month,
+        "card_expiry_year": card.expiry_year,
+        "authorization_id": None,
+        "authorization_expires_at": None,
+        "capture_id": None,
+        "void_id": None,
+        "refund_id": None,
+        "last_error": None,
+        "attention_required": False,
+        "created_at": at,
+        "updated_at": at,
     }
     row["history"] = [{"status": Status.PENDING.value, "at": iso(at)}]
     location = f"/v1/payments/{payment_id}"
@@ -139,11 +151,29 @@ async def authorize(
         try:
             outcome = await conn.fetchrow(
                 Q["submit_authorization"],
-                payment_id, req.merchant, order_id, customer_id, amount,
-                row["card_brand"], row["card_last4"], card.expiry_month, card.expiry_year, at,
-                operation_id, bank_key(operation_id), vault.seal(payment_id, card.number, card.cvv),
-                cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
-                req.key, req.method, req.path, req.fingerprint, body, location,
+                payment_id,
+                req.merchant,
+                order_id,
+                customer_id,
+                amount,
+                row["card_brand"],
+                row["card_last4"],
+                card.expiry_month,
+                card.expiry_year,
+                at,
+                operation_id,
+                bank_key(operation_id),
+                vault.seal(payment_id, card.number, card.cvv),
+                cmd.exchange,
+                cmd.routing_key,
+                cmd.message_id,
+                cmd.body,
+                req.key,
+                req.method,
+                req.path,
+                req.fingerprint,
+                body,
+                location,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name not in ("payments_one_live_per_order", "idempotency_keys_pkey"):
@@ -216,10 +246,27 @@ async def _request_action(
     body = orjson.dumps(payment)
     await conn.execute(
         Q["start_operation"],
-        payment_id, running.value, at, f"api:{action.value}", op_id, kind.value, bank_key(op_id),
-        cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
-        None, None, None, None,
-        req.merchant, req.key, req.method, req.path, req.fingerprint, body,
+        payment_id,
+        running.value,
+        at,
+        f"api:{action.value}",
+        op_id,
+        kind.value,
+        bank_key(op_id),
+        cmd.exchange,
+        cmd.routing_key,
+        cmd.message_id,
+        cmd.body,
+        None,
+        None,
+        None,
+        None,
+        req.merchant,
+        req.key,
+        req.method,
+        req.path,
+        req.fingerprint,
+        body,
     )
     return Response(202, body)
 
@@ -278,26 +325,36 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
     row = await pool.fetchrow(Q["claim_operation"], operation_id, owner, lease_seconds)
     if row is not None:
         return Claim(
-            owner=owner, operation_id=row["id"], kind=OperationKind(row["kind"]), bank_key=row["bank_key"],
-            attempts=row["attempts"], first_attempt_at=row["first_attempt_at"],
-            payment_id=row["payment_id"], amount=row["amount"],
-            authorization_id=row["authorization_id"], capture_id=row["capture_id"],
-            card_expiry_month=row["card_expiry_month"], card_expiry_year=row["card_expiry_year"],
+            owner=owner,
+            operation_id=row["id"],
+            kind=OperationKind(row["kind"]),
+            bank_key=row["bank_key"],
+            attempts=row["attempts"],
+            first_attempt_at=row["first_attempt_at"],
+            payment_id=row["payment_id"],
+            amount=row["amount"],
+            authorization_id=row["authorization_id"],
+            capture_id=row["capture_id"],
+            card_expiry_month=row["card_expiry_month"],
+            card_expiry_year=row["card_expiry_year"],
             sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
         )
     state = await pool.fetchrow(Q["operation_state"], operation_id)
     if state is None:
         return OperationState(exists=False)
     return OperationState(
-        exists=True, finished=state["status"] != "pending", parked=state["parked"],
-        lease_left=state["lease_left"] or 0.0, kind=state["kind"], payment_id=state["payment_id"],
-        attempts=state["attempts"], last_error=state["last_error"],
+        exists=True,
+        finished=state["status"] != "pending",
+        parked=state["parked"],
+        lease_left=state["lease_left"] or 0.0,
+        kind=state["kind"],
+        payment_id=state["payment_id"],
+        attempts=state["attempts"],
+        last_error=state["last_error"],
     )
 
 
-async def release(
-    pool: asyncpg.Pool, operation_id: str, owner: str, error: dict | None, bank_ms: int
-) -> None:
+async def release(pool: asyncpg.Pool, operation_id: str, owner: str, error: dict | None, bank_ms: int) -> None:
     """Give the lease back after an attempt that settled nothing (a transient failure)."""
     await pool.execute(Q["release_lease"], operation_id, owner, error, bank_ms)
 
@@ -346,19 +403,35 @@ async def record_outcome(
         error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome, kind)
         fields = _bank_fields(kind, verdict, outcome.body)
         moved = status.value != row["status"]
-        updated = {**row, **fields, "status": status.value, "last_error": error,
-                   "attention_required": False, "updated_at": at}
+        updated = {
+            **row,
+            **fields,
+            "status": status.value,
+            "last_error": error,
+            "attention_required": False,
+            "updated_at": at,
+        }
         payment = payment_json(updated)
         if moved:
             payment["history"].append({"status": status.value, "at": payment["updated_at"]})
         event = messages.event(domain.event_type(status), payment, at) if moved else None
         await conn.execute(
             Q["finish_operation"],
-            operation_id, "succeeded" if verdict is Verdict.SUCCEEDED else "failed", at, error,
-            outcome.body, bank_ms, status.value,
-            fields.get("authorization_id"), fields.get("authorization_expires_at"),
-            fields.get("capture_id"), fields.get("void_id"), fields.get("refund_id"),
-            f"bank:{kind.value}:{verdict.value}", moved, kind is OperationKind.AUTHORIZE,
+            operation_id,
+            "succeeded" if verdict is Verdict.SUCCEEDED else "failed",
+            at,
+            error,
+            outcome.body,
+            bank_ms,
+            status.value,
+            fields.get("authorization_id"),
+            fields.get("authorization_expires_at"),
+            fields.get("capture_id"),
+            fields.get("void_id"),
+            fields.get("refund_id"),
+            f"bank:{kind.value}:{verdict.value}",
+            moved,
+            kind is OperationKind.AUTHORIZE,
             *(_event_args(event)),
         )
         follow_up = domain.follow_up(kind, verdict)
@@ -377,8 +450,16 @@ async def _enqueue(conn: asyncpg.Connection, payment_id: str, kind: OperationKin
     op_id = messages.new_id("op")
     cmd = messages.command(op_id, kind.value)
     await conn.execute(
-        Q["insert_operation"], op_id, payment_id, kind.value, bank_key(op_id), at,
-        cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+        Q["insert_operation"],
+        op_id,
+        payment_id,
+        kind.value,
+        bank_key(op_id),
+        at,
+        cmd.exchange,
+        cmd.routing_key,
+        cmd.message_id,
+        cmd.body,
     )
     return op_id
 
@@ -416,9 +497,23 @@ async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
         event = messages.event(domain.event_type(status), payment, at)
         await conn.execute(
             Q["start_operation"],
-            payment_id, status.value, at, "sweeper:hold_expired", op_id, kind.value, bank_key(op_id),
-            cmd.exchange, cmd.routing_key, cmd.message_id, cmd.body,
+            payment_id,
+            status.value,
+            at,
+            "sweeper:hold_expired",
+            op_id,
+            kind.value,
+            bank_key(op_id),
+            cmd.exchange,
+            cmd.routing_key,
+            cmd.message_id,
+            cmd.body,
             *_event_args(event),
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
     return payment

@@ -17,8 +17,8 @@ whose message names the variable; ``mockbank`` prints it and exits with 2.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Mapping
 
 MAX_EXTRA_ACCOUNTS = 1_000_000  # ~7 s of start-up at the maximum
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -50,8 +50,16 @@ class Config:
     log_level: str = "info"
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, lo: float | None = None,
-            hi: float | None = None, lo_open: bool = False, what: str) -> float:
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    what: str,
+) -> float:
     raw = env.get(name, "").strip()
     if raw == "":
         return default
@@ -73,13 +81,11 @@ def load_config(env: Mapping[str, str]) -> Config:
     max_ms = _number(env, "MAX_LATENCY_MS", 2000.0, lo=0, what="milliseconds >= 0")
     if max_ms < min_ms:
         raise ConfigError(
-            f"MAX_LATENCY_MS={max_ms:g} is below MIN_LATENCY_MS={min_ms:g}; "
-            "MAX_LATENCY_MS must be >= MIN_LATENCY_MS"
+            f"MAX_LATENCY_MS={max_ms:g} is below MIN_LATENCY_MS={min_ms:g}; MAX_LATENCY_MS must be >= MIN_LATENCY_MS"
         )
     failure = _number(env, "FAILURE_RATE", 0.05, lo=0, hi=1, what="a fraction between 0 and 1")
     loss = _number(env, "RESPONSE_LOSS_RATE", 0.0, lo=0, hi=1, what="a fraction between 0 and 1")
-    expiry = _number(env, "AUTH_EXPIRY_HOURS", 168.0, lo=0, lo_open=True,
-                     what="a number of hours > 0")
+    expiry = _number(env, "AUTH_EXPIRY_HOURS", 168.0, lo=0, lo_open=True, what="a number of hours > 0")
 
     raw = env.get("MOCKBANK_EXTRA_ACCOUNTS", "").strip()
     extra = 0
@@ -91,17 +97,14 @@ def load_config(env: Mapping[str, str]) -> Config:
                 f"MOCKBANK_EXTRA_ACCOUNTS={raw!r} is not an integer; expected 0..{MAX_EXTRA_ACCOUNTS}"
             ) from None
         if not 0 <= extra <= MAX_EXTRA_ACCOUNTS:
-            raise ConfigError(
-                f"MOCKBANK_EXTRA_ACCOUNTS={raw!r} is out of range; expected 0..{MAX_EXTRA_ACCOUNTS}"
-            )
+            raise ConfigError(f"MOCKBANK_EXTRA_ACCOUNTS={raw!r} is out of range; expected 0..{MAX_EXTRA_ACCOUNTS}")
 
     level = env.get("LOG_LEVEL", "").strip().lower() or "info"
     if level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={env.get('LOG_LEVEL')!r} is invalid; expected one of {', '.join(LOG_LEVELS)}")
 
     return Config(
-        chaos=Chaos(min_latency_ms=min_ms, max_latency_ms=max_ms, failure_rate=failure,
-                    response_loss_rate=loss),
+        chaos=Chaos(min_latency_ms=min_ms, max_latency_ms=max_ms, failure_rate=failure, response_loss_rate=loss),
         auth_expiry_hours=expiry,
         extra_accounts=extra,
         log_level=level,

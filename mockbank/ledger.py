@@ -73,9 +73,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 CURRENCY = "USD"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600.0
@@ -96,12 +97,12 @@ Result = tuple[int, dict[str, Any]]
 
 # --------------------------------------------------------------------- helpers
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def rfc3339(dt: datetime) -> str:
     """RFC 3339 UTC timestamp with microseconds and a 'Z' suffix."""
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _luhn_sum(number: str) -> int:
@@ -165,12 +166,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_digits(value: Any, lo: int, hi: int) -> bool:
-    return (
-        isinstance(value, str)
-        and lo <= len(value) <= hi
-        and value.isascii()
-        and value.isdigit()
-    )
+    return isinstance(value, str) and lo <= len(value) <= hi and value.isascii() and value.isdigit()
 
 
 def _error(status: int, code: str, message: str) -> Result:
@@ -424,8 +420,13 @@ class Bank:
             c = extra_card(i)
             self._add(
                 Account(
-                    c["account_id"], c["card_number"], c["cvv"],
-                    c["expiry_month"], c["expiry_year"], c["balance"], "extra",
+                    c["account_id"],
+                    c["card_number"],
+                    c["cvv"],
+                    c["expiry_month"],
+                    c["expiry_year"],
+                    c["balance"],
+                    "extra",
                 )
             )
         self.idempotency = IdempotencyStore()

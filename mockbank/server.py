@@ -108,8 +108,9 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -147,16 +148,30 @@ class Fault:
 
     def public(self) -> dict[str, Any]:
         return {
-            "fault_id": self.fault_id, "action": self.action, "path": self.path,
-            "method": self.method, "remaining": self.remaining, "delay_ms": self.delay_ms,
-            "status": self.status, "body": self.body,
+            "fault_id": self.fault_id,
+            "action": self.action,
+            "path": self.path,
+            "method": self.method,
+            "remaining": self.remaining,
+            "delay_ms": self.delay_ms,
+            "status": self.status,
+            "body": self.body,
         }
 
 
 def _new_stats() -> dict[str, int]:
     return dict.fromkeys(
-        ("api_requests", "replays", "injected_failures", "lost_responses",
-         "dropped_down", "faults_applied", "bad_requests"), 0)
+        (
+            "api_requests",
+            "replays",
+            "injected_failures",
+            "lost_responses",
+            "dropped_down",
+            "faults_applied",
+            "bad_requests",
+        ),
+        0,
+    )
 
 
 @dataclass
@@ -213,14 +228,14 @@ def _internal_error() -> web.Response:
 def _fault_error(fault: Fault) -> web.Response:
     if isinstance(fault.body, str):
         return _text(fault.status, fault.body)
-    body = fault.body if fault.body is not None else {
-        "error": "internal_error", "message": "injected fault"}
+    body = fault.body if fault.body is not None else {"error": "internal_error", "message": "injected fault"}
     return _json(fault.status, body)
 
 
 # ------------------------------------------------------------- API pipeline
-async def _chaos_prelude(request: web.Request, state: State, fault: Fault | None,
-                         *, skip_failure: bool = False) -> web.Response | None:
+async def _chaos_prelude(
+    request: web.Request, state: State, fault: Fault | None, *, skip_failure: bool = False
+) -> web.Response | None:
     """Steps 5-7: latency, down re-check, fault action, failure roll."""
     chaos = state.chaos
     delay_ms = state.rng.uniform(chaos.min_latency_ms, chaos.max_latency_ms)
@@ -272,8 +287,9 @@ def api_post(operation: Operation) -> Callable[[web.Request], Awaitable[web.Stre
         stored = state.bank.idempotency.get(key, path)
         if stored is not None:
             state.stats["replays"] += 1
-            return web.Response(status=stored.status, body=stored.body, content_type=JSON,
-                                headers={"X-Idempotent-Replayed": "true"})
+            return web.Response(
+                status=stored.status, body=stored.body, content_type=JSON, headers={"X-Idempotent-Replayed": "true"}
+            )
 
         fault = state.take_fault(request.method, path)
         lose = fault is not None and fault.action == "lose_response"
@@ -362,8 +378,7 @@ async def mock_accounts(request: web.Request) -> web.Response:
             raise ValueError
     except ValueError:
         return _json(400, {"error": "invalid_request", "message": "offset/limit must be integers >= 0"})
-    return _json(200, {"total": len(state.bank.accounts),
-                       "accounts": state.bank.account_listing(offset, limit)})
+    return _json(200, {"total": len(state.bank.accounts), "accounts": state.bank.account_listing(offset, limit)})
 
 
 async def mock_chaos_get(request: web.Request) -> web.Response:
@@ -442,8 +457,7 @@ async def mock_faults_add(request: web.Request) -> web.Response:
     body = spec.get("body")
     if body is not None and not isinstance(body, (dict, str)):
         return bad("body must be an object or a string")
-    fault = Fault(f"flt_{next(state.fault_ids)}", action, path, method, times,
-                  float(delay), status, body)
+    fault = Fault(f"flt_{next(state.fault_ids)}", action, path, method, times, float(delay), status, body)
     state.faults.append(fault)
     return _json(201, fault.public())
 
@@ -503,8 +517,7 @@ def build_app(config: Config) -> web.Application:
 async def serve(host: str, port: int, config: Config) -> None:
     app = build_app(config)
     debug = config.log_level == "debug"
-    runner = web.AppRunner(app, access_log=log if debug else None, shutdown_timeout=0.5,
-                           handle_signals=False)
+    runner = web.AppRunner(app, access_log=log if debug else None, shutdown_timeout=0.5, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     try:
@@ -517,8 +530,13 @@ async def serve(host: str, port: int, config: Config) -> None:
     log.info(
         "mockbank listening on %s (latency %g-%g ms, failure_rate %g, response_loss_rate %g, "
         "auth_expiry_hours %g, extra_accounts %d)",
-        addresses, chaos.min_latency_ms, chaos.max_latency_ms, chaos.failure_rate,
-        chaos.response_loss_rate, config.auth_expiry_hours, config.extra_accounts,
+        addresses,
+        chaos.min_latency_ms,
+        chaos.max_latency_ms,
+        chaos.failure_rate,
+        chaos.response_loss_rate,
+        config.auth_expiry_hours,
+        config.extra_accounts,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -543,8 +561,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8787,
-                        help="TCP port to listen on (default 8787; 0 picks a free one)")
+    parser.add_argument(
+        "--port", type=int, default=8787, help="TCP port to listen on (default 8787; 0 picks a free one)"
+    )
     return parser
 
 
@@ -559,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mockbank: invalid configuration: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr,
+        level=config.log_level.upper(),
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -96,8 +96,11 @@ async def demo(session: aiohttp.ClientSession) -> None:
 
     card = {"number": "4111111111111111", "cvv": "123", "expiry_month": 12, "expiry_year": 2030}
     print("\n1. authorize $50.00 on the happy-path card")
-    payment = await post("/v1/payments", {"order_id": f"demo_{run}", "customer_id": "cus_demo",
-                                          "amount": 5000, "currency": "USD", "card": card}, f"demo-{run}-auth")
+    payment = await post(
+        "/v1/payments",
+        {"order_id": f"demo_{run}", "customer_id": "cus_demo", "amount": 5000, "currency": "USD", "card": card},
+        f"demo-{run}-auth",
+    )
     await settle(payment["id"])
     print("2. capture it")
     await post(f"/v1/payments/{payment['id']}/capture", None, f"demo-{run}-capture")
@@ -108,8 +111,11 @@ async def demo(session: aiohttp.ClientSession) -> None:
     print("   history: " + " -> ".join(h["status"] for h in final["history"]))
     print("4. authorize on the card with no funds: declined")
     broke = {"number": "5555555555554444", "cvv": "789", "expiry_month": 9, "expiry_year": 2030}
-    declined = await post("/v1/payments", {"order_id": f"demo_{run}_b", "customer_id": "cus_demo",
-                                           "amount": 1000, "currency": "USD", "card": broke}, f"demo-{run}-decline")
+    declined = await post(
+        "/v1/payments",
+        {"order_id": f"demo_{run}_b", "customer_id": "cus_demo", "amount": 1000, "currency": "USD", "card": broke},
+        f"demo-{run}-decline",
+    )
     result = await settle(declined["id"])
     print(f"   last_error: {result['last_error']}")
 
@@ -131,9 +137,11 @@ async def main() -> None:
             await wait_healthy(session, f"{API}/readyz", procs)
             print(f"system up: mockbank {BANK}, API {API} (logs in .run/)")
             await demo(session)
-        print(f"\nThe gateway is running. Try it:\n"
-              f"  curl -H 'Authorization: Bearer {DEV_KEY}' '{API}/v1/payments?customer_id=cus_demo'\n"
-              f"  API docs: {API}/docs\nCtrl-C stops everything.")
+        print(
+            f"\nThe gateway is running. Try it:\n"
+            f"  curl -H 'Authorization: Bearer {DEV_KEY}' '{API}/v1/payments?customer_id=cus_demo'\n"
+            f"  API docs: {API}/docs\nCtrl-C stops everything."
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -28,9 +28,10 @@ import logging
 import os
 import sys
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import aio_pika
@@ -82,8 +83,8 @@ def _emit_json(doc: Any) -> None:
 def _table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
     cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines)
 
 
@@ -119,11 +120,14 @@ async def _pool(settings: config.Settings) -> asyncpg.Pool:
     try:
         return await db.create_pool(settings.database_url, min_size=1, max_size=10, timeout=CONNECT_TIMEOUT)
     except asyncpg.InvalidCatalogNameError:
-        raise Unavailable(f"the database of {_safe_url(settings.database_url)} does not exist: "
-                          "create it (createdb), then run `gatewayctl migrate`") from None
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise Unavailable(f"cannot connect to PostgreSQL at {_safe_url(settings.database_url)}: "
-                          f"{type(exc).__name__}: {exc}") from None
+        raise Unavailable(
+            f"the database of {_safe_url(settings.database_url)} does not exist: "
+            "create it (createdb), then run `gatewayctl migrate`"
+        ) from None
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise Unavailable(
+            f"cannot connect to PostgreSQL at {_safe_url(settings.database_url)}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 @dataclass
@@ -177,13 +181,15 @@ class DeadLetterQueue:
         self.ladder = ladder
         self.connection: aio_pika.abc.AbstractConnection | None = None
 
-    async def __aenter__(self) -> "DeadLetterQueue":
+    async def __aenter__(self) -> DeadLetterQueue:
         try:
             self.connection = await aio_pika.connect(
-                self.amqp_url, timeout=CONNECT_TIMEOUT, client_properties={"connection_name": "gatewayctl"})
+                self.amqp_url, timeout=CONNECT_TIMEOUT, client_properties={"connection_name": "gatewayctl"}
+            )
         except Exception as exc:
-            raise Unavailable(f"cannot connect to RabbitMQ at {_safe_url(self.amqp_url)}: "
-                              f"{type(exc).__name__}: {exc}") from None
+            raise Unavailable(
+                f"cannot connect to RabbitMQ at {_safe_url(self.amqp_url)}: {type(exc).__name__}: {exc}"
+            ) from None
         try:
             # Publishing on its own channel: a failed publish that closes a channel must not
             # take the held deliveries with it.
@@ -229,7 +235,10 @@ class DeadLetterQueue:
         if force:
             headers[topology.FORCE_HEADER] = True
         message = aio_pika.Message(
-            body=cmd.body, headers=headers, message_id=cmd.message_id, content_type="application/json",
+            body=cmd.body,
+            headers=headers,
+            message_id=cmd.message_id,
+            content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self._commands.publish(message, routing_key=cmd.routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT)
@@ -250,13 +259,21 @@ def _key_age_limit() -> timedelta:
 
 
 def _ladder() -> tuple[int, ...]:
-    return wsettings.load(lambda env: wsettings.parse_ladder(
-        (env.get("WORKER_RETRY_LADDER") or "").strip() or wsettings.DEFAULT_RETRY_LADDER))
+    return wsettings.load(
+        lambda env: wsettings.parse_ladder(
+            (env.get("WORKER_RETRY_LADDER") or "").strip() or wsettings.DEFAULT_RETRY_LADDER
+        )
+    )
 
 
 def _needs_force(row: asyncpg.Record | dict | None, limit: timedelta) -> bool:
-    return bool(row and row["kind"] == OperationKind.AUTHORIZE.value and row["status"] == "pending"
-                and row["first_attempt_at"] is not None and row["first_attempt_at"] < now() - limit)
+    return bool(
+        row
+        and row["kind"] == OperationKind.AUTHORIZE.value
+        and row["status"] == "pending"
+        and row["first_attempt_at"] is not None
+        and row["first_attempt_at"] < now() - limit
+    )
 
 
 def _state(row: asyncpg.Record | dict | None) -> str:
@@ -296,8 +313,14 @@ async def cmd_migrate(args, settings: config.Settings) -> int:
         totals[kind] = totals.get(kind, 0) + 1
     target = _safe_url(settings.database_url)
     if args.json:
-        _emit_json({"database": target, "schema": str(db.SCHEMA_PATH), "created": created,
-                    "present": dict(sorted(totals.items()))})
+        _emit_json(
+            {
+                "database": target,
+                "schema": str(db.SCHEMA_PATH),
+                "created": created,
+                "present": dict(sorted(totals.items())),
+            }
+        )
         return EXIT_OK
     present = ", ".join(_count(n, k) for k, n in sorted(totals.items()))
     if created:
@@ -306,8 +329,10 @@ async def cmd_migrate(args, settings: config.Settings) -> int:
             print(f"  created {_count(len(names), kind)}: {', '.join(names)}")
         print(f"now present: {present}")
     else:
-        print(f"applied {db.SCHEMA_PATH.name} to {target}: already up to date, nothing created "
-              f"(functions and triggers refreshed; present: {present})")
+        print(
+            f"applied {db.SCHEMA_PATH.name} to {target}: already up to date, nothing created "
+            f"(functions and triggers refreshed; present: {present})"
+        )
     return EXIT_OK
 
 
@@ -371,20 +396,40 @@ async def cmd_dlq_list(args, settings: config.Settings) -> int:
         elif e["messages"] == 0:
             e["state"] = "parked, no message in the queue"
     if args.json:
-        _emit_json({"queue": topology.DEAD_QUEUE, "messages": len(letters), "operations": entries,
-                    "truncated": len(letters) >= MAX_DEAD_LETTERS})
+        _emit_json(
+            {
+                "queue": topology.DEAD_QUEUE,
+                "messages": len(letters),
+                "operations": entries,
+                "truncated": len(letters) >= MAX_DEAD_LETTERS,
+            }
+        )
         return EXIT_OK
     if not entries:
         print(f"{topology.DEAD_QUEUE} is empty and no operation is parked")
         return EXIT_OK
-    print(_table(
-        ["OPERATION", "PAYMENT", "KIND", "ATTEMPTS", "AGE", "MSGS", "STATE", "LAST ERROR"],
-        ([e["operation_id"], e["payment_id"], e["kind"], e["attempts"], e["age"], e["messages"],
-          e["state"] + (" (replay needs --force)" if e["needs_force"] else ""), _error_text(e["last_error"])]
-         for e in entries),
-    ))
-    print(f"\n{len(letters)} message(s) in {topology.DEAD_QUEUE}, {len(entries)} operation(s); "
-          "the queue was read and put back as it was.")
+    print(
+        _table(
+            ["OPERATION", "PAYMENT", "KIND", "ATTEMPTS", "AGE", "MSGS", "STATE", "LAST ERROR"],
+            (
+                [
+                    e["operation_id"],
+                    e["payment_id"],
+                    e["kind"],
+                    e["attempts"],
+                    e["age"],
+                    e["messages"],
+                    e["state"] + (" (replay needs --force)" if e["needs_force"] else ""),
+                    _error_text(e["last_error"]),
+                ]
+                for e in entries
+            ),
+        )
+    )
+    print(
+        f"\n{len(letters)} message(s) in {topology.DEAD_QUEUE}, {len(entries)} operation(s); "
+        "the queue was read and put back as it was."
+    )
     if len(letters) >= MAX_DEAD_LETTERS:
         print(f"(only the first {MAX_DEAD_LETTERS} messages were read)")
     return EXIT_OK
@@ -399,8 +444,10 @@ def _replay_advice(row, limit: timedelta) -> str:
     if row["status"] != "pending":
         return "already final: a replay only drops its dead letters"
     if _needs_force(row, limit):
-        return ("refused without --force: the first authorization attempt is older than "
-                f"{limit.total_seconds() / 3600:g} h (see `gatewayctl dlq replay --help`)")
+        return (
+            "refused without --force: the first authorization attempt is older than "
+            f"{limit.total_seconds() / 3600:g} h (see `gatewayctl dlq replay --help`)"
+        )
     if not row["parked"]:
         return "not parked (already back in the normal flow): a replay sends its command again, harmlessly"
     return "a replay unparks it and sends its command to the work queue"
@@ -420,8 +467,10 @@ async def cmd_dlq_show(args, settings: config.Settings) -> int:
             row = await pool.fetchrow(Q["ops_payment"], op["payment_id"])
             payment = payment_json(row)
             payment["merchant"] = row["merchant"]
-            history = [{"status": h["status"], "cause": h["cause"], "at": iso(h["at"])}
-                       for h in await pool.fetch(Q["ops_payment_history"], op["payment_id"])]
+            history = [
+                {"status": h["status"], "cause": h["cause"], "at": iso(h["at"])}
+                for h in await pool.fetch(Q["ops_payment_history"], op["payment_id"])
+            ]
             ops = [dict(r) for r in await pool.fetch(Q["ops_payment_operations"], op["payment_id"])]
     finally:
         await pool.close()
@@ -429,25 +478,44 @@ async def cmd_dlq_show(args, settings: config.Settings) -> int:
         print(f"no operation {args.operation_id} in the database and no dead letter for it", file=sys.stderr)
         return EXIT_ATTENTION
     advice = _replay_advice(op, limit)
-    dead = [{"headers": lt.headers, "body": lt.message.body.decode("utf-8", "replace"),
-             "message_id": lt.message.message_id} for lt in mine]
+    dead = [
+        {"headers": lt.headers, "body": lt.message.body.decode("utf-8", "replace"), "message_id": lt.message.message_id}
+        for lt in mine
+    ]
     if args.json:
-        _emit_json({"operation": dict(op) if op else None, "state": _state(op),
-                    "needs_force": _needs_force(op, limit), "payment": payment, "history": history,
-                    "operations": ops, "dead_letters": dead, "replay": advice})
+        _emit_json(
+            {
+                "operation": dict(op) if op else None,
+                "state": _state(op),
+                "needs_force": _needs_force(op, limit),
+                "payment": payment,
+                "history": history,
+                "operations": ops,
+                "dead_letters": dead,
+                "replay": advice,
+            }
+        )
         return EXIT_OK
     if op is None:
         print(f"operation {args.operation_id}: not in the database (unknown operation)")
     else:
         print(f"operation {op['id']}")
         for label, value in (
-            ("kind", op["kind"]), ("state", _state(op)), ("attempts", op["attempts"]),
-            ("first attempt", f"{iso(op['first_attempt_at'])} ({_age(op['first_attempt_at'])} ago)"
-             if op["first_attempt_at"] else None),
-            ("last error", _error_text(op["last_error"])), ("bank key", op["bank_key"]),
-            ("bank time", f"{op['bank_ms']} ms"), ("lease", f"{op['lease_owner']} until {iso(op['lease_until'])}"
-                                                 if op["lease_owner"] else None),
-            ("created", iso(op["created_at"])), ("updated", iso(op["updated_at"])),
+            ("kind", op["kind"]),
+            ("state", _state(op)),
+            ("attempts", op["attempts"]),
+            (
+                "first attempt",
+                f"{iso(op['first_attempt_at'])} ({_age(op['first_attempt_at'])} ago)"
+                if op["first_attempt_at"]
+                else None,
+            ),
+            ("last error", _error_text(op["last_error"])),
+            ("bank key", op["bank_key"]),
+            ("bank time", f"{op['bank_ms']} ms"),
+            ("lease", f"{op['lease_owner']} until {iso(op['lease_until'])}" if op["lease_owner"] else None),
+            ("created", iso(op["created_at"])),
+            ("updated", iso(op["updated_at"])),
             ("finished", iso(op["finished_at"])),
             ("bank response", orjson.dumps(op["bank_response"]).decode() if op["bank_response"] else None),
         ):
@@ -457,23 +525,31 @@ async def cmd_dlq_show(args, settings: config.Settings) -> int:
         for label, value in (
             ("status", payment["status"] + (", attention_required" if payment["attention_required"] else "")),
             ("amount", f"{payment['amount']} {payment['currency']}"),
-            ("order", payment["order_id"]), ("customer", payment["customer_id"]),
+            ("order", payment["order_id"]),
+            ("customer", payment["customer_id"]),
             ("card", f"{payment['card']['brand']} ...{payment['card']['last4']}"),
             ("authorization", f"{bank['authorization_id'] or '-'} (expires {bank['authorization_expires_at'] or '-'})"),
-            ("capture", bank["capture_id"]), ("void", bank["void_id"]), ("refund", bank["refund_id"]),
+            ("capture", bank["capture_id"]),
+            ("void", bank["void_id"]),
+            ("refund", bank["refund_id"]),
             ("last error", _error_text(payment["last_error"])),
         ):
             print(f"  {label:<14}{'-' if value is None else value}")
         print("\nhistory")
         print(_table(["AT", "STATUS", "CAUSE"], ((h["at"], h["status"], h["cause"]) for h in history)))
         print("\noperations of this payment")
-        print(_table(["OPERATION", "KIND", "STATUS", "PARKED", "ATTEMPTS", "CREATED"],
-                     ((o["id"], o["kind"], o["status"], o["parked"], o["attempts"], iso(o["created_at"]))
-                      for o in ops)))
+        print(
+            _table(
+                ["OPERATION", "KIND", "STATUS", "PARKED", "ATTEMPTS", "CREATED"],
+                ((o["id"], o["kind"], o["status"], o["parked"], o["attempts"], iso(o["created_at"])) for o in ops),
+            )
+        )
     print(f"\n{topology.DEAD_QUEUE}: {len(mine)} message(s) for this operation")
     for lt in mine:
-        print(f"  parked_at {lt.headers.get('parked_at', '-')}  {topology.RETRIES_HEADER} "
-              f"{lt.headers.get(topology.RETRIES_HEADER, '-')}  error {_error_text(lt.headers.get('last_error'))}")
+        print(
+            f"  parked_at {lt.headers.get('parked_at', '-')}  {topology.RETRIES_HEADER} "
+            f"{lt.headers.get(topology.RETRIES_HEADER, '-')}  error {_error_text(lt.headers.get('last_error'))}"
+        )
     print(f"\nreplay: {advice}")
     return EXIT_OK
 
@@ -496,41 +572,75 @@ class Replayed:
         return self.result in ("replayed", "already_final")
 
 
-async def _replay_one(pool, dlq: DeadLetterQueue, op_id: str, row, letters: list[DeadLetter], force: bool,
-                      limit: timedelta) -> Replayed:
-    base = {"operation_id": op_id, "payment_id": row["payment_id"] if row else None,
-            "kind": row["kind"] if row else None}
+async def _replay_one(
+    pool, dlq: DeadLetterQueue, op_id: str, row, letters: list[DeadLetter], force: bool, limit: timedelta
+) -> Replayed:
+    base = {
+        "operation_id": op_id,
+        "payment_id": row["payment_id"] if row else None,
+        "kind": row["kind"] if row else None,
+    }
     if row is None:
-        return Replayed(**base, result="unknown",
-                        message="no such operation in the database; its dead letters are left in the queue")
+        return Replayed(
+            **base,
+            result="unknown",
+            message="no such operation in the database; its dead letters are left in the queue",
+        )
     if row["status"] != "pending":
         await dlq.drop(letters)
-        return Replayed(**base, result="already_final", dead_letters_dropped=len(letters),
-                        message=f"already final ({row['status']}), nothing to do"
-                                + (f"; dropped {len(letters)} dead letter(s)" if letters else ""))
+        return Replayed(
+            **base,
+            result="already_final",
+            dead_letters_dropped=len(letters),
+            message=f"already final ({row['status']}), nothing to do"
+            + (f"; dropped {len(letters)} dead letter(s)" if letters else ""),
+        )
     if _needs_force(row, limit) and not force:
         hours = limit.total_seconds() / 3600
-        return Replayed(**base, result="refused", message=(
-            f"refused: this authorization was first sent to the bank {_age(row['first_attempt_at'])} ago "
-            f"(limit {hours:g} h). The bank forgets idempotency keys after 24 h, so if an earlier attempt "
-            "placed a hold whose answer was lost, a resend could place a second hold. Check the bank for a "
-            f"hold on payment {row['payment_id']}, then replay with --force (or resolve it by hand)."))
+        return Replayed(
+            **base,
+            result="refused",
+            message=(
+                f"refused: this authorization was first sent to the bank {_age(row['first_attempt_at'])} ago "
+                f"(limit {hours:g} h). The bank forgets idempotency keys after 24 h, so if an earlier attempt "
+                "placed a hold whose answer was lost, a resend could place a second hold. Check the bank for a "
+                f"hold on payment {row['payment_id']}, then replay with --force (or resolve it by hand)."
+            ),
+        )
     if not await payments.unpark(pool, op_id):
         await dlq.drop(letters)  # it finished between our read and the unpark
-        return Replayed(**base, result="already_final", dead_letters_dropped=len(letters),
-                        message="finished meanwhile, nothing to do")
+        return Replayed(
+            **base,
+            result="already_final",
+            dead_letters_dropped=len(letters),
+            message="finished meanwhile, nothing to do",
+        )
     try:
         await dlq.send_command(op_id, row["kind"], force)
     except Exception as exc:
-        return Replayed(**base, result="failed", message=(
-            f"unparked, but the command could not be published ({type(exc).__name__}: {exc}); the dead "
-            "letters stay in the queue and the sweeper re-enqueues the operation, or run replay again"))
+        return Replayed(
+            **base,
+            result="failed",
+            message=(
+                f"unparked, but the command could not be published ({type(exc).__name__}: {exc}); the dead "
+                "letters stay in the queue and the sweeper re-enqueues the operation, or run replay again"
+            ),
+        )
     await dlq.drop(letters)
     how = "was parked" if row["parked"] else "was not parked (already back in the flow)"
-    source = f"{len(letters)} dead letter(s) removed" if letters else "no dead letter found: re-enqueued from the database"
-    return Replayed(**base, result="replayed", dead_letters_dropped=len(letters), forced=force, message=(
-        f"{how}; command sent to {messages.COMMANDS_EXCHANGE} ({topology.RETRIES_HEADER} 0"
-        f"{', ' + topology.FORCE_HEADER if force else ''}); {source}"))
+    source = (
+        f"{len(letters)} dead letter(s) removed" if letters else "no dead letter found: re-enqueued from the database"
+    )
+    return Replayed(
+        **base,
+        result="replayed",
+        dead_letters_dropped=len(letters),
+        forced=force,
+        message=(
+            f"{how}; command sent to {messages.COMMANDS_EXCHANGE} ({topology.RETRIES_HEADER} 0"
+            f"{', ' + topology.FORCE_HEADER if force else ''}); {source}"
+        ),
+    )
 
 
 async def cmd_dlq_replay(args, settings: config.Settings) -> int:
@@ -548,33 +658,47 @@ async def cmd_dlq_replay(args, settings: config.Settings) -> int:
                 if args.all:
                     parked = await pool.fetch(Q["ops_parked_operations"], MAX_DEAD_LETTERS)
                     targets = [i for i in by_op if i] + [r["id"] for r in parked if r["id"] not in by_op]
-                    results += [Replayed(None, lt.headers.get("payment_id"), lt.headers.get("kind"), "unreadable",
-                                         "a message without an operation id: left in the queue")
-                                for lt in by_op.get(None, [])]
+                    results += [
+                        Replayed(
+                            None,
+                            lt.headers.get("payment_id"),
+                            lt.headers.get("kind"),
+                            "unreadable",
+                            "a message without an operation id: left in the queue",
+                        )
+                        for lt in by_op.get(None, [])
+                    ]
                 else:
                     targets = [args.operation_id]
                 rows = await _rows(pool, targets)
                 for op_id in targets:
-                    results.append(await _replay_one(pool, dlq, op_id, rows.get(op_id), by_op.get(op_id, []),
-                                                     args.force, limit))
+                    results.append(
+                        await _replay_one(pool, dlq, op_id, rows.get(op_id), by_op.get(op_id, []), args.force, limit)
+                    )
             finally:
                 await dlq.give_back(letters)
     finally:
         await pool.close()
     failed = [r for r in results if not r.done]
     if args.json:
-        _emit_json({"results": [r.__dict__ for r in results],
-                    "replayed": sum(r.result == "replayed" for r in results),
-                    "already_final": sum(r.result == "already_final" for r in results),
-                    "not_done": len(failed)})
+        _emit_json(
+            {
+                "results": [r.__dict__ for r in results],
+                "replayed": sum(r.result == "replayed" for r in results),
+                "already_final": sum(r.result == "already_final" for r in results),
+                "not_done": len(failed),
+            }
+        )
     elif not results:
         print("nothing to replay: the dead-letter queue is empty and no operation is parked")
     else:
         for r in results:
             print(f"{r.operation_id or '(unreadable)'} ({r.kind or '?'}, {r.payment_id or '?'}): {r.message}")
         if len(results) > 1:
-            print(f"\n{sum(r.result == 'replayed' for r in results)} replayed, "
-                  f"{sum(r.result == 'already_final' for r in results)} already final, {len(failed)} not done")
+            print(
+                f"\n{sum(r.result == 'replayed' for r in results)} replayed, "
+                f"{sum(r.result == 'already_final' for r in results)} already final, {len(failed)} not done"
+            )
     return EXIT_ATTENTION if failed else EXIT_OK
 
 
@@ -597,32 +721,48 @@ async def cmd_reconcile(args, settings: config.Settings) -> int:
     pool = await _pool(settings)
     try:
         async with BankClient(settings.bank_url, timeout=BANK_TIMEOUT) as bank:
-            report = await reconcile.run_reconciliation(pool, bank, rate_per_second=args.rate, limit=args.limit,
-                                                        repair=args.repair)
+            report = await reconcile.run_reconciliation(
+                pool, bank, rate_per_second=args.rate, limit=args.limit, repair=args.repair
+            )
     finally:
         await pool.close()
     if args.json:
         _emit_json(report.to_json())
         return EXIT_OK if report.ok else EXIT_ATTENTION
-    print(f"reconciliation {report.run_id} ({'repair' if report.repair else 'report only'}): "
-          f"{report.checked} payment(s) checked, {report.bank_calls} bank request(s) in {report.seconds:.1f} s"
-          + (f", {report.moved} moved during the check (next run)" if report.moved else ""))
+    print(
+        f"reconciliation {report.run_id} ({'repair' if report.repair else 'report only'}): "
+        f"{report.checked} payment(s) checked, {report.bank_calls} bank request(s) in {report.seconds:.1f} s"
+        + (f", {report.moved} moved during the check (next run)" if report.moved else "")
+    )
     if report.ok:
         print("no disagreements")
         return EXIT_OK
     print()
-    print(_table(
-        ["PAYMENT", "KIND", "OBJECT", "ID", "OURS", "BANK", "ACTION"],
-        ([f.payment_id, f.kind, f.detail.get("object"), f.detail.get("id") or f.detail.get("field"),
-          f.detail.get("ours"), f.detail.get("bank", f.detail.get("code") or f.detail.get("outcome")),
-          _action(f, report.repair)] for f in report.findings),
-    ))
+    print(
+        _table(
+            ["PAYMENT", "KIND", "OBJECT", "ID", "OURS", "BANK", "ACTION"],
+            (
+                [
+                    f.payment_id,
+                    f.kind,
+                    f.detail.get("object"),
+                    f.detail.get("id") or f.detail.get("field"),
+                    f.detail.get("ours"),
+                    f.detail.get("bank", f.detail.get("code") or f.detail.get("outcome")),
+                    _action(f, report.repair),
+                ]
+                for f in report.findings
+            ),
+        )
+    )
     print()
     print(_table(["KIND", "COUNT"], report.counts().items()))
     repaired = sum(f.repaired for f in report.findings)
     flagged = sum(f.flagged for f in report.findings)
-    print(f"\n{len(report.findings)} finding(s): {repaired} repaired, {flagged} flagged for attention; "
-          f"stored under run {report.run_id}" + ("" if report.repair else "; nothing else changed (no --repair)"))
+    print(
+        f"\n{len(report.findings)} finding(s): {repaired} repaired, {flagged} flagged for attention; "
+        f"stored under run {report.run_id}" + ("" if report.repair else "; nothing else changed (no --repair)")
+    )
     return EXIT_ATTENTION
 
 
@@ -661,35 +801,58 @@ def _para(*paragraphs: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     json_flag = argparse.ArgumentParser(add_help=False)
-    json_flag.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                           help="machine-readable output (one JSON document on stdout)")
+    json_flag.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output (one JSON document on stdout)",
+    )
     fmt = argparse.RawDescriptionHelpFormatter
 
     parser = argparse.ArgumentParser(
-        prog="gatewayctl", formatter_class=fmt, epilog=_para(*ENVIRONMENT),
-        description=_para("Operate the payment gateway: the schema, dead-lettered operations and "
-                          "reconciliation with the bank. Every command has --help."),
+        prog="gatewayctl",
+        formatter_class=fmt,
+        epilog=_para(*ENVIRONMENT),
+        description=_para(
+            "Operate the payment gateway: the schema, dead-lettered operations and "
+            "reconciliation with the bank. Every command has --help."
+        ),
     )
-    parser.add_argument("--json", action="store_true", default=False,
-                        help="machine-readable output (one JSON document on stdout)")
+    parser.add_argument(
+        "--json", action="store_true", default=False, help="machine-readable output (one JSON document on stdout)"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = commands.add_parser(
-        "migrate", parents=[json_flag], formatter_class=fmt, help="apply schema.sql (safe to repeat)",
-        description=_para("Apply schema.sql in one transaction and print what it created. Every statement is "
-                          "idempotent: safe to run twice and on a live database."))
+        "migrate",
+        parents=[json_flag],
+        formatter_class=fmt,
+        help="apply schema.sql (safe to repeat)",
+        description=_para(
+            "Apply schema.sql in one transaction and print what it created. Every statement is "
+            "idempotent: safe to run twice and on a live database."
+        ),
+    )
     p.set_defaults(handler=cmd_migrate)
 
     dlq = commands.add_parser(
-        "dlq", formatter_class=fmt, help="dead-lettered (parked) operations: list, show, replay",
-        description=_para(f"Operations that exhausted their retries are parked: their payment shows "
-                          f"attention_required and a message waits in {topology.DEAD_QUEUE}. The operations "
-                          "table is the truth; the queue only carries messages about it."),
-        epilog=_para(*ENVIRONMENT))
+        "dlq",
+        formatter_class=fmt,
+        help="dead-lettered (parked) operations: list, show, replay",
+        description=_para(
+            f"Operations that exhausted their retries are parked: their payment shows "
+            f"attention_required and a message waits in {topology.DEAD_QUEUE}. The operations "
+            "table is the truth; the queue only carries messages about it."
+        ),
+        epilog=_para(*ENVIRONMENT),
+    )
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="DLQ_COMMAND", required=True)
 
     p = dlq_commands.add_parser(
-        "list", parents=[json_flag], formatter_class=fmt, help="dead letters and parked operations",
+        "list",
+        parents=[json_flag],
+        formatter_class=fmt,
+        help="dead letters and parked operations",
         description=_para(
             f"Each operation with a message in {topology.DEAD_QUEUE} (in queue order), then each operation "
             "parked in the database without one: operation, payment, kind, attempts, age, messages, state and "
@@ -698,39 +861,60 @@ def build_parser() -> argparse.ArgumentParser:
             "and manual acknowledgement, so all are held at once, then each is given back with "
             "basic.nack(requeue=True) in delivery order; RabbitMQ puts returned messages back at the head of "
             "the queue in that order. Nothing is acknowledged; if gatewayctl dies meanwhile, the broker "
-            "returns them by itself."))
+            "returns them by itself.",
+        ),
+    )
     p.set_defaults(handler=cmd_dlq_list)
 
     p = dlq_commands.add_parser(
-        "show", parents=[json_flag], formatter_class=fmt, help="everything about one operation",
-        description=_para("The operations row, the payment's receipt (whatever the merchant), its full history "
-                          "with causes, the payment's other operations, its dead letters and what a replay "
-                          "would do. The queue is read as by `dlq list`."))
+        "show",
+        parents=[json_flag],
+        formatter_class=fmt,
+        help="everything about one operation",
+        description=_para(
+            "The operations row, the payment's receipt (whatever the merchant), its full history "
+            "with causes, the payment's other operations, its dead letters and what a replay "
+            "would do. The queue is read as by `dlq list`."
+        ),
+    )
     p.add_argument("operation_id", metavar="OPERATION_ID", help="op_...")
     p.set_defaults(handler=cmd_dlq_show)
 
     p = dlq_commands.add_parser(
-        "replay", parents=[json_flag], formatter_class=fmt, help="put parked operations back in the flow",
+        "replay",
+        parents=[json_flag],
+        formatter_class=fmt,
+        help="put parked operations back in the flow",
         usage="gatewayctl dlq replay [-h] [--json] [--force] (OPERATION_ID | --all)",
         description=_para(
-            "For each operation: finished meanwhile -> its dead letters are dropped (\"already final, nothing "
-            "to do\"); still pending -> unparked, its command published to payments.commands (persistent, "
+            'For each operation: finished meanwhile -> its dead letters are dropped ("already final, nothing '
+            'to do"); still pending -> unparked, its command published to payments.commands (persistent, '
             f"publisher confirm, {topology.RETRIES_HEADER} 0, {topology.FORCE_HEADER} with --force) and only "
             "then its dead letters acknowledged. An operation parked in the database whose message is gone "
             "is re-enqueued from its row. --all: every dead letter and every parked operation.",
             "An authorization first sent to the bank more than WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS (23) hours "
             "ago is refused: the bank forgets idempotency keys after 24 h, so a resend of a request whose "
-            "answer was lost could place a second hold. Check the bank, then use --force."),
-        epilog=_para("Exit code 1 when any operation was refused, unknown, unreadable or could not be "
-                     "published; the others are still replayed."))
+            "answer was lost could place a second hold. Check the bank, then use --force.",
+        ),
+        epilog=_para(
+            "Exit code 1 when any operation was refused, unknown, unreadable or could not be "
+            "published; the others are still replayed."
+        ),
+    )
     p.add_argument("operation_id", metavar="OPERATION_ID", nargs="?", help="op_...")
     p.add_argument("--all", action="store_true", help="every dead letter and every parked operation")
-    p.add_argument("--force", action="store_true",
-                   help="also send authorizations older than the key horizon (after checking the bank)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also send authorizations older than the key horizon (after checking the bank)",
+    )
     p.set_defaults(handler=cmd_dlq_replay)
 
     p = commands.add_parser(
-        "reconcile", parents=[json_flag], formatter_class=fmt, help="compare receipts with the bank",
+        "reconcile",
+        parents=[json_flag],
+        formatter_class=fmt,
+        help="compare receipts with the bank",
         description=_para(
             "Compare the newest settled payments that have bank ids with the bank's GET endpoints "
             "(authorization: exists, amount, expires_at; capture: exists, amount, authorization; refund: "
@@ -738,14 +922,29 @@ def build_parser() -> argparse.ArgumentParser:
             "pending or parked operation are skipped. Findings (missing_at_bank, amount_mismatch, "
             "link_mismatch, receipt_incomplete, expiry_mismatch, unverified) are printed and stored in "
             "reconciliation_findings. Exit code 0 when there are none, 1 when there are findings.",
-            "Voids cannot be checked: the bank has no GET for them."))
-    p.add_argument("--repair", action="store_true",
-                   help="take the bank's hold expiry (and expire the payment if the hold has lapsed); flag "
-                        "money disagreements with attention_required. Money is never changed.")
-    p.add_argument("--rate", type=_positive(float), default=reconcile.DEFAULT_RATE, metavar="N",
-                   help=f"bank requests per second, retries included (default {reconcile.DEFAULT_RATE:g})")
-    p.add_argument("--limit", type=_positive(int), default=reconcile.DEFAULT_LIMIT, metavar="N",
-                   help=f"payments to check, newest first (default {reconcile.DEFAULT_LIMIT})")
+            "Voids cannot be checked: the bank has no GET for them.",
+        ),
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="take the bank's hold expiry (and expire the payment if the hold has lapsed); flag "
+        "money disagreements with attention_required. Money is never changed.",
+    )
+    p.add_argument(
+        "--rate",
+        type=_positive(float),
+        default=reconcile.DEFAULT_RATE,
+        metavar="N",
+        help=f"bank requests per second, retries included (default {reconcile.DEFAULT_RATE:g})",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive(int),
+        default=reconcile.DEFAULT_LIMIT,
+        metavar="N",
+        help=f"payments to check, newest first (default {reconcile.DEFAULT_LIMIT})",
+    )
     p.set_defaults(handler=cmd_reconcile)
     return parser
 
@@ -778,8 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     except asyncpg.UndefinedTableError as exc:
         print(f"gatewayctl: the schema is not applied ({exc}): run `gatewayctl migrate`", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-            aio_pika.exceptions.AMQPError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aio_pika.exceptions.AMQPError) as exc:
         print(f"gatewayctl: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:

@@ -29,9 +29,9 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Awaitable, Callable
 
 import aio_pika
 import asyncpg
@@ -70,8 +70,14 @@ class _Run:
 
 
 class Worker:
-    def __init__(self, settings: config.Settings, cfg: wsettings.WorkerSettings | None = None, *,
-                 worker_id: str | None = None, run_sweeper: bool = True):
+    def __init__(
+        self,
+        settings: config.Settings,
+        cfg: wsettings.WorkerSettings | None = None,
+        *,
+        worker_id: str | None = None,
+        run_sweeper: bool = True,
+    ):
         self.settings = settings
         self.cfg = cfg or wsettings.WorkerSettings()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -106,14 +112,26 @@ class Worker:
         )
         self._consumer_tag = await self._queue.consume(self._on_message)
         if self.run_sweeper:
-            self._sweeper = asyncio.create_task(sweeper.run(
-                self.pool, self._stop_sweeper, interval=self.cfg.sweep_interval,
-                idle_seconds=self.cfg.stuck_after + max(self.cfg.retry_ladder), limit=self.cfg.sweep_batch,
-                bank=self.bank, reconcile_interval=self.cfg.reconcile_interval,
-                reconcile_rate=self.cfg.reconcile_rate, reconcile_limit=self.cfg.reconcile_limit,
-            ))
-        log.info("worker started", worker_id=self.worker_id, concurrency=self.cfg.concurrency,
-                 prefetch=self.cfg.prefetch, retry_ladder=list(self.cfg.retry_ladder))
+            self._sweeper = asyncio.create_task(
+                sweeper.run(
+                    self.pool,
+                    self._stop_sweeper,
+                    interval=self.cfg.sweep_interval,
+                    idle_seconds=self.cfg.stuck_after + max(self.cfg.retry_ladder),
+                    limit=self.cfg.sweep_batch,
+                    bank=self.bank,
+                    reconcile_interval=self.cfg.reconcile_interval,
+                    reconcile_rate=self.cfg.reconcile_rate,
+                    reconcile_limit=self.cfg.reconcile_limit,
+                )
+            )
+        log.info(
+            "worker started",
+            worker_id=self.worker_id,
+            concurrency=self.cfg.concurrency,
+            prefetch=self.cfg.prefetch,
+            retry_ladder=list(self.cfg.retry_ladder),
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop consuming, let the messages being handled finish (up to `grace` s), close."""
@@ -156,8 +174,14 @@ class Worker:
             try:
                 if operation_id is None:
                     log.error("unreadable command sent to the dead-letter queue")
-                    await self._publish_dead(message.body, {"last_error": orjson.dumps(
-                        _error("bad_message", "the command body is not {\"operation_id\": ...}")).decode()})
+                    await self._publish_dead(
+                        message.body,
+                        {
+                            "last_error": orjson.dumps(
+                                _error("bad_message", 'the command body is not {"operation_id": ...}')
+                            ).decode()
+                        },
+                    )
                     await message.ack()
                 else:
                     await self._process(message, operation_id)
@@ -184,11 +208,16 @@ class Worker:
         logs.bind(payment_id=claim.payment_id, operation_kind=claim.kind.value)
 
         if claim.kind is OperationKind.AUTHORIZE and not force and self._key_too_old(claim):
-            await self._park(message, claim, _error(
-                "bank_key_expired",
-                "the first authorization attempt is older than the bank remembers idempotency keys; "
-                "a resend could place a second hold: check the bank, then replay with --force",
-            ), retries)
+            await self._park(
+                message,
+                claim,
+                _error(
+                    "bank_key_expired",
+                    "the first authorization attempt is older than the bank remembers idempotency keys; "
+                    "a resend could place a second hold: check the bank, then replay with --force",
+                ),
+                retries,
+            )
             return
         try:
             call = self._call(claim)
@@ -202,22 +231,29 @@ class Worker:
             return
         if run.uncertain:
             outcome = run.outcome
-            await self._park(message, claim, _error(
-                "bank_outcome_uncertain",
-                f"the bank answers {outcome.code} and does not replay an answer for our key: "
-                "we cannot tell whether the money moved; check the bank before replaying",
-            ), retries, bank_ms=run.bank_ms, attempts=run.attempts)
+            await self._park(
+                message,
+                claim,
+                _error(
+                    "bank_outcome_uncertain",
+                    f"the bank answers {outcome.code} and does not replay an answer for our key: "
+                    "we cannot tell whether the money moved; check the bank before replaying",
+                ),
+                retries,
+                bank_ms=run.bank_ms,
+                attempts=run.attempts,
+            )
             return
         if domain.is_final(run.verdict):
             crash_point("worker.after_bank")
             await payments.record_outcome(self.pool, operation_id, run.verdict, run.outcome, run.bank_ms)
-            log.info("operation settled", verdict=run.verdict.value, bank_ms=run.bank_ms,
-                     code=run.outcome.code)
+            log.info("operation settled", verdict=run.verdict.value, bank_ms=run.bank_ms, code=run.outcome.code)
             crash_point("worker.after_record")
             await message.ack()
             return
-        await self._retry_later(message, claim, domain.error_for(run.outcome), retries, force, run.bank_ms,
-                                run.attempts)
+        await self._retry_later(
+            message, claim, domain.error_for(run.outcome), retries, force, run.bank_ms, run.attempts
+        )
 
     def _key_too_old(self, claim: payments.Claim) -> bool:
         age = timedelta(hours=self.cfg.authorize_key_max_age_hours)
@@ -230,8 +266,14 @@ class Worker:
             if claim.sealed_card is None or self.vault is None:
                 raise ValueError("the card of this authorization is not in the vault (or no CARD_ENCRYPTION_KEY)")
             number, cvv = self.vault.open(claim.payment_id, claim.sealed_card)
-            return lambda: bank.authorize(key, card_number=number, cvv=cvv, expiry_month=claim.card_expiry_month,
-                                          expiry_year=claim.card_expiry_year, amount=claim.amount)
+            return lambda: bank.authorize(
+                key,
+                card_number=number,
+                cvv=cvv,
+                expiry_month=claim.card_expiry_month,
+                expiry_year=claim.card_expiry_year,
+                amount=claim.amount,
+            )
         if kind is OperationKind.REFUND:
             if not claim.capture_id:
                 raise ValueError("the payment has no capture_id to refund")
@@ -262,9 +304,14 @@ class Worker:
             finally:
                 run.bank_ms += int((time.monotonic() - started) * 1000)
 
-        @backoff.on_predicate(backoff.expo, lambda r: r.verdict is Verdict.RETRY and r.lost is None,
-                              max_tries=self.cfg.quick_retries, factor=self.cfg.quick_retry_base,
-                              jitter=backoff.full_jitter, logger=None)
+        @backoff.on_predicate(
+            backoff.expo,
+            lambda r: r.verdict is Verdict.RETRY and r.lost is None,
+            max_tries=self.cfg.quick_retries,
+            factor=self.cfg.quick_retry_base,
+            jitter=backoff.full_jitter,
+            logger=None,
+        )
         async def attempt() -> _Run:
             nonlocal tries
             tries += 1
@@ -275,14 +322,19 @@ class Worker:
             if run.verdict is Verdict.CONFIRM:
                 await self._confirm(claim, run, renew, timed)
             if run.verdict is Verdict.RETRY:
-                log.info("bank try failed", outcome=run.outcome.kind, http_status=run.outcome.http_status,
-                         code=run.outcome.code, try_number=tries)
+                log.info(
+                    "bank try failed",
+                    outcome=run.outcome.kind,
+                    http_status=run.outcome.http_status,
+                    code=run.outcome.code,
+                    try_number=tries,
+                )
             return run
 
         return await attempt()
 
     async def _confirm(self, claim, run: _Run, renew, timed) -> None:
-        """"Already done": maybe our own earlier try whose answer was lost. Ask again, same key."""
+        """ "Already done": maybe our own earlier try whose answer was lost. Ask again, same key."""
         log.info("bank says already done; asking again with the same key", code=run.outcome.code)
         await asyncio.sleep(self.cfg.confirm_delay)
         if not await renew():
@@ -294,8 +346,14 @@ class Worker:
 
     # ---- the ways a message leaves ----------------------------------------------------------
 
-    async def _not_claimed(self, message: AbstractIncomingMessage, operation_id: str,
-                           state: payments.OperationState, retries: int, force: bool) -> None:
+    async def _not_claimed(
+        self,
+        message: AbstractIncomingMessage,
+        operation_id: str,
+        state: payments.OperationState,
+        retries: int,
+        force: bool,
+    ) -> None:
         if not state.exists:
             log.warning("command for an unknown operation dropped")
         elif state.finished:
@@ -303,8 +361,10 @@ class Worker:
         elif state.parked:
             # Parked (waiting for ops): make sure the dead-letter queue has it, in case the
             # publish after park() was the step that failed; ops dedupe on operation_id.
-            await self._publish_dead(message.body, _dead_headers(
-                operation_id, state.payment_id, state.kind, state.attempts, state.last_error, retries))
+            await self._publish_dead(
+                message.body,
+                _dead_headers(operation_id, state.payment_id, state.kind, state.attempts, state.last_error, retries),
+            )
         else:
             # Leased by another worker whose bank call may still be running: come back once
             # the lease can have run out. Not an attempt, so the rung count stays.
@@ -313,8 +373,16 @@ class Worker:
             await self._publish_retry(message.body, state.kind, delay, retries, force)
         await message.ack()
 
-    async def _retry_later(self, message: AbstractIncomingMessage, claim: payments.Claim, error: dict,
-                           retries: int, force: bool, bank_ms: int, attempts: int) -> None:
+    async def _retry_later(
+        self,
+        message: AbstractIncomingMessage,
+        claim: payments.Claim,
+        error: dict,
+        retries: int,
+        force: bool,
+        bank_ms: int,
+        attempts: int,
+    ) -> None:
         if retries >= len(self.cfg.retry_ladder):
             await self._park(message, claim, error, retries, bank_ms=bank_ms, attempts=attempts)
             return
@@ -324,15 +392,24 @@ class Worker:
         log.info("bank attempts failed; retrying later", delay=delay, rung=retries + 1, error_code=error["code"])
         await message.ack()
 
-    async def _park(self, message: AbstractIncomingMessage, claim: payments.Claim, error: dict, retries: int,
-                    bank_ms: int = 0, attempts: int | None = None) -> None:
+    async def _park(
+        self,
+        message: AbstractIncomingMessage,
+        claim: payments.Claim,
+        error: dict,
+        retries: int,
+        bank_ms: int = 0,
+        attempts: int | None = None,
+    ) -> None:
         attempts = claim.attempts if attempts is None else attempts
         if bank_ms:
             await payments.release(self.pool, claim.operation_id, claim.owner, error, bank_ms)
         payment = await payments.park(self.pool, claim.operation_id, error)
         if payment is not None:
-            await self._publish_dead(message.body, _dead_headers(
-                claim.operation_id, claim.payment_id, claim.kind.value, attempts, error, retries))
+            await self._publish_dead(
+                message.body,
+                _dead_headers(claim.operation_id, claim.payment_id, claim.kind.value, attempts, error, retries),
+            )
             log.error("operation parked for ops", error_code=error["code"], attempts=attempts)
         await message.ack()
 
@@ -340,8 +417,9 @@ class Worker:
         headers = {topology.RETRIES_HEADER: retries, topology.RETRY_QUEUE_HEADER: topology.retry_queue_name(delay)}
         if force:
             headers[topology.FORCE_HEADER] = True
-        await self._retry_exchange.publish(_message(body, headers), routing_key=kind, mandatory=True,
-                                           timeout=PUBLISH_TIMEOUT)
+        await self._retry_exchange.publish(
+            _message(body, headers), routing_key=kind, mandatory=True, timeout=PUBLISH_TIMEOUT
+        )
 
     async def _publish_dead(self, body: bytes, headers: dict) -> None:
         await self._publish_channel.default_exchange.publish(
@@ -351,16 +429,24 @@ class Worker:
 
 def _message(body: bytes, headers: dict) -> aio_pika.Message:
     return aio_pika.Message(
-        body=body, headers=headers, message_id=messages.new_id("cmd"), content_type="application/json",
+        body=body,
+        headers=headers,
+        message_id=messages.new_id("cmd"),
+        content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
 
 
-def _dead_headers(operation_id: str, payment_id: str, kind: str, attempts: int, error: dict | None,
-                  retries: int) -> dict:
+def _dead_headers(
+    operation_id: str, payment_id: str, kind: str, attempts: int, error: dict | None, retries: int
+) -> dict:
     return {
-        "operation_id": operation_id, "payment_id": payment_id, "kind": kind, "attempts": attempts,
-        "last_error": orjson.dumps(error).decode(), topology.RETRIES_HEADER: retries,
+        "operation_id": operation_id,
+        "payment_id": payment_id,
+        "kind": kind,
+        "attempts": attempts,
+        "last_error": orjson.dumps(error).decode(),
+        topology.RETRIES_HEADER: retries,
         "parked_at": now().isoformat(),
     }
 
@@ -415,7 +501,7 @@ def _parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog="gateway-worker",
         description="Consume payments.work: call the bank for each operation and record the outcome; "
-                    "also sweeps stuck operations and lapsed holds.",
+        "also sweeps stuck operations and lapsed holds.",
         epilog=wsettings.epilog(wsettings.WORKER_VARS) + "; BANK_URL and CARD_ENCRYPTION_KEY (required).",
     )
 

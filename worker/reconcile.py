@@ -38,9 +38,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import backoff
@@ -92,8 +93,14 @@ class Finding:
         return self.kind in MONEY_KINDS
 
     def to_json(self) -> dict:
-        return {"payment_id": self.payment_id, "kind": self.kind, "detail": self.detail,
-                "repaired": self.repaired, "attention_flagged": self.flagged, "note": self.note}
+        return {
+            "payment_id": self.payment_id,
+            "kind": self.kind,
+            "detail": self.detail,
+            "repaired": self.repaired,
+            "attention_flagged": self.flagged,
+            "note": self.note,
+        }
 
 
 @dataclass
@@ -126,10 +133,17 @@ class Report:
 
     def to_json(self) -> dict:
         return {
-            "run_id": self.run_id, "repair": self.repair, "rate_per_second": self.rate_per_second,
-            "limit": self.limit, "started_at": iso(self.started_at), "finished_at": iso(self.finished_at),
-            "seconds": round(self.seconds, 3), "checked": self.checked, "moved": self.moved,
-            "bank_calls": self.bank_calls, "counts": self.counts(),
+            "run_id": self.run_id,
+            "repair": self.repair,
+            "rate_per_second": self.rate_per_second,
+            "limit": self.limit,
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "seconds": round(self.seconds, 3),
+            "checked": self.checked,
+            "moved": self.moved,
+            "bank_calls": self.bank_calls,
+            "counts": self.counts(),
             "repaired": sum(f.repaired for f in self.findings),
             "attention_flagged": sum(f.flagged for f in self.findings),
             "findings": [f.to_json() for f in self.findings],
@@ -191,8 +205,14 @@ class _Pass:
         self.retry_base = retry_base
 
     async def _get(self, call: Callable[[str], Awaitable[BankOutcome]], ident: str) -> BankOutcome:
-        @backoff.on_predicate(backoff.expo, _transient, max_tries=self.retries, factor=self.retry_base,
-                              jitter=backoff.full_jitter, logger=None)
+        @backoff.on_predicate(
+            backoff.expo,
+            _transient,
+            max_tries=self.retries,
+            factor=self.retry_base,
+            jitter=backoff.full_jitter,
+            logger=None,
+        )
         async def attempt() -> BankOutcome:
             await self.limiter.acquire()
             self.report.bank_calls += 1
@@ -209,22 +229,39 @@ class _Pass:
 
         for id_field, statuses in _NEEDS.items():
             if p["status"] in statuses and not p[id_field]:
-                add(RECEIPT_INCOMPLETE, object="receipt", field=id_field, status=p["status"],
-                    message=f"a {p['status']} payment has no {id_field}")
+                add(
+                    RECEIPT_INCOMPLETE,
+                    object="receipt",
+                    field=id_field,
+                    status=p["status"],
+                    message=f"a {p['status']} payment has no {id_field}",
+                )
 
         auth_id = p["authorization_id"]
         outcome = await self._get(self.bank.get_authorization, auth_id)
         if self._usable(outcome, "authorization", auth_id, add):
             body = outcome.body
             if body.get("amount") != p["amount"]:
-                add(AMOUNT_MISMATCH, object="authorization", id=auth_id, field="amount",
-                    ours=p["amount"], bank=body.get("amount"))
+                add(
+                    AMOUNT_MISMATCH,
+                    object="authorization",
+                    id=auth_id,
+                    field="amount",
+                    ours=p["amount"],
+                    bank=body.get("amount"),
+                )
             bank_expiry, ours = _bank_time(body.get("expires_at")), p["authorization_expires_at"]
             if bank_expiry is not None and (
                 ours is None or abs((bank_expiry - ours).total_seconds()) >= EXPIRY_TOLERANCE_SECONDS
             ):
-                add(EXPIRY_MISMATCH, object="authorization", id=auth_id, field="expires_at",
-                    ours=iso(ours), bank=iso(bank_expiry))
+                add(
+                    EXPIRY_MISMATCH,
+                    object="authorization",
+                    id=auth_id,
+                    field="expires_at",
+                    ours=iso(ours),
+                    bank=iso(bank_expiry),
+                )
 
         # A capture must name our authorization, a refund our capture; both move the full amount.
         for obj, ident, get, link_field, our_link in (
@@ -237,11 +274,11 @@ class _Pass:
             if self._usable(outcome, obj, ident, add):
                 body = outcome.body
                 if body.get("amount") != p["amount"]:
-                    add(AMOUNT_MISMATCH, object=obj, id=ident, field="amount",
-                        ours=p["amount"], bank=body.get("amount"))
+                    add(
+                        AMOUNT_MISMATCH, object=obj, id=ident, field="amount", ours=p["amount"], bank=body.get("amount")
+                    )
                 if body.get(link_field) != our_link:
-                    add(LINK_MISMATCH, object=obj, id=ident, field=link_field,
-                        ours=our_link, bank=body.get(link_field))
+                    add(LINK_MISMATCH, object=obj, id=ident, field=link_field, ours=our_link, bank=body.get(link_field))
         return found
 
     def _usable(self, outcome: BankOutcome, obj: str, ident: str, add) -> bool:
@@ -250,8 +287,13 @@ class _Pass:
         if _not_found(outcome):
             add(MISSING_AT_BANK, object=obj, id=ident, message=f"the bank does not know {obj} {ident}")
         else:
-            add(UNVERIFIED, object=obj, id=ident, attempts=self.retries if _transient(outcome) else 1,
-                **_describe(outcome))
+            add(
+                UNVERIFIED,
+                object=obj,
+                id=ident,
+                attempts=self.retries if _transient(outcome) else 1,
+                **_describe(outcome),
+            )
         return False
 
     async def settle(self, snapshot: asyncpg.Record, found: list[Finding], repair: bool) -> bool:
@@ -279,14 +321,22 @@ class _Pass:
                 if money:
                     payment = payment_json({**row, "attention_required": True, "updated_at": at})
                     event = messages.event(domain.ATTENTION_EVENT, payment, at)
-                    await conn.execute(Q["flag_attention"], row["id"], at, event.exchange, event.routing_key,
-                                       event.message_id, event.body)
+                    await conn.execute(
+                        Q["flag_attention"],
+                        row["id"],
+                        at,
+                        event.exchange,
+                        event.routing_key,
+                        event.message_id,
+                        event.body,
+                    )
                     for f in money:
                         f.flagged = True
                         f.detail["attention_required"] = True
             for f in found:
-                await conn.execute(Q["insert_finding"], self.report.run_id, f.payment_id, f.kind, f.detail,
-                                   f.repaired, at)
+                await conn.execute(
+                    Q["insert_finding"], self.report.run_id, f.payment_id, f.kind, f.detail, f.repaired, at
+                )
         if expire_after:
             expired = await payments.expire_hold(self.pool, snapshot["id"])
             for f in found:
@@ -313,8 +363,9 @@ async def run_reconciliation(
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    report = Report(run_id=messages.new_id("rec"), repair=repair, rate_per_second=rate_per_second,
-                    limit=limit, started_at=now())
+    report = Report(
+        run_id=messages.new_id("rec"), repair=repair, rate_per_second=rate_per_second, limit=limit, started_at=now()
+    )
     run = _Pass(pool, bank_client, report, max(1, retries), retry_base)
     candidates = await pool.fetch(Q["reconcile_candidates"], limit)
     # Enough requests in flight to use the budget while the bank takes its time (up to ~2 s).
@@ -331,8 +382,15 @@ async def run_reconciliation(
             report.checked += 1
             results[i] = found
             for f in found:
-                log.warning("reconciliation finding", run_id=report.run_id, payment_id=f.payment_id,
-                            kind=f.kind, detail=f.detail, repaired=f.repaired, attention_flagged=f.flagged)
+                log.warning(
+                    "reconciliation finding",
+                    run_id=report.run_id,
+                    payment_id=f.payment_id,
+                    kind=f.kind,
+                    detail=f.detail,
+                    repaired=f.repaired,
+                    attention_flagged=f.flagged,
+                )
 
     tasks = [asyncio.create_task(work()) for _ in range(min(workers, len(candidates)))]
     try:
@@ -343,7 +401,14 @@ async def run_reconciliation(
         raise
     report.findings = [f for found in results for f in found]  # newest payment first
     report.finished_at = now()
-    log.info("reconciliation finished", run_id=report.run_id, checked=report.checked, moved=report.moved,
-             bank_calls=report.bank_calls, findings=report.counts(), repair=repair,
-             seconds=round(report.seconds, 3))
+    log.info(
+        "reconciliation finished",
+        run_id=report.run_id,
+        checked=report.checked,
+        moved=report.moved,
+        bank_calls=report.bank_calls,
+        findings=report.counts(),
+        repair=repair,
+        seconds=round(report.seconds, 3),
+    )
     return report

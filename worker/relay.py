@@ -61,8 +61,13 @@ class Batch:
 
 
 class Relay:
-    def __init__(self, database_url: str, amqp_url: str, cfg: wsettings.RelaySettings | None = None,
-                 ladder: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        database_url: str,
+        amqp_url: str,
+        cfg: wsettings.RelaySettings | None = None,
+        ladder: tuple[int, ...] | None = None,
+    ):
         self.database_url = database_url
         self.amqp_url = amqp_url
         self.cfg = cfg or wsettings.RelaySettings()
@@ -82,7 +87,9 @@ class Relay:
 
     async def start(self) -> None:
         self.pool = await db.create_pool(self.database_url, min_size=1, max_size=4)
-        self.connection = await aio_pika.connect_robust(self.amqp_url, client_properties={"connection_name": "gateway-relay"})
+        self.connection = await aio_pika.connect_robust(
+            self.amqp_url, client_properties={"connection_name": "gateway-relay"}
+        )
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         self._exchanges = dict(await topology.declare(self.channel, self.ladder))
         self._known_exchanges = set(self._exchanges) | {""}
@@ -142,8 +149,8 @@ class Relay:
                 return Batch(0, 0, 0, False)
             results = await asyncio.gather(*(self._publish(r) for r in rows), return_exceptions=True)
             crash_point("relay.after_publish")
-            confirmed = [r["id"] for r, res in zip(rows, results) if not isinstance(res, BaseException)]
-            failed = [(r, res) for r, res in zip(rows, results) if isinstance(res, BaseException)]
+            confirmed = [r["id"] for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)]
+            failed = [(r, res) for r, res in zip(rows, results, strict=True) if isinstance(res, BaseException)]
             if confirmed:
                 await self._mark(conn, confirmed)
         for row_id in confirmed:
@@ -155,8 +162,14 @@ class Relay:
             count = self._held_back.get(row["id"], (0, 0.0))[0] + 1
             self._held_back[row["id"]] = (count, time.monotonic() + min(60.0, 0.5 * 2 ** min(count, 8)))
         for row, exc in failed[:5]:
-            log.error("outbox publish failed", outbox_id=row["id"], exchange=row["exchange"],
-                      routing_key=row["routing_key"], error=type(exc).__name__, detail=str(exc)[:200])
+            log.error(
+                "outbox publish failed",
+                outbox_id=row["id"],
+                exchange=row["exchange"],
+                routing_key=row["routing_key"],
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+            )
         return Batch(len(rows), len(confirmed), len(failed), broker_trouble)
 
     def _holding_back(self) -> list[int]:
@@ -231,7 +244,7 @@ class Relay:
 async def _wait(event: asyncio.Event, timeout: float) -> None:
     try:
         await asyncio.wait_for(event.wait(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 
@@ -261,7 +274,9 @@ async def _connect_with_backoff(relay: Relay, stop: asyncio.Event) -> bool:
 async def serve() -> None:
     settings = config.load()
     cfg = wsettings.load(wsettings.parse_relay)
-    ladder = wsettings.load(lambda env: wsettings.parse_ladder(env.get("WORKER_RETRY_LADDER") or wsettings.DEFAULT_RETRY_LADDER))
+    ladder = wsettings.load(
+        lambda env: wsettings.parse_ladder(env.get("WORKER_RETRY_LADDER") or wsettings.DEFAULT_RETRY_LADDER)
+    )
     logs.setup(settings.log_level, "gateway-relay")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

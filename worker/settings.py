@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from gateway.config import ConfigError
 
@@ -37,7 +37,10 @@ WORKER_VARS = {
     "WORKER_CONFIRM_DELAY_SECONDS": ("1", "wait before re-sending a request the bank says is already done"),
     "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS": ("23", "an authorize first tried longer ago is parked, not re-sent"),
     "SWEEPER_INTERVAL_SECONDS": ("15", "how often the sweeper runs"),
-    "SWEEPER_STUCK_AFTER_SECONDS": ("60", "idle time (on top of the longest retry delay) before a pending operation is re-enqueued"),
+    "SWEEPER_STUCK_AFTER_SECONDS": (
+        "60",
+        "idle time (on top of the longest retry delay) before a pending operation is re-enqueued",
+    ),
     "SWEEPER_BATCH_SIZE": ("500", "operations or payments handled per sweeper pass"),
     "RECONCILE_INTERVAL_SECONDS": ("3600", "how often one worker reconciles receipts with the bank (0: never)"),
     "RECONCILE_RATE": ("5", "bank requests per second a reconciliation pass may make"),
@@ -45,8 +48,9 @@ WORKER_VARS = {
 }
 
 
-def _number(env: Mapping[str, str], name: str, table: dict, *, lo: float, integer: bool = False,
-            lo_open: bool = False) -> float:
+def _number(
+    env: Mapping[str, str], name: str, table: dict, *, lo: float, integer: bool = False, lo_open: bool = False
+) -> float:
     raw = (env.get(name) or "").strip() or table[name][0]
     try:
         value = int(raw) if integer else float(raw)

@@ -81,8 +81,18 @@ async def reconcile_once(pool: asyncpg.Pool, bank, *, rate: float, limit: int) -
     return report
 
 
-async def run(pool: asyncpg.Pool, stop: asyncio.Event, *, interval: float, idle_seconds: float, limit: int,
-              bank=None, reconcile_interval: float = 0, reconcile_rate: float = 5, reconcile_limit: int = 500) -> None:
+async def run(
+    pool: asyncpg.Pool,
+    stop: asyncio.Event,
+    *,
+    interval: float,
+    idle_seconds: float,
+    limit: int,
+    bank=None,
+    reconcile_interval: float = 0,
+    reconcile_rate: float = 5,
+    reconcile_limit: int = 500,
+) -> None:
     """Sweep every `interval` seconds (and reconcile every `reconcile_interval`) until `stop` is set.
 
     A failed pass is logged and tried again at the next tick.
@@ -99,5 +109,5 @@ async def run(pool: asyncpg.Pool, stop: asyncio.Event, *, interval: float, idle_
             log.warning("sweep failed", error=type(exc).__name__, detail=str(exc)[:200])
         try:
             await asyncio.wait_for(stop.wait(), interval)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass

@@ -35,7 +35,9 @@ class StartupError(Exception):
     """A dependency the process cannot start without is missing."""
 
 
-def create_app(settings: config.Settings, pool: asyncpg.Pool | None = None, *, pool_size: int = DEFAULT_POOL_SIZE) -> web.Application:
+def create_app(
+    settings: config.Settings, pool: asyncpg.Pool | None = None, *, pool_size: int = DEFAULT_POOL_SIZE
+) -> web.Application:
     """The aiohttp application. With `pool` given the app uses it and leaves closing it to the caller."""
     if settings.card_key is None:
         raise ValueError("the API needs settings.card_key (CARD_ENCRYPTION_KEY) to seal cards")
@@ -50,8 +52,11 @@ def create_app(settings: config.Settings, pool: asyncpg.Pool | None = None, *, p
         lambda: watcher.waiting
     )
     state = routes.State(
-        vault=CardVault(settings.card_key), watcher=watcher, registry=registry,
-        openapi=orjson.dumps(document), docs=openapi.render_docs(document),
+        vault=CardVault(settings.card_key),
+        watcher=watcher,
+        registry=registry,
+        openapi=orjson.dumps(document),
+        docs=openapi.render_docs(document),
     )
     app[routes.STATE] = state
     routes.setup(app)
@@ -99,7 +104,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     parser.add_argument(
-        "--db-pool-size", type=int, default=DEFAULT_POOL_SIZE,
+        "--db-pool-size",
+        type=int,
+        default=DEFAULT_POOL_SIZE,
         help=f"most Postgres connections this process opens (default {DEFAULT_POOL_SIZE})",
     )
     args = parser.parse_args(argv)

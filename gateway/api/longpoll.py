@@ -86,7 +86,9 @@ class PaymentWatcher:
                     break
                 listening = self.listening
                 try:
-                    await asyncio.wait_for(changed.wait(), remaining if listening else min(remaining, _FALLBACK_INTERVAL))
+                    await asyncio.wait_for(
+                        changed.wait(), remaining if listening else min(remaining, _FALLBACK_INTERVAL)
+                    )
                 except TimeoutError:
                     if listening:
                         break  # no notification: the row is as we read it

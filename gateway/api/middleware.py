@@ -55,11 +55,11 @@ def merchants_by_digest(api_keys: dict[str, str]) -> dict[bytes, str]:
 class HttpMetrics:
     def __init__(self, registry: CollectorRegistry):
         labels = ("method", "route", "status")
-        self.requests = Counter(
-            "gateway_http_requests", "HTTP requests handled", labels, registry=registry
-        )
+        self.requests = Counter("gateway_http_requests", "HTTP requests handled", labels, registry=registry)
         self.latency = Histogram(
-            "gateway_http_request_duration_seconds", "Time to answer an HTTP request", labels,
+            "gateway_http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            labels,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
             registry=registry,
         )
@@ -82,7 +82,9 @@ def _route(request: web.Request) -> str:
 def _authenticate(request: web.Request) -> str:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "unauthorized", "send Authorization: Bearer <api key>", headers={"WWW-Authenticate": BEARER})
+        raise ApiError(
+            401, "unauthorized", "send Authorization: Bearer <api key>", headers={"WWW-Authenticate": BEARER}
+        )
     merchant = request.app[MERCHANT].get(key_digest(token.strip()))
     if merchant is None:
         raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": BEARER})
@@ -111,7 +113,9 @@ async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
         except _UNAVAILABLE as exc:
             log.warning("dependency unavailable", error=f"{type(exc).__name__}: {exc}")
             response = error_response(
-                503, "service_unavailable", "a dependency of the gateway is unavailable; retry later",
+                503,
+                "service_unavailable",
+                "a dependency of the gateway is unavailable; retry later",
                 headers={"Retry-After": "1"},
             )
         except asyncio.CancelledError:

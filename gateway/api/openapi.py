@@ -18,8 +18,13 @@ from gateway.api.errors import JSON
 REF = "#/components/schemas/{model}"
 
 _MODELS: list[type[BaseModel]] = [
-    schemas.AuthorizeIn, schemas.ActionIn, schemas.Payment, schemas.PaymentList,
-    schemas.ErrorResponse, schemas.Health, schemas.Readiness,
+    schemas.AuthorizeIn,
+    schemas.ActionIn,
+    schemas.Payment,
+    schemas.PaymentList,
+    schemas.ErrorResponse,
+    schemas.Health,
+    schemas.Readiness,
 ]
 
 DESCRIPTION = """\
@@ -106,7 +111,9 @@ def build() -> dict:
     auth = [{"bearerAuth": []}]
     v1_errors = {401: _error(401), 500: _error(500), 503: _error(503)}
     post_errors = {
-        400: _error(400), 413: _error(413), 415: _error(415),
+        400: _error(400),
+        413: _error(413),
+        415: _error(415),
     }
     payment_id = {"$ref": "#/components/parameters/PaymentId"}
     idem = {"$ref": "#/components/parameters/IdempotencyKey"}
@@ -121,7 +128,7 @@ def build() -> dict:
                 "description": (
                     f"Moves the payment to `{status}` and hands the {name} to the bank in the background; "
                     f"follow it with `GET /v1/payments/{{id}}?wait=N` or the `payment.*` events. "
-                    f"The body is empty, `{{}}` or `{{\"amount\": N}}` with N equal to the full amount "
+                    f'The body is empty, `{{}}` or `{{"amount": N}}` with N equal to the full amount '
                     f"(no partial operations). {refusal}"
                 ),
                 "tags": ["payments"],
@@ -135,10 +142,14 @@ def build() -> dict:
                     "202": _ok(f"accepted: the payment, now `{status}`", "Payment", replayed),
                     **{str(k): v for k, v in post_errors.items()},
                     "404": _error(404, "`payment_not_found`: no such payment for this API key"),
-                    "409": _error(409, "`invalid_state_transition` (the error names the current `status`), "
-                                       "`request_in_progress`"),
-                    "422": _error(422, "`validation_error` (with `details`), `amount_mismatch` "
-                                       "(with `expected_amount`), `idempotency_key_reused`"),
+                    "409": _error(
+                        409, "`invalid_state_transition` (the error names the current `status`), `request_in_progress`"
+                    ),
+                    "422": _error(
+                        422,
+                        "`validation_error` (with `details`), `amount_mismatch` "
+                        "(with `expected_amount`), `idempotency_key_reused`",
+                    ),
                     **{str(k): v for k, v in v1_errors.items()},
                 },
             }
@@ -165,14 +176,19 @@ def build() -> dict:
                     "content": {JSON: {"schema": {"$ref": REF.format(model="AuthorizeIn")}}},
                 },
                 "responses": {
-                    "202": _ok("accepted: the payment, `pending`", "Payment", {
-                        "Location": {"description": "/v1/payments/{id}", "schema": {"type": "string"}},
-                        **replayed,
-                    }),
+                    "202": _ok(
+                        "accepted: the payment, `pending`",
+                        "Payment",
+                        {
+                            "Location": {"description": "/v1/payments/{id}", "schema": {"type": "string"}},
+                            **replayed,
+                        },
+                    ),
                     **{str(k): v for k, v in post_errors.items()},
                     "409": _error(409, "`order_already_paid` (with `payment_id`), `request_in_progress`"),
-                    "422": _error(422, "`validation_error` (with `details`: field, code, message), "
-                                       "`idempotency_key_reused`"),
+                    "422": _error(
+                        422, "`validation_error` (with `details`: field, code, message), `idempotency_key_reused`"
+                    ),
                     **{str(k): v for k, v in v1_errors.items()},
                 },
             },
@@ -217,49 +233,80 @@ def build() -> dict:
             }
         },
         "/v1/payments/{payment_id}/capture": action(
-            "capture", "capturing", "Only an `authorized` payment can be captured (409 otherwise)."),
+            "capture", "capturing", "Only an `authorized` payment can be captured (409 otherwise)."
+        ),
         "/v1/payments/{payment_id}/void": action(
-            "void", "voiding", "Only an `authorized` payment can be voided (409 otherwise)."),
+            "void", "voiding", "Only an `authorized` payment can be voided (409 otherwise)."
+        ),
         "/v1/payments/{payment_id}/refund": action(
-            "refund", "refunding", "Only a `captured` payment can be refunded, once (409 otherwise)."),
-        "/healthz": {"get": {
-            "operationId": "healthz", "summary": "Liveness", "tags": ["operations"], "security": [],
-            "responses": {"200": _ok("the process is up", "Health")},
-        }},
-        "/readyz": {"get": {
-            "operationId": "readyz", "summary": "Readiness: database and broker reachable",
-            "tags": ["operations"], "security": [],
-            "responses": {
-                "200": _ok("ready", "Readiness"),
-                "503": _ok("not ready: `checks` says which dependency failed", "Readiness"),
-            },
-        }},
-        "/metrics": {"get": {
-            "operationId": "metrics", "summary": "Prometheus metrics (text exposition format)",
-            "tags": ["operations"], "security": [],
-            "responses": {"200": {
-                "description": "request counts and latency histograms by route template and status",
-                "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
-                "content": {"text/plain": {"schema": {"type": "string"}}},
-            }},
-        }},
-        "/openapi.json": {"get": {
-            "operationId": "openapi", "summary": "This document", "tags": ["operations"], "security": [],
-            "responses": {"200": {
-                "description": "OpenAPI 3.1",
-                "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
-                "content": {JSON: {"schema": {"type": "object"}}},
-            }},
-        }},
-        "/docs": {"get": {
-            "operationId": "docs", "summary": "This document as an HTML page", "tags": ["operations"],
-            "security": [],
-            "responses": {"200": {
-                "description": "HTML",
-                "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
-                "content": {"text/html": {"schema": {"type": "string"}}},
-            }},
-        }},
+            "refund", "refunding", "Only a `captured` payment can be refunded, once (409 otherwise)."
+        ),
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "Liveness",
+                "tags": ["operations"],
+                "security": [],
+                "responses": {"200": _ok("the process is up", "Health")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "summary": "Readiness: database and broker reachable",
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": _ok("ready", "Readiness"),
+                    "503": _ok("not ready: `checks` says which dependency failed", "Readiness"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics (text exposition format)",
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "request counts and latency histograms by route template and status",
+                        "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
+                        "content": {JSON: {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+        "/docs": {
+            "get": {
+                "operationId": "docs",
+                "summary": "This document as an HTML page",
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
     }
     for item in paths.values():
         for op in item.values():
@@ -279,26 +326,38 @@ def build() -> dict:
             },
             "parameters": {
                 "IdempotencyKey": {
-                    "name": "Idempotency-Key", "in": "header", "required": True,
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": True,
                     "description": "1-255 printable ASCII characters (0x20-0x7E); HTTP drops leading and "
-                                   "trailing spaces. Scoped to the API key's caller; kept at least 24 hours.",
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 255,
-                               "pattern": r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$"},
+                    "trailing spaces. Scoped to the API key's caller; kept at least 24 hours.",
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 255,
+                        "pattern": r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$",
+                    },
                 },
                 "RequestId": {
-                    "name": "X-Request-Id", "in": "header", "required": False,
+                    "name": "X-Request-Id",
+                    "in": "header",
+                    "required": False,
                     "description": "echoed in the response when it is 1-128 characters of A-Z a-z 0-9 . _ : - ; "
-                                   "any other value (or none) is replaced by a generated `req_...` id",
+                    "any other value (or none) is replaced by a generated `req_...` id",
                     "schema": {"type": "string"},
                 },
                 "PaymentId": {
-                    "name": "payment_id", "in": "path", "required": True,
+                    "name": "payment_id",
+                    "in": "path",
+                    "required": True,
                     "schema": {"type": "string", "pattern": schemas.PAYMENT_ID_PATTERN},
                 },
             },
             "headers": {
-                "X-Request-Id": {"description": "the request's id, also in every log line",
-                                 "schema": {"type": "string"}},
+                "X-Request-Id": {
+                    "description": "the request's id, also in every log line",
+                    "schema": {"type": "string"},
+                },
                 "Idempotent-Replayed": {
                     "description": "`true` when this is the stored answer to an earlier request with the same key",
                     "schema": {"type": "string", "enum": ["true"]},
@@ -353,8 +412,14 @@ def _type(schema: dict) -> str:
 
 
 def _constraints(schema: dict) -> str:
-    labels = [("minimum", ">= "), ("maximum", "<= "), ("minLength", "min length "), ("maxLength", "max length "),
-              ("pattern", "pattern "), ("default", "default ")]
+    labels = [
+        ("minimum", ">= "),
+        ("maximum", "<= "),
+        ("minLength", "min length "),
+        ("maxLength", "max length "),
+        ("pattern", "pattern "),
+        ("default", "default "),
+    ]
     items = [f"{label}<code>{_e(schema[key])}</code>" for key, label in labels if key in schema]
     for branch in schema.get("anyOf", []):
         if branch.get("type") != "null":
@@ -373,8 +438,10 @@ def _schema_table(schema: dict) -> str:
         for name, p in props.items()
     )
     extra = "" if schema.get("additionalProperties", True) is not False else "<p>Other fields are rejected.</p>"
-    return ("<table><tr><th>field (* required)</th><th>type</th><th>constraints</th><th>about</th></tr>"
-            f"{rows}</table>{extra}")
+    return (
+        "<table><tr><th>field (* required)</th><th>type</th><th>constraints</th><th>about</th></tr>"
+        f"{rows}</table>{extra}"
+    )
 
 
 def render_docs(doc: dict) -> bytes:
@@ -389,21 +456,28 @@ def render_docs(doc: dict) -> bytes:
     ]
     ops = [(path, method, op) for path, item in doc["paths"].items() for method, op in item.items()]
     for path, method, op in ops:
-        out.append(f'<li><a href="#{_e(op["operationId"])}"><span class="m {method}">{method.upper()}</span>'
-                   f"<code>{_e(path)}</code></a> {_e(op['summary'])}</li>")
+        out.append(
+            f'<li><a href="#{_e(op["operationId"])}"><span class="m {method}">{method.upper()}</span>'
+            f"<code>{_e(path)}</code></a> {_e(op['summary'])}</li>"
+        )
     out.append("</ul>")
     for path, method, op in ops:
-        out.append(f'<h3 id="{_e(op["operationId"])}"><span class="m {method}">{method.upper()}</span>'
-                   f"<code>{_e(path)}</code></h3><p><b>{_e(op['summary'])}</b>. {_md(op.get('description', ''))}</p>")
+        out.append(
+            f'<h3 id="{_e(op["operationId"])}"><span class="m {method}">{method.upper()}</span>'
+            f"<code>{_e(path)}</code></h3><p><b>{_e(op['summary'])}</b>. {_md(op.get('description', ''))}</p>"
+        )
         out.append(f"<p>Auth: {'Bearer API key' if op.get('security') else 'none'}</p>")
-        params = [comps["parameters"][p["$ref"].rsplit("/", 1)[-1]] if "$ref" in p else p
-                  for p in op.get("parameters", [])]
+        params = [
+            comps["parameters"][p["$ref"].rsplit("/", 1)[-1]] if "$ref" in p else p for p in op.get("parameters", [])
+        ]
         if params:
             out.append("<table><tr><th>parameter</th><th>in</th><th>type</th><th>constraints</th><th>about</th></tr>")
             for p in params:
-                out.append(f"<tr><td><code>{_e(p['name'])}</code>{' *' if p.get('required') else ''}</td>"
-                           f"<td>{_e(p['in'])}</td><td>{_type(p['schema'])}</td><td>{_constraints(p['schema'])}</td>"
-                           f"<td>{_md(p.get('description', ''))}</td></tr>")
+                out.append(
+                    f"<tr><td><code>{_e(p['name'])}</code>{' *' if p.get('required') else ''}</td>"
+                    f"<td>{_e(p['in'])}</td><td>{_type(p['schema'])}</td><td>{_constraints(p['schema'])}</td>"
+                    f"<td>{_md(p.get('description', ''))}</td></tr>"
+                )
             out.append("</table>")
         if "requestBody" in op:
             for ctype, media in op["requestBody"]["content"].items():

@@ -112,7 +112,9 @@ def _respond(response: payments.Response) -> web.Response:
 def _key_errors(exc: Exception) -> ApiError:
     if isinstance(exc, payments.RequestInProgress):
         return ApiError(
-            409, "request_in_progress", "a request with this Idempotency-Key is still being handled; retry shortly",
+            409,
+            "request_in_progress",
+            "a request with this Idempotency-Key is still being handled; retry shortly",
             headers={"Retry-After": "1"},
         )
     return ApiError(
@@ -140,15 +142,21 @@ async def authorize(request: web.Request) -> web.Response:
     card = data.card
     try:
         response = await payments.authorize(
-            state.pool, state.vault, req,
-            order_id=data.order_id, customer_id=data.customer_id, amount=data.amount,
+            state.pool,
+            state.vault,
+            req,
+            order_id=data.order_id,
+            customer_id=data.customer_id,
+            amount=data.amount,
             card=payments.CardInput(card.number, card.cvv, card.expiry_month, card.expiry_year),
         )
     except (payments.RequestInProgress, payments.IdempotencyKeyReused) as exc:
         raise _key_errors(exc) from None
     except payments.OrderAlreadyPaid as exc:
         raise ApiError(
-            409, "order_already_paid", f"order {data.order_id} already has a live payment {exc.payment_id}",
+            409,
+            "order_already_paid",
+            f"order {data.order_id} already has a live payment {exc.payment_id}",
             payment_id=exc.payment_id,
         ) from None
     if response.location:
@@ -179,13 +187,16 @@ def action(kind: Action):
             raise ApiError(404, "payment_not_found", "no such payment") from None
         except payments.AmountMismatch as exc:
             raise ApiError(
-                422, "amount_mismatch",
+                422,
+                "amount_mismatch",
                 f"amount must equal the payment's full amount {exc.expected}; partial {kind.value}s are not supported",
                 expected_amount=exc.expected,
             ) from None
         except InvalidTransition as exc:
             raise ApiError(
-                409, "invalid_state_transition", f"cannot {kind.value} a payment that is {exc.status.value}",
+                409,
+                "invalid_state_transition",
+                f"cannot {kind.value} a payment that is {exc.status.value}",
                 status=exc.status.value,
             ) from None
         return _respond(response)
@@ -214,9 +225,12 @@ async def get_payment(request: web.Request) -> web.Response:
 async def list_payments(request: web.Request) -> web.Response:
     query = _query(schemas.ListQuery, request)
     page = await views.list_payments(
-        request.app[STATE].pool, request[CALLER],
-        order_id=query.order_id, customer_id=query.customer_id,
-        limit=query.limit, starting_after=query.starting_after,
+        request.app[STATE].pool,
+        request[CALLER],
+        order_id=query.order_id,
+        customer_id=query.customer_id,
+        limit=query.limit,
+        starting_after=query.starting_after,
     )
     if page is None:
         raise ApiError(404, "payment_not_found", "starting_after names no payment", param="starting_after")

@@ -95,7 +95,9 @@ class GetQuery(_Query):
     wait: Annotated[
         float,
         Field(
-            default=0, ge=0, le=MAX_WAIT,
+            default=0,
+            ge=0,
+            le=MAX_WAIT,
             description="seconds to hold the request while the payment is in progress (long poll)",
         ),
     ]

@@ -6,17 +6,21 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 
 from tests.support.procs import ScriptProcess, free_port
 
-
 ZERO_CHAOS = {
-    "MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "0", "FAILURE_RATE": "0",
-    "RESPONSE_LOSS_RATE": "0", "AUTH_EXPIRY_HOURS": None, "MOCKBANK_EXTRA_ACCOUNTS": None,
+    "MIN_LATENCY_MS": "0",
+    "MAX_LATENCY_MS": "0",
+    "FAILURE_RATE": "0",
+    "RESPONSE_LOSS_RATE": "0",
+    "AUTH_EXPIRY_HOURS": None,
+    "MOCKBANK_EXTRA_ACCOUNTS": None,
     "LOG_LEVEL": "info",
 }
 
@@ -58,16 +62,15 @@ class BankClient:
         self.base_url = base_url
         self.proc = proc
 
-    async def request(self, method: str, path: str, *, data: bytes | None = None,
-                      headers: dict[str, str] | None = None) -> Reply:
+    async def request(
+        self, method: str, path: str, *, data: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Reply:
         t0 = time.monotonic()
-        async with self.session.request(method, self.base_url + path, data=data,
-                                        headers=headers or {}) as resp:
+        async with self.session.request(method, self.base_url + path, data=data, headers=headers or {}) as resp:
             body = await resp.read()
             return Reply(resp.status, resp.headers, body, time.monotonic() - t0)
 
-    async def post(self, path: str, body: Any = None, *, key: Any = _FRESH,
-                   raw: bytes | None = None) -> Reply:
+    async def post(self, path: str, body: Any = None, *, key: Any = _FRESH, raw: bytes | None = None) -> Reply:
         """POST JSON ``body`` (or ``raw`` bytes). ``key``: default a fresh
         Idempotency-Key, None for no header, or the key string."""
         headers = {"Content-Type": "application/json"}
@@ -81,8 +84,7 @@ class BankClient:
     async def get(self, path: str) -> Reply:
         return await self.request("GET", path)
 
-    async def authorize(self, card: dict = HAPPY, amount: int = 1000, *, key: Any = _FRESH,
-                        **overrides: Any) -> Reply:
+    async def authorize(self, card: dict = HAPPY, amount: int = 1000, *, key: Any = _FRESH, **overrides: Any) -> Reply:
         return await self.post("/api/v1/authorizations", {**card, "amount": amount, **overrides}, key=key)
 
     async def capture(self, auth_id: Any, amount: Any, *, key: Any = _FRESH) -> Reply:

@@ -8,8 +8,8 @@ need other start-up settings use ``running_bank(env)`` from bankclient.py.
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 

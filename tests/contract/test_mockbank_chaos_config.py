@@ -17,9 +17,14 @@ async def test_failure_rate_1_gives_500_without_side_effects():
     async with running_bank({"FAILURE_RATE": "1"}) as bank:
         reply = await bank.authorize(HAPPY, 100, key="k500")
         assert reply.status == 500 and reply.json()["error"] == "internal_error"
-        for call in (bank.capture("auth_x", 1), bank.void("auth_x"), bank.refund("cap_x", 1),
-                     bank.get("/api/v1/authorizations/auth_x"), bank.get("/api/v1/captures/cap_x"),
-                     bank.get("/api/v1/refunds/ref_x")):
+        for call in (
+            bank.capture("auth_x", 1),
+            bank.void("auth_x"),
+            bank.refund("cap_x", 1),
+            bank.get("/api/v1/authorizations/auth_x"),
+            bank.get("/api/v1/captures/cap_x"),
+            bank.get("/api/v1/refunds/ref_x"),
+        ):
             failed = await call
             assert failed.status == 500 and failed.json()["error"] == "internal_error"
         assert (await bank.get("/health")).status == 200  # /health is exempt
@@ -52,8 +57,9 @@ async def test_response_loss_does_the_work_and_replays():
 
 async def test_latency_bounds_roughly_honoured():
     async with running_bank({"MIN_LATENCY_MS": "200", "MAX_LATENCY_MS": "400"}) as bank:
-        replies = await asyncio.gather(*(bank.get("/api/v1/captures/cap_x") for _ in range(10)),
-                                       *(bank.authorize(HAPPY, 100) for _ in range(10)))
+        replies = await asyncio.gather(
+            *(bank.get("/api/v1/captures/cap_x") for _ in range(10)), *(bank.authorize(HAPPY, 100) for _ in range(10))
+        )
         for reply in replies:
             assert reply.status in (200, 404)
             assert 0.19 <= reply.elapsed < 2.0
@@ -66,7 +72,8 @@ async def test_extra_accounts_generated_and_test_cards_unchanged():
         assert listing["total"] == 9
         accounts = listing["accounts"]
         assert [(a["card_number"], a["cvv"], a["expiry_month"], a["expiry_year"]) for a in accounts[:4]] == [
-            (c["card_number"], c["cvv"], c["expiry_month"], c["expiry_year"]) for c in CARDS]
+            (c["card_number"], c["cvv"], c["expiry_month"], c["expiry_year"]) for c in CARDS
+        ]
         assert [a["balance"] for a in accounts[:4]] == [1_000_000, 50_000, 0, 500_000]
         for i, acct in enumerate(accounts[4:]):
             expected = extra_card(i)
@@ -96,18 +103,21 @@ async def test_auth_expiry_hours_configurable():
         assert (await bank.void(auth["authorization_id"])).status == 200
 
 
-@pytest.mark.parametrize("env,name", [
-    ({"FAILURE_RATE": "1.5"}, "FAILURE_RATE"),
-    ({"FAILURE_RATE": "often"}, "FAILURE_RATE"),
-    ({"MIN_LATENCY_MS": "-1"}, "MIN_LATENCY_MS"),
-    ({"MAX_LATENCY_MS": "fast"}, "MAX_LATENCY_MS"),
-    ({"MIN_LATENCY_MS": "500", "MAX_LATENCY_MS": "100"}, "MAX_LATENCY_MS"),
-    ({"AUTH_EXPIRY_HOURS": "0"}, "AUTH_EXPIRY_HOURS"),
-    ({"AUTH_EXPIRY_HOURS": "nan"}, "AUTH_EXPIRY_HOURS"),
-    ({"RESPONSE_LOSS_RATE": "-0.1"}, "RESPONSE_LOSS_RATE"),
-    ({"MOCKBANK_EXTRA_ACCOUNTS": "1.5"}, "MOCKBANK_EXTRA_ACCOUNTS"),
-    ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
-])
+@pytest.mark.parametrize(
+    "env,name",
+    [
+        ({"FAILURE_RATE": "1.5"}, "FAILURE_RATE"),
+        ({"FAILURE_RATE": "often"}, "FAILURE_RATE"),
+        ({"MIN_LATENCY_MS": "-1"}, "MIN_LATENCY_MS"),
+        ({"MAX_LATENCY_MS": "fast"}, "MAX_LATENCY_MS"),
+        ({"MIN_LATENCY_MS": "500", "MAX_LATENCY_MS": "100"}, "MAX_LATENCY_MS"),
+        ({"AUTH_EXPIRY_HOURS": "0"}, "AUTH_EXPIRY_HOURS"),
+        ({"AUTH_EXPIRY_HOURS": "nan"}, "AUTH_EXPIRY_HOURS"),
+        ({"RESPONSE_LOSS_RATE": "-0.1"}, "RESPONSE_LOSS_RATE"),
+        ({"MOCKBANK_EXTRA_ACCOUNTS": "1.5"}, "MOCKBANK_EXTRA_ACCOUNTS"),
+        ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+    ],
+)
 def test_bad_environment_exits_2_naming_the_variable(env, name):
     result = run_script("mockbank", "--port", str(free_port()), env=env, timeout=20)
     assert result.returncode == 2, (result.returncode, result.stderr)

@@ -124,8 +124,7 @@ async def test_same_key_same_path_replays_even_for_another_target(bank):
 
 async def test_concurrent_same_key_requests_both_execute(bank):
     await bank.chaos(min_latency_ms=300, max_latency_ms=300)
-    r1, r2 = await asyncio.gather(bank.authorize(HAPPY, 1000, key="racy"),
-                                  bank.authorize(HAPPY, 1000, key="racy"))
+    r1, r2 = await asyncio.gather(bank.authorize(HAPPY, 1000, key="racy"), bank.authorize(HAPPY, 1000, key="racy"))
     assert r1.status == r2.status == 200
     assert not r1.replayed and not r2.replayed
     assert r1.json()["authorization_id"] != r2.json()["authorization_id"]

@@ -22,34 +22,80 @@ async def test_ledger_shape_and_last4_only(bank):
     for card in CARDS:
         assert card["card_number"] not in reply.text
     ledger = reply.json()
-    assert set(ledger) >= {"now", "accounts", "authorizations", "captures", "voids", "refunds",
-                           "idempotency_entries", "chaos", "stats"}
+    assert set(ledger) >= {
+        "now",
+        "accounts",
+        "authorizations",
+        "captures",
+        "voids",
+        "refunds",
+        "idempotency_entries",
+        "chaos",
+        "stats",
+    }
     a1, a2 = ledger["authorizations"]
     assert a1 == {
-        "authorization_id": auth["authorization_id"], "account_id": "acct_1", "card_last4": "1111",
-        "amount": 1000, "currency": "USD", "status": "captured", "expired": False,
-        "created_at": auth["created_at"], "expires_at": auth["expires_at"],
-        "idempotency_key": "k-auth", "capture_id": cap["capture_id"], "void_id": None,
+        "authorization_id": auth["authorization_id"],
+        "account_id": "acct_1",
+        "card_last4": "1111",
+        "amount": 1000,
+        "currency": "USD",
+        "status": "captured",
+        "expired": False,
+        "created_at": auth["created_at"],
+        "expires_at": auth["expires_at"],
+        "idempotency_key": "k-auth",
+        "capture_id": cap["capture_id"],
+        "void_id": None,
     }
     assert (a2["status"], a2["void_id"], a2["card_last4"]) == ("voided", void["void_id"], "4242")
-    assert ledger["captures"] == [{
-        "capture_id": cap["capture_id"], "authorization_id": auth["authorization_id"],
-        "account_id": "acct_1", "amount": 1000, "currency": "USD", "captured_at": cap["captured_at"],
-        "idempotency_key": "k-cap", "refund_id": ref["refund_id"],
-    }]
-    assert ledger["voids"] == [{
-        "void_id": void["void_id"], "authorization_id": auth2["authorization_id"],
-        "account_id": "acct_2", "amount": 300, "voided_at": void["voided_at"], "idempotency_key": "k-void",
-    }]
-    assert ledger["refunds"] == [{
-        "refund_id": ref["refund_id"], "capture_id": cap["capture_id"],
-        "authorization_id": auth["authorization_id"], "account_id": "acct_1", "amount": 1000,
-        "currency": "USD", "refunded_at": ref["refunded_at"], "idempotency_key": "k-ref",
-    }]
+    assert ledger["captures"] == [
+        {
+            "capture_id": cap["capture_id"],
+            "authorization_id": auth["authorization_id"],
+            "account_id": "acct_1",
+            "amount": 1000,
+            "currency": "USD",
+            "captured_at": cap["captured_at"],
+            "idempotency_key": "k-cap",
+            "refund_id": ref["refund_id"],
+        }
+    ]
+    assert ledger["voids"] == [
+        {
+            "void_id": void["void_id"],
+            "authorization_id": auth2["authorization_id"],
+            "account_id": "acct_2",
+            "amount": 300,
+            "voided_at": void["voided_at"],
+            "idempotency_key": "k-void",
+        }
+    ]
+    assert ledger["refunds"] == [
+        {
+            "refund_id": ref["refund_id"],
+            "capture_id": cap["capture_id"],
+            "authorization_id": auth["authorization_id"],
+            "account_id": "acct_1",
+            "amount": 1000,
+            "currency": "USD",
+            "refunded_at": ref["refunded_at"],
+            "idempotency_key": "k-ref",
+        }
+    ]
     assert ledger["idempotency_entries"] == 5
     acct = ledger["accounts"][0]
-    assert set(acct) == {"account_id", "kind", "card_last4", "brand", "expiry_month", "expiry_year",
-                         "balance", "available", "held"}
+    assert set(acct) == {
+        "account_id",
+        "kind",
+        "card_last4",
+        "brand",
+        "expiry_month",
+        "expiry_year",
+        "balance",
+        "available",
+        "held",
+    }
     assert [a["account_id"] for a in ledger["accounts"]] == ["acct_1", "acct_2", "acct_3", "acct_4"]
 
 
@@ -57,8 +103,7 @@ async def test_accounts_endpoint_lists_test_cards(bank):
     reply = await bank.get("/_mock/accounts")
     body = reply.json()
     assert body["total"] == 4
-    assert [(a["card_number"], a["cvv"]) for a in body["accounts"]] == [
-        (c["card_number"], c["cvv"]) for c in CARDS]
+    assert [(a["card_number"], a["cvv"]) for a in body["accounts"]] == [(c["card_number"], c["cvv"]) for c in CARDS]
     page = (await bank.get("/_mock/accounts?offset=1&limit=2")).json()
     assert [a["account_id"] for a in page["accounts"]] == ["acct_2", "acct_3"]
 
@@ -77,18 +122,25 @@ async def test_reset_restores_everything(bank):
 
 async def test_chaos_get_and_put(bank):
     got = (await bank.get("/_mock/chaos")).json()
-    assert got == {"min_latency_ms": 0, "max_latency_ms": 0, "failure_rate": 0,
-                   "response_loss_rate": 0, "down": False}
+    assert got == {"min_latency_ms": 0, "max_latency_ms": 0, "failure_rate": 0, "response_loss_rate": 0, "down": False}
     new = await bank.chaos(max_latency_ms=50, failure_rate=0.25)
     assert (new["max_latency_ms"], new["failure_rate"], new["min_latency_ms"]) == (50, 0.25, 0)
 
 
-@pytest.mark.parametrize("body", [
-    {"failure_rate": 1.5}, {"min_latency_ms": -1}, {"min_latency_ms": 100, "max_latency_ms": 10},
-    {"down": "yes"}, {"bogus": 1}, {"response_loss_rate": "0.1"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"failure_rate": 1.5},
+        {"min_latency_ms": -1},
+        {"min_latency_ms": 100, "max_latency_ms": 10},
+        {"down": "yes"},
+        {"bogus": 1},
+        {"response_loss_rate": "0.1"},
+    ],
+)
 async def test_chaos_put_rejects_bad_values(bank, body):
     import json
+
     reply = await bank.request("PUT", "/_mock/chaos", data=json.dumps(body).encode())
     assert reply.status == 400 and reply.json()["error"] == "invalid_chaos"
     assert (await bank.get("/_mock/chaos")).json()["failure_rate"] == 0
@@ -126,9 +178,16 @@ async def test_down_switch_cuts_requests_in_flight(bank):
 
 async def test_fault_error_returns_given_body_without_doing_anything(bank):
     auth = (await bank.authorize(HAPPY, 100)).json()
-    armed = await bank.post("/_mock/faults", {
-        "action": "error", "path": "/api/v1/captures", "status": 400,
-        "body": {"error": "already_captured", "message": "forced"}}, key=None)
+    armed = await bank.post(
+        "/_mock/faults",
+        {
+            "action": "error",
+            "path": "/api/v1/captures",
+            "status": 400,
+            "body": {"error": "already_captured", "message": "forced"},
+        },
+        key=None,
+    )
     assert armed.status == 201 and armed.json()["remaining"] == 1
     forced = await bank.capture(auth["authorization_id"], 100, key="fk")
     assert forced.status == 400 and forced.json() == {"error": "already_captured", "message": "forced"}
@@ -139,8 +198,11 @@ async def test_fault_error_returns_given_body_without_doing_anything(bank):
 
 
 async def test_fault_plain_text_error(bank):
-    await bank.post("/_mock/faults", {"action": "error", "path": "/api/v1/*", "status": 400,
-                                      "body": "bad request\n", "method": "POST"}, key=None)
+    await bank.post(
+        "/_mock/faults",
+        {"action": "error", "path": "/api/v1/*", "status": 400, "body": "bad request\n", "method": "POST"},
+        key=None,
+    )
     reply = await bank.authorize(HAPPY, 100)
     assert reply.status == 400 and reply.text == "bad request\n"
 
@@ -161,8 +223,9 @@ async def test_fault_drop_and_lose_response(bank):
 
 
 async def test_fault_delay_and_clear(bank):
-    await bank.post("/_mock/faults", {"action": "delay", "path": "/api/v1/authorizations/*",
-                                      "delay_ms": 300, "times": 2}, key=None)
+    await bank.post(
+        "/_mock/faults", {"action": "delay", "path": "/api/v1/authorizations/*", "delay_ms": 300, "times": 2}, key=None
+    )
     reply = await bank.get("/api/v1/authorizations/auth_x")
     assert reply.status == 404 and reply.elapsed >= 0.28
     cleared = await bank.request("DELETE", "/_mock/faults")

@@ -73,8 +73,12 @@ async def test_authorize_hold_reduces_available_not_balance(bank):
 
 async def test_test_accounts_exactly_as_in_contract(bank):
     accounts = {a["card_last4"]: a for a in (await bank.ledger())["accounts"]}
-    expected = {"1111": (1_000_000, 12, 2030), "4242": (50_000, 6, 2030),
-                "4444": (0, 9, 2030), "5100": (500_000, 3, 2020)}
+    expected = {
+        "1111": (1_000_000, 12, 2030),
+        "4242": (50_000, 6, 2030),
+        "4444": (0, 9, 2030),
+        "5100": (500_000, 3, 2020),
+    }
     assert set(accounts) == set(expected)
     for last4, (balance, month, year) in expected.items():
         a = accounts[last4]
@@ -85,9 +89,19 @@ async def test_authorize_invalid_card_luhn(bank):
     assert_error(await bank.authorize({**HAPPY, "card_number": "4111111111111112"}), 400, "invalid_card")
 
 
-@pytest.mark.parametrize("number", [
-    luhn_number(12), luhn_number(20), "4111 1111 1111 1111", "411111111111111a", "", 4111111111111111, None,
-], ids=["12-digits", "20-digits", "spaces", "letter", "empty", "int", "null"])
+@pytest.mark.parametrize(
+    "number",
+    [
+        luhn_number(12),
+        luhn_number(20),
+        "4111 1111 1111 1111",
+        "411111111111111a",
+        "",
+        4111111111111111,
+        None,
+    ],
+    ids=["12-digits", "20-digits", "spaces", "letter", "empty", "int", "null"],
+)
 async def test_authorize_invalid_card_format(bank, number):
     assert_error(await bank.authorize(HAPPY, card_number=number), 400, "invalid_card")
 
@@ -122,10 +136,17 @@ async def test_authorize_missing_amount_is_invalid_amount(bank):
     assert_error(reply, 400, "invalid_amount")
 
 
-@pytest.mark.parametrize("field,value", [
-    ("expiry_month", 0), ("expiry_month", 13), ("expiry_month", "12"),
-    ("expiry_year", 2023), ("expiry_year", 2100), ("expiry_year", None),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("expiry_month", 0),
+        ("expiry_month", 13),
+        ("expiry_month", "12"),
+        ("expiry_year", 2023),
+        ("expiry_year", 2100),
+        ("expiry_year", None),
+    ],
+)
 async def test_authorize_expiry_fields_out_of_range(bank, field, value):
     assert_error(await bank.authorize(HAPPY, **{field: value}), 400, "invalid_card")
 
@@ -154,14 +175,17 @@ async def test_holds_accumulate_against_available(bank):
     assert len(ledger["authorizations"]) == 2
 
 
-@pytest.mark.parametrize("card,overrides,status,code", [
-    (HAPPY, {"card_number": "4111111111111112", "cvv": "x"}, 400, "invalid_card"),  # format first
-    (HAPPY, {"card_number": "4012888888881881", "amount": 0}, 400, "invalid_amount"),  # fields before lookup
-    (HAPPY, {"card_number": "4012888888881881", "cvv": "000"}, 400, "invalid_card"),  # lookup before cvv match
-    (EXPIRED, {"cvv": "000", "expiry_year": 2030}, 400, "invalid_cvv"),  # cvv match before expiry
-    (EXPIRED, {"amount": 10**9, "expiry_year": 2030}, 400, "card_expired"),  # expiry before funds
-    (EXPIRED, {}, 400, "invalid_card"),  # its real 03/2020 is outside the 2024-2099 field range
-])
+@pytest.mark.parametrize(
+    "card,overrides,status,code",
+    [
+        (HAPPY, {"card_number": "4111111111111112", "cvv": "x"}, 400, "invalid_card"),  # format first
+        (HAPPY, {"card_number": "4012888888881881", "amount": 0}, 400, "invalid_amount"),  # fields before lookup
+        (HAPPY, {"card_number": "4012888888881881", "cvv": "000"}, 400, "invalid_card"),  # lookup before cvv match
+        (EXPIRED, {"cvv": "000", "expiry_year": 2030}, 400, "invalid_cvv"),  # cvv match before expiry
+        (EXPIRED, {"amount": 10**9, "expiry_year": 2030}, 400, "card_expired"),  # expiry before funds
+        (EXPIRED, {}, 400, "invalid_card"),  # its real 03/2020 is outside the 2024-2099 field range
+    ],
+)
 async def test_authorize_validation_order(bank, card, overrides, status, code):
     body = {**card, "amount": 100, **overrides}
     assert_error(await bank.post("/api/v1/authorizations", body), status, code)
@@ -199,9 +223,16 @@ async def test_capture_amount_mismatch(bank, delta):
     assert (acct["balance"], acct["available"]) == (1_000_000, 996_000)
 
 
-@pytest.mark.parametrize("auth_id", [
-    "auth_00000000-0000-4000-8000-000000000000", "garbage", "", None, 123,
-])
+@pytest.mark.parametrize(
+    "auth_id",
+    [
+        "auth_00000000-0000-4000-8000-000000000000",
+        "garbage",
+        "",
+        None,
+        123,
+    ],
+)
 async def test_capture_authorization_not_found(bank, auth_id):
     assert_error(await bank.capture(auth_id, 100), 400, "authorization_not_found")
 
@@ -288,7 +319,11 @@ async def test_refund_success_shape_and_balance(bank):
     assert set(body) == {"refund_id", "capture_id", "status", "amount", "currency", "refunded_at"}
     assert re.fullmatch("ref_" + UUID, body["refund_id"])
     assert (body["capture_id"], body["status"], body["amount"], body["currency"]) == (
-        cap["capture_id"], "refunded", 7000, "USD")
+        cap["capture_id"],
+        "refunded",
+        7000,
+        "USD",
+    )
     ts(body["refunded_at"])
     acct = await bank.account(HAPPY)
     assert (acct["balance"], acct["available"]) == (1_000_000, 1_000_000)
@@ -349,14 +384,17 @@ async def test_get_capture_and_refund(bank):
     assert (await bank.get(f"/api/v1/captures/{cap['capture_id']}")).json() == cap
 
 
-@pytest.mark.parametrize("path", [
-    "/api/v1/authorizations/auth_00000000-0000-4000-8000-000000000000",
-    "/api/v1/authorizations/not-an-id",
-    "/api/v1/captures/cap_00000000-0000-4000-8000-000000000000",
-    "/api/v1/captures/%20",
-    "/api/v1/refunds/ref_00000000-0000-4000-8000-000000000000",
-    "/api/v1/refunds/ref_",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/authorizations/auth_00000000-0000-4000-8000-000000000000",
+        "/api/v1/authorizations/not-an-id",
+        "/api/v1/captures/cap_00000000-0000-4000-8000-000000000000",
+        "/api/v1/captures/%20",
+        "/api/v1/refunds/ref_00000000-0000-4000-8000-000000000000",
+        "/api/v1/refunds/ref_",
+    ],
+)
 async def test_get_unknown_or_malformed_id_is_404_not_found(bank, path):
     assert_error(await bank.get(path), 404, "not_found")
 
@@ -380,7 +418,11 @@ async def test_health(bank):
 
 async def test_amount_beyond_64_bits_is_invalid_amount(bank):
     # orjson reads integers beyond 64 bits as floats: a JSON business error, not a parse error
-    reply = await bank.post("/api/v1/authorizations", raw=(
-        b'{"card_number":"4111111111111111","cvv":"123","expiry_month":12,'
-        b'"expiry_year":2030,"amount":1180591620717411303424}'))
+    reply = await bank.post(
+        "/api/v1/authorizations",
+        raw=(
+            b'{"card_number":"4111111111111111","cvv":"123","expiry_month":12,'
+            b'"expiry_year":2030,"amount":1180591620717411303424}'
+        ),
+    )
     assert_error(reply, 400, "invalid_amount")

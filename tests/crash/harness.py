@@ -136,7 +136,8 @@ class Summary:
         a = self.audit
         kills = ", ".join(f"{p}={n}" for p, n in sorted(self.kills.items())) or "none"
         return (
-            f"payments={self.payments} statuses={dict(a.statuses)} kills[{kills}] total_kills={sum(self.kills.values())} "
+            f"payments={self.payments} statuses={dict(a.statuses)} kills[{kills}] "
+            f"total_kills={sum(self.kills.values())} "
             f"restarts={dict(self.restarts)} broker_cuts={self.broker_cuts} db_cuts={self.db_cuts} "
             f"(backends terminated={self.terminated_backends}) client_retries={self.client_retries} "
             f"lost={len(a.lost)} doubled={len(a.doubled)} stuck={len(a.stuck)} parked={len(a.parked)} "
@@ -149,33 +150,65 @@ class Summary:
     def problems(self) -> list[str]:
         out = [f"{k}: {v[:8]}" for k, v in self.audit.failures.items()]
         out += [f"duplicate orders: {self.duplicate_orders[:8]}"] if self.duplicate_orders else []
-        out += [f"{d.name} died without a crash point (rc={d.returncode}):\n{d.stderr[-1500:]}" for d in self.unexpected]
+        out += [
+            f"{d.name} died without a crash point (rc={d.returncode}):\n{d.stderr[-1500:]}" for d in self.unexpected
+        ]
         return out + self.notes[:3] if out else out
 
 
-async def crash_run(server_urls, card_key: str, policy, *, payments: int, concurrency: int, broker_cuts: int,
-                    db_cuts: int, seed: int, drain_timeout: float) -> Summary:
+async def crash_run(
+    server_urls,
+    card_key: str,
+    policy,
+    *,
+    payments: int,
+    concurrency: int,
+    broker_cuts: int,
+    db_cuts: int,
+    seed: int,
+    drain_timeout: float,
+) -> Summary:
     """A fresh stack (own database and vhost; a mock bank with a little chaos), the run, the audit."""
-    stack = Stack(server_urls, card_key, bank_env=BANK_CHAOS, gateway_env={"LOG_LEVEL": "info"},
-                  event_queue="crash-test.events")
+    stack = Stack(
+        server_urls, card_key, bank_env=BANK_CHAOS, gateway_env={"LOG_LEVEL": "info"}, event_queue="crash-test.events"
+    )
     try:
         await stack.start(arm=policy.arm)
-        return await _run(stack, policy, payments=payments, concurrency=concurrency, broker_cuts=broker_cuts,
-                          db_cuts=db_cuts, seed=seed, drain_timeout=drain_timeout)
+        return await _run(
+            stack,
+            policy,
+            payments=payments,
+            concurrency=concurrency,
+            broker_cuts=broker_cuts,
+            db_cuts=db_cuts,
+            seed=seed,
+            drain_timeout=drain_timeout,
+        )
     finally:
         await stack.close()
 
 
-async def _run(stack: Stack, policy, *, payments: int, concurrency: int, broker_cuts: int, db_cuts: int,
-               seed: int, drain_timeout: float) -> Summary:
+async def _run(
+    stack: Stack,
+    policy,
+    *,
+    payments: int,
+    concurrency: int,
+    broker_cuts: int,
+    db_cuts: int,
+    seed: int,
+    drain_timeout: float,
+) -> Summary:
     started = time.monotonic()
     supervisor = Supervisor(stack, policy)
     stop = asyncio.Event()
     watching = asyncio.create_task(supervisor.run(stop))
 
     # The disruptions fire when that share of the flows is done, spread over the run.
-    cuts = sorted([(i / (broker_cuts + 1) + 0.05, "broker") for i in range(1, broker_cuts + 1)]
-                  + [(i / (db_cuts + 1) - 0.05, "db") for i in range(1, db_cuts + 1)])
+    cuts = sorted(
+        [(i / (broker_cuts + 1) + 0.05, "broker") for i in range(1, broker_cuts + 1)]
+        + [(i / (db_cuts + 1) - 0.05, "db") for i in range(1, db_cuts + 1)]
+    )
     done = Counter()
     progress = asyncio.Event()
 
@@ -223,11 +256,23 @@ async def _run(stack: Stack, policy, *, payments: int, concurrency: int, broker_
             duplicates.append(f"{flow.order_id}: {[p['id'] for p in found]}")
     notes = await _evidence(stack, flows, result, ledger)
     return Summary(
-        notes=notes, payments=payments, kills=supervisor.kills, restarts=supervisor.restarts, broker_cuts=done["broker"],
-        db_cuts=done["db"], terminated_backends=terminated, audit=result, duplicate_orders=duplicates,
-        unexpected=supervisor.unexpected, client_retries=vars(client.stats), backlog=backlog,
-        wall=time.monotonic() - started, drain=drain, events=len(stack.events.events),
-        deliveries=stack.events.deliveries, slowest_flow=max(f.seconds for f in flows),
+        notes=notes,
+        payments=payments,
+        kills=supervisor.kills,
+        restarts=supervisor.restarts,
+        broker_cuts=done["broker"],
+        db_cuts=done["db"],
+        terminated_backends=terminated,
+        audit=result,
+        duplicate_orders=duplicates,
+        unexpected=supervisor.unexpected,
+        client_retries=vars(client.stats),
+        backlog=backlog,
+        wall=time.monotonic() - started,
+        drain=drain,
+        events=len(stack.events.events),
+        deliveries=stack.events.deliveries,
+        slowest_flow=max(f.seconds for f in flows),
     )
 
 
@@ -240,10 +285,18 @@ async def _evidence(stack: Stack, flows: list[Flow], result: Audit, ledger: dict
         if flow.payment_id not in suspects:
             continue
         entries = bank_entries(ledger, flow.plan.amount)
-        operations = [dict(r) for r in await stack.pool.fetch(
-            "SELECT id, kind, status, attempts, parked, bank_key, first_attempt_at, finished_at FROM operations"
-            " WHERE payment_id = $1 ORDER BY created_at", flow.payment_id)]
+        operations = [
+            dict(r)
+            for r in await stack.pool.fetch(
+                "SELECT id, kind, status, attempts, parked, bank_key, first_attempt_at, finished_at FROM operations"
+                " WHERE payment_id = $1 ORDER BY created_at",
+                flow.payment_id,
+            )
+        ]
         logs = stack.log_lines(flow.payment_id) + [
-            line for op in operations for line in stack.log_lines(op["id"]) if flow.payment_id not in line]
-        notes.append(f"evidence {flow.payment_id}: ledger={entries}\noperations={operations}\nlogs:\n" + "\n".join(logs))
+            line for op in operations for line in stack.log_lines(op["id"]) if flow.payment_id not in line
+        ]
+        notes.append(
+            f"evidence {flow.payment_id}: ledger={entries}\noperations={operations}\nlogs:\n" + "\n".join(logs)
+        )
     return notes

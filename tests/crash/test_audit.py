@@ -24,30 +24,57 @@ class FakeClient:
 
 def receipt(pid: str, status: str, history: list[str], amount: int, **bank) -> dict:
     ids = {"authorization_id": None, "capture_id": None, "void_id": None, "refund_id": None, **bank}
-    return {"id": pid, "status": status, "amount": amount, "attention_required": False, "bank": ids,
-            "history": [{"status": s, "at": "t"} for s in history]}
+    return {
+        "id": pid,
+        "status": status,
+        "amount": amount,
+        "attention_required": False,
+        "bank": ids,
+        "history": [{"status": s, "at": "t"} for s in history],
+    }
 
 
 def good_run(skip: str | None = None):
     payments = {
-        "pay_a": receipt("pay_a", "refunded", ["pending", "authorized", "capturing", "captured", "refunding", "refunded"],
-                         1000, authorization_id="auth_a", capture_id="cap_a", refund_id="ref_a"),
-        "pay_b": receipt("pay_b", "voided", ["pending", "authorized", "voiding", "voided"], 1001,
-                         authorization_id="auth_b", void_id="void_b"),
+        "pay_a": receipt(
+            "pay_a",
+            "refunded",
+            ["pending", "authorized", "capturing", "captured", "refunding", "refunded"],
+            1000,
+            authorization_id="auth_a",
+            capture_id="cap_a",
+            refund_id="ref_a",
+        ),
+        "pay_b": receipt(
+            "pay_b",
+            "voided",
+            ["pending", "authorized", "voiding", "voided"],
+            1001,
+            authorization_id="auth_b",
+            void_id="void_b",
+        ),
         "pay_c": receipt("pay_c", "declined", ["pending", "declined"], 1002),
     }
     ledger = {
-        "authorizations": [{"authorization_id": "auth_a", "amount": 1000}, {"authorization_id": "auth_b", "amount": 1001}],
+        "authorizations": [
+            {"authorization_id": "auth_a", "amount": 1000},
+            {"authorization_id": "auth_b", "amount": 1001},
+        ],
         "captures": [{"capture_id": "cap_a", "amount": 1000}],
         "voids": [{"void_id": "void_b", "amount": 1001}],
         "refunds": [{"refund_id": "ref_a", "amount": 1000}],
     }
-    flows = [Flow(Plan(0, 1000, HAPPY, "capture_refund"), "o0", "pay_a"),
-             Flow(Plan(1, 1001, HAPPY, "void"), "o1", "pay_b"),
-             Flow(Plan(2, 1002, HAPPY, "decline", "insufficient_funds"), "o2", "pay_c")]
+    flows = [
+        Flow(Plan(0, 1000, HAPPY, "capture_refund"), "o0", "pay_a"),
+        Flow(Plan(1, 1001, HAPPY, "void"), "o1", "pay_b"),
+        Flow(Plan(2, 1002, HAPPY, "decline", "insufficient_funds"), "o2", "pay_c"),
+    ]
     events = EventLog("amqp://unused")
-    for pid, kinds in (("pay_a", ["authorized", "captured", "refunded"]), ("pay_b", ["authorized", "voided"]),
-                       ("pay_c", ["declined"])):
+    for pid, kinds in (
+        ("pay_a", ["authorized", "captured", "refunded"]),
+        ("pay_b", ["authorized", "voided"]),
+        ("pay_c", ["declined"]),
+    ):
         for kind in kinds:
             if f"{pid}:{kind}" != skip:
                 add_event(events, pid, kind)

@@ -56,8 +56,9 @@ def _report(capsys, label: str, summary) -> None:
 @pytest.mark.timeout(240)
 async def test_crashes_at_every_point_lose_and_double_nothing(server_urls, card_key, capsys):
     policy = QuotaPolicy(kills_per_point=2, rng=random.Random(7))
-    summary = await crash_run(server_urls, card_key, policy, payments=150, concurrency=30, broker_cuts=1,
-                              db_cuts=1, seed=7, drain_timeout=120)
+    summary = await crash_run(
+        server_urls, card_key, policy, payments=150, concurrency=30, broker_cuts=1, db_cuts=1, seed=7, drain_timeout=120
+    )
     _report(capsys, "crash", summary)
     assert not summary.problems(), "\n".join(summary.problems())
     assert all(summary.kills[p] >= 1 for p in PASSES), summary.kills  # each point was armed twice and fired
@@ -67,10 +68,25 @@ async def test_crashes_at_every_point_lose_and_double_nothing(server_urls, card_
 @pytest.mark.long
 @pytest.mark.timeout(1800)
 async def test_long_crash_run(server_urls, card_key, capsys):
-    policy = ProbabilityPolicy({"api.after_commit": 0.01, "relay.after_publish": 0.01,
-                                "worker.after_bank": 0.012, "worker.after_record": 0.012})
-    summary = await crash_run(server_urls, card_key, policy, payments=1000, concurrency=40, broker_cuts=3,
-                              db_cuts=3, seed=11, drain_timeout=300)
+    policy = ProbabilityPolicy(
+        {
+            "api.after_commit": 0.01,
+            "relay.after_publish": 0.01,
+            "worker.after_bank": 0.012,
+            "worker.after_record": 0.012,
+        }
+    )
+    summary = await crash_run(
+        server_urls,
+        card_key,
+        policy,
+        payments=1000,
+        concurrency=40,
+        broker_cuts=3,
+        db_cuts=3,
+        seed=11,
+        drain_timeout=300,
+    )
     _report(capsys, "crash-long", summary)
     assert not summary.problems(), "\n".join(summary.problems())
     assert sum(summary.kills.values()) >= 40 and all(summary.kills[p] for p in PASSES), summary.kills

@@ -25,8 +25,9 @@ def _probe(value: str | None) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin"}
     if value is not None:
         env["GATEWAY_CRASH_POINTS"] = value
-    return subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=30,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
 
 
 def test_unset_or_empty_is_off():
@@ -35,12 +36,24 @@ def test_unset_or_empty_is_off():
 
 def test_both_forms_parse():
     assert parse("worker.after_bank:0.05, relay.after_publish:@20") == {
-        "worker.after_bank": ("p", 0.05), "relay.after_publish": ("nth", 20)}
+        "worker.after_bank": ("p", 0.05),
+        "relay.after_publish": ("nth", 20),
+    }
 
 
-@pytest.mark.parametrize("raw", ["nope:0.1", "api.after_commit", "api.after_commit:", "api.after_commit:0",
-                                 "api.after_commit:1.5", "api.after_commit:@0", "api.after_commit:@x",
-                                 "api.after_commit:abc"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "nope:0.1",
+        "api.after_commit",
+        "api.after_commit:",
+        "api.after_commit:0",
+        "api.after_commit:1.5",
+        "api.after_commit:@0",
+        "api.after_commit:@x",
+        "api.after_commit:abc",
+    ],
+)
 def test_bad_values_are_refused(raw):
     with pytest.raises(CrashPointError, match="GATEWAY_CRASH_POINTS"):
         parse(raw)

@@ -36,9 +36,14 @@ async def publish_command(stack: Stack, operation_id: str, kind: str) -> None:
     try:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(COMMANDS_EXCHANGE)
-        await exchange.publish(aio_pika.Message(orjson.dumps({"operation_id": operation_id}),
-                                                message_id=f"cmd_{uuid.uuid4().hex}",
-                                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=kind)
+        await exchange.publish(
+            aio_pika.Message(
+                orjson.dumps({"operation_id": operation_id}),
+                message_id=f"cmd_{uuid.uuid4().hex}",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=kind,
+        )
     finally:
         await connection.close()
 

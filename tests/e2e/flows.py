@@ -82,8 +82,9 @@ async def run_flow(client: Client, plan: Plan, run_id: str, settle_timeout: floa
     flow = Flow(plan, f"ord_{run_id}_{plan.index}")
     started = time.monotonic()
     try:
-        reply = await client.authorize(order_id=flow.order_id, amount=plan.amount, card=plan.card,
-                                       customer_id=f"cus_{run_id}")
+        reply = await client.authorize(
+            order_id=flow.order_id, amount=plan.amount, card=plan.card, customer_id=f"cus_{run_id}"
+        )
         if reply.status != 202:
             flow.problems.append(f"authorize answered {reply.status} {reply.body}")
             return flow
@@ -116,13 +117,14 @@ async def run_flow(client: Client, plan: Plan, run_id: str, settle_timeout: floa
 
 def _expect(flow: Flow, payment: dict, status: str) -> bool:
     if payment["status"] != status:
-        flow.problems.append(f"status {payment['status']} (attention={payment['attention_required']}), expected {status}")
+        flow.problems.append(
+            f"status {payment['status']} (attention={payment['attention_required']}), expected {status}"
+        )
         return False
     return True
 
 
-async def run_flows(client: Client, todo: list[Plan], run_id: str, concurrency: int,
-                    on_done=None) -> list[Flow]:
+async def run_flows(client: Client, todo: list[Plan], run_id: str, concurrency: int, on_done=None) -> list[Flow]:
     sem = asyncio.Semaphore(concurrency)
 
     async def one(plan: Plan) -> Flow:
@@ -158,9 +160,15 @@ class Audit:
     @property
     def failures(self) -> dict[str, list]:
         lists = {
-            "flow_problems": self.flow_problems, "wrong": self.wrong, "stuck": self.stuck, "lost": self.lost,
-            "doubled": self.doubled, "mismatched": self.mismatched, "orphans": self.orphans,
-            "missing_events": self.missing_events, "doubled_events": self.doubled_events,
+            "flow_problems": self.flow_problems,
+            "wrong": self.wrong,
+            "stuck": self.stuck,
+            "lost": self.lost,
+            "doubled": self.doubled,
+            "mismatched": self.mismatched,
+            "orphans": self.orphans,
+            "missing_events": self.missing_events,
+            "doubled_events": self.doubled_events,
             "bad_events": self.bad_events,
         }
         out = {k: v for k, v in lists.items() if v}
@@ -172,8 +180,16 @@ class Audit:
         return "; ".join(f"{k}={len(v)}: {v[:limit]}" for k, v in self.failures.items()) or "clean"
 
 
-async def audit(client: Client, flows: list[Flow], ledger: dict, events: EventLog, unsent_outbox: int,
-                *, allow_parked: bool = False, ledger_is_ours: bool = True) -> Audit:
+async def audit(
+    client: Client,
+    flows: list[Flow],
+    ledger: dict,
+    events: EventLog,
+    unsent_outbox: int,
+    *,
+    allow_parked: bool = False,
+    ledger_is_ours: bool = True,
+) -> Audit:
     """Check a finished run. `ledger_is_ours`: every ledger entry must belong to one of the flows."""
     result = Audit(payments=len(flows), unsent_outbox=unsent_outbox)
     by_amount: dict[int, dict[str, list[dict]]] = {}
@@ -205,9 +221,14 @@ async def audit(client: Client, flows: list[Flow], ledger: dict, events: EventLo
         result.stuck.extend(f"parked: {p}" for p in result.parked)
     for event_id, (routing_key, message_id) in events.meta.items():
         body = events.events[event_id]
-        if routing_key != body["type"] or message_id != event_id or set(body) != {
-                "event_id", "type", "occurred_at", "payment"}:
-            result.bad_events.append(f"{event_id}: routing_key={routing_key} message_id={message_id} keys={sorted(body)}")
+        if (
+            routing_key != body["type"]
+            or message_id != event_id
+            or set(body) != {"event_id", "type", "occurred_at", "payment"}
+        ):
+            result.bad_events.append(
+                f"{event_id}: routing_key={routing_key} message_id={message_id} keys={sorted(body)}"
+            )
     result.bad_events.extend(events.bad)
     return result
 
@@ -215,19 +236,23 @@ async def audit(client: Client, flows: list[Flow], ledger: dict, events: EventLo
 def _check_bank(result: Audit, tag: str, payment: dict, entries: dict[str, list[dict]], parked: bool) -> None:
     counts = tuple(len(entries[s]) for s in SECTIONS)
     shape = BANK_SHAPE.get(payment["status"])
-    for section, have, want in zip(SECTIONS, counts, shape or (1, 1, 1, 1)):
+    for section, have, want in zip(SECTIONS, counts, shape or (1, 1, 1, 1), strict=True):
         if have > want:
             result.doubled.append(f"{tag}: {have} {section}, status {payment['status']}")
         elif shape is not None and have < want and not parked:
             result.lost.append(f"{tag}: {have} {section}, status {payment['status']} needs {want}")
     bank = payment["bank"]
-    for section, field_name, id_name in (("authorizations", "authorization_id", "authorization_id"),
-                                         ("captures", "capture_id", "capture_id"),
-                                         ("voids", "void_id", "void_id"), ("refunds", "refund_id", "refund_id")):
+    for section, field_name, id_name in (
+        ("authorizations", "authorization_id", "authorization_id"),
+        ("captures", "capture_id", "capture_id"),
+        ("voids", "void_id", "void_id"),
+        ("refunds", "refund_id", "refund_id"),
+    ):
         if len(entries[section]) == 1 and not parked:
             if bank[field_name] != entries[section][0][id_name]:
-                result.mismatched.append(f"{tag}: receipt {field_name}={bank[field_name]}, "
-                                         f"bank {entries[section][0][id_name]}")
+                result.mismatched.append(
+                    f"{tag}: receipt {field_name}={bank[field_name]}, bank {entries[section][0][id_name]}"
+                )
         elif not entries[section] and bank[field_name] is not None:
             result.mismatched.append(f"{tag}: receipt {field_name}={bank[field_name]} unknown to the bank")
 

@@ -51,8 +51,12 @@ EXPIRED_CARD = {"number": "5105105105105100", "cvv": "321", "expiry_month": 3, "
 
 # Chaos off, fast: the tests turn it on where they need it.
 BANK_ENV = {
-    "MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "20", "FAILURE_RATE": "0", "RESPONSE_LOSS_RATE": "0",
-    "MOCKBANK_EXTRA_ACCOUNTS": "50", "LOG_LEVEL": "warning",
+    "MIN_LATENCY_MS": "0",
+    "MAX_LATENCY_MS": "20",
+    "FAILURE_RATE": "0",
+    "RESPONSE_LOSS_RATE": "0",
+    "MOCKBANK_EXTRA_ACCOUNTS": "50",
+    "LOG_LEVEL": "warning",
 }
 # A short ladder and short leases so that retries, parking and crash recovery take seconds.
 GATEWAY_ENV = {
@@ -108,8 +112,15 @@ class Bank:
     async def extra_cards(self, count: int) -> list[dict]:
         """Generated accounts ($100M each): card dicts as the gateway's API takes them."""
         data = await self._call("GET", f"/_mock/accounts?offset=4&limit={count}")
-        return [{"number": a["card_number"], "cvv": a["cvv"], "expiry_month": a["expiry_month"],
-                 "expiry_year": a["expiry_year"]} for a in data["accounts"]]
+        return [
+            {
+                "number": a["card_number"],
+                "cvv": a["cvv"],
+                "expiry_month": a["expiry_month"],
+                "expiry_year": a["expiry_year"],
+            }
+            for a in data["accounts"]
+        ]
 
 
 # ---- FicMart's HTTP client --------------------------------------------------------------------
@@ -142,8 +153,16 @@ class Client:
         self.stats = ClientStats()
         self.auth = {"Authorization": f"Bearer {API_KEY}"}
 
-    async def request(self, method: str, path: str, body: dict | None = None, *, key: str | None = None,
-                      params: dict | None = None, timeout: float = 10.0) -> Reply:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        *,
+        key: str | None = None,
+        params: dict | None = None,
+        timeout: float = 10.0,
+    ) -> Reply:
         headers = dict(self.auth)
         if key is not None:
             headers["Idempotency-Key"] = key
@@ -154,8 +173,14 @@ class Client:
         delay = 0.1
         while True:
             try:
-                async with self.http.request(method, f"{self.api_url}{path}", data=data, headers=headers,
-                                             params=params, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                async with self.http.request(
+                    method,
+                    f"{self.api_url}{path}",
+                    data=data,
+                    headers=headers,
+                    params=params,
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                ) as resp:
                     raw = await resp.read()
                     reply = Reply(resp.status, orjson.loads(raw) if raw else None, dict(resp.headers))
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
@@ -175,10 +200,10 @@ class Client:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 1.0)
 
-    async def authorize(self, *, order_id: str, amount: int, card: dict, customer_id: str = "cus_e2e",
-                        key: str | None = None) -> Reply:
-        body = {"order_id": order_id, "customer_id": customer_id, "amount": amount, "currency": "USD",
-                "card": card}
+    async def authorize(
+        self, *, order_id: str, amount: int, card: dict, customer_id: str = "cus_e2e", key: str | None = None
+    ) -> Reply:
+        body = {"order_id": order_id, "customer_id": customer_id, "amount": amount, "currency": "USD", "card": card}
         return await self.request("POST", "/v1/payments", body, key=key or uuid.uuid4().hex)
 
     async def act(self, payment_id: str, action: str, key: str | None = None) -> Reply:
@@ -186,8 +211,7 @@ class Client:
 
     async def payment(self, payment_id: str, wait: float | None = None) -> dict:
         params = {"wait": str(wait)} if wait else None
-        reply = await self.request("GET", f"/v1/payments/{payment_id}", params=params,
-                                   timeout=(wait or 0) + 10.0)
+        reply = await self.request("GET", f"/v1/payments/{payment_id}", params=params, timeout=(wait or 0) + 10.0)
         if reply.status != 200:
             raise StackError(f"GET {payment_id}: HTTP {reply.status} {reply.body}")
         return reply.body
@@ -232,7 +256,9 @@ class EventLog:
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
 
     async def start(self) -> None:
-        self.connection = await aio_pika.connect_robust(self.amqp_url, client_properties={"connection_name": "e2e-events"})
+        self.connection = await aio_pika.connect_robust(
+            self.amqp_url, client_properties={"connection_name": "e2e-events"}
+        )
         channel = await self.connection.channel()
         exchange = await channel.declare_exchange("payments.events", aio_pika.ExchangeType.TOPIC, durable=True)
         if self.queue_name:
@@ -326,8 +352,9 @@ class Stack:
         self.database_url = await services.create_database(admin_url)
         await db.migrate(self.database_url)
         self.amqp_url, self.vhost = services.create_vhost(amqp_root)
-        self.pool = await db.create_pool(self.database_url, min_size=1, max_size=4,
-                                         server_settings={"application_name": TEST_APP})
+        self.pool = await db.create_pool(
+            self.database_url, min_size=1, max_size=4, server_settings={"application_name": TEST_APP}
+        )
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200))
         self.bank = Bank(self.bank_url, self.http)
         await self.start_bank()
@@ -352,15 +379,21 @@ class Stack:
 
     def env(self, crash: str | None = None) -> dict:
         return {
-            "DATABASE_URL": self.database_url, "AMQP_URL": self.amqp_url, "BANK_URL": self.bank_url,
-            "GATEWAY_API_KEYS": f"{MERCHANT}:{API_KEY}", "CARD_ENCRYPTION_KEY": self.card_key,
-            **GATEWAY_ENV, **self.gateway_env, "GATEWAY_CRASH_POINTS": crash,
+            "DATABASE_URL": self.database_url,
+            "AMQP_URL": self.amqp_url,
+            "BANK_URL": self.bank_url,
+            "GATEWAY_API_KEYS": f"{MERCHANT}:{API_KEY}",
+            "CARD_ENCRYPTION_KEY": self.card_key,
+            **GATEWAY_ENV,
+            **self.gateway_env,
+            "GATEWAY_CRASH_POINTS": crash,
         }
 
     async def start_process(self, name: str, crash: str | None = None) -> ScriptProcess:
         if name == "api":
-            proc = ScriptProcess("gateway-api", "--port", str(self.api_port), "--db-pool-size", "10",
-                                 env=self.env(crash))
+            proc = ScriptProcess(
+                "gateway-api", "--port", str(self.api_port), "--db-pool-size", "10", env=self.env(crash)
+            )
         else:
             proc = ScriptProcess(f"gateway-{name}", env=self.env(crash))
         self.procs[name] = proc.start()
@@ -425,7 +458,8 @@ class Stack:
                       (SELECT count(*) FROM operations WHERE status = 'pending' AND NOT parked) AS running,
                       (SELECT count(*) FROM payments
                         WHERE status IN ('pending', 'capturing', 'voiding', 'refunding')
-                          AND NOT attention_required) AS in_progress""")
+                          AND NOT attention_required) AS in_progress"""
+        )
         return dict(row)
 
     async def quiescent(self, timeout: float = 60.0) -> dict:
@@ -453,7 +487,9 @@ class Stack:
             return await admin.fetchval(
                 """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                     WHERE datname = $1 AND pid <> pg_backend_pid() AND application_name <> $2""",
-                name, TEST_APP)
+                name,
+                TEST_APP,
+            )
         finally:
             await admin.close()
 
@@ -461,8 +497,14 @@ class Stack:
         """Close every AMQP connection of the private vhost (the gateway's and the test's own):
         what a broker restart does to the clients, without stopping the shared RabbitMQ."""
         proc = await asyncio.create_subprocess_exec(
-            "rabbitmqctl", "close_all_connections", "--vhost", self.vhost, "crash test: broker restart",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            "rabbitmqctl",
+            "close_all_connections",
+            "--vhost",
+            self.vhost,
+            "crash test: broker restart",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         _out, err = await asyncio.wait_for(proc.communicate(), 120)
         if proc.returncode != 0:
             raise StackError(f"rabbitmqctl close_all_connections failed: {err.decode()[-500:]}")

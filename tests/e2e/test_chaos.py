@@ -39,10 +39,12 @@ async def test_500_random_lifecycles_against_a_failing_lossy_bank(e2e, capsys):
     wall = time.monotonic() - started
     stats = ledger["stats"]
     with capsys.disabled():
-        print(f"\n[chaos] payments={result.payments} statuses={dict(result.statuses)} "
-              f"bank_requests={stats['api_requests']} injected_failures={stats['injected_failures']} "
-              f"lost_responses={stats['lost_responses']} replays={stats['replays']} "
-              f"events={len(e2e.events.events)} deliveries={e2e.events.deliveries} "
-              f"backlog={backlog} wall={wall:.1f}s audit={result.report()}")
+        print(
+            f"\n[chaos] payments={result.payments} statuses={dict(result.statuses)} "
+            f"bank_requests={stats['api_requests']} injected_failures={stats['injected_failures']} "
+            f"lost_responses={stats['lost_responses']} replays={stats['replays']} "
+            f"events={len(e2e.events.events)} deliveries={e2e.events.deliveries} "
+            f"backlog={backlog} wall={wall:.1f}s audit={result.report()}"
+        )
     assert not result.failures, result.report()
     assert stats["injected_failures"] > 0 and stats["lost_responses"] > 0  # the chaos did happen

@@ -45,8 +45,14 @@ async def dead_letters(stack) -> list[aio_pika.abc.AbstractIncomingMessage]:
 
 async def replay_all(stack) -> str:
     if importlib.util.find_spec("worker.cli") is not None:
-        result = run_script("gatewayctl", "dlq", "replay", "--all", timeout=60,
-                            env={"DATABASE_URL": stack.database_url, "AMQP_URL": stack.amqp_url})
+        result = run_script(
+            "gatewayctl",
+            "dlq",
+            "replay",
+            "--all",
+            timeout=60,
+            env={"DATABASE_URL": stack.database_url, "AMQP_URL": stack.amqp_url},
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return "gatewayctl dlq replay --all"
     # worker/cli.py is not there yet: the same steps by hand.
@@ -58,8 +64,10 @@ async def replay_all(stack) -> str:
         while (message := await queue.get(no_ack=False, fail=False)) is not None:
             headers = message.headers or {}
             if await payments.unpark(stack.pool, headers["operation_id"]):
-                await commands.publish(aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                                       routing_key=headers["kind"])
+                await commands.publish(
+                    aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=headers["kind"],
+                )
             await message.ack()
     finally:
         await connection.close()
@@ -89,12 +97,16 @@ async def test_bank_down_longer_than_the_ladder_parks_then_replay_settles_once(e
         reply = await client.authorize(order_id=f"ord_{uuid.uuid4().hex[:10]}", amount=fresh, card=HAPPY)
         assert reply.status == 202
         second_id = reply.body["id"]
-        parked = [await wait_until(client, pid, lambda p: p["attention_required"], timeout=60)
-                  for pid in (first["id"], second_id)]
+        parked = [
+            await wait_until(client, pid, lambda p: p["attention_required"], timeout=60)
+            for pid in (first["id"], second_id)
+        ]
         assert [p["status"] for p in parked] == ["capturing", "pending"]  # the in-progress status stays
         assert all(p["last_error"]["retryable"] for p in parked)
         for p in parked:
-            assert await e2e.events.wait_for(lambda p=p: e2e.events.types(p["id"])["payment.attention_required"] >= 1, 15)
+            assert await e2e.events.wait_for(
+                lambda p=p: e2e.events.types(p["id"])["payment.attention_required"] >= 1, 15
+            )
         dead = {(m.headers or {}).get("payment_id") for m in await dead_letters(e2e)}
         assert {first["id"], second_id} <= dead
     finally:

@@ -46,7 +46,9 @@ async def assert_events(stack, payment: dict, expected: list[str]) -> None:
     event_id, the body's payment as it was then; and each one also visible by polling (history)."""
     want = Counter(f"payment.{s}" for s in expected)
     assert await stack.events.wait_for(lambda: stack.events.types(payment["id"]) == want, 15), (
-        stack.events.types(payment["id"]), want)
+        stack.events.types(payment["id"]),
+        want,
+    )
     for event in stack.events.of(payment["id"]):
         routing_key, message_id = stack.events.meta[event["event_id"]]
         assert set(event) == {"event_id", "type", "occurred_at", "payment"}
@@ -101,8 +103,11 @@ async def test_authorize_void(e2e, client, amount):
     await assert_events(e2e, voided, ["authorized", "voided"])
 
 
-@pytest.mark.parametrize("card, code", [(NO_FUNDS, "insufficient_funds"), (EXPIRED_CARD, "card_expired")],
-                         ids=["insufficient_funds", "card_expired"])
+@pytest.mark.parametrize(
+    "card, code",
+    [(NO_FUNDS, "insufficient_funds"), (EXPIRED_CARD, "card_expired")],
+    ids=["insufficient_funds", "card_expired"],
+)
 async def test_declined(e2e, client, amount, card, code):
     amt = amount()
     order_id = f"ord_{uuid.uuid4().hex[:10]}"
@@ -144,8 +149,9 @@ async def test_the_sweeper_expires_a_lapsed_hold_and_releases_it(e2e, client, am
     try:
         amt = amount()
         payment = await authorized(client, amt)
-        expired = await _wait_receipt(client, payment["id"], lambda p: p["status"] == "expired"
-                                      and p["bank"]["void_id"] is not None, timeout=30)
+        expired = await _wait_receipt(
+            client, payment["id"], lambda p: p["status"] == "expired" and p["bank"]["void_id"] is not None, timeout=30
+        )
         assert history(expired) == ["pending", "authorized", "expired"]
         entries = bank_entries(await e2e.bank.ledger(), amt)
         (hold,), (void,) = entries["authorizations"], entries["voids"]

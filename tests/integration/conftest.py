@@ -133,8 +133,10 @@ async def settle(pool, payment_id: str, verdict: Verdict = Verdict.SUCCEEDED, co
     if verdict is Verdict.SUCCEEDED:
         at = datetime.now(UTC)
         body = {
-            "authorization_id": f"auth_{uuid.uuid4().hex}", "expires_at": (at + timedelta(days=7)).isoformat(),
-            "capture_id": f"cap_{uuid.uuid4().hex}", "void_id": f"void_{uuid.uuid4().hex}",
+            "authorization_id": f"auth_{uuid.uuid4().hex}",
+            "expires_at": (at + timedelta(days=7)).isoformat(),
+            "capture_id": f"cap_{uuid.uuid4().hex}",
+            "void_id": f"void_{uuid.uuid4().hex}",
             "refund_id": f"ref_{uuid.uuid4().hex}",
         }
         outcome = BankOutcome(kind="ok", http_status=200, body=body)

@@ -29,7 +29,13 @@ async def test_capture_then_refund(api, pool):
     assert done["status"] == "refunded"
     resp, body = await api.get(f"/v1/payments/{payment['id']}")
     assert [h["status"] for h in body["history"]] == [
-        "pending", "authorized", "capturing", "captured", "refunding", "refunded"]
+        "pending",
+        "authorized",
+        "capturing",
+        "captured",
+        "refunding",
+        "refunded",
+    ]
 
 
 async def test_void(api, pool):
@@ -59,7 +65,9 @@ async def test_concurrent_captures_with_different_keys_one_wins(api, pool):
     for r, b in results:
         if r.status == 409:
             assert b["error"]["code"] == "invalid_state_transition" and b["error"]["status"] == "capturing"
-    ops = await pool.fetchval("SELECT count(*) FROM operations WHERE payment_id = $1 AND kind = 'capture'", payment["id"])
+    ops = await pool.fetchval(
+        "SELECT count(*) FROM operations WHERE payment_id = $1 AND kind = 'capture'", payment["id"]
+    )
     assert ops == 1
 
 
@@ -72,7 +80,9 @@ async def test_concurrent_same_key_capture_is_one_operation(api, pool):
         if r.status == 409:
             assert b["error"]["code"] == "request_in_progress"
     assert len({orjson_id(b) for r, b in results if r.status == 202}) == 1
-    ops = await pool.fetchval("SELECT count(*) FROM operations WHERE payment_id = $1 AND kind = 'capture'", payment["id"])
+    ops = await pool.fetchval(
+        "SELECT count(*) FROM operations WHERE payment_id = $1 AND kind = 'capture'", payment["id"]
+    )
     assert ops == 1
 
 
@@ -166,8 +176,12 @@ async def test_refund_amount_mismatch(api, pool):
 
 @pytest.mark.parametrize(
     "body,code",
-    [({"amount": 50, "reason": "x"}, "extra_forbidden"), ({"amount": "5000"}, "int_type"),
-     ({"amount": 0}, "greater_than_equal"), ({"amount": 5000.0}, "int_type")],
+    [
+        ({"amount": 50, "reason": "x"}, "extra_forbidden"),
+        ({"amount": "5000"}, "int_type"),
+        ({"amount": 0}, "greater_than_equal"),
+        ({"amount": 5000.0}, "int_type"),
+    ],
     ids=["extra", "string", "zero", "float"],
 )
 async def test_bad_action_bodies(api, pool, body, code):
@@ -179,8 +193,9 @@ async def test_bad_action_bodies(api, pool, body, code):
 
 async def test_action_bad_json_is_400(api, pool):
     payment = await authorized(api, pool)
-    resp, err = await api.post(f"/v1/payments/{payment['id']}/capture", b"{amount: 1}",
-                               headers={"Content-Type": "application/json"})
+    resp, err = await api.post(
+        f"/v1/payments/{payment['id']}/capture", b"{amount: 1}", headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 400 and err["error"]["code"] == "invalid_json"
 
 

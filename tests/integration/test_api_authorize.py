@@ -231,7 +231,9 @@ async def test_every_problem_is_reported_at_once(api):
     assert {d["field"] for d in err["error"]["details"]} == {"amount", "currency", "card.cvv"}
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"{'a': 1}", b"\xff\xfe{}", b"nul"], ids=["empty", "truncated", "quotes", "utf16", "word"])
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b"{'a': 1}", b"\xff\xfe{}", b"nul"], ids=["empty", "truncated", "quotes", "utf16", "word"]
+)
 async def test_unreadable_json_is_400(api, raw):
     resp, err = await api.post("/v1/payments", raw, headers={"Content-Type": "application/json"})
     assert resp.status == 400 and err["error"]["code"] == "invalid_json"
@@ -250,10 +252,14 @@ async def test_other_content_types_are_415(api):
 
 
 async def test_json_subtype_and_no_content_type_are_accepted(api):
-    resp, _ = await api.post("/v1/payments", orjson.dumps(auth_body()), headers={"Content-Type": "application/merge+json"})
+    resp, _ = await api.post(
+        "/v1/payments", orjson.dumps(auth_body()), headers={"Content-Type": "application/merge+json"}
+    )
     assert resp.status == 202
     raw = orjson.dumps(auth_body())
-    resp = await api.client.post("/v1/payments", data=raw, headers={**api.headers(uuid.uuid4().hex)}, skip_auto_headers=["Content-Type"])
+    resp = await api.client.post(
+        "/v1/payments", data=raw, headers={**api.headers(uuid.uuid4().hex)}, skip_auto_headers=["Content-Type"]
+    )
     assert resp.status == 202, await resp.text()
 
 
@@ -265,8 +271,13 @@ async def test_body_too_large_is_413(api):
 
 @pytest.mark.parametrize(
     "key,code",
-    [(None, "idempotency_key_missing"), ("", "idempotency_key_invalid"), ("k" * 256, "idempotency_key_invalid"),
-     ("clé", "idempotency_key_invalid"), ("a\tb", "idempotency_key_invalid")],
+    [
+        (None, "idempotency_key_missing"),
+        ("", "idempotency_key_invalid"),
+        ("k" * 256, "idempotency_key_invalid"),
+        ("clé", "idempotency_key_invalid"),
+        ("a\tb", "idempotency_key_invalid"),
+    ],
     ids=["missing", "empty", "too long", "non-ascii", "tab"],
 )
 async def test_idempotency_key_is_required_and_checked(api, api_client, key, code):
@@ -295,7 +306,10 @@ async def test_a_retry_after_the_card_expired_still_gets_its_answer(api, pool):
     await pool.execute(
         "INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status, response_body,"
         " location, created_at) VALUES ('ficmart', $1, 'POST', '/v1/payments', $2, 202, $3, $4, now())",
-        key, req.fingerprint, stored, "/v1/payments/pay_" + "0" * 32,
+        key,
+        req.fingerprint,
+        stored,
+        "/v1/payments/pay_" + "0" * 32,
     )
     resp, answer = await api.post("/v1/payments", raw, key=key)
     assert resp.status == 202 and resp.headers["Idempotent-Replayed"] == "true"

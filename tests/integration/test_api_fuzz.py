@@ -89,8 +89,12 @@ def live_api(api_settings, database_url, api_logs):
 # cannot express "exactly one of order_id or customer_id", Luhn or "not expired", so
 # schema-valid input is legitimately refused with 422 there) and the stateful ones.
 CHECK_NAMES = {
-    "not_a_server_error", "status_code_conformance", "content_type_conformance",
-    "response_headers_conformance", "response_schema_conformance", "negative_data_rejection",
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_headers_conformance",
+    "response_schema_conformance",
+    "negative_data_rejection",
 }
 
 
@@ -138,7 +142,10 @@ class Fuzz:
 
         @given(case=strategy)
         @settings(
-            max_examples=examples, deadline=None, database=None, derandomize=True,
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            derandomize=True,
             suppress_health_check=list(HealthCheck),
         )
         def one(case):

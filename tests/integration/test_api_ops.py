@@ -24,14 +24,27 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 @pytest.mark.parametrize(
     "header",
-    [None, "", "Bearer", "Bearer ", "Basic c2tfdGVzdA==", f"Token {API_KEY}", "Bearer sk_test_wrong_key", f"Bearer {API_KEY}x"],
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Basic c2tfdGVzdA==",
+        f"Token {API_KEY}",
+        "Bearer sk_test_wrong_key",
+        f"Bearer {API_KEY}x",
+    ],
     ids=["none", "empty", "no token", "blank token", "basic", "token scheme", "wrong key", "longer key"],
 )
 async def test_v1_needs_a_valid_bearer_key(api_client, header):
     headers = {} if header is None else {"Authorization": header}
-    for method, path in [("GET", "/v1/payments?order_id=x"), ("GET", f"/v1/payments/pay_{uuid.uuid4().hex}"),
-                         ("POST", "/v1/payments"), ("POST", f"/v1/payments/pay_{uuid.uuid4().hex}/capture"),
-                         ("GET", "/v1/nothing-here")]:
+    for method, path in [
+        ("GET", "/v1/payments?order_id=x"),
+        ("GET", f"/v1/payments/pay_{uuid.uuid4().hex}"),
+        ("POST", "/v1/payments"),
+        ("POST", f"/v1/payments/pay_{uuid.uuid4().hex}/capture"),
+        ("GET", "/v1/nothing-here"),
+    ]:
         resp = await api_client.request(method, path, headers={**headers, "Idempotency-Key": "k"})
         body = await resp.json()
         assert resp.status == 401, (method, path)
@@ -75,12 +88,19 @@ async def test_request_id_is_generated_and_unique(api_client):
 
 @pytest.mark.parametrize(
     "method,path,status,code",
-    [("GET", "/nothing", 404, "not_found"), ("GET", "/", 404, "not_found"), ("DELETE", "/healthz", 405, "method_not_allowed"),
-     ("PUT", "/v1/payments", 405, "method_not_allowed"), ("GET", "/v1/payments/pay_x/capture", 405, "method_not_allowed"),
-     ("POST", "/v1/payments/pay_x/explode", 404, "not_found")],
+    [
+        ("GET", "/nothing", 404, "not_found"),
+        ("GET", "/", 404, "not_found"),
+        ("DELETE", "/healthz", 405, "method_not_allowed"),
+        ("PUT", "/v1/payments", 405, "method_not_allowed"),
+        ("GET", "/v1/payments/pay_x/capture", 405, "method_not_allowed"),
+        ("POST", "/v1/payments/pay_x/explode", 404, "not_found"),
+    ],
 )
 async def test_framework_errors_are_json(api, method, path, status, code):
-    resp = await api.client.request(method, path, headers={**api.headers(), "Accept": "text/html", "Idempotency-Key": "k"})
+    resp = await api.client.request(
+        method, path, headers={**api.headers(), "Accept": "text/html", "Idempotency-Key": "k"}
+    )
     assert resp.status == status
     assert resp.content_type == "application/json"
     body = await resp.json()
@@ -93,8 +113,9 @@ async def test_unexpected_exception_is_a_json_500_logged_with_traceback(api, mon
         raise RuntimeError("something secret broke")
 
     monkeypatch.setattr(views, "get_payment", boom)
-    resp, body = await api.get(f"/v1/payments/pay_{uuid.uuid4().hex}",
-                               headers={"Accept": "text/html", "X-Request-Id": "req-boom-1"})
+    resp, body = await api.get(
+        f"/v1/payments/pay_{uuid.uuid4().hex}", headers={"Accept": "text/html", "X-Request-Id": "req-boom-1"}
+    )
     assert resp.status == 500 and resp.content_type == "application/json"
     assert body == {"error": {"code": "internal_error", "message": "the gateway failed to handle the request"}}
     lines = [orjson.loads(line) for line in api_logs.getvalue().splitlines() if "req-boom-1" in line]
@@ -122,8 +143,15 @@ async def test_one_access_line_per_request_with_context(api, api_logs):
     resp, payment = await api.post("/v1/payments", None, headers={"X-Request-Id": rid})  # 400: bad JSON
     resp, payment = await api.post(
         "/v1/payments",
-        orjson.dumps({"order_id": "o-log-" + rid, "customer_id": "c", "amount": 1, "currency": "USD",
-                      "card": {"number": "4242424242424242", "cvv": "456", "expiry_month": 6, "expiry_year": 2030}}),
+        orjson.dumps(
+            {
+                "order_id": "o-log-" + rid,
+                "customer_id": "c",
+                "amount": 1,
+                "currency": "USD",
+                "card": {"number": "4242424242424242", "cvv": "456", "expiry_month": 6, "expiry_year": 2030},
+            }
+        ),
         headers={"X-Request-Id": rid + "b"},
     )
     assert resp.status == 202
@@ -191,7 +219,10 @@ async def test_metrics_count_by_route_template_and_status(api):
     assert 'gateway_http_requests_total{method="POST",route="/v1/payments",status="202"}' in text
     assert 'gateway_http_requests_total{method="GET",route="/v1/payments/{payment_id}",status="200"}' in text
     assert 'gateway_http_requests_total{method="GET",route="/v1/payments/{payment_id}",status="404"}' in text
-    assert 'gateway_http_request_duration_seconds_bucket{le="0.005",method="POST",route="/v1/payments",status="202"}' in text
+    assert (
+        'gateway_http_request_duration_seconds_bucket{le="0.005",method="POST",route="/v1/payments",status="202"}'
+        in text
+    )
     assert "gateway_longpoll_waiters" in text
     assert payment["id"] not in text
 
@@ -206,12 +237,23 @@ async def test_openapi_document_is_valid_and_complete(api_client):
     validate(doc)
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {
-        "/v1/payments", "/v1/payments/{payment_id}", "/v1/payments/{payment_id}/capture",
-        "/v1/payments/{payment_id}/void", "/v1/payments/{payment_id}/refund",
-        "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
+        "/v1/payments",
+        "/v1/payments/{payment_id}",
+        "/v1/payments/{payment_id}/capture",
+        "/v1/payments/{payment_id}/void",
+        "/v1/payments/{payment_id}/refund",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
     }
     comps = doc["components"]
-    assert comps["securitySchemes"]["bearerAuth"] == {**comps["securitySchemes"]["bearerAuth"], "type": "http", "scheme": "bearer"}
+    assert comps["securitySchemes"]["bearerAuth"] == {
+        **comps["securitySchemes"]["bearerAuth"],
+        "type": "http",
+        "scheme": "bearer",
+    }
     assert comps["parameters"]["IdempotencyKey"]["in"] == "header" and comps["parameters"]["IdempotencyKey"]["required"]
     assert {"Payment", "PaymentList", "ErrorResponse", "AuthorizeIn", "ActionIn", "CardIn"} <= set(comps["schemas"])
     authorize = doc["paths"]["/v1/payments"]["post"]

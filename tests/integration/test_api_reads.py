@@ -84,7 +84,8 @@ async def test_long_poll_ignores_other_payments_and_keeps_waiting(api, pool):
 
     started = time.monotonic()
     (_resp, body), _ = await asyncio.gather(
-        api.get(f"/v1/payments/{watched['id']}", params={"wait": "10"}), noise_then_settle())
+        api.get(f"/v1/payments/{watched['id']}", params={"wait": "10"}), noise_then_settle()
+    )
     assert body["status"] == "authorized" and time.monotonic() - started >= 0.5
 
 
@@ -98,7 +99,8 @@ async def test_many_long_polls_on_one_payment_all_wake(api, pool):
         await settle(pool, payment["id"])
 
     results = await asyncio.gather(
-        *(api.get(f"/v1/payments/{payment['id']}", params={"wait": "10"}) for _ in range(20)), worker())
+        *(api.get(f"/v1/payments/{payment['id']}", params={"wait": "10"}) for _ in range(20)), worker()
+    )
     assert all(b["status"] == "captured" for _, b in results[:-1])
 
 
@@ -127,7 +129,9 @@ async def test_long_poll_survives_losing_the_listen_connection(api, api_client, 
     assert watcher.listening
     killed = await pool.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        " WHERE application_name = $1 AND datname = current_database()", APPLICATION_NAME)
+        " WHERE application_name = $1 AND datname = current_database()",
+        APPLICATION_NAME,
+    )
     assert killed >= 1
     payment = await api.authorize()
 
@@ -225,10 +229,16 @@ async def test_unknown_cursor_is_404(api):
 
 @pytest.mark.parametrize(
     "params,field",
-    [({}, "query"), ({"order_id": "o", "customer_id": "c"}, "query"), ({"customer_id": "c", "limit": "0"}, "limit"),
-     ({"customer_id": "c", "limit": "101"}, "limit"), ({"customer_id": "c", "limit": "ten"}, "limit"),
-     ({"customer_id": "c", "starting_after": "cus_1"}, "starting_after"), ({"order_id": ""}, "order_id"),
-     ({"custmer_id": "c"}, "custmer_id")],
+    [
+        ({}, "query"),
+        ({"order_id": "o", "customer_id": "c"}, "query"),
+        ({"customer_id": "c", "limit": "0"}, "limit"),
+        ({"customer_id": "c", "limit": "101"}, "limit"),
+        ({"customer_id": "c", "limit": "ten"}, "limit"),
+        ({"customer_id": "c", "starting_after": "cus_1"}, "starting_after"),
+        ({"order_id": ""}, "order_id"),
+        ({"custmer_id": "c"}, "custmer_id"),
+    ],
     ids=["no filter", "two filters", "limit 0", "limit 101", "limit word", "bad cursor", "empty order", "misspelt"],
 )
 async def test_bad_list_queries_are_422(api, params, field):

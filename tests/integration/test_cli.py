@@ -26,8 +26,8 @@ from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, Verdict
 from tests.support import factories, services
 from tests.support.procs import ScriptProcess, free_port, script_path
-from worker import settings as wsettings
 from worker import cli, topology
+from worker import settings as wsettings
 from worker.consumer import Worker, _dead_headers
 from worker.relay import Relay
 
@@ -43,8 +43,13 @@ class Env:
         self.pool, self.broker, self.vault = pool, broker, vault
 
     def cli_env(self, **extra) -> dict[str, str | None]:
-        env = {"DATABASE_URL": self.database_url, "AMQP_URL": self.amqp_url, "LOG_LEVEL": None,
-               "WORKER_RETRY_LADDER": None, "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS": None}
+        env = {
+            "DATABASE_URL": self.database_url,
+            "AMQP_URL": self.amqp_url,
+            "LOG_LEVEL": None,
+            "WORKER_RETRY_LADDER": None,
+            "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS": None,
+        }
         env.update(extra)
         return env
 
@@ -57,8 +62,13 @@ class Env:
             else:
                 full[key] = value
         proc = await asyncio.create_subprocess_exec(
-            script_path("gatewayctl"), *args, env=full, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            script_path("gatewayctl"),
+            *args,
+            env=full,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         out, err = out.decode(), err.decode()
         if expect is not None:
@@ -76,16 +86,16 @@ class Env:
         return pid, await self.pending_op(pid)
 
     async def pending_op(self, pid: str) -> str:
-        return await self.pool.fetchval(
-            "SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
+        return await self.pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
 
     async def settle(self, op: str, body: dict) -> None:
         claim = await payments.claim(self.pool, op, "test", 30)
         assert isinstance(claim, payments.Claim), claim
         await payments.record_outcome(self.pool, op, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
 
-    async def parked(self, kind: str = "capture", *, first_attempt_hours_ago: float | None = None,
-                     dead_letters: int = 1) -> tuple[str, str]:
+    async def parked(
+        self, kind: str = "capture", *, first_attempt_hours_ago: float | None = None, dead_letters: int = 1
+    ) -> tuple[str, str]:
         """A payment whose `kind` operation is parked, with its dead letter(s) in payments.dead."""
         pid, op = await self.authorize()
         if kind == "capture":
@@ -98,21 +108,26 @@ class Env:
         if first_attempt_hours_ago is not None:
             await self.pool.execute(
                 "UPDATE operations SET first_attempt_at = now() - make_interval(secs => $2 * 3600) WHERE id = $1",
-                op, first_attempt_hours_ago)
+                op,
+                first_attempt_hours_ago,
+            )
         assert await payments.park(self.pool, op, ERROR) is not None
         for _ in range(dead_letters):
             await self.dead_letter(op, pid, kind, claim.attempts)
         return pid, op
 
-    async def dead_letter(self, op: str, pid: str, kind: str, attempts: int = 1, headers: dict | None = None,
-                          body: bytes | None = None) -> None:
+    async def dead_letter(
+        self, op: str, pid: str, kind: str, attempts: int = 1, headers: dict | None = None, body: bytes | None = None
+    ) -> None:
         channel = await self.broker.channel(publisher_confirms=True)
         await channel.default_exchange.publish(
-            aio_pika.Message(body if body is not None else orjson.dumps({"operation_id": op}),
-                             headers=headers if headers is not None else _dead_headers(op, pid, kind, attempts,
-                                                                                        ERROR, 3),
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=topology.DEAD_QUEUE)
+            aio_pika.Message(
+                body if body is not None else orjson.dumps({"operation_id": op}),
+                headers=headers if headers is not None else _dead_headers(op, pid, kind, attempts, ERROR, 3),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=topology.DEAD_QUEUE,
+        )
         await channel.close()
 
     async def operation(self, op: str) -> dict:
@@ -161,8 +176,9 @@ async def cli_env(server_urls, card_key):
 
 @pytest.fixture
 async def env(cli_env):
-    await cli_env.pool.execute("TRUNCATE payments, payment_history, operations, card_vault, outbox, "
-                               "idempotency_keys, reconciliation_findings")
+    await cli_env.pool.execute(
+        "TRUNCATE payments, payment_history, operations, card_vault, outbox, idempotency_keys, reconciliation_findings"
+    )
     for name in (topology.DEAD_QUEUE, topology.WORK_QUEUE):
         await cli_env.drain(name)
     yield cli_env
@@ -226,13 +242,14 @@ async def test_list_shows_each_operation_and_leaves_the_queue_as_it_was(env):
 
     first = await env.cli_json("dlq", "list")
     second = await env.cli_json("dlq", "list")
+
     def without_age(doc):
         return [{k: v for k, v in e.items() if k != "age"} for e in doc["operations"]]
 
     assert without_age(first) == without_age(second) and first["messages"] == second["messages"] == 5
     ops = first["operations"]
     assert [e["operation_id"] for e in ops] == [op for _, op in parked] + [None, db_only_op]
-    for entry, (pid, op) in zip(ops, parked):
+    for entry, (pid, _op) in zip(ops, parked, strict=True):
         assert entry["payment_id"] == pid and entry["kind"] == "capture" and entry["attempts"] == 1
         assert entry["state"] == "parked" and entry["last_error"] == ERROR and entry["age"].endswith("s")
     assert [e["messages"] for e in ops] == [1, 2, 1, 1, 0]
@@ -243,7 +260,12 @@ async def test_list_shows_each_operation_and_leaves_the_queue_as_it_was(env):
     assert "OPERATION" in out and parked[0][1] in out and "bank_connection" in out and db_only_op in out
     left = await env.drain(topology.DEAD_QUEUE)
     assert [(m.headers or {}).get("operation_id") for m in left] == [
-        parked[0][1], parked[1][1], parked[2][1], parked[1][1], None]
+        parked[0][1],
+        parked[1][1],
+        parked[2][1],
+        parked[1][1],
+        None,
+    ]
     assert left[-1].body == b"not json"
 
 
@@ -337,8 +359,13 @@ async def test_replay_all_handles_each_case(env):
     await env.dead_letter("", "", "", headers={}, body=b"{}")
     doc = await env.cli_json("dlq", "replay", "--all", expect=1)  # the unreadable message is not done
     results = {r["operation_id"]: r["result"] for r in doc["results"]}
-    assert results == {parked[0][1]: "replayed", parked[1][1]: "replayed", done_op: "already_final",
-                       db_only[1]: "replayed", None: "unreadable"}
+    assert results == {
+        parked[0][1]: "replayed",
+        parked[1][1]: "replayed",
+        done_op: "already_final",
+        db_only[1]: "replayed",
+        None: "unreadable",
+    }
     sent = [orjson.loads(m.body)["operation_id"] for m in await env.drain(topology.WORK_QUEUE)]
     assert sent == [parked[0][1], parked[1][1], db_only[1]]
     (left,) = await env.drain(topology.DEAD_QUEUE)
@@ -353,13 +380,35 @@ async def test_replay_all_handles_each_case(env):
 async def test_worker_parks_against_a_down_bank_and_replay_finishes_it(env, card_key):
     port = free_port()
     bank_url = f"http://127.0.0.1:{port}"
-    cfg = wsettings.WorkerSettings(bank_timeout=2, prefetch=50, concurrency=10, db_pool_size=4, retry_ladder=(1,),
-                                   quick_retries=1, quick_retry_base=0.01, lease_margin=1, confirm_delay=0.1)
-    settings = config.parse({"DATABASE_URL": env.database_url, "AMQP_URL": env.amqp_url, "BANK_URL": bank_url,
-                             "CARD_ENCRYPTION_KEY": card_key}, need_card_key=True)
-    async with ScriptProcess("mockbank", "--port", str(port), env={
-            "MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "0", "FAILURE_RATE": "0", "LOG_LEVEL": "warning"}) as bank, \
-            aiohttp.ClientSession() as http:
+    cfg = wsettings.WorkerSettings(
+        bank_timeout=2,
+        prefetch=50,
+        concurrency=10,
+        db_pool_size=4,
+        retry_ladder=(1,),
+        quick_retries=1,
+        quick_retry_base=0.01,
+        lease_margin=1,
+        confirm_delay=0.1,
+    )
+    settings = config.parse(
+        {
+            "DATABASE_URL": env.database_url,
+            "AMQP_URL": env.amqp_url,
+            "BANK_URL": bank_url,
+            "CARD_ENCRYPTION_KEY": card_key,
+        },
+        need_card_key=True,
+    )
+    async with (
+        ScriptProcess(
+            "mockbank",
+            "--port",
+            str(port),
+            env={"MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "0", "FAILURE_RATE": "0", "LOG_LEVEL": "warning"},
+        ) as bank,
+        aiohttp.ClientSession() as http,
+    ):
         await bank.wait_http(f"{bank_url}/health")
         async with http.put(f"{bank_url}/_mock/chaos", json={"down": True}) as resp:
             assert resp.status == 200

@@ -33,10 +33,10 @@ from worker.reconcile import run_reconciliation
 pytestmark = pytest.mark.timeout(120)
 
 
-
 class Books:
-    def __init__(self, database_url: str, bank_url: str, pool, vault: CardVault, bank: BankClient,
-                 http: aiohttp.ClientSession):
+    def __init__(
+        self, database_url: str, bank_url: str, pool, vault: CardVault, bank: BankClient, http: aiohttp.ClientSession
+    ):
         self.database_url, self.bank_url = database_url, bank_url
         self.pool, self.vault, self.bank, self.http = pool, vault, bank, http
 
@@ -44,8 +44,13 @@ class Books:
         """A payment moved through the real bank up to `upto`; returns its row."""
         pid = await factories.authorize(self.pool, self.vault, amount)
         await self.work(pid)
-        steps = {"authorized": [], "voided": [Action.VOID], "captured": [Action.CAPTURE],
-                 "refunding": [Action.CAPTURE, Action.REFUND], "refunded": [Action.CAPTURE, Action.REFUND]}[upto]
+        steps = {
+            "authorized": [],
+            "voided": [Action.VOID],
+            "captured": [Action.CAPTURE],
+            "refunding": [Action.CAPTURE, Action.REFUND],
+            "refunded": [Action.CAPTURE, Action.REFUND],
+        }[upto]
         for i, action in enumerate(steps):
             await self.request(pid, action)
             if not (upto == "refunding" and i == len(steps) - 1):
@@ -63,12 +68,18 @@ class Books:
         assert isinstance(claim, payments.Claim), claim
         if claim.kind is OperationKind.AUTHORIZE:
             number, cvv = self.vault.open(pid, claim.sealed_card)
-            outcome = await self.bank.authorize(claim.bank_key, card_number=number, cvv=cvv,
-                                                expiry_month=claim.card_expiry_month,
-                                                expiry_year=claim.card_expiry_year, amount=claim.amount)
+            outcome = await self.bank.authorize(
+                claim.bank_key,
+                card_number=number,
+                cvv=cvv,
+                expiry_month=claim.card_expiry_month,
+                expiry_year=claim.card_expiry_year,
+                amount=claim.amount,
+            )
         elif claim.kind is OperationKind.CAPTURE:
-            outcome = await self.bank.capture(claim.bank_key, authorization_id=claim.authorization_id,
-                                              amount=claim.amount)
+            outcome = await self.bank.capture(
+                claim.bank_key, authorization_id=claim.authorization_id, amount=claim.amount
+            )
         elif claim.kind is OperationKind.REFUND:
             outcome = await self.bank.refund(claim.bank_key, capture_id=claim.capture_id, amount=claim.amount)
         else:
@@ -92,14 +103,22 @@ class Books:
     async def attention_events(self, pid: str) -> int:
         return await self.pool.fetchval(
             "SELECT count(*) FROM outbox WHERE routing_key = 'payment.attention_required'"
-            " AND convert_from(body, 'UTF8')::jsonb #>> '{payment,id}' = $1", pid)
+            " AND convert_from(body, 'UTF8')::jsonb #>> '{payment,id}' = $1",
+            pid,
+        )
 
     async def cli(self, *args: str, expect: int) -> str:
         env = {**os.environ, "DATABASE_URL": self.database_url, "BANK_URL": self.bank_url}
         env.pop("LOG_LEVEL", None)
         proc = await asyncio.create_subprocess_exec(
-            script_path("gatewayctl"), "reconcile", *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            script_path("gatewayctl"),
+            "reconcile",
+            *args,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == expect, f"exit {proc.returncode}\n{out.decode()}\n{err.decode()}"
         return out.decode()
@@ -110,9 +129,18 @@ async def books_env(server_urls, card_key):
     port = free_port()
     bank_url = f"http://127.0.0.1:{port}"
     async with services.private_database(server_urls[0]) as database_url:
-        proc = ScriptProcess("mockbank", "--port", str(port), env={
-            "MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "0", "FAILURE_RATE": "0", "RESPONSE_LOSS_RATE": "0",
-            "LOG_LEVEL": "warning"}).start()
+        proc = ScriptProcess(
+            "mockbank",
+            "--port",
+            str(port),
+            env={
+                "MIN_LATENCY_MS": "0",
+                "MAX_LATENCY_MS": "0",
+                "FAILURE_RATE": "0",
+                "RESPONSE_LOSS_RATE": "0",
+                "LOG_LEVEL": "warning",
+            },
+        ).start()
         pool = await db.create_pool(database_url, min_size=1, max_size=10)
         try:
             await proc.wait_http(f"{bank_url}/health")
@@ -126,8 +154,9 @@ async def books_env(server_urls, card_key):
 
 @pytest.fixture
 async def books(books_env):
-    await books_env.pool.execute("TRUNCATE payments, payment_history, operations, card_vault, outbox, "
-                                 "idempotency_keys, reconciliation_findings")
+    await books_env.pool.execute(
+        "TRUNCATE payments, payment_history, operations, card_vault, outbox, idempotency_keys, reconciliation_findings"
+    )
     await books_env.mock("POST", "/_mock/reset")
     yield books_env
 
@@ -141,15 +170,26 @@ def by_payment(findings: list[dict]) -> dict[str, set[tuple[str, str]]]:
 
 async def disagreeing(books: Books) -> dict[str, dict]:
     """Real payments, then receipts changed so that each disagrees with the bank in one way."""
-    p = {name: await books.payment(upto=upto) for name, upto in (
-        ("amount", "authorized"), ("missing_capture", "captured"), ("expiry", "authorized"),
-        ("linked", "captured"), ("other", "captured"), ("refunded", "refunded"), ("busy", "refunding"),
-        ("fine", "captured"), ("voided", "voided"))}
+    p = {
+        name: await books.payment(upto=upto)
+        for name, upto in (
+            ("amount", "authorized"),
+            ("missing_capture", "captured"),
+            ("expiry", "authorized"),
+            ("linked", "captured"),
+            ("other", "captured"),
+            ("refunded", "refunded"),
+            ("busy", "refunding"),
+            ("fine", "captured"),
+            ("voided", "voided"),
+        )
+    }
     await books.corrupt(p["amount"]["id"], amount=1100)
     p["bogus_capture_id"] = {"id": f"cap_{uuid.uuid4()}"}
     await books.corrupt(p["missing_capture"]["id"], capture_id=p["bogus_capture_id"]["id"])
-    await books.corrupt(p["expiry"]["id"],
-                        authorization_expires_at=p["expiry"]["authorization_expires_at"] + timedelta(days=1))
+    await books.corrupt(
+        p["expiry"]["id"], authorization_expires_at=p["expiry"]["authorization_expires_at"] + timedelta(days=1)
+    )
     await books.corrupt(p["linked"]["id"], capture_id=p["other"]["capture_id"])  # someone else's capture
     await books.corrupt(p["refunded"]["id"], amount=999)  # hold, capture and refund all disagree
     await books.corrupt(p["busy"]["id"], capture_id=f"cap_{uuid.uuid4()}")  # refund in flight: not looked at
@@ -222,12 +262,20 @@ async def test_repair_fixes_only_what_is_safe(books):
     assert row["authorization_expires_at"] == parse(bank_hold.body["expires_at"]) and row["status"] == "authorized"
     row = await books.row(lapsed["id"])
     assert row["status"] == "expired" and row["authorization_expires_at"] < p["expiry"]["authorization_expires_at"]
-    assert await books.pool.fetchval(
-        "SELECT kind FROM operations WHERE payment_id = $1 AND status = 'pending'", lapsed["id"]) == "release"
+    assert (
+        await books.pool.fetchval(
+            "SELECT kind FROM operations WHERE payment_id = $1 AND status = 'pending'", lapsed["id"]
+        )
+        == "release"
+    )
 
     # Money: never changed, flagged for a human with one event.
-    for name, field, value in (("amount", "amount", 1100), ("missing_capture", "capture_id", p["bogus_capture_id"]["id"]),
-                               ("linked", "capture_id", p["other"]["capture_id"]), ("refunded", "amount", 999)):
+    for name, field, value in (
+        ("amount", "amount", 1100),
+        ("missing_capture", "capture_id", p["bogus_capture_id"]["id"]),
+        ("linked", "capture_id", p["other"]["capture_id"]),
+        ("refunded", "amount", 999),
+    ):
         row = await books.row(p[name]["id"])
         assert row["attention_required"] and row[field] == value, name
         assert await books.attention_events(p[name]["id"]) == 1
@@ -245,15 +293,32 @@ async def test_repair_fixes_only_what_is_safe(books):
 async def test_a_bank_that_keeps_failing_gives_unverified_not_a_finding_about_money(books):
     shaky = await books.payment(upto="captured")
     fine = await books.payment(upto="authorized")
-    await books.mock("POST", "/_mock/faults", {
-        "action": "error", "method": "GET", "path": f"/api/v1/authorizations/{shaky['authorization_id']}",
-        "times": 50})
-    await books.mock("POST", "/_mock/faults", {  # one failure only: the retry gets through
-        "action": "error", "method": "GET", "path": f"/api/v1/captures/{shaky['capture_id']}", "times": 1})
-    report = await run_reconciliation(books.pool, books.bank, rate_per_second=1000, limit=10, repair=True,
-                                      retries=3, retry_base=0.01)
+    await books.mock(
+        "POST",
+        "/_mock/faults",
+        {
+            "action": "error",
+            "method": "GET",
+            "path": f"/api/v1/authorizations/{shaky['authorization_id']}",
+            "times": 50,
+        },
+    )
+    await books.mock(
+        "POST",
+        "/_mock/faults",
+        {  # one failure only: the retry gets through
+            "action": "error",
+            "method": "GET",
+            "path": f"/api/v1/captures/{shaky['capture_id']}",
+            "times": 1,
+        },
+    )
+    report = await run_reconciliation(
+        books.pool, books.bank, rate_per_second=1000, limit=10, repair=True, retries=3, retry_base=0.01
+    )
     assert [(f.payment_id, f.kind, f.detail["object"]) for f in report.findings] == [
-        (shaky["id"], "unverified", "authorization")]
+        (shaky["id"], "unverified", "authorization")
+    ]
     assert report.findings[0].detail["http_status"] == 500 and not report.findings[0].flagged
     assert report.bank_calls == 3 + 2 + 1  # auth: 3 tries; capture: 1 failure + 1 answer; the other hold
     assert not (await books.row(shaky["id"]))["attention_required"]

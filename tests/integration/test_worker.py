@@ -43,9 +43,18 @@ NO_FUNDS = ("5555555555554444", "789", 9, 2030)
 EXPIRED = ("5105105105105100", "321", 3, 2030)  # the bank's stored expiry is 03/2020
 
 WORKER_CFG = wsettings.WorkerSettings(
-    bank_timeout=3, prefetch=200, concurrency=100, db_pool_size=10, retry_ladder=(1, 2, 3),
-    quick_retries=3, quick_retry_base=0.05, lease_margin=2, confirm_delay=0.2,
-    sweep_interval=0.5, stuck_after=1, sweep_batch=100,
+    bank_timeout=3,
+    prefetch=200,
+    concurrency=100,
+    db_pool_size=10,
+    retry_ladder=(1, 2, 3),
+    quick_retries=3,
+    quick_retry_base=0.05,
+    lease_margin=2,
+    confirm_delay=0.2,
+    sweep_interval=0.5,
+    stuck_after=1,
+    sweep_batch=100,
 )
 
 
@@ -53,8 +62,10 @@ class Pipeline:
     def __init__(self, database_url: str, amqp_url: str, bank_url: str, card_key: str, pool, broker):
         self.database_url, self.amqp_url, self.bank_url = database_url, amqp_url, bank_url
         self.pool, self.broker = pool, broker
-        self.settings = config.parse({"DATABASE_URL": database_url, "AMQP_URL": amqp_url, "BANK_URL": bank_url,
-                                      "CARD_ENCRYPTION_KEY": card_key}, need_card_key=True)
+        self.settings = config.parse(
+            {"DATABASE_URL": database_url, "AMQP_URL": amqp_url, "BANK_URL": bank_url, "CARD_ENCRYPTION_KEY": card_key},
+            need_card_key=True,
+        )
         self.vault = CardVault(base64.b64decode(card_key))
         self.http = aiohttp.ClientSession()
         self.worker: Worker | None = None
@@ -63,8 +74,9 @@ class Pipeline:
         self._relay_task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.relay = Relay(self.database_url, self.amqp_url, wsettings.RelaySettings(poll_seconds=0.2),
-                           ladder=WORKER_CFG.retry_ladder)
+        self.relay = Relay(
+            self.database_url, self.amqp_url, wsettings.RelaySettings(poll_seconds=0.2), ladder=WORKER_CFG.retry_ladder
+        )
         await self.relay.start()
         self.resume_relay()
         await self.start_worker()
@@ -100,17 +112,22 @@ class Pipeline:
 
     async def authorize(self, card=HAPPY, amount: int = 1500) -> str:
         number, cvv, month, year = card
-        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments",
-                                         uuid.uuid4().bytes)
+        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments", uuid.uuid4().bytes)
         resp = await payments.authorize(
-            self.pool, self.vault, req, order_id=f"ord_{uuid.uuid4().hex[:10]}", customer_id="cus_1",
-            amount=amount, card=payments.CardInput(number, cvv, month, year),
+            self.pool,
+            self.vault,
+            req,
+            order_id=f"ord_{uuid.uuid4().hex[:10]}",
+            customer_id="cus_1",
+            amount=amount,
+            card=payments.CardInput(number, cvv, month, year),
         )
         return orjson.loads(resp.body)["id"]
 
     async def request(self, payment_id: str, action: Action) -> None:
-        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST",
-                                         f"/v1/payments/{payment_id}/{action.value}", b"")
+        req = payments.IdempotentRequest(
+            "ficmart", uuid.uuid4().hex, "POST", f"/v1/payments/{payment_id}/{action.value}", b""
+        )
         await payments.request_action(self.pool, req, payment_id, action, None)
 
     async def wait(self, payment_id: str, until, timeout: float = 30.0) -> dict:
@@ -127,14 +144,20 @@ class Pipeline:
         return await self.wait(payment_id, lambda r: r["status"] == status, timeout)
 
     async def operation(self, payment_id: str, kind: str) -> dict:
-        return dict(await self.pool.fetchrow(
-            "SELECT * FROM operations WHERE payment_id = $1 AND kind = $2 ORDER BY created_at DESC LIMIT 1",
-            payment_id, kind))
+        return dict(
+            await self.pool.fetchrow(
+                "SELECT * FROM operations WHERE payment_id = $1 AND kind = $2 ORDER BY created_at DESC LIMIT 1",
+                payment_id,
+                kind,
+            )
+        )
 
     async def events(self, payment_id: str) -> list[str]:
         rows = await self.pool.fetch(
             "SELECT routing_key FROM outbox WHERE exchange = 'payments.events'"
-            " AND convert_from(body, 'UTF8')::jsonb #>> '{payment,id}' = $1 ORDER BY id", payment_id)
+            " AND convert_from(body, 'UTF8')::jsonb #>> '{payment,id}' = $1 ORDER BY id",
+            payment_id,
+        )
         return [r["routing_key"] for r in rows]
 
     # ---- the bank --------------------------------------------------------------------------
@@ -190,8 +213,10 @@ class Pipeline:
     async def send_command(self, body: bytes, kind: str, headers: dict | None = None) -> None:
         channel = await self.broker.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(COMMANDS_EXCHANGE)
-        await exchange.publish(aio_pika.Message(body, headers=headers or {},
-                                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=kind)
+        await exchange.publish(
+            aio_pika.Message(body, headers=headers or {}, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=kind,
+        )
         await channel.close()
 
 
@@ -202,9 +227,18 @@ async def pipeline(server_urls, card_key):
     await db.migrate(database_url)
     amqp_url, vhost = services.create_vhost(amqp_root)
     port = free_port()
-    bank = ScriptProcess("mockbank", "--port", str(port), env={
-        "MIN_LATENCY_MS": "5", "MAX_LATENCY_MS": "30", "FAILURE_RATE": "0", "RESPONSE_LOSS_RATE": "0",
-        "LOG_LEVEL": "warning"})
+    bank = ScriptProcess(
+        "mockbank",
+        "--port",
+        str(port),
+        env={
+            "MIN_LATENCY_MS": "5",
+            "MAX_LATENCY_MS": "30",
+            "FAILURE_RATE": "0",
+            "RESPONSE_LOSS_RATE": "0",
+            "LOG_LEVEL": "warning",
+        },
+    )
     bank.start()
     pool = await db.create_pool(database_url, min_size=1, max_size=10)
     broker = await aio_pika.connect_robust(amqp_url)
@@ -278,7 +312,8 @@ async def test_capture_then_refund_and_void(pipe):
     refunded = await pipe.wait_status(pid, "refunded")
     ledger = await pipe.ledger()
     assert [(c["capture_id"], c["refund_id"]) for c in ledger["captures"]] == [
-        (refunded["capture_id"], refunded["refund_id"])]
+        (refunded["capture_id"], refunded["refund_id"])
+    ]
     assert [v["authorization_id"] for v in ledger["voids"]] == [row["authorization_id"]]
     assert await pipe.events(other) == ["payment.authorized", "payment.voided"]
 
@@ -315,7 +350,8 @@ async def test_high_failure_rate_is_retried_to_success(pipe):
     assert len(ledger["authorizations"]) == 8 and len(ledger["captures"]) == 8
     assert ledger["stats"]["injected_failures"] > 0
     retried = await pipe.pool.fetchval(
-        "SELECT count(*) FROM operations WHERE payment_id = ANY($1) AND attempts > 1", pids)
+        "SELECT count(*) FROM operations WHERE payment_id = ANY($1) AND attempts > 1", pids
+    )
     assert retried > 0
 
 
@@ -347,8 +383,14 @@ async def test_already_done_then_a_real_answer_is_settled(pipe):
     """CONFIRM: the bank says authorization_already_used once; the same request again succeeds."""
     pid = await pipe.authorize(amount=600)
     await pipe.wait_status(pid, "authorized")
-    await pipe.fault(action="error", path="/api/v1/captures", method="POST", status=400, times=1,
-                     body={"error": "authorization_already_used", "message": "injected"})
+    await pipe.fault(
+        action="error",
+        path="/api/v1/captures",
+        method="POST",
+        status=400,
+        times=1,
+        body={"error": "authorization_already_used", "message": "injected"},
+    )
     await pipe.request(pid, Action.CAPTURE)
     row = await pipe.wait_status(pid, "captured")
     assert not row["attention_required"]
@@ -387,7 +429,9 @@ async def test_an_operation_leased_elsewhere_waits_for_the_lease(pipe):
         pid = await pipe.authorize()
         await pipe.pool.execute(
             "UPDATE operations SET lease_owner = 'another-worker', lease_until = now() + interval '2 seconds'"
-            " WHERE payment_id = $1", pid)
+            " WHERE payment_id = $1",
+            pid,
+        )
         started = time.monotonic()
     await pipe.wait_status(pid, "authorized")
     assert time.monotonic() - started >= 1.5
@@ -400,8 +444,9 @@ async def test_authorize_first_tried_over_23_hours_ago_is_parked_unless_forced(p
     async with pipe.relay_paused():
         pid = await pipe.authorize()
         await pipe.pool.execute(
-            "UPDATE operations SET first_attempt_at = now() - interval '25 hours', attempts = 1"
-            " WHERE payment_id = $1", pid)
+            "UPDATE operations SET first_attempt_at = now() - interval '25 hours', attempts = 1 WHERE payment_id = $1",
+            pid,
+        )
     row = await pipe.wait(pid, lambda r: r["attention_required"])
     assert row["status"] == "pending" and row["last_error"]["code"] == "bank_key_expired"
     op = await pipe.operation(pid, "authorize")
@@ -421,10 +466,13 @@ async def test_sweeper_reenqueues_an_operation_whose_command_was_lost(pipe):
         op = await pipe.operation(pid, "authorize")
         deleted = await pipe.pool.execute(
             "DELETE FROM outbox WHERE published_at IS NULL AND exchange = 'payments.commands'"
-            " AND convert_from(body, 'UTF8')::jsonb ->> 'operation_id' = $1", op["id"])
+            " AND convert_from(body, 'UTF8')::jsonb ->> 'operation_id' = $1",
+            op["id"],
+        )
         assert deleted == "DELETE 1"
-        await pipe.pool.execute("UPDATE operations SET updated_at = now() - interval '1 minute' WHERE id = $1",
-                                op["id"])
+        await pipe.pool.execute(
+            "UPDATE operations SET updated_at = now() - interval '1 minute' WHERE id = $1", op["id"]
+        )
     await pipe.wait_status(pid, "authorized", timeout=20)
     assert len(await pipe.bank_entries("authorizations", op["bank_key"])) == 1
 
@@ -433,7 +481,8 @@ async def test_sweeper_expires_a_lapsed_hold_and_voids_it(pipe):
     pid = await pipe.authorize(amount=800)
     row = await pipe.wait_status(pid, "authorized")
     await pipe.pool.execute(
-        "UPDATE payments SET authorization_expires_at = now() - interval '1 second' WHERE id = $1", pid)
+        "UPDATE payments SET authorization_expires_at = now() - interval '1 second' WHERE id = $1", pid
+    )
     await pipe.wait_status(pid, "expired", timeout=20)
     release = await pipe.operation(pid, "release")
     deadline = time.monotonic() + 20
@@ -482,8 +531,13 @@ async def test_topology_is_quorum_work_and_dead_with_a_ttl_ladder(pipe):
     ctl = shutil.which("rabbitmqctl")
     if not ctl or not pipe.vhost:
         pytest.skip("needs rabbitmqctl and a private vhost")
-    out = subprocess.run([ctl, "list_queues", "-p", pipe.vhost, "name", "type", "durable", "arguments",
-                          "--formatter", "json"], check=True, capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [ctl, "list_queues", "-p", pipe.vhost, "name", "type", "durable", "arguments", "--formatter", "json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     queues = {q["name"]: q for q in json.loads(out)}
     assert queues["payments.work"]["type"] == "quorum" and queues["payments.dead"]["type"] == "quorum"
     for delay, name in ((1, "payments.retry.1s"), (2, "payments.retry.2s"), (3, "payments.retry.3s")):
@@ -498,9 +552,15 @@ async def test_console_scripts_run_the_pipeline_and_stop_gracefully_on_sigterm(p
     """gateway-relay and gateway-worker as real processes; SIGTERM while a bank call is in flight."""
     await pipe.worker.stop(grace=5)
     await pipe.pause_relay()
-    env = {"DATABASE_URL": pipe.database_url, "AMQP_URL": pipe.amqp_url, "BANK_URL": pipe.bank_url,
-           "CARD_ENCRYPTION_KEY": pipe.card_key, "WORKER_RETRY_LADDER": "1,2,3", "BANK_TIMEOUT_SECONDS": "5",
-           "LOG_LEVEL": "info"}
+    env = {
+        "DATABASE_URL": pipe.database_url,
+        "AMQP_URL": pipe.amqp_url,
+        "BANK_URL": pipe.bank_url,
+        "CARD_ENCRYPTION_KEY": pipe.card_key,
+        "WORKER_RETRY_LADDER": "1,2,3",
+        "BANK_TIMEOUT_SECONDS": "5",
+        "LOG_LEVEL": "info",
+    }
     relay = ScriptProcess("gateway-relay", env=env).start()
     worker = ScriptProcess("gateway-worker", env=env).start()
     try:
@@ -531,7 +591,9 @@ async def test_console_scripts_run_the_pipeline_and_stop_gracefully_on_sigterm(p
 def test_bad_worker_setting_exits_2():
     from tests.support.procs import run_script
 
-    result = run_script("gateway-worker", env={"CARD_ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode(),
-                                                "WORKER_RETRY_LADDER": "5,1"})
+    result = run_script(
+        "gateway-worker",
+        env={"CARD_ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode(), "WORKER_RETRY_LADDER": "5,1"},
+    )
     assert result.returncode == 2 and "WORKER_RETRY_LADDER" in result.stderr
     assert run_script("gateway-relay", "--help").returncode == 0

@@ -16,7 +16,13 @@ async def authorize(pool, vault: CardVault, amount: int, card: tuple = HAPPY) ->
     """A new pending payment (fresh order and idempotency key); returns its id."""
     number, cvv, month, year = card
     req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments", uuid.uuid4().bytes)
-    resp = await payments.authorize(pool, vault, req, order_id=f"ord_{uuid.uuid4().hex[:10]}",
-                                    customer_id="cus_1", amount=amount,
-                                    card=payments.CardInput(number, cvv, month, year))
+    resp = await payments.authorize(
+        pool,
+        vault,
+        req,
+        order_id=f"ord_{uuid.uuid4().hex[:10]}",
+        customer_id="cus_1",
+        amount=amount,
+        card=payments.CardInput(number, cvv, month, year),
+    )
     return orjson.loads(resp.body)["id"]

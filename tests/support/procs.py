@@ -38,8 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Mapping, Sequence
+from typing import IO
 
 import aiohttp
 
@@ -62,8 +63,7 @@ def script_path(name: str) -> str:
     path = Path(sys.executable).parent / name
     if not path.exists():
         raise ProcessError(
-            f"console script {name!r} not found in {path.parent} "
-            "(did you run `pip install -e '.[dev]'`?)"
+            f"console script {name!r} not found in {path.parent} (did you run `pip install -e '.[dev]'`?)"
         )
     return str(path)
 
@@ -88,21 +88,32 @@ def _tail(f: IO[bytes] | None, max_bytes: int) -> str:
     return os.pread(fd, size - start, start).decode("utf-8", "replace")
 
 
-def run_script(name: str, *args: str, env: Mapping[str, str | None] | None = None,
-               inherit_env: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
+def run_script(
+    name: str, *args: str, env: Mapping[str, str | None] | None = None, inherit_env: bool = True, timeout: float = 30.0
+) -> subprocess.CompletedProcess:
     """Run a console script to completion; returns CompletedProcess with text output."""
     return subprocess.run(
-        [script_path(name), *args], env=_build_env(env, inherit_env), capture_output=True,
-        text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        [script_path(name), *args],
+        env=_build_env(env, inherit_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 
 class ScriptProcess:
     """A console script running in the background, with readiness waits and stop/kill."""
 
-    def __init__(self, script: str, *args: str, env: Mapping[str, str | None] | None = None,
-                 inherit_env: bool = True, cwd: str | os.PathLike | None = None,
-                 argv: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        script: str,
+        *args: str,
+        env: Mapping[str, str | None] | None = None,
+        inherit_env: bool = True,
+        cwd: str | os.PathLike | None = None,
+        argv: Sequence[str] | None = None,
+    ) -> None:
         """``script`` is a console-script name; or pass a full ``argv`` to run anything."""
         self.name = script
         self.argv = list(argv) if argv is not None else [script_path(script), *args]
@@ -113,15 +124,20 @@ class ScriptProcess:
         self._err: IO[bytes] | None = None
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> "ScriptProcess":
+    def start(self) -> ScriptProcess:
         """Spawn the process (does not wait for readiness). Returns self."""
         if self.popen is not None:
             raise ProcessError(f"{self.name} already started")
         self._out = tempfile.TemporaryFile(prefix=f"{self.name}-out-")
         self._err = tempfile.TemporaryFile(prefix=f"{self.name}-err-")
         self.popen = subprocess.Popen(
-            self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-            stdout=self._out, stderr=self._err, start_new_session=True,
+            self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=self._err,
+            start_new_session=True,
         )
         return self
 
@@ -170,7 +186,7 @@ class ScriptProcess:
                         if resp.status == status:
                             return
                         last = f"HTTP {resp.status}"
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     last = f"{type(exc).__name__}: {exc}"
                 if time.monotonic() >= deadline:
                     raise self._fail(f"did not answer {status} on {url} within {timeout:g}s (last: {last})")
@@ -184,9 +200,9 @@ class ScriptProcess:
                 raise self._fail(f"exited before {host}:{port} accepted connections")
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 if time.monotonic() >= deadline:
-                    raise self._fail(f"did not accept connections on {host}:{port} within {timeout:g}s")
+                    raise self._fail(f"did not accept connections on {host}:{port} within {timeout:g}s") from None
                 await asyncio.sleep(0.05)
             else:
                 writer.close()
@@ -250,7 +266,7 @@ class ScriptProcess:
             if f is not None and not f.closed:
                 f.close()
 
-    async def __aenter__(self) -> "ScriptProcess":
+    async def __aenter__(self) -> ScriptProcess:
         if self.popen is None:
             self.start()
         return self

@@ -208,7 +208,7 @@ def vault(key) -> CardVault:
     return CardVault(key)
 
 
-@pytest.mark.parametrize(("number", "cvv"), [(n, c) for n, c in zip(CONTRACT_CARDS, ["123", "456", "789", "321"])])
+@pytest.mark.parametrize(("number", "cvv"), list(zip(CONTRACT_CARDS, ["123", "456", "789", "321"], strict=True)))
 def test_vault_round_trip(vault, number, cvv):
     sealed = vault.seal("pay_1", number, cvv)
     assert isinstance(sealed, bytes)

@@ -236,7 +236,7 @@ def test_running_status():
         K.RELEASE: S.EXPIRED,
     }
     # The status a requested operation runs in is the one request() moves to.
-    for status, _action, expected in REQUEST_TABLE:
+    for _status, _action, expected in REQUEST_TABLE:
         if expected is not None:
             new_status, kind = expected
             assert domain.RUNNING_STATUS[kind] is new_status
@@ -451,9 +451,7 @@ def test_settle_table_is_complete():
     assert set(SETTLE_TABLE) == set(itertools.product(OperationKind, Verdict))
 
 
-@pytest.mark.parametrize(
-    ("kind", "verdict"), list(SETTLE_TABLE), ids=[f"{k}-{v}" for k, v in SETTLE_TABLE]
-)
+@pytest.mark.parametrize(("kind", "verdict"), list(SETTLE_TABLE), ids=[f"{k}-{v}" for k, v in SETTLE_TABLE])
 def test_settle(kind, verdict):
     expected = SETTLE_TABLE[(kind, verdict)]
     if expected is None:
@@ -757,7 +755,7 @@ class PaymentLifecycle(RuleBasedStateMachine):
     @invariant()
     def history_follows_the_diagram(self):
         assert self.history[0] is S.PENDING
-        for old, new in zip(self.history, self.history[1:]):
+        for old, new in zip(self.history, self.history[1:], strict=True):
             assert (old, new) in LIFECYCLE_EDGES
 
     @invariant()

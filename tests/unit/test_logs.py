@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import structlog
@@ -191,7 +191,7 @@ def test_pan_with_punctuation_around_is_redacted(prefix, suffix):
 
 # ------------------------------------------------------------------ timefmt
 def test_iso_format():
-    dt = datetime(2030, 12, 1, 9, 5, 3, 7, tzinfo=timezone.utc)
+    dt = datetime(2030, 12, 1, 9, 5, 3, 7, tzinfo=UTC)
     assert timefmt.iso(dt) == "2030-12-01T09:05:03.000007Z"
 
 
@@ -205,7 +205,7 @@ def test_iso_converts_to_utc():
 
 
 def test_parse_accepts_bank_rfc3339_forms():
-    expected = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+    expected = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
     for text in (
         "2030-01-01T12:00:00Z",
         "2030-01-01T12:00:00.000000Z",
@@ -228,7 +228,7 @@ ISO_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 
 aware = st.datetimes(
     min_value=datetime(1970, 1, 2), max_value=datetime(9998, 12, 30), timezones=st.timezones()
-) | st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9998, 12, 30), timezones=st.just(timezone.utc))
+) | st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9998, 12, 30), timezones=st.just(UTC))
 
 
 @settings(max_examples=300, deadline=None)
@@ -239,7 +239,7 @@ def test_iso_parse_round_trip(dt):
     back = timefmt.parse(text)
     # Same instant, microseconds kept. (Compared in UTC: PEP 495 makes == between
     # zones False for wall times in a DST gap or fold, whatever the instant.)
-    assert back == dt.astimezone(timezone.utc)
+    assert back == dt.astimezone(UTC)
     assert back.timestamp() == dt.timestamp()
     assert back.utcoffset() == timedelta(0)
     assert timefmt.iso(back) == text
@@ -249,7 +249,7 @@ def test_iso_parse_round_trip(dt):
 @given(aware, aware)
 def test_iso_sorts_like_time(a, b):
     # Stored/compared as text (e.g. cursors) must order like the instants.
-    ua, ub = a.astimezone(timezone.utc), b.astimezone(timezone.utc)
+    ua, ub = a.astimezone(UTC), b.astimezone(UTC)
     assert (timefmt.iso(a) < timefmt.iso(b)) == (ua < ub)
     assert (timefmt.iso(a) == timefmt.iso(b)) == (ua == ub)
 
