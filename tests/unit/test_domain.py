@@ -755,7 +755,7 @@ class PaymentLifecycle(RuleBasedStateMachine):
     @invariant()
     def history_follows_the_diagram(self):
         assert self.history[0] is S.PENDING
-        for old, new in zip(self.history, self.history[1:], strict=True):
+        for old, new in itertools.pairwise(self.history):
             assert (old, new) in LIFECYCLE_EDGES
 
     @invariant()
