@@ -56,7 +56,6 @@ def create_app(
         watcher=watcher,
         registry=registry,
         openapi=orjson.dumps(document),
-        docs=openapi.render_docs(document),
     )
     app[routes.STATE] = state
     routes.setup(app)

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 
 from gateway import logs, payments, views
-from gateway.api import schemas
+from gateway.api import docs, schemas
 from gateway.api.errors import JSON, ApiError
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
@@ -33,7 +33,6 @@ class State:
     watcher: PaymentWatcher
     registry: CollectorRegistry
     openapi: bytes
-    docs: bytes
     pool: asyncpg.Pool | None = None
     readiness: Readiness | None = None
 
@@ -260,10 +259,6 @@ async def openapi_json(request: web.Request) -> web.Response:
     return _json(200, request.app[STATE].openapi)
 
 
-async def docs(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[STATE].docs, content_type="text/html", charset="utf-8")
-
-
 def setup(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/payments", authorize, name="authorize")
@@ -275,4 +270,4 @@ def setup(app: web.Application) -> None:
     r.add_get("/readyz", readyz, name="readyz")
     r.add_get("/metrics", metrics, name="metrics")
     r.add_get("/openapi.json", openapi_json, name="openapi")
-    r.add_get("/docs", docs, name="docs")
+    docs.setup(app)
