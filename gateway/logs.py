@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import orjson
 import structlog
@@ -39,7 +41,7 @@ def _scrub(value, limit: int = MAX_VALUE_CHARS):
     return value
 
 
-def _redact(_logger, _name, event: dict) -> dict:
+def _redact(_logger: object, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     exception = event.pop("exception", None)
     event = _scrub(event)
     if exception is not None:
@@ -52,13 +54,13 @@ def _dumps(obj, default=None) -> str:
 
 
 def setup(level: str, process: str) -> None:
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
-    render = [_redact, structlog.processors.JSONRenderer(serializer=_dumps)]
+    render: list[structlog.typing.Processor] = [_redact, structlog.processors.JSONRenderer(serializer=_dumps)]
     # Libraries (aiohttp, aio-pika, asyncpg) log through the standard library:
     # the same JSON and the same redaction for their lines too.
     handler = logging.StreamHandler(sys.stdout)

@@ -63,15 +63,15 @@ def create_app(
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_pool = pool is None
-        state.pool = pool if pool is not None else await _create_pool(settings.database_url, pool_size)
-        state.readiness = Readiness(state.pool, settings.amqp_url)
+        opened = pool if pool is not None else await _create_pool(settings.database_url, pool_size)
+        state.connect(opened, Readiness(opened, settings.amqp_url))
         await watcher.start()
         try:
             yield
         finally:
             await watcher.close()
             if own_pool:
-                await state.pool.close()
+                await opened.close()
 
     async def stop_waiting(_app: web.Application) -> None:
         await watcher.close()  # long polls answer now rather than hold the shutdown up

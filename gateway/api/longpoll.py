@@ -98,8 +98,8 @@ class PaymentWatcher:
 
     # ---- the LISTEN connection ----
 
-    def _notified(self, _conn, _pid, _channel, payment_id: str) -> None:
-        for event in self._waiters.get(payment_id, ()):
+    def _notified(self, _conn: object, _pid: int, _channel: str, payment_id: object) -> None:
+        for event in self._waiters.get(str(payment_id), ()):
             event.set()
 
     def _wake_all(self) -> None:

@@ -65,7 +65,7 @@ _ERROR_CODES = {
 
 
 def _error(status: int, codes: str | None = None) -> dict:
-    headers = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
+    headers: dict[str, dict[str, Any]] = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
     if status in (409, 503):
         headers["Retry-After"] = {
             "description": "seconds to wait before retrying (request_in_progress, service_unavailable)",
@@ -107,7 +107,7 @@ def _query_params(model: type[BaseModel]) -> list[dict]:
 
 def build() -> dict:
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template=REF)
-    auth = [{"bearerAuth": []}]
+    auth: list[dict[str, list[str]]] = [{"bearerAuth": []}]
     v1_errors = {401: _error(401), 500: _error(500), 503: _error(503)}
     post_errors = {
         400: _error(400),

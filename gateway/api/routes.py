@@ -36,8 +36,24 @@ class State:
     watcher: PaymentWatcher
     registry: CollectorRegistry
     openapi: bytes
-    pool: asyncpg.Pool | None = None
-    readiness: Readiness | None = None
+    # Opened by the app's cleanup context once the event loop runs.
+    _pool: asyncpg.Pool | None = None
+    _readiness: Readiness | None = None
+
+    def connect(self, pool: asyncpg.Pool, readiness: Readiness) -> None:
+        self._pool, self._readiness = pool, readiness
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the app has not started: no database pool yet")
+        return self._pool
+
+    @property
+    def readiness(self) -> Readiness:
+        if self._readiness is None:
+            raise RuntimeError("the app has not started: no readiness probe yet")
+        return self._readiness
 
 
 STATE = web.AppKey("state", State)
