@@ -76,7 +76,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 CURRENCY = "USD"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600.0
@@ -161,11 +161,11 @@ def card_brand(number: str) -> str:
     return "unknown"
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_digits(value: Any, lo: int, hi: int) -> bool:
+def _is_digits(value: object, lo: int, hi: int) -> TypeGuard[str]:
     return isinstance(value, str) and lo <= len(value) <= hi and value.isascii() and value.isdigit()
 
 
