@@ -554,6 +554,24 @@ class Bank:
         self.refunds[ref.refund_id] = ref
         return 200, ref.response()
 
+    # ------------------------------------------- accounts an operation locks
+    # Each returns the account_id whose row the operation would lock, or None
+    # when the request names nothing that exists (the operation will refuse it).
+    def card_account(self, body: dict[str, Any]) -> str | None:
+        number = body.get("card_number")
+        account = self.by_number.get(number) if isinstance(number, str) else None
+        return account.account_id if account is not None else None
+
+    def authorization_account(self, body: dict[str, Any]) -> str | None:
+        auth_id = body.get("authorization_id")
+        auth = self.authorizations.get(auth_id) if isinstance(auth_id, str) else None
+        return auth.account.account_id if auth is not None else None
+
+    def capture_account(self, body: dict[str, Any]) -> str | None:
+        cap_id = body.get("capture_id")
+        cap = self.captures.get(cap_id) if isinstance(cap_id, str) else None
+        return cap.authorization.account.account_id if cap is not None else None
+
     # ------------------------------------------------------------------ reads
     def get_authorization(self, auth_id: str) -> Result:
         auth = self.authorizations.get(auth_id)

@@ -115,6 +115,12 @@ async def test_auth_expiry_hours_configurable():
         ({"AUTH_EXPIRY_HOURS": "nan"}, "AUTH_EXPIRY_HOURS"),
         ({"RESPONSE_LOSS_RATE": "-0.1"}, "RESPONSE_LOSS_RATE"),
         ({"MOCKBANK_EXTRA_ACCOUNTS": "1.5"}, "MOCKBANK_EXTRA_ACCOUNTS"),
+        ({"KEY_FORGET_RATE": "2"}, "KEY_FORGET_RATE"),
+        ({"KEY_LOOKUP_FAILURE_RATE": "sometimes"}, "KEY_LOOKUP_FAILURE_RATE"),
+        ({"RESPONSE_CUTOFF_SECONDS": "0"}, "RESPONSE_CUTOFF_SECONDS"),
+        ({"DB_TRANSACTION_MS": "-5"}, "DB_TRANSACTION_MS"),
+        ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE"),
+        ({"DB_POOL_SIZE": "2.5"}, "DB_POOL_SIZE"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
     ],
 )
