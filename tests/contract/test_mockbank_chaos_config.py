@@ -55,6 +55,20 @@ async def test_response_loss_does_the_work_and_replays():
         assert len((await bank.ledger())["authorizations"]) == 1
 
 
+async def test_chaos_defaults_are_the_contract_s():
+    unset = dict.fromkeys(("MIN_LATENCY_MS", "MAX_LATENCY_MS", "FAILURE_RATE", "RESPONSE_LOSS_RATE"))
+    async with running_bank(unset) as bank:
+        assert (await bank.get("/_mock/chaos")).json() == {
+            "min_latency_ms": 100,
+            "max_latency_ms": 2000,
+            "failure_rate": 0.05,
+            "response_loss_rate": 0,  # the switches the contract asks a good mock to add: off
+            "key_forget_rate": 0,
+            "key_lookup_failure_rate": 0,
+            "down": False,
+        }
+
+
 async def test_latency_bounds_roughly_honoured():
     async with running_bank({"MIN_LATENCY_MS": "200", "MAX_LATENCY_MS": "400"}) as bank:
         replies = await asyncio.gather(
