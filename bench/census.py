@@ -1,6 +1,6 @@
 """Round-trip census: run a gateway console script with its database and broker calls counted.
 
-    python -m bench.census gateway.api.app:main [args...]     (BENCH_CENSUS_OUT=/path/file.json)
+    python -m bench.census gateway-api [args...]     (BENCH_CENSUS_OUT=/path/file.json)
 
 Used by `bench.run --census`. Before the script's main() runs, asyncpg's
 Connection.execute/_execute and aio-pika's Exchange.publish / IncomingMessage.ack
@@ -14,7 +14,7 @@ divides the difference by the payments of the phase.
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import inspect
 import os
 import signal
@@ -102,12 +102,12 @@ def dump(*_args) -> None:
 
 
 def main() -> None:
-    target, *args = sys.argv[1:]
-    module, _, func = target.partition(":")
+    script, *args = sys.argv[1:]
+    (entry_point,) = importlib.metadata.entry_points(group="console_scripts", name=script)
     install()
     signal.signal(signal.SIGUSR1, dump)
-    sys.argv = [module, *args]
-    entry = getattr(importlib.import_module(module), func)
+    sys.argv = [script, *args]
+    entry = entry_point.load()
     try:
         result = entry()
     finally:
