@@ -40,8 +40,7 @@ import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from gateway import config, db, logs, messages, payments
-from gateway.db import Q
+from gateway import config, db, logs, messages, payments, store
 from gateway.domain import OperationKind
 from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
@@ -287,10 +286,6 @@ def _state(row: asyncpg.Record | dict | None) -> str:
 # ---- migrate ----------------------------------------------------------------------------
 
 
-async def _schema_objects(conn: asyncpg.Connection) -> set[tuple[str, str]]:
-    return {(r["kind"], r["name"]) for r in await conn.fetch(Q["schema_objects"])}
-
-
 def _count(n: int, kind: str) -> str:
     return f"{n} {kind}" if n == 1 else f"{n} {'indexes' if kind == 'index' else kind + 's'}"
 
@@ -298,11 +293,9 @@ def _count(n: int, kind: str) -> str:
 async def cmd_migrate(args, settings: config.Settings) -> int:
     pool = await _pool(settings)
     try:
-        async with pool.acquire() as conn:
-            before = await _schema_objects(conn)
+        before = await store.schema_objects(pool)
         await db.migrate(settings.database_url)
-        async with pool.acquire() as conn:
-            after = await _schema_objects(conn)
+        after = await store.schema_objects(pool)
     finally:
         await pool.close()
     created: dict[str, list[str]] = {}
@@ -316,7 +309,7 @@ async def cmd_migrate(args, settings: config.Settings) -> int:
         _emit_json(
             {
                 "database": target,
-                "schema": str(db.SCHEMA_PATH),
+                "schema": str(store.SCHEMA_PATH),
                 "created": created,
                 "present": dict(sorted(totals.items())),
             }
@@ -324,13 +317,13 @@ async def cmd_migrate(args, settings: config.Settings) -> int:
         return EXIT_OK
     present = ", ".join(_count(n, k) for k, n in sorted(totals.items()))
     if created:
-        print(f"applied {db.SCHEMA_PATH.name} to {target}")
+        print(f"applied {store.SCHEMA_PATH.name} to {target}")
         for kind, names in created.items():
             print(f"  created {_count(len(names), kind)}: {', '.join(names)}")
         print(f"now present: {present}")
     else:
         print(
-            f"applied {db.SCHEMA_PATH.name} to {target}: already up to date, nothing created "
+            f"applied {store.SCHEMA_PATH.name} to {target}: already up to date, nothing created "
             f"(functions and triggers refreshed; present: {present})"
         )
     return EXIT_OK
@@ -372,7 +365,7 @@ async def _rows(pool: asyncpg.Pool, ids: Iterable[str | None]) -> dict[str, asyn
     wanted = [i for i in ids if i]
     if not wanted:
         return {}
-    return {r["id"]: r for r in await pool.fetch(Q["ops_operations"], wanted)}
+    return {r["id"]: r for r in await store.ops_operations(pool, operation_ids=wanted)}
 
 
 async def cmd_dlq_list(args, settings: config.Settings) -> int:
@@ -384,7 +377,7 @@ async def cmd_dlq_list(args, settings: config.Settings) -> int:
     pool = await _pool(settings)
     try:
         rows = await _rows(pool, by_op)
-        parked = await pool.fetch(Q["ops_parked_operations"], MAX_DEAD_LETTERS)
+        parked = await store.ops_parked_operations(pool, limit=MAX_DEAD_LETTERS)
     finally:
         await pool.close()
     entries = [_entry(op_id, rows.get(op_id), group, limit) for op_id, group in by_op.items() if op_id]
@@ -461,17 +454,17 @@ async def cmd_dlq_show(args, settings: config.Settings) -> int:
     mine = [lt for lt in letters if lt.operation_id == args.operation_id]
     pool = await _pool(settings)
     try:
-        op = await pool.fetchrow(Q["ops_operation"], args.operation_id)
+        op = await store.ops_operation(pool, operation_id=args.operation_id)
         payment = history = ops = None
         if op is not None:
-            row = await pool.fetchrow(Q["ops_payment"], op["payment_id"])
+            row = await store.ops_payment(pool, payment_id=op["payment_id"])
             payment = payment_json(row)
             payment["merchant"] = row["merchant"]
             history = [
                 {"status": h["status"], "cause": h["cause"], "at": iso(h["at"])}
-                for h in await pool.fetch(Q["ops_payment_history"], op["payment_id"])
+                for h in await store.ops_payment_history(pool, payment_id=op["payment_id"])
             ]
-            ops = [dict(r) for r in await pool.fetch(Q["ops_payment_operations"], op["payment_id"])]
+            ops = [dict(r) for r in await store.ops_payment_operations(pool, payment_id=op["payment_id"])]
     finally:
         await pool.close()
     if op is None and not mine:
@@ -656,7 +649,7 @@ async def cmd_dlq_replay(args, settings: config.Settings) -> int:
             try:
                 by_op = _group(letters)
                 if args.all:
-                    parked = await pool.fetch(Q["ops_parked_operations"], MAX_DEAD_LETTERS)
+                    parked = await store.ops_parked_operations(pool, limit=MAX_DEAD_LETTERS)
                     targets = [i for i in by_op if i] + [r["id"] for r in parked if r["id"] not in by_op]
                     results += [
                         Replayed(
