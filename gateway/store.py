@@ -17,10 +17,8 @@ or one it misses, fails on the first call. Outbox messages travel as
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, TypeAlias
@@ -57,9 +55,11 @@ class _Adapter(AsyncPGAdapter):
 
     def maybe_order_params(self, query_name: str, parameters: Any) -> list[Any]:
         names = self.var_sorted[query_name]
-        if len(parameters) == len(names):
-            with contextlib.suppress(KeyError):
+        try:
+            if len(parameters) == len(names):
                 return [parameters[name] for name in names]
+        except KeyError:
+            pass
         raise TypeError(f"statement {query_name} takes {sorted(names)}, got {sorted(parameters)}")
 
     async def select(
@@ -150,8 +150,7 @@ class KeyedRequest(Protocol):
     def fingerprint(self) -> str: ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class StoredReply:
+class StoredReply(NamedTuple):  # a NamedTuple: built on every authorize, ~8x cheaper than a frozen dataclass
     """The 202 a request is answered with, kept under its idempotency key."""
 
     request: KeyedRequest
