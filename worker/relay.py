@@ -140,9 +140,15 @@ class Relay:
     async def _mark(self, conn: store.Connection, ids: list[int]) -> None:
         await store.mark_outbox_published(conn, ids=ids)
 
+    @property
+    def _db(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise RuntimeError("the relay is not started")
+        return self.pool
+
     async def relay_batch(self) -> Batch:
         """Publish one batch of unsent rows."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._db.acquire() as conn, conn.transaction():
             rows = await store.claim_outbox_batch(conn, limit=self.cfg.batch_size, held_back=self._holding_back())
             if not rows:
                 return Batch(0, 0, 0, False)
@@ -195,7 +201,7 @@ class Relay:
     async def prune(self) -> int:
         deleted = 0
         while True:
-            n = await store.prune_outbox(self.pool, retention_seconds=self.cfg.retention_days * 86400.0, limit=10_000)
+            n = await store.prune_outbox(self._db, retention_seconds=self.cfg.retention_days * 86400.0, limit=10_000)
             deleted += n
             if n < 10_000:
                 break
