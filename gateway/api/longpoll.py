@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
 
-from gateway import logs
+from gateway import logs, store
 from gateway.domain import IN_PROGRESS
 
 log = logs.get("gateway.api.longpoll")
@@ -126,7 +126,7 @@ class PaymentWatcher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), _HEARTBEAT)
                     if not lost.is_set():
-                        await conn.fetchval("SELECT 1", timeout=5)
+                        await asyncio.wait_for(store.ping(conn), 5)
                 log.warning("payment listener connection lost", retry_in=backoff)
             except asyncio.CancelledError:
                 raise

@@ -20,7 +20,7 @@ from datetime import timedelta
 import orjson
 import pytest
 
-from gateway import db, domain, payments
+from gateway import db, domain, payments, store
 from gateway.cards import CardVault
 from gateway.domain import Action, OperationKind, Verdict
 from gateway.timefmt import parse
@@ -323,11 +323,11 @@ async def test_the_worker_reconciles_periodically_one_worker_at_a_time(books):
     await books.corrupt(paid["id"], amount=paid["amount"] + 1)
     # Another worker's pass holds the lock: this one stands aside.
     async with books.pool.acquire() as other:
-        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", sweeper._RECONCILE_LOCK)
+        assert await store.try_lock_reconciliation(other)
         try:
             assert await sweeper.reconcile_once(books.pool, books.bank, rate=50, limit=20) is None
         finally:
-            await other.execute("SELECT pg_advisory_unlock($1)", sweeper._RECONCILE_LOCK)
+            await store.unlock_reconciliation(other)
     report = await sweeper.reconcile_once(books.pool, books.bank, rate=50, limit=20)
     assert report is not None
     assert any(f.payment_id == paid["id"] and f.kind == "amount_mismatch" for f in report.findings)
