@@ -311,9 +311,6 @@ async def _run(
         await watching
         disruptor.cancel()
     ledger = await stack.bank.ledger()
-    findings: dict[str, set[str]] = {}
-    for row in await stack.pool.fetch("SELECT payment_id, kind FROM reconciliation_findings"):
-        findings.setdefault(row["payment_id"], set()).add(row["kind"])
     result = await audit(
         client,
         flows,
@@ -322,7 +319,7 @@ async def _run(
         backlog.get("unsent", -1),
         allow_parked=True,
         bank_forgets_keys=bank_forgets_keys,
-        findings=findings,
+        findings=await _findings(stack),
     )
     duplicates = []
     for flow in flows:
@@ -350,6 +347,15 @@ async def _run(
         slowest_flow=max(f.seconds for f in flows),
         bank_stats=ledger["stats"],
     )
+
+
+async def _findings(stack: Stack) -> dict[str, set[str]]:
+    """The kinds of reconciliation finding the gateway recorded, per payment."""
+    assert stack.pool is not None, "not started"
+    found: dict[str, set[str]] = {}
+    for row in await stack.pool.fetch("SELECT payment_id, kind FROM reconciliation_findings"):
+        found.setdefault(row["payment_id"], set()).add(row["kind"])
+    return found
 
 
 async def _evidence(stack: Stack, flows: list[Flow], result: Audit, ledger: dict) -> list[str]:
