@@ -28,6 +28,12 @@ Default run: 150 payments, each crash point armed twice (8 kills), one broker cu
 database cut (about 15-25 s). `make test-long`: 1000 payments, every crash point armed with
 a probability in every process life (about a hundred kills), three broker cuts and three
 database cuts (about 2-3 minutes). Both print a summary line.
+
+Each runs again against a bank that forgets keys as the upstream bank can (bank-contract.md,
+"Idempotency at the bank"; harness.FORGETFUL_BANK): default 80 payments with each point armed
+once, long 1000 as above. Their audit tells lost, doubled (flagged or not) and done but
+unnamed apart, explains every flagged case after the summary line, and expects issue 10's
+gateway (GATEWAY_SETTLES_WHAT_IT_CAN_PROVE below).
 """
 
 from __future__ import annotations
@@ -38,7 +44,20 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.crash.harness import PASSES, ProbabilityPolicy, QuotaPolicy, crash_run
+from tests.crash.harness import PASSES, MissingGatewayBehaviour, ProbabilityPolicy, QuotaPolicy, crash_run
+
+# The forgetful-bank runs audit the gateway of issue 10, which is still being built: today an
+# "already done" answer after our own attempt whose answer was lost is parked as
+# bank_outcome_uncertain instead of settled in its true status (bank id unknown, flagged), and a
+# fresh approval after an authorize attempt of unknown outcome is recorded without a flag or a
+# possible_duplicate_hold finding. The mark takes only that failure (MissingGatewayBehaviour):
+# any other one fails the test. Remove it once that gateway is merged (strict: it fails then).
+GATEWAY_SETTLES_WHAT_IT_CAN_PROVE = pytest.mark.xfail(
+    strict=True,
+    raises=MissingGatewayBehaviour,
+    reason="issue 10: the gateway parks 'already done' answers it could settle (done but unnamed, parked "
+    "instead of settled) and does not flag a fresh approval after an unknown attempt (doubled hold, not flagged)",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +67,27 @@ def _local_broker(server_urls):
         pytest.skip("the crash runs close the connections of a private vhost with rabbitmqctl")
 
 
+# The long runs arm every crash point with this probability in every process life.
+LONG_RUN_KILLS = {
+    "api.after_commit": 0.01,
+    "relay.after_publish": 0.01,
+    "worker.after_bank": 0.012,
+    "worker.after_record": 0.012,
+}
+
+
 def _report(capsys, label: str, summary) -> None:
     with capsys.disabled():
         print(f"\n[{label}] {summary.line()}")
+
+
+def _explain(capsys, label: str, summary) -> None:
+    """Every case of the forgetful-bank audit: the ones flagged as they should be, the failing ones."""
+    with capsys.disabled():
+        for case in summary.audit.flagged_cases():
+            print(f"[{label}] flagged as it should be: {case}")
+        for case in summary.audit.bank_failures():
+            print(f"[{label}] FAILS: {case}")
 
 
 @pytest.mark.timeout(240)
@@ -68,14 +105,7 @@ async def test_crashes_at_every_point_lose_and_double_nothing(server_urls, card_
 @pytest.mark.long
 @pytest.mark.timeout(1800)
 async def test_long_crash_run(server_urls, card_key, capsys):
-    policy = ProbabilityPolicy(
-        {
-            "api.after_commit": 0.01,
-            "relay.after_publish": 0.01,
-            "worker.after_bank": 0.012,
-            "worker.after_record": 0.012,
-        }
-    )
+    policy = ProbabilityPolicy(LONG_RUN_KILLS)
     summary = await crash_run(
         server_urls,
         card_key,
@@ -90,3 +120,50 @@ async def test_long_crash_run(server_urls, card_key, capsys):
     _report(capsys, "crash-long", summary)
     assert not summary.problems(), "\n".join(summary.problems())
     assert sum(summary.kills.values()) >= 40 and all(summary.kills[p] for p in PASSES), summary.kills
+
+
+@GATEWAY_SETTLES_WHAT_IT_CAN_PROVE
+@pytest.mark.timeout(240)
+async def test_crashes_with_a_bank_that_forgets_keys(server_urls, card_key, capsys):
+    policy = QuotaPolicy(kills_per_point=1, rng=random.Random(13))
+    summary = await crash_run(
+        server_urls,
+        card_key,
+        policy,
+        payments=80,
+        concurrency=30,
+        broker_cuts=1,
+        db_cuts=1,
+        seed=13,
+        drain_timeout=120,
+        bank_forgets_keys=True,
+    )
+    _report(capsys, "crash-forgetful", summary)
+    _explain(capsys, "crash-forgetful", summary)
+    assert summary.bank_stats["keys_forgotten"] >= 3, summary.bank_stats  # enough to say something
+    assert all(summary.kills[p] for p in PASSES), summary.kills
+    summary.raise_problems()
+
+
+@GATEWAY_SETTLES_WHAT_IT_CAN_PROVE
+@pytest.mark.long
+@pytest.mark.timeout(1800)
+async def test_long_crash_run_with_a_bank_that_forgets_keys(server_urls, card_key, capsys):
+    policy = ProbabilityPolicy(LONG_RUN_KILLS)
+    summary = await crash_run(
+        server_urls,
+        card_key,
+        policy,
+        payments=1000,
+        concurrency=40,
+        broker_cuts=3,
+        db_cuts=3,
+        seed=17,
+        drain_timeout=300,
+        bank_forgets_keys=True,
+    )
+    _report(capsys, "crash-long-forgetful", summary)
+    _explain(capsys, "crash-long-forgetful", summary)
+    assert summary.bank_stats["keys_forgotten"] >= 20, summary.bank_stats
+    assert sum(summary.kills.values()) >= 40 and all(summary.kills[p] for p in PASSES), summary.kills
+    summary.raise_problems()

@@ -10,6 +10,24 @@ ledger with what the final status requires (exactly one hold per authorized paym
 one capture per captured, one void per voided or expired, one refund per refunded),
 the receipt's bank ids with the ledger's, and the events received with the statuses
 the payment went through (one event per settled status in its history, by event_id).
+
+A bank that may forget keys (bank-contract.md, "Idempotency at the bank": the work done,
+the key not remembered, so a repeat runs again) is audited with `bank_forgets_keys=True`
+and the reconciliation findings per payment. Each payment's books then fall into:
+  lost      money moved at the bank that the receipt does not account for at all, or a
+            receipt claiming a movement the bank does not have (fails the run);
+  doubled   two holds, captures, voids or refunds for one payment at the bank. Two holds
+            under the payment's one authorize key are the bank running our retry as new:
+            the gateway must flag the payment and record a `possible_duplicate_hold`
+            finding; flagged they are reported (doubled_flagged), otherwise they fail;
+  unnamed   done at the bank, but the receipt has no bank id for it (the bank forgot our
+            key, so its refusal of our retry named nothing). The receipt must still show
+            the true status, with the id unknown (null) and attention_required: reported
+            (unnamed). Parked in progress instead of settled (unnamed_parked), or not
+            flagged (unnamed_unflagged), it fails.
+Every such entry explains itself: payment, category, what the bank has, what we have.
+With a bank that never forgets (the default) none of this can be the bank's doing: a
+second hold is doubled and a receipt without the id is mismatched, flagged or not.
 """
 
 from __future__ import annotations
@@ -18,6 +36,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from tests.e2e.stack import EVENT_STATUSES, EXPIRED_CARD, IN_PROGRESS, NO_FUNDS, Client, EventLog
@@ -36,6 +55,18 @@ BANK_SHAPE = {
     "expired": (1, 0, 1, 0),
 }
 SECTIONS = ("authorizations", "captures", "voids", "refunds")
+ID_FIELDS = {"authorizations": "authorization_id", "captures": "capture_id", "voids": "void_id", "refunds": "refund_id"}
+ENTRY_NAMES = {"authorizations": "hold", "captures": "capture", "voids": "void", "refunds": "refund"}
+# While an operation runs, the receipt accounts for the status it left; the operation's
+# own section may or may not be done at the bank yet.
+IN_FLIGHT = {
+    "pending": ((0, 0, 0, 0), "authorizations"),
+    "capturing": (BANK_SHAPE["authorized"], "captures"),
+    "voiding": (BANK_SHAPE["authorized"], "voids"),
+    "refunding": (BANK_SHAPE["captured"], "refunds"),
+}
+DUPLICATE_HOLD_FINDING = "possible_duplicate_hold"
+UNFLAGGED_HOLD = "doubled hold, not flagged"
 
 
 def bank_entries(ledger: dict, amount: int) -> dict[str, list[dict]]:
@@ -63,6 +94,12 @@ class Flow:
     payment_id: str | None = None
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    unnamed_capture: bool = False  # captured without a capture id: no refund was asked for
+
+    @property
+    def expected(self) -> str:
+        """The final status this flow should leave: its plan's, unless FicMart held back a refund."""
+        return "captured" if self.unnamed_capture else self.plan.expected
 
 
 def plans(n: int, cards: list[dict], *, seed: int, base_amount: int = 1000, decline_rate: float = 0.08) -> list[Plan]:
@@ -99,6 +136,11 @@ async def run_flow(client: Client, plan: Plan, run_id: str, settle_timeout: floa
             return flow
         steps = {"capture": ["capture"], "capture_refund": ["capture", "refund"], "void": ["void"], "none": []}
         for action in steps[plan.action]:
+            if action == "refund" and payment["bank"]["capture_id"] is None:
+                # The bank took the money but never named the capture (it forgot our key): there
+                # is nothing to refund against, and the payment is flagged for ops. FicMart leaves it.
+                flow.unnamed_capture = True
+                return flow
             reply = await client.act(flow.payment_id, action)
             if reply.status != 202:
                 flow.problems.append(f"{action} answered {reply.status} {reply.body}")
@@ -156,6 +198,11 @@ class Audit:
     bad_events: list[str] = field(default_factory=list)
     unsent_outbox: int = 0
     flow_problems: list[str] = field(default_factory=list)
+    # Only with a bank that may forget keys (see the module docstring):
+    doubled_flagged: list[str] = field(default_factory=list)  # a second hold, flagged with a finding
+    unnamed: list[str] = field(default_factory=list)  # done, no bank id, true status, flagged
+    unnamed_parked: list[str] = field(default_factory=list)  # done, receipt parked in progress
+    unnamed_unflagged: list[str] = field(default_factory=list)  # done, no bank id, not flagged
 
     @property
     def failures(self) -> dict[str, list]:
@@ -165,6 +212,8 @@ class Audit:
             "stuck": self.stuck,
             "lost": self.lost,
             "doubled": self.doubled,
+            "unnamed_parked": self.unnamed_parked,
+            "unnamed_unflagged": self.unnamed_unflagged,
             "mismatched": self.mismatched,
             "orphans": self.orphans,
             "missing_events": self.missing_events,
@@ -179,6 +228,15 @@ class Audit:
     def report(self, limit: int = 8) -> str:
         return "; ".join(f"{k}={len(v)}: {v[:limit]}" for k, v in self.failures.items()) or "clean"
 
+    def flagged_cases(self) -> list[str]:
+        """The cases the gateway flagged as it should, each explained; they do not fail a run."""
+        return self.doubled_flagged + self.unnamed
+
+    def bank_failures(self) -> list[str]:
+        """Every failing disagreement between the bank's books and the receipts (explained ones
+        when the bank may forget keys)."""
+        return self.lost + self.doubled + self.unnamed_parked + self.unnamed_unflagged
+
 
 async def audit(
     client: Client,
@@ -189,8 +247,13 @@ async def audit(
     *,
     allow_parked: bool = False,
     ledger_is_ours: bool = True,
+    bank_forgets_keys: bool = False,
+    findings: Mapping[str, Collection[str]] | None = None,
 ) -> Audit:
-    """Check a finished run. `ledger_is_ours`: every ledger entry must belong to one of the flows."""
+    """Check a finished run. `ledger_is_ours`: every ledger entry must belong to one of the flows.
+    `bank_forgets_keys`: the bank may have done work and forgotten our key, so each payment's books
+    are judged as lost, doubled or done but unnamed, with `findings` (payment id -> the kinds of
+    reconciliation finding recorded for it) telling a flagged second hold from an unflagged one."""
     result = Audit(payments=len(flows), unsent_outbox=unsent_outbox)
     by_amount: dict[int, dict[str, list[dict]]] = {}
     for section in SECTIONS:
@@ -213,9 +276,13 @@ async def audit(
         parked = status in IN_PROGRESS and payment["attention_required"]
         if status in IN_PROGRESS:
             (result.parked if parked else result.stuck).append(f"{tag}: {status}")
-        elif status != flow.plan.expected:
-            result.wrong.append(f"{tag}: {status}, expected {flow.plan.expected}")
-        _check_bank(result, tag, payment, by_amount.get(flow.plan.amount, {s: [] for s in SECTIONS}), parked)
+        elif status != flow.expected:
+            result.wrong.append(f"{tag}: {status}, expected {flow.expected}")
+        entries = by_amount.get(flow.plan.amount, {s: [] for s in SECTIONS})
+        if bank_forgets_keys:
+            _check_bank_that_forgets(result, tag, payment, entries, (findings or {}).get(flow.payment_id, ()))
+        else:
+            _check_bank(result, tag, payment, entries, parked)
         _check_events(result, tag, payment, events)
     if not allow_parked and result.parked:
         result.stuck.extend(f"parked: {p}" for p in result.parked)
@@ -255,6 +322,84 @@ def _check_bank(result: Audit, tag: str, payment: dict, entries: dict[str, list[
                 )
         elif not entries[section] and bank[field_name] is not None:
             result.mismatched.append(f"{tag}: receipt {field_name}={bank[field_name]} unknown to the bank")
+
+
+def _check_bank_that_forgets(
+    result: Audit, tag: str, payment: dict, entries: dict[str, list[dict]], findings: Collection[str]
+) -> None:
+    """One payment's books when the bank may have done work and forgotten our key: every movement
+    at the bank accounted for by the receipt, none twice unless flagged as a possible duplicate
+    hold, and one the bank never named settled in its true status and flagged."""
+    status = payment["status"]
+    flagged = payment["attention_required"]
+    claims, in_flight = IN_FLIGHT.get(status, (BANK_SHAPE.get(status, (1, 1, 1, 1)), None))
+
+    def explained(category: str) -> str:
+        return f"{tag}: {category}; bank has {_bank_has(entries)}; we have {_we_have(payment, findings)}"
+
+    for section, want in zip(SECTIONS, claims, strict=True):
+        found = entries[section]
+        field_name = ID_FIELDS[section]
+        name = ENTRY_NAMES[section]
+        receipt_id = payment["bank"][field_name]
+        if len(found) > 1:
+            fault = _duplicate_hold_fault(found, flagged, findings) if section == "authorizations" else "doubled"
+            if fault is None:
+                result.doubled_flagged.append(explained(f"{len(found)} authorizations: doubled hold, flagged"))
+            else:
+                result.doubled.append(explained(f"{len(found)} {section}, status {status}: {fault}"))
+        elif len(found) < want:
+            result.lost.append(explained(f"{len(found)} {section}, status {status} needs {want}"))
+        elif len(found) > want and section == in_flight:
+            if flagged:
+                result.unnamed_parked.append(explained(f"done but unnamed ({name}), parked instead of settled"))
+            else:
+                result.unnamed_unflagged.append(explained(f"done but unnamed ({name}), in progress, not flagged"))
+        elif len(found) > want:
+            result.lost.append(explained(f"a {name} the receipt does not account for"))
+        elif found and receipt_id is None:
+            if flagged:
+                result.unnamed.append(explained(f"done but unnamed ({name} id unknown), flagged"))
+            else:
+                result.unnamed_unflagged.append(explained(f"done but unnamed ({name} id unknown), not flagged"))
+        bank_ids = [e[field_name] for e in found]
+        if receipt_id is not None and receipt_id not in bank_ids:
+            if bank_ids:
+                result.mismatched.append(f"{tag}: receipt {field_name}={receipt_id}, bank {', '.join(bank_ids)}")
+            else:
+                result.mismatched.append(f"{tag}: receipt {field_name}={receipt_id} unknown to the bank")
+
+
+def _duplicate_hold_fault(holds: list[dict], flagged: bool, findings: Collection[str]) -> str | None:
+    """Why a second hold is not excused, or None: the bank ran our one authorize key again (it
+    forgot it, or its lookup failed), and the gateway flagged the payment (attention_required
+    and a possible_duplicate_hold finding; the explanation shows which of the two is missing)."""
+    keys = {h.get("idempotency_key") for h in holds}
+    if len(keys) > 1:
+        return f"doubled hold under {len(keys)} different keys, the gateway asked twice"
+    if not flagged or DUPLICATE_HOLD_FINDING not in findings:
+        return UNFLAGGED_HOLD
+    return None
+
+
+def _bank_has(entries: dict[str, list[dict]]) -> str:
+    """The payment's entries at the bank: id, the key it came with, a hold's state."""
+    out = []
+    for section in SECTIONS:
+        for e in entries[section]:
+            state = f", {e['status']}" if section == "authorizations" and "status" in e else ""
+            out.append(f"{ENTRY_NAMES[section]} {e[ID_FIELDS[section]]} (key {e.get('idempotency_key')}{state})")
+    return ", ".join(out) or "nothing"
+
+
+def _we_have(payment: dict, findings: Collection[str]) -> str:
+    """The receipt, as far as the books go: status, flag, last error, bank ids, findings."""
+    ids = " ".join(f"{f}={payment['bank'][f]}" for f in ID_FIELDS.values())
+    error = (payment.get("last_error") or {}).get("code")
+    return (
+        f"{payment['status']}, attention_required={payment['attention_required']}, last_error={error}, "
+        f"{ids}, findings={sorted(findings)}"
+    )
 
 
 def _check_events(result: Audit, tag: str, payment: dict, events: EventLog) -> None:
