@@ -90,10 +90,14 @@ class Verdict(StrEnum):
 class BankOutcome:
     """What came back from one bank call, before interpretation.
 
-    kind is "ok" (2xx with a JSON body), "error" (4xx/5xx with a JSON error
-    code), "timeout", "connection" (refused, reset, dropped), "unparseable"
-    (a body that is not the JSON we expect), "redirect" (a 3xx, never
-    followed) or "oversized" (a body past the client's bound, not read).
+    kind is "ok" (a 2xx that answers our request, gateway.answers), "error"
+    (4xx/5xx with a JSON error code), "timeout" (sent, no answer in time),
+    "connection" (sent, the connection dropped), "unreachable" (no connection:
+    never sent), "unparseable" (a body that is not JSON), "malformed" (a 2xx
+    that does not answer our request; `message` says why), "redirect" (a 3xx,
+    never followed) or "oversized" (a body past the client's bound, not read).
+    `replayed` is the bank's X-Idempotent-Replayed: the answer remembered for
+    our key, not a new execution.
     """
 
     kind: str
@@ -101,6 +105,7 @@ class BankOutcome:
     code: str | None = None
     message: str | None = None
     body: dict | None = None
+    replayed: bool = False
 
 
 # Bank error codes that say the request itself can never succeed.
@@ -186,6 +191,22 @@ def follow_up(kind: OperationKind, verdict: Verdict) -> OperationKind | None:
     return None
 
 
+def may_have_acted(outcome: BankOutcome) -> bool:
+    """Could the bank have done the work although this attempt did not tell us so?
+
+    A request never sent, a business refusal and the contract's 500 (which it
+    answers WITHOUT doing anything) leave nothing behind; any other failure
+    may hide work done: an answer lost on the way, or one we could not read.
+    """
+    if outcome.kind in ("ok", "unreachable"):
+        return False
+    if outcome.kind == "error" and outcome.http_status is not None and outcome.http_status < 500:
+        return outcome.code == UNKNOWN_BANK_ERROR  # a refusal of the contract moved nothing
+    if outcome.kind == "error":
+        return outcome.code != "internal_error"
+    return True
+
+
 def is_final(verdict: Verdict) -> bool:
     return verdict in (Verdict.SUCCEEDED, Verdict.REFUSED, Verdict.EXPIRED)
 
@@ -201,6 +222,7 @@ def event_type(status: Status) -> str:
 
 
 ATTENTION_EVENT = "payment.attention_required"
+UNKNOWN_BANK_ERROR = "unknown_bank_error"  # a code outside bank-contract.md (gateway.answers)
 
 
 def error_for(outcome: BankOutcome, kind: OperationKind | None = None) -> dict:
@@ -215,9 +237,16 @@ def error_for(outcome: BankOutcome, kind: OperationKind | None = None) -> dict:
         retryable = outcome.kind != "error" or outcome.http_status is None or outcome.http_status >= 500
     if outcome.kind == "error" and outcome.code:
         return {"code": outcome.code, "message": outcome.message or outcome.code, "retryable": retryable}
+    if outcome.kind == "malformed":
+        return {
+            "code": "bank_answer_invalid",
+            "message": f"the bank's answer does not fit the request: {outcome.message}",
+            "retryable": retryable,
+        }
     messages = {
         "timeout": "the bank did not answer in time",
-        "connection": "the bank could not be reached",
+        "connection": "the connection to the bank dropped before its answer",
+        "unreachable": "the bank could not be reached",
         "unparseable": "the bank answered with a body that could not be read",
         "redirect": "the bank answered with a redirect, which the gateway never follows",
         "oversized": "the bank answered with a body larger than any answer of its contract",

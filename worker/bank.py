@@ -17,50 +17,43 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from gateway import logs, redact
+from gateway import answers, logs, redact
+from gateway.answers import Asked
 from gateway.domain import BankOutcome
 
 log = logs.get("bank")
 
-# The field a 2xx body must carry for each call to count as that call's success.
-_REQUIRED = {
-    "authorize": ("authorization_id", "expires_at"),
-    "capture": ("capture_id",),
-    "void": ("void_id",),
-    "refund": ("refund_id",),
-    "get_authorization": ("authorization_id",),
-    "get_capture": ("capture_id",),
-    "get_refund": ("refund_id",),
-}
-_MAX_MESSAGE = 300
 # The largest answer the bank's contract can produce is well under a kilobyte; anything
 # past this bound is not read, so a runaway body cannot grow the worker's memory.
 MAX_BODY_BYTES = 1 << 20
+REPLAYED_HEADER = "X-Idempotent-Replayed"
 
 
-def _clean(text: object) -> str | None:
-    """A bank-supplied message, short and with anything card-like removed."""
-    if not isinstance(text, str):
-        return None
-    return redact.clean(text, _MAX_MESSAGE)
-
-
-def _outcome(call: str, status: int, raw: bytes) -> BankOutcome:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = None
+def _outcome(asked: Asked, status: int, raw: bytes, replayed: bool) -> BankOutcome:
     if 300 <= status < 400:
         # Never followed: a redirect would resend the card, the CVV and our key to
         # wherever the Location points, and its answer would not be the bank's.
         return BankOutcome("redirect", http_status=status)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
     if 200 <= status < 300:
-        if isinstance(body, dict) and all(isinstance(body.get(f), str) for f in _REQUIRED[call]):
-            return BankOutcome("ok", http_status=status, body=body)
-        return BankOutcome("unparseable", http_status=status)
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        if body is None:
+            return BankOutcome("unparseable", http_status=status, replayed=replayed)
+        try:
+            kept = answers.check_success(asked, body)
+        except answers.AnswerMismatch as exc:
+            return BankOutcome("malformed", http_status=status, message=str(exc), replayed=replayed)
+        return BankOutcome("ok", http_status=status, body=kept, replayed=replayed)
+    if isinstance(body, dict) and "error" in body:
+        code, note = answers.error_code(body["error"])
+        said = body.get("message")
+        message = redact.clean(said, answers.MAX_MESSAGE) if isinstance(said, str) else None
+        if note is not None:
+            message = f"{note}: {message}" if message else note
         return BankOutcome(
-            "error", http_status=status, code=body["error"], message=_clean(body.get("message")), body=body
+            "error", http_status=status, code=code, message=message, body={"error": code, "message": message}
         )
     # A plain-text 400, a proxy's HTML 502...: never assume an error body parses.
     return BankOutcome("unparseable", http_status=status)
@@ -123,57 +116,71 @@ class BankClient:
             "expiry_year": expiry_year,
             "amount": amount,
         }
-        return await self._post("authorize", "/api/v1/authorizations", key, body)
+        return await self._post(Asked("authorize", amount=amount), "/api/v1/authorizations", key, body)
 
     async def capture(self, key: str, *, authorization_id: str, amount: int) -> BankOutcome:
+        asked = Asked("capture", amount=amount, authorization_id=authorization_id)
         return await self._post(
-            "capture", "/api/v1/captures", key, {"authorization_id": authorization_id, "amount": amount}
+            asked, "/api/v1/captures", key, {"authorization_id": authorization_id, "amount": amount}
         )
 
     async def void(self, key: str, *, authorization_id: str) -> BankOutcome:
-        return await self._post("void", "/api/v1/voids", key, {"authorization_id": authorization_id})
+        asked = Asked("void", authorization_id=authorization_id)
+        return await self._post(asked, "/api/v1/voids", key, {"authorization_id": authorization_id})
 
     async def refund(self, key: str, *, capture_id: str, amount: int) -> BankOutcome:
-        return await self._post("refund", "/api/v1/refunds", key, {"capture_id": capture_id, "amount": amount})
+        asked = Asked("refund", amount=amount, capture_id=capture_id)
+        return await self._post(asked, "/api/v1/refunds", key, {"capture_id": capture_id, "amount": amount})
 
     async def get_authorization(self, authorization_id: str) -> BankOutcome:
-        return await self._get("get_authorization", f"/api/v1/authorizations/{quote(authorization_id, safe='')}")
+        asked = Asked("get_authorization", authorization_id=authorization_id)
+        return await self._get(asked, f"/api/v1/authorizations/{quote(authorization_id, safe='')}")
 
     async def get_capture(self, capture_id: str) -> BankOutcome:
-        return await self._get("get_capture", f"/api/v1/captures/{quote(capture_id, safe='')}")
+        return await self._get(
+            Asked("get_capture", capture_id=capture_id), f"/api/v1/captures/{quote(capture_id, safe='')}"
+        )
 
     async def get_refund(self, refund_id: str) -> BankOutcome:
-        return await self._get("get_refund", f"/api/v1/refunds/{quote(refund_id, safe='')}")
+        return await self._get(Asked("get_refund", refund_id=refund_id), f"/api/v1/refunds/{quote(refund_id, safe='')}")
 
     # ---- transport ----------------------------------------------------------------------
 
-    async def _post(self, call: str, path: str, key: str, body: dict) -> BankOutcome:
+    async def _post(self, asked: Asked, path: str, key: str, body: dict) -> BankOutcome:
         headers = {"Idempotency-Key": key, "Content-Type": "application/json"}
-        return await self._send(call, "POST", path, headers, orjson.dumps(body))
+        return await self._send(asked, "POST", path, headers, orjson.dumps(body))
 
-    async def _get(self, call: str, path: str) -> BankOutcome:
-        return await self._send(call, "GET", path, {}, None)
+    async def _get(self, asked: Asked, path: str) -> BankOutcome:
+        return await self._send(asked, "GET", path, {}, None)
 
-    async def _send(self, call: str, method: str, path: str, headers: dict, data: bytes | None) -> BankOutcome:
+    async def _send(self, asked: Asked, method: str, path: str, headers: dict, data: bytes | None) -> BankOutcome:
         session = self._open()
         try:
             async with session.request(
                 method, self.base_url + path, headers=headers, data=data, allow_redirects=False
             ) as resp:
                 raw = await _read_bounded(resp)
+                replayed = resp.headers.get(REPLAYED_HEADER, "").lower() == "true"
                 outcome = (
                     BankOutcome("oversized", http_status=resp.status)
                     if raw is None
-                    else _outcome(call, resp.status, raw)
+                    else _outcome(asked, resp.status, raw, replayed)
                 )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+            outcome = BankOutcome("unreachable")  # no connection: the request was never sent
         except TimeoutError:
             outcome = BankOutcome("timeout")
         except (aiohttp.ClientError, OSError) as exc:
             # The exception names the URL at most, never the body; log its type only.
-            log.debug("bank connection problem", call=call, error=type(exc).__name__)
+            log.debug("bank connection problem", call=asked.call, error=type(exc).__name__)
             outcome = BankOutcome("connection")
         if outcome.kind != "ok":
             log.info(
-                "bank call not ok", call=call, outcome=outcome.kind, http_status=outcome.http_status, code=outcome.code
+                "bank call not ok",
+                call=asked.call,
+                outcome=outcome.kind,
+                http_status=outcome.http_status,
+                code=outcome.code,
+                problem=outcome.message if outcome.kind == "malformed" else None,
             )
         return outcome

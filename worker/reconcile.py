@@ -170,9 +170,9 @@ class RateLimiter:
 
 def _transient(outcome: BankOutcome) -> bool:
     """Worth asking again: the bank did not give a usable answer (a 404 is an answer)."""
-    if outcome.kind in ("timeout", "connection", "unparseable"):
-        return True
-    return outcome.kind == "error" and (outcome.http_status is None or outcome.http_status >= 500)
+    if outcome.kind == "ok":
+        return False
+    return outcome.kind != "error" or outcome.http_status is None or outcome.http_status >= 500
 
 
 def _not_found(outcome: BankOutcome) -> bool:

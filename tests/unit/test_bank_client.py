@@ -21,8 +21,12 @@ AUTH_URL = f"{BANK}/api/v1/authorizations"
 CARD = "4111111111111111"
 CVV = "123"
 
+AUTH_ID = "auth_0b6f3c1e-8a47-4c9e-9d3a-2f1e5b7c9a01"
+CAP_ID = "cap_5d2e8f40-1c3b-4a6d-8e9f-0a1b2c3d4e5f"
+VOID_ID = "void_9e8d7c6b-5a49-4837-a625-1403f2e1d0c9"
+REF_ID = "ref_11223344-5566-4778-899a-aabbccddeeff"
 APPROVED = {
-    "authorization_id": "auth_1",
+    "authorization_id": AUTH_ID,
     "status": "approved",
     "amount": 500,
     "currency": "USD",
@@ -66,10 +70,13 @@ def _sent(mocked, method: str, url: str):
     return call.kwargs
 
 
-async def test_2xx_json_is_ok_with_body(bank, mocked):
+KEPT = {k: APPROVED[k] for k in ("authorization_id", "status", "amount", "currency", "expires_at")}
+
+
+async def test_2xx_json_is_ok_with_the_fields_we_use(bank, mocked):
     mocked.post(AUTH_URL, status=200, payload=APPROVED)
     outcome = await _authorize(bank)
-    assert outcome == domain.BankOutcome("ok", http_status=200, body=APPROVED)
+    assert outcome == domain.BankOutcome("ok", http_status=200, body=KEPT)
     assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.SUCCEEDED
 
 
@@ -88,27 +95,27 @@ async def test_idempotency_key_and_json_body_are_sent(bank, mocked):
         (
             "capture",
             "/api/v1/captures",
-            {"authorization_id": "auth_1", "amount": 500},
-            {"capture_id": "cap_1", "authorization_id": "auth_1", "status": "captured"},
+            {"authorization_id": AUTH_ID, "amount": 500},
+            {"capture_id": CAP_ID, "authorization_id": AUTH_ID, "status": "captured", "amount": 500, "currency": "USD"},
         ),
         (
             "void",
             "/api/v1/voids",
-            {"authorization_id": "auth_1"},
-            {"void_id": "void_1", "authorization_id": "auth_1", "status": "voided"},
+            {"authorization_id": AUTH_ID},
+            {"void_id": VOID_ID, "authorization_id": AUTH_ID, "status": "voided"},
         ),
         (
             "refund",
             "/api/v1/refunds",
-            {"capture_id": "cap_1", "amount": 500},
-            {"refund_id": "ref_1", "capture_id": "cap_1", "status": "refunded"},
+            {"capture_id": CAP_ID, "amount": 500},
+            {"refund_id": REF_ID, "capture_id": CAP_ID, "status": "refunded", "amount": 500, "currency": "USD"},
         ),
     ],
 )
 async def test_capture_void_refund_post_with_key(bank, mocked, call, path, kwargs, body):
     mocked.post(BANK + path, status=200, payload=body)
     outcome = await getattr(bank, call)("gw-op_x", **kwargs)
-    assert outcome.kind == "ok" and outcome.body == body
+    assert outcome.kind == "ok" and outcome.body == body and not outcome.replayed
     sent = _sent(mocked, "POST", BANK + path)
     assert sent["headers"]["Idempotency-Key"] == "gw-op_x"
 
@@ -147,15 +154,17 @@ async def test_502_html_is_unparseable(bank, mocked):
 
 
 async def test_invalid_json_200_is_unparseable(bank, mocked):
-    mocked.post(AUTH_URL, status=200, body='{"authorization_id": "auth_1", ', content_type="application/json")
+    mocked.post(AUTH_URL, status=200, body='{"authorization_id": "auth_', content_type="application/json")
     outcome = await _authorize(bank)
     assert (outcome.kind, outcome.http_status) == ("unparseable", 200)
     assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
 
 
-async def test_200_without_the_new_id_is_unparseable(bank, mocked):
+async def test_200_without_the_new_id_is_malformed(bank, mocked):
     mocked.post(AUTH_URL, status=200, payload={"status": "approved"})
-    assert (await _authorize(bank)).kind == "unparseable"
+    outcome = await _authorize(bank)
+    assert outcome.kind == "malformed" and "authorization_id" in (outcome.message or "")
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
 
 
 async def test_timeout(bank, mocked):
@@ -201,24 +210,118 @@ async def test_connection_problems(bank, mocked, exc):
     assert await _authorize(bank) == domain.BankOutcome("connection")
 
 
-async def test_connection_refused_for_real():
+async def test_connection_refused_for_real_is_unreachable():
     async with BankClient("http://127.0.0.1:1", timeout=2) as client:
-        assert (await _authorize(client)).kind == "connection"
+        outcome = await _authorize(client)
+    assert outcome.kind == "unreachable" and not domain.may_have_acted(outcome)
 
 
 async def test_gets(bank, mocked):
-    mocked.get(f"{BANK}/api/v1/authorizations/auth_1", status=200, payload=APPROVED)
-    mocked.get(f"{BANK}/api/v1/captures/cap_9", status=404, payload={"error": "not_found", "message": "nope"})
-    mocked.get(
-        f"{BANK}/api/v1/refunds/ref_1",
-        status=200,
-        payload={"refund_id": "ref_1", "capture_id": "cap_1", "status": "refunded"},
-    )
-    assert (await bank.get_authorization("auth_1")).body == APPROVED
-    missing = await bank.get_capture("cap_9")
+    mocked.get(f"{BANK}/api/v1/authorizations/{AUTH_ID}", status=200, payload=APPROVED)
+    mocked.get(f"{BANK}/api/v1/captures/{CAP_ID}", status=404, payload={"error": "not_found", "message": "nope"})
+    refund = {"refund_id": REF_ID, "capture_id": CAP_ID, "status": "refunded", "amount": 500, "currency": "USD"}
+    mocked.get(f"{BANK}/api/v1/refunds/{REF_ID}", status=200, payload=refund)
+    found = await bank.get_authorization(AUTH_ID)
+    assert found.body == {k: APPROVED[k] for k in ("authorization_id", "status", "amount", "expires_at")}
+    missing = await bank.get_capture(CAP_ID)
     assert (missing.kind, missing.http_status, missing.code) == ("error", 404, "not_found")
-    assert (await bank.get_refund("ref_1")).kind == "ok"
-    assert "Idempotency-Key" not in (_sent(mocked, "GET", f"{BANK}/api/v1/authorizations/auth_1")["headers"] or {})
+    assert (await bank.get_refund(REF_ID)).body == {
+        k: refund[k] for k in ("refund_id", "status", "amount", "capture_id")
+    }
+    assert "Idempotency-Key" not in (_sent(mocked, "GET", f"{BANK}/api/v1/authorizations/{AUTH_ID}")["headers"] or {})
+
+
+async def test_a_get_answering_about_another_object_is_malformed(bank, mocked):
+    other = "auth_ffffffff-8a47-4c9e-9d3a-2f1e5b7c9a01"
+    mocked.get(f"{BANK}/api/v1/authorizations/{AUTH_ID}", status=200, payload={**APPROVED, "authorization_id": other})
+    assert (await bank.get_authorization(AUTH_ID)).kind == "malformed"
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"status": "declined"}, "status"),
+        ({"amount": 1}, "amount"),
+        ({"amount": 500.0}, "amount"),
+        ({"currency": "EUR"}, "currency"),
+        ({"authorization_id": "auth_1"}, "authorization_id"),
+        ({"authorization_id": "auth_" + "1" * 5_000}, "authorization_id"),
+        ({"authorization_id": AUTH_ID.upper().replace("AUTH_", "auth_")}, "authorization_id"),
+        ({"expires_at": "next tuesday"}, "expires_at"),
+        ({"expires_at": "2030-01-01T00:00:00"}, "time zone"),
+        ({"expires_at": None}, "expires_at"),
+    ],
+)
+async def test_an_approval_that_does_not_answer_our_request_is_malformed(bank, mocked, change, problem):
+    mocked.post(AUTH_URL, status=200, payload={**APPROVED, **change})
+    outcome = await _authorize(bank)
+    assert outcome.kind == "malformed" and problem in (outcome.message or ""), outcome
+    assert outcome.body is None
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
+    error = domain.error_for(outcome, OperationKind.AUTHORIZE)
+    assert error["code"] == "bank_answer_invalid" and len(error["message"]) < 300
+
+
+@pytest.mark.parametrize(
+    "call, path, kwargs, body",
+    [
+        (
+            "capture",
+            "/api/v1/captures",
+            {"authorization_id": AUTH_ID, "amount": 500},
+            {
+                "capture_id": CAP_ID,
+                "authorization_id": "auth_aaaaaaaa-8a47-4c9e-9d3a-2f1e5b7c9a01",
+                "status": "captured",
+                "amount": 500,
+                "currency": "USD",
+            },
+        ),
+        (
+            "void",
+            "/api/v1/voids",
+            {"authorization_id": AUTH_ID},
+            {"void_id": VOID_ID, "authorization_id": AUTH_ID, "status": "captured"},
+        ),
+        (
+            "refund",
+            "/api/v1/refunds",
+            {"capture_id": CAP_ID, "amount": 500},
+            {
+                "refund_id": "cap_11223344-5566-4778-899a-aabbccddeeff",
+                "capture_id": CAP_ID,
+                "status": "refunded",
+                "amount": 500,
+                "currency": "USD",
+            },
+        ),
+    ],
+)
+async def test_answers_naming_something_else_are_malformed(bank, mocked, call, path, kwargs, body):
+    mocked.post(BANK + path, status=200, payload=body)
+    assert (await getattr(bank, call)("gw-op_x", **kwargs)).kind == "malformed"
+
+
+async def test_only_the_fields_we_use_are_kept(bank, mocked):
+    mocked.post(AUTH_URL, status=200, payload={**APPROVED, "card_number": CARD, "cvv": CVV, "extra": "x" * 1000})
+    outcome = await _authorize(bank)
+    assert outcome.kind == "ok" and outcome.body == KEPT
+
+
+async def test_a_replayed_answer_says_so(bank, mocked):
+    mocked.post(AUTH_URL, status=200, payload=APPROVED, headers={"X-Idempotent-Replayed": "true"})
+    assert (await _authorize(bank)).replayed
+
+
+async def test_unknown_error_codes_are_named_so_and_kept_short(bank, mocked):
+    code = f"weird_{CARD}_" + "z" * 5000
+    mocked.post(AUTH_URL, status=400, payload={"error": code, "message": f"card {CARD} cvv {CVV}"})
+    outcome = await _authorize(bank)
+    assert outcome.code == "unknown_bank_error" and outcome.body == {"error": outcome.code, "message": outcome.message}
+    assert CARD not in (outcome.message or "") and "cvv 123" not in (outcome.message or "")
+    assert len(outcome.message or "") < 500 and "weird_" in (outcome.message or "")
+    assert domain.classify(OperationKind.AUTHORIZE, outcome) is Verdict.RETRY
+    assert domain.may_have_acted(outcome)
 
 
 async def test_no_card_data_in_outcomes_or_logs(bank, mocked, caplog, capsys):

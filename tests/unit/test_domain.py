@@ -557,7 +557,8 @@ def test_error_for_error_with_code_but_no_status_is_retryable():
     ("kind", "code", "message"),
     [
         ("timeout", "bank_timeout", "the bank did not answer in time"),
-        ("connection", "bank_connection", "the bank could not be reached"),
+        ("connection", "bank_connection", "the connection to the bank dropped before its answer"),
+        ("unreachable", "bank_unreachable", "the bank could not be reached"),
         ("unparseable", "bank_unparseable", "the bank answered with a body that could not be read"),
     ],
 )

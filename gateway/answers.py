@@ -1,0 +1,156 @@
+"""The bank's answers checked against what was asked, before anything is believed.
+
+Pure Python, no I/O. A 2xx is success only if it is the contract's answer to
+OUR request: the status the call promises, our amount in USD, a new id of the
+right shape (prefix + lowercase UUID), and the reference we sent (a capture
+names our authorization, a refund our capture). Anything else is the bank
+malfunctioning: the caller treats it as a failed attempt (retried, then
+parked for a human), never as success.
+
+Only the fields the gateway uses are kept from a body, so whatever else a bank
+sends (an echoed card number, a 5 MB id, a field of its own) is never stored.
+Error codes outside the contract become `unknown_bank_error`, with the raw
+code kept short and redacted in the message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.domain import UNKNOWN_BANK_ERROR
+from gateway.redact import clean
+from gateway.timefmt import parse
+
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+ID_PATTERNS = {prefix: re.compile(rf"{prefix}_{_UUID}") for prefix in ("auth", "cap", "void", "ref")}
+
+# Every error code of bank-contract.md.
+KNOWN_ERRORS = frozenset(
+    {
+        "invalid_card",
+        "invalid_cvv",
+        "invalid_amount",
+        "card_expired",
+        "authorization_not_found",
+        "authorization_expired",
+        "authorization_already_used",
+        "already_captured",
+        "already_voided",
+        "already_refunded",
+        "amount_mismatch",
+        "capture_not_found",
+        "insufficient_funds",
+        "not_found",
+        "internal_error",
+    }
+)
+_MAX_CODE = 64
+MAX_MESSAGE = 300
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What one bank call asked for: the facts its answer must repeat."""
+
+    call: str  # authorize, capture, void, refund, get_authorization, get_capture, get_refund
+    amount: int | None = None
+    authorization_id: str | None = None
+    capture_id: str | None = None
+    refund_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Shape:
+    new_id: str  # the field naming what the call created (or the GET looked up)
+    prefix: str
+    status: str | None  # the status a success carries (None: any of the contract's)
+    money: bool  # amount and currency must be ours
+    reference: str | None  # the field that must name what we sent
+    keep: tuple[str, ...]  # further fields the gateway uses
+
+
+_SHAPES = {
+    "authorize": _Shape("authorization_id", "auth", "approved", True, None, ("expires_at",)),
+    "capture": _Shape("capture_id", "cap", "captured", True, "authorization_id", ()),
+    "void": _Shape("void_id", "void", "voided", False, "authorization_id", ()),
+    "refund": _Shape("refund_id", "ref", "refunded", True, "capture_id", ()),
+    # GETs (reconciliation): the object asked for, whose amount and links reconciliation compares.
+    "get_authorization": _Shape("authorization_id", "auth", "approved", False, None, ("amount", "expires_at")),
+    "get_capture": _Shape("capture_id", "cap", "captured", False, None, ("amount", "authorization_id")),
+    "get_refund": _Shape("refund_id", "ref", "refunded", False, None, ("amount", "capture_id")),
+}
+
+
+class AnswerMismatch(ValueError):
+    """A 2xx that is not the contract's answer to our request; the text says why (safe to store)."""
+
+
+def check_success(asked: Asked, body: object) -> dict[str, Any]:
+    """The fields the gateway keeps from a 2xx body, or AnswerMismatch."""
+    if not isinstance(body, dict):
+        raise AnswerMismatch("the body is not a JSON object")
+    shape = _SHAPES[asked.call]
+    kept: dict[str, Any] = {}
+    new_id = body.get(shape.new_id)
+    if not isinstance(new_id, str) or not ID_PATTERNS[shape.prefix].fullmatch(new_id):
+        raise AnswerMismatch(f"{shape.new_id} is not {shape.prefix}_ followed by a lowercase UUID")
+    looked_up = getattr(asked, shape.new_id) if asked.call.startswith("get_") else None
+    if looked_up is not None and new_id != looked_up:
+        raise AnswerMismatch(f"{shape.new_id} is not the one asked for")
+    kept[shape.new_id] = new_id
+    status = body.get("status")
+    if status != shape.status:
+        raise AnswerMismatch(f"status is {_quote(status)}, not {shape.status!r}")
+    kept["status"] = status
+    if shape.money:
+        amount = body.get("amount")
+        if type(amount) is not int or amount != asked.amount:
+            raise AnswerMismatch(f"amount is {_quote(amount)}, not the {asked.amount} asked for")
+        if body.get("currency") != "USD":
+            raise AnswerMismatch(f"currency is {_quote(body.get('currency'))}, not 'USD'")
+        kept["amount"], kept["currency"] = amount, "USD"
+    if shape.reference is not None:
+        reference = body.get(shape.reference)
+        if reference != getattr(asked, shape.reference):
+            raise AnswerMismatch(f"{shape.reference} is not the one sent")
+        kept[shape.reference] = reference
+    for name in shape.keep:
+        kept[name] = _field(name, body.get(name))
+    return kept
+
+
+def _field(name: str, value: object) -> object:
+    if name == "expires_at":
+        if not isinstance(value, str):
+            raise AnswerMismatch("expires_at is missing")
+        try:
+            at = parse(value)
+        except ValueError:
+            raise AnswerMismatch(f"expires_at is {_quote(value)}, not an RFC 3339 time") from None
+        if at.tzinfo is None:
+            raise AnswerMismatch("expires_at has no time zone")
+        return value
+    if name == "amount":
+        if type(value) is not int:
+            raise AnswerMismatch(f"amount is {_quote(value)}, not whole cents")
+        return value
+    # A link (authorization_id, capture_id) on a GET: its shape, not its value, is checked
+    # here; whether it is ours is reconciliation's finding to make.
+    prefix = "auth" if name == "authorization_id" else "cap"
+    if not isinstance(value, str) or not ID_PATTERNS[prefix].fullmatch(value):
+        raise AnswerMismatch(f"{name} is not {prefix}_ followed by a lowercase UUID")
+    return value
+
+
+def error_code(raw: object) -> tuple[str, str | None]:
+    """(code, note): a contract code as it is; anything else `unknown_bank_error` and what it said."""
+    if isinstance(raw, str) and raw in KNOWN_ERRORS:
+        return raw, None
+    return UNKNOWN_BANK_ERROR, f"the bank answered with the unknown error code {_quote(raw)}"
+
+
+def _quote(value: object) -> str:
+    """A value from the bank, fit to appear in an error text: short and redacted."""
+    return clean(repr(value), _MAX_CODE)
