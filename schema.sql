@@ -101,9 +101,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     routing_key   text NOT NULL,
     message_id    text NOT NULL,
     body          bytea NOT NULL,
+    headers       jsonb,                                   -- AMQP headers (merchant of an event, trace context)
     created_at    timestamptz NOT NULL DEFAULT now(),
     published_at  timestamptz
 );
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS headers jsonb;
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (id) WHERE published_at IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_sent_age ON outbox (published_at) WHERE published_at IS NOT NULL;
 

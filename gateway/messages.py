@@ -12,6 +12,7 @@ from gateway.timefmt import iso
 
 COMMANDS_EXCHANGE = "payments.commands"
 EVENTS_EXCHANGE = "payments.events"
+MERCHANT_HEADER = "merchant"
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class OutboxMessage:
     routing_key: str
     message_id: str
     body: bytes
+    headers: dict[str, str] | None = None  # AMQP headers the relay publishes with
 
 
 def new_id(prefix: str) -> str:
@@ -31,7 +33,16 @@ def command(operation_id: str, kind: str) -> OutboxMessage:
     return OutboxMessage(COMMANDS_EXCHANGE, kind, new_id("cmd"), orjson.dumps({"operation_id": operation_id}))
 
 
-def event(event_type: str, payment: dict, occurred_at: datetime) -> OutboxMessage:
+def event(event_type: str, payment: dict, occurred_at: datetime, *, merchant: str) -> OutboxMessage:
+    """A payment event for FicMart. The merchant (the API key's caller the payment belongs to)
+    is in the body and in a header, so a consumer can tell two callers' payments apart and
+    bind to its own (README: events by merchant)."""
     event_id = new_id("evt")
-    body = {"event_id": event_id, "type": event_type, "occurred_at": iso(occurred_at), "payment": payment}
-    return OutboxMessage(EVENTS_EXCHANGE, event_type, event_id, orjson.dumps(body))
+    body = {
+        "event_id": event_id,
+        "type": event_type,
+        "occurred_at": iso(occurred_at),
+        "merchant": merchant,
+        "payment": payment,
+    }
+    return OutboxMessage(EVENTS_EXCHANGE, event_type, event_id, orjson.dumps(body), {MERCHANT_HEADER: merchant})

@@ -393,7 +393,7 @@ async def record_outcome(
         payment = payment_json(updated)
         if moved:
             payment["history"].append({"status": status.value, "at": payment["updated_at"]})
-        event = messages.event(domain.event_type(status), payment, at) if moved else None
+        event = messages.event(domain.event_type(status), payment, at, merchant=row["merchant"]) if moved else None
         await store.finish_operation(
             conn,
             operation_id=operation_id,
@@ -441,7 +441,7 @@ async def park(pool: asyncpg.Pool, operation_id: str, error: dict) -> dict | Non
             return None
         at = now()
         payment = payment_json({**row, "attention_required": True, "last_error": error, "updated_at": at})
-        event = messages.event(domain.ATTENTION_EVENT, payment, at)
+        event = messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"])
         await store.park_operation(conn, operation_id=operation_id, at=at, error=error, event=event)
     return payment
 
@@ -463,7 +463,7 @@ async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
             return None
         status, kind = domain.expire(Status(row["status"]))
         payment, op_id, cmd = _begin(row, status, kind, at := now())
-        event = messages.event(domain.event_type(status), payment, at)
+        event = messages.event(domain.event_type(status), payment, at, merchant=row["merchant"])
         await store.start_operation(
             conn,
             payment_id=payment_id,

@@ -164,16 +164,18 @@ def _command(command: OutboxMessage) -> dict[str, Any]:
         "command_routing_key": command.routing_key,
         "command_message_id": command.message_id,
         "command_body": command.body,
+        "command_headers": command.headers,
     }
 
 
 def _event(event: OutboxMessage | None) -> dict[str, Any]:
-    """An optional event: all four columns null when there is none (the statement skips it)."""
+    """An optional event: every column null when there is none (the statement skips it)."""
     return {
         "event_exchange": event.exchange if event else None,
         "event_routing_key": event.routing_key if event else None,
         "event_message_id": event.message_id if event else None,
         "event_body": event.body if event else None,
+        "event_headers": event.headers if event else None,
     }
 
 
@@ -438,6 +440,7 @@ async def requeue_operations(db: Connection, *, commands: Mapping[str, OutboxMes
         routing_keys=[c.routing_key for c in commands.values()],
         message_ids=[c.message_id for c in commands.values()],
         bodies=[c.body for c in commands.values()],
+        headers=[c.headers for c in commands.values()],
     )
 
 

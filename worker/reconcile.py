@@ -319,7 +319,7 @@ class _Pass:
                 money = [f for f in found if f.money]
                 if money:
                     payment = payment_json({**row, "attention_required": True, "updated_at": at})
-                    event = messages.event(domain.ATTENTION_EVENT, payment, at)
+                    event = messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"])
                     await store.flag_attention(conn, payment_id=row["id"], at=at, event=event)
                     for f in money:
                         f.flagged = True

@@ -130,6 +130,7 @@ class Relay:
     async def _publish(self, row: asyncpg.Record) -> None:
         message = aio_pika.Message(
             body=bytes(row["body"]),
+            headers=row["headers"],
             message_id=row["message_id"],
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,

@@ -104,8 +104,8 @@ WITH payment AS (
      WHERE id = :payment_id AND NOT attention_required
     RETURNING id
 )
-INSERT INTO outbox (exchange, routing_key, message_id, body)
-SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body FROM payment;
+INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers FROM payment;
 
 -- name: insert_finding!
 INSERT INTO reconciliation_findings (run_id, payment_id, kind, detail, repaired, found_at)

@@ -5,7 +5,7 @@
 -- relay holds are skipped, so several relays share the work without waiting.
 -- held_back: rows this relay failed to publish a moment ago and retries later,
 -- so that one unroutable row does not hold up the rows behind it.
-SELECT id, exchange, routing_key, message_id, body
+SELECT id, exchange, routing_key, message_id, body, headers
   FROM outbox
  WHERE published_at IS NULL AND NOT (id = ANY(:held_back::bigint[]))
  ORDER BY id

@@ -37,8 +37,8 @@ WITH k AS (
     INSERT INTO card_vault (payment_id, sealed, created_at)
     SELECT id, :sealed_card, :at FROM payment
 ), command AS (
-    INSERT INTO outbox (exchange, routing_key, message_id, body)
-    SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body FROM payment
+    INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+    SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body, :command_headers FROM payment
 ), stored AS (
     INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status,
                                   response_body, location, created_at)
@@ -83,11 +83,11 @@ WITH payment AS (
     INSERT INTO operations (id, payment_id, kind, bank_key, created_at, updated_at)
     SELECT :operation_id, id, :kind, :bank_key, :at, :at FROM payment
 ), command AS (
-    INSERT INTO outbox (exchange, routing_key, message_id, body)
-    SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body FROM payment
+    INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+    SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body, :command_headers FROM payment
 ), event AS (
-    INSERT INTO outbox (exchange, routing_key, message_id, body)
-    SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body
+    INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+    SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers
       FROM payment WHERE :event_exchange::text IS NOT NULL
 )
 INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status,
@@ -102,8 +102,8 @@ WITH operation AS (
     VALUES (:operation_id, :payment_id, :kind, :bank_key, :at, :at)
     RETURNING id
 )
-INSERT INTO outbox (exchange, routing_key, message_id, body)
-SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body FROM operation;
+INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body, :command_headers FROM operation;
 
 -- name: claim_operation^
 -- Take the lease for one bank attempt. Fails (no row) when the operation is
@@ -174,8 +174,8 @@ WITH operation AS (
 ), vault AS (
     DELETE FROM card_vault WHERE payment_id = (SELECT id FROM payment) AND :drop_card
 ), event AS (
-    INSERT INTO outbox (exchange, routing_key, message_id, body)
-    SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body
+    INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+    SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers
       FROM payment WHERE :event_exchange::text IS NOT NULL
 )
 SELECT count(*) FROM payment;
@@ -193,8 +193,8 @@ WITH operation AS (
      WHERE id = (SELECT payment_id FROM operation)
     RETURNING id
 )
-INSERT INTO outbox (exchange, routing_key, message_id, body)
-SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body FROM payment;
+INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers FROM payment;
 
 -- name: unpark_operation$
 -- Ops replays a dead-lettered operation: it is back in the normal flow.

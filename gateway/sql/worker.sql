@@ -24,11 +24,11 @@ WITH bumped AS (
      WHERE id = ANY(:operation_ids::text[]) AND status = 'pending'
     RETURNING id
 )
-INSERT INTO outbox (exchange, routing_key, message_id, body)
-SELECT m.exchange, m.routing_key, m.message_id, m.body
+INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+SELECT m.exchange, m.routing_key, m.message_id, m.body, m.headers
   FROM unnest(:operation_ids::text[], :exchanges::text[], :routing_keys::text[], :message_ids::text[],
-              :bodies::bytea[])
-       AS m(operation_id, exchange, routing_key, message_id, body)
+              :bodies::bytea[], :headers::jsonb[])
+       AS m(operation_id, exchange, routing_key, message_id, body, headers)
   JOIN bumped b ON b.id = m.operation_id;
 
 -- name: lapsed_holds

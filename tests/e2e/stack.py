@@ -207,6 +207,7 @@ class EventLog:
         self.events: dict[str, dict] = {}
         self._by_payment: dict[str, list[dict]] = {}
         self.meta: dict[str, tuple[str, str | None]] = {}  # event_id -> (routing key, message_id)
+        self.headers: dict[str, dict] = {}  # event_id -> AMQP headers
         self.deliveries = 0
         self.bad: list[str] = []
         self._changed = asyncio.Event()
@@ -232,7 +233,9 @@ class EventLog:
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self.deliveries += 1
         try:
-            self.record(orjson.loads(message.body), message.routing_key, message.message_id)
+            body = orjson.loads(message.body)
+            if self.record(body, message.routing_key, message.message_id):
+                self.headers[body["event_id"]] = dict(message.headers or {})
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self.bad.append(f"unreadable event {message.body[:200]!r}")
         await message.ack()

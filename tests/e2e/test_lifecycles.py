@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from tests.e2e.flows import bank_entries
-from tests.e2e.stack import EXPIRED_CARD, HAPPY, NO_FUNDS
+from tests.e2e.stack import EXPIRED_CARD, HAPPY, MERCHANT, NO_FUNDS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,7 +51,8 @@ async def assert_events(stack, payment: dict, expected: list[str]) -> None:
     )
     for event in stack.events.of(payment["id"]):
         routing_key, message_id = stack.events.meta[event["event_id"]]
-        assert set(event) == {"event_id", "type", "occurred_at", "payment"}
+        assert set(event) == {"event_id", "type", "occurred_at", "merchant", "payment"}
+        assert event["merchant"] == MERCHANT and stack.events.headers[event["event_id"]]["merchant"] == MERCHANT
         assert event["event_id"].startswith("evt_") and message_id == event["event_id"]
         assert routing_key == event["type"]
         status = event["type"].removeprefix("payment.")

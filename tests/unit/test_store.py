@@ -145,7 +145,7 @@ async def test_finish_operation_puts_each_bank_id_in_its_own_column():
 
 async def test_start_operation_takes_the_event_and_the_reply_as_optional_groups():
     cmd = messages.command("op_2", "capture")
-    event = messages.event("payment.expired", {"id": "pay_1"}, AT)
+    event = messages.event("payment.expired", {"id": "pay_1"}, AT, merchant="ficmart")
     req = IdempotentRequest("ficmart", "key-1", "POST", "/v1/payments/pay_1/capture", b"{}")
     common = dict(
         payment_id="pay_1",
@@ -182,11 +182,11 @@ async def test_requeue_operations_sends_parallel_arrays_in_one_order():
     commands = {f"op_{i}": messages.command(f"op_{i}", "void") for i in range(3)}
     db = Recorder()
     await store.requeue_operations(db, commands=commands)
-    _, sql, (ids, exchanges, routing_keys, message_ids, bodies) = db.only
+    _, sql, (ids, exchanges, routing_keys, message_ids, bodies, headers) = db.only
     assert "unnest($1::text[], $2::text[], $3::text[], $4::text[]" in sql
     assert ids == ["op_0", "op_1", "op_2"] and exchanges == [messages.COMMANDS_EXCHANGE] * 3
     assert routing_keys == ["void"] * 3 and message_ids == [c.message_id for c in commands.values()]
-    assert bodies == [c.body for c in commands.values()]
+    assert bodies == [c.body for c in commands.values()] and headers == [c.headers for c in commands.values()]
 
 
 async def test_results_come_back_typed():
