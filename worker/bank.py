@@ -38,6 +38,7 @@ _MAX_MESSAGE = 300
 # The largest answer the bank's contract can produce is well under a kilobyte; anything
 # past this bound is not read, so a runaway body cannot grow the worker's memory.
 MAX_BODY_BYTES = 1 << 20
+HEALTH_TIMEOUT = 5.0  # a probe of a bank that does not answer should not take a whole bank timeout
 
 
 def _clean(text: object) -> str | None:
@@ -146,6 +147,18 @@ class BankClient:
 
     async def get_refund(self, refund_id: str) -> BankOutcome:
         return await self._get("get_refund", f"/api/v1/refunds/{quote(refund_id, safe='')}")
+
+    async def health(self) -> bool:
+        """GET /health answers 200: what the worker's circuit breaker probes while it is open."""
+        try:
+            async with self._open().get(
+                self.base_url + "/health",
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=min(HEALTH_TIMEOUT, self.timeout)),
+            ) as resp:
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
 
     # ---- transport ----------------------------------------------------------------------
 

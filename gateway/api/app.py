@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
-from gateway import config, db, logs
+from gateway import config, db, logs, process
 from gateway.api import openapi, routes
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
@@ -29,6 +29,7 @@ log = logs.get("gateway.api")
 MAX_BODY = 64 * 1024
 DEFAULT_POOL_SIZE = 12
 _CONNECT_ATTEMPTS = 8
+SHUTDOWN_TIMEOUT = 10.0
 
 
 class StartupError(Exception):
@@ -82,24 +83,26 @@ def create_app(
 
 
 async def _create_pool(dsn: str, size: int) -> asyncpg.Pool:
-    delay = 0.25
-    for attempt in range(1, _CONNECT_ATTEMPTS + 1):
-        try:
-            return await db.create_pool(dsn, min_size=min(4, size), max_size=size)
-        except (OSError, asyncpg.PostgresError) as exc:
-            if attempt == _CONNECT_ATTEMPTS:
-                raise StartupError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
-            log.warning("database not reachable yet", error=f"{type(exc).__name__}: {exc}", retry_in=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
+    try:
+        pool = await process.start_with_retries(
+            lambda: db.create_pool(dsn, min_size=min(4, size), max_size=size),
+            what="gateway-api",
+            attempts=_CONNECT_ATTEMPTS,
+            retry_on=(OSError, asyncpg.PostgresError),
+            first_delay=0.25,
+            max_delay=5.0,
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StartupError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+    assert pool is not None  # without a stop event it returns a pool or raises
+    return pool
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="gateway-api",
-        description="FicMart payment gateway HTTP API. Settings come from the environment "
-        "(DATABASE_URL, AMQP_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY, LOG_LEVEL).",
+        description="FicMart payment gateway HTTP API.",
+        epilog=config.epilog(config.Settings, unused=("BANK_URL",)),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
@@ -117,26 +120,25 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+async def serve(settings: config.Settings, args: argparse.Namespace, stop: asyncio.Event) -> None:
+    runner = web.AppRunner(
+        create_app(settings, pool_size=args.db_pool_size), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
+    try:
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+        log.info("gateway-api listening", host=args.host, port=args.port)
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # long polls answer at once; requests under way get SHUTDOWN_TIMEOUT
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     settings = config.load(need_card_key=True)
     logs.setup(settings.log_level, "gateway-api")
     try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is not built for Windows
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    app = create_app(settings, pool_size=args.db_pool_size)
-
-    def announce(*_args, **_kwargs) -> None:  # run_app calls this once the socket is bound
-        log.info("gateway-api listening", host=args.host, port=args.port)
-
-    try:
-        web.run_app(
-            app, host=args.host, port=args.port, access_log=None, print=announce, loop=loop, shutdown_timeout=10
-        )
+        process.run(lambda stop: serve(settings, args, stop))
     except StartupError as exc:
         log.error("gateway-api cannot start", error=str(exc))
         print(f"gateway-api: {exc}", file=sys.stderr)
