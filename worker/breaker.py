@@ -11,6 +11,7 @@
                problem, which the retry ladder and the dead-letter queue handle.
     OPEN       no calls. Every `probe_interval` seconds somebody probes the bank's GET
                /health (probe_wait(), probed()); a healthy answer -> HALF_OPEN.
+               trip() opens it at once (a failed health check seen elsewhere).
     HALF_OPEN  up to `trial_calls` real calls at a time; `trial_calls` successes -> CLOSED,
                any failure -> OPEN again.
 
@@ -167,6 +168,11 @@ class CircuitBreaker:
             self._change(State.HALF_OPEN, "the bank's health check answered")
         else:
             self._next_probe = self._clock() + self.policy.probe_interval
+
+    def trip(self, why: str) -> None:
+        """Open now: the bank was found down by other means (its health check failed)."""
+        if self.state is not State.OPEN:
+            self._open(why)
 
     # ---- transitions ----------------------------------------------------------------------------
 

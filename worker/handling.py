@@ -19,8 +19,9 @@ Per message (body {"operation_id"}), with the operation's ids bound to every log
                                               2xx is our own work; still refused -> park
     RETRY after the quick tries               payments.release, next retry queue, ack; after the
                                               last rung -> payments.park + payments.dead.
-                                              If the breaker opened meanwhile, the failures were
-                                              the outage: release and wait, no rung charged.
+                                              If the breaker opened meanwhile, or the bank's
+                                              health check fails before parking, the failures
+                                              were the outage: release and wait, no rung taken.
 
 Stopping (SIGTERM): no bank call starts any more; a call under way finishes and its outcome
 is recorded; any other command is left unacknowledged, so it goes back to the queue.
@@ -176,6 +177,15 @@ class BankGate:
         if self.breaker.state is State.HALF_OPEN:
             self.notify()
 
+    async def bank_down(self) -> bool:
+        """Ask the bank's health check; if it fails, open the breaker (True). For the last word
+        before parking: too few operations may have failed to open the breaker, yet the bank
+        may be down, and parking would then be for the outage, not for the operation."""
+        if await self._healthy():
+            return False
+        self.breaker.trip("the bank's health check failed before an operation was parked")
+        return True
+
     def notify(self) -> None:
         """Wake every waiter to look again (state change, free trial slot, stopping)."""
         self._changed.set()
@@ -184,13 +194,17 @@ class BankGate:
     async def _probe(self) -> None:
         self._probing = True
         try:
-            healthy = await self._bank.health()
-        except Exception:  # a probe that cannot be made says the same as a failed one
-            healthy = False
+            healthy = await self._healthy()
         finally:
             self._probing = False
         self.breaker.probed(healthy)
         self.notify()
+
+    async def _healthy(self) -> bool:
+        try:
+            return await self._bank.health()
+        except Exception:  # a probe that cannot be made says the same as a failed one
+            return False
 
     def _state_changed(self, old: State, new: State, why: str) -> None:
         if new is State.OPEN:
@@ -402,7 +416,11 @@ class Handling:
         if run.lost is not None:
             await self._not_claimed(delivery, run.lost)
             return False
-        if run.interrupted or (run.verdict is Verdict.RETRY and self.gate.breaker.is_open):
+        outage = run.verdict is Verdict.RETRY and (
+            self.gate.breaker.is_open
+            or (delivery.retries >= len(self.cfg.retry_ladder) and await self.gate.bank_down())
+        )
+        if run.interrupted or outage:
             # Nothing settled, and no further call may start now: give the lease back. Stopping:
             # the command stays unacknowledged and goes back to the queue. The bank unavailable:
             # the failures were the outage, so no rung is taken; wait for the bank.

@@ -233,6 +233,17 @@ def test_a_cancelled_trial_frees_its_slot(breaker):
     assert breaker.acquire("waiting") is not None
 
 
+def test_trip_opens_it_from_any_state(breaker, changes):
+    breaker.trip("health check failed")
+    assert breaker.state is State.OPEN and breaker.times_opened == 1
+    breaker.trip("again")
+    assert breaker.times_opened == 1  # already open
+    breaker.probed(True)
+    breaker.trip("a trial found it down")
+    assert breaker.state is State.OPEN and breaker.times_opened == 2
+    assert [why for _, _, why in changes][0] == "health check failed"
+
+
 def test_probe_results_outside_open_are_ignored(breaker):
     breaker.probed(False)
     assert breaker.state is State.CLOSED

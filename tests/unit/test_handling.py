@@ -70,6 +70,7 @@ class FakePayments:
         self.ops: dict[str, Op] = {}
         self.calls: list[tuple] = []
         self.down = False
+        self.calls_while_down = 0
         self.failing_records = 0
 
     def add(self, op: Op) -> Op:
@@ -78,6 +79,7 @@ class FakePayments:
 
     def _touch(self, *call) -> None:
         if self.down:
+            self.calls_while_down += 1
             raise DatabaseDown("connection refused")
         self.calls.append(call)
 
@@ -423,6 +425,22 @@ async def test_ladder_exhausted_parks_for_ops(world):
     assert headers["attempts"] == 3 and headers[topology.RETRIES_HEADER] == len(LADDER)
 
 
+async def test_a_bank_found_down_before_parking_holds_the_operation_instead(world):
+    # Too few operations to open the breaker (low traffic), but the bank's health check fails:
+    # parking now would be for the outage. The breaker opens and the operation waits for the bank.
+    op = world.authorize()
+    world.bank.answer("authorize", DOWN, DOWN, DOWN)
+    world.bank.healthy = False
+    delivery = command(op.id, retries=len(LADDER))
+    task = asyncio.create_task(world.handling.handle(delivery))
+    await eventually(lambda: world.bank.health_calls >= 3)
+    assert not op.parked and op.lease_owner is None and world.handling.gate.breaker.is_open
+    world.bank.healthy = True
+    await task
+    assert op.verdict is Verdict.SUCCEEDED and not op.parked and delivery.actions == [("ack",)]
+    assert world.bank.made() == 4
+
+
 async def test_forced_replay_keeps_its_force_through_the_ladder(world):
     # (the Delivery republishes with its own x-force; the policy only passes the rung)
     op = world.authorize()
@@ -582,8 +600,10 @@ async def test_a_database_outage_does_not_spin_messages(world):
 
     tasks = [asyncio.create_task(redelivered(op)) for op in ops]
     await asyncio.sleep(0.5)
-    # Half a second of outage: every command waits; only the probes touch the database.
-    assert world.probes <= 12  # 0.05 s at most between probes, jittered
+    # Half a second of outage: every command waits; only the probes touch the database,
+    # one at a time, at most every 0.025-0.05 s (WORKER_DB_BACKOFF_MAX_SECONDS, jittered).
+    assert world.payments.calls_while_down == 1
+    assert 5 <= world.probes <= 21
     assert sum(t.done() for t in tasks) == 0
     world.payments.down = False
     deliveries = await asyncio.gather(*tasks)
