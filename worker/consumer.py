@@ -74,7 +74,7 @@ class PoolPayments:
 
 class AmqpDelivery:
     """handling.Delivery for one aio-pika message. A command leaving for a retry rung or
-    payments.dead keeps its body and its routing key (the operation kind)."""
+    payments.dead keeps its body (and x-force)."""
 
     def __init__(self, message: AbstractIncomingMessage, retry: AbstractExchange, default: AbstractExchange):
         headers = message.headers or {}
@@ -92,7 +92,7 @@ class AmqpDelivery:
     async def requeue(self) -> None:
         await self._message.nack(requeue=True)
 
-    async def retry_later(self, delay: int, retries: int) -> None:
+    async def retry_later(self, delay: int, retries: int, kind: str | None) -> None:
         headers: dict[str, Any] = {
             topology.RETRIES_HEADER: retries,
             topology.RETRY_QUEUE_HEADER: topology.retry_queue_name(delay),
@@ -101,7 +101,7 @@ class AmqpDelivery:
             headers[topology.FORCE_HEADER] = True
         await self._retry.publish(
             _message(self.body, headers),
-            routing_key=self._message.routing_key or "",
+            routing_key=kind or self._message.routing_key or "",
             mandatory=True,
             timeout=PUBLISH_TIMEOUT,
         )

@@ -117,8 +117,9 @@ class Delivery(Protocol):
 
     async def requeue(self) -> None: ...
 
-    async def retry_later(self, delay: int, retries: int) -> None:
-        """The same command into the retry queue of `delay` seconds, carrying `retries`."""
+    async def retry_later(self, delay: int, retries: int, kind: str | None) -> None:
+        """The same command into the retry queue of `delay` seconds, carrying `retries`; it comes
+        back with the routing key `kind` (None: the one it was delivered with)."""
         ...
 
     async def dead_letter(self, headers: dict[str, Any]) -> None:
@@ -373,7 +374,7 @@ class Handling:
                     return
                 delay = self.cfg.retry_ladder[0]
                 log.info("bank still unavailable; the command goes round a retry queue, no rung taken", delay=delay)
-                await delivery.retry_later(delay, delivery.retries)
+                await delivery.retry_later(delay, delivery.retries, None)
                 await delivery.ack()
                 return
             if not await self._claim_and_try(delivery, operation_id, permit):
@@ -498,25 +499,26 @@ class Handling:
                 self.gate.cancel(permit)
                 run.interrupted = True
                 return run
-            await self._ask(claim, call, permit, run)
+            outcome = await self._ask(claim, call, permit, run)
             if run.verdict is Verdict.CONFIRM:
-                await self._confirm(claim, call, run)
+                await self._confirm(claim, call, run, outcome)
             if run.verdict is not Verdict.RETRY or run.lost is not None or run.interrupted:
                 return run
-            outcome = run.outcome
-            assert outcome is not None
+            latest = run.outcome or outcome  # after a confirm: the second answer
             log.info(
                 "bank try failed",
-                outcome=outcome.kind,
-                http_status=outcome.http_status,
-                code=outcome.code,
+                outcome=latest.kind,
+                http_status=latest.http_status,
+                code=latest.code,
                 try_number=tries,
             )
         return run
 
-    async def _confirm(self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], run: _Run) -> None:
+    async def _confirm(
+        self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], run: _Run, refusal: BankOutcome
+    ) -> None:
         """ "Already done": maybe our own earlier try whose answer was lost. Ask again, same key."""
-        log.info("bank says already done; asking again with the same key", code=run.outcome and run.outcome.code)
+        log.info("bank says already done; asking again with the same key", code=refusal.code)
         await process.wait(self.stopping, self.cfg.confirm_delay)
         permit = await self._renew(claim, run)
         if permit is None:
@@ -543,7 +545,9 @@ class Handling:
         run.attempts = got.attempts
         return permit
 
-    async def _ask(self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], permit: Permit, run: _Run) -> None:
+    async def _ask(
+        self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], permit: Permit, run: _Run
+    ) -> BankOutcome:
         started = time.monotonic()
         try:
             outcome = await call()
@@ -552,6 +556,7 @@ class Handling:
         self.gate.record(permit, outcome)
         run.outcome = outcome
         run.verdict = domain.classify(claim.kind, outcome)
+        return outcome
 
     # ---- the ways a message leaves ----------------------------------------------------------
 
@@ -578,7 +583,7 @@ class Handling:
             # the lease can have run out. Not an attempt, so the rung count stays.
             delay = topology.rung_for(self.cfg.retry_ladder, state.lease_left)
             log.info("operation leased by another worker; retrying later", lease_left=state.lease_left, delay=delay)
-            await delivery.retry_later(delay, delivery.retries)
+            await delivery.retry_later(delay, delivery.retries, state.kind)
         await delivery.ack()
 
     async def _retry_later(self, delivery: Delivery, claim: Claim, error: dict, bank_ms: int, attempts: int) -> None:
@@ -588,7 +593,7 @@ class Handling:
             return
         await self.payments.release(claim.operation_id, claim.owner, error, bank_ms)
         delay = self.cfg.retry_ladder[retries]
-        await delivery.retry_later(delay, retries + 1)
+        await delivery.retry_later(delay, retries + 1, claim.kind.value)
         log.info("bank attempts failed; retrying later", delay=delay, rung=retries + 1, error_code=error["code"])
         await delivery.ack()
 

@@ -193,8 +193,8 @@ class FakeDelivery:
     async def requeue(self) -> None:
         self.actions.append(("requeue",))
 
-    async def retry_later(self, delay: int, retries: int) -> None:
-        self.actions.append(("retry", delay, retries))
+    async def retry_later(self, delay: int, retries: int, kind: str | None) -> None:
+        self.actions.append(("retry", delay, retries, kind))
 
     async def dead_letter(self, headers: dict) -> None:
         self.actions.append(("dead", headers))
@@ -352,7 +352,7 @@ async def test_operation_leased_elsewhere_waits_without_an_attempt_or_a_rung(wor
     op = world.authorize(lease_owner="w2/other", lease_left=1.5, attempts=1)
     delivery = command(op.id, retries=1)
     await world.handling.handle(delivery)
-    assert delivery.actions == [("retry", 2, 1), ("ack",)]  # the rung >= 1.5 s; retries unchanged
+    assert delivery.actions == [("retry", 2, 1, "authorize"), ("ack",)]  # the rung >= 1.5 s; retries unchanged
     assert op.attempts == 1 and world.bank.made() == 0
 
 
@@ -374,7 +374,7 @@ async def test_lease_lost_mid_call_hands_over_to_the_new_holder(world):
     delivery = command(op.id)
     await world.handling.handle(delivery)
     assert world.bank.made() == 1  # no second try: the other holder's call may be running
-    assert delivery.actions == [("retry", 3, 0), ("ack",)]
+    assert delivery.actions == [("retry", 3, 0, "authorize"), ("ack",)]
     assert op.lease_owner == "w2/thief" and world.payments.count("release") == 0
 
 
@@ -411,7 +411,7 @@ async def test_transient_after_the_quick_tries_takes_the_next_rung(world):
     delivery = command(op.id, retries=1)
     await world.handling.handle(delivery)
     assert world.bank.made() == 3 and op.lease_owner is None and op.last_error["code"] == "internal_error"
-    assert delivery.actions == [("retry", 2, 2), ("ack",)]
+    assert delivery.actions == [("retry", 2, 2, "authorize"), ("ack",)]
 
 
 async def test_ladder_exhausted_parks_for_ops(world):
@@ -447,7 +447,7 @@ async def test_forced_replay_keeps_its_force_through_the_ladder(world):
     world.bank.answer("authorize", E500, E500, E500)
     delivery = command(op.id, force=True)
     await world.handling.handle(delivery)
-    assert delivery.actions == [("retry", 1, 1), ("ack",)]
+    assert delivery.actions == [("retry", 1, 1, "authorize"), ("ack",)]
 
 
 # ---- what cannot be sent ---------------------------------------------------------------------------------
@@ -507,7 +507,8 @@ async def test_breaker_open_holds_the_command_unclaimed_and_uncharged(world):
     await hold.handling.handle(delivery)
     assert time.monotonic() - started >= 0.2
     assert hold.payments.count("claim") == 0 and op.attempts == 2 and hold.bank.made() == 0
-    assert delivery.actions == [("retry", LADDER[0], 2), ("ack",)]  # round a retry queue, same rung count
+    # round the shortest retry queue, same rung count, back under the routing key it came with
+    assert delivery.actions == [("retry", LADDER[0], 2, None), ("ack",)]
     assert hold.bank.health_calls >= 2  # probed while it waited
 
 
