@@ -124,7 +124,7 @@ _MUST_BE: dict[str, Callable[[dict[str, Any]], str]] = {
 
 
 def _describe(cls: type[BaseSettings], exc: ValidationError) -> str:
-    """One line per problem, each naming its variable. Our own validators write their
+    """Every problem, each naming its variable, "; "-separated. Our own validators write their
     message in full (and decide whether the value may be shown: keys are never echoed)."""
     aliases = {name: str(field.validation_alias) for name, field in cls.model_fields.items()}
     problems = []
