@@ -1,27 +1,31 @@
-"""Settings from environment variables, validated once at start-up.
+"""Settings from environment variables, validated once at start-up (pydantic-settings).
 
-Every process calls `load(...)` with the names it needs; a bad or missing
-value stops the process with a message naming the variable and exit code 2.
+Every process has one settings class derived from `EnvSettings`: each field
+names its variable (`validation_alias`), its default and what it means
+(`description`, from which the --help epilogs are written). An empty
+variable counts as unset. `Cls.load()` reads os.environ and, on a bad value,
+prints "configuration error: ..." naming the variable and exits with code 2;
+`Cls.parse(env)` does the same validation on a given mapping and raises
+ConfigError.
+
+This module also holds the settings every gateway process shares.
 """
 
 from __future__ import annotations
 
 import base64
-import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from typing import Any, Self, TypeVar
 from urllib.parse import urlparse
 
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+T = TypeVar("T")
+
 DEV_API_KEYS = "ficmart:sk_test_ficmart_dev"
-
-DEFAULTS = {
-    "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/gateway",
-    "AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/",
-    "BANK_URL": "http://127.0.0.1:8787",
-    "GATEWAY_API_KEYS": DEV_API_KEYS,
-    "LOG_LEVEL": "info",
-}
-
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -29,14 +33,143 @@ class ConfigError(ValueError):
     """A setting has a value the process cannot start with."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    database_url: str
-    amqp_url: str
-    bank_url: str
-    api_keys: dict[str, str]  # key -> caller name
-    card_key: bytes | None
-    log_level: str
+class _Variables(EnvSettingsSource):
+    """os.environ, read the way our variables are written: each one under its documented
+    name only (not also under the Python field name) and as the plain string it is; the
+    field's own validator parses its format (no JSON decoding of lists or maps)."""
+
+    def prepare_field_value(self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool) -> Any:
+        return value
+
+    def __call__(self) -> dict[str, Any]:
+        names = set(_variable_names(self.settings_cls))
+        return {name: value for name, value in super().__call__().items() if name in names}
+
+
+class EnvSettings(BaseSettings):
+    """Base of every process's settings; fields are also settable by name in code (tests)."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, case_sensitive=True, env_ignore_empty=True, extra="ignore", populate_by_name=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _Variables(settings_cls))
+
+    @classmethod
+    def parse(cls, env: Mapping[str, str]) -> Self:
+        """The settings in `env` (others are ignored); ConfigError names the variable."""
+        given = {name: env[name] for name in _variable_names(cls) if env.get(name)}
+        try:
+            return cls.model_validate(given)
+        except ValidationError as exc:
+            raise ConfigError(_describe(cls, exc)) from None
+
+    @classmethod
+    def from_environment(cls) -> Self:
+        """The settings in os.environ; ConfigError names the variable."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise ConfigError(_describe(cls, exc)) from None
+
+    @classmethod
+    def load(cls) -> Self:
+        """The settings in os.environ, or exit 2 with a message naming the variable."""
+        return exit_on_error(cls.from_environment)
+
+    @classmethod
+    def variables(cls) -> list[tuple[str, str, str]]:
+        """(variable, default as written in the environment, meaning) for every field."""
+        out = []
+        for field in cls.model_fields.values():
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, tuple):
+                shown = ",".join(map(str, default))
+            else:
+                shown = "none" if default is None else _g(default)
+            out.append((str(field.validation_alias), shown, field.description or ""))
+        return out
+
+
+def _variable_names(cls: type[BaseSettings]) -> list[str]:
+    return [str(field.validation_alias) for field in cls.model_fields.values()]
+
+
+def _g(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# pydantic's error types -> what the value must be, in our own words.
+_MUST_BE: dict[str, Callable[[dict[str, Any]], str]] = {
+    "int_parsing": lambda _: "an integer",
+    "int_type": lambda _: "an integer",
+    "int_from_float": lambda _: "an integer",
+    "float_parsing": lambda _: "a number",
+    "float_type": lambda _: "a number",
+    "finite_number": lambda _: "a finite number",
+    "greater_than_equal": lambda ctx: f">= {_g(ctx['ge'])}",
+    "greater_than": lambda ctx: f"> {_g(ctx['gt'])}",
+    "less_than_equal": lambda ctx: f"<= {_g(ctx['le'])}",
+    "less_than": lambda ctx: f"< {_g(ctx['lt'])}",
+}
+
+
+def _describe(cls: type[BaseSettings], exc: ValidationError) -> str:
+    """Every problem, each naming its variable, "; "-separated. Our own validators write their
+    message in full (and decide whether the value may be shown: keys are never echoed)."""
+    aliases = {name: str(field.validation_alias) for name, field in cls.model_fields.items()}
+    problems = []
+    for error in exc.errors():
+        ctx = error.get("ctx") or {}
+        if isinstance(ctx.get("error"), Exception):
+            problems.append(str(ctx["error"]))
+            continue
+        loc = error["loc"]
+        name = aliases.get(str(loc[0]), str(loc[0])) if loc else cls.__name__
+        must = _MUST_BE.get(error["type"])
+        what = f"must be {must(ctx)}" if must else error["msg"].lower()
+        problems.append(f"{name} {what}, got {error['input']!r}")
+    return "; ".join(problems)
+
+
+def exit_on_error(parse: Callable[[], T]) -> T:
+    """parse(), or exit 2 with "configuration error: ..." on stderr (no traceback)."""
+    try:
+        return parse()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def epilog(*models: type[EnvSettings], unused: tuple[str, ...] = ()) -> str:
+    """The --help text for the variables of `models` (but not those `unused` by the process)."""
+    rows = [
+        f"{name} ({default}): {what}"
+        for model in models
+        for name, default, what in model.variables()
+        if name not in unused
+    ]
+    return "Environment: " + "; ".join(rows) + "."
+
+
+def one_of(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """A case-insensitive choice, returned in lower case."""
+    level = value.lower()
+    if level not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {level!r}")
+    return level
+
+
+# ---- the gateway's shared settings -------------------------------------------------------
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
@@ -51,58 +184,102 @@ def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
-def _api_keys(value: str) -> dict[str, str]:
-    keys: dict[str, str] = {}
-    for pair in value.split(","):
-        name, sep, key = (part.strip() for part in pair.partition(":"))
-        if not sep or not name or len(key) < 8 or not key.isprintable():
-            raise ConfigError(
-                "GATEWAY_API_KEYS must be comma-separated name:key pairs with keys of at least 8 printable characters"
-            )
-        if key in keys:
-            raise ConfigError("GATEWAY_API_KEYS lists the same key twice")
-        keys[key] = name
-    return keys
+class Settings(EnvSettings):
+    """DATABASE_URL, AMQP_URL, BANK_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY, LOG_LEVEL."""
 
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/gateway",
+        validation_alias="DATABASE_URL",
+        description="PostgreSQL DSN",
+    )
+    amqp_url: str = Field(
+        default="amqp://guest:guest@127.0.0.1:5672/",
+        validation_alias="AMQP_URL",
+        description="RabbitMQ URL (a vhost may be part of it)",
+    )
+    bank_url: str = Field(
+        default="http://127.0.0.1:8787", validation_alias="BANK_URL", description="base URL of the bank"
+    )
+    # key -> caller name
+    api_keys: dict[str, str] = Field(
+        default=DEV_API_KEYS,  # written as in the environment; parsed by _api_keys
+        validate_default=True,
+        validation_alias="GATEWAY_API_KEYS",
+        description="comma-separated name:key pairs; name is the caller",
+    )
+    card_key: bytes | None = Field(
+        default=None,
+        validation_alias="CARD_ENCRYPTION_KEY",
+        description="32 random bytes, base64 (required by gateway-api and gateway-worker)",
+    )
+    log_level: str = Field(default="info", validation_alias="LOG_LEVEL", description=", ".join(LOG_LEVELS))
 
-def _card_key(value: str | None, required: bool) -> bytes | None:
-    if not value:
-        if required:
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return _url("DATABASE_URL", value, ("postgresql", "postgres"))
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        return _url("AMQP_URL", value, ("amqp", "amqps"))
+
+    @field_validator("bank_url")
+    @classmethod
+    def _bank_url(cls, value: str) -> str:
+        return _url("BANK_URL", value, ("http", "https")).rstrip("/")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        keys: dict[str, str] = {}
+        for pair in value.split(","):
+            name, sep, key = (part.strip() for part in pair.partition(":"))
+            if not sep or not name or len(key) < 8 or not key.isprintable():
+                raise ConfigError(
+                    "GATEWAY_API_KEYS must be comma-separated name:key pairs with keys of at least "
+                    "8 printable characters"
+                )
+            if key in keys:
+                raise ConfigError("GATEWAY_API_KEYS lists the same key twice")
+            keys[key] = name
+        return keys
+
+    @field_validator("card_key", mode="before")
+    @classmethod
+    def _card_key(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            key = base64.b64decode(value, validate=True)
+        except ValueError:
+            raise ConfigError("CARD_ENCRYPTION_KEY is not valid base64") from None
+        if len(key) != 32:
+            raise ConfigError(f"CARD_ENCRYPTION_KEY must decode to 32 bytes, got {len(key)}")
+        return key
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        return one_of("LOG_LEVEL", value, LOG_LEVELS)
+
+    def require_card_key(self) -> Self:
+        if self.card_key is None:
             raise ConfigError(
                 "CARD_ENCRYPTION_KEY is required: 32 random bytes, base64 "
                 "(make one with: python -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())')"
             )
-        return None
-    try:
-        key = base64.b64decode(value, validate=True)
-    except ValueError:
-        raise ConfigError("CARD_ENCRYPTION_KEY is not valid base64") from None
-    if len(key) != 32:
-        raise ConfigError(f"CARD_ENCRYPTION_KEY must decode to 32 bytes, got {len(key)}")
-    return key
+        return self
 
 
-def parse(env: dict[str, str], *, need_card_key: bool = False) -> Settings:
-    def get(name: str) -> str:
-        return env.get(name) or DEFAULTS[name]
-
-    level = get("LOG_LEVEL").lower()
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    return Settings(
-        database_url=_url("DATABASE_URL", get("DATABASE_URL"), ("postgresql", "postgres")),
-        amqp_url=_url("AMQP_URL", get("AMQP_URL"), ("amqp", "amqps")),
-        bank_url=_url("BANK_URL", get("BANK_URL"), ("http", "https")).rstrip("/"),
-        api_keys=_api_keys(get("GATEWAY_API_KEYS")),
-        card_key=_card_key(env.get("CARD_ENCRYPTION_KEY"), need_card_key),
-        log_level=level,
-    )
+def parse(env: Mapping[str, str], *, need_card_key: bool = False) -> Settings:
+    settings = Settings.parse(env)
+    return settings.require_card_key() if need_card_key else settings
 
 
 def load(*, need_card_key: bool = False) -> Settings:
-    """Parse os.environ, or exit 2 with a clear message."""
-    try:
-        return parse(dict(os.environ), need_card_key=need_card_key)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """The shared settings from os.environ, or exit 2 with a clear message."""
+    settings = Settings.load()
+    return exit_on_error(settings.require_card_key) if need_card_key else settings

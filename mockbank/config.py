@@ -19,8 +19,9 @@
 | MOCKBANK_EXTRA_ACCOUNTS  | generated accounts with $100M each (int >= 0)      | 0       |
 | LOG_LEVEL                | debug, info, warning, error, critical             | info    |
 
-An empty value counts as unset. Any other bad value raises ``ConfigError``
-whose message names the variable; ``mockbank`` prints it and exits with 2.
+The same pattern as the gateway's processes (gateway.config.EnvSettings): an
+empty value counts as unset; `Config.load()` prints a message naming the
+variable and exits with 2 on any other bad value.
 """
 
 from __future__ import annotations
@@ -28,120 +29,133 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Self
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config import ConfigError, EnvSettings, one_of
 
 MAX_EXTRA_ACCOUNTS = 1_000_000  # ~7 s of start-up at the maximum
 MAX_DB_POOL_SIZE = 10_000
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-class ConfigError(ValueError):
-    """A bad environment value; the message names the variable."""
-
-
 @dataclass
 class Chaos:
-    """Run-time switches (readable/changeable through /_mock/chaos)."""
+    """Run-time switches (readable/changeable through /_mock/chaos); start from Config."""
 
-    min_latency_ms: float = 100.0
-    max_latency_ms: float = 2000.0
-    failure_rate: float = 0.05
-    response_loss_rate: float = 0.0
-    key_forget_rate: float = 0.0
-    key_lookup_failure_rate: float = 0.0
+    min_latency_ms: float
+    max_latency_ms: float
+    failure_rate: float
+    response_loss_rate: float
+    key_forget_rate: float
+    key_lookup_failure_rate: float
     down: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-@dataclass
-class Config:
-    chaos: Chaos
-    auth_expiry_hours: float = 168.0
-    extra_accounts: int = 0
-    response_cutoff_seconds: float = 15.0
-    db_transaction_ms: float = 0.0
-    db_pool_size: int = 25
-    log_level: str = "info"
-
-
-def _number(
-    env: Mapping[str, str],
-    name: str,
-    default: float,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    what: str,
-) -> float:
-    raw = env.get(name, "").strip()
-    if raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number; expected {what}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}={raw!r} is not finite; expected {what}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ConfigError(f"{name}={raw!r} is out of range; expected {what}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{name}={raw!r} is out of range; expected {what}")
-    return value
-
-
-def _integer(env: Mapping[str, str], name: str, default: int, *, lo: int, hi: int) -> int:
-    raw = env.get(name, "").strip()
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer; expected {lo}..{hi}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}={raw!r} is out of range; expected {lo}..{hi}")
-    return value
-
-
-def load_config(env: Mapping[str, str]) -> Config:
-    min_ms = _number(env, "MIN_LATENCY_MS", 100.0, lo=0, what="milliseconds >= 0")
-    max_ms = _number(env, "MAX_LATENCY_MS", 2000.0, lo=0, what="milliseconds >= 0")
-    if max_ms < min_ms:
-        raise ConfigError(
-            f"MAX_LATENCY_MS={max_ms:g} is below MIN_LATENCY_MS={min_ms:g}; MAX_LATENCY_MS must be >= MIN_LATENCY_MS"
-        )
-    failure = _number(env, "FAILURE_RATE", 0.05, lo=0, hi=1, what="a fraction between 0 and 1")
-    loss = _number(env, "RESPONSE_LOSS_RATE", 0.0, lo=0, hi=1, what="a fraction between 0 and 1")
-    expiry = _number(env, "AUTH_EXPIRY_HOURS", 168.0, lo=0, lo_open=True, what="a number of hours > 0")
-
-    forget = _number(env, "KEY_FORGET_RATE", 0.0, lo=0, hi=1, what="a fraction between 0 and 1")
-    lookup = _number(env, "KEY_LOOKUP_FAILURE_RATE", 0.0, lo=0, hi=1, what="a fraction between 0 and 1")
-    cutoff = _number(env, "RESPONSE_CUTOFF_SECONDS", 15.0, lo=0, lo_open=True, what="a number of seconds > 0")
-    transaction = _number(env, "DB_TRANSACTION_MS", 0.0, lo=0, what="milliseconds >= 0")
-    pool = _integer(env, "DB_POOL_SIZE", 25, lo=1, hi=MAX_DB_POOL_SIZE)
-    extra = _integer(env, "MOCKBANK_EXTRA_ACCOUNTS", 0, lo=0, hi=MAX_EXTRA_ACCOUNTS)
-
-    level = env.get("LOG_LEVEL", "").strip().lower() or "info"
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"LOG_LEVEL={env.get('LOG_LEVEL')!r} is invalid; expected one of {', '.join(LOG_LEVELS)}")
-
-    return Config(
-        chaos=Chaos(
-            min_latency_ms=min_ms,
-            max_latency_ms=max_ms,
-            failure_rate=failure,
-            response_loss_rate=loss,
-            key_forget_rate=forget,
-            key_lookup_failure_rate=lookup,
-        ),
-        auth_expiry_hours=expiry,
-        extra_accounts=extra,
-        response_cutoff_seconds=cutoff,
-        db_transaction_ms=transaction,
-        db_pool_size=pool,
-        log_level=level,
+class Config(EnvSettings):
+    min_latency_ms: float = Field(
+        default=100.0, ge=0, allow_inf_nan=False, validation_alias="MIN_LATENCY_MS", description="milliseconds >= 0"
     )
+    max_latency_ms: float = Field(
+        default=2000.0,
+        ge=0,
+        allow_inf_nan=False,
+        validation_alias="MAX_LATENCY_MS",
+        description="milliseconds >= MIN_LATENCY_MS",
+    )
+    failure_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        validation_alias="FAILURE_RATE",
+        description="fraction of API requests answered 500",
+    )
+    response_loss_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        validation_alias="RESPONSE_LOSS_RATE",
+        description="fraction of executed POSTs whose response is lost (the work stays done)",
+    )
+    key_forget_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        validation_alias="KEY_FORGET_RATE",
+        description="fraction of POSTs whose client is gone at the commit that leave their key forgotten",
+    )
+    key_lookup_failure_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        validation_alias="KEY_LOOKUP_FAILURE_RATE",
+        description="fraction of POSTs whose key lookup fails, so they run as new",
+    )
+    response_cutoff_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        allow_inf_nan=False,
+        validation_alias="RESPONSE_CUTOFF_SECONDS",
+        description="a response not ready this long after arrival is never written",
+    )
+    db_transaction_ms: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        validation_alias="DB_TRANSACTION_MS",
+        description="time each operation holds a pool connection and its account's lock (0: off)",
+    )
+    db_pool_size: int = Field(
+        default=25, ge=1, le=MAX_DB_POOL_SIZE, validation_alias="DB_POOL_SIZE", description="connections of that pool"
+    )
+    auth_expiry_hours: float = Field(
+        default=168.0,
+        gt=0,
+        allow_inf_nan=False,
+        validation_alias="AUTH_EXPIRY_HOURS",
+        description="hold lifetime in hours",
+    )
+    extra_accounts: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_EXTRA_ACCOUNTS,
+        validation_alias="MOCKBANK_EXTRA_ACCOUNTS",
+        description="generated accounts with $100M each, for load tests",
+    )
+    log_level: str = Field(default="info", validation_alias="LOG_LEVEL", description=", ".join(LOG_LEVELS))
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        return one_of("LOG_LEVEL", value, LOG_LEVELS)
+
+    @model_validator(mode="after")
+    def _latency_bounds(self) -> Self:
+        if self.max_latency_ms < self.min_latency_ms:
+            raise ConfigError(
+                f"MAX_LATENCY_MS={self.max_latency_ms:g} is below MIN_LATENCY_MS={self.min_latency_ms:g}; "
+                "MAX_LATENCY_MS must be >= MIN_LATENCY_MS"
+            )
+        return self
+
+    @property
+    def chaos(self) -> Chaos:
+        return Chaos(
+            min_latency_ms=self.min_latency_ms,
+            max_latency_ms=self.max_latency_ms,
+            failure_rate=self.failure_rate,
+            response_loss_rate=self.response_loss_rate,
+            key_forget_rate=self.key_forget_rate,
+            key_lookup_failure_rate=self.key_lookup_failure_rate,
+        )
 
 
 def validate_chaos_update(current: Chaos, update: Mapping[str, object]) -> Chaos:

@@ -147,9 +147,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import random
-import signal
 import socket
 import struct
 import sys
@@ -161,7 +159,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from mockbank.config import Chaos, Config, ConfigError, load_config, validate_chaos_update
+from gateway import process
+from gateway.config import epilog
+from mockbank.config import Chaos, Config, ConfigError, validate_chaos_update
 from mockbank.contention import Database
 from mockbank.ledger import Bank, Result, StoredResponse
 
@@ -639,7 +639,7 @@ def build_app(config: Config) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, config: Config) -> None:
+async def serve(host: str, port: int, config: Config, stop: asyncio.Event) -> None:
     app = build_app(config)
     debug = config.log_level == "debug"
     runner = web.AppRunner(app, access_log=log if debug else None, shutdown_timeout=0.5, handle_signals=False)
@@ -669,10 +669,6 @@ async def serve(host: str, port: int, config: Config) -> None:
         config.auth_expiry_hours,
         config.extra_accounts,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
@@ -684,14 +680,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mockbank",
         description="In-memory mock of the card bank (bank-contract.md) with chaos switches.",
-        epilog=(
-            "Environment: MIN_LATENCY_MS (100), MAX_LATENCY_MS (2000), FAILURE_RATE (0.05), "
-            "RESPONSE_LOSS_RATE (0), KEY_FORGET_RATE (0), KEY_LOOKUP_FAILURE_RATE (0), "
-            "RESPONSE_CUTOFF_SECONDS (15), DB_TRANSACTION_MS (0 = no queueing), DB_POOL_SIZE (25), "
-            "AUTH_EXPIRY_HOURS (168), MOCKBANK_EXTRA_ACCOUNTS (0), "
-            "LOG_LEVEL (info). Test endpoints live under /_mock/ (see the mockbank.server "
-            "module docstring). A bad environment value exits with code 2."
-        ),
+        epilog=epilog(Config) + " Test endpoints live under /_mock/ (see the mockbank.server "
+        "module docstring). A bad environment value exits with code 2.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
@@ -705,24 +695,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"mockbank: --port {args.port} is out of range 0-65535", file=sys.stderr)
         return 2
-    try:
-        config = load_config(os.environ)
-    except ConfigError as exc:
-        print(f"mockbank: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+    config = Config.load()
     logging.basicConfig(
         level=config.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is optional
-        loop_factory = None
-    else:
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(args.host, args.port, config))
+    process.run(lambda stop: serve(args.host, args.port, config, stop))
     return 0
 
 

@@ -27,6 +27,7 @@ log = logs.get("bank")
 # past this bound is not read, so a runaway body cannot grow the worker's memory.
 MAX_BODY_BYTES = 1 << 20
 REPLAYED_HEADER = "X-Idempotent-Replayed"
+HEALTH_TIMEOUT = 5.0  # a probe of a bank that does not answer should not take a whole bank timeout
 
 
 def _outcome(asked: Asked, status: int, raw: bytes, replayed: bool) -> BankOutcome:
@@ -143,6 +144,18 @@ class BankClient:
 
     async def get_refund(self, refund_id: str) -> BankOutcome:
         return await self._get(Asked("get_refund", refund_id=refund_id), f"/api/v1/refunds/{quote(refund_id, safe='')}")
+
+    async def health(self) -> bool:
+        """GET /health answers 200: what the worker's circuit breaker probes while it is open."""
+        try:
+            async with self._open().get(
+                self.base_url + "/health",
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=min(HEALTH_TIMEOUT, self.timeout)),
+            ) as resp:
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
 
     # ---- transport ----------------------------------------------------------------------
 

@@ -112,20 +112,6 @@ async def _pool(settings: config.Settings) -> asyncpg.Pool:
         ) from None
 
 
-def _key_age_limit() -> timedelta:
-    """The consumer's own threshold (WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS, default 23 h)."""
-    cfg = wsettings.load(wsettings.parse_worker)
-    return timedelta(hours=cfg.authorize_key_max_age_hours)
-
-
-def _ladder() -> tuple[int, ...]:
-    return wsettings.load(
-        lambda env: wsettings.parse_ladder(
-            (env.get("WORKER_RETRY_LADDER") or "").strip() or wsettings.DEFAULT_RETRY_LADDER
-        )
-    )
-
-
 # ---- migrate ----------------------------------------------------------------------------
 
 
@@ -634,8 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = config.load()  # a bad value: message on stderr, exit 2
     if args.command == "dlq":  # the worker's settings that the dead-letter commands share
-        args.ladder = _ladder()
-        args.key_age_limit = _key_age_limit()
+        worker_cfg = wsettings.WorkerSettings.load()
+        args.ladder = worker_cfg.retry_ladder
+        args.key_age_limit = timedelta(hours=worker_cfg.authorize_key_max_age_hours)
     _setup_logs(settings)
     try:
         return asyncio.run(args.handler(args, settings))

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import aio_pika.exceptions
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from gateway import config, db, logs, store
+from gateway import config, db, logs, process, store
 from gateway.crashpoints import crash_point
 from worker import settings as wsettings
 from worker import topology
@@ -113,8 +112,9 @@ class Relay:
         """The exchange to publish to. One we did not declare is first checked on a throwaway
         channel: publishing to a missing exchange would close the shared channel and fail
         every other publish of the batch with it."""
+        connection, channel = self._broker
         if name not in self._known_exchanges:
-            probe = await self.connection.channel()
+            probe = await connection.channel()
             try:
                 await probe.declare_exchange(name, passive=True)
             finally:
@@ -123,7 +123,7 @@ class Relay:
             self._known_exchanges.add(name)
         exchange = self._exchanges.get(name)
         if exchange is None:
-            exchange = await self.channel.get_exchange(name, ensure=False) if name else self.channel.default_exchange
+            exchange = await channel.get_exchange(name, ensure=False) if name else channel.default_exchange
             self._exchanges[name] = exchange
         return exchange
 
@@ -140,6 +140,12 @@ class Relay:
 
     async def _mark(self, conn: store.Connection, ids: list[int]) -> None:
         await store.mark_outbox_published(conn, ids=ids)
+
+    @property
+    def _broker(self) -> tuple[AbstractRobustConnection, AbstractChannel]:
+        if self.connection is None or self.channel is None:
+            raise RuntimeError("the relay has not started")
+        return self.connection, self.channel
 
     @property
     def _db(self) -> asyncpg.Pool:
@@ -262,34 +268,11 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) ->
             t.cancel()
 
 
-async def _connect_with_backoff(relay: Relay, stop: asyncio.Event) -> bool:
-    attempt = 0
-    while not stop.is_set():
-        try:
-            await relay.start()
-            return True
-        except Exception as exc:
-            attempt += 1
-            log.warning("relay cannot start yet", error=type(exc).__name__, detail=str(exc)[:200], attempt=attempt)
-            await relay.close()
-            await _wait(stop, min(30.0, 0.5 * 2 ** min(attempt, 10)))
-    return False
-
-
-async def serve() -> None:
-    settings = config.load()
-    cfg = wsettings.load(wsettings.parse_relay)
-    ladder = wsettings.load(
-        lambda env: wsettings.parse_ladder(env.get("WORKER_RETRY_LADDER") or wsettings.DEFAULT_RETRY_LADDER)
-    )
-    logs.setup(settings.log_level, "gateway-relay")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    relay = Relay(settings.database_url, settings.amqp_url, cfg, ladder)
+async def serve(settings: config.Settings, cfg: wsettings.RelaySettings, stop: asyncio.Event) -> None:
+    relay = Relay(settings.database_url, settings.amqp_url, cfg, cfg.retry_ladder)
     try:
-        if await _connect_with_backoff(relay, stop):
+        await process.start_with_retries(relay.start, what="relay", stop=stop, undo=relay.close)
+        if not stop.is_set():
             log.info("relay started", batch_size=cfg.batch_size, poll_seconds=cfg.poll_seconds)
             await relay.run(stop)
     finally:
@@ -301,25 +284,19 @@ def _parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog="gateway-relay",
         description="Publish the gateway's outbox (commands and events) to RabbitMQ, at least once.",
-        epilog=wsettings.epilog(wsettings.RELAY_VARS) + "; WORKER_RETRY_LADDER (for the declared topology).",
+        epilog=config.epilog(
+            config.Settings, wsettings.RelaySettings, unused=("BANK_URL", "GATEWAY_API_KEYS", "CARD_ENCRYPTION_KEY")
+        ),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     _parser().parse_args(argv)
-    run_loop(serve())
+    settings = config.load()
+    cfg = wsettings.RelaySettings.load()
+    logs.setup(settings.log_level, "gateway-relay")
+    process.run(lambda stop: serve(settings, cfg, stop))
     return 0
-
-
-def run_loop(coro) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        factory = None
-    else:
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(coro)
 
 
 if __name__ == "__main__":

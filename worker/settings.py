@@ -1,152 +1,141 @@
 """Environment variables of gateway-relay and gateway-worker, validated once at start.
 
 The shared ones (DATABASE_URL, AMQP_URL, BANK_URL, CARD_ENCRYPTION_KEY,
-LOG_LEVEL) live in gateway.config; these are the tuning knobs of the
-asynchronous pipeline. A bad value stops the process with a message naming
-the variable and exit code 2, like gateway.config.load().
+LOG_LEVEL) are gateway.config.Settings; these are the tuning knobs of the
+asynchronous pipeline, in the same pattern: `WorkerSettings.load()` exits 2
+with a message naming the variable on a bad value.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-from gateway.config import ConfigError
+from pydantic import BeforeValidator, Field
+
+from gateway.config import ConfigError, EnvSettings
 
 DEFAULT_RETRY_LADDER = "1,5,30,120,600"
 
-# name -> (default, what it means); the --help epilogs are built from this table.
-RELAY_VARS = {
-    "RELAY_BATCH_SIZE": ("200", "outbox rows claimed and published per transaction"),
-    "RELAY_POLL_SECONDS": ("1", "poll interval when no NOTIFY arrives"),
-    "RELAY_RETENTION_DAYS": ("7", "published rows older than this are deleted"),
-    "RELAY_PRUNE_INTERVAL_SECONDS": ("600", "how often published rows are pruned"),
-}
-WORKER_VARS = {
-    "BANK_TIMEOUT_SECONDS": ("20", "total timeout of one bank call (the bank may take 15 s)"),
-    "WORKER_PREFETCH": ("1000", "unacknowledged messages per worker"),
-    "WORKER_CONCURRENCY": ("1000", "messages handled at once (bank calls in flight)"),
-    "WORKER_DB_POOL_SIZE": ("20", "PostgreSQL connections per worker"),
-    "WORKER_RETRY_LADDER": (DEFAULT_RETRY_LADDER, "delays (seconds) of the retry queues, in order"),
-    "WORKER_QUICK_RETRIES": ("3", "bank attempts per message before the next ladder rung"),
-    "WORKER_QUICK_RETRY_BASE_SECONDS": ("0.5", "base of the exponential backoff between those attempts"),
-    "WORKER_LEASE_MARGIN_SECONDS": ("10", "lease = bank timeout + this margin"),
-    "WORKER_CONFIRM_DELAY_SECONDS": ("1", "wait before re-sending a request the bank says is already done"),
-    "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS": ("23", "an authorize first tried longer ago is parked, not re-sent"),
-    "SWEEPER_INTERVAL_SECONDS": ("15", "how often the sweeper runs"),
-    "SWEEPER_STUCK_AFTER_SECONDS": (
-        "60",
-        "idle time (on top of the longest retry delay) before a pending operation is re-enqueued",
-    ),
-    "SWEEPER_BATCH_SIZE": ("500", "operations or payments handled per sweeper pass"),
-    "RECONCILE_INTERVAL_SECONDS": ("3600", "how often one worker reconciles receipts with the bank (0: never)"),
-    "RECONCILE_RATE": ("5", "bank requests per second a reconciliation pass may make"),
-    "RECONCILE_LIMIT": ("500", "newest settled payments checked per pass"),
-}
 
-
-def _number(
-    env: Mapping[str, str], name: str, table: dict, *, lo: float, integer: bool = False, lo_open: bool = False
-) -> float:
-    raw = (env.get(name) or "").strip() or table[name][0]
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
-    if not math.isfinite(value) or (value <= lo if lo_open else value < lo):
-        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {raw!r}")
-    return value
-
-
-def parse_ladder(raw: str) -> tuple[int, ...]:
+def parse_ladder(raw: str | tuple[int, ...]) -> tuple[int, ...]:
     """'1,5,30' -> (1, 5, 30): whole seconds, strictly increasing, at least one rung."""
-    try:
-        ladder = tuple(int(part.strip()) for part in raw.split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(f"WORKER_RETRY_LADDER must be comma-separated whole seconds, got {raw!r}") from None
+    if isinstance(raw, str):
+        try:
+            ladder = tuple(int(part.strip()) for part in raw.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(f"WORKER_RETRY_LADDER must be comma-separated whole seconds, got {raw!r}") from None
+    else:
+        ladder = tuple(raw)
     if not ladder or any(d < 1 for d in ladder) or list(ladder) != sorted(set(ladder)):
         raise ConfigError(f"WORKER_RETRY_LADDER must list increasing delays >= 1 s, got {raw!r}")
     return ladder
 
 
-@dataclass(frozen=True)
-class RelaySettings:
-    batch_size: int = 200
-    poll_seconds: float = 1.0
-    retention_days: float = 7.0
-    prune_interval: float = 600.0
+RetryLadder = Annotated[tuple[int, ...], BeforeValidator(parse_ladder)]
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    bank_timeout: float = 20.0
-    prefetch: int = 1000
-    concurrency: int = 1000
-    db_pool_size: int = 20
-    retry_ladder: tuple[int, ...] = field(default=(1, 5, 30, 120, 600))
-    quick_retries: int = 3
-    quick_retry_base: float = 0.5
-    lease_margin: float = 10.0
-    confirm_delay: float = 1.0
-    authorize_key_max_age_hours: float = 23.0
-    sweep_interval: float = 15.0
-    stuck_after: float = 60.0
-    sweep_batch: int = 500
-    reconcile_interval: float = 3600.0
-    reconcile_rate: float = 5.0
-    reconcile_limit: int = 500
+def _seconds(default: float, alias: str, description: str, *, gt: float | None = 0, ge: float | None = None) -> Any:
+    """A float variable with the bound it needs (> 0 unless told otherwise), never inf or nan."""
+    return Field(default=default, gt=gt, ge=ge, allow_inf_nan=False, validation_alias=alias, description=description)
+
+
+def _count(default: int, alias: str, description: str, *, ge: int = 1) -> Any:
+    return Field(default=default, ge=ge, validation_alias=alias, description=description)
+
+
+class _PipelineSettings(EnvSettings):
+    """What the relay (declaring the topology) and the worker (using it) must agree on."""
+
+    retry_ladder: RetryLadder = Field(
+        default=parse_ladder(DEFAULT_RETRY_LADDER),
+        validation_alias="WORKER_RETRY_LADDER",
+        description="delays (seconds) of the retry queues, in order",
+    )
+
+
+class RelaySettings(_PipelineSettings):
+    batch_size: int = _count(200, "RELAY_BATCH_SIZE", "outbox rows claimed and published per transaction")
+    poll_seconds: float = _seconds(1.0, "RELAY_POLL_SECONDS", "poll interval when no NOTIFY arrives")
+    retention_days: float = _seconds(7.0, "RELAY_RETENTION_DAYS", "published rows older than this are deleted")
+    prune_interval: float = _seconds(600.0, "RELAY_PRUNE_INTERVAL_SECONDS", "how often published rows are pruned")
+
+
+class WorkerSettings(_PipelineSettings):
+    bank_timeout: float = _seconds(
+        20.0, "BANK_TIMEOUT_SECONDS", "total timeout of one bank call (the bank may take 15 s)"
+    )
+    prefetch: int = _count(1000, "WORKER_PREFETCH", "unacknowledged messages per worker")
+    concurrency: int = _count(1000, "WORKER_CONCURRENCY", "messages handled at once (bank calls in flight)")
+    db_pool_size: int = _count(20, "WORKER_DB_POOL_SIZE", "PostgreSQL connections per worker", ge=2)
+    quick_retries: int = _count(3, "WORKER_QUICK_RETRIES", "bank attempts per message before the next ladder rung")
+    quick_retry_base: float = _seconds(
+        0.5, "WORKER_QUICK_RETRY_BASE_SECONDS", "base of the exponential backoff between those attempts", gt=None, ge=0
+    )
+    lease_margin: float = _seconds(10.0, "WORKER_LEASE_MARGIN_SECONDS", "lease = bank timeout + this margin")
+    confirm_delay: float = _seconds(
+        1.0,
+        "WORKER_CONFIRM_DELAY_SECONDS",
+        "wait before re-sending a request the bank says is already done",
+        gt=None,
+        ge=0,
+    )
+    authorize_key_max_age_hours: float = _seconds(
+        23.0, "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS", "an authorize first tried longer ago is parked, not re-sent"
+    )
+    outage_hold: float = _seconds(
+        300.0,
+        "WORKER_OUTAGE_HOLD_SECONDS",
+        "while the bank is unavailable a message waits unacknowledged this long, then goes round the "
+        "shortest retry queue (no rung charged); keep it under RabbitMQ's consumer_timeout",
+    )
+    db_backoff_max: float = _seconds(
+        30.0,
+        "WORKER_DB_BACKOFF_MAX_SECONDS",
+        "longest pause between database probes after a handling failed on the database or the broker",
+    )
+    breaker_window: float = _seconds(
+        10.0, "BREAKER_WINDOW_SECONDS", "the bank's recent results the circuit breaker judges (seconds)"
+    )
+    breaker_min_operations: int = _count(
+        20, "BREAKER_MIN_OPERATIONS", "operations tried within the window before their failure ratio counts"
+    )
+    breaker_failure_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        validation_alias="BREAKER_FAILURE_RATIO",
+        description="share of those operations failing (5xx, timeout, no connection) that opens the breaker",
+    )
+    breaker_unreachable_operations: int = _count(
+        5,
+        "BREAKER_UNREACHABLE_OPERATIONS",
+        "different operations in a row that cannot reach the bank (refused, reset, timeout) open the breaker",
+    )
+    breaker_probe_interval: float = _seconds(
+        1.0, "BREAKER_PROBE_SECONDS", "while open: how often the bank's GET /health is probed"
+    )
+    breaker_trial_calls: int = _count(
+        3, "BREAKER_TRIAL_CALLS", "after a healthy probe: real calls let through; that many successes close it"
+    )
+    sweep_interval: float = _seconds(15.0, "SWEEPER_INTERVAL_SECONDS", "how often the sweeper runs")
+    stuck_after: float = _seconds(
+        60.0,
+        "SWEEPER_STUCK_AFTER_SECONDS",
+        "idle time (on top of the longest retry delay) before a pending operation is re-enqueued",
+    )
+    sweep_batch: int = _count(500, "SWEEPER_BATCH_SIZE", "operations or payments handled per sweeper pass")
+    reconcile_interval: float = _seconds(
+        3600.0,
+        "RECONCILE_INTERVAL_SECONDS",
+        "how often one worker reconciles receipts with the bank (0: never)",
+        gt=None,
+        ge=0,
+    )
+    reconcile_rate: float = _seconds(5.0, "RECONCILE_RATE", "bank requests per second a reconciliation pass may make")
+    reconcile_limit: int = _count(500, "RECONCILE_LIMIT", "newest settled payments checked per pass")
 
     @property
     def lease_seconds(self) -> float:
         """Longer than any bank call can last, so a lease never ends while its call may run."""
         return self.bank_timeout + self.lease_margin
-
-
-def parse_relay(env: Mapping[str, str]) -> RelaySettings:
-    t = RELAY_VARS
-    return RelaySettings(
-        batch_size=int(_number(env, "RELAY_BATCH_SIZE", t, lo=1, integer=True)),
-        poll_seconds=_number(env, "RELAY_POLL_SECONDS", t, lo=0, lo_open=True),
-        retention_days=_number(env, "RELAY_RETENTION_DAYS", t, lo=0, lo_open=True),
-        prune_interval=_number(env, "RELAY_PRUNE_INTERVAL_SECONDS", t, lo=0, lo_open=True),
-    )
-
-
-def parse_worker(env: Mapping[str, str]) -> WorkerSettings:
-    t = WORKER_VARS
-    return WorkerSettings(
-        bank_timeout=_number(env, "BANK_TIMEOUT_SECONDS", t, lo=0, lo_open=True),
-        prefetch=int(_number(env, "WORKER_PREFETCH", t, lo=1, integer=True)),
-        concurrency=int(_number(env, "WORKER_CONCURRENCY", t, lo=1, integer=True)),
-        db_pool_size=int(_number(env, "WORKER_DB_POOL_SIZE", t, lo=2, integer=True)),
-        retry_ladder=parse_ladder((env.get("WORKER_RETRY_LADDER") or "").strip() or DEFAULT_RETRY_LADDER),
-        quick_retries=int(_number(env, "WORKER_QUICK_RETRIES", t, lo=1, integer=True)),
-        quick_retry_base=_number(env, "WORKER_QUICK_RETRY_BASE_SECONDS", t, lo=0),
-        lease_margin=_number(env, "WORKER_LEASE_MARGIN_SECONDS", t, lo=0, lo_open=True),
-        confirm_delay=_number(env, "WORKER_CONFIRM_DELAY_SECONDS", t, lo=0),
-        authorize_key_max_age_hours=_number(env, "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS", t, lo=0, lo_open=True),
-        sweep_interval=_number(env, "SWEEPER_INTERVAL_SECONDS", t, lo=0, lo_open=True),
-        stuck_after=_number(env, "SWEEPER_STUCK_AFTER_SECONDS", t, lo=0, lo_open=True),
-        sweep_batch=int(_number(env, "SWEEPER_BATCH_SIZE", t, lo=1, integer=True)),
-        reconcile_interval=_number(env, "RECONCILE_INTERVAL_SECONDS", t, lo=0),
-        reconcile_rate=_number(env, "RECONCILE_RATE", t, lo=0, lo_open=True),
-        reconcile_limit=int(_number(env, "RECONCILE_LIMIT", t, lo=1, integer=True)),
-    )
-
-
-def epilog(table: dict) -> str:
-    shared = "DATABASE_URL, AMQP_URL, LOG_LEVEL"
-    return "Environment: " + shared + "; " + "; ".join(f"{n} ({d}): {what}" for n, (d, what) in table.items())
-
-
-def load(parser) -> object:
-    """parse_relay or parse_worker on os.environ, or exit 2 with a clear message."""
-    try:
-        return parser(dict(os.environ))
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -8,8 +8,6 @@ readiness probe, metrics and the OpenAPI document.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -18,7 +16,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
-from gateway import config, db, logs
+from gateway import config, db, logs, process
 from gateway.api import openapi, routes, server
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
@@ -82,24 +80,26 @@ def create_app(
 
 
 async def _create_pool(dsn: str, size: int) -> asyncpg.Pool:
-    delay = 0.25
-    for attempt in range(1, _CONNECT_ATTEMPTS + 1):
-        try:
-            return await db.create_pool(dsn, min_size=min(4, size), max_size=size)
-        except (OSError, asyncpg.PostgresError) as exc:
-            if attempt == _CONNECT_ATTEMPTS:
-                raise StartupError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
-            log.warning("database not reachable yet", error=f"{type(exc).__name__}: {exc}", retry_in=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
+    try:
+        pool = await process.start_with_retries(
+            lambda: db.create_pool(dsn, min_size=min(4, size), max_size=size),
+            what="gateway-api",
+            attempts=_CONNECT_ATTEMPTS,
+            retry_on=(OSError, asyncpg.PostgresError),
+            first_delay=0.25,
+            max_delay=5.0,
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StartupError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+    assert pool is not None  # without a stop event it returns a pool or raises
+    return pool
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="gateway-api",
-        description="FicMart payment gateway HTTP API. Settings come from the environment "
-        "(DATABASE_URL, AMQP_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY, LOG_LEVEL).",
+        description="FicMart payment gateway HTTP API.",
+        epilog=config.epilog(config.Settings, unused=("BANK_URL",)),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
@@ -122,22 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = config.load(need_card_key=True)
     logs.setup(settings.log_level, "gateway-api")
     app = create_app(settings, pool_size=args.db_pool_size)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await server.serve(app, args.host, args.port, stop)
-
     try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is not built for Windows
-        factory = None
-    try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(run())
+        process.run(lambda stop: server.serve(app, args.host, args.port, stop))
     except StartupError as exc:
         log.error("gateway-api cannot start", error=str(exc))
         print(f"gateway-api: {exc}", file=sys.stderr)

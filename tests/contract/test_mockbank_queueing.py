@@ -13,7 +13,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from mockbank.config import load_config
+from mockbank.config import Config
 from mockbank.ledger import extra_card
 from tests.contract.bankclient import HAPPY, LIMITED, running_bank
 
@@ -115,7 +115,7 @@ async def test_queueing_past_the_cut_off_is_cut_off_too():
 
 
 def test_defaults_match_the_contract():
-    config = load_config({})
+    config = Config.parse({})
     assert config.response_cutoff_seconds == 15
     assert config.db_pool_size == 25
     assert config.db_transaction_ms == 0  # queueing is opt-in

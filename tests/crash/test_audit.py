@@ -97,8 +97,14 @@ _ids = itertools.count()
 
 def add_event(events: EventLog, pid: str, kind: str, routing_key: str | None = None) -> None:
     event_id = f"evt_{next(_ids)}"
-    body = {"event_id": event_id, "type": f"payment.{kind}", "occurred_at": "t", "payment": {"id": pid, "status": kind}}
-    assert events.record(body, routing_key or f"payment.{kind}", event_id)
+    body = {
+        "event_id": event_id,
+        "type": f"payment.{kind}",
+        "occurred_at": "t",
+        "merchant": "ficmart",
+        "payment": {"id": pid, "status": kind},
+    }
+    assert events.record(body, routing_key or f"payment.{kind}", event_id, {"merchant": "ficmart"})
 
 
 async def check(payments, ledger, flows, events, unsent=0):

@@ -291,7 +291,8 @@ async def audit(
         if (
             routing_key != body["type"]
             or message_id != event_id
-            or set(body) != {"event_id", "type", "occurred_at", "payment"}
+            or set(body) != {"event_id", "type", "occurred_at", "merchant", "payment"}
+            or events.headers.get(event_id, {}).get("merchant") != body["merchant"]
         ):
             result.bad_events.append(
                 f"{event_id}: routing_key={routing_key} message_id={message_id} keys={sorted(body)}"

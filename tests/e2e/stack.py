@@ -233,20 +233,19 @@ class EventLog:
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self.deliveries += 1
         try:
-            body = orjson.loads(message.body)
-            if self.record(body, message.routing_key, message.message_id):
-                self.headers[body["event_id"]] = dict(message.headers or {})
+            self.record(orjson.loads(message.body), message.routing_key, message.message_id, message.headers)
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self.bad.append(f"unreadable event {message.body[:200]!r}")
         await message.ack()
 
-    def record(self, body: dict, routing_key: str, message_id: str | None) -> bool:
+    def record(self, body: dict, routing_key: str, message_id: str | None, headers: dict | None = None) -> bool:
         """Keep an event unless its event_id was seen before; True when it is new."""
         event_id = body["event_id"]
         if event_id in self.events:
             return False
         self.events[event_id] = body
         self.meta[event_id] = (routing_key, message_id)
+        self.headers[event_id] = dict(headers or {})
         self._by_payment.setdefault(body["payment"]["id"], []).append(body)
         self._changed.set()
         return True

@@ -1,7 +1,9 @@
-"""A bank that stays down longer than the retry ladder: parked for ops, then replayed.
+"""A bank that keeps failing two operations (500s) past the retry ladder: parked for ops,
+then replayed. (A bank that is down altogether parks nothing: the worker's circuit
+breaker holds the operations until it is back; tests/e2e/test_outage.py.)
 
 The ladder of the e2e stack is 1,2,4 s after three quick tries, so an operation
-is parked about 8 s after the bank went away. Ops then brings it back with
+is parked about 8 s after its first failure. Ops then brings it back with
 `gatewayctl dlq replay --all`; where worker/cli.py does not exist yet the test
 does what that command does (payments.unpark, then the command again on
 payments.commands) and says so in its output.
@@ -84,13 +86,21 @@ async def wait_until(client, payment_id: str, done, timeout: float) -> dict:
         await asyncio.sleep(0.3)
 
 
-async def test_bank_down_longer_than_the_ladder_parks_then_replay_settles_once(e2e, client, amount, capsys):
+async def failing(stack, path: str) -> None:
+    """Every request to `path` answers 500 until the faults are cleared."""
+    fault = {"action": "error", "path": path, "method": "POST", "status": 500, "times": 1000}
+    async with stack.http.post(f"{stack.bank_url}/_mock/faults", json=fault) as resp:
+        assert resp.status == 201, await resp.text()
+
+
+async def test_failures_past_the_ladder_park_then_replay_settles_once(e2e, client, amount, capsys):
     held, fresh = amount(), amount()
     reply = await client.authorize(order_id=f"ord_{uuid.uuid4().hex[:10]}", amount=held, card=HAPPY)
     first = await client.settled(reply.body["id"], timeout=30)
     assert first["status"] == "authorized"
 
-    await e2e.bank.chaos(down=True)
+    await failing(e2e, "/api/v1/captures")
+    await failing(e2e, "/api/v1/authorizations")
     try:
         capture = await client.act(first["id"], "capture")
         assert capture.status == 202
@@ -110,7 +120,8 @@ async def test_bank_down_longer_than_the_ladder_parks_then_replay_settles_once(e
         dead = {(m.headers or {}).get("payment_id") for m in await dead_letters(e2e)}
         assert {first["id"], second_id} <= dead
     finally:
-        await e2e.bank.chaos(down=False)
+        async with e2e.http.delete(f"{e2e.bank_url}/_mock/faults") as resp:
+            assert resp.status == 200
 
     how = await replay_all(e2e)
     with capsys.disabled():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import uuid
 
@@ -194,7 +193,7 @@ async def test_readyz_ok(api_client):
 
 
 async def test_readyz_names_the_broken_broker(api_settings, pool):
-    broken = dataclasses.replace(api_settings, amqp_url="amqp://guest:guest@127.0.0.1:1/")
+    broken = api_settings.model_copy(update={"amqp_url": "amqp://guest:guest@127.0.0.1:1/"})
     async with TestClient(TestServer(create_app(broken, pool))) as client:
         resp = await client.get("/readyz")
         assert resp.status == 503

@@ -28,7 +28,8 @@ from tests.support.mockbank_client import MockBankClient
 from tests.support.procs import ScriptProcess, free_port, script_path
 from worker import cli, topology
 from worker import settings as wsettings
-from worker.consumer import Worker, _dead_headers
+from worker.consumer import Worker
+from worker.handling import _dead_headers
 from worker.relay import Relay
 
 pytestmark = pytest.mark.timeout(120)
@@ -377,7 +378,7 @@ async def test_replay_all_handles_each_case(env):
 # ---- the real worker parks, ops replays ------------------------------------------------------------
 
 
-async def test_worker_parks_against_a_down_bank_and_replay_finishes_it(env, card_key):
+async def test_worker_parks_after_the_ladder_and_replay_finishes_it(env, card_key):
     port = free_port()
     bank_url = f"http://127.0.0.1:{port}"
     cfg = wsettings.WorkerSettings(
@@ -410,7 +411,7 @@ async def test_worker_parks_against_a_down_bank_and_replay_finishes_it(env, card
         MockBankClient(bank_url) as mock,
     ):
         await bank.wait_http(f"{bank_url}/health")
-        await mock.chaos(down=True)
+        await mock.arm_fault(action="error", path="/api/v1/authorizations", status=500, times=1000)
         relay = Relay(env.database_url, env.amqp_url, wsettings.RelaySettings(poll_seconds=0.1), ladder=(1,))
         await relay.start()
         stop = asyncio.Event()
@@ -423,15 +424,15 @@ async def test_worker_parks_against_a_down_bank_and_replay_finishes_it(env, card
             listing = await env.cli_json("dlq", "list")
             (entry,) = listing["operations"]
             assert entry["operation_id"] == op and entry["state"] == "parked" and entry["messages"] == 1
-            assert entry["last_error"]["code"] == "bank_connection" and entry["attempts"] >= 1
+            assert entry["last_error"]["code"] == "internal_error" and entry["attempts"] >= 1
 
-            await mock.chaos(down=False)
+            await mock.clear_faults()
             await env.cli("dlq", "replay", op)
             row = await wait_for(lambda: env.payment(pid), lambda p: p["status"] == "authorized")
             assert not row["attention_required"] and row["authorization_id"].startswith("auth_")
             assert await env.count(topology.DEAD_QUEUE) == 0
         finally:
-            await worker.stop(grace=2)
+            await worker.stop()
             stop.set()
             await relay_task
             await relay.close()

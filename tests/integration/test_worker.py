@@ -17,6 +17,7 @@ import base64
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -30,9 +31,11 @@ from gateway import config, db, payments
 from gateway.cards import CardVault
 from gateway.domain import Action
 from gateway.messages import COMMANDS_EXCHANGE
+from tests.support.procs import ScriptProcess
 from tests.support.system import System
 from worker import settings as wsettings
 from worker import topology
+from worker.breaker import State
 from worker.consumer import Worker
 from worker.relay import Relay
 
@@ -115,7 +118,7 @@ class Pipeline:
 
     async def close(self) -> None:
         if self.worker is not None:
-            await self.worker.stop(grace=5)
+            await self.worker.stop()
         await self.pause_relay()
         await self.relay.close()
         await self.http.close()
@@ -338,12 +341,13 @@ async def test_high_failure_rate_is_retried_to_success(pipe):
     assert retried > 0
 
 
-async def test_bank_down_longer_than_the_ladder_parks_for_ops_then_replay_works(pipe):
-    await pipe.bank.chaos(down=True)
+async def test_failures_past_the_ladder_park_for_ops_then_replay_works(pipe):
+    """The bank is up but keeps failing this one operation (500s): parked after the ladder."""
+    await pipe.bank.arm_fault(action="error", path="/api/v1/authorizations", method="POST", status=500, times=1000)
     pid = await pipe.authorize(amount=400)
     row = await pipe.wait(pid, lambda r: r["attention_required"], timeout=60)
     assert row["status"] == "pending"
-    assert row["last_error"]["code"] == "bank_connection" and row["last_error"]["retryable"] is True
+    assert row["last_error"]["code"] == "internal_error" and row["last_error"]["retryable"] is True
     assert await pipe.events(pid) == ["payment.attention_required"]
     op = await pipe.operation(pid, "authorize")
     assert op["parked"] and op["status"] == "pending" and op["lease_owner"] is None
@@ -352,14 +356,39 @@ async def test_bank_down_longer_than_the_ladder_parks_for_ops_then_replay_works(
     headers = dead.headers
     assert headers["payment_id"] == pid and headers["kind"] == "authorize"
     assert headers["attempts"] == op["attempts"] and headers[topology.RETRIES_HEADER] == 3
-    assert orjson.loads(headers["last_error"])["code"] == "bank_connection"
+    assert orjson.loads(headers["last_error"])["code"] == "internal_error"
     assert orjson.loads(dead.body) == {"operation_id": op["id"]}
+    assert not pipe.worker.breaker.is_open  # one operation's failures say nothing about the bank
 
-    await pipe.bank.chaos(down=False)
+    await pipe.bank.clear_faults()
     await pipe.replay(op["id"], "authorize")
     row = await pipe.wait_status(pid, "authorized")
     assert not row["attention_required"] and row["last_error"] is None
     assert len(await pipe.bank_entries("authorizations", op["bank_key"])) == 1
+
+
+async def test_bank_down_longer_than_the_ladder_is_waited_out_not_parked(pipe):
+    """One operation alone cannot open the breaker, but before parking it the worker asks the
+    bank's /health: down, so the breaker opens and the operation waits for the bank."""
+    await pipe.bank.chaos(down=True)
+    try:
+        pid = await pipe.authorize(amount=450)
+        await asyncio.sleep(10)  # three quick tries, rungs of 1, 2 and 3 s: well past the ladder
+        row = await pipe.pool.fetchrow("SELECT status, attention_required FROM payments WHERE id = $1", pid)
+        assert (row["status"], row["attention_required"]) == ("pending", False)
+        op = await pipe.operation(pid, "authorize")
+        assert not op["parked"] and op["lease_owner"] is None
+        assert pipe.worker.breaker.is_open
+    finally:
+        await pipe.bank.chaos(down=False)
+    await pipe.wait_status(pid, "authorized", timeout=20)
+    assert len(await pipe.bank_entries("authorizations", op["bank_key"])) == 1
+    assert await pipe.events(pid) == ["payment.authorized"]
+    # Half-open: that was its first trial call; two more successes close it.
+    assert pipe.worker.breaker.state is State.HALF_OPEN
+    for other in [await pipe.authorize(amount=460 + i) for i in range(2)]:
+        await pipe.wait_status(other, "authorized", timeout=20)
+    assert pipe.worker.breaker.state is State.CLOSED
 
 
 async def test_already_done_then_a_real_answer_is_settled(pipe):
@@ -533,7 +562,7 @@ async def test_topology_is_quorum_work_and_dead_with_a_ttl_ladder(pipe):
 
 async def test_console_scripts_run_the_pipeline_and_stop_gracefully_on_sigterm(pipe):
     """gateway-relay and gateway-worker as real processes; SIGTERM while a bank call is in flight."""
-    await pipe.worker.stop(grace=5)
+    await pipe.worker.stop()
     await pipe.pause_relay()
     system = pipe.system
     relay, worker = await system.start_process("relay"), await system.start_process("worker")
@@ -557,6 +586,73 @@ async def test_console_scripts_run_the_pipeline_and_stop_gracefully_on_sigterm(p
         await system.terminate(relay)
         pipe.resume_relay()
         await pipe.start_worker()
+
+
+@contextlib.asynccontextmanager
+async def console_worker(pipe, **env: str):
+    """gateway-worker as a real process (the in-process worker stopped meanwhile)."""
+    await pipe.worker.stop()
+    name = await pipe.system.start_process("worker", env={"WORKER_RETRY_LADDER": "1,2,3", **env})
+    try:
+        yield pipe.system.procs[name]
+    finally:
+        await pipe.system.terminate(name)
+        await pipe.start_worker()
+
+
+async def in_bank_call(pipe, payment_id: str, worker: ScriptProcess) -> None:
+    deadline = time.monotonic() + 10
+    while (await pipe.operation(payment_id, "authorize"))["lease_owner"] is None:
+        assert time.monotonic() < deadline, worker.stdout_tail()
+        await asyncio.sleep(0.02)
+
+
+async def test_sigterm_finishes_the_call_under_way_records_it_and_leaves_waiting_commands(pipe):
+    """One bank call at a time (WORKER_CONCURRENCY=1): SIGTERM during a 3 s call. The call is not
+    abandoned: its outcome is recorded before the process exits, and the receipt names the
+    hold the bank's ledger has. The command waiting behind it is not started; it goes back
+    to the queue and the next worker settles it."""
+    await pipe.bank.chaos(min_latency_ms=3000, max_latency_ms=3000)
+    async with console_worker(pipe, WORKER_CONCURRENCY="1", BANK_TIMEOUT_SECONDS="10") as worker:
+        slow = await pipe.authorize(amount=3100)
+        await in_bank_call(pipe, slow, worker)
+        waiting = await pipe.authorize(amount=3200)
+        await asyncio.sleep(0.5)  # delivered to the worker, waiting for the one slot
+        signalled = time.monotonic()
+        worker.popen.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit(timeout=20) == 0, worker.stderr_tail()
+        assert time.monotonic() - signalled > 1.5  # it waited for the bank's answer
+        row = dict(await pipe.pool.fetchrow("SELECT * FROM payments WHERE id = $1", slow))
+        assert row["status"] == "authorized"
+        op = await pipe.operation(slow, "authorize")
+        (hold,) = await pipe.bank_entries("authorizations", op["bank_key"])
+        assert hold["authorization_id"] == row["authorization_id"] and hold["amount"] == 3100
+        left = await pipe.operation(waiting, "authorize")
+        assert (left["status"], left["attempts"], left["lease_owner"]) == ("pending", 0, None)
+        assert "4111111111111111" not in worker.stdout_tail(1_000_000) + worker.stderr_tail(1_000_000)
+    await pipe.bank.chaos(min_latency_ms=5, max_latency_ms=30)
+    await pipe.wait_status(waiting, "authorized")
+    assert len(await pipe.bank_entries("authorizations", left["bank_key"])) == 1
+
+
+async def test_sigterm_after_a_failed_try_starts_no_other_call(pipe):
+    """The call under way when SIGTERM arrives fails (a 2 s 500): no quick retry follows, the
+    lease is given back and the command returns to the queue for the next worker."""
+    await pipe.bank.arm_fault(
+        action="error", path="/api/v1/authorizations", method="POST", status=500, delay_ms=2000, times=1
+    )
+    async with console_worker(pipe) as worker:
+        pid = await pipe.authorize(amount=3300)
+        await in_bank_call(pipe, pid, worker)
+        worker.popen.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit(timeout=20) == 0, worker.stderr_tail()
+        op = await pipe.operation(pid, "authorize")
+        assert (op["status"], op["attempts"], op["lease_owner"]) == ("pending", 1, None)
+        assert op["last_error"]["code"] == "internal_error"
+        ledger = await pipe.bank.ledger()
+        assert ledger["stats"]["api_requests"] == 1 and ledger["authorizations"] == []
+    await pipe.wait_status(pid, "authorized")
+    assert len(await pipe.bank_entries("authorizations", op["bank_key"])) == 1
 
 
 def test_bad_worker_setting_exits_2():

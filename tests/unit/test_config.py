@@ -1,4 +1,5 @@
-"""gateway.config: defaults, validation of every variable, exit code 2 on a bad value."""
+"""Settings of every process (gateway.config, worker.settings, mockbank.config): defaults,
+validation of every variable, a message naming it, exit code 2 on a bad value."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import base64
 import os
 
 import pytest
+from pydantic import ValidationError
 
 from gateway import config
 from gateway.config import ConfigError, Settings
+from mockbank.config import Config as BankConfig
+from worker.settings import RelaySettings, WorkerSettings
 
 VARIABLES = ("DATABASE_URL", "AMQP_URL", "BANK_URL", "GATEWAY_API_KEYS", "CARD_ENCRYPTION_KEY", "LOG_LEVEL")
 GOOD_KEY = base64.b64encode(b"k" * 32).decode()
@@ -32,7 +36,7 @@ def test_defaults_are_the_documented_ones():
     assert s.log_level == "info"
     assert s.card_key is None
     assert s.api_keys == {"sk_test_ficmart_dev": "ficmart"}
-    assert config.DEFAULTS["GATEWAY_API_KEYS"] == config.DEV_API_KEYS
+    assert ("GATEWAY_API_KEYS", config.DEV_API_KEYS) in [(n, d) for n, d, _ in Settings.variables()]
 
 
 def test_empty_values_fall_back_to_defaults():
@@ -45,7 +49,7 @@ def test_unrelated_variables_are_ignored():
 
 def test_settings_are_frozen():
     s = config.parse({})
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         s.bank_url = "http://elsewhere"  # type: ignore[misc]
 
 
@@ -328,3 +332,197 @@ def test_load_exit_has_no_chained_exception(clean_env):
         config.load()
     assert info.value.__cause__ is None
     assert info.value.__suppress_context__ is True
+
+
+def test_only_the_documented_names_are_read(clean_env):
+    # The fields are settable by their Python names in code, never from the environment.
+    clean_env.setenv("bank_url", "http://elsewhere:1")
+    clean_env.setenv("log_level", "debug")
+    assert config.load() == config.parse({})
+
+
+# ---------------------------------------- worker, relay and mock bank settings
+WORKER_DEFAULTS = {
+    "bank_timeout": 20.0,
+    "prefetch": 1000,
+    "concurrency": 1000,
+    "db_pool_size": 20,
+    "retry_ladder": (1, 5, 30, 120, 600),
+    "quick_retries": 3,
+    "quick_retry_base": 0.5,
+    "lease_margin": 10.0,
+    "confirm_delay": 1.0,
+    "authorize_key_max_age_hours": 23.0,
+    "outage_hold": 300.0,
+    "db_backoff_max": 30.0,
+    "breaker_window": 10.0,
+    "breaker_min_operations": 20,
+    "breaker_failure_ratio": 0.5,
+    "breaker_unreachable_operations": 5,
+    "breaker_probe_interval": 1.0,
+    "breaker_trial_calls": 3,
+    "sweep_interval": 15.0,
+    "stuck_after": 60.0,
+    "sweep_batch": 500,
+    "reconcile_interval": 3600.0,
+    "reconcile_rate": 5.0,
+    "reconcile_limit": 500,
+}
+
+
+def test_worker_and_relay_defaults():
+    assert WorkerSettings.parse({}).model_dump() == WORKER_DEFAULTS
+    assert WorkerSettings.parse({}).lease_seconds == 30.0
+    relay = RelaySettings.parse({})
+    assert (relay.batch_size, relay.poll_seconds, relay.retention_days, relay.prune_interval) == (200, 1.0, 7.0, 600.0)
+    assert relay.retry_ladder == WORKER_DEFAULTS["retry_ladder"]
+
+
+def test_worker_values_are_typed():
+    cfg = WorkerSettings.parse(
+        {"WORKER_RETRY_LADDER": " 1, 2,4 ", "WORKER_PREFETCH": "7", "BANK_TIMEOUT_SECONDS": "2.5", "PATH": "/bin"}
+    )
+    assert cfg.retry_ladder == (1, 2, 4) and cfg.prefetch == 7 and cfg.bank_timeout == 2.5
+    assert cfg.lease_seconds == 12.5
+    assert WorkerSettings.parse({"RECONCILE_INTERVAL_SECONDS": "0", "WORKER_CONFIRM_DELAY_SECONDS": "0"}) is not None
+
+
+def test_every_worker_variable_is_documented_with_its_default():
+    epilog = config.epilog(WorkerSettings)
+    for name, default, what in WorkerSettings.variables():
+        assert f"{name} ({default}): {what}" in epilog and what
+    assert "WORKER_RETRY_LADDER (1,5,30,120,600)" in epilog and "BANK_TIMEOUT_SECONDS (20)" in epilog
+
+
+def _names(model) -> list[str]:
+    return [name for name, _, _ in model.variables()]
+
+
+# Every variable of the worker, the relay and the mock bank with values it must refuse.
+NUMBER_RULES = {
+    # name: (integer?, bad values)
+    "BANK_TIMEOUT_SECONDS": (False, ["0", "-1", "x", "nan", "inf"]),
+    "WORKER_PREFETCH": (True, ["0", "1.5", "x", "-3"]),
+    "WORKER_CONCURRENCY": (True, ["0", "2.5", "many"]),
+    "WORKER_DB_POOL_SIZE": (True, ["1", "0", "x"]),
+    "WORKER_QUICK_RETRIES": (True, ["0", "x"]),
+    "WORKER_QUICK_RETRY_BASE_SECONDS": (False, ["-0.1", "x", "inf"]),
+    "WORKER_LEASE_MARGIN_SECONDS": (False, ["0", "x"]),
+    "WORKER_CONFIRM_DELAY_SECONDS": (False, ["-1", "x", "nan"]),
+    "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS": (False, ["0", "x"]),
+    "WORKER_OUTAGE_HOLD_SECONDS": (False, ["0", "x", "inf"]),
+    "WORKER_DB_BACKOFF_MAX_SECONDS": (False, ["0", "x"]),
+    "BREAKER_WINDOW_SECONDS": (False, ["0", "x"]),
+    "BREAKER_MIN_OPERATIONS": (True, ["0", "x", "1.5"]),
+    "BREAKER_FAILURE_RATIO": (False, ["0", "1.5", "x", "nan"]),
+    "BREAKER_UNREACHABLE_OPERATIONS": (True, ["0", "x"]),
+    "BREAKER_PROBE_SECONDS": (False, ["0", "x"]),
+    "BREAKER_TRIAL_CALLS": (True, ["0", "x"]),
+    "SWEEPER_INTERVAL_SECONDS": (False, ["0", "x"]),
+    "SWEEPER_STUCK_AFTER_SECONDS": (False, ["0", "x"]),
+    "SWEEPER_BATCH_SIZE": (True, ["0", "x"]),
+    "RECONCILE_INTERVAL_SECONDS": (False, ["-1", "x"]),
+    "RECONCILE_RATE": (False, ["0", "x"]),
+    "RECONCILE_LIMIT": (True, ["0", "x"]),
+    "RELAY_BATCH_SIZE": (True, ["0", "x", "2.5"]),
+    "RELAY_POLL_SECONDS": (False, ["0", "-1", "x"]),
+    "RELAY_RETENTION_DAYS": (False, ["0", "x"]),
+    "RELAY_PRUNE_INTERVAL_SECONDS": (False, ["0", "x"]),
+    "MIN_LATENCY_MS": (False, ["-1", "fast", "nan"]),
+    "MAX_LATENCY_MS": (False, ["-1", "slow", "inf"]),
+    "FAILURE_RATE": (False, ["1.5", "-0.1", "often", "nan"]),
+    "RESPONSE_LOSS_RATE": (False, ["1.01", "-0.1", "x"]),
+    "KEY_FORGET_RATE": (False, ["2", "-0.1", "x", "nan"]),
+    "KEY_LOOKUP_FAILURE_RATE": (False, ["1.5", "-1", "x"]),
+    "RESPONSE_CUTOFF_SECONDS": (False, ["0", "-1", "x", "inf"]),
+    "DB_TRANSACTION_MS": (False, ["-1", "x", "nan"]),
+    "DB_POOL_SIZE": (True, ["0", "1.5", "x", "10001"]),
+    "AUTH_EXPIRY_HOURS": (False, ["0", "-1", "nan", "x"]),
+    "MOCKBANK_EXTRA_ACCOUNTS": (True, ["-1", "1.5", "x", "1000001"]),
+}
+MODELS = {name: model for model in (WorkerSettings, RelaySettings, BankConfig) for name in _names(model)}
+BAD_NUMBERS = [(name, value) for name, (_, values) in NUMBER_RULES.items() for value in values]
+
+
+def test_every_number_variable_has_bad_values_listed():
+    numbers = {name for name in MODELS if name not in ("WORKER_RETRY_LADDER", "LOG_LEVEL")}
+    assert numbers == set(NUMBER_RULES)
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_NUMBERS, ids=[f"{n}={v}" for n, v in BAD_NUMBERS])
+def test_bad_number_raises_config_error_naming_the_variable_and_value(name, value):
+    with pytest.raises(ConfigError) as info:
+        MODELS[name].parse({name: value})
+    message = str(info.value)
+    assert message.startswith(name) and repr(value) in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("WORKER_PREFETCH", "x", "WORKER_PREFETCH must be an integer, got 'x'"),
+        ("WORKER_PREFETCH", "0", "WORKER_PREFETCH must be >= 1, got '0'"),
+        ("WORKER_DB_POOL_SIZE", "1", "WORKER_DB_POOL_SIZE must be >= 2, got '1'"),
+        ("BANK_TIMEOUT_SECONDS", "0", "BANK_TIMEOUT_SECONDS must be > 0, got '0'"),
+        ("BANK_TIMEOUT_SECONDS", "soon", "BANK_TIMEOUT_SECONDS must be a number, got 'soon'"),
+        ("BREAKER_FAILURE_RATIO", "2", "BREAKER_FAILURE_RATIO must be <= 1, got '2'"),
+        ("AUTH_EXPIRY_HOURS", "nan", "AUTH_EXPIRY_HOURS must be a finite number, got 'nan'"),
+    ],
+)
+def test_number_messages(name, value, expected):
+    with pytest.raises(ConfigError, match=f"^{expected}$"):
+        MODELS[name].parse({name: value})
+
+
+@pytest.mark.parametrize("value", ["5,1", "1,1", "0,5", "", "a,b", "1;5", "-1", "1,,x"])
+def test_bad_retry_ladder(value):
+    if not value:  # empty counts as unset
+        assert WorkerSettings.parse({"WORKER_RETRY_LADDER": value}).retry_ladder == WORKER_DEFAULTS["retry_ladder"]
+        return
+    for model in (WorkerSettings, RelaySettings):
+        with pytest.raises(ConfigError, match="WORKER_RETRY_LADDER"):
+            model.parse({"WORKER_RETRY_LADDER": value})
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        WorkerSettings.parse({"WORKER_PREFETCH": "0", "WORKER_RETRY_LADDER": "3,2"})
+    assert "WORKER_PREFETCH" in str(info.value) and "WORKER_RETRY_LADDER" in str(info.value)
+
+
+def test_mockbank_defaults_and_latency_order():
+    bank = BankConfig.parse({})
+    assert bank.chaos.as_dict() == {
+        "min_latency_ms": 100.0,
+        "max_latency_ms": 2000.0,
+        "failure_rate": 0.05,
+        "response_loss_rate": 0.0,
+        "key_forget_rate": 0.0,
+        "key_lookup_failure_rate": 0.0,
+        "down": False,
+    }
+    assert (bank.auth_expiry_hours, bank.extra_accounts, bank.log_level) == (168.0, 0, "info")
+    assert (bank.response_cutoff_seconds, bank.db_transaction_ms, bank.db_pool_size) == (15.0, 0.0, 25)
+    assert BankConfig.parse({"LOG_LEVEL": "CRITICAL"}).log_level == "critical"
+    with pytest.raises(ConfigError, match="MAX_LATENCY_MS.*MIN_LATENCY_MS"):
+        BankConfig.parse({"MIN_LATENCY_MS": "500", "MAX_LATENCY_MS": "100"})
+    with pytest.raises(ConfigError, match="LOG_LEVEL"):
+        BankConfig.parse({"LOG_LEVEL": "chatty"})
+
+
+@pytest.mark.parametrize("model", [WorkerSettings, RelaySettings, BankConfig])
+def test_load_of_every_process_exits_2_naming_the_variable(clean_env, capsys, model):
+    name = next(n for n in _names(model) if n in NUMBER_RULES)
+    clean_env.setenv(name, "not-a-number")
+    with pytest.raises(SystemExit) as info:
+        model.load()
+    assert info.value.code == 2 and info.value.__cause__ is None
+    err = capsys.readouterr().err
+    assert err.startswith("configuration error:") and name in err and "Traceback" not in err
+
+
+def test_load_reads_the_environment_and_empty_is_unset(clean_env):
+    clean_env.setenv("WORKER_PREFETCH", "17")
+    clean_env.setenv("WORKER_CONCURRENCY", "")
+    cfg = WorkerSettings.load()
+    assert cfg.prefetch == 17 and cfg.concurrency == 1000

@@ -1,0 +1,98 @@
+"""What every long-running process does the same way: the event loop, signals, start-up retries.
+
+    process.run(serve)       serve(stop) on uvloop (when installed); SIGTERM and SIGINT set
+                             `stop`, and serve() decides how to wind down
+    await process.start_with_retries(start, what=..., stop=stop)
+                             start() again and again with exponential backoff until it works,
+                             `stop` is set, or the attempts run out
+
+Used by gateway-api, gateway-relay, gateway-worker and mockbank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from gateway import logs
+
+log = logs.get("process")
+
+T = TypeVar("T")
+
+
+def run(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run serve(stop) to its end; a SIGTERM or SIGINT sets `stop` (it does not cancel anything)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(stop)
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is not built for Windows
+        return None
+    return uvloop.new_event_loop
+
+
+def backoff_delay(failures: int, *, first: float, cap: float) -> float:
+    """The pause after `failures` failures in a row: doubling from `first` up to `cap`, jittered
+    (half to all of it) so that many processes or tasks do not retry in step."""
+    return min(cap, first * 2 ** max(0, min(failures - 1, 30))) * random.uniform(0.5, 1.0)
+
+
+async def wait(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for `event` at most `timeout` seconds; True if it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), max(0.0, timeout))
+    return event.is_set()
+
+
+async def start_with_retries(
+    start: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    stop: asyncio.Event | None = None,
+    attempts: int | None = None,
+    retry_on: tuple[type[Exception], ...] = (Exception,),
+    first_delay: float = 0.5,
+    max_delay: float = 30.0,
+    undo: Callable[[], Awaitable[object]] | None = None,
+) -> T | None:
+    """start() until it returns (its result), `stop` is set (None) or `attempts` failed (the
+    last error is raised). `undo` cleans up after a failed start before the next one."""
+    failures = 0
+    while stop is None or not stop.is_set():
+        try:
+            return await start()
+        except retry_on as exc:  # the database or the broker is not up yet
+            failures += 1
+            if undo is not None:
+                await undo()
+            if attempts is not None and failures >= attempts:
+                raise
+            delay = backoff_delay(failures, first=first_delay, cap=max_delay)
+            log.warning(
+                f"{what} cannot start yet",
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+                attempt=failures,
+                retry_in=round(delay, 2),
+            )
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                await wait(stop, delay)
+    return None

@@ -1,0 +1,639 @@
+"""The worker's policy for one command message, run against small interfaces (Bank,
+Payments, Delivery), so that every path can be tested with fakes (tests/unit/test_handling.py).
+
+Per message (body {"operation_id"}), with the operation's ids bound to every log line:
+
+    the bank is unavailable (breaker open)    wait: no claim, no attempt, no rung. After
+                                              WORKER_OUTAGE_HOLD_SECONDS the command goes round
+                                              the shortest retry queue, still uncharged
+    claim the lease (payments.claim)          finished -> ack; unknown -> ack;
+                                              parked -> make sure it is in payments.dead, ack;
+                                              leased elsewhere -> retry queue >= lease left, ack
+                                              (not an attempt)
+    authorize first tried > 23 h ago          park (the bank may have forgotten the key), unless
+                                              ops replayed it with --force
+    call the bank with the operation's own key, a few quick tries (backoff), re-claiming the
+    lease before each one; a try starts only after the previous one is over
+    SUCCEEDED / REFUSED / EXPIRED             payments.record_outcome, ack
+    CONFIRM ("already done")                  wait, same request + same key again: a replayed
+                                              2xx is our own work; still refused -> park
+    RETRY after the quick tries               payments.release, next retry queue, ack; after the
+                                              last rung -> payments.park + payments.dead.
+                                              If the breaker opened meanwhile, or the bank's
+                                              health check fails before parking, the failures
+                                              were the outage: release and wait, no rung taken.
+
+Stopping (SIGTERM): no bank call starts any more; a call under way finishes and its outcome
+is recorded; any other command is left unacknowledged, so it goes back to the queue.
+
+A handling that fails on the database or the broker gives its command back (nack, requeue),
+and no handling starts until a probe of the database answers: the pause doubles up to
+WORKER_DB_BACKOFF_MAX_SECONDS while handlings keep failing, instead of every command
+spinning through the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+import orjson
+
+from gateway import domain, logs, process
+from gateway.cards import CardVault, VaultError
+from gateway.crashpoints import crash_point
+from gateway.domain import BankOutcome, OperationKind, Verdict
+from gateway.payments import Claim, OperationState
+from gateway.timefmt import now
+from worker import topology
+from worker.breaker import CircuitBreaker, Permit, Policy, State, judge
+from worker.settings import WorkerSettings
+
+log = logs.get("worker")
+
+
+# ---- what the policy runs against ------------------------------------------------------------
+
+
+class Bank(Protocol):
+    """The bank calls the worker makes (worker.bank.BankClient)."""
+
+    async def authorize(
+        self, key: str, *, card_number: str, cvv: str, expiry_month: int, expiry_year: int, amount: int
+    ) -> BankOutcome: ...
+
+    async def capture(self, key: str, *, authorization_id: str, amount: int) -> BankOutcome: ...
+
+    async def void(self, key: str, *, authorization_id: str) -> BankOutcome: ...
+
+    async def refund(self, key: str, *, capture_id: str, amount: int) -> BankOutcome: ...
+
+    async def health(self) -> bool: ...
+
+
+class Payments(Protocol):
+    """The worker's atomic phases of gateway.payments, on the worker's pool."""
+
+    async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState: ...
+
+    async def release(self, operation_id: str, owner: str, error: dict | None, bank_ms: int) -> None: ...
+
+    async def record_outcome(
+        self, operation_id: str, verdict: Verdict, outcome: BankOutcome, bank_ms: int
+    ) -> dict | None: ...
+
+    async def park(self, operation_id: str, error: dict) -> dict | None: ...
+
+
+class Delivery(Protocol):
+    """The broker's side of one delivered command. A handling ends with ack() (after any
+    publish it needed, confirmed), requeue(), or nothing at all when the worker stops (the
+    command goes back to the queue when the channel closes)."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def message_id(self) -> str | None: ...
+
+    @property
+    def retries(self) -> int:
+        """Retry-ladder rungs this command has already taken."""
+        ...
+
+    @property
+    def force(self) -> bool:
+        """Ops replayed it with --force (send an old authorize anyway)."""
+        ...
+
+    async def ack(self) -> None: ...
+
+    async def requeue(self) -> None: ...
+
+    async def retry_later(self, delay: int, retries: int, kind: str | None) -> None:
+        """The same command into the retry queue of `delay` seconds, carrying `retries`; it comes
+        back with the routing key `kind` (None: the one it was delivered with)."""
+        ...
+
+    async def dead_letter(self, headers: dict[str, Any]) -> None:
+        """The same command into payments.dead with these headers (for ops)."""
+        ...
+
+
+# ---- the bank's availability --------------------------------------------------------------------
+
+
+class BankGate:
+    """The circuit breaker for the concurrent handlings of one worker. A handling asks here
+    for a permit before each bank call and waits while the breaker holds calls back; one of
+    the waiters probes the bank's GET /health when a probe is due."""
+
+    def __init__(
+        self, policy: Policy, bank: Bank, stopping: asyncio.Event, clock: Callable[[], float] = time.monotonic
+    ):
+        self.breaker = CircuitBreaker(policy, clock, on_change=self._state_changed)
+        self._bank = bank
+        self._stopping = stopping
+        self._changed = asyncio.Event()
+        self._probing = False
+
+    async def permit(self, source: str, hold: float) -> Permit | None:
+        """A permit for a call for `source`, waiting up to `hold` seconds for the bank to be
+        available again; None when that time is up or the worker is stopping."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + hold
+        while not self._stopping.is_set():
+            permit = self.breaker.acquire(source)
+            if permit is not None:
+                return permit
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            due = self.breaker.probe_wait()
+            if due is not None and due <= 0 and not self._probing:
+                await self._probe()
+                continue
+            changed = self._changed
+            await process.wait(changed, min(left, due) if due is not None and due > 0 else left)
+        return None
+
+    def try_permit(self, source: str) -> Permit | None:
+        """A permit now, or None (no waiting): for the next quick try of a running handling."""
+        return self.breaker.acquire(source)
+
+    def record(self, permit: Permit, outcome: BankOutcome) -> None:
+        self.breaker.record(permit, judge(outcome))
+        if self.breaker.state is State.HALF_OPEN:
+            self.notify()  # a trial slot is free again
+
+    def cancel(self, permit: Permit) -> None:
+        self.breaker.cancel(permit)
+        if self.breaker.state is State.HALF_OPEN:
+            self.notify()
+
+    async def bank_down(self) -> bool:
+        """Ask the bank's health check; if it fails, open the breaker (True). For the last word
+        before parking: too few operations may have failed to open the breaker, yet the bank
+        may be down, and parking would then be for the outage, not for the operation."""
+        if await self._healthy():
+            return False
+        self.breaker.trip("the bank's health check failed before an operation was parked")
+        return True
+
+    def notify(self) -> None:
+        """Wake every waiter to look again (state change, free trial slot, stopping)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _probe(self) -> None:
+        self._probing = True
+        try:
+            healthy = await self._healthy()
+        finally:
+            self._probing = False
+        self.breaker.probed(healthy)
+        self.notify()
+
+    async def _healthy(self) -> bool:
+        try:
+            return await self._bank.health()
+        except Exception:  # a probe that cannot be made says the same as a failed one
+            return False
+
+    def _state_changed(self, old: State, new: State, why: str) -> None:
+        if new is State.OPEN:
+            log.warning(
+                "bank circuit breaker open: bank calls held back", reason=why, times_opened=self.breaker.times_opened
+            )
+        else:
+            log.info(f"bank circuit breaker {new.value}", reason=why, previous=old.value)
+        self.notify()
+
+
+# ---- pausing after database failures ------------------------------------------------------------
+
+
+class DatabasePause:
+    """Shared by the handlings of one worker: after one failed on the database (or the broker),
+    none starts until `probe` answers. Probes back off exponentially, and so does the first
+    probe of each new round while handlings keep failing although the probe answers."""
+
+    def __init__(
+        self, probe: Callable[[], Awaitable[object]], stopping: asyncio.Event, *, first: float = 0.5, cap: float = 30.0
+    ):
+        self._probe = probe
+        self._stopping = stopping
+        self._first = first
+        self._cap = cap
+        self.paused = False
+        self._rounds = 0  # pauses since the last handling that went through
+        self._probing = False
+        self._changed = asyncio.Event()
+
+    def failed(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._rounds += 1
+
+    def succeeded(self) -> None:
+        self._rounds = 0
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def ready(self) -> bool:
+        """Wait while paused; False when the worker is stopping instead."""
+        while self.paused and not self._stopping.is_set():
+            if self._probing:
+                changed = self._changed
+                await process.wait(changed, self._cap)
+                continue
+            self._probing = True
+            try:
+                await self._probe_until_answered()
+            finally:
+                self._probing = False
+                self.notify()
+        return not self._stopping.is_set()
+
+    async def _probe_until_answered(self) -> None:
+        failures = self._rounds
+        while not self._stopping.is_set():
+            delay = process.backoff_delay(failures, first=self._first, cap=self._cap)
+            log.warning("database or broker failed a handling; pausing before the next probe", pause=round(delay, 2))
+            if await process.wait(self._stopping, delay):
+                return
+            try:
+                await self._probe()
+            except Exception as exc:
+                failures += 1
+                log.warning("database probe failed", error=type(exc).__name__, detail=str(exc)[:200])
+                continue
+            self.paused = False
+            log.info("database answers again; handling resumes")
+            return
+
+
+# ---- one message --------------------------------------------------------------------------------
+
+
+def _error(code: str, message: str, retryable: bool = False) -> dict:
+    return {"code": code, "message": message, "retryable": retryable}
+
+
+def policy(cfg: WorkerSettings) -> Policy:
+    return Policy(
+        window=cfg.breaker_window,
+        min_operations=cfg.breaker_min_operations,
+        failure_ratio=cfg.breaker_failure_ratio,
+        unreachable_operations=cfg.breaker_unreachable_operations,
+        probe_interval=cfg.breaker_probe_interval,
+        trial_calls=cfg.breaker_trial_calls,
+    )
+
+
+@dataclass
+class _Run:
+    """The quick tries of one claim."""
+
+    verdict: Verdict | None = None
+    outcome: BankOutcome | None = None
+    uncertain: bool = False  # "already done" twice: cannot tell whether money moved
+    lost: OperationState | None = None  # the lease went to another handling meanwhile
+    interrupted: bool = False  # a try could not start: stopping, or the breaker holds calls back
+    bank_ms: int = 0
+    attempts: int = 0  # the operation's attempt count after the last claim
+
+    @property
+    def error(self) -> dict | None:
+        return domain.error_for(self.outcome) if self.outcome is not None else None
+
+
+class Handling:
+    def __init__(
+        self,
+        cfg: WorkerSettings,
+        payments: Payments,
+        bank: Bank,
+        *,
+        vault: CardVault | None,
+        worker_id: str,
+        database_probe: Callable[[], Awaitable[object]],
+    ):
+        self.cfg = cfg
+        self.payments = payments
+        self.bank = bank
+        self.vault = vault
+        self.worker_id = worker_id
+        self.stopping = asyncio.Event()
+        self.gate = BankGate(policy(cfg), bank, self.stopping)
+        self.pause = DatabasePause(database_probe, self.stopping, cap=cfg.db_backoff_max)
+
+    def stop(self) -> None:
+        """No bank call starts from now on; waiting handlings give their command back."""
+        self.stopping.set()
+        self.gate.notify()
+        self.pause.notify()
+
+    async def handle(self, delivery: Delivery) -> None:
+        operation_id = _operation_id(delivery.body)
+        with logs.bound(operation_id=operation_id, message_id=delivery.message_id):
+            if not await self.pause.ready():
+                return  # stopping: not acked, so the command goes back to the queue
+            try:
+                if operation_id is None:
+                    log.error("unreadable command sent to the dead-letter queue")
+                    error = _error("bad_message", 'the command body is not {"operation_id": ...}')
+                    await delivery.dead_letter({"last_error": orjson.dumps(error).decode()})
+                    await delivery.ack()
+                else:
+                    await self._operation(delivery, operation_id)
+            except Exception:
+                # The database or the broker failed us mid-way: nothing was acked, so the command
+                # comes back (a lease we hold runs out; the bank key makes a second call harmless).
+                log.exception("handling failed; the command goes back to the queue")
+                self.pause.failed()
+                with contextlib.suppress(Exception):
+                    await delivery.requeue()
+            else:
+                self.pause.succeeded()
+
+    async def _operation(self, delivery: Delivery, operation_id: str) -> None:
+        while True:
+            permit = await self.gate.permit(operation_id, self.cfg.outage_hold)
+            if permit is None:
+                if self.stopping.is_set():
+                    return
+                delay = self.cfg.retry_ladder[0]
+                log.info("bank still unavailable; the command goes round a retry queue, no rung taken", delay=delay)
+                await delivery.retry_later(delay, delivery.retries, None)
+                await delivery.ack()
+                return
+            if not await self._claim_and_try(delivery, operation_id, permit):
+                return
+
+    async def _claim_and_try(self, delivery: Delivery, operation_id: str, permit: Permit) -> bool:
+        """One claim and its quick tries. True: the bank became unavailable meanwhile, so the
+        lease was given back and the operation waits for the bank again."""
+        # The lease belongs to this handling of this message, not to the process: a
+        # duplicate of the command arriving here while our bank call runs must wait.
+        owner = f"{self.worker_id}/{uuid.uuid4().hex[:8]}"
+        got = await self.payments.claim(operation_id, owner, self.cfg.lease_seconds)
+        if not isinstance(got, Claim):
+            self.gate.cancel(permit)
+            await self._not_claimed(delivery, got)
+            return False
+        claim = got
+        logs.bind(payment_id=claim.payment_id, operation_kind=claim.kind.value)
+
+        if claim.kind is OperationKind.AUTHORIZE and not delivery.force and self._key_too_old(claim):
+            self.gate.cancel(permit)
+            await self._park(
+                delivery,
+                claim,
+                _error(
+                    "bank_key_expired",
+                    "the first authorization attempt is older than the bank remembers idempotency keys; "
+                    "a resend could place a second hold: check the bank, then replay with --force",
+                ),
+            )
+            return False
+        try:
+            call = self._call(claim)
+        except (VaultError, ValueError) as exc:
+            self.gate.cancel(permit)
+            await self._park(delivery, claim, _error("cannot_build_request", str(exc)))
+            return False
+
+        run = await self._tries(claim, call, permit)
+        if run.lost is not None:
+            await self._not_claimed(delivery, run.lost)
+            return False
+        outage = run.verdict is Verdict.RETRY and (
+            self.gate.breaker.is_open
+            or (delivery.retries >= len(self.cfg.retry_ladder) and await self.gate.bank_down())
+        )
+        if run.interrupted or outage:
+            # Nothing settled, and no further call may start now: give the lease back. Stopping:
+            # the command stays unacknowledged and goes back to the queue. The bank unavailable:
+            # the failures were the outage, so no rung is taken; wait for the bank.
+            await self.payments.release(operation_id, owner, run.error, run.bank_ms)
+            if self.stopping.is_set():
+                log.info("stopping: operation left for the next worker")
+                return False
+            log.info("bank unavailable; the operation waits for it", attempts=run.attempts)
+            return True
+        if run.uncertain:
+            code = run.outcome.code if run.outcome is not None else None
+            await self._park(
+                delivery,
+                claim,
+                _error(
+                    "bank_outcome_uncertain",
+                    f"the bank answers {code} and does not replay an answer for our key: "
+                    "we cannot tell whether the money moved; check the bank before replaying",
+                ),
+                bank_ms=run.bank_ms,
+                attempts=run.attempts,
+            )
+            return False
+        assert run.verdict is not None and run.outcome is not None  # a try was made
+        if domain.is_final(run.verdict):
+            crash_point("worker.after_bank")
+            await self.payments.record_outcome(operation_id, run.verdict, run.outcome, run.bank_ms)
+            log.info("operation settled", verdict=run.verdict.value, bank_ms=run.bank_ms, code=run.outcome.code)
+            crash_point("worker.after_record")
+            await delivery.ack()
+            return False
+        await self._retry_later(delivery, claim, domain.error_for(run.outcome), run.bank_ms, run.attempts)
+        return False
+
+    def _key_too_old(self, claim: Claim) -> bool:
+        age = timedelta(hours=self.cfg.authorize_key_max_age_hours)
+        return claim.first_attempt_at is not None and claim.first_attempt_at < now() - age
+
+    def _call(self, claim: Claim) -> Callable[[], Awaitable[BankOutcome]]:
+        """The bank request for this operation; the card stays inside the closure."""
+        bank, key, kind, amount = self.bank, claim.bank_key, claim.kind, claim.amount
+        if kind is OperationKind.AUTHORIZE:
+            if claim.sealed_card is None or self.vault is None:
+                raise ValueError("the card of this authorization is not in the vault (or no CARD_ENCRYPTION_KEY)")
+            number, cvv = self.vault.open(claim.payment_id, claim.sealed_card)
+            month, year = claim.card_expiry_month, claim.card_expiry_year
+            return lambda: bank.authorize(
+                key, card_number=number, cvv=cvv, expiry_month=month, expiry_year=year, amount=amount
+            )
+        if kind is OperationKind.REFUND:
+            capture_id = claim.capture_id
+            if not capture_id:
+                raise ValueError("the payment has no capture_id to refund")
+            return lambda: bank.refund(key, capture_id=capture_id, amount=amount)
+        authorization_id = claim.authorization_id
+        if not authorization_id:
+            raise ValueError("the payment has no authorization_id")
+        if kind is OperationKind.CAPTURE:
+            return lambda: bank.capture(key, authorization_id=authorization_id, amount=amount)
+        return lambda: bank.void(key, authorization_id=authorization_id)  # VOID and RELEASE
+
+    # ---- the bank calls of one claim ------------------------------------------------------------
+
+    async def _tries(self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], permit: Permit) -> _Run:
+        """Up to WORKER_QUICK_RETRIES sequential tries, each under a freshly renewed lease."""
+        run = _Run(attempts=claim.attempts)
+        for tries in range(1, self.cfg.quick_retries + 1):
+            if tries > 1:
+                await process.wait(self.stopping, random.uniform(0, self.cfg.quick_retry_base * 2 ** (tries - 2)))
+                next_permit = await self._renew(claim, run)
+                if next_permit is None:
+                    return run
+                permit = next_permit
+            elif self.stopping.is_set():
+                self.gate.cancel(permit)
+                run.interrupted = True
+                return run
+            outcome = await self._ask(claim, call, permit, run)
+            if run.verdict is Verdict.CONFIRM:
+                await self._confirm(claim, call, run, outcome)
+            if run.verdict is not Verdict.RETRY or run.lost is not None or run.interrupted:
+                return run
+            latest = run.outcome or outcome  # after a confirm: the second answer
+            log.info(
+                "bank try failed",
+                outcome=latest.kind,
+                http_status=latest.http_status,
+                code=latest.code,
+                try_number=tries,
+            )
+        return run
+
+    async def _confirm(
+        self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], run: _Run, refusal: BankOutcome
+    ) -> None:
+        """ "Already done": maybe our own earlier try whose answer was lost. Ask again, same key."""
+        log.info("bank says already done; asking again with the same key", code=refusal.code)
+        await process.wait(self.stopping, self.cfg.confirm_delay)
+        permit = await self._renew(claim, run)
+        if permit is None:
+            return
+        await self._ask(claim, call, permit, run)
+        if run.verdict is Verdict.CONFIRM:
+            run.uncertain = True
+
+    async def _renew(self, claim: Claim, run: _Run) -> Permit | None:
+        """Permission for one more call: not stopping, the breaker lets it through, and the lease
+        renewed (the previous try is over: we have its answer)."""
+        if self.stopping.is_set():
+            run.interrupted = True
+            return None
+        permit = self.gate.try_permit(claim.operation_id)
+        if permit is None:
+            run.interrupted = True
+            return None
+        got = await self.payments.claim(claim.operation_id, claim.owner, self.cfg.lease_seconds)
+        if not isinstance(got, Claim):
+            self.gate.cancel(permit)
+            run.lost = got
+            return None
+        run.attempts = got.attempts
+        return permit
+
+    async def _ask(
+        self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], permit: Permit, run: _Run
+    ) -> BankOutcome:
+        started = time.monotonic()
+        try:
+            outcome = await call()
+        finally:
+            run.bank_ms += int((time.monotonic() - started) * 1000)
+        self.gate.record(permit, outcome)
+        run.outcome = outcome
+        run.verdict = domain.classify(claim.kind, outcome)
+        return outcome
+
+    # ---- the ways a message leaves ----------------------------------------------------------
+
+    async def _not_claimed(self, delivery: Delivery, state: OperationState) -> None:
+        if not state.exists:
+            log.warning("command for an unknown operation dropped")
+        elif state.finished:
+            log.debug("operation already finished; duplicate command dropped")
+        elif state.parked:
+            # Parked (waiting for ops): make sure the dead-letter queue has it, in case the
+            # publish after park() was the step that failed; ops dedupe on operation_id.
+            await delivery.dead_letter(
+                _dead_headers(
+                    _operation_id(delivery.body),
+                    state.payment_id,
+                    state.kind,
+                    state.attempts,
+                    state.last_error,
+                    delivery.retries,
+                )
+            )
+        else:
+            # Leased by another handling whose bank call may still be running: come back once
+            # the lease can have run out. Not an attempt, so the rung count stays.
+            delay = topology.rung_for(self.cfg.retry_ladder, state.lease_left)
+            log.info("operation leased by another worker; retrying later", lease_left=state.lease_left, delay=delay)
+            await delivery.retry_later(delay, delivery.retries, state.kind)
+        await delivery.ack()
+
+    async def _retry_later(self, delivery: Delivery, claim: Claim, error: dict, bank_ms: int, attempts: int) -> None:
+        retries = delivery.retries
+        if retries >= len(self.cfg.retry_ladder):
+            await self._park(delivery, claim, error, bank_ms=bank_ms, attempts=attempts)
+            return
+        await self.payments.release(claim.operation_id, claim.owner, error, bank_ms)
+        delay = self.cfg.retry_ladder[retries]
+        await delivery.retry_later(delay, retries + 1, claim.kind.value)
+        log.info("bank attempts failed; retrying later", delay=delay, rung=retries + 1, error_code=error["code"])
+        await delivery.ack()
+
+    async def _park(
+        self, delivery: Delivery, claim: Claim, error: dict, *, bank_ms: int = 0, attempts: int | None = None
+    ) -> None:
+        attempts = claim.attempts if attempts is None else attempts
+        if bank_ms:
+            await self.payments.release(claim.operation_id, claim.owner, error, bank_ms)
+        payment = await self.payments.park(claim.operation_id, error)
+        if payment is not None:
+            await delivery.dead_letter(
+                _dead_headers(claim.operation_id, claim.payment_id, claim.kind.value, attempts, error, delivery.retries)
+            )
+            log.error("operation parked for ops", error_code=error["code"], attempts=attempts)
+        await delivery.ack()
+
+
+def _dead_headers(
+    operation_id: str | None,
+    payment_id: str | None,
+    kind: str | None,
+    attempts: int,
+    error: dict | None,
+    retries: int,
+) -> dict[str, Any]:
+    return {
+        "operation_id": operation_id,
+        "payment_id": payment_id,
+        "kind": kind,
+        "attempts": attempts,
+        "last_error": orjson.dumps(error).decode(),
+        topology.RETRIES_HEADER: retries,
+        "parked_at": now().isoformat(),
+    }
+
+
+def _operation_id(body: bytes) -> str | None:
+    try:
+        operation_id = orjson.loads(body)["operation_id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None
+    return operation_id if isinstance(operation_id, str) and operation_id else None
