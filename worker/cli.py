@@ -35,7 +35,7 @@ import textwrap
 from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse, urlunparse
 
 import aio_pika
@@ -117,17 +117,29 @@ async def _pool(settings: config.Settings) -> asyncpg.Pool:
         ) from None
 
 
+def _worker_settings() -> wsettings.WorkerSettings:
+    """The worker's settings that gatewayctl shares with it (a bad value: exit 2)."""
+    return cast(wsettings.WorkerSettings, wsettings.load(wsettings.parse_worker))
+
+
 def _key_age_limit() -> timedelta:
     """The consumer's own threshold (WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS, default 23 h)."""
-    cfg = wsettings.load(wsettings.parse_worker)
-    return timedelta(hours=cfg.authorize_key_max_age_hours)
+    return timedelta(hours=_worker_settings().authorize_key_max_age_hours)
+
+
+def _abandon_after() -> timedelta:
+    """ABANDON_AFTER_HOURS (default 24 h), also the card vault's limit in the worker's sweeper."""
+    return timedelta(hours=_worker_settings().abandon_after_hours)
 
 
 def _ladder() -> tuple[int, ...]:
-    return wsettings.load(
-        lambda env: wsettings.parse_ladder(
-            (env.get("WORKER_RETRY_LADDER") or "").strip() or wsettings.DEFAULT_RETRY_LADDER
-        )
+    return cast(
+        tuple[int, ...],
+        wsettings.load(
+            lambda env: wsettings.parse_ladder(
+                (env.get("WORKER_RETRY_LADDER") or "").strip() or wsettings.DEFAULT_RETRY_LADDER
+            )
+        ),
     )
 
 
@@ -907,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         args.ladder = _ladder()
         args.key_age_limit = _key_age_limit()
     if args.command == "abandon":
-        args.abandon_after = timedelta(hours=24)  # TODO(settings) ABANDON_AFTER_HOURS
+        args.abandon_after = _abandon_after()
     _setup_logs(settings)
     try:
         return asyncio.run(args.handler(args, settings))

@@ -18,6 +18,12 @@ from gateway.config import ConfigError
 
 DEFAULT_RETRY_LADDER = "1,5,30,120,600"
 
+# Housekeeping and ops decisions (the sweeper; gatewayctl abandon reads ABANDON_AFTER_HOURS).
+DEFAULT_KEY_RETENTION_HOURS = 48.0
+MIN_KEY_RETENTION_HOURS = 24.0  # gateway-api.md: "Keys are kept at least 24 hours"
+DEFAULT_PRUNE_BATCH_SIZE = 500
+DEFAULT_ABANDON_AFTER_HOURS = 24.0
+
 # name -> (default, what it means); the --help epilogs are built from this table.
 RELAY_VARS = {
     "RELAY_BATCH_SIZE": ("200", "outbox rows claimed and published per transaction"),
@@ -45,6 +51,16 @@ WORKER_VARS = {
     "RECONCILE_INTERVAL_SECONDS": ("3600", "how often one worker reconciles receipts with the bank (0: never)"),
     "RECONCILE_RATE": ("5", "bank requests per second a reconciliation pass may make"),
     "RECONCILE_LIMIT": ("500", "newest settled payments checked per pass"),
+    # -- housekeeping and ops decisions
+    "IDEMPOTENCY_KEY_RETENTION_HOURS": (
+        f"{DEFAULT_KEY_RETENTION_HOURS:g}",
+        f"stored API responses older than this are deleted (at least {MIN_KEY_RETENTION_HOURS:g}: the API promises it)",
+    ),
+    "IDEMPOTENCY_PRUNE_BATCH_SIZE": (f"{DEFAULT_PRUNE_BATCH_SIZE}", "stored API responses deleted per transaction"),
+    "ABANDON_AFTER_HOURS": (
+        f"{DEFAULT_ABANDON_AFTER_HOURS:g}",
+        "ops may abandon a payment parked this long (gatewayctl abandon); the card vault keeps no card longer",
+    ),
 }
 
 
@@ -99,6 +115,10 @@ class WorkerSettings:
     reconcile_interval: float = 3600.0
     reconcile_rate: float = 5.0
     reconcile_limit: int = 500
+    # -- housekeeping and ops decisions
+    key_retention_hours: float = DEFAULT_KEY_RETENTION_HOURS
+    prune_batch: int = DEFAULT_PRUNE_BATCH_SIZE
+    abandon_after_hours: float = DEFAULT_ABANDON_AFTER_HOURS
 
     @property
     def lease_seconds(self) -> float:
@@ -135,6 +155,10 @@ def parse_worker(env: Mapping[str, str]) -> WorkerSettings:
         reconcile_interval=_number(env, "RECONCILE_INTERVAL_SECONDS", t, lo=0),
         reconcile_rate=_number(env, "RECONCILE_RATE", t, lo=0, lo_open=True),
         reconcile_limit=int(_number(env, "RECONCILE_LIMIT", t, lo=1, integer=True)),
+        # -- housekeeping and ops decisions
+        key_retention_hours=_number(env, "IDEMPOTENCY_KEY_RETENTION_HOURS", t, lo=MIN_KEY_RETENTION_HOURS),
+        prune_batch=int(_number(env, "IDEMPOTENCY_PRUNE_BATCH_SIZE", t, lo=1, integer=True)),
+        abandon_after_hours=_number(env, "ABANDON_AFTER_HOURS", t, lo=0, lo_open=True),
     )
 
 

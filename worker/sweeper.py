@@ -36,6 +36,12 @@ import asyncpg
 
 from gateway import logs, messages, payments, store
 from worker import reconcile
+from worker.settings import (
+    DEFAULT_ABANDON_AFTER_HOURS,
+    DEFAULT_KEY_RETENTION_HOURS,
+    DEFAULT_PRUNE_BATCH_SIZE,
+    WorkerSettings,
+)
 
 log = logs.get("sweeper")
 
@@ -48,9 +54,18 @@ PRUNE_BATCHES_PER_PASS = 100
 class Housekeeping:
     """How long the database keeps what it must not keep for ever."""
 
-    card_max_age: timedelta = timedelta(hours=24)
-    key_retention: timedelta = timedelta(hours=48)
-    prune_batch: int = 500
+    card_max_age: timedelta = timedelta(hours=DEFAULT_ABANDON_AFTER_HOURS)
+    key_retention: timedelta = timedelta(hours=DEFAULT_KEY_RETENTION_HOURS)
+    prune_batch: int = DEFAULT_PRUNE_BATCH_SIZE
+
+    @classmethod
+    def of(cls, cfg: WorkerSettings) -> Housekeeping:
+        """ABANDON_AFTER_HOURS, IDEMPOTENCY_KEY_RETENTION_HOURS and IDEMPOTENCY_PRUNE_BATCH_SIZE."""
+        return cls(
+            card_max_age=timedelta(hours=cfg.abandon_after_hours),
+            key_retention=timedelta(hours=cfg.key_retention_hours),
+            prune_batch=cfg.prune_batch,
+        )
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class Env:
             "LOG_LEVEL": None,
             "WORKER_RETRY_LADDER": None,
             "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS": None,
+            "ABANDON_AFTER_HOURS": None,
         }
         env.update(extra)
         return env
@@ -504,6 +505,16 @@ async def test_abandon_waits_for_the_configured_time_then_voids_the_hold(env):
     assert (await env.operation(void_op))["kind"] == "void"
     _, _, err = await env.cli("abandon", pid, "--reason", "again", "--by", "carol", expect=1)
     assert "not parked" in err
+
+    auth_pid, _ = await env.parked("authorize")
+    _, _, err = await env.cli(
+        "abandon", auth_pid, "--reason", "r", "--by", "carol", env={"ABANDON_AFTER_HOURS": "soon"}, expect=2
+    )
+    assert "ABANDON_AFTER_HOURS" in err and "Traceback" not in err
+    doc = await env.cli_json(
+        "abandon", auth_pid, "--reason", "no answer", "--by", "carol", env={"ABANDON_AFTER_HOURS": "0.0001"}
+    )
+    assert doc["payment"]["status"] == "declined" and doc["kind"] == "authorize" and doc["follow_up"] is None
 
 
 # ---- the real worker parks, ops replays ------------------------------------------------------------
