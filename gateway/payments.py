@@ -618,7 +618,7 @@ async def settle_by_hand(
         payment = payment_json(updated)
         if moved:
             payment["history"].append({"status": status.value, "at": payment["updated_at"]})
-        await store.ops_finish_operation(
+        finished = await store.ops_finish_operation(
             conn,
             operation_id=operation_id,
             operation_status="succeeded" if succeeded else "failed",
@@ -630,6 +630,8 @@ async def settle_by_hand(
             cause=cause,
             event=messages.event(domain.event_type(status), payment, at) if moved else None,
         )
+        if not finished:  # cannot happen under the row locks; never report a decision not recorded
+            raise OpsRefused(f"operation {operation_id} changed meanwhile; look again")
     return OpsDecision(payment, operation_id, kind)
 
 
@@ -664,9 +666,10 @@ async def resolve(
         if not row["attention_required"] and not references:
             raise OpsRefused(f"payment {payment_id} is not flagged and no bank id was given: nothing to resolve")
         at = now()
-        await store.ops_resolve_payment(
+        if not await store.ops_resolve_payment(
             conn, payment_id=payment_id, at=at, references=store.BankReferences(**references), cause=cause
-        )
+        ):  # cannot happen under the row lock; never report a decision not recorded
+            raise OpsRefused(f"payment {payment_id} changed meanwhile; look again")
     return OpsDecision(payment_json({**row, **references, "attention_required": False, "updated_at": at}))
 
 
@@ -722,7 +725,7 @@ async def abandon(
         if moved:
             payment["history"].append({"status": plan.status.value, "at": payment["updated_at"]})
         announce = moved and plan.status in domain.EVENT_STATUSES
-        await store.ops_finish_operation(
+        finished = await store.ops_finish_operation(
             conn,
             operation_id=row["operation_id"],
             operation_status="failed",
@@ -734,6 +737,8 @@ async def abandon(
             cause=cause,
             event=messages.event(domain.event_type(plan.status), payment, at) if announce else None,
         )
+        if not finished:  # cannot happen under the row locks; never report a decision not recorded
+            raise OpsRefused(f"operation {row['operation_id']} changed meanwhile; look again")
         follow_up = await _enqueue(conn, payment_id, plan.follow_up, at) if plan.follow_up is not None else None
         if kind is OperationKind.AUTHORIZE:
             await store.insert_finding(
@@ -746,6 +751,7 @@ async def abandon(
                     "bank_key": row["bank_key"],
                     "amount": row["amount"],
                     "by": by,
+                    "reason": error["message"],
                     "note": "abandoned without knowing whether the bank placed a hold; one placed lapses "
                     "by itself at its expiry",
                 },
