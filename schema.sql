@@ -156,11 +156,17 @@ CREATE OR REPLACE FUNCTION idempotency_lock_key(merchant text, key text) RETURNS
     SELECT hashtextextended(merchant || E'\x1f' || key, 0)
 $$;
 
--- A payment's history as the receipt shows it, oldest first; timestamps in the API's format.
+-- A payment's history as the receipt shows it: each status it entered, oldest
+-- first; timestamps in the API's format. A row that left the status where it
+-- was (ops resolving a flag, or abandoning the release of an expired hold:
+-- each names who and why in its cause) is for ops, who read every row with
+-- `gatewayctl dlq show`; FicMart sees statuses, one event for each.
 CREATE OR REPLACE FUNCTION payment_history_json(pid text) RETURNS json LANGUAGE sql STABLE AS $$
     SELECT coalesce(json_agg(json_build_object(
                'status', h.status,
                'at', to_char(h.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) ORDER BY h.id), '[]')
-      FROM payment_history h
-     WHERE h.payment_id = pid
+      FROM (SELECT id, status, at, lag(status) OVER (ORDER BY id) AS before
+              FROM payment_history
+             WHERE payment_id = pid) h
+     WHERE h.before IS DISTINCT FROM h.status
 $$;

@@ -15,16 +15,12 @@ code kept short and redacted in the message.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.domain import UNKNOWN_BANK_ERROR
+from gateway.domain import UNKNOWN_BANK_ERROR, is_bank_id
 from gateway.redact import clean
 from gateway.timefmt import parse
-
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-ID_PATTERNS = {prefix: re.compile(rf"{prefix}_{_UUID}") for prefix in ("auth", "cap", "void", "ref")}
 
 # Every error code of bank-contract.md.
 KNOWN_ERRORS = frozenset(
@@ -94,7 +90,7 @@ def check_success(asked: Asked, body: object) -> dict[str, Any]:
     shape = _SHAPES[asked.call]
     kept: dict[str, Any] = {}
     new_id = body.get(shape.new_id)
-    if not isinstance(new_id, str) or not ID_PATTERNS[shape.prefix].fullmatch(new_id):
+    if not is_bank_id(new_id, f"{shape.prefix}_"):
         raise AnswerMismatch(f"{shape.new_id} is not {shape.prefix}_ followed by a lowercase UUID")
     looked_up = getattr(asked, shape.new_id) if asked.call.startswith("get_") else None
     if looked_up is not None and new_id != looked_up:
@@ -139,7 +135,7 @@ def _field(name: str, value: object) -> object:
     # A link (authorization_id, capture_id) on a GET: its shape, not its value, is checked
     # here; whether it is ours is reconciliation's finding to make.
     prefix = "auth" if name == "authorization_id" else "cap"
-    if not isinstance(value, str) or not ID_PATTERNS[prefix].fullmatch(value):
+    if not is_bank_id(value, f"{prefix}_"):
         raise AnswerMismatch(f"{name} is not {prefix}_ followed by a lowercase UUID")
     return value
 

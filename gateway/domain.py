@@ -7,6 +7,7 @@ exhaustively without a database, a broker or a bank.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -256,3 +257,84 @@ def error_for(outcome: BankOutcome, kind: OperationKind | None = None) -> dict:
         "message": messages.get(outcome.kind, f"bank answered HTTP {outcome.http_status}"),
         "retryable": retryable,
     }
+
+
+# ---- decisions ops make by hand (gatewayctl settle, resolve, abandon) ----------------
+
+
+@dataclass(frozen=True)
+class Abandonment:
+    """What abandoning a parked operation does to its payment."""
+
+    status: Status  # the payment's status afterwards
+    follow_up: OperationKind | None  # bank work it starts: the void of a hold that may exist
+
+
+# A parked operation -> its abandonment. Nothing here guesses whether money
+# moved: a hold that may exist is voided (a void of a hold that is gone or
+# captured is refused by the bank and moves nothing), an authorization whose
+# outcome is unknown is declined (a hold the bank may have placed without our
+# knowing its id lapses by itself at its expiry), and a refund or a release is
+# given up with the payment where it was.
+_ABANDONMENTS: dict[OperationKind, Abandonment] = {
+    OperationKind.AUTHORIZE: Abandonment(Status.DECLINED, None),
+    OperationKind.CAPTURE: Abandonment(Status.VOIDING, OperationKind.VOID),
+    OperationKind.VOID: Abandonment(Status.VOIDING, OperationKind.VOID),
+    OperationKind.REFUND: Abandonment(Status.CAPTURED, None),
+    OperationKind.RELEASE: Abandonment(Status.EXPIRED, None),
+}
+
+ABANDONED = "abandoned"  # the last_error code of an abandoned operation and its payment
+
+
+def abandon(kind: OperationKind, status: Status) -> Abandonment:
+    """Ops gives up on a parked operation of `kind` while the payment is in `status`."""
+    if status is not RUNNING_STATUS[kind]:
+        raise InvalidTransition(status, f"abandon a {kind.value} of")
+    return _ABANDONMENTS[kind]
+
+
+# The receipt's bank references, the prefix of each (bank-contract.md: a prefix
+# plus a lowercase UUID), and the statuses in which a payment may carry it.
+BANK_REFERENCES: dict[str, tuple[str, frozenset[Status]]] = {
+    "authorization_id": (
+        "auth_",
+        frozenset(Status) - {Status.PENDING, Status.DECLINED},
+    ),
+    "capture_id": ("cap_", frozenset({Status.CAPTURED, Status.REFUNDING, Status.REFUNDED})),
+    "void_id": ("void_", frozenset({Status.VOIDED, Status.EXPIRED})),
+    "refund_id": ("ref_", frozenset({Status.REFUNDED})),
+}
+
+# The reference a successful operation of each kind leaves on the receipt.
+REFERENCE_OF: dict[OperationKind, str] = {
+    OperationKind.AUTHORIZE: "authorization_id",
+    OperationKind.CAPTURE: "capture_id",
+    OperationKind.VOID: "void_id",
+    OperationKind.RELEASE: "void_id",
+    OperationKind.REFUND: "refund_id",
+}
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_bank_id(value: object, prefix: str) -> bool:
+    """`value` has the shape of the bank's ids: `prefix` (auth_, cap_, void_, ref_) and a lowercase UUID."""
+    return isinstance(value, str) and value.startswith(prefix) and _UUID.fullmatch(value, len(prefix)) is not None
+
+
+def reference_problem(name: str, value: str, status: Status | None = None) -> str | None:
+    """Why `value` cannot be recorded as the receipt's `name` (in `status`, when given); None if it can."""
+    if name not in BANK_REFERENCES:
+        return f"{name} is not a bank reference (one of {', '.join(BANK_REFERENCES)})"
+    prefix, statuses = BANK_REFERENCES[name]
+    if not is_bank_id(value, prefix):
+        return f"{name} must be {prefix!r} followed by a lowercase UUID"
+    if status is not None and status not in statuses:
+        return f"a {status.value} payment has no {name}"
+    return None
+
+
+# last_error codes of what ops decided, and of a card the vault no longer keeps.
+SETTLED_BY_OPS = "settled_by_ops"  # ops checked the bank: the operation did not happen
+CARD_PURGED = "card_purged"  # an authorization that can no longer be sent: ops abandon it

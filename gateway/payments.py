@@ -2,7 +2,9 @@
 
 API side:    authorize(), request_action()   record intent + outbox command
 Worker side: claim(), record_outcome(), park(), release()
-Sweepers:    expire_hold()
+Sweepers:    expire_hold(), purge_old_cards()
+Ops:         settle_by_hand(), resolve(), abandon()   decisions a human took after
+                                                      checking the bank (gatewayctl)
 
 Each phase reads what it needs with the rows locked, asks the domain what
 may happen, and writes every consequence (payment, history, operation,
@@ -13,8 +15,9 @@ no state in between that a crash could leave half-written.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -24,6 +27,7 @@ from gateway import domain, messages, store
 from gateway.cards import CardVault, brand
 from gateway.crashpoints import crash_point
 from gateway.domain import Action, OperationKind, Status, Verdict
+from gateway.redact import clean
 from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
 
@@ -477,3 +481,285 @@ async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
             event=event,
         )
     return payment
+
+
+async def purge_old_cards(pool: asyncpg.Pool, max_age: timedelta, limit: int) -> list[str]:
+    """Delete cards sealed longer than `max_age` ago; returns their payments' ids.
+
+    An authorization still pending for such a card can never be sent: it is
+    parked (attention_required, with the event unless the payment is flagged
+    already) with last_error card_purged, and ops abandon it. Cards whose
+    operation is leased (a bank call may be running) wait for a later pass.
+    """
+    hours = f"{max_age.total_seconds() / 3600:g}"
+    error = {
+        "code": domain.CARD_PURGED,
+        "message": f"card purged: the vault keeps a card at most {hours} h, so this authorization can no "
+        "longer be sent to the bank; ops abandon it (gatewayctl abandon)",
+        "retryable": False,
+    }
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await store.lock_old_cards(conn, max_age_seconds=max_age.total_seconds(), limit=limit)
+        at = now()
+        for row in rows:
+            event = None
+            if row["operation_id"] is not None and not row["attention_required"]:
+                payment = payment_json({**row, "attention_required": True, "last_error": error, "updated_at": at})
+                event = messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"])
+            await store.purge_card(
+                conn, payment_id=row["payment_id"], operation_id=row["operation_id"], at=at, error=error, event=event
+            )
+    return [r["payment_id"] for r in rows]
+
+
+# ---- ops phases -----------------------------------------------------------------------
+
+
+class OpsRefused(Exception):
+    """An ops decision that does not fit the payment as it is now; the message says why."""
+
+
+@dataclass(frozen=True)
+class OpsDecision:
+    """What an ops phase did."""
+
+    payment: dict  # the receipt afterwards
+    operation_id: str | None = None  # the operation it decided (settle, abandon)
+    kind: OperationKind | None = None
+    follow_up: str | None = None  # the operation it started: abandon's void of the hold
+
+
+_OPERATOR = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+CAUSE_LIMIT = 300  # characters of a history cause
+REASON_LIMIT = 500  # characters of a reason kept in last_error
+# The reconciliation finding an abandoned authorization leaves: the bank may
+# hold a hold that nobody can name (it lapses by itself at its expiry).
+ABANDONED_AUTHORIZATION = "abandoned_authorization"
+
+
+def ops_cause(by: str, act: str, reason: str) -> str:
+    """The history cause of an ops decision, `ops:<by>:<act>:<reason>`, redacted and bounded.
+
+    Raises ValueError for a name that is not a plain login-like token or an empty reason.
+    """
+    if not _OPERATOR.fullmatch(by):
+        raise ValueError("the operator's name must be 1-64 letters, digits or . _ @ -")
+    words = " ".join(reason.split())
+    if not words:
+        raise ValueError("a reason is required")
+    return clean(f"ops:{by}:{act}:{words}", CAUSE_LIMIT)
+
+
+def _ops_error(code: str, reason: str) -> dict:
+    return {"code": code, "message": clean(" ".join(reason.split()), REASON_LIMIT), "retryable": False}
+
+
+def _parked(row: asyncpg.Record | None, operation_id: str) -> asyncpg.Record:
+    """The locked operation row, if it is parked and nobody is calling the bank for it."""
+    if row is None:
+        raise OpsRefused(f"no operation {operation_id}")
+    if row["operation_status"] != "pending":
+        raise OpsRefused(f"operation {operation_id} is already final ({row['operation_status']}): nothing to decide")
+    if row["leased"]:
+        raise OpsRefused(
+            f"operation {operation_id} is in flight: a worker holds its lease and may be calling the bank "
+            "right now; wait until it settles or is parked"
+        )
+    if not row["parked"]:
+        raise OpsRefused(
+            f"operation {operation_id} is in flight (not parked): the worker is still retrying it; wait until "
+            "it settles or is parked (gatewayctl dlq list)"
+        )
+    return row
+
+
+async def settle_by_hand(
+    pool: asyncpg.Pool, operation_id: str, *, succeeded: bool, reason: str, by: str, bank_id: str | None = None
+) -> OpsDecision:
+    """Ops checked the bank: record a parked operation's outcome as the worker would have.
+
+    The payment's status comes from domain.settle (succeeded, or refused for
+    "failed"); the sealed card is deleted, the completion event goes through
+    the outbox and a history row names who and why. A success without the
+    bank's id keeps attention_required (the reference is unknown: `resolve`
+    fills it). Raises OpsRefused (unknown, final, in flight) or ValueError
+    (a bad name, reason or bank id).
+    """
+    cause = ops_cause(by, "settle", reason)
+    verdict = Verdict.SUCCEEDED if succeeded else Verdict.REFUSED
+    if bank_id is not None and not succeeded:
+        raise ValueError("a bank id only goes with a success")
+    async with pool.acquire() as conn, conn.transaction():
+        row = _parked(await store.ops_lock_operation(conn, operation_id=operation_id), operation_id)
+        kind = OperationKind(row["kind"])
+        status = domain.settle(kind, verdict)
+        if row["status"] != domain.RUNNING_STATUS[kind].value:
+            raise OpsRefused(f"payment {row['id']} is {row['status']}, not {domain.RUNNING_STATUS[kind].value}")
+        references = store.BankReferences()
+        if bank_id is not None:
+            field = domain.REFERENCE_OF[kind]
+            problem = domain.reference_problem(field, bank_id, status)
+            if problem:
+                raise ValueError(problem)
+            references = store.BankReferences(**{field: bank_id})
+        error = None if succeeded else _ops_error(domain.SETTLED_BY_OPS, reason)
+        attention = succeeded and bank_id is None
+        at = now()
+        moved = status.value != row["status"]
+        filled = {name: row[name] or value for name, value in references._asdict().items() if value}
+        updated = {
+            **row,
+            **filled,
+            "status": status.value,
+            "last_error": error,
+            "attention_required": attention,
+            "updated_at": at,
+        }
+        payment = payment_json(updated)
+        if moved:
+            payment["history"].append({"status": status.value, "at": payment["updated_at"]})
+        finished = await store.ops_finish_operation(
+            conn,
+            operation_id=operation_id,
+            operation_status="succeeded" if succeeded else "failed",
+            at=at,
+            error=error,
+            payment_status=status,
+            attention_required=attention,
+            references=references,
+            cause=cause,
+            event=messages.event(domain.event_type(status), payment, at, merchant=row["merchant"]) if moved else None,
+        )
+        if not finished:  # cannot happen under the row locks; never report a decision not recorded
+            raise OpsRefused(f"operation {operation_id} changed meanwhile; look again")
+    return OpsDecision(payment, operation_id, kind)
+
+
+async def resolve(
+    pool: asyncpg.Pool, payment_id: str, *, reason: str, by: str, references: dict[str, str] | None = None
+) -> OpsDecision:
+    """Ops clears attention_required on a payment with nothing in flight, filling missing bank ids.
+
+    A reference is only written into a column that is empty, and must fit the
+    payment's status (domain.reference_problem). The status does not move; a
+    history row names who and why. Raises OpsRefused (unknown payment,
+    something in flight, a reference already there or not fitting, nothing
+    to do) or ValueError (a bad name or reason).
+    """
+    cause = ops_cause(by, "resolve", reason)
+    references = references or {}
+    async with pool.acquire() as conn, conn.transaction():
+        row = await store.reconcile_lock_payment(conn, payment_id=payment_id)
+        if row is None:
+            raise OpsRefused(f"no payment {payment_id}")
+        if row["busy"]:
+            raise OpsRefused(
+                f"payment {payment_id} has an operation in flight: settle or abandon it, or wait for it "
+                "(gatewayctl dlq list)"
+            )
+        for name, value in references.items():
+            problem = domain.reference_problem(name, value, Status(row["status"]))
+            if problem:
+                raise OpsRefused(problem)
+            if row[name] is not None:
+                raise OpsRefused(f"the receipt already has {name} {row[name]}: resolve never overwrites a bank id")
+        if not row["attention_required"] and not references:
+            raise OpsRefused(f"payment {payment_id} is not flagged and no bank id was given: nothing to resolve")
+        at = now()
+        if not await store.ops_resolve_payment(
+            conn, payment_id=payment_id, at=at, references=store.BankReferences(**references), cause=cause
+        ):  # cannot happen under the row lock; never report a decision not recorded
+            raise OpsRefused(f"payment {payment_id} changed meanwhile; look again")
+    return OpsDecision(payment_json({**row, **references, "attention_required": False, "updated_at": at}))
+
+
+async def abandon(
+    pool: asyncpg.Pool, payment_id: str, *, reason: str, by: str, parked_at_least: timedelta
+) -> OpsDecision:
+    """Ops gives up on a payment whose operation has been parked for at least `parked_at_least`.
+
+    What happens is domain.abandon's: the operation fails with last_error
+    `abandoned` and the reason; the card is purged; the payment declines
+    (authorize), starts voiding the hold with a new VOID (capture, void),
+    returns to captured (refund) or stays expired (release), with a history
+    row naming who and why and the event of the status it enters. An
+    abandoned authorization also leaves a reconciliation finding: the bank
+    may hold a hold we cannot name, which lapses by itself.
+    Raises OpsRefused (unknown payment, nothing parked, parked too recently)
+    or ValueError (a bad name or reason).
+    """
+    cause = ops_cause(by, "abandon", reason)
+    in_flight = [
+        o["id"] for o in await store.ops_payment_operations(pool, payment_id=payment_id) if o["status"] == "pending"
+    ]
+    if not in_flight:
+        found = await store.ops_payment(pool, payment_id=payment_id)
+        if found is None:
+            raise OpsRefused(f"no payment {payment_id}")
+        raise OpsRefused(f"payment {payment_id} ({found['status']}) has no operation in flight: nothing to abandon")
+    async with pool.acquire() as conn, conn.transaction():
+        row = _parked(await store.ops_lock_operation(conn, operation_id=in_flight[0]), in_flight[0])
+        wait = parked_at_least.total_seconds()
+        if row["parked_seconds"] < wait:
+            raise OpsRefused(
+                f"operation {row['operation_id']} has been parked for {row['parked_seconds'] / 3600:.1f} h; a "
+                f"payment may be abandoned once parked for {wait / 3600:g} h. Until then replay it "
+                "(gatewayctl dlq replay) or, after checking the bank, settle it (gatewayctl settle)"
+            )
+        kind = OperationKind(row["kind"])
+        try:
+            plan = domain.abandon(kind, Status(row["status"]))
+        except domain.InvalidTransition as exc:
+            raise OpsRefused(str(exc)) from None
+        error = _ops_error(domain.ABANDONED, reason)
+        at = now()
+        moved = plan.status.value != row["status"]
+        updated = {
+            **row,
+            "status": plan.status.value,
+            "last_error": error,
+            "attention_required": False,
+            "updated_at": at,
+        }
+        payment = payment_json(updated)
+        if moved:
+            payment["history"].append({"status": plan.status.value, "at": payment["updated_at"]})
+        announce = moved and plan.status in domain.EVENT_STATUSES
+        finished = await store.ops_finish_operation(
+            conn,
+            operation_id=row["operation_id"],
+            operation_status="failed",
+            at=at,
+            error=error,
+            payment_status=plan.status,
+            attention_required=False,
+            references=store.BankReferences(),
+            cause=cause,
+            event=(
+                messages.event(domain.event_type(plan.status), payment, at, merchant=row["merchant"])
+                if announce
+                else None
+            ),
+        )
+        if not finished:  # cannot happen under the row locks; never report a decision not recorded
+            raise OpsRefused(f"operation {row['operation_id']} changed meanwhile; look again")
+        follow_up = await _enqueue(conn, payment_id, plan.follow_up, at) if plan.follow_up is not None else None
+        if kind is OperationKind.AUTHORIZE:
+            await store.insert_finding(
+                conn,
+                run_id=messages.new_id("ops"),
+                payment_id=payment_id,
+                kind=ABANDONED_AUTHORIZATION,
+                detail={
+                    "operation_id": row["operation_id"],
+                    "bank_key": row["bank_key"],
+                    "amount": row["amount"],
+                    "by": by,
+                    "reason": error["message"],
+                    "note": "abandoned without knowing whether the bank placed a hold; one placed lapses "
+                    "by itself at its expiry",
+                },
+                repaired=False,
+                found_at=at,
+            )
+    return OpsDecision(payment, row["operation_id"], kind, follow_up)

@@ -449,6 +449,31 @@ async def lapsed_holds(db: Executor, *, limit: int) -> list[str]:
     return [r["id"] for r in await _rows(_worker.lapsed_holds, db, limit=limit)]
 
 
+async def lock_old_cards(db: Connection, *, max_age_seconds: float, limit: int) -> list[asyncpg.Record]:
+    """Cards sealed longer ago than `max_age_seconds`: payment_id, the pending authorize's
+    operation_id and parked (null when there is none), the payment row and history; locked."""
+    return await _rows(_worker.lock_old_cards, db, max_age_seconds=max_age_seconds, limit=limit)
+
+
+async def purge_card(
+    db: Connection,
+    *,
+    payment_id: str,
+    operation_id: str | None,
+    at: datetime,
+    error: dict,
+    event: OutboxMessage | None,
+) -> None:
+    """Delete the card; park its pending authorization (unless leased) with `error`, and the event."""
+    await _worker.purge_card(db, payment_id=payment_id, operation_id=operation_id, at=at, error=error, **_event(event))
+
+
+async def prune_idempotency_keys(db: Executor, *, retention_seconds: float, limit: int) -> int:
+    """Delete up to `limit` stored responses older than `retention_seconds`; returns how many."""
+    status = await _worker.prune_idempotency_keys(db, retention_seconds=retention_seconds, limit=limit)
+    return int(status.split()[-1])
+
+
 async def try_lock_reconciliation(db: Connection) -> bool:
     """Take the session lock of a reconciliation pass, unless another session holds it."""
     return await _ops.try_lock_reconciliation(db, lock=RECONCILIATION_LOCK)
@@ -532,3 +557,57 @@ async def insert_finding(
     await _ops.insert_finding(
         db, run_id=run_id, payment_id=payment_id, kind=kind, detail=detail, repaired=repaired, found_at=found_at
     )
+
+
+class BankReferences(NamedTuple):
+    """Bank ids to record where the receipt has none (None: leave the column as it is)."""
+
+    authorization_id: str | None = None
+    capture_id: str | None = None
+    void_id: str | None = None
+    refund_id: str | None = None
+
+
+async def ops_lock_operation(db: Connection, *, operation_id: str) -> asyncpg.Record | None:
+    """The operation (operation_id, kind, operation_status, parked, bank_key, leased, parked_seconds)
+    with its payment row and history, both locked; None when there is no such operation."""
+    return await _ops.ops_lock_operation(db, operation_id=operation_id)
+
+
+async def ops_finish_operation(
+    db: Connection,
+    *,
+    operation_id: str,
+    operation_status: Literal["succeeded", "failed"],
+    at: datetime,
+    error: dict | None,
+    payment_status: Status,
+    attention_required: bool,
+    references: BankReferences,
+    cause: str,
+    event: OutboxMessage | None,
+) -> bool:
+    """Ops finishes a parked operation: payment, history row, card gone, event. False if it
+    was no longer parked and pending."""
+    finished = await _ops.ops_finish_operation(
+        db,
+        operation_id=operation_id,
+        operation_status=operation_status,
+        at=at,
+        error=error,
+        payment_status=payment_status.value,
+        attention_required=attention_required,
+        **references._asdict(),
+        cause=cause,
+        **_event(event),
+    )
+    return finished == 1
+
+
+async def ops_resolve_payment(
+    db: Connection, *, payment_id: str, at: datetime, references: BankReferences, cause: str
+) -> bool:
+    """Clear attention_required and fill missing references, with a history row; False when an
+    operation is in flight (or there is no such payment)."""
+    status = await _ops.ops_resolve_payment(db, payment_id=payment_id, at=at, cause=cause, **references._asdict())
+    return status == "INSERT 0 1"

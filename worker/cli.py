@@ -2,21 +2,26 @@
 
     gatewayctl migrate                       apply schema.sql (safe to repeat)
     gatewayctl dlq list                      dead-lettered operations, queue left as it was
-    gatewayctl dlq show OPERATION_ID         operation, receipt, history, dead letters
+    gatewayctl dlq show OPERATION_ID|HANDLE  operation, receipt, history, dead letters; or one letter
     gatewayctl dlq replay OPERATION_ID       put one back in the normal flow
     gatewayctl dlq replay --all [--force]    ... every one
+    gatewayctl dlq drop HANDLE...|--unreadable   remove letters from the queue
+    gatewayctl settle OPERATION_ID --outcome succeeded|failed --reason TEXT --by NAME [--bank-id ID]
+    gatewayctl resolve PAYMENT_ID --reason TEXT --by NAME [--set FIELD=ID]...
+    gatewayctl abandon PAYMENT_ID --reason TEXT --by NAME
     gatewayctl reconcile [--repair] [--rate N] [--limit N]
 
 Every command takes --json (machine output on stdout). Exit codes: 0 done /
 nothing to report, 1 something needs a human (findings, a refused or failed
-replay, an unknown id), 2 bad usage or configuration, 3 PostgreSQL or
-RabbitMQ cannot be reached (an unreachable bank makes reconcile report
-`unverified` findings). Log lines (LOG_LEVEL; only errors unless it is
-set) go to stderr, never into the output.
+replay, an unknown id, a decision that does not fit the payment), 2 bad
+usage or configuration, 3 PostgreSQL or RabbitMQ cannot be reached (an
+unreachable bank makes reconcile report `unverified` findings). Log lines
+(LOG_LEVEL; only errors unless it is set) go to stderr, never into the output.
 
 This module parses arguments, prints and chooses the exit code. Reading and
-giving back payments.dead is worker/deadletters.py; what list, show and
-replay decide about each operation is worker/replay.py.
+giving back payments.dead is worker/deadletters.py; what list, show, replay
+and drop decide about each operation and letter is worker/replay.py; settle,
+resolve and abandon are phases of gateway/payments.py.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import asyncpg
 import orjson
 import structlog
 
-from gateway import config, db, logs, store
+from gateway import config, db, domain, logs, payments, store
 from gateway.timefmt import iso
 from worker import reconcile, replay, topology
 from worker import settings as wsettings
@@ -188,7 +193,7 @@ async def cmd_dlq_list(args, settings: config.Settings) -> int:
             ["OPERATION", "PAYMENT", "KIND", "ATTEMPTS", "AGE", "MSGS", "STATE", "LAST ERROR"],
             (
                 [
-                    e.operation_id,
+                    e.operation_id or e.handles[0],  # an unreadable letter goes by its handle
                     e.payment_id,
                     e.kind,
                     e.attempts,
@@ -207,6 +212,11 @@ async def cmd_dlq_list(args, settings: config.Settings) -> int:
     )
     if len(letters) >= MAX_DEAD_LETTERS:
         print(f"(only the first {MAX_DEAD_LETTERS} messages were read)")
+    if any(e.operation_id is None for e in entries):
+        print(
+            "Unreadable letters are listed by their handle: read one with `gatewayctl dlq show HANDLE`, "
+            "remove them with `gatewayctl dlq drop HANDLE...` (or `--unreadable`)."
+        )
     return EXIT_OK
 
 
@@ -223,8 +233,7 @@ async def cmd_dlq_show(args, settings: config.Settings) -> int:
     finally:
         await pool.close()
     if shown is None:
-        print(f"no operation {args.operation_id} in the database and no dead letter for it", file=sys.stderr)
-        return EXIT_ATTENTION
+        return _show_letters(args, replay.by_handle(args.operation_id, letters))
     details = shown.details
     if args.json:
         _emit_json(
@@ -235,10 +244,7 @@ async def cmd_dlq_show(args, settings: config.Settings) -> int:
                 "payment": details.payment if details else None,
                 "history": details.history if details else None,
                 "operations": details.operations if details else None,
-                "dead_letters": [
-                    {"headers": lt.headers, "body": lt.body.decode("utf-8", "replace"), "message_id": lt.message_id}
-                    for lt in shown.dead_letters
-                ],
+                "dead_letters": [asdict(replay.view(lt)) for lt in shown.dead_letters],
                 "replay": shown.advice,
             }
         )
@@ -248,13 +254,39 @@ async def cmd_dlq_show(args, settings: config.Settings) -> int:
     else:
         _print_details(details, shown.state)
     print(f"\n{topology.DEAD_QUEUE}: {len(shown.dead_letters)} message(s) for this operation")
-    for lt in shown.dead_letters:
+    for v in map(replay.view, shown.dead_letters):
         print(
-            f"  parked_at {lt.headers.get('parked_at', '-')}  {topology.RETRIES_HEADER} "
-            f"{lt.headers.get(topology.RETRIES_HEADER, '-')}  error {_error_text(lt.headers.get('last_error'))}"
+            f"  {v.handle}  parked_at {v.headers.get('parked_at', '-')}  {topology.RETRIES_HEADER} "
+            f"{v.headers.get(topology.RETRIES_HEADER, '-')}  error {_error_text(v.headers.get('last_error'))}"
         )
     print(f"\nreplay: {shown.advice}")
     return EXIT_OK
+
+
+def _show_letters(args, letters: list) -> int:
+    """`dlq show HANDLE`: the letter(s) of a handle, redacted and cut."""
+    if not letters:
+        print(
+            f"no operation {args.operation_id} in the database and no dead letter for it or with that handle",
+            file=sys.stderr,
+        )
+        return EXIT_ATTENTION
+    views = [replay.view(lt) for lt in letters]
+    if args.json:
+        _emit_json({"letters": [asdict(v) for v in views]})
+        return EXIT_OK
+    for v in views:
+        _print_letter(v)
+    print(f"\nremove it: gatewayctl dlq drop {views[0].handle}")
+    return EXIT_OK
+
+
+def _print_letter(v: replay.LetterView) -> None:
+    named = v.operation_id or "none readable"
+    print(f"letter {v.handle} (operation {named}, message id {v.message_id or '-'})")
+    for name, value in v.headers.items():
+        print(f"  {name}: {value}")
+    print(f"  body ({v.body_bytes} bytes): {v.body}")
 
 
 def _print_details(details: replay.Details, state: str) -> None:
@@ -356,6 +388,152 @@ async def cmd_dlq_replay(args, settings: config.Settings) -> int:
     return EXIT_ATTENTION if failed else EXIT_OK
 
 
+# ---- dlq drop ---------------------------------------------------------------------------
+
+
+async def cmd_dlq_drop(args, settings: config.Settings) -> int:
+    if not args.handles and not args.unreadable:
+        print("gatewayctl dlq drop: give one or more HANDLEs or --unreadable", file=sys.stderr)
+        return EXIT_USAGE
+    async with DeadLetterQueue(settings.amqp_url, args.ladder) as dlq:
+        letters = await dlq.take_all()
+        try:
+            plan = replay.to_drop(letters, handles=args.handles, unreadable=args.unreadable)
+            views = [replay.view(lt) for lt in plan.letters]
+            if not args.json:
+                for v in views:
+                    print("dropping ", end="")
+                    _print_letter(v)
+            await dlq.drop(plan.letters)
+        finally:
+            await dlq.give_back()
+    if args.json:
+        _emit_json({"dropped": [asdict(v) for v in views], "not_found": plan.not_found})
+    else:
+        print(f"{len(views)} letter(s) dropped from {topology.DEAD_QUEUE}")
+    for handle in plan.not_found:
+        print(f"gatewayctl dlq drop: no letter {handle} in {topology.DEAD_QUEUE}", file=sys.stderr)
+    return EXIT_ATTENTION if plan.not_found else EXIT_OK
+
+
+# ---- settle, resolve, abandon -----------------------------------------------------------
+
+
+def _references(pairs: list[str]) -> dict[str, str]:
+    """--set FIELD=ID pairs, each checked for its shape (prefix + lowercase UUID)."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        problem = "expected FIELD=ID" if not sep else domain.reference_problem(name, value)
+        if problem:
+            raise ValueError(f"--set {pair}: {problem}")
+        if name in found:
+            raise ValueError(f"--set {name} given twice")
+        found[name] = value
+    return found
+
+
+async def _decide(args, settings: config.Settings, decide) -> int:
+    """Run one ops phase; OpsRefused is a human's matter (exit 1), ValueError bad usage (2)."""
+    try:
+        payments.ops_cause(args.by, args.command, args.reason)  # bad names and empty reasons, before connecting
+    except ValueError as exc:
+        print(f"gatewayctl {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    pool = await _pool(settings)
+    try:
+        decision = await decide(pool)
+    except payments.OpsRefused as exc:
+        print(f"gatewayctl {args.command}: refused: {exc}", file=sys.stderr)
+        return EXIT_ATTENTION
+    except ValueError as exc:
+        print(f"gatewayctl {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        await pool.close()
+    if args.json:
+        _emit_json(
+            {
+                "payment": decision.payment,
+                "operation_id": decision.operation_id,
+                "kind": decision.kind,
+                "follow_up": decision.follow_up,
+            }
+        )
+        return EXIT_OK
+    payment = decision.payment
+    print(_summary(args.command, decision))
+    bank = payment["bank"]
+    flag = ", attention_required" if payment["attention_required"] else ""
+    print(f"  payment       {payment['id']}: {payment['status']}{flag}")
+    for name in domain.BANK_REFERENCES:
+        if bank[name]:
+            print(f"  {name:<14}{bank[name]}")
+    if payment["last_error"]:
+        print(f"  last error    {_error_text(payment['last_error'])}")
+    print(f"  history       {payments.ops_cause(args.by, args.command, args.reason)}")
+    return EXIT_OK
+
+
+def _summary(command: str, decision: payments.OpsDecision) -> str:
+    kind = decision.kind
+    if command == "settle" and kind is not None:
+        text = f"settled {kind.value} operation {decision.operation_id} by hand"
+        if decision.payment["attention_required"]:
+            text += (
+                f"; the bank's {domain.REFERENCE_OF[kind]} is unknown, so the payment stays flagged: once "
+                f"you have it, `gatewayctl resolve PAYMENT_ID --set {domain.REFERENCE_OF[kind]}=ID`"
+            )
+        return text
+    if command == "abandon" and kind is not None:
+        text = f"abandoned the parked {kind.value} operation {decision.operation_id}; the card is purged"
+        if decision.follow_up:
+            text += f"; the hold is being voided (operation {decision.follow_up}): voided once the bank confirms"
+        return text
+    return "resolved: attention_required cleared"
+
+
+async def cmd_settle(args, settings: config.Settings) -> int:
+    if args.bank_id is not None and args.outcome != "succeeded":
+        print("gatewayctl settle: --bank-id only goes with --outcome succeeded", file=sys.stderr)
+        return EXIT_USAGE
+    return await _decide(
+        args,
+        settings,
+        lambda pool: payments.settle_by_hand(
+            pool,
+            args.operation_id,
+            succeeded=args.outcome == "succeeded",
+            reason=args.reason,
+            by=args.by,
+            bank_id=args.bank_id,
+        ),
+    )
+
+
+async def cmd_resolve(args, settings: config.Settings) -> int:
+    try:
+        references = _references(args.set or [])
+    except ValueError as exc:
+        print(f"gatewayctl resolve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return await _decide(
+        args,
+        settings,
+        lambda pool: payments.resolve(pool, args.payment_id, reason=args.reason, by=args.by, references=references),
+    )
+
+
+async def cmd_abandon(args, settings: config.Settings) -> int:
+    return await _decide(
+        args,
+        settings,
+        lambda pool: payments.abandon(
+            pool, args.payment_id, reason=args.reason, by=args.by, parked_at_least=args.abandon_after
+        ),
+    )
+
+
 # ---- reconcile --------------------------------------------------------------------------
 
 
@@ -441,10 +619,11 @@ def _positive(number: type[int] | type[float]):
 
 ENVIRONMENT = (
     "Environment: DATABASE_URL, AMQP_URL, BANK_URL (reconcile), LOG_LEVEL (log lines go to stderr; only "
-    "errors unless it is set), WORKER_RETRY_LADDER (the topology it declares) and "
-    "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS (default 23, as the worker).",
-    "Exit codes: 0 done, 1 needs a human (findings, a refused or failed replay, an unknown id), 2 bad usage "
-    "or configuration, 3 PostgreSQL or RabbitMQ cannot be reached.",
+    "errors unless it is set), WORKER_RETRY_LADDER (the topology it declares), "
+    "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS (default 23, as the worker) and ABANDON_AFTER_HOURS (abandon; "
+    "default 24, as the worker's card vault).",
+    "Exit codes: 0 done, 1 needs a human (findings, a refused or failed replay, an unknown id, a decision "
+    "that does not fit the payment), 2 bad usage or configuration, 3 PostgreSQL or RabbitMQ cannot be reached.",
 )
 
 
@@ -468,8 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         epilog=_para(*ENVIRONMENT),
         description=_para(
-            "Operate the payment gateway: the schema, dead-lettered operations and "
-            "reconciliation with the bank. Every command has --help."
+            "Operate the payment gateway: the schema, dead-lettered operations, decisions a human "
+            "takes after checking the bank (settle, resolve, abandon) and reconciliation with the "
+            "bank. Every command has --help."
         ),
     )
     parser.add_argument(
@@ -492,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = commands.add_parser(
         "dlq",
         formatter_class=fmt,
-        help="dead-lettered (parked) operations: list, show, replay",
+        help="dead-lettered (parked) operations: list, show, replay, drop",
         description=_para(
             f"Operations that exhausted their retries are parked: their payment shows "
             f"attention_required and a message waits in {topology.DEAD_QUEUE}. The operations "
@@ -524,14 +704,17 @@ def build_parser() -> argparse.ArgumentParser:
         "show",
         parents=[json_flag],
         formatter_class=fmt,
-        help="everything about one operation",
+        help="everything about one operation, or one dead letter",
         description=_para(
             "The operations row, the payment's receipt (whatever the merchant), its full history "
             "with causes, the payment's other operations, its dead letters and what a replay "
-            "would do. The queue is read as by `dlq list`."
+            "would do. The queue is read as by `dlq list`.",
+            "Given the HANDLE of a letter instead (`dlq list` names a letter without a readable operation "
+            "id by its handle: its message id, or sha- and a hash of its body and headers), that letter: "
+            "its headers and body, with card numbers and CVVs redacted and long values cut.",
         ),
     )
-    p.add_argument("operation_id", metavar="OPERATION_ID", help="op_...")
+    p.add_argument("operation_id", metavar="OPERATION_ID|HANDLE", help="op_... or a letter's handle")
     p.set_defaults(handler=cmd_dlq_show)
 
     p = dlq_commands.add_parser(
@@ -563,6 +746,93 @@ def build_parser() -> argparse.ArgumentParser:
         help="also send authorizations older than the key horizon (after checking the bank)",
     )
     p.set_defaults(handler=cmd_dlq_replay)
+
+    p = dlq_commands.add_parser(
+        "drop",
+        parents=[json_flag],
+        formatter_class=fmt,
+        help="remove letters from the queue (unreadable ones, or any by handle)",
+        usage="gatewayctl dlq drop [-h] [--json] (HANDLE... | --unreadable)",
+        description=_para(
+            f"Print each letter (redacted and cut), then acknowledge it: it leaves {topology.DEAD_QUEUE} for "
+            "good. The others are given back in their order. HANDLEs are those of `dlq list` and `dlq "
+            "show`; --unreadable takes every letter without a readable operation id.",
+            "Dropping the letter of a parked operation does not unpark it: the database is the truth, and "
+            "the operation is still listed and replayed from its row.",
+        ),
+        epilog=_para("Exit code 1 when a HANDLE names no letter; the others are still dropped."),
+    )
+    p.add_argument("handles", metavar="HANDLE", nargs="*", help="a letter's handle")
+    p.add_argument("--unreadable", action="store_true", help="every letter without a readable operation id")
+    p.set_defaults(handler=cmd_dlq_drop)
+
+    who = argparse.ArgumentParser(add_help=False)
+    who.add_argument(
+        "--reason", required=True, metavar="TEXT", help="why (kept, redacted and cut, in the payment's history)"
+    )
+    who.add_argument("--by", required=True, metavar="NAME", help="who decides (1-64 letters, digits, . _ @ -)")
+
+    p = commands.add_parser(
+        "settle",
+        parents=[json_flag, who],
+        formatter_class=fmt,
+        help="record a parked operation's outcome, checked at the bank by hand",
+        description=_para(
+            "For a parked operation whose outcome you checked at the bank (e.g. `bank_outcome_uncertain`: the "
+            "bank says already done and will not name what it did). Records it as the worker would: the "
+            "payment's status (succeeded: authorized, captured, voided, refunded, expired; failed: declined "
+            "for an authorization, back to the status it had otherwise), the card deleted, the completion "
+            "event, and a history row `ops:NAME:settle:REASON`.",
+            "--bank-id records the bank's id of what was done (auth_, cap_, void_ or ref_ and a lowercase "
+            "UUID, as the operation's kind needs). Without it the reference is unknown and the payment keeps "
+            "attention_required until `gatewayctl resolve --set` fills it. An authorization settled by hand "
+            "has no hold expiry until reconciliation takes the bank's.",
+            "Refused (exit 1) when the operation is unknown, already final, or not parked (a worker is "
+            "still on it). Its letters stay in the queue; `dlq replay` drops them as already final.",
+        ),
+    )
+    p.add_argument("operation_id", metavar="OPERATION_ID", help="op_...")
+    p.add_argument("--outcome", required=True, choices=("succeeded", "failed"), help="what the bank did")
+    p.add_argument("--bank-id", metavar="ID", help="the bank's id of what it did (with --outcome succeeded)")
+    p.set_defaults(handler=cmd_settle)
+
+    p = commands.add_parser(
+        "resolve",
+        parents=[json_flag, who],
+        formatter_class=fmt,
+        help="clear attention_required on a payment with nothing in flight",
+        description=_para(
+            "For a payment flagged by reconciliation, or settled with an unknown bank reference, once you "
+            "have looked: clears attention_required and writes a history row `ops:NAME:resolve:REASON`; the "
+            "status does not move. --set fills a missing bank reference (authorization_id, capture_id, "
+            "void_id, refund_id; its prefix and a lowercase UUID) only where the receipt has none and the "
+            "status has one.",
+            "Refused (exit 1) when the payment is unknown, has an operation in flight (settle or abandon "
+            "it), already has that reference, or is neither flagged nor given one.",
+        ),
+    )
+    p.add_argument("payment_id", metavar="PAYMENT_ID", help="pay_...")
+    p.add_argument("--set", action="append", metavar="FIELD=ID", help="a missing bank reference (repeatable)")
+    p.set_defaults(handler=cmd_resolve)
+
+    p = commands.add_parser(
+        "abandon",
+        parents=[json_flag, who],
+        formatter_class=fmt,
+        help="give up on a payment whose operation is parked too long",
+        description=_para(
+            "For a payment whose operation has been parked for ABANDON_AFTER_HOURS (24) or more. Nothing "
+            "guesses money: the operation fails with last_error `abandoned` and the reason, the card is "
+            "purged, and the payment: authorize -> declined (a hold the bank may have placed lapses by itself; "
+            "a reconciliation finding `abandoned_authorization` records it); capture or void -> voiding, with "
+            "a new void of the hold (voided once the bank confirms); refund -> captured, last_error "
+            "`abandoned`; release -> stays expired. History row `ops:NAME:abandon:REASON`; events as usual.",
+            "Refused (exit 1) when nothing is parked, or it was parked less than ABANDON_AFTER_HOURS ago: "
+            "replay it, or settle it by hand after checking the bank.",
+        ),
+    )
+    p.add_argument("payment_id", metavar="PAYMENT_ID", help="pay_...")
+    p.set_defaults(handler=cmd_abandon)
 
     p = commands.add_parser(
         "reconcile",
@@ -623,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_cfg = wsettings.WorkerSettings.load()
         args.ladder = worker_cfg.retry_ladder
         args.key_age_limit = timedelta(hours=worker_cfg.authorize_key_max_age_hours)
+    if args.command == "abandon":
+        args.abandon_after = timedelta(hours=wsettings.WorkerSettings.load().abandon_after_hours)
     _setup_logs(settings)
     try:
         return asyncio.run(args.handler(args, settings))

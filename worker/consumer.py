@@ -206,6 +206,8 @@ class Worker:
                     reconcile_interval=self.cfg.reconcile_interval,
                     reconcile_rate=self.cfg.reconcile_rate,
                     reconcile_limit=self.cfg.reconcile_limit,
+                    housekeeping=sweeper.Housekeeping.of(self.cfg),
+                    bank_unavailable=lambda: self.breaker is not None and self.breaker.is_open,
                 )
             )
         log.info(

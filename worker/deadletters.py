@@ -12,11 +12,15 @@ dies while holding them, the broker returns them all by itself when the
 connection drops: nothing is acked before its work is done.
 
 The policy (worker/replay.py) sees DeadLetter values only; the AMQP
-messages stay here.
+messages stay here. Every letter has a handle that stays the same from one
+read to the next (its message id, or a hash of its body and headers), so a
+letter that names no operation can still be shown and dropped by name.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +39,16 @@ CONNECT_TIMEOUT = 10.0
 PUBLISH_TIMEOUT = 30.0
 
 
+# An operation id as the gateway writes them (op_ + hex) fits this; anything else (a NUL byte,
+# a megabyte of text, no id at all) makes the letter unreadable: it never reaches SQL.
+_READABLE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+# A message id usable as a handle as it is; any other letter is named by a hash.
+_HANDLE = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
+# Headers the broker rewrites while a letter waits (a quorum queue counts each
+# requeue): not part of what the letter is.
+_BROKER_HEADERS = frozenset({"x-delivery-count", "x-acquired-count"})
+
+
 class BrokerUnavailable(Exception):
     """RabbitMQ cannot be reached."""
 
@@ -50,6 +64,17 @@ class DeadLetter:
     message_id: str | None = None
 
     @property
+    def handle(self) -> str:
+        """Its name for ops: the message id when it has a plain one, else `sha-` and a hash
+        of body and headers (identical letters share it, and go together)."""
+        if self.message_id and _HANDLE.fullmatch(self.message_id):
+            return self.message_id
+        digest = hashlib.sha256(self.body)
+        own = {k: v for k, v in self.headers.items() if k not in _BROKER_HEADERS}
+        digest.update(orjson.dumps(own, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str))
+        return f"sha-{digest.hexdigest()[:16]}"
+
+    @property
     def parked_at(self) -> datetime | None:
         value = self.headers.get("parked_at")
         try:
@@ -62,16 +87,20 @@ def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
 
 
+def _readable(op_id: Any) -> str | None:
+    return op_id if isinstance(op_id, str) and _READABLE_ID.fullmatch(op_id) else None
+
+
 def read_letter(position: int, body: bytes, headers: dict[str, Any] | None, message_id: str | None) -> DeadLetter:
-    """The operation id from the `operation_id` header, else from the command body; None if neither has one."""
+    """The operation id from the `operation_id` header, else from the command body; None if
+    neither has a readable one."""
     texts = {k: _text(v) for k, v in (headers or {}).items()}
-    op_id = texts.get("operation_id")
-    if not isinstance(op_id, str) or not op_id:
+    op_id = _readable(texts.get("operation_id"))
+    if op_id is None:
         try:
-            op_id = orjson.loads(body)["operation_id"]
+            op_id = _readable(orjson.loads(body)["operation_id"])
         except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
             op_id = None
-        op_id = op_id if isinstance(op_id, str) and op_id else None
     return DeadLetter(position, op_id, texts, body, message_id)
 
 

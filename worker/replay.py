@@ -1,4 +1,4 @@
-"""What gatewayctl does about dead-lettered operations: list, show and replay.
+"""What gatewayctl does about dead-lettered operations: list, show, replay and drop.
 
 The database is the truth about an operation; payments.dead only carries
 messages about it. A replay therefore decides from the operations row (and
@@ -8,6 +8,8 @@ works when the message is gone), one operation at a time:
     already final                     its letters are dropped              done
     authorization first sent longer
       ago than the key horizon        refused unless forced                not done
+    authorization whose card the
+      vault no longer keeps           refused (ops abandon it)             not done
     pending (parked or not)           unparked, its command published,
                                       only then its letters dropped        done
     ... the publish fails             reported failed, letters stay        not done
@@ -15,7 +17,11 @@ works when the message is gone), one operation at a time:
 
 `replay --all` takes every operation with a letter (in queue order), then
 every operation parked in the database without one (re-enqueued from its
-row); a letter that names no operation is reported unreadable and left.
+row); a letter that names no readable operation id is reported unreadable
+and left, with its handle (DeadLetter.handle) and the way out: `dlq show
+HANDLE` reads it, `dlq drop HANDLE` removes it (to_drop picks the letters).
+Whatever a letter carries is shown redacted and cut (view()): it came from
+outside.
 
 This module runs against two small interfaces, DeadLetterSink (what a replay
 does to the queue) and Operations (what it reads and changes in the
@@ -34,7 +40,8 @@ import asyncpg
 import orjson
 
 from gateway import messages, payments, store
-from gateway.domain import OperationKind
+from gateway.domain import CARD_PURGED, OperationKind
+from gateway.redact import clean
 from gateway.timefmt import iso, now
 from gateway.views import payment_json
 from worker import topology
@@ -161,6 +168,18 @@ def needs_force(op: Operation | None, limit: timedelta) -> bool:
     )
 
 
+def card_purged(op: Operation | None) -> bool:
+    """A pending authorization whose card the vault no longer keeps: it can never be sent."""
+    error = _parse_error(op.last_error) if op else None
+    return bool(
+        op
+        and op.kind == OperationKind.AUTHORIZE.value
+        and op.status == "pending"
+        and isinstance(error, dict)
+        and error.get("code") == CARD_PURGED
+    )
+
+
 def state(op: Operation | None) -> str:
     if op is None:
         return "unknown operation"
@@ -175,6 +194,8 @@ def advice(op: Operation | None, limit: timedelta) -> str:
         return "unknown operation: nothing to replay"
     if op.status != "pending":
         return "already final: a replay only drops its dead letters"
+    if card_purged(op):
+        return f"refused: its card is purged, it can never be sent; abandon payment {op.payment_id}"
     if needs_force(op, limit):
         return (
             "refused without --force: the first authorization attempt is older than "
@@ -225,6 +246,7 @@ class Entry:
     parked_since: str | None
     age: str | None
     messages: int
+    handles: list[str]  # of its letters, in queue order: what `dlq show` and `dlq drop` take
 
 
 def _entry(op_id: str | None, op: Operation | None, letters: list[DeadLetter], limit: timedelta) -> Entry:
@@ -239,17 +261,47 @@ def _entry(op_id: str | None, op: Operation | None, letters: list[DeadLetter], l
         described = state(op)
     return Entry(
         operation_id=op_id,
-        payment_id=op.payment_id if op else headers.get("payment_id"),
-        kind=op.kind if op else headers.get("kind"),
-        attempts=op.attempts if op else headers.get("attempts"),
-        last_error=op.last_error if op else _parse_error(headers.get("last_error")),
+        payment_id=op.payment_id if op else _header(headers, "payment_id"),
+        kind=op.kind if op else _header(headers, "kind"),
+        attempts=op.attempts if op else _attempts(headers.get("attempts")),
+        last_error=op.last_error if op else _header_error(headers.get("last_error")),
         state=described,
         needs_force=needs_force(op, limit),
         first_attempt_at=iso(op.first_attempt_at) if op else None,
         parked_since=iso(since),
         age=age(since),
         messages=len(letters),
+        handles=[lt.handle for lt in letters],
     )
+
+
+# Text from a letter is input: shown redacted (card numbers, CVVs) and cut to these sizes.
+HEADER_LIMIT = 200
+BODY_LIMIT = 2000
+HEADERS_SHOWN = 50
+
+
+def _header(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name)
+    return None if value is None else clean(str(value), HEADER_LIMIT)
+
+
+def _attempts(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _scalar(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return clean(str(value), HEADER_LIMIT)
+
+
+def _header_error(value: Any) -> Any:
+    """The last_error header as the consumer writes it (a JSON object), redacted and cut."""
+    error = _parse_error(value)
+    if isinstance(error, dict):
+        return {clean(str(k), HEADER_LIMIT): _scalar(v) for k, v in list(error.items())[:10]}
+    return _scalar(error)
 
 
 async def listing(letters: Sequence[DeadLetter], operations: Operations, limit: timedelta) -> list[Entry]:
@@ -289,6 +341,62 @@ async def show(
     return Shown(operation_id, details, mine, state(op), needs_force(op, limit), advice(op, limit))
 
 
+@dataclass(frozen=True)
+class LetterView:
+    """A dead letter as ops may read it: every text redacted and cut."""
+
+    handle: str
+    operation_id: str | None
+    message_id: str | None
+    headers: dict[str, str]
+    body: str
+    body_bytes: int
+
+
+def view(letter: DeadLetter) -> LetterView:
+    headers = list(letter.headers.items())
+    shown = {clean(str(k), HEADER_LIMIT): clean(str(v), HEADER_LIMIT) for k, v in headers[:HEADERS_SHOWN]}
+    if len(headers) > HEADERS_SHOWN:
+        shown["..."] = f"{len(headers) - HEADERS_SHOWN} more header(s)"
+    return LetterView(
+        handle=letter.handle,
+        operation_id=letter.operation_id,
+        message_id=None if letter.message_id is None else clean(letter.message_id, HEADER_LIMIT),
+        headers=shown,
+        body=clean(letter.body.decode("utf-8", "replace"), BODY_LIMIT),
+        body_bytes=len(letter.body),
+    )
+
+
+def by_handle(handle: str, letters: Iterable[DeadLetter]) -> list[DeadLetter]:
+    """The letters of this handle (several only when they are the same message twice)."""
+    return [lt for lt in letters if lt.handle == handle]
+
+
+# ---- dlq drop ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DropPlan:
+    letters: list[DeadLetter]  # to acknowledge, in queue order
+    not_found: list[str]  # handles no letter has
+
+
+def to_drop(letters: Sequence[DeadLetter], *, handles: Iterable[str] = (), unreadable: bool = False) -> DropPlan:
+    """The letters named by `handles`, plus (unreadable) every letter without a readable operation id.
+
+    Any letter may be dropped: the database, not the queue, is the truth about
+    an operation, and a parked operation without a letter is still listed and
+    replayed from its row.
+    """
+    wanted = list(dict.fromkeys(handles))
+    chosen = {lt.position: lt for h in wanted for lt in by_handle(h, letters)}
+    if unreadable:
+        chosen.update({lt.position: lt for lt in letters if lt.operation_id is None})
+    known = {lt.handle for lt in letters}
+    return DropPlan([chosen[p] for p in sorted(chosen)], [h for h in wanted if h not in known])
+
+
 # ---- dlq replay --------------------------------------------------------------------------
 
 
@@ -304,6 +412,7 @@ class Replayed:
     message: str
     dead_letters_dropped: int = 0
     forced: bool = False
+    handles: tuple[str, ...] = ()  # of the letters left in the queue that only `dlq drop` removes
 
     @property
     def done(self) -> bool:
@@ -328,10 +437,13 @@ async def replay(
         results += [
             Replayed(
                 None,
-                lt.headers.get("payment_id"),
-                lt.headers.get("kind"),
+                _header(lt.headers, "payment_id"),
+                _header(lt.headers, "kind"),
                 "unreadable",
-                "a message without an operation id: left in the queue",
+                f"a message without a readable operation id, letter {lt.handle}: left in the queue; read it "
+                f"with `gatewayctl dlq show {lt.handle}`, remove it with `gatewayctl dlq drop {lt.handle}` "
+                "(or every such letter: `gatewayctl dlq drop --unreadable`)",
+                handles=(lt.handle,),
             )
             for lt in by_op.get(None, [])
         ]
@@ -353,8 +465,15 @@ async def _replay_one(
     limit: timedelta,
 ) -> Replayed:
     if op is None:
+        handles = tuple(dict.fromkeys(lt.handle for lt in letters))
         return Replayed(
-            op_id, None, None, "unknown", "no such operation in the database; its dead letters are left in the queue"
+            op_id,
+            None,
+            None,
+            "unknown",
+            "no such operation in the database; its dead letters are left in the queue"
+            + (f" (remove them with `gatewayctl dlq drop {' '.join(handles)}`)" if handles else ""),
+            handles=handles,
         )
 
     def result(result: Result, message: str, dropped: int = 0) -> Replayed:
@@ -367,6 +486,12 @@ async def _replay_one(
             f"already final ({op.status}), nothing to do"
             + (f"; dropped {len(letters)} dead letter(s)" if letters else ""),
             len(letters),
+        )
+    if card_purged(op):
+        return result(
+            "refused",
+            "refused: the vault no longer keeps this authorization's card, so it can never be sent; "
+            f"abandon payment {op.payment_id} (gatewayctl abandon)",
         )
     if needs_force(op, limit) and not force:
         hours = limit.total_seconds() / 3600

@@ -15,6 +15,11 @@ from pydantic import BeforeValidator, Field
 from gateway.config import ConfigError, EnvSettings
 
 DEFAULT_RETRY_LADDER = "1,5,30,120,600"
+# Housekeeping and ops decisions (the sweeper; gatewayctl abandon reads ABANDON_AFTER_HOURS).
+DEFAULT_KEY_RETENTION_HOURS = 48.0
+MIN_KEY_RETENTION_HOURS = 24.0  # gateway-api.md: "Keys are kept at least 24 hours"
+DEFAULT_PRUNE_BATCH_SIZE = 500
+DEFAULT_ABANDON_AFTER_HOURS = 24.0
 
 
 def parse_ladder(raw: str | tuple[int, ...]) -> tuple[int, ...]:
@@ -134,6 +139,21 @@ class WorkerSettings(_PipelineSettings):
     )
     reconcile_rate: float = _seconds(5.0, "RECONCILE_RATE", "bank requests per second a reconciliation pass may make")
     reconcile_limit: int = _count(500, "RECONCILE_LIMIT", "newest settled payments checked per pass")
+    key_retention_hours: float = _seconds(
+        DEFAULT_KEY_RETENTION_HOURS,
+        "IDEMPOTENCY_KEY_RETENTION_HOURS",
+        f"stored API responses older than this are deleted (at least {MIN_KEY_RETENTION_HOURS:g}: the API promises it)",
+        gt=None,
+        ge=MIN_KEY_RETENTION_HOURS,
+    )
+    prune_batch: int = _count(
+        DEFAULT_PRUNE_BATCH_SIZE, "IDEMPOTENCY_PRUNE_BATCH_SIZE", "stored API responses deleted per transaction"
+    )
+    abandon_after_hours: float = _seconds(
+        DEFAULT_ABANDON_AFTER_HOURS,
+        "ABANDON_AFTER_HOURS",
+        "ops may abandon a payment parked this long (gatewayctl abandon); the card vault keeps no card longer",
+    )
 
     @property
     def lease_seconds(self) -> float:

@@ -9,24 +9,74 @@
     passed are expired by payments.expire_hold(), which also starts the
     RELEASE (void) of the hold at the bank.
 
-(c) Reconciliation, every RECONCILE_INTERVAL_SECONDS: receipts against the
+(c) Old cards: the vault keeps no card longer than ABANDON_AFTER_HOURS
+    (payments.purge_old_cards); an authorization still waiting for one is
+    parked with last_error card_purged, for ops to abandon.
+(d) Old idempotency keys: stored API responses older than
+    IDEMPOTENCY_KEY_RETENTION_HOURS are deleted, IDEMPOTENCY_PRUNE_BATCH_SIZE
+    rows per transaction, until a batch comes back short (at most
+    PRUNE_BATCHES_PER_PASS per pass). The API only inserts keys, so a batch
+    never holds up a request.
+
+(e) Reconciliation, every RECONCILE_INTERVAL_SECONDS: receipts against the
     bank's books (worker.reconcile), repairing only what moves no money.
 
-Several workers may sweep at once: (a) locks with SKIP LOCKED and bumps
-updated_at in the same transaction; (b) re-checks each payment under its lock;
-(c) runs in one worker at a time, under a session advisory lock.
+Several workers may sweep at once: (a), (c) and (d) lock with SKIP LOCKED;
+(a) bumps updated_at in the same transaction; (b) re-checks each payment under
+its lock; (e) runs in one worker at a time, under a session advisory lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 
 from gateway import logs, messages, payments, store
 from worker import reconcile
+from worker.settings import (
+    DEFAULT_ABANDON_AFTER_HOURS,
+    DEFAULT_KEY_RETENTION_HOURS,
+    DEFAULT_PRUNE_BATCH_SIZE,
+    WorkerSettings,
+)
 
 log = logs.get("sweeper")
+
+# Bounds one pass of (d): a backlog (a first start on a years-old table) is worked off over
+# several passes rather than in one long burst.
+PRUNE_BATCHES_PER_PASS = 100
+
+
+@dataclass(frozen=True)
+class Housekeeping:
+    """How long the database keeps what it must not keep for ever."""
+
+    card_max_age: timedelta = timedelta(hours=DEFAULT_ABANDON_AFTER_HOURS)
+    key_retention: timedelta = timedelta(hours=DEFAULT_KEY_RETENTION_HOURS)
+    prune_batch: int = DEFAULT_PRUNE_BATCH_SIZE
+
+    @classmethod
+    def of(cls, cfg: WorkerSettings) -> Housekeeping:
+        """ABANDON_AFTER_HOURS, IDEMPOTENCY_KEY_RETENTION_HOURS and IDEMPOTENCY_PRUNE_BATCH_SIZE."""
+        return cls(
+            card_max_age=timedelta(hours=cfg.abandon_after_hours),
+            key_retention=timedelta(hours=cfg.key_retention_hours),
+            prune_batch=cfg.prune_batch,
+        )
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one pass did."""
+
+    requeued: int = 0
+    expired: int = 0
+    cards_purged: int = 0
+    keys_pruned: int = 0
 
 
 async def requeue_stuck(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> int:
@@ -51,8 +101,41 @@ async def expire_lapsed_holds(pool: asyncpg.Pool, limit: int) -> int:
     return moved
 
 
-async def sweep_once(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> tuple[int, int]:
-    return await requeue_stuck(pool, idle_seconds, limit), await expire_lapsed_holds(pool, limit)
+async def purge_old_cards(pool: asyncpg.Pool, max_age: timedelta, limit: int) -> int:
+    """Delete every card kept longer than `max_age`; returns how many."""
+    purged = await payments.purge_old_cards(pool, max_age, limit)
+    for payment_id in purged:
+        log.warning("card purged from the vault; its authorization is parked for ops", payment_id=payment_id)
+    return len(purged)
+
+
+async def prune_idempotency_keys(pool: asyncpg.Pool, retention: timedelta, batch: int) -> int:
+    """Delete stored API responses older than `retention`, `batch` rows per transaction; returns how many."""
+    total = 0
+    for _ in range(PRUNE_BATCHES_PER_PASS):
+        deleted = await store.prune_idempotency_keys(pool, retention_seconds=retention.total_seconds(), limit=batch)
+        total += deleted
+        if deleted < batch:
+            break
+    if total:
+        log.info("idempotency keys pruned", deleted=total, retention_hours=retention.total_seconds() / 3600)
+    return total
+
+
+async def sweep_once(
+    pool: asyncpg.Pool,
+    idle_seconds: float,
+    limit: int,
+    housekeeping: Housekeeping = Housekeeping(),
+    *,
+    requeue: bool = True,
+) -> Sweep:
+    return Sweep(
+        requeued=await requeue_stuck(pool, idle_seconds, limit) if requeue else 0,
+        expired=await expire_lapsed_holds(pool, limit),
+        cards_purged=await purge_old_cards(pool, housekeeping.card_max_age, limit),
+        keys_pruned=await prune_idempotency_keys(pool, housekeeping.key_retention, housekeeping.prune_batch),
+    )
 
 
 async def reconcile_once(pool: asyncpg.Pool, bank, *, rate: float, limit: int) -> reconcile.Report | None:
@@ -79,16 +162,20 @@ async def run(
     reconcile_interval: float = 0,
     reconcile_rate: float = 5,
     reconcile_limit: int = 500,
+    housekeeping: Housekeeping = Housekeeping(),
+    bank_unavailable: Callable[[], bool] = lambda: False,
 ) -> None:
     """Sweep every `interval` seconds (and reconcile every `reconcile_interval`) until `stop` is set.
 
+    While `bank_unavailable()` (the worker's circuit breaker is open) operations wait for the
+    bank on purpose, unleased and idle: they are not stuck, and are not re-enqueued.
     A failed pass is logged and tried again at the next tick.
     """
     loop = asyncio.get_running_loop()
     next_reconcile = loop.time() + reconcile_interval
     while not stop.is_set():
         try:
-            await sweep_once(pool, idle_seconds, limit)
+            await sweep_once(pool, idle_seconds, limit, housekeeping, requeue=not bank_unavailable())
             if bank is not None and reconcile_interval > 0 and loop.time() >= next_reconcile:
                 next_reconcile = loop.time() + reconcile_interval
                 await reconcile_once(pool, bank, rate=reconcile_rate, limit=reconcile_limit)

@@ -127,3 +127,70 @@ SELECT pg_advisory_xact_lock(:lock);
 -- name: ping$
 -- The readiness probe: the database answers.
 SELECT 1;
+
+-- name: ops_lock_operation^
+-- An operation (whatever its status) and its payment, both locked, before ops
+-- decides it by hand. parked_seconds: how long it has been parked (a parked
+-- operation's updated_at is the time it was parked; nothing else writes it
+-- meanwhile). leased: a worker's bank call may be running.
+SELECT o.id AS operation_id, o.kind, o.status AS operation_status, o.parked, o.bank_key,
+       coalesce(o.lease_until > now(), false) AS leased,
+       extract(epoch FROM now() - o.updated_at)::float8 AS parked_seconds,
+       p.*, payment_history_json(p.id) AS history
+  FROM operations o
+  JOIN payments p ON p.id = o.payment_id
+ WHERE o.id = :operation_id
+   FOR UPDATE;
+
+-- name: ops_finish_operation$
+-- Ops settles or abandons a parked operation: the operation final, the
+-- payment's status, error, flag and (only where the receipt has none) bank
+-- reference, a history row naming who and why whether or not the status
+-- moved, the sealed card gone, and the event when there is one. Unlike the
+-- worker's finish_operation there is no bank answer to keep, and
+-- attention_required is the caller's decision.
+WITH operation AS (
+    UPDATE operations
+       SET status = :operation_status, finished_at = :at, updated_at = :at, last_error = :error,
+           lease_owner = NULL, lease_until = NULL, parked = false
+     WHERE id = :operation_id AND status = 'pending' AND parked
+    RETURNING payment_id
+), payment AS (
+    UPDATE payments
+       SET status = :payment_status, last_error = :error, attention_required = :attention_required,
+           updated_at = :at,
+           authorization_id = coalesce(authorization_id, :authorization_id),
+           capture_id = coalesce(capture_id, :capture_id),
+           void_id = coalesce(void_id, :void_id),
+           refund_id = coalesce(refund_id, :refund_id)
+     WHERE id = (SELECT payment_id FROM operation)
+    RETURNING id
+), history AS (
+    INSERT INTO payment_history (payment_id, status, cause, at)
+    SELECT id, :payment_status, :cause, :at FROM payment
+), vault AS (
+    DELETE FROM card_vault WHERE payment_id = (SELECT id FROM payment)
+), event AS (
+    INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+    SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers
+      FROM payment WHERE :event_exchange::text IS NOT NULL
+)
+SELECT count(*) FROM payment;
+
+-- name: ops_resolve_payment!
+-- Ops clears attention_required on a payment with no operation in flight,
+-- filling bank references the receipt lacks (never overwriting one), with a
+-- history row naming who and why; the status does not move.
+WITH payment AS (
+    UPDATE payments
+       SET attention_required = false, updated_at = :at,
+           authorization_id = coalesce(authorization_id, :authorization_id),
+           capture_id = coalesce(capture_id, :capture_id),
+           void_id = coalesce(void_id, :void_id),
+           refund_id = coalesce(refund_id, :refund_id)
+     WHERE id = :payment_id
+       AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.payment_id = :payment_id AND o.status = 'pending')
+    RETURNING id, status
+)
+INSERT INTO payment_history (payment_id, status, cause, at)
+SELECT id, status, :cause, :at FROM payment;

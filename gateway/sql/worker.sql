@@ -39,3 +39,56 @@ SELECT id
  WHERE status = 'authorized' AND authorization_expires_at < now()
  ORDER BY authorization_expires_at
  LIMIT :limit;
+
+-- name: lock_old_cards
+-- Sealed cards kept longer than max_age_seconds, with their payment (locked)
+-- and the authorize operation still pending for it, if any. A card whose
+-- operation holds a live lease is left for a later pass: a bank call with it
+-- may be running. Rows another sweeper holds are skipped.
+SELECT v.payment_id, o.id AS operation_id, o.parked, p.*, payment_history_json(p.id) AS history
+  FROM card_vault v
+  JOIN payments p ON p.id = v.payment_id
+  LEFT JOIN operations o ON o.payment_id = v.payment_id AND o.status = 'pending' AND o.kind = 'authorize'
+ WHERE v.created_at < now() - make_interval(secs => :max_age_seconds)
+   AND (o.lease_until IS NULL OR o.lease_until < now())
+ ORDER BY v.created_at
+ LIMIT :limit
+   FOR UPDATE OF v, p SKIP LOCKED;
+
+-- name: purge_card!
+-- The card is deleted; its authorization, if still pending, can never be
+-- sent: it is parked for ops (who abandon it) with the reason on the
+-- operation and the payment, and the event when the payment was not flagged
+-- yet. An operation parked already keeps its updated_at, which says since
+-- when it is parked (ops may abandon it once that is long enough ago). Not
+-- while a worker holds the lease (it claimed after lock_old_cards read): that
+-- worker finds no card on its next claim and parks the operation itself.
+WITH card AS (
+    DELETE FROM card_vault WHERE payment_id = :payment_id
+), operation AS (
+    UPDATE operations
+       SET parked = true, last_error = :error, lease_owner = NULL, lease_until = NULL,
+           updated_at = CASE WHEN parked THEN updated_at ELSE :at END
+     WHERE id = :operation_id AND status = 'pending' AND (lease_until IS NULL OR lease_until < now())
+    RETURNING payment_id
+), payment AS (
+    UPDATE payments SET attention_required = true, last_error = :error, updated_at = :at
+     WHERE id = (SELECT payment_id FROM operation)
+    RETURNING id
+)
+INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers
+  FROM payment WHERE :event_exchange::text IS NOT NULL;
+
+-- name: prune_idempotency_keys!
+-- Stored responses past the retention, a small slice per call (its own
+-- transaction), oldest first along idempotency_keys_age. SKIP LOCKED: a row
+-- another sweeper is deleting is left to it. The API never updates or deletes
+-- these rows, it only inserts new keys, so nothing it does waits for this.
+DELETE FROM idempotency_keys
+ WHERE (merchant, key) IN (SELECT merchant, key
+                             FROM idempotency_keys
+                            WHERE created_at < now() - make_interval(secs => :retention_seconds)
+                            ORDER BY created_at
+                            LIMIT :limit
+                              FOR UPDATE SKIP LOCKED);

@@ -50,6 +50,7 @@ class Env:
             "LOG_LEVEL": None,
             "WORKER_RETRY_LADDER": None,
             "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS": None,
+            "ABANDON_AFTER_HOURS": None,
         }
         env.update(extra)
         return env
@@ -191,7 +192,18 @@ async def env(cli_env):
 async def test_help_everywhere(cli_env, capsys):
     _, out, _ = await cli_env.cli("--help")  # the installed console script
     assert out.startswith("usage: gatewayctl") and "Exit codes" in out
-    for args in (["migrate"], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "replay"], ["reconcile"]):
+    for args in (
+        ["migrate"],
+        ["dlq"],
+        ["dlq", "list"],
+        ["dlq", "show"],
+        ["dlq", "replay"],
+        ["dlq", "drop"],
+        ["settle"],
+        ["resolve"],
+        ["abandon"],
+        ["reconcile"],
+    ):
         with pytest.raises(SystemExit) as exit_:
             cli.main([*args, "--help"])
         assert exit_.value.code == 0
@@ -373,6 +385,137 @@ async def test_replay_all_handles_each_case(env):
     assert left.body == b"{}"
     _, out, _ = await env.cli("dlq", "replay", "--all")
     assert "nothing to replay" in out
+
+
+# ---- letters without a readable operation id ------------------------------------------------------
+
+CARD = "4111111111111111"
+
+
+async def test_unreadable_letters_are_listed_shown_and_dropped_by_handle(env):
+    pid, op = await env.parked("capture")
+    # Letters naming no readable operation: a message id that is no plain token (named by a hash
+    # of body and headers), an operation id with a NUL byte, and a body that is no command.
+    channel = await env.broker.channel(publisher_confirms=True)
+    for body, headers, message_id in (
+        (f'{{"card": "{CARD}", "x": 1'.encode(), {"last_error": f"echo {CARD}"}, "a message id with spaces"),
+        (b'{"operation_id": "op_\x00"}', {"operation_id": "op_\x00nul"}, "cmd_nul"),
+        (b"[]", {}, "cmd_unreadable1"),
+    ):
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, message_id=message_id, headers=headers), routing_key=topology.DEAD_QUEUE
+        )
+    await channel.close()
+
+    first = await env.cli_json("dlq", "list")
+    second = await env.cli_json("dlq", "list")  # each read requeues: the broker counts deliveries
+    unreadable = [e for e in first["operations"] if e["operation_id"] is None]
+    assert [e["handles"] for e in unreadable] == [
+        e["handles"] for e in second["operations"] if e["operation_id"] is None
+    ]
+    handles = [e["handles"][0] for e in unreadable]
+    assert handles[0].startswith("sha-") and handles[1:] == ["cmd_nul", "cmd_unreadable1"]
+    assert all(e["state"].startswith("unreadable") for e in unreadable)
+    _, out, _ = await env.cli("dlq", "list")
+    assert all(h in out for h in handles) and "gatewayctl dlq drop HANDLE" in out
+
+    shown = await env.cli_json("dlq", "show", handles[0])
+    (letter,) = shown["letters"]
+    assert CARD not in orjson.dumps(letter).decode() and "[redacted]" in letter["body"]
+    assert letter["headers"]["last_error"] == "echo [redacted]" and letter["operation_id"] is None
+    _, out, _ = await env.cli("dlq", "show", handles[0])
+    assert f"letter {handles[0]}" in out and CARD not in out and f"gatewayctl dlq drop {handles[0]}" in out
+
+    doc = await env.cli_json("dlq", "replay", "--all", expect=1)
+    reported = {tuple(r["handles"]): r for r in doc["results"] if r["result"] == "unreadable"}
+    assert set(reported) == {(h,) for h in handles}
+    assert f"gatewayctl dlq drop {handles[1]}" in reported[(handles[1],)]["message"]
+    assert [r["operation_id"] for r in doc["results"] if r["result"] == "replayed"] == [op]
+
+    _, out, err = await env.cli("dlq", "drop", "cmd_unreadable1", "sha-0000000000000000", expect=1)
+    assert "dropping letter cmd_unreadable1" in out and "1 letter(s) dropped" in out
+    assert "no letter sha-0000000000000000" in err
+    _, out, _ = await env.cli("dlq", "drop", "--unreadable")
+    assert "2 letter(s) dropped" in out and CARD not in out
+    assert await env.count(topology.DEAD_QUEUE) == 0
+    _, out, _ = await env.cli("dlq", "replay", "--all")  # a way out: nothing left that needs a human
+    assert "nothing to replay" in out
+    await env.cli("dlq", "drop", expect=2)
+
+
+async def test_drop_of_an_unknown_operations_letters_by_the_handle_replay_names(env):
+    await env.dead_letter("op_" + "f" * 32, "pay_gone", "capture")
+    doc = await env.cli_json("dlq", "replay", "--all", expect=1)
+    (result,) = doc["results"]
+    assert result["result"] == "unknown" and f"gatewayctl dlq drop {result['handles'][0]}" in result["message"]
+    dropped = await env.cli_json("dlq", "drop", *result["handles"])
+    assert [d["operation_id"] for d in dropped["dropped"]] == ["op_" + "f" * 32] and dropped["not_found"] == []
+    await env.cli("dlq", "replay", "--all")
+
+
+# ---- settle, resolve, abandon ------------------------------------------------------------------------
+
+
+async def test_settle_by_hand_then_resolve_the_unknown_reference(env):
+    pid, op = await env.parked("capture")
+    _, _, err = await env.cli("settle", op, "--outcome", "succeeded", "--by", "alice", expect=2)
+    assert "--reason" in err
+    _, _, err = await env.cli(
+        "settle", op, "--outcome", "failed", "--reason", "r", "--by", "alice", "--bank-id", "cap_x", expect=2
+    )
+    assert "--bank-id only goes with --outcome succeeded" in err
+    _, _, err = await env.cli(
+        "settle", op, "--outcome", "succeeded", "--reason", "r", "--by", "alice", "--bank-id", "cap_x", expect=2
+    )
+    assert "lowercase UUID" in err and (await env.operation(op))["parked"]
+    _, _, err = await env.cli("settle", op, "--outcome", "succeeded", "--reason", "r", "--by", "a b", expect=2)
+    assert "operator's name" in err
+
+    _, out, _ = await env.cli("settle", op, "--outcome", "succeeded", "--reason", "bank shows it", "--by", "alice")
+    assert f"settled capture operation {op} by hand" in out and "capture_id is unknown" in out
+    assert "captured, attention_required" in out and "ops:alice:settle:bank shows it" in out
+    row = await env.payment(pid)
+    assert (row["status"], row["attention_required"], row["capture_id"]) == ("captured", True, None)
+
+    _, _, err = await env.cli("settle", op, "--outcome", "failed", "--reason", "r", "--by", "alice", expect=1)
+    assert "refused" in err and "already final (succeeded)" in err
+    _, _, err = await env.cli("resolve", pid, "--reason", "r", "--by", "bob", "--set", "capture_id", expect=2)
+    assert "expected FIELD=ID" in err
+    cap = f"cap_{uuid.uuid4()}"
+    doc = await env.cli_json("resolve", pid, "--reason", "bank statement", "--by", "bob", "--set", f"capture_id={cap}")
+    assert doc["payment"]["bank"]["capture_id"] == cap and not doc["payment"]["attention_required"]
+    _, _, err = await env.cli("resolve", pid, "--reason", "again", "--by", "bob", expect=1)
+    assert "nothing to resolve" in err
+    doc = await env.cli_json("dlq", "show", op)  # the full history, with who and why
+    assert [h["cause"] for h in doc["history"]][-2:] == [
+        "ops:alice:settle:bank shows it",
+        "ops:bob:resolve:bank statement",
+    ]
+
+
+async def test_abandon_waits_for_the_configured_time_then_voids_the_hold(env):
+    pid, op = await env.parked("capture")
+    _, _, err = await env.cli("abandon", pid, "--reason", "bank stuck", "--by", "carol", expect=1)
+    assert "refused" in err and "once parked for 24 h" in err and "gatewayctl settle" in err
+    await env.pool.execute("UPDATE operations SET updated_at = now() - interval '25 hours' WHERE id = $1", op)
+    _, out, _ = await env.cli("abandon", pid, "--reason", "bank stuck", "--by", "carol")
+    assert f"abandoned the parked capture operation {op}" in out and "the hold is being voided" in out
+    row = await env.payment(pid)
+    assert (row["status"], row["last_error"]["code"], row["attention_required"]) == ("voiding", "abandoned", False)
+    void_op = await env.pending_op(pid)
+    assert (await env.operation(void_op))["kind"] == "void"
+    _, _, err = await env.cli("abandon", pid, "--reason", "again", "--by", "carol", expect=1)
+    assert "not parked" in err
+
+    auth_pid, _ = await env.parked("authorize")
+    _, _, err = await env.cli(
+        "abandon", auth_pid, "--reason", "r", "--by", "carol", env={"ABANDON_AFTER_HOURS": "soon"}, expect=2
+    )
+    assert "ABANDON_AFTER_HOURS" in err and "Traceback" not in err
+    doc = await env.cli_json(
+        "abandon", auth_pid, "--reason", "no answer", "--by", "carol", env={"ABANDON_AFTER_HOURS": "0.0001"}
+    )
+    assert doc["payment"]["status"] == "declined" and doc["kind"] == "authorize" and doc["follow_up"] is None
 
 
 # ---- the real worker parks, ops replays ------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+from datetime import timedelta
 
 import pytest
 from pydantic import ValidationError
@@ -13,6 +14,7 @@ from gateway import config
 from gateway.config import ConfigError, Settings
 from mockbank.config import Config as BankConfig
 from worker.settings import RelaySettings, WorkerSettings
+from worker.sweeper import Housekeeping
 
 VARIABLES = ("DATABASE_URL", "AMQP_URL", "BANK_URL", "GATEWAY_API_KEYS", "CARD_ENCRYPTION_KEY", "LOG_LEVEL")
 GOOD_KEY = base64.b64encode(b"k" * 32).decode()
@@ -367,6 +369,9 @@ WORKER_DEFAULTS = {
     "reconcile_interval": 3600.0,
     "reconcile_rate": 5.0,
     "reconcile_limit": 500,
+    "key_retention_hours": 48.0,
+    "prune_batch": 500,
+    "abandon_after_hours": 24.0,
 }
 
 
@@ -424,6 +429,10 @@ NUMBER_RULES = {
     "RECONCILE_INTERVAL_SECONDS": (False, ["-1", "x"]),
     "RECONCILE_RATE": (False, ["0", "x"]),
     "RECONCILE_LIMIT": (True, ["0", "x"]),
+    # gateway-api.md promises keys for at least 24 hours.
+    "IDEMPOTENCY_KEY_RETENTION_HOURS": (False, ["23.9", "0", "two days", "inf"]),
+    "IDEMPOTENCY_PRUNE_BATCH_SIZE": (True, ["0", "1.5", "x"]),
+    "ABANDON_AFTER_HOURS": (False, ["0", "-1", "nan"]),
     "RELAY_BATCH_SIZE": (True, ["0", "x", "2.5"]),
     "RELAY_POLL_SECONDS": (False, ["0", "-1", "x"]),
     "RELAY_RETENTION_DAYS": (False, ["0", "x"]),
@@ -526,3 +535,12 @@ def test_load_reads_the_environment_and_empty_is_unset(clean_env):
     clean_env.setenv("WORKER_CONCURRENCY", "")
     cfg = WorkerSettings.load()
     assert cfg.prefetch == 17 and cfg.concurrency == 1000
+
+
+def test_housekeeping_values_reach_the_sweeper():
+    assert Housekeeping.of(WorkerSettings.parse({})) == Housekeeping()
+    assert Housekeeping() == Housekeeping(timedelta(hours=24), timedelta(hours=48), 500)
+    cfg = WorkerSettings.parse(
+        {"IDEMPOTENCY_KEY_RETENTION_HOURS": "24", "IDEMPOTENCY_PRUNE_BATCH_SIZE": "50", "ABANDON_AFTER_HOURS": "0.5"}
+    )
+    assert Housekeeping.of(cfg) == Housekeeping(timedelta(minutes=30), timedelta(hours=24), 50)
