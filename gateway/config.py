@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 DEV_API_KEYS = "ficmart:sk_test_ficmart_dev"
@@ -37,6 +38,8 @@ class Settings:
     api_keys: dict[str, str]  # key -> caller name
     card_key: bytes | None
     log_level: str
+    # The ops console (/ops on gateway-api): key -> ops person's name. Empty: the console is off.
+    ops_keys: dict[str, str] = field(default_factory=dict)
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
@@ -65,6 +68,30 @@ def _api_keys(value: str) -> dict[str, str]:
     return keys
 
 
+# An ops name goes into history causes (`ops:<name>:replay`) and page headers: kept plain.
+_OPS_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _ops_keys(value: str, api_keys: dict[str, str]) -> dict[str, str]:
+    """GATEWAY_OPS_KEYS: name:key pairs like GATEWAY_API_KEYS; empty means no console."""
+    keys: dict[str, str] = {}
+    for pair in value.split(","):
+        if not pair.strip():
+            continue
+        name, sep, key = (part.strip() for part in pair.partition(":"))
+        if not sep or not _OPS_NAME.match(name) or len(key) < 16 or not key.isprintable():
+            raise ConfigError(
+                "GATEWAY_OPS_KEYS must be comma-separated name:key pairs: names of letters, digits, '.', '_' "
+                "or '-', keys of at least 16 printable characters"
+            )
+        if key in keys:
+            raise ConfigError("GATEWAY_OPS_KEYS lists the same key twice")
+        if key in api_keys:
+            raise ConfigError("GATEWAY_OPS_KEYS and GATEWAY_API_KEYS share a key: an ops key must never open /v1")
+        keys[key] = name
+    return keys
+
+
 def _card_key(value: str | None, required: bool) -> bytes | None:
     if not value:
         if required:
@@ -89,13 +116,15 @@ def parse(env: dict[str, str], *, need_card_key: bool = False) -> Settings:
     level = get("LOG_LEVEL").lower()
     if level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    api_keys = _api_keys(get("GATEWAY_API_KEYS"))
     return Settings(
         database_url=_url("DATABASE_URL", get("DATABASE_URL"), ("postgresql", "postgres")),
         amqp_url=_url("AMQP_URL", get("AMQP_URL"), ("amqp", "amqps")),
         bank_url=_url("BANK_URL", get("BANK_URL"), ("http", "https")).rstrip("/"),
-        api_keys=_api_keys(get("GATEWAY_API_KEYS")),
+        api_keys=api_keys,
         card_key=_card_key(env.get("CARD_ENCRYPTION_KEY"), need_card_key),
         log_level=level,
+        ops_keys=_ops_keys(env.get("GATEWAY_OPS_KEYS") or "", api_keys),
     )
 
 
