@@ -9,7 +9,7 @@ Undefined names fail the render instead of printing nothing.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -17,7 +17,7 @@ import jinja2
 import orjson
 
 from gateway import redact
-from gateway.timefmt import now
+from gateway.timefmt import now, parse
 
 TEXT_LIMIT = 500
 BODY_LIMIT = 4000
@@ -59,11 +59,15 @@ def error_text(error: Any) -> str:
 
 
 def timestamp(value: datetime | str | None) -> str:
+    """One format on every page, whether the value comes as a datetime or as the receipt's text."""
     if value is None:
         return "-"
     if isinstance(value, str):
-        return outside(value, 64)
-    return value.strftime("%Y-%m-%d %H:%M:%S UTC")
+        try:
+            value = parse(value)
+        except ValueError:
+            return outside(value, 64)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def ago(value: datetime | None) -> str:
