@@ -238,7 +238,7 @@ async def test_without_ops_keys_the_console_says_it_is_not_configured(console_en
     settings = settings_for("postgresql://postgres@127.0.0.1:1/none", "amqp://guest:guest@127.0.0.1:1/", card_key, None)
     assert settings.ops_keys == {}
     async with TestClient(TestServer(create_app(settings, console_env.pool))) as client:
-        for path, headers in (("/ops/", {}), ("/ops/dead-letters", basic(ALICE)), ("/ops", basic(API_KEY))):
+        for path, headers in (("/ops/", {}), ("/ops/dead-letters", basic(ALICE)), ("/ops/x", basic(API_KEY))):
             resp = await client.get(path, headers=headers)
             assert resp.status == 404
             text = await resp.text()
@@ -528,3 +528,10 @@ async def test_broker_down_the_dead_letter_pages_say_so(console_env, card_key):
         assert resp.status == 200 and "payments.dead: unavailable" in text and "could not be asked" in text
         resp = await client.get("/ops/dead-letters", headers=basic(ALICE))
         assert resp.status == 503 and "RabbitMQ is unavailable" in await resp.text()
+
+
+async def test_ops_without_the_slash_is_the_overview(ops):
+    resp = await ops.client.get("/ops", allow_redirects=False)
+    assert resp.status == 308 and resp.headers["Location"] == "/ops/"
+    status, text, _ = await ops.get("/ops")  # followed
+    assert status == 200 and "<h1>Overview</h1>" in text

@@ -96,6 +96,8 @@ async def console_middleware(request: web.Request, handler) -> web.StreamRespons
 
 
 async def _answer(request: web.Request, handler) -> web.StreamResponse:
+    if request.path == "/ops":  # the sub-application's routes all start with /ops/
+        return web.Response(status=308, headers={"Location": "/ops/"})
     console = request.app[CONSOLE]
     if not console.operators:
         return _notice(
