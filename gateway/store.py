@@ -540,7 +540,7 @@ async def ops_payment_counts(db: Executor) -> list[asyncpg.Record]:
 
 
 async def ops_backlog(db: Executor) -> asyncpg.Record:
-    """outbox_unsent, outbox_oldest_unsent_at, parked_operations, flagged_payments, last_finding_at."""
+    """outbox_unsent, outbox_oldest_unsent_at, parked_operations, last_finding_at."""
     return await _ops.ops_backlog(db)
 
 

@@ -141,16 +141,17 @@ SELECT p.status, count(*) AS payments, count(*) FILTER (WHERE p.attention_requir
 -- name: ops_backlog^
 -- The overview's queues in one round trip: the outbox not yet published (the
 -- partial index outbox_unsent holds exactly those rows), operations parked
--- for ops, payments flagged, and the latest reconciliation run.
+-- for ops (operations_pending holds the pending ones), and the latest
+-- reconciliation finding.
 SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS outbox_unsent,
        (SELECT min(created_at) FROM outbox WHERE published_at IS NULL) AS outbox_oldest_unsent_at,
        (SELECT count(*) FROM operations WHERE status = 'pending' AND parked) AS parked_operations,
-       (SELECT count(*) FROM payments WHERE attention_required) AS flagged_payments,
        (SELECT max(found_at) FROM reconciliation_findings) AS last_finding_at;
 
 -- name: ops_flagged_payments
 -- Payments showing attention_required, most recently changed first, with the
 -- parked operation that holds each one, if any (reconciliation flags without one).
+-- No index has the flag: a scan of payments, for a page a person opens.
 SELECT p.id, p.merchant, p.order_id, p.customer_id, p.amount, p.currency, p.status,
        p.last_error, p.updated_at, o.id AS operation_id, o.kind AS operation_kind, o.parked
   FROM payments p

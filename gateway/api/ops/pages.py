@@ -244,8 +244,7 @@ async def _replay(request: web.Request, operation_id: str | None, forced: bool) 
     results = await _desk(request).replay(operation_id, force=forced, actor=operator.name)
     for r in results:
         log.info(
-            "ops replay",
-            ops_user=operator.name,
+            "ops replay",  # ops_user is bound by the middleware
             operation_id=r.operation_id,
             payment_id=r.payment_id,
             result=r.result,

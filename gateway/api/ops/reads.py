@@ -38,6 +38,7 @@ class Circuit:
 class Overview:
     by_status: list[asyncpg.Record]  # status, payments, flagged
     payments: int
+    flagged: int
     backlog: asyncpg.Record  # see store.ops_backlog
     circuits: list[Circuit]
     dead_letter_messages: int | None  # None: RabbitMQ could not be asked
@@ -63,6 +64,7 @@ async def overview(pool: asyncpg.Pool, desk: port.DeadLetterDesk) -> Overview:
     return Overview(
         by_status=by_status,
         payments=sum(r["payments"] for r in by_status),
+        flagged=sum(r["flagged"] for r in by_status),
         backlog=backlog,
         circuits=await circuits(pool),
         dead_letter_messages=depth,
