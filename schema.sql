@@ -121,6 +121,17 @@ CREATE TABLE IF NOT EXISTS reconciliation_findings (
 );
 CREATE INDEX IF NOT EXISTS reconciliation_findings_by_run ON reconciliation_findings (run_id);
 
+-- Each gateway-worker's bank circuit breaker as it last reported it: the ops
+-- console shows it (a row not rewritten for a few minutes is shown as stale:
+-- its worker is gone or stuck). Written by the worker on every change and
+-- periodically, so changed_at is the time of the last report.
+CREATE TABLE IF NOT EXISTS bank_circuit (
+    worker_id   text PRIMARY KEY,
+    open        boolean NOT NULL,
+    changed_at  timestamptz NOT NULL,
+    detail      text
+);
+
 -- Wake the relay when there is something to publish, and long polls when a payment moves.
 -- The relay drains the outbox until it is empty before it waits again, so a
 -- NOTIFY is only needed when no older row is still unsent. Skipping it under

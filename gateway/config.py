@@ -14,12 +14,13 @@ This module also holds the settings every gateway process shares.
 from __future__ import annotations
 
 import base64
+import re
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Self, TypeVar
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -27,6 +28,7 @@ T = TypeVar("T")
 
 DEV_API_KEYS = "ficmart:sk_test_ficmart_dev"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+_OPS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ConfigError(ValueError):
@@ -213,6 +215,12 @@ class Settings(EnvSettings):
         description="32 random bytes, base64 (required by gateway-api and gateway-worker)",
     )
     log_level: str = Field(default="info", validation_alias="LOG_LEVEL", description=", ".join(LOG_LEVELS))
+    # key -> operator name; empty: no ops console
+    ops_keys: dict[str, str] = Field(
+        default_factory=dict,
+        validation_alias="GATEWAY_OPS_KEYS",
+        description="comma-separated name:key pairs for the /ops console (HTTP Basic, key as password); unset: off",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -246,6 +254,32 @@ class Settings(EnvSettings):
                 raise ConfigError("GATEWAY_API_KEYS lists the same key twice")
             keys[key] = name
         return keys
+
+    @field_validator("ops_keys", mode="before")
+    @classmethod
+    def _ops_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        keys: dict[str, str] = {}
+        for pair in value.split(","):
+            if not pair.strip():
+                continue
+            name, sep, key = (part.strip() for part in pair.partition(":"))
+            if not sep or not _OPS_NAME.fullmatch(name) or len(key) < 16 or not key.isprintable():
+                raise ConfigError(
+                    "GATEWAY_OPS_KEYS must be comma-separated name:key pairs: names of letters, digits, '.', '_' "
+                    "or '-' (they are written into payment histories), keys of at least 16 printable characters"
+                )
+            if key in keys:
+                raise ConfigError("GATEWAY_OPS_KEYS lists the same key twice")
+            keys[key] = name
+        return keys
+
+    @model_validator(mode="after")
+    def _ops_keys_are_not_api_keys(self) -> Self:
+        if set(self.ops_keys) & set(self.api_keys):
+            raise ConfigError("GATEWAY_OPS_KEYS and GATEWAY_API_KEYS share a key: an ops key must never open /v1")
+        return self
 
     @field_validator("card_key", mode="before")
     @classmethod

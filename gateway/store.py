@@ -611,3 +611,57 @@ async def ops_resolve_payment(
     operation is in flight (or there is no such payment)."""
     status = await _ops.ops_resolve_payment(db, payment_id=payment_id, at=at, cause=cause, **references._asdict())
     return status == "INSERT 0 1"
+
+
+# ---- the ops console (gateway/api/ops/) -------------------------------------------------
+
+
+async def ops_payment_counts(db: Executor) -> list[asyncpg.Record]:
+    """status, payments and flagged (attention_required) per payment status."""
+    return await _rows(_ops.ops_payment_counts, db)
+
+
+async def ops_backlog(db: Executor) -> asyncpg.Record:
+    """outbox_unsent, outbox_oldest_unsent_at, parked_operations, last_finding_at."""
+    return await _ops.ops_backlog(db)
+
+
+async def ops_flagged_payments(db: Executor, *, limit: int) -> list[asyncpg.Record]:
+    """Payments with attention_required, most recently changed first, with their pending operation."""
+    return await _rows(_ops.ops_flagged_payments, db, limit=limit)
+
+
+async def ops_findings(db: Executor, *, limit: int) -> list[asyncpg.Record]:
+    """Reconciliation findings, newest first, with payment_status and attention_required."""
+    return await _rows(_ops.ops_findings, db, limit=limit)
+
+
+async def ops_search_payments(db: Executor, *, term: str, limit: int) -> list[asyncpg.Record]:
+    """Payments (any merchant) whose id, order id or customer id is `term`, newest first."""
+    return await _rows(_ops.ops_search_payments, db, term=term, limit=limit)
+
+
+async def ops_timeline_operations(db: Executor, *, payment_id: str) -> list[asyncpg.Record]:
+    return await _rows(_ops.ops_timeline_operations, db, payment_id=payment_id)
+
+
+async def ops_timeline_messages(db: Executor, *, needles: Sequence[str]) -> list[asyncpg.Record]:
+    """Outbox rows whose body contains any of `needles` (a payment id, its operation ids), oldest first."""
+    return await _rows(_ops.ops_timeline_messages, db, needles=list(needles))
+
+
+async def record_ops_action(db: Connection, *, operation_id: str, cause: str, at: datetime) -> None:
+    """A history row for the operation's payment, in its current status, with `cause`."""
+    await _ops.record_ops_action(db, operation_id=operation_id, cause=cause, at=at)
+
+
+async def record_circuit_state(
+    db: Executor, *, worker_id: str, open: bool, changed_at: datetime, detail: str | None
+) -> None:
+    """Upsert one worker's bank circuit breaker state (bank_circuit)."""
+    await _ops.record_circuit_state(db, worker_id=worker_id, open=open, changed_at=changed_at, detail=detail)
+
+
+async def circuit_states(db: Executor) -> list[asyncpg.Record]:
+    """worker_id, open, changed_at, detail of every worker that reported, by worker id."""
+    return await _rows(_ops.circuit_states, db)

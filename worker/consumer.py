@@ -35,7 +35,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from gateway import config, db, logs, messages, payments, process
+from gateway import config, db, logs, messages, payments, process, store, timefmt
 from gateway.cards import CardVault
 from gateway.domain import BankOutcome, Verdict
 from gateway.payments import Claim, OperationState
@@ -49,6 +49,7 @@ log = logs.get("worker")
 
 PUBLISH_TIMEOUT = 30.0
 DATABASE_PROBE_TIMEOUT = 5.0
+BREAKER_REPORT_SECONDS = 60.0  # the ops console shows a worker silent for 3 minutes as stale
 
 
 class PoolPayments:
@@ -151,6 +152,7 @@ class Worker:
         self._tasks: set[asyncio.Task] = set()
         self._stop_sweeper = asyncio.Event()
         self._sweeper: asyncio.Task | None = None
+        self._reporter: asyncio.Task | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._retry_exchange: AbstractExchange | None = None
@@ -210,6 +212,7 @@ class Worker:
                     bank_unavailable=lambda: self.breaker is not None and self.breaker.is_open,
                 )
             )
+        self._reporter = asyncio.create_task(self._report_breaker(pool))
         log.info(
             "worker started",
             worker_id=self.worker_id,
@@ -228,11 +231,37 @@ class Worker:
         while self._tasks:  # a message delivered just before the cancel may still add one
             await asyncio.wait(set(self._tasks))
         self._stop_sweeper.set()
+        if self._reporter is not None:
+            self._reporter.cancel()
         if self._sweeper is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(self._sweeper, 10)
         await self._close()
         log.info("worker stopped", worker_id=self.worker_id)
+
+    async def _report_breaker(self, pool: asyncpg.Pool) -> None:
+        """The breaker's state in bank_circuit, for the ops console: at once when it changes,
+        and every BREAKER_REPORT_SECONDS anyway, so a quiet, healthy worker does not look gone."""
+        reported: tuple[bool, int] | None = None
+        last = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            breaker = self.breaker
+            if breaker is not None:
+                now_state = (breaker.is_open, breaker.times_opened)
+                if now_state != reported or loop.time() - last >= BREAKER_REPORT_SECONDS:
+                    try:
+                        await store.record_circuit_state(
+                            pool,
+                            worker_id=self.worker_id,
+                            open=breaker.is_open,
+                            changed_at=timefmt.now(),
+                            detail=f"{breaker.state.value}; opened {breaker.times_opened} time(s) since start",
+                        )
+                        reported, last = now_state, loop.time()
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                        log.debug("breaker state not reported", error=type(exc).__name__)
+            await asyncio.sleep(1.0)
 
     async def _close(self) -> None:
         if self.connection is not None:

@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
 from gateway import config, db, logs, process
-from gateway.api import openapi, routes, server
+from gateway.api import openapi, ops, routes, server
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
 from gateway.api.middleware import MERCHANT, METRICS, HttpMetrics, api_middleware, merchants_by_digest
@@ -58,6 +58,7 @@ def create_app(
     )
     app[routes.STATE] = state
     routes.setup(app)
+    ops.setup(app, settings)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_pool = pool is None

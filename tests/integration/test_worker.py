@@ -379,6 +379,12 @@ async def test_bank_down_longer_than_the_ladder_is_waited_out_not_parked(pipe):
         op = await pipe.operation(pid, "authorize")
         assert not op["parked"] and op["lease_owner"] is None
         assert pipe.worker.breaker.is_open
+        # ...and says so where the ops console looks.
+        query = "SELECT open FROM bank_circuit WHERE worker_id = $1"
+        deadline = time.monotonic() + 5
+        while await pipe.pool.fetchval(query, pipe.worker.worker_id) is not True:
+            assert time.monotonic() < deadline, "the open breaker was not reported in bank_circuit"
+            await asyncio.sleep(0.1)
     finally:
         await pipe.bank.chaos(down=False)
     await pipe.wait_status(pid, "authorized", timeout=20)

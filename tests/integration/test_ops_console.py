@@ -1,0 +1,537 @@
+"""The ops console (/ops on gateway-api) against real PostgreSQL and RabbitMQ.
+
+The module has its own database and vhost, like test_cli: the dead-letter
+pages and "replay all" see everything parked. Parked operations are made the
+way the worker makes them (payments.park, then a message on payments.dead
+with the consumer's headers); replays go through the console's forms, with
+the form tokens read from the pages as a browser would.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import uuid
+from datetime import timedelta
+
+import aio_pika
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDictProxy
+
+from gateway import config, db, payments, store
+from gateway.api.app import create_app
+from gateway.api.ops import auth
+from gateway.cards import CardVault
+from gateway.domain import Action, BankOutcome, Verdict
+from gateway.timefmt import now
+from tests.support import factories, services
+from tests.support.procs import free_port
+from worker import settings as wsettings
+from worker import topology
+
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120)]
+
+API_KEY = "sk_test_ficmart_dev"
+ALICE = "ops_key_alice_0123456789"
+BOB = "ops_key_bob_9876543210xyz"
+OPS_KEYS = f"alice:{ALICE},bob:{BOB}"
+QUORUM = {"x-queue-type": "quorum"}
+CARD = "4000056655665556"
+# What a bank or a broker could send back: markup and a card number.
+HOSTILE = f"<script>alert(1)</script> card {CARD}"
+ERROR = {"code": "bank_connection", "message": HOSTILE, "retryable": True}
+
+
+def basic(key: str, user: str = "ops") -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}
+
+
+def settings_for(database_url: str, amqp_url: str, card_key: str, ops_keys: str | None = OPS_KEYS) -> config.Settings:
+    env = {
+        "DATABASE_URL": database_url,
+        "AMQP_URL": amqp_url,
+        "GATEWAY_API_KEYS": f"ficmart:{API_KEY}",
+        "CARD_ENCRYPTION_KEY": card_key,
+    }
+    if ops_keys is not None:
+        env["GATEWAY_OPS_KEYS"] = ops_keys
+    return config.parse(env, need_card_key=True)
+
+
+class Console:
+    """The console through aiohttp's test client, logged in as one operator."""
+
+    def __init__(self, client: TestClient, pool, broker, vault: CardVault, key: str = ALICE):
+        self.client, self.pool, self.broker, self.vault, self.key = client, pool, broker, vault, key
+
+    @property
+    def origin(self) -> str:
+        return str(self.client.make_url("")).rstrip("/")
+
+    async def get(self, path: str, *, key: str | None = None, **kw) -> tuple[int, str, CIMultiDictProxy[str]]:
+        resp = await self.client.get(path, headers=basic(key or self.key), **kw)
+        return resp.status, await resp.text(), resp.headers
+
+    async def post(self, path: str, form: dict, *, headers: dict | None = None, key: str | None = None):
+        h = {**basic(key or self.key), "Origin": self.origin, **(headers or {})}
+        h = {k: v for k, v in h.items() if v is not None}
+        resp = await self.client.post(path, data=form, headers=h, allow_redirects=False)
+        return resp.status, await resp.text()
+
+    async def token(self, page: str, action: str) -> str:
+        """The token of the form posting to `action`, read from `page` as a browser would."""
+        status, text, _ = await self.get(page)
+        assert status == 200, text
+        match = re.search(
+            rf'action="{re.escape(action)}"[^>]*>\s*<input type="hidden" name="token" value="([^"]+)"', text
+        )
+        assert match, f"no form for {action} on {page}"
+        return match.group(1)
+
+    # ---- payments and parked operations, as the API and the worker make them
+
+    async def pending_op(self, pid: str) -> str:
+        return await self.pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
+
+    async def settle(self, op: str, body: dict) -> None:
+        claim = await payments.claim(self.pool, op, "test", 30)
+        assert isinstance(claim, payments.Claim), claim
+        await payments.record_outcome(self.pool, op, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
+
+    async def parked(self, kind: str = "capture", *, first_attempt_hours_ago: float | None = None) -> tuple[str, str]:
+        """A payment whose `kind` operation is parked, with its dead letter in payments.dead."""
+        pid = await factories.authorize(self.pool, self.vault, 1500)
+        op = await self.pending_op(pid)
+        if kind == "capture":
+            await self.settle(op, {"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": "2030-01-01T00:00:00Z"})
+            req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", f"/v1/payments/{pid}/capture", b"")
+            await payments.request_action(self.pool, req, pid, Action.CAPTURE, None)
+            op = await self.pending_op(pid)
+        claim = await payments.claim(self.pool, op, "test-worker", 30)
+        assert isinstance(claim, payments.Claim)
+        if first_attempt_hours_ago is not None:
+            await self.pool.execute(
+                "UPDATE operations SET first_attempt_at = now() - make_interval(secs => $2 * 3600) WHERE id = $1",
+                op,
+                first_attempt_hours_ago,
+            )
+        assert await payments.park(self.pool, op, ERROR) is not None
+        await self.dead_letter(op, pid, kind, claim.attempts)
+        return pid, op
+
+    async def dead_letter(self, op: str, pid: str, kind: str, attempts: int = 1, body: bytes | None = None) -> None:
+        headers = {
+            "operation_id": op,
+            "payment_id": pid,
+            "kind": kind,
+            "attempts": attempts,
+            "last_error": orjson.dumps(ERROR).decode(),
+            topology.RETRIES_HEADER: 3,
+            "parked_at": now().isoformat(),
+        }
+        channel = await self.broker.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body if body is not None else orjson.dumps({"operation_id": op}),
+                headers=headers,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=topology.DEAD_QUEUE,
+        )
+        await channel.close()
+
+    async def drain(self, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        channel = await self.broker.channel()
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=QUORUM)
+        out = []
+        while (msg := await queue.get(no_ack=False, fail=False)) is not None:
+            await msg.ack()
+            out.append(msg)
+        await channel.close()
+        return out
+
+    async def history(self, pid: str) -> list[tuple[str, str]]:
+        rows = await store.ops_payment_history(self.pool, payment_id=pid)
+        return [(r["status"], r["cause"]) for r in rows]
+
+    async def operation(self, op: str) -> dict:
+        return dict(await self.pool.fetchrow("SELECT * FROM operations WHERE id = $1", op))
+
+
+@pytest.fixture(scope="module")
+async def console_env(server_urls, card_key):
+    admin_url, amqp_root = server_urls
+    async with services.private_database(admin_url) as database_url:
+        with services.private_vhost(amqp_root) as amqp_url:
+            pool = await db.create_pool(database_url, min_size=1, max_size=10)
+            broker = await aio_pika.connect_robust(amqp_url)
+            channel = await broker.channel()
+            await topology.declare(channel, wsettings.parse_ladder(wsettings.DEFAULT_RETRY_LADDER))
+            await channel.close()
+            app = create_app(settings_for(database_url, amqp_url, card_key), pool)
+            try:
+                async with TestClient(TestServer(app)) as client:
+                    yield Console(client, pool, broker, CardVault(base64.b64decode(card_key)))
+            finally:
+                await broker.close()
+                await pool.close()
+
+
+@pytest.fixture
+async def ops(console_env):
+    await console_env.pool.execute(
+        "TRUNCATE payments, payment_history, operations, card_vault, outbox, idempotency_keys, "
+        "reconciliation_findings, bank_circuit"
+    )
+    for name in (topology.DEAD_QUEUE, topology.WORK_QUEUE):
+        await console_env.drain(name)
+    return console_env
+
+
+# ---- who may open what ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        basic("ops_key_wrong_0123456789"),
+        basic(API_KEY),  # FicMart's key as the ops password
+        {"Authorization": f"Bearer {API_KEY}"},
+        {"Authorization": f"Bearer {ALICE}"},  # the ops key, but not as Basic
+        {"Authorization": "Basic " + base64.b64encode(ALICE.encode()).decode()},  # no user:password
+        {"Authorization": "Basic not-base64!"},
+    ],
+    ids=["none", "wrong key", "ficmart key", "ficmart bearer", "ops bearer", "no colon", "garbage"],
+)
+async def test_ops_needs_an_ops_key(ops, headers):
+    for path in ("/ops/", "/ops/dead-letters", "/ops/console.css", f"/ops/payments/pay_{uuid.uuid4().hex}"):
+        resp = await ops.client.get(path, headers=headers)
+        text = await resp.text()
+        assert resp.status == 401, path
+        assert resp.headers["WWW-Authenticate"].startswith('Basic realm="gateway ops"')
+        assert resp.content_type == "text/html" and "needs an ops key" in text
+        assert resp.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_any_user_name_with_an_ops_key_logs_in_as_the_keys_name(ops):
+    for user, key, name in (("alice", ALICE, "alice"), ("someone", ALICE, "alice"), ("", BOB, "bob")):
+        resp = await ops.client.get("/ops/", headers=basic(key, user))
+        assert resp.status == 200
+        assert f'<span class="who" title="signed in with this ops key">{name}</span>' in await resp.text()
+
+
+async def test_an_ops_key_never_opens_v1(ops):
+    for headers in ({"Authorization": f"Bearer {ALICE}"}, basic(ALICE)):
+        for method, path in (("GET", "/v1/payments?order_id=x"), ("POST", "/v1/payments")):
+            resp = await ops.client.request(method, path, headers={**headers, "Idempotency-Key": "k"})
+            assert resp.status == 401, (headers, path)
+            assert (await resp.json())["error"]["code"] == "unauthorized"
+    resp = await ops.client.get("/v1/payments?order_id=x", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert resp.status == 200  # the FicMart key still works there
+
+
+async def test_without_ops_keys_the_console_says_it_is_not_configured(console_env, card_key):
+    settings = settings_for("postgresql://postgres@127.0.0.1:1/none", "amqp://guest:guest@127.0.0.1:1/", card_key, None)
+    assert settings.ops_keys == {}
+    async with TestClient(TestServer(create_app(settings, console_env.pool))) as client:
+        for path, headers in (("/ops/", {}), ("/ops/dead-letters", basic(ALICE)), ("/ops/x", basic(API_KEY))):
+            resp = await client.get(path, headers=headers)
+            assert resp.status == 404
+            text = await resp.text()
+            assert "not configured" in text and "GATEWAY_OPS_KEYS" in text
+
+
+# ---- pages ------------------------------------------------------------------------------------
+
+
+async def test_every_page_has_the_security_headers_and_no_outside_asset(ops):
+    pid, op = await ops.parked()
+    for path in (
+        "/ops/",
+        "/ops/flagged",
+        "/ops/dead-letters",
+        f"/ops/dead-letters/{op}",
+        f"/ops/dead-letters/{op}/force",
+        "/ops/findings",
+        "/ops/payments",
+        f"/ops/payments/{pid}",
+        "/ops/nothing-here",
+    ):
+        status, text, headers = await ops.get(path)
+        assert status == (404 if path == "/ops/nothing-here" else 200), (path, text)
+        assert headers["Content-Security-Policy"].startswith("default-src 'self'")
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Cache-Control"] == "no-store"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["X-Request-Id"]
+        assert headers["Content-Type"].startswith("text/html")
+        assert not re.search(r'(src|href)="(https?:)?//', text), path  # nothing from elsewhere
+        assert "<script" not in text, path
+    status, css, headers = await ops.get("/ops/console.css")
+    assert status == 200 and headers["Content-Type"].startswith("text/css") and "--accent" in css
+
+
+async def test_overview(ops):
+    await ops.parked()
+    paid = await factories.authorize(ops.pool, ops.vault, 900)
+    await ops.settle(await ops.pending_op(paid), {"authorization_id": "auth_x", "expires_at": "2030-01-01T00:00:00Z"})
+    await store.record_circuit_state(ops.pool, worker_id="worker-a", open=True, changed_at=now(), detail=HOSTILE)
+    await store.record_circuit_state(ops.pool, worker_id="worker-b", open=False, changed_at=now(), detail=None)
+    gone = now() - timedelta(minutes=30)
+    await store.record_circuit_state(ops.pool, worker_id="worker-gone", open=True, changed_at=gone, detail=None)
+    status, text, _ = await ops.get("/ops/")
+    assert status == 200
+    page = html.unescape(re.sub(r"<[^>]+>", " ", text))
+    words = " ".join(page.split())
+    assert "Payments 2" in words
+    assert "Flagged (attention_required) 1" in words
+    assert "Parked operations 1 1 message(s) in payments.dead" in words
+    assert re.search(r"Outbox backlog \d+ oldest unsent", words)  # nothing relays in this test
+    assert "Bank circuit breaker open 1 of 3 worker(s) open" in words
+    assert "capturing 1 1" in words and "authorized 1 0" in words
+    assert "worker-a open" in words and "worker-b closed" in words and "worker-gone stale (open)" in words
+    assert CARD not in text and "<script>alert" not in text and "&lt;script&gt;" in text
+
+
+async def test_circuit_state_is_one_row_per_worker(ops):
+    first, later = now() - timedelta(seconds=30), now()
+    await store.record_circuit_state(ops.pool, worker_id="w1", open=True, changed_at=first, detail="bank down")
+    await store.record_circuit_state(ops.pool, worker_id="w1", open=False, changed_at=later, detail=None)
+    await store.record_circuit_state(ops.pool, worker_id="w0", open=False, changed_at=first, detail=None)
+    rows = [dict(r) for r in await store.circuit_states(ops.pool)]
+    assert rows == [
+        {"worker_id": "w0", "open": False, "changed_at": first, "detail": None},
+        {"worker_id": "w1", "open": False, "changed_at": later, "detail": None},
+    ]
+
+
+async def test_flagged_payments(ops):
+    pid, op = await ops.parked()
+    flagged_by_reconciliation = await factories.authorize(ops.pool, ops.vault, 700)
+    hold = {"authorization_id": "auth_a", "expires_at": "2030-01-01T00:00:00Z"}
+    await ops.settle(await ops.pending_op(flagged_by_reconciliation), hold)
+    await ops.pool.execute("UPDATE payments SET attention_required = true WHERE id = $1", flagged_by_reconciliation)
+    status, text, _ = await ops.get("/ops/flagged")
+    assert status == 200
+    assert f'href="/ops/payments/{pid}"' in text and f'href="/ops/dead-letters/{op}">capture (parked)' in text
+    assert f'href="/ops/payments/{flagged_by_reconciliation}"' in text and "see <a" in text
+    assert CARD not in text and "<script>alert" not in text
+
+
+async def test_dead_letters_list_and_show(ops):
+    pid, op = await ops.parked()
+    await ops.dead_letter(f"op_{uuid.uuid4().hex}", "pay_unknown", "capture", body=f'{{"card": "{CARD}"}}'.encode())
+    await ops.dead_letter("", "pay_x", "capture", body=b"<b>not json</b>")  # names no operation
+    status, text, _ = await ops.get("/ops/dead-letters")
+    assert status == 200
+    assert f'href="/ops/dead-letters/{op}"' in text and f'action="/ops/dead-letters/{op}/replay"' in text
+    assert "unknown operation" in text and "unreadable" in text
+    assert "Replay all (not forced)" in text
+    status, text, _ = await ops.get(f"/ops/dead-letters/{op}")
+    assert status == 200
+    assert "a replay unparks it and sends its command to the work queue" in text
+    assert f'href="/ops/payments/{pid}"' in text and "Messages in payments.dead" in text
+    assert CARD not in text and "<script>alert" not in text
+    # the queue is as it was: both pages gave every letter back
+    status, text, _ = await ops.get(f"/ops/dead-letters/{op}")
+    assert 'Messages in payments.dead <span class="count">1</span>' in text
+    status, text, _ = await ops.get(f"/ops/dead-letters/op_{uuid.uuid4().hex}")
+    assert status == 404 and "Unknown operation" in text
+
+
+async def test_findings(ops):
+    pid = await factories.authorize(ops.pool, ops.vault, 800)
+    async with ops.pool.acquire() as conn:
+        await store.insert_finding(
+            conn,
+            run_id="rec_1",
+            payment_id=pid,
+            kind="amount_mismatch",
+            detail={"object": "authorization", "ours": 800, "bank": 900, "note": HOSTILE},
+            repaired=False,
+            found_at=now(),
+        )
+    status, text, _ = await ops.get("/ops/findings")
+    assert status == 200
+    assert "amount_mismatch" in text and "rec_1" in text and f'href="/ops/payments/{pid}"' in text
+    assert CARD not in text and "<script>alert" not in text
+
+
+async def test_search_by_payment_order_or_customer(ops):
+    customer = f"cus_{uuid.uuid4().hex[:8]}"
+    first = await factories.authorize(ops.pool, ops.vault, 100)
+    second = await factories.authorize(ops.pool, ops.vault, 200)
+    await ops.pool.execute("UPDATE payments SET customer_id = $1 WHERE id = ANY($2::text[])", customer, [first, second])
+    order = await ops.pool.fetchval("SELECT order_id FROM payments WHERE id = $1", first)
+    for term in (first, order):  # one match: straight to its timeline
+        resp = await ops.client.get(
+            "/ops/payments", params={"q": f" {term} "}, headers=basic(ALICE), allow_redirects=False
+        )
+        assert resp.status == 303 and resp.headers["Location"] == f"/ops/payments/{first}"
+    status, text, _ = await ops.get("/ops/payments", params={"q": customer})
+    assert status == 200 and "2 payment(s)" in text
+    assert f'href="/ops/payments/{first}"' in text and f'href="/ops/payments/{second}"' in text
+    status, text, _ = await ops.get("/ops/payments", params={"q": "<i>nothing</i>"})
+    assert status == 200 and "no payment found" in text and "<i>nothing" not in text
+
+
+async def test_payment_timeline(ops):
+    pid, op = await ops.parked()
+    authorize_op = await ops.pool.fetchval(
+        "SELECT id FROM operations WHERE payment_id = $1 AND kind = 'authorize'", pid
+    )
+    await ops.pool.execute(
+        "UPDATE operations SET bank_response = $2 WHERE id = $1",
+        authorize_op,
+        {"authorization_id": "auth_1", "echo": HOSTILE},
+    )
+    status, text, _ = await ops.get(f"/ops/payments/{pid}")
+    assert status == 200
+    for expected in (
+        "api:authorize",
+        "bank:authorize:succeeded",
+        "api:capture",
+        authorize_op,
+        op,
+        "capturing",
+        "payment.authorized",  # the event from the outbox
+        "payments.commands",  # the commands of its operations
+        "Bank answer",
+    ):
+        assert expected in text, expected
+    assert CARD not in text and "<script>alert" not in text
+    status, text, _ = await ops.get(f"/ops/payments/pay_{uuid.uuid4().hex}")
+    assert status == 404 and "Unknown payment" in text
+
+
+# ---- actions: cross-site protection -----------------------------------------------------------
+
+
+async def test_a_replay_needs_a_valid_token_and_the_same_origin(ops):
+    pid, op = await ops.parked()
+    action = f"/ops/dead-letters/{op}/replay"
+    token = await ops.token("/ops/dead-letters", action)
+    _other_pid, other_op = await ops.parked()
+    operator = auth.Operator("alice", ALICE)
+    refused = [
+        ({}, {}, "missing or malformed"),
+        ({"token": "nonsense"}, {}, "missing or malformed"),
+        ({"token": token[:-2] + "00"}, {}, "not valid"),
+        ({"token": await ops.token("/ops/dead-letters", f"/ops/dead-letters/{other_op}/replay")}, {}, "not valid"),
+        ({"token": auth.form_token(operator, "replay", op, at=now().timestamp() - 3600)}, {}, "expired"),
+        ({"token": auth.form_token(auth.Operator("alice", BOB), "replay", op)}, {}, "not valid"),  # bob's key
+        ({"token": token}, {"Origin": "https://evil.example"}, "another origin"),
+        ({"token": token}, {"Origin": "null"}, "another origin"),
+        ({"token": token}, {"Origin": None, "Referer": "https://evil.example/ops/"}, "another origin"),
+        ({"token": token}, {"Origin": None}, "neither an Origin nor a Referer"),
+    ]
+    for form, headers, reason in refused:
+        status, text = await ops.post(action, form, headers=headers)
+        assert status == 403, (form, headers)
+        assert "Refused" in text and reason in text, (reason, text)
+        assert (await ops.operation(op))["parked"], "a refused POST changes nothing"
+    status, text = await ops.post(action, {"token": token}, key=BOB)
+    assert status == 403 and "not valid" in text  # alice's token is not bob's
+    status, text = await ops.post(action, {"token": token}, headers={"Origin": None, "Referer": f"{ops.origin}/ops/"})
+    assert status == 200 and "replayed" in text  # a same-origin Referer is enough
+    assert not (await ops.operation(op))["parked"]
+    assert ("capturing", "ops:alice:replay") in await ops.history(pid)
+
+
+async def test_get_changes_nothing(ops):
+    _pid, op = await ops.parked()
+    for path in (f"/ops/dead-letters/{op}/replay", f"/ops/dead-letters/{op}/force", "/ops/dead-letters/replay-all"):
+        await ops.get(path)
+    assert (await ops.operation(op))["parked"]
+    assert len(await ops.drain(topology.WORK_QUEUE)) == 0
+
+
+# ---- actions: replays -------------------------------------------------------------------------
+
+
+async def test_replay_through_the_console(ops):
+    pid, op = await ops.parked()
+    token = await ops.token(f"/ops/dead-letters/{op}", f"/ops/dead-letters/{op}/replay")
+    status, text = await ops.post(f"/ops/dead-letters/{op}/replay", {"token": token})
+    assert status == 200, text
+    assert "replayed" in text and "1 dead letter(s) removed" in text
+    row = await ops.operation(op)
+    assert row["status"] == "pending" and not row["parked"]
+    payment = await ops.pool.fetchrow("SELECT status, attention_required FROM payments WHERE id = $1", pid)
+    assert (payment["status"], payment["attention_required"]) == ("capturing", False)
+    assert (await ops.history(pid))[-1] == ("capturing", "ops:alice:replay")
+    (command,) = await ops.drain(topology.WORK_QUEUE)
+    assert orjson.loads(command.body) == {"operation_id": op}
+    assert command.routing_key == "capture" and topology.FORCE_HEADER not in (command.headers or {})
+    assert await ops.drain(topology.DEAD_QUEUE) == []
+    # again: already back in the flow, no new history entry for nothing done
+    token = await ops.token(f"/ops/dead-letters/{op}", f"/ops/dead-letters/{op}/replay")
+    status, text = await ops.post(f"/ops/dead-letters/{op}/replay", {"token": token}, key=ALICE)
+    assert status == 200 and "was not parked" in text
+
+
+async def test_the_key_horizon_needs_an_explicit_confirmation(ops):
+    pid, op = await ops.parked("authorize", first_attempt_hours_ago=30)
+    status, text, _ = await ops.get("/ops/dead-letters")
+    assert f'href="/ops/dead-letters/{op}/force"' in text and f'action="/ops/dead-letters/{op}/replay"' not in text
+    # a plain replay (a token from the show page's form) is refused, as without --force
+    token = auth.form_token(auth.Operator("bob", BOB), "replay", op)
+    status, text = await ops.post(f"/ops/dead-letters/{op}/replay", {"token": token}, key=BOB)
+    assert status == 200 and "refused" in text and "second hold" in text and f"/ops/dead-letters/{op}/force" in text
+    assert (await ops.operation(op))["parked"]
+    # the confirmation page; its form without the box ticked does nothing
+    force = f"/ops/dead-letters/{op}/force"
+    token = await ops.token(force, force)
+    status, text = await ops.post(force, {"token": token})
+    assert status == 400 and "Not confirmed" in text
+    assert (await ops.operation(op))["parked"]
+    # a plain replay token does not open the forced replay
+    plain = auth.form_token(auth.Operator("alice", ALICE), "replay", op)
+    status, text = await ops.post(force, {"token": plain, "confirm": "checked-the-bank"})
+    assert status == 403
+    status, text = await ops.post(force, {"token": token, "confirm": "checked-the-bank"})
+    assert status == 200 and "replayed (forced)" in text
+    assert not (await ops.operation(op))["parked"]
+    assert (await ops.history(pid))[-1] == ("pending", "ops:alice:replay:force")
+    (command,) = await ops.drain(topology.WORK_QUEUE)
+    assert command.headers[topology.FORCE_HEADER] is True and command.routing_key == "authorize"
+
+
+async def test_replay_all_from_the_console(ops):
+    first_pid, first = await ops.parked()
+    second_pid, second = await ops.parked("authorize")
+    old_pid, old = await ops.parked("authorize", first_attempt_hours_ago=30)
+    token = await ops.token("/ops/dead-letters", "/ops/dead-letters/replay-all")
+    status, text = await ops.post("/ops/dead-letters/replay-all", {"token": token})
+    assert status == 200, text
+    assert text.count(">replayed<") == 2 and ">refused<" in text
+    assert not (await ops.operation(first))["parked"] and not (await ops.operation(second))["parked"]
+    assert (await ops.operation(old))["parked"]
+    assert (await ops.history(first_pid))[-1][1] == "ops:alice:replay"
+    assert (await ops.history(second_pid))[-1][1] == "ops:alice:replay"
+    assert "ops:" not in " ".join(cause for _, cause in await ops.history(old_pid))
+    assert len(await ops.drain(topology.WORK_QUEUE)) == 2
+
+
+async def test_broker_down_the_dead_letter_pages_say_so(console_env, card_key):
+    ops = console_env
+    dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    settings = settings_for("postgresql://postgres@127.0.0.1:1/unused", dead_broker, card_key)
+    async with TestClient(TestServer(create_app(settings, ops.pool))) as client:
+        resp = await client.get("/ops/", headers=basic(ALICE))
+        text = await resp.text()
+        assert resp.status == 200 and "payments.dead: unavailable" in text and "could not be asked" in text
+        resp = await client.get("/ops/dead-letters", headers=basic(ALICE))
+        assert resp.status == 503 and "RabbitMQ is unavailable" in await resp.text()
+
+
+async def test_ops_without_the_slash_is_the_overview(ops):
+    resp = await ops.client.get("/ops", allow_redirects=False)
+    assert resp.status == 308 and resp.headers["Location"] == "/ops/"
+    status, text, _ = await ops.get("/ops")  # followed
+    assert status == 200 and "<h1>Overview</h1>" in text

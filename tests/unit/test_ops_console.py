@@ -1,0 +1,161 @@
+"""The ops console's pure parts: GATEWAY_OPS_KEYS, login, form tokens, the origin check,
+rendering (escaping and redaction), and the one place the gateway may import the worker."""
+
+from __future__ import annotations
+
+import ast
+import base64
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+from gateway.api.ops import auth, render
+from gateway.timefmt import now
+
+ALICE = "ops_key_alice_0123456789"
+BOB = "ops_key_bob_9876543210xyz"
+CARD = "4000056655665556"
+GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
+
+
+# ---- GATEWAY_OPS_KEYS -------------------------------------------------------------------------
+
+
+def test_ops_keys_are_name_key_pairs_and_off_by_default():
+    assert config.parse({}).ops_keys == {}
+    assert config.parse({"GATEWAY_OPS_KEYS": ""}).ops_keys == {}
+    parsed = config.parse({"GATEWAY_OPS_KEYS": f" alice:{ALICE} , bob:{BOB} "})
+    assert parsed.ops_keys == {ALICE: "alice", BOB: "bob"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "alice",  # no key
+        "alice:short_key",  # under 16 characters
+        f"al ice:{ALICE}",  # a name that cannot go into a history cause
+        f"alice:{ALICE}:x\x07",  # not printable
+        f"a:{ALICE},b:{ALICE}",  # the same key twice
+        "x:sk_test_ficmart_dev_longer",  # FicMart's key: it must never open /ops
+    ],
+)
+def test_bad_ops_keys_stop_the_process_without_echoing_a_key(value):
+    env = {"GATEWAY_OPS_KEYS": value, "GATEWAY_API_KEYS": "ficmart:sk_test_ficmart_dev_longer"}
+    with pytest.raises(config.ConfigError) as error:
+        config.parse(env)
+    assert "GATEWAY_OPS_KEYS" in str(error.value)
+    assert ALICE not in str(error.value) and "sk_test_ficmart_dev_longer" not in str(error.value)
+
+
+# ---- login --------------------------------------------------------------------------------------
+
+
+def _basic(text: str) -> str:
+    return "Basic " + base64.b64encode(text.encode()).decode()
+
+
+def test_basic_login_takes_the_password_and_ignores_the_user_name():
+    operators = auth.operators_by_digest({ALICE: "alice"})
+    assert auth.authenticate(_basic(f"anyone:{ALICE}"), operators) == auth.Operator("alice", ALICE)
+    assert auth.authenticate(_basic(f":{ALICE}"), operators) == auth.Operator("alice", ALICE)
+    assert auth.authenticate(_basic(f"alice:{ALICE}:more"), operators) is None  # the password is "ALICE:more"
+    for header in ("", f"Bearer {ALICE}", _basic(ALICE), _basic("alice:"), "Basic !!!", "Basic", _basic(f"x:{BOB}")):
+        assert auth.authenticate(header, operators) is None, header
+
+
+# ---- form tokens --------------------------------------------------------------------------------
+
+
+def test_a_form_token_allows_one_action_on_one_target_for_one_operator():
+    alice, bob = auth.Operator("alice", ALICE), auth.Operator("bob", BOB)
+    token = auth.form_token(alice, "replay", "op_1")
+    assert auth.token_problem(alice, "replay", "op_1", token) is None
+    assert auth.token_problem(alice, "replay:force", "op_1", token) == "the form token is not valid for this action"
+    assert auth.token_problem(alice, "replay", "op_2", token) == "the form token is not valid for this action"
+    assert auth.token_problem(bob, "replay", "op_1", token) == "the form token is not valid for this action"
+    # the same key under another name is the same key: the token is the key holder's
+    assert auth.token_problem(auth.Operator("alias", ALICE), "replay", "op_1", token) is None
+    for broken in ("", ".", "abc", "123", "x.y", token.split(".")[1], "12." + token.split(".")[1]):
+        assert auth.token_problem(alice, "replay", "op_1", broken) is not None, broken
+
+
+def test_a_form_token_expires_and_cannot_come_from_the_future():
+    alice = auth.Operator("alice", ALICE)
+    issued = 1_800_000_000
+    token = auth.form_token(alice, "replay", "op_1", at=issued)
+    assert auth.token_problem(alice, "replay", "op_1", token, at=issued + auth.TOKEN_SECONDS) is None
+    assert "expired" in (auth.token_problem(alice, "replay", "op_1", token, at=issued + auth.TOKEN_SECONDS + 1) or "")
+    assert auth.token_problem(alice, "replay", "op_1", token, at=issued - 30) is None  # another host's clock
+    assert auth.token_problem(alice, "replay", "op_1", token, at=issued - 3600) is not None
+
+
+# ---- same origin --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("origin", "referer", "host", "allowed"),
+    [
+        ("http://127.0.0.1:8080", None, "127.0.0.1:8080", True),
+        ("https://ops.example", None, "ops.example", True),  # TLS ends at a proxy: the scheme is not compared
+        ("http://OPS.example", None, "ops.example", True),
+        (None, "http://127.0.0.1:8080/ops/dead-letters", "127.0.0.1:8080", True),
+        ("http://127.0.0.1:8081", None, "127.0.0.1:8080", False),
+        ("https://evil.example", "http://127.0.0.1:8080/ops/", "127.0.0.1:8080", False),  # Origin decides
+        ("null", None, "127.0.0.1:8080", False),
+        (None, "https://evil.example/127.0.0.1:8080", "127.0.0.1:8080", False),
+        (None, None, "127.0.0.1:8080", False),
+        ("", None, "127.0.0.1:8080", False),
+        ("http://127.0.0.1:8080", None, None, False),
+        ("http://[::1", None, "127.0.0.1:8080", False),  # unparseable
+    ],
+)
+def test_origin_check(origin, referer, host, allowed):
+    assert (auth.origin_problem(origin, referer, host) is None) is allowed
+
+
+# ---- rendering ----------------------------------------------------------------------------------
+
+
+def test_outside_text_is_redacted_and_cut():
+    assert render.outside(f"card {CARD} cvv 123") == "card [redacted] [redacted]"
+    assert render.outside(f"{CARD}".encode()) == "[redacted]"
+    assert render.outside({"n": CARD}) == '{"n":"[redacted]"}'
+    assert render.outside(None) == ""
+    assert render.outside("x" * 600, 100).startswith("x" * 100 + "...[500 more")
+    assert CARD not in render.pretty(f'{{"number": "{CARD}"}}'.encode())
+    assert render.pretty(b"not json <b>") == "not json <b>"  # escaped by the template, not here
+    stored_error = f'{{"code": "bank_error", "message": "card {CARD}"}}'
+    assert render.error_text(stored_error) == "bank_error: card [redacted]"
+
+
+def test_small_formats():
+    assert render.ago(now() - timedelta(seconds=42)) == "42 s"
+    assert render.ago(now() - timedelta(hours=3, minutes=2, seconds=5)) == "3 h 2 min"
+    assert render.ago(now() - timedelta(days=2)) == "2 d"
+    assert render.ago(now() + timedelta(seconds=5)) == "0 s"
+    assert render.money(500012) == "5,000.12 USD" and render.money(5, "USD") == "0.05 USD"
+    assert render.segment("op_1/../x?y") == "op_1%2F..%2Fx%3Fy"
+
+
+def test_templates_escape_everything():
+    page = render.page("notice.html", operator=None, path="/ops/", title="<b>t</b>", message="<script>x</script>")
+    assert "<script>x" not in page and "&lt;script&gt;x&lt;/script&gt;" in page and "&lt;b&gt;t" in page
+
+
+# ---- layering -----------------------------------------------------------------------------------
+
+
+def test_only_the_consoles_wiring_imports_the_worker():
+    importers = []
+    for path in GATEWAY.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(name == "worker" or name.startswith("worker.") for name in names):
+                importers.append(path.relative_to(GATEWAY.parent).as_posix())
+    assert sorted(set(importers)) == ["gateway/api/ops/wiring.py"]
