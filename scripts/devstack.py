@@ -78,18 +78,18 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, procs: list[sub
     raise SystemExit(f"{url} did not become ready; see logs in {RUN_DIR}/")
 
 
-async def demo(session: aiohttp.ClientSession) -> None:
+async def demo(session: aiohttp.ClientSession, api: str = API) -> None:
     headers = {"Authorization": f"Bearer {DEV_KEY}"}
     run = int(time.time())
 
     async def post(path: str, body: dict | None, key: str) -> dict:
-        async with session.post(API + path, json=body, headers={**headers, "Idempotency-Key": key}) as resp:
+        async with session.post(api + path, json=body, headers={**headers, "Idempotency-Key": key}) as resp:
             payment = await resp.json()
             print(f"  POST {path} -> {resp.status} {payment.get('status', payment)}")
             return payment
 
     async def settle(payment_id: str) -> dict:
-        async with session.get(f"{API}/v1/payments/{payment_id}?wait=30", headers=headers) as resp:
+        async with session.get(f"{api}/v1/payments/{payment_id}?wait=30", headers=headers) as resp:
             payment = await resp.json()
             print(f"  GET  /v1/payments/{payment_id}?wait=30 -> {payment['status']} {payment['bank']}")
             return payment
