@@ -262,8 +262,10 @@ class Containers:
 
     def print_logs(self) -> None:
         for name in self.names:
-            logs = subprocess.run(["podman", "logs", "--tail", "25", name], capture_output=True, text=True)
-            print(f"--- {name} (last lines) ---\n{logs.stdout}{logs.stderr}")
+            # All of it, cut here: podman 4.3's --tail can return nothing for a short log.
+            logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
+            tail = (logs.stdout + logs.stderr).splitlines()[-25:]
+            print(f"--- {name} (last lines) ---", *tail, sep="\n")
 
     def remove_all(self) -> None:
         if self.names:
