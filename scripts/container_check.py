@@ -16,8 +16,9 @@ Not part of `make test`. Each step is safe to repeat:
    environment compose.yaml gives it. Only the addresses (PostgreSQL,
    RabbitMQ, the bank, two free ports) are this machine's, and the bank's
    FAILURE_RATE is 0 so that the demo's outcome does not depend on chance;
-5. the `make run` demo (scripts/devstack.py) against the containerised API,
-   and its outcome read back through the API;
+5. compose.yaml's healthchecks of mockbank and the API, run in their
+   containers; the `make run` demo (scripts/devstack.py) against the
+   containerised API, and its outcome read back through the API;
 6. every process stopped with SIGTERM and expected to exit 0; containers,
    database and vhost removed, on failure too.
 """
@@ -237,9 +238,12 @@ class Containers:
         command = list(spec["command"])
         if port is not None:  # host network: the loopback, on a free port
             command = [command[0], "--host", "127.0.0.1", "--port", str(port)]
-        name = f"ficmart-check-{self.check_id}-{service}"
+        name = self.name(service)
         self.names.append(name)
         return ["--name", name, "--network=host", "--init", f"--env-file={env_file}", IMAGE, *command]
+
+    def name(self, service: str) -> str:
+        return f"ficmart-check-{self.check_id}-{service}"
 
     def run_once(self, service: str, env: Mapping[str, str]) -> None:
         run(["podman", "run", *self._argv(service, None, env)])
@@ -248,6 +252,15 @@ class Containers:
         argv = self._argv(service, port, env)
         run(["podman", "run", "--detach", *argv])
         return argv[1]
+
+    def healthcheck(self, service: str, port: int) -> None:
+        """compose.yaml's healthcheck of the service, run in its container, aimed at the port it was given."""
+        spec = self.services[service]
+        kind, *test = spec["healthcheck"]["test"]
+        if kind != "CMD":
+            raise CheckFailed(f"compose.yaml: {service}'s healthcheck is {kind}, expected CMD")
+        compose_port = spec["command"][spec["command"].index("--port") + 1]
+        run(["podman", "exec", self.name(service), *(arg.replace(f":{compose_port}/", f":{port}/") for arg in test)])
 
     def running(self, name: str) -> bool:
         state = subprocess.run(
@@ -358,6 +371,9 @@ async def run_system(services: dict[str, dict[str, Any]]) -> None:
                     await wait_ready(session, containers, started, f"{bank}/health")
                     await wait_ready(session, containers, started, f"{api}/readyz")
                     wait_consumer(containers, started[2], vhost)
+                    containers.healthcheck("mockbank", bank_port)
+                    containers.healthcheck("api", api_port)
+                    print("compose.yaml's healthchecks of mockbank and api pass")
                     step(f"the demo (scripts/devstack.py) against {api}")
                     await demo(session, api)
                     step("outcome, read back through the API")
