@@ -145,6 +145,15 @@ CREATE OR REPLACE TRIGGER outbox_inserted AFTER INSERT ON outbox REFERENCING NEW
 CREATE OR REPLACE TRIGGER payment_updated AFTER UPDATE ON payments
     FOR EACH ROW EXECUTE FUNCTION notify_payment();
 
+-- The advisory-lock key of a merchant's idempotency key: "a request with this
+-- key is running" is a transaction-scoped lock on it (gateway/sql/payments.sql).
+-- The unit separator keeps ('ab', 'c') and ('a', 'bc') apart. IMMUTABLE and
+-- plain SQL, so the planner inlines it: no function call per statement.
+CREATE OR REPLACE FUNCTION idempotency_lock_key(merchant text, key text) RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT hashtextextended(merchant || E'\x1f' || key, 0)
+$$;
+
 -- A payment's history as the receipt shows it, oldest first; timestamps in the API's format.
 CREATE OR REPLACE FUNCTION payment_history_json(pid text) RETURNS json LANGUAGE sql STABLE AS $$
     SELECT coalesce(json_agg(json_build_object(

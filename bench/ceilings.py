@@ -1,7 +1,7 @@
 """Ceilings: what PostgreSQL and RabbitMQ do on this machine without the gateway around them.
 
 PostgreSQL (in a throwaway database with the gateway's schema, triggers included):
-  same_sql  - the API's submit, run directly with asyncpg: Q['submit_authorization'],
+  same_sql  - the API's submit, run directly: store.submit_authorization,
               one autocommit statement (advisory lock, key lookup, six INSERTs), exactly
               as gateway.payments.authorize does (same pool size, same concurrency);
   naive     - for reference, four separate INSERTs (idempotency key, payment,
@@ -28,9 +28,8 @@ import asyncpg
 import orjson
 
 from bench.util import pcts
-from gateway import db, messages
+from gateway import db, messages, store
 from gateway.cards import CardVault
-from gateway.db import Q
 from gateway.payments import IdempotentRequest, bank_key
 from gateway.timefmt import now
 from gateway.views import payment_json
@@ -103,36 +102,27 @@ class _Template:
         )
         self.run = uuid.uuid4().hex[:8]
 
-    def same_sql(self, i: int) -> tuple:
+    async def same_sql(self, pool: asyncpg.Pool) -> asyncpg.Record:
+        """The statement gateway.payments.authorize sends, with fresh ids."""
         pid, op = messages.new_id("pay"), messages.new_id("op")
         key = f"ceil-{uuid.uuid4().hex}"
         req = IdempotentRequest("ceiling", key, "POST", "/v1/payments", self.request_body)
-        cmd = messages.command(op, "authorize")
-        at = now()
-        return (
-            pid,
-            "ceiling",
-            f"ord_{key}",
-            "cus_ceiling",
-            5000,
-            "visa",
-            "0002",
-            12,
-            2035,
-            at,
-            op,
-            bank_key(op),
-            self.sealed,
-            cmd.exchange,
-            cmd.routing_key,
-            cmd.message_id,
-            cmd.body,
-            key,
-            "POST",
-            "/v1/payments",
-            req.fingerprint,
-            self.body,
-            f"/v1/payments/{pid}",
+        return await store.submit_authorization(
+            pool,
+            payment_id=pid,
+            order_id=f"ord_{key}",
+            customer_id="cus_ceiling",
+            amount=5000,
+            card_brand="visa",
+            card_last4="0002",
+            card_expiry_month=12,
+            card_expiry_year=2035,
+            at=now(),
+            operation_id=op,
+            bank_key=bank_key(op),
+            sealed_card=self.sealed,
+            command=messages.command(op, "authorize"),
+            reply=store.StoredReply(request=req, body=self.body, location=f"/v1/payments/{pid}"),
         )
 
     def naive(self, i: int) -> tuple[tuple, ...]:
@@ -179,7 +169,7 @@ async def postgres(
     template = _Template()
 
     async def same_sql(pool: asyncpg.Pool, i: int) -> None:
-        row = await pool.fetchrow(Q["submit_authorization"], *template.same_sql(i))
+        row = await template.same_sql(pool)
         assert row["locked"] and row["inserted"], row
 
     async def naive(pool: asyncpg.Pool, i: int) -> None:

@@ -1,20 +1,21 @@
 """Round-trip census: run a gateway console script with its database and broker calls counted.
 
-    python -m bench.census gateway.api.app:main [args...]     (BENCH_CENSUS_OUT=/path/file.json)
+    python -m bench.census gateway-api [args...]     (BENCH_CENSUS_OUT=/path/file.json)
 
 Used by `bench.run --census`. Before the script's main() runs, asyncpg's
 Connection.execute/_execute and aio-pika's Exchange.publish / IncomingMessage.ack
 are wrapped with a counter (a dict increment per call, ~1 us against a round
-trip's ~100 us). Each statement is named after its gateway/sql entry (Q) where
-it is one; statements outside a transaction block are counted as transactions
-of their own ("autocommit"). SIGUSR1 writes the counters to BENCH_CENSUS_OUT;
+trip's ~100 us). Each statement is named after its gateway/sql entry
+(store.<name>) where it is one; statements outside a transaction block are
+counted as transactions of their own ("autocommit"). SIGUSR1 writes the
+counters to BENCH_CENSUS_OUT;
 so does a normal exit. The bench takes a census before and after a phase and
 divides the difference by the payments of the phase.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import inspect
 import os
 import signal
@@ -40,9 +41,9 @@ def install() -> None:
     import aio_pika
     import asyncpg.connection as apc
 
-    from gateway.db import Q
+    from gateway import store
 
-    names = {text.strip(): f"Q[{name}]" for name, text in Q.items()}
+    names = {text.strip(): f"store.{name}" for name, text in store.statements().items()}
     execute, _execute = apc.Connection.execute, apc.Connection._execute
 
     def note(conn, query: str) -> None:
@@ -102,12 +103,12 @@ def dump(*_args) -> None:
 
 
 def main() -> None:
-    target, *args = sys.argv[1:]
-    module, _, func = target.partition(":")
+    script, *args = sys.argv[1:]
+    (entry_point,) = importlib.metadata.entry_points(group="console_scripts", name=script)
     install()
     signal.signal(signal.SIGUSR1, dump)
-    sys.argv = [module, *args]
-    entry = getattr(importlib.import_module(module), func)
+    sys.argv = [script, *args]
+    entry = entry_point.load()
     try:
         result = entry()
     finally:

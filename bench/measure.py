@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from bench.system import MERCHANT, Snapshot, System
+from bench.system import MERCHANT, BenchSystem, Snapshot
 from bench.util import pcts
 
 POLL = 0.25
@@ -60,7 +60,7 @@ class Monitor:
 
     def __init__(
         self,
-        system: System,
+        system: BenchSystem,
         *,
         customer: str | None = None,
         ids: list[str] | None = None,
@@ -94,7 +94,7 @@ class Monitor:
     async def tick(self) -> Tick:
         finals = await self._count()
         xact = await self.system.stats.fetchval(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", self.system.dbname
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", self.system.database_name
         )
         leased = None
         if self.leased:
@@ -156,7 +156,7 @@ class Steps:
         return len(self.finished_in) / self.makespan_s if self.makespan_s and self.makespan_s > 0 else float("nan")
 
 
-async def steps(system: System, kind: str, *, customer: str | None = None, ids: list[str] | None = None) -> Steps:
+async def steps(system: BenchSystem, kind: str, *, customer: str | None = None, ids: list[str] | None = None) -> Steps:
     start = "p.created_at" if kind == "authorize" else "o.created_at"
     where = "p.id = ANY($2::text[])" if ids is not None else "p.merchant = 'bench' AND p.customer_id = $2"
     rows = await system.conn.fetch(

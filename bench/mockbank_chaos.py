@@ -1,7 +1,7 @@
 """Load the mock bank under its DEFAULT chaos and report what a client observes.
 
-    .venv/bin/python bench/mockbank_chaos.py [--requests 1000] [--concurrency 200] [--cards 20]
-    .venv/bin/python bench/mockbank_chaos.py --url http://127.0.0.1:8787   # an already running bank
+    .venv/bin/python -m bench.mockbank_chaos [--requests 1000] [--concurrency 200] [--cards 20]
+    .venv/bin/python -m bench.mockbank_chaos --url http://127.0.0.1:8787   # an already running bank
 
 Without --url it starts its own ``mockbank`` (default chaos: 100-2000 ms,
 FAILURE_RATE 0.05, no response loss) with MOCKBANK_EXTRA_ACCOUNTS=--cards, then
@@ -23,16 +23,12 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from mockbank.ledger import extra_card  # noqa: E402
-from tests.support.procs import ScriptProcess, free_port  # noqa: E402
+from mockbank.ledger import extra_card
+from tests.support.mockbank_client import MockBankClient
+from tests.support.procs import ScriptProcess, free_port
 
 CHAOS_VARS = ("MIN_LATENCY_MS", "MAX_LATENCY_MS", "FAILURE_RATE", "RESPONSE_LOSS_RATE", "AUTH_EXPIRY_HOURS")
 
@@ -65,11 +61,12 @@ async def run_load(base: str, requests: int, concurrency: int, cards: int) -> in
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        listing = await (await session.get(f"{base}/_mock/accounts?offset=4&limit={cards}")).json()
-        if len(listing["accounts"]) < cards:
-            print(f"bank has only {len(listing['accounts'])} extra accounts, need {cards}", file=sys.stderr)
+        bank = MockBankClient(base, session)
+        accounts = await bank.accounts(offset=4, limit=cards)
+        if len(accounts) < cards:
+            print(f"bank has only {len(accounts)} extra accounts, need {cards}", file=sys.stderr)
             return 1
-        assert listing["accounts"][0]["card_number"] == card_data[0]["card_number"]
+        assert accounts[0]["card_number"] == card_data[0]["card_number"]
 
         async def one(i: int) -> None:
             card = card_data[i % cards]
@@ -94,7 +91,7 @@ async def run_load(base: str, requests: int, concurrency: int, cards: int) -> in
         await asyncio.gather(*(one(i) for i in range(requests)))
         wall = time.perf_counter() - t_start
 
-        ledger = await (await session.get(f"{base}/_mock/ledger?accounts=touched")).json()
+        ledger = await bank.ledger("touched")
 
     lat = sorted(x * 1000 for x in latencies)
     n = len(lat)
@@ -132,7 +129,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.url:
         return await run_load(args.url.rstrip("/"), args.requests, args.concurrency, args.cards)
     port = free_port()
-    env = {name: None for name in CHAOS_VARS}  # default chaos, whatever the shell says
+    env: dict[str, str | None] = {name: None for name in CHAOS_VARS}  # default chaos, whatever the shell says
     env.update(MOCKBANK_EXTRA_ACCOUNTS=str(args.cards), LOG_LEVEL="warning")
     async with ScriptProcess("mockbank", "--port", str(port), env=env) as proc:
         await proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=20)

@@ -6,7 +6,8 @@
     .venv/bin/python -m bench.run --profile api        # py-spy on gateway-api during its load
     .venv/bin/python -m bench.run --profile worker     # ... on gateway-worker (zero bank latency)
 
-It builds the whole system itself: a private PostgreSQL database (schema
+It builds the whole system itself through the system harness
+(tests/support/system.py, bench/system.py): a private PostgreSQL database (schema
 applied) and RabbitMQ vhost, `mockbank` (MOCKBANK_EXTRA_ACCOUNTS generated cards
 with big balances, FAILURE_RATE=0, latency 0 unless a scenario sets it through
 PUT /_mock/chaos), `gateway-api`, `gateway-relay` and `gateway-worker` as
@@ -59,7 +60,7 @@ from pathlib import Path
 from bench import ceilings, load, measure
 from bench import profile as profiling
 from bench.report import Report
-from bench.system import ROLES, Options, System
+from bench.system import ROLES, BenchSystem, Options
 from tests.support import services
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -198,7 +199,7 @@ class Bench:
             worker_env["WORKER_CONCURRENCY"] = str(args.worker_concurrency)
         if args.worker_prefetch:
             worker_env["WORKER_PREFETCH"] = str(args.worker_prefetch)
-        self.system = System(
+        self.system = BenchSystem(
             Options(
                 admin_url=admin,
                 amqp_url=amqp,
@@ -266,12 +267,12 @@ class Bench:
         )
         self.report.meta.update(cpus=os.cpu_count(), load_avg_start=load_avg[0], scenarios=self.args.chosen)
         try:
-            await self.system.setup()
+            await self.system.start("api")
             print(
-                f"  database {self.system.dbname}, vhost {self.system.vhost}, "
+                f"  database {self.system.database_name}, vhost {self.system.vhost}, "
                 f"api {self.system.api_url}, bank {self.system.bank_url} ({time.perf_counter() - t0:.1f}s)"
             )
-            self.cards = await self.system.cards(self.args.cards)
+            self.cards = await self.system.bank.extra_accounts(self.args.cards)
             self.report.memory_mark("start", self.system.memory())
             async with load.session() as self.http:
                 if "ceilings" in self.args.chosen:
@@ -282,7 +283,7 @@ class Bench:
                     self.report.memory_mark("authorize", self.system.memory())
                 if any(s in self.args.chosen for s in ("e2e", "capture", "latency")):
                     await self.system.clear_data()
-                    await self.system.start_pipeline()
+                    await self.system.start("relay", "worker")
                     await self._authorize_e2e("warmup", 100, 100)  # every process warm, every pool connected
                     if "e2e" in self.args.chosen:
                         await self.e2e()
@@ -296,7 +297,7 @@ class Bench:
             self.report.memory(self.system.memory())
             self.report.tables(await self.system.table_stats())
         finally:
-            await self.system.teardown()
+            await self.system.close()
         self.report.meta["seconds"] = time.perf_counter() - t0
         print()
         print(self.report.render())
@@ -509,16 +510,16 @@ class Bench:
         rate, secs = self.args.latency_rate, self.plan.latency_seconds
         count = int(rate * secs)
         print(f"latency: bank 100-2000 ms, {count} authorizations at {rate:g}/s ...")
-        await self.system.set_chaos(min_latency_ms=100, max_latency_ms=2000)
+        await self.system.bank.chaos(min_latency_ms=100, max_latency_ms=2000)
         mem0 = self.system.memory()
-        log0 = self.system.procs["worker"].output_size()
+        log0 = self.system.procs["worker"].stdout_size()
         try:
             res, completion, before, after = await self._authorize_e2e("lat", rate, count, leased=True)
         finally:
-            await self.system.set_chaos(min_latency_ms=0, max_latency_ms=0)
+            await self.system.bank.chaos(min_latency_ms=0, max_latency_ms=0)
         mem1 = self.system.memory()
         st = await measure.steps(self.system, "authorize", customer="cus_lat")
-        events = measure.log_events(self.system.procs["worker"].read_output(log0))
+        events = measure.log_events(self.system.procs["worker"].read_stdout(log0))
         self.report.latency(res, completion, st, before, after, mem0, mem1, events)
         print(f"  {st.steady_rate:,.0f} auths/s steady; {len(st.finished_in)}/{count} final")
 

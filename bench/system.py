@@ -1,60 +1,38 @@
-"""The whole gateway as real processes, on a private database and RabbitMQ vhost.
+"""The gateway as the bench runs it: the system harness (tests/support/system.py) plus
+what the bench reads off it.
 
-    system = System(opts); await system.setup()      # database, schema, vhost, mockbank, gateway-api
-    await system.start_pipeline()                      # gateway-relay + gateway-worker
-    system.pause("relay"); system.resume("relay")      # SIGSTOP / SIGCONT
-    snap = await system.snapshot()                     # CPU seconds per process, xact_commit, RSS
-    await system.teardown()                            # processes stopped, database and vhost dropped
+    system = BenchSystem(opts)
+    await system.start("api")                # private database (schema) + vhost, mockbank, gateway-api
+    await system.start("relay", "worker")    # the pipeline, once the worker consumes payments.work
+    system.pause("relay"); system.resume("relay")        # SIGSTOP / SIGCONT
+    snap = await system.snapshot()           # CPU seconds per kind of process, xact_commit
+    await system.close()                     # processes stopped, database and vhost dropped
 
-Processes are the project's console scripts (tests.support.procs); the database
-and the vhost come from tests.support.services, so the bench leaves nothing behind.
+The private database and vhost come from the harness, so the bench leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
-import aio_pika
-import aiohttp
 import asyncpg
 
 from bench.util import cpu_seconds, memory_kb, pids_by_comm
-from gateway import db
-from tests.support import services
-from tests.support.procs import ScriptProcess, free_port
+from tests.support.system import BANK, GATEWAY_KINDS, System
 
 API_KEY = "sk_bench_0123456789"
 MERCHANT = "bench"
-ROLES = ("mockbank", "api", "relay", "worker")
-ENTRY = {
-    "api": ("gateway-api", "gateway.api.app:main"),
-    "relay": ("gateway-relay", "worker.relay:main"),
-    "worker": ("gateway-worker", "worker.consumer:main"),
-}
+ROLES = (BANK, *GATEWAY_KINDS)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Proc(ScriptProcess):
-    """A ScriptProcess whose whole captured stdout (the JSON log) can be read back."""
-
-    def output_size(self) -> int:
-        return os.fstat(self._out.fileno()).st_size if self._out is not None and not self._out.closed else 0
-
-    def read_output(self, start: int = 0) -> bytes:
-        if self._out is None or self._out.closed:
-            return b""
-        size = os.fstat(self._out.fileno()).st_size
-        return os.pread(self._out.fileno(), max(0, size - start), start)
 
 
 @dataclass
@@ -90,193 +68,67 @@ class Options:
     relay_env: dict[str, str] = field(default_factory=dict)
     without_outbox_notify: bool = False
     census: bool = False  # run api/relay/worker under bench.census (round trips counted)
+    scale: dict[str, int] = field(default_factory=dict)  # processes per gateway kind (default one each)
 
 
-class System:
+class BenchSystem(System):
     def __init__(self, opts: Options):
         self.opts = opts
-        self.database_url: str | None = None
-        self.amqp_url: str | None = None
-        self.vhost: str | None = None
-        self.procs: dict[str, Proc] = {}
-        self.bank_url = ""
-        self.api_url = ""
-        self.card_key = base64.b64encode(os.urandom(32)).decode()
-        self.stats: asyncpg.Connection | None = None  # on the admin database: its reads do not count
-        self.conn: asyncpg.Connection | None = None  # on the private database, for the bench's own queries
-        self.rabbit_pids = pids_by_comm("beam.smp")  # shared broker: other vhosts' work shows too
-
-    @property
-    def dbname(self) -> str:
-        return urlparse(self.database_url).path.lstrip("/")
-
-    # ---- set-up and tear-down -------------------------------------------------------------
-
-    async def setup(self) -> None:
-        self.database_url = await services.create_database(self.opts.admin_url)
-        await db.migrate(self.database_url)
-        if self.opts.without_outbox_notify:
-            await self._drop_outbox_notify()
-        self.amqp_url, self.vhost = await asyncio.to_thread(services.create_vhost, self.opts.amqp_url)
-        self.stats = await asyncpg.connect(self.opts.admin_url)
-        self.conn = await asyncpg.connect(self.database_url)
-        bank_port, api_port = free_port(), free_port()
-        self.bank_url = f"http://127.0.0.1:{bank_port}"
-        self.api_url = f"http://127.0.0.1:{api_port}"
-        self.procs["mockbank"] = Proc(
-            "mockbank",
-            "--port",
-            str(bank_port),
-            env={
+        super().__init__(
+            (opts.admin_url, opts.amqp_url),
+            base64.b64encode(os.urandom(32)).decode(),
+            scale=opts.scale,
+            bank_env={
                 "MIN_LATENCY_MS": "0",
                 "MAX_LATENCY_MS": "0",
                 "FAILURE_RATE": "0",
                 "RESPONSE_LOSS_RATE": "0",
-                "MOCKBANK_EXTRA_ACCOUNTS": str(self.opts.cards),
+                "MOCKBANK_EXTRA_ACCOUNTS": str(opts.cards),
                 "LOG_LEVEL": "warning",
             },
-        ).start()
-        api_args = ["--port", str(api_port)]
-        if self.opts.api_pool_size:
-            api_args += ["--db-pool-size", str(self.opts.api_pool_size)]
-        self.procs["api"] = self._gateway("api", api_args, {}).start()
-        await self.procs["mockbank"].wait_http(f"{self.bank_url}/health", timeout=60)
-        await self.procs["api"].wait_http(f"{self.api_url}/healthz", timeout=30)
+            gateway_env={"LOG_LEVEL": opts.log_level},
+            env_for=self._env_for,
+            api_keys=f"{MERCHANT}:{API_KEY}",
+            api_args=["--db-pool-size", str(opts.api_pool_size)] if opts.api_pool_size else [],
+            launcher=[sys.executable, "-m", "bench.census"] if opts.census else [],
+            cwd=ROOT,
+        )
+        self.stats: asyncpg.Connection | None = None  # on the admin database: its reads do not count
+        self.conn: asyncpg.Connection | None = None  # on the private database, for the bench's own queries
+        self.rabbit_pids = pids_by_comm("beam.smp")  # shared broker: other vhosts' work shows too
 
-    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        return {
-            "DATABASE_URL": self.database_url,
-            "AMQP_URL": self.amqp_url,
-            "BANK_URL": self.bank_url,
-            "GATEWAY_API_KEYS": f"{MERCHANT}:{API_KEY}",
-            "CARD_ENCRYPTION_KEY": self.card_key,
-            "LOG_LEVEL": self.opts.log_level,
-            **(extra or {}),
-        }
+    def _env_for(self, kind: str, name: str) -> dict[str, str]:
+        env = dict({"worker": self.opts.worker_env, "relay": self.opts.relay_env}.get(kind, {}))
+        if kind == "relay" and self.opts.without_outbox_notify:
+            env.setdefault("RELAY_POLL_SECONDS", "0.02")
+        if self.opts.census:
+            env["BENCH_CENSUS_OUT"] = str(self._census_path(name))
+        return env
 
-    def _gateway(self, role: str, args: list[str], extra: dict[str, str]) -> Proc:
-        script, entry = ENTRY[role]
-        env = self._env(extra)
-        if not self.opts.census:
-            return Proc(script, *args, env=env)
-        env["BENCH_CENSUS_OUT"] = str(self._census_path(role))
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-        return Proc(script, env=env, cwd=ROOT, argv=[sys.executable, "-m", "bench.census", entry, *args])
+    # ---- set-up and tear-down -------------------------------------------------------------
 
-    def _census_path(self, role: str) -> Path:
-        return Path(f"/tmp/bench-census-{os.getpid()}-{role}.json")
-
-    async def census(self) -> dict[str, dict[str, int]]:
-        """Counters of every census-run gateway process right now (SIGUSR1 makes each write them)."""
-        if not self.opts.census:
-            return {}
-        roles = [r for r in ENTRY if r in self.procs and self.procs[r].running]
-        for role in roles:
-            self._census_path(role).unlink(missing_ok=True)
-            os.kill(self.procs[role].pid, signal.SIGUSR1)
-        out = {}
-        for role in roles:
-            path = self._census_path(role)
-            for _ in range(100):
-                if path.exists():
-                    break
-                await asyncio.sleep(0.02)
-            out[role] = json.loads(path.read_text()) if path.exists() else {}
-        return out
-
-    async def start_pipeline(self) -> None:
-        """gateway-relay and gateway-worker; returns once the worker consumes payments.work."""
-        relay_env = dict(self.opts.relay_env)
+    async def prepare(self) -> None:
+        if self.conn is not None:
+            return
+        await super().prepare()
+        self.stats = await asyncpg.connect(self.opts.admin_url)
+        self.conn = await asyncpg.connect(self.database_url)
         if self.opts.without_outbox_notify:
-            relay_env.setdefault("RELAY_POLL_SECONDS", "0.02")
-        self.procs["relay"] = self._gateway("relay", [], relay_env).start()
-        self.procs["worker"] = self._gateway("worker", [], self.opts.worker_env).start()
-        deadline = time.monotonic() + 60
-        connection = await aio_pika.connect(self.amqp_url)
-        try:
-            while True:
-                for name in ("relay", "worker"):
-                    if not self.procs[name].running:
-                        raise RuntimeError(
-                            f"gateway-{name} exited:\n{self.procs[name].stdout_tail()}{self.procs[name].stderr_tail()}"
-                        )
-                try:
-                    channel = await connection.channel()
-                    queue = await channel.declare_queue("payments.work", passive=True)
-                    consumers = queue.declaration_result.consumer_count
-                    await channel.close()
-                    if consumers >= 1:
-                        return
-                except aio_pika.exceptions.ChannelClosed:
-                    pass  # not declared yet
-                if time.monotonic() > deadline:
-                    raise RuntimeError("gateway-worker did not start consuming payments.work within 60 s")
-                await asyncio.sleep(0.1)
-        finally:
-            await connection.close()
+            await self.conn.execute("DROP TRIGGER outbox_inserted ON outbox")
 
-    async def _drop_outbox_notify(self) -> None:
-        conn = await asyncpg.connect(self.database_url)
-        try:
-            await conn.execute("DROP TRIGGER outbox_inserted ON outbox")
-        finally:
-            await conn.close()
-
-    async def teardown(self) -> None:
-        for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            if proc.popen is not None and proc.running:
-                with contextlib.suppress(Exception):
-                    os.kill(proc.pid, signal.SIGCONT)  # a paused process could not handle SIGTERM
-            await proc.stop(timeout=15)
-            proc.close()
-            if name in ENTRY:
-                self._census_path(name).unlink(missing_ok=True)
+    async def close(self) -> None:
         for conn in (self.conn, self.stats):
             if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-        if self.database_url:
-            with contextlib.suppress(Exception):
-                await services.drop_database(self.opts.admin_url, self.database_url)
-        if self.vhost:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(services.delete_vhost, self.vhost)
+                await conn.close()
+        await super().close()
+        for name in self.gateway_names():
+            self._census_path(name).unlink(missing_ok=True)
 
     # ---- control ----------------------------------------------------------------------------
 
-    def pause(self, *names: str) -> None:
-        for name in names:
-            os.kill(self.procs[name].pid, signal.SIGSTOP)
-
-    def resume(self, *names: str) -> None:
-        for name in names:
-            os.kill(self.procs[name].pid, signal.SIGCONT)
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if not proc.running:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{proc.stderr_tail()}\n{proc.stdout_tail()}")
-
-    async def set_chaos(self, **chaos) -> None:
-        async with aiohttp.ClientSession() as session, session.put(f"{self.bank_url}/_mock/chaos", json=chaos) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"PUT /_mock/chaos answered {resp.status}: {await resp.text()}")
-
-    async def cards(self, count: int) -> list[dict]:
-        """Generated accounts of the mock bank (big balances), as GET /_mock/accounts lists them."""
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{self.bank_url}/_mock/accounts", params={"offset": 4, "limit": count}) as resp,
-        ):
-            listing = await resp.json()
-        cards = [a for a in listing["accounts"] if a["kind"] == "extra"]
-        if not cards:
-            raise RuntimeError("the mock bank has no generated accounts (MOCKBANK_EXTRA_ACCOUNTS)")
-        return cards
-
     async def clear_data(self) -> None:
         """Empty every table: used after the isolated API runs, before the pipeline starts."""
+        assert self.conn is not None, "not started"
         await self.conn.execute(
             "TRUNCATE payments, payment_history, operations, card_vault, idempotency_keys, outbox, "
             "reconciliation_findings"
@@ -284,23 +136,48 @@ class System:
 
     # ---- measurements -------------------------------------------------------------------------
 
+    def _census_path(self, name: str) -> Path:
+        return Path(f"/tmp/bench-census-{os.getpid()}-{name}.json")
+
+    async def census(self) -> dict[str, dict[str, int]]:
+        """Counters of every census-run gateway process right now (SIGUSR1 makes each write
+        them), summed per kind of process."""
+        if not self.opts.census:
+            return {}
+        names = [name for name in self.gateway_names() if self.procs[name].running]
+        for name in names:
+            self._census_path(name).unlink(missing_ok=True)
+            os.kill(self.procs[name].pid, signal.SIGUSR1)
+        out: dict[str, Counter] = {}
+        for name in names:
+            path = self._census_path(name)
+            for _ in range(100):
+                if path.exists():
+                    break
+                await asyncio.sleep(0.02)
+            counts = json.loads(path.read_text()) if path.exists() else {}
+            out.setdefault(self.kind[name], Counter()).update(counts)
+        return {kind: dict(counts) for kind, counts in out.items()}
+
     def pid(self, name: str) -> int | None:
         proc = self.procs.get(name)
         return proc.pid if proc is not None and proc.popen is not None else None
 
     async def snapshot(self) -> Snapshot:
-        """CPU seconds of every process and the private database's transaction counters.
+        """CPU seconds of every kind of process and the private database's transaction counters.
 
         pg_stat_database is flushed by each backend at most once a second (and an idle one
         only after 10 s), so xact_commit deltas are trustworthy over windows taken while the
         load is running, not between idle moments.
         """
+        assert self.stats is not None, "not started"
         row = await self.stats.fetchrow(
             "SELECT xact_commit, xact_rollback, "
             "       (SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = $1) AS pids "
             "  FROM pg_stat_database WHERE datname = $1",
-            self.dbname,
+            self.database_name,
         )
+        assert row is not None
         snap = Snapshot(at=time.perf_counter(), xact_commit=row["xact_commit"], xact_rollback=row["xact_rollback"])
         for pid in row["pids"] or ():
             value = cpu_seconds(pid)
@@ -309,14 +186,16 @@ class System:
         for name in self.procs:
             value = cpu_seconds(self.pid(name), split=True)
             if value is not None:
-                snap.cpu[name] = value[0] + value[1]
-                snap.sys_cpu[name] = value[1]
+                kind = self.kind[name]
+                snap.cpu[kind] = snap.cpu.get(kind, 0.0) + value[0] + value[1]
+                snap.sys_cpu[kind] = snap.sys_cpu.get(kind, 0.0) + value[1]
         snap.cpu["rabbitmq"] = sum(filter(None, (cpu_seconds(p) for p in self.rabbit_pids)))
         snap.cpu["loadgen"] = cpu_seconds(os.getpid()) or 0.0
         return snap
 
     async def table_stats(self) -> list[dict]:
         """Per-table tuples and autovacuum/autoanalyze runs in the private database so far."""
+        assert self.conn is not None, "not started"
         rows = await self.conn.fetch(
             "SELECT relname, n_live_tup, n_dead_tup, autovacuum_count, autoanalyze_count "
             "FROM pg_stat_user_tables ORDER BY relname"
@@ -324,5 +203,5 @@ class System:
         return [dict(r) for r in rows]
 
     def memory(self) -> dict[str, tuple[int | None, int | None]]:
-        """role -> (VmRSS kB, VmHWM kB)."""
+        """process name -> (VmRSS kB, VmHWM kB)."""
         return {name: memory_kb(self.pid(name)) for name in self.procs}

@@ -1,38 +1,15 @@
-"""Postgres access: the pool, the named queries and applying the schema.
+"""PostgreSQL connections: the pool every process uses, and applying the schema.
 
-Every SQL statement lives in gateway/sql/*.sql under a `-- name: x` header
-and is loaded once into `Q`; code refers to statements by name.
+The statements themselves are gateway/store.py's; this module opens
+connections (with the json/jsonb codecs) and runs a migration.
 """
 
 from __future__ import annotations
 
-import re
-from importlib import resources
-from pathlib import Path
-
 import asyncpg
 import orjson
 
-_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-
-
-def _load_queries() -> dict[str, str]:
-    queries: dict[str, str] = {}
-    for file in sorted(resources.files("gateway.sql").iterdir(), key=lambda f: f.name):
-        if not file.name.endswith(".sql"):
-            continue
-        parts = _HEADER.split(file.read_text())
-        for name, body in zip(parts[1::2], parts[2::2], strict=True):
-            if name in queries:
-                raise RuntimeError(f"query {name} is defined twice")
-            queries[name] = body.strip()
-    return queries
-
-
-Q = _load_queries()
-
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
-_MIGRATE_LOCK = 0x6761746577617921  # one migration at a time across processes
+from gateway import store
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -40,12 +17,6 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(
             typename, schema="pg_catalog", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads
         )
-
-
-async def connect(dsn: str, **kwargs) -> asyncpg.Connection:
-    conn = await asyncpg.connect(dsn, **kwargs)
-    await _init_connection(conn)
-    return conn
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
@@ -64,16 +35,12 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, **pool
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, **pool_kwargs)
 
 
-def schema_sql() -> str:
-    return SCHEMA_PATH.read_text()
-
-
 async def migrate(dsn: str) -> None:
     """Apply schema.sql in one transaction; safe to repeat and on a live database."""
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
-            await conn.execute(schema_sql())
+            await store.lock_migrations(conn)
+            await store.apply_schema(conn)
     finally:
         await conn.close()

@@ -2,41 +2,51 @@
 
 Context (request_id, payment_id, operation_id) is bound with contextvars so
 every line inside a request or a message carries it. A last processor drops
-anything that looks like card data, as a safety net behind the rule that
-card numbers and CVVs are never passed to a logger at all.
+anything that looks like card data (gateway.redact), as a safety net behind
+the rule that card numbers and CVVs are never passed to a logger at all, and
+cuts long values: a value sent to us (an id, a header, a bank message) must
+not make a log line as long as itself.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import orjson
 import structlog
 
+from gateway.redact import REDACTED, clean
+
 _FORBIDDEN_KEYS = {"card_number", "number", "cvv", "card"}
-# 13-19 digits, optionally grouped by spaces or dashes, standing alone: not part of a
-# longer digit run, nor of an id whose hex happens to hold a long run of digits
-# (pay_..., op_..., evt_... would otherwise lose a piece now and then).
-_PAN = re.compile(r"(?<![0-9A-Za-z])\d(?:[ -]?\d){12,18}(?![0-9A-Za-z])")
+MAX_VALUE_CHARS = 1000  # per logged string (an exception's traceback gets more)
+_MAX_TRACEBACK_CHARS = 8000
+# These libraries log every frame or message at debug level, bodies included.
+_CHATTY_LIBRARIES = ("aiormq", "aio_pika", "pamqp")
 
 
-def _scrub(value):
+def _scrub(value, limit: int = MAX_VALUE_CHARS):
     if isinstance(value, dict):
-        return {k: "[redacted]" if k in _FORBIDDEN_KEYS else _scrub(v) for k, v in value.items()}
+        return {k: REDACTED if k in _FORBIDDEN_KEYS else _scrub(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
         return [_scrub(v) for v in value]
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("utf-8", "replace")
     if isinstance(value, (int, str)) and not isinstance(value, bool):
         text = str(value)
-        return _PAN.sub("[redacted]", text) if _PAN.search(text) else value
+        cleaned = clean(text, limit)
+        return value if cleaned == text else cleaned
     return value
 
 
-def _redact(_logger, _name, event: dict) -> dict:
-    return _scrub(event)
+def _redact(_logger: object, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    exception = event.pop("exception", None)
+    event = _scrub(event)
+    if exception is not None:
+        event["exception"] = _scrub(exception, _MAX_TRACEBACK_CHARS)
+    return event
 
 
 def _dumps(obj, default=None) -> str:
@@ -44,13 +54,13 @@ def _dumps(obj, default=None) -> str:
 
 
 def setup(level: str, process: str) -> None:
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
-    render = [_redact, structlog.processors.JSONRenderer(serializer=_dumps)]
+    render: list[structlog.typing.Processor] = [_redact, structlog.processors.JSONRenderer(serializer=_dumps)]
     # Libraries (aiohttp, aio-pika, asyncpg) log through the standard library:
     # the same JSON and the same redaction for their lines too.
     handler = logging.StreamHandler(sys.stdout)
@@ -63,6 +73,8 @@ def setup(level: str, process: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(max(root.level, logging.INFO))
     structlog.configure(
         processors=[*shared, *render],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -20,10 +20,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from gateway import domain, messages
+from gateway import domain, messages, store
 from gateway.cards import CardVault, brand
 from gateway.crashpoints import crash_point
-from gateway.db import Q
 from gateway.domain import Action, OperationKind, Status, Verdict
 from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
@@ -92,9 +91,9 @@ class CardInput:
     expiry_year: int
 
 
-async def _check_key(conn: asyncpg.Connection, req: IdempotentRequest) -> Response | None:
+async def _check_key(conn: store.Connection, req: IdempotentRequest) -> Response | None:
     """The stored response for this key, None if the key is new; raises if busy or reused."""
-    return _stored(await conn.fetchrow(Q["lock_idempotency_key"], req.merchant, req.key), req)
+    return _stored(await store.lock_idempotency_key(conn, merchant=req.merchant, key=req.key), req)
 
 
 def _stored(row: asyncpg.Record, req: IdempotentRequest) -> Response | None:
@@ -122,15 +121,16 @@ async def authorize(
     payment_id = messages.new_id("pay")
     operation_id = messages.new_id("op")
     at = now()
-    row = {
+    card_brand, card_last4 = brand(card.number), card.number[-4:]
+    row: dict[str, Any] = {
         "id": payment_id,
         "order_id": order_id,
         "customer_id": customer_id,
         "amount": amount,
         "currency": "USD",
         "status": Status.PENDING.value,
-        "card_brand": brand(card.number),
-        "card_last4": card.number[-4:],
+        "card_brand": card_brand,
+        "card_last4": card_last4,
         "card_expiry_month": card.expiry_month,
         "card_expiry_year": card.expiry_year,
         "authorization_id": None,
@@ -149,31 +149,22 @@ async def authorize(
     cmd = messages.command(operation_id, OperationKind.AUTHORIZE.value)
     async with pool.acquire() as conn:
         try:
-            outcome = await conn.fetchrow(
-                Q["submit_authorization"],
-                payment_id,
-                req.merchant,
-                order_id,
-                customer_id,
-                amount,
-                row["card_brand"],
-                row["card_last4"],
-                card.expiry_month,
-                card.expiry_year,
-                at,
-                operation_id,
-                bank_key(operation_id),
-                vault.seal(payment_id, card.number, card.cvv),
-                cmd.exchange,
-                cmd.routing_key,
-                cmd.message_id,
-                cmd.body,
-                req.key,
-                req.method,
-                req.path,
-                req.fingerprint,
-                body,
-                location,
+            outcome = await store.submit_authorization(
+                conn,
+                payment_id=payment_id,
+                order_id=order_id,
+                customer_id=customer_id,
+                amount=amount,
+                card_brand=card_brand,
+                card_last4=card_last4,
+                card_expiry_month=card.expiry_month,
+                card_expiry_year=card.expiry_year,
+                at=at,
+                operation_id=operation_id,
+                bank_key=bank_key(operation_id),
+                sealed_card=vault.seal(payment_id, card.number, card.cvv),
+                command=cmd,
+                reply=store.StoredReply(request=req, body=body, location=location),
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name not in ("payments_one_live_per_order", "idempotency_keys_pkey"):
@@ -181,7 +172,7 @@ async def authorize(
             stored = await _recheck_key(conn, req)
             if stored:
                 return stored
-            existing = await conn.fetchval(Q["live_payment_for_order"], req.merchant, order_id)
+            existing = await store.live_payment_for_order(conn, merchant=req.merchant, order_id=order_id)
             raise OrderAlreadyPaid(existing or "unknown") from None
         if not outcome["inserted"]:
             if not outcome["locked"]:
@@ -194,7 +185,7 @@ async def authorize(
     return Response(202, body, location)
 
 
-async def _recheck_key(conn: asyncpg.Connection, req: IdempotentRequest) -> Response | None:
+async def _recheck_key(conn: store.Connection, req: IdempotentRequest) -> Response | None:
     """After a conflict: was it our own twin request, committed just before our key check?
 
     lock_idempotency_key reads the key row in the statement's snapshot, taken
@@ -231,9 +222,9 @@ async def request_action(
 
 
 async def _request_action(
-    conn: asyncpg.Connection, req: IdempotentRequest, payment_id: str, action: Action, amount: int | None
+    conn: store.Connection, req: IdempotentRequest, payment_id: str, action: Action, amount: int | None
 ) -> Response:
-    row = await conn.fetchrow(Q["lock_key_and_payment"], req.merchant, req.key, payment_id)
+    row = await store.lock_key_and_payment(conn, merchant=req.merchant, key=req.key, payment_id=payment_id)
     stored = _stored(row, req)
     if stored:
         return stored
@@ -244,29 +235,17 @@ async def _request_action(
     running, kind = domain.request(Status(row["status"]), action)
     payment, op_id, cmd = _begin(row, running, kind, at := now())
     body = orjson.dumps(payment)
-    await conn.execute(
-        Q["start_operation"],
-        payment_id,
-        running.value,
-        at,
-        f"api:{action.value}",
-        op_id,
-        kind.value,
-        bank_key(op_id),
-        cmd.exchange,
-        cmd.routing_key,
-        cmd.message_id,
-        cmd.body,
-        None,
-        None,
-        None,
-        None,
-        req.merchant,
-        req.key,
-        req.method,
-        req.path,
-        req.fingerprint,
-        body,
+    await store.start_operation(
+        conn,
+        payment_id=payment_id,
+        status=running,
+        at=at,
+        cause=f"api:{action.value}",
+        operation_id=op_id,
+        kind=kind,
+        bank_key=bank_key(op_id),
+        command=cmd,
+        reply=store.StoredReply(request=req, body=body),
     )
     return Response(202, body)
 
@@ -322,7 +301,7 @@ class OperationState:
 
 async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
     """Take the lease for one bank attempt, or say why not (finished, leased elsewhere, unknown)."""
-    row = await pool.fetchrow(Q["claim_operation"], operation_id, owner, lease_seconds)
+    row = await store.claim_operation(pool, operation_id=operation_id, owner=owner, lease_seconds=lease_seconds)
     if row is not None:
         return Claim(
             owner=owner,
@@ -339,7 +318,7 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
             card_expiry_year=row["card_expiry_year"],
             sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
         )
-    state = await pool.fetchrow(Q["operation_state"], operation_id)
+    state = await store.operation_state(pool, operation_id=operation_id)
     if state is None:
         return OperationState(exists=False)
     return OperationState(
@@ -356,7 +335,7 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
 
 async def release(pool: asyncpg.Pool, operation_id: str, owner: str, error: dict | None, bank_ms: int) -> None:
     """Give the lease back after an attempt that settled nothing (a transient failure)."""
-    await pool.execute(Q["release_lease"], operation_id, owner, error, bank_ms)
+    await store.release_lease(pool, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms)
 
 
 # Bank response fields copied onto the receipt, per operation.
@@ -394,7 +373,7 @@ async def record_outcome(
     event and, where the domain asks for it, the follow-up operation.
     """
     async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(Q["lock_operation"], operation_id)
+        row = await store.lock_operation(conn, operation_id=operation_id)
         if row is None:
             return None
         kind = OperationKind(row["kind"])
@@ -415,24 +394,24 @@ async def record_outcome(
         if moved:
             payment["history"].append({"status": status.value, "at": payment["updated_at"]})
         event = messages.event(domain.event_type(status), payment, at) if moved else None
-        await conn.execute(
-            Q["finish_operation"],
-            operation_id,
-            "succeeded" if verdict is Verdict.SUCCEEDED else "failed",
-            at,
-            error,
-            outcome.body,
-            bank_ms,
-            status.value,
-            fields.get("authorization_id"),
-            fields.get("authorization_expires_at"),
-            fields.get("capture_id"),
-            fields.get("void_id"),
-            fields.get("refund_id"),
-            f"bank:{kind.value}:{verdict.value}",
-            moved,
-            kind is OperationKind.AUTHORIZE,
-            *(_event_args(event)),
+        await store.finish_operation(
+            conn,
+            operation_id=operation_id,
+            operation_status="succeeded" if verdict is Verdict.SUCCEEDED else "failed",
+            at=at,
+            error=error,
+            bank_response=outcome.body,
+            bank_ms=bank_ms,
+            payment_status=status,
+            cause=f"bank:{kind.value}:{verdict.value}",
+            status_moved=moved,
+            drop_card=kind is OperationKind.AUTHORIZE,
+            event=event,
+            authorization_id=fields.get("authorization_id"),
+            authorization_expires_at=fields.get("authorization_expires_at"),
+            capture_id=fields.get("capture_id"),
+            void_id=fields.get("void_id"),
+            refund_id=fields.get("refund_id"),
         )
         follow_up = domain.follow_up(kind, verdict)
         if follow_up is not None:
@@ -440,26 +419,16 @@ async def record_outcome(
     return payment
 
 
-def _event_args(event: messages.OutboxMessage | None) -> tuple:
-    if event is None:
-        return (None, None, None, None)
-    return (event.exchange, event.routing_key, event.message_id, event.body)
-
-
-async def _enqueue(conn: asyncpg.Connection, payment_id: str, kind: OperationKind, at: datetime) -> str:
+async def _enqueue(conn: store.Connection, payment_id: str, kind: OperationKind, at: datetime) -> str:
     op_id = messages.new_id("op")
-    cmd = messages.command(op_id, kind.value)
-    await conn.execute(
-        Q["insert_operation"],
-        op_id,
-        payment_id,
-        kind.value,
-        bank_key(op_id),
-        at,
-        cmd.exchange,
-        cmd.routing_key,
-        cmd.message_id,
-        cmd.body,
+    await store.insert_operation(
+        conn,
+        operation_id=op_id,
+        payment_id=payment_id,
+        kind=kind,
+        bank_key=bank_key(op_id),
+        at=at,
+        command=messages.command(op_id, kind.value),
     )
     return op_id
 
@@ -467,19 +436,19 @@ async def _enqueue(conn: asyncpg.Connection, payment_id: str, kind: OperationKin
 async def park(pool: asyncpg.Pool, operation_id: str, error: dict) -> dict | None:
     """Retries are exhausted: flag the payment for ops and announce it. None if already settled."""
     async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(Q["lock_operation"], operation_id)
+        row = await store.lock_operation(conn, operation_id=operation_id)
         if row is None:
             return None
         at = now()
         payment = payment_json({**row, "attention_required": True, "last_error": error, "updated_at": at})
         event = messages.event(domain.ATTENTION_EVENT, payment, at)
-        await conn.execute(Q["park_operation"], operation_id, at, error, *_event_args(event))
+        await store.park_operation(conn, operation_id=operation_id, at=at, error=error, event=event)
     return payment
 
 
 async def unpark(pool: asyncpg.Pool, operation_id: str) -> bool:
     """Back from the dead-letter queue: False when the operation has meanwhile finished."""
-    return await pool.fetchval(Q["unpark_operation"], operation_id) is not None
+    return await store.unpark_operation(pool, operation_id=operation_id)
 
 
 async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
@@ -489,31 +458,22 @@ async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
     voided meanwhile): the caller only acts on what is still true under the lock.
     """
     async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(Q["lock_payment"], payment_id)
+        row = await store.lock_payment(conn, payment_id=payment_id)
         if row is None or row["status"] != Status.AUTHORIZED.value:
             return None
         status, kind = domain.expire(Status(row["status"]))
         payment, op_id, cmd = _begin(row, status, kind, at := now())
         event = messages.event(domain.event_type(status), payment, at)
-        await conn.execute(
-            Q["start_operation"],
-            payment_id,
-            status.value,
-            at,
-            "sweeper:hold_expired",
-            op_id,
-            kind.value,
-            bank_key(op_id),
-            cmd.exchange,
-            cmd.routing_key,
-            cmd.message_id,
-            cmd.body,
-            *_event_args(event),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+        await store.start_operation(
+            conn,
+            payment_id=payment_id,
+            status=status,
+            at=at,
+            cause="sweeper:hold_expired",
+            operation_id=op_id,
+            kind=kind,
+            bank_key=bank_key(op_id),
+            command=cmd,
+            event=event,
         )
     return payment

@@ -7,11 +7,11 @@ from typing import Any
 
 import asyncpg
 
-from gateway.db import Q
+from gateway import store
 from gateway.timefmt import iso
 
 
-def payment_json(row: Mapping[str, Any]) -> dict:
+def payment_json(row: Mapping[str, Any] | asyncpg.Record) -> dict:
     """The payment (receipt) of gateway-api.md. `row` is a payments row plus `history`."""
     return {
         "id": row["id"],
@@ -41,8 +41,8 @@ def payment_json(row: Mapping[str, Any]) -> dict:
     }
 
 
-async def get_payment(conn: asyncpg.Connection | asyncpg.Pool, merchant: str, payment_id: str) -> dict | None:
-    row = await conn.fetchrow(Q["payment_by_id"], payment_id, merchant)
+async def get_payment(db: store.Executor, merchant: str, payment_id: str) -> dict | None:
+    row = await store.payment_by_id(db, payment_id=payment_id, merchant=merchant)
     return payment_json(row) if row else None
 
 
@@ -59,12 +59,17 @@ async def list_payments(
 
     Returns None when `starting_after` names no payment of this merchant.
     """
-    cursor_at = cursor_id = None
+    after = None
     if starting_after:
-        cursor = await pool.fetchrow(Q["payment_cursor"], starting_after, merchant)
-        if cursor is None:
+        after = await store.payment_cursor(pool, payment_id=starting_after, merchant=merchant)
+        if after is None:
             return None
-        cursor_at, cursor_id = cursor["created_at"], cursor["id"]
-    query, value = ("payments_by_order", order_id) if order_id is not None else ("payments_by_customer", customer_id)
-    rows = await pool.fetch(Q[query], merchant, value, cursor_at, cursor_id, limit + 1)
+    if order_id is not None:
+        rows = await store.payments_by_order(pool, merchant=merchant, order_id=order_id, after=after, limit=limit + 1)
+    elif customer_id is not None:
+        rows = await store.payments_by_customer(
+            pool, merchant=merchant, customer_id=customer_id, after=after, limit=limit + 1
+        )
+    else:
+        raise ValueError("list_payments needs order_id or customer_id")
     return [payment_json(r) for r in rows[:limit]], len(rows) > limit

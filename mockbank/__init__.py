@@ -4,6 +4,8 @@
   /_mock/* test endpoints (documented in its module docstring).
 * ``mockbank.ledger`` - the in-memory books; ``extra_card(i)`` gives the card
   data of generated load-test account ``i``.
+* ``mockbank.contention`` - the upstream bank's database queueing (connection
+  pool, account row locks), off unless DB_TRANSACTION_MS > 0.
 * ``mockbank.config`` - environment variables and their validation.
 """
 

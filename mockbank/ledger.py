@@ -76,7 +76,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 CURRENCY = "USD"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600.0
@@ -161,11 +161,11 @@ def card_brand(number: str) -> str:
     return "unknown"
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_digits(value: Any, lo: int, hi: int) -> bool:
+def _is_digits(value: object, lo: int, hi: int) -> TypeGuard[str]:
     return isinstance(value, str) and lo <= len(value) <= hi and value.isascii() and value.isdigit()
 
 
@@ -553,6 +553,24 @@ class Bank:
         cap.refund_id = ref.refund_id
         self.refunds[ref.refund_id] = ref
         return 200, ref.response()
+
+    # ------------------------------------------- accounts an operation locks
+    # Each returns the account_id whose row the operation would lock, or None
+    # when the request names nothing that exists (the operation will refuse it).
+    def card_account(self, body: dict[str, Any]) -> str | None:
+        number = body.get("card_number")
+        account = self.by_number.get(number) if isinstance(number, str) else None
+        return account.account_id if account is not None else None
+
+    def authorization_account(self, body: dict[str, Any]) -> str | None:
+        auth_id = body.get("authorization_id")
+        auth = self.authorizations.get(auth_id) if isinstance(auth_id, str) else None
+        return auth.account.account_id if auth is not None else None
+
+    def capture_account(self, body: dict[str, Any]) -> str | None:
+        cap_id = body.get("capture_id")
+        cap = self.captures.get(cap_id) if isinstance(cap_id, str) else None
+        return cap.authorization.account.account_id if cap is not None else None
 
     # ------------------------------------------------------------------ reads
     def get_authorization(self, auth_id: str) -> Result:

@@ -3,8 +3,10 @@
 Run ``mockbank [--host 127.0.0.1] [--port 8787]``. State lives in memory and is
 lost at exit. Environment variables are described in ``mockbank.config``
 (MIN_LATENCY_MS, MAX_LATENCY_MS, FAILURE_RATE, RESPONSE_LOSS_RATE,
-AUTH_EXPIRY_HOURS, MOCKBANK_EXTRA_ACCOUNTS, LOG_LEVEL); a bad value makes the
-process print a message naming the variable and exit with code 2.
+KEY_FORGET_RATE, KEY_LOOKUP_FAILURE_RATE, RESPONSE_CUTOFF_SECONDS,
+DB_TRANSACTION_MS, DB_POOL_SIZE, AUTH_EXPIRY_HOURS, MOCKBANK_EXTRA_ACCOUNTS,
+LOG_LEVEL); a bad value makes the process print a message naming the variable
+and exit with code 2.
 
 SIGTERM/SIGINT: stop accepting, give in-flight requests 0.5 s, exit 0.
 uvloop is used when importable.
@@ -23,22 +25,59 @@ Processing of an API request (everything under /api/v1), in this order
    nothing is done.
 2. POST only: ``Idempotency-Key`` missing, empty or longer than 255 chars ->
    400 with a PLAIN TEXT body.
-3. POST only: a remembered (key, path) -> the stored status and body, byte for
-   byte, with ``X-Idempotent-Replayed: true``, at once. The new body is not
-   even parsed. No latency, no failure, no response loss, no fault.
-4. An armed fault matching the request is taken (see /_mock/faults).
-5. Sleep uniform(MIN_LATENCY_MS, MAX_LATENCY_MS) (+ the fault's delay_ms).
+3. POST only: the idempotency lookup. A remembered (key, path) -> the stored
+   status and body, byte for byte, with ``X-Idempotent-Replayed: true``, at
+   once. The new body is not even parsed. No latency, no failure, no response
+   loss, no fault, no queueing. But the lookup FAILS (a database hiccup at the
+   upstream bank) with probability KEY_LOOKUP_FAILURE_RATE, rolled for every
+   POST, or for a "lookup_fails" fault, taken only by a request whose key IS
+   remembered: the request then runs on as new from step 4 (a second hold, or
+   ``authorization_already_used``/``already_refunded``), and the response
+   remembered first stays the one replayed later.
+4. POST only: the body is read (not parsed yet), so a client that goes away
+   later cannot stop the work; one that leaves before sending it -> nothing.
+5. An armed fault matching the request is taken (see /_mock/faults).
+6. Sleep uniform(MIN_LATENCY_MS, MAX_LATENCY_MS) (+ the fault's delay_ms).
    No lock is held. If ``down`` was switched on meanwhile -> reset, nothing done.
-6. Fault "drop" -> reset; fault "error" -> its status/body. Nothing done.
-7. With probability FAILURE_RATE -> 500 {"error":"internal_error",...};
-   nothing done (skipped for a "lose_response" fault).
-8. POST only: malformed JSON or a body that is not an object -> 400 PLAIN TEXT.
-9. The operation runs atomically (no await inside). A 2xx result is remembered
-   for (key, path) for 24 hours; errors are never remembered.
-10. POST only: with probability RESPONSE_LOSS_RATE, or for a "lose_response"
-    fault, the connection is reset instead of answering (the work stays done
-    and a 2xx stays remembered). Applies to any executed operation's result
-    (2xx or business 4xx), never to replays, injected 500s or 400 parse errors.
+7. Fault "drop" -> reset; fault "error" -> its status/body. Nothing done.
+8. With probability FAILURE_RATE -> 500 {"error":"internal_error",...};
+   nothing done (skipped for a "lose_response" or "forget_key" fault).
+9. POST only: malformed JSON or a body that is not an object -> 400 PLAIN TEXT.
+10. Only with DB_TRANSACTION_MS > 0 (``mockbank.contention``): wait for one of
+    DB_POOL_SIZE connections, then (POST) for the row lock of the account the
+    request touches (the card's; the authorization's or capture's account), and
+    hold both for DB_TRANSACTION_MS. Requests on one card wait for each other
+    and a busy card can exhaust the pool. ``down`` switched on meanwhile ->
+    reset, nothing done. Off (0) by default: nothing queues.
+11. The operation runs atomically (no await inside): the commit. The work
+    stays done from here on, whatever happens to the client.
+12. POST only: the remembered response is written (2xx only, 24 hours) as a
+    separate step after the commit, tied to the client's connection as at the
+    upstream bank. It is NOT written (stats ``keys_forgotten`` for a 2xx), so a
+    repeat with the key runs again:
+    - for a "forget_key" fault, always;
+    - with probability KEY_FORGET_RATE when the client is gone at this point:
+      it disconnected (killed, timed out, reset: stats ``clients_gone``; the
+      mock, unlike a handler cancelled by its context, finishes the work even
+      when the client left long before), or its response is about to be lost
+      by RESPONSE_LOSS_RATE (step 13). Upstream forgets only when the client
+      vanishes in the short window between the commit and the key write, so a
+      rate of 1 is the worst case; with 0 (default) the key is always
+      remembered, as before.
+    A "lose_response" fault always remembers (its response is lost after the
+    key was written). Errors are never remembered.
+13. POST only: with probability RESPONSE_LOSS_RATE, or for a "lose_response"
+    or "forget_key" fault, the connection is reset instead of answering (the
+    work stays done). Applies to any executed operation's result (2xx or
+    business 4xx), never to replays, injected 500s or 400 parse errors.
+14. Every API response not ready RESPONSE_CUTOFF_SECONDS (15) after arrival is
+    never written: the connection is closed without an answer when the
+    handler is done (as the upstream bank "stops writing a response after
+    15 s"; stats ``responses_cut_off``). Nothing is undone and a 2xx stays
+    remembered: the client was still connected when the key was written.
+
+GETs take steps 1, 5-8, 10 (a connection, no row lock), 11, 13 (for a
+"lose_response" fault only) and 14.
 
 Test/ops endpoints (never subject to chaos, always JSON)
 -------------------------------------------------------
@@ -61,7 +100,8 @@ GET  /_mock/ledger[?accounts=all|touched]
           "chaos": {...as GET /_mock/chaos...},
           "stats": {"api_requests", "replays", "injected_failures",
                     "lost_responses", "dropped_down", "faults_applied",
-                    "bad_requests"}}
+                    "bad_requests", "clients_gone", "keys_forgotten",
+                    "lookup_failures", "responses_cut_off"}}
      Lists are in creation order. Amounts in cents. Card numbers appear as
      last4 only. accounts=touched lists the four test accounts plus the extra
      accounts that have at least one authorization.
@@ -70,11 +110,12 @@ GET  /_mock/accounts[?offset=N&limit=M]
      (full test card data, for load generators; the four test cards first,
      then generated ones, see ``mockbank.ledger.extra_card``)
 GET  /_mock/chaos -> 200 {"min_latency_ms", "max_latency_ms", "failure_rate",
-                          "response_loss_rate", "down"}
+                          "response_loss_rate", "key_forget_rate",
+                          "key_lookup_failure_rate", "down"}
 PUT  /_mock/chaos (PATCH too) with any subset of those fields -> 200 new state,
      or 400 {"error": "invalid_chaos", "message"}. ``down: true`` makes every
      /api/v1 request and GET /health get a connection reset, and resets the
-     connections of requests still sleeping in step 5.
+     connections of requests still sleeping in step 6 or queued in step 10.
 POST /_mock/authorizations/{id}/expire -> 200 {ledger authorization entry}
      (expires_at moved 1 s into the past) or 404 {"error": "not_found"}
 POST /_mock/idempotency/expire -> 200 {"forgotten": n}: forget all remembered
@@ -83,7 +124,7 @@ POST /_mock/reset -> 200 {"status": "reset"}: initial balances, empty books,
      nothing remembered, chaos back to the start-up values, faults and stats
      cleared.
 POST /_mock/faults -> 201 {fault}: arm a deterministic fault. Body:
-     {"action": "error"|"drop"|"lose_response"|"delay",
+     {"action": "error"|"drop"|"lose_response"|"forget_key"|"lookup_fails"|"delay",
       "path": "/api/v1/captures" (exact; a trailing "*" makes it a prefix),
       "method": "POST"|"GET" (optional: any), "times": 1 (>= 1),
       "delay_ms": 0 (extra latency, any action),
@@ -91,6 +132,10 @@ POST /_mock/faults -> 201 {fault}: arm a deterministic fault. Body:
       default body {"error": "internal_error", "message": "injected fault"})}
      Each matching non-replay API request consumes one use (first armed
      first). Use it e.g. to get ``already_captured`` or a 15 s stall.
+     "forget_key" (POST only): do the work, reset the connection and do NOT
+     remember the key (step 12), so a repeat runs again. "lookup_fails" (POST
+     only): consumed only by a request whose key IS remembered (step 3), which
+     then runs as new. "lose_response": do the work, remember a 2xx, reset.
 GET  /_mock/faults -> 200 {"faults": [{fault, "remaining": n}]}
 DELETE /_mock/faults -> 200 {"cleared": n}
 """
@@ -108,6 +153,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,13 +162,21 @@ import orjson
 from aiohttp import web
 
 from mockbank.config import Chaos, Config, ConfigError, load_config, validate_chaos_update
-from mockbank.ledger import Bank, Result
+from mockbank.contention import Database
+from mockbank.ledger import Bank, Result, StoredResponse
 
 log = logging.getLogger("mockbank")
 
 MAX_KEY_LENGTH = 255
 SWEEP_INTERVAL_S = 60.0
 JSON = "application/json"
+
+# Fault actions by the step that takes them (see the module docstring).
+LOOKUP_FAULTS = frozenset({"lookup_fails"})
+REQUEST_FAULTS = frozenset({"error", "drop", "lose_response", "forget_key", "delay"})
+POST_ONLY_FAULTS = frozenset({"lookup_fails", "forget_key"})
+# Faults that promise the work is done, so the FAILURE_RATE roll is skipped.
+WORK_FAULTS = frozenset({"lose_response", "forget_key"})
 
 
 # ------------------------------------------------------------------ state
@@ -169,6 +223,10 @@ def _new_stats() -> dict[str, int]:
             "dropped_down",
             "faults_applied",
             "bad_requests",
+            "clients_gone",
+            "keys_forgotten",
+            "lookup_failures",
+            "responses_cut_off",
         ),
         0,
     )
@@ -179,14 +237,15 @@ class State:
     config: Config
     bank: Bank
     chaos: Chaos
+    database: Database
     rng: random.Random = field(default_factory=random.Random)
     faults: list[Fault] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=_new_stats)
     fault_ids: Any = field(default_factory=lambda: itertools.count(1))
 
-    def take_fault(self, method: str, path: str) -> Fault | None:
+    def take_fault(self, method: str, path: str, actions: frozenset[str]) -> Fault | None:
         for fault in self.faults:
-            if fault.matches(method, path):
+            if fault.action in actions and fault.matches(method, path):
                 fault.remaining -= 1
                 self.stats["faults_applied"] += 1
                 if fault.remaining <= 0:
@@ -207,15 +266,19 @@ def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text, content_type="text/plain")
 
 
-def _drop(request: web.Request) -> web.Response:
-    """Reset the connection without answering (the client sees a disconnect)."""
+def _drop(request: web.Request, *, reset: bool = True) -> web.Response:
+    """Close the connection without answering: a TCP reset, or with
+    ``reset=False`` an orderly close (the client sees the server disconnect)."""
     transport = request.transport
     if transport is not None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError, AttributeError, ValueError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
+        if not reset:
+            transport.close()
+        else:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError, AttributeError, ValueError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
     # aiohttp fails to write this to the closed transport and treats the
     # connection as gone; nothing reaches the client.
     return web.Response(status=503)
@@ -233,10 +296,25 @@ def _fault_error(fault: Fault) -> web.Response:
 
 
 # ------------------------------------------------------------- API pipeline
+def _chance(state: State, rate: float) -> bool:
+    return rate > 0 and state.rng.random() < rate
+
+
+def _client_gone(request: web.Request) -> bool:
+    """The client closed or reset its connection (aiohttp lets the handler run on)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _dropped_down(request: web.Request, state: State) -> web.Response:
+    state.stats["dropped_down"] += 1
+    return _drop(request)
+
+
 async def _chaos_prelude(
     request: web.Request, state: State, fault: Fault | None, *, skip_failure: bool = False
 ) -> web.Response | None:
-    """Steps 5-7: latency, down re-check, fault action, failure roll."""
+    """Steps 6-8: latency, down re-check, fault action, failure roll."""
     chaos = state.chaos
     delay_ms = state.rng.uniform(chaos.min_latency_ms, chaos.max_latency_ms)
     if fault is not None:
@@ -244,37 +322,67 @@ async def _chaos_prelude(
     if delay_ms > 0:
         await asyncio.sleep(delay_ms / 1000.0)
     if state.chaos.down:
-        state.stats["dropped_down"] += 1
-        return _drop(request)
+        return _dropped_down(request, state)
     if fault is not None:
         if fault.action == "drop":
             return _drop(request)
         if fault.action == "error":
             return _fault_error(fault)
-    if not skip_failure and state.rng.random() < state.chaos.failure_rate:
+    if not skip_failure and _chance(state, state.chaos.failure_rate):
         state.stats["injected_failures"] += 1
         return _internal_error()
     return None
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Operation = Callable[[Bank, dict[str, Any], str], Result]
+LockedAccount = Callable[[Bank, dict[str, Any]], str | None]
 
 
-def _arrive(request: web.Request, state) -> web.StreamResponse | None:
-    """Count an API request; a bank that is down drops it before anything else happens."""
-    state.stats["api_requests"] += 1
-    if state.chaos.down:
-        state.stats["dropped_down"] += 1
-        return _drop(request)
-    return None
+def _api(handler: Handler) -> Handler:
+    """Steps 1 and 14 around an API handler: arrival, and the response cut-off."""
+
+    async def api_request(request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        state = request.app[STATE]
+        state.stats["api_requests"] += 1
+        if state.chaos.down:
+            return _dropped_down(request, state)
+        response = await handler(request)
+        if time.monotonic() - started > state.config.response_cutoff_seconds and not _client_gone(request):
+            state.stats["responses_cut_off"] += 1
+            return _drop(request, reset=False)
+        return response
+
+    return api_request
 
 
-def api_post(operation: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _remembered(request: web.Request, state: State, key: str) -> StoredResponse | None:
+    """Step 3: the idempotency lookup, which may fail and then finds nothing."""
+    path = request.path
+    stored = state.bank.idempotency.get(key, path)
+    faulted = stored is not None and state.take_fault(request.method, path, LOOKUP_FAULTS) is not None
+    if faulted or _chance(state, state.chaos.key_lookup_failure_rate):
+        state.stats["lookup_failures"] += 1
+        if stored is not None:
+            log.info("key lookup failed: %s on %s runs again", key, path)
+        return None
+    return stored
+
+
+def _key_forgotten(request: web.Request, state: State, fault: Fault | None, lost: bool) -> bool:
+    """Step 12: does the bank fail to write the remembered response after the commit?"""
+    if fault is not None and fault.action in WORK_FAULTS:
+        return fault.action == "forget_key"
+    gone = _client_gone(request)
+    if gone:
+        state.stats["clients_gone"] += 1
+    return (gone or lost) and _chance(state, state.chaos.key_forget_rate)
+
+
+def api_post(operation: Operation, locked_account: LockedAccount) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
-        if (dropped := _arrive(request, state)) is not None:
-            return dropped
-
         key = request.headers.get("Idempotency-Key", "")
         if not key:
             state.stats["bad_requests"] += 1
@@ -284,20 +392,24 @@ def api_post(operation: Operation) -> Callable[[web.Request], Awaitable[web.Stre
             return _text(400, f"Idempotency-Key longer than {MAX_KEY_LENGTH} characters\n")
 
         path = request.path
-        stored = state.bank.idempotency.get(key, path)
+        stored = _remembered(request, state, key)
         if stored is not None:
             state.stats["replays"] += 1
             return web.Response(
                 status=stored.status, body=stored.body, content_type=JSON, headers={"X-Idempotent-Replayed": "true"}
             )
 
-        fault = state.take_fault(request.method, path)
-        lose = fault is not None and fault.action == "lose_response"
-        early = await _chaos_prelude(request, state, fault, skip_failure=lose)
+        try:
+            raw = await request.read()
+        except ConnectionError:
+            return _drop(request)  # the client left before its body arrived: nothing to do
+
+        fault = state.take_fault(request.method, path, REQUEST_FAULTS)
+        work_fault = fault is not None and fault.action in WORK_FAULTS
+        early = await _chaos_prelude(request, state, fault, skip_failure=work_fault)
         if early is not None:
             return early
 
-        raw = await request.read()
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -307,20 +419,28 @@ def api_post(operation: Operation) -> Callable[[web.Request], Awaitable[web.Stre
             state.stats["bad_requests"] += 1
             return _text(400, "request body must be a JSON object\n")
 
-        # Atomic section: no await between the checks, the mutation and the
-        # idempotency write.
-        status, body = operation(state.bank, payload, key)
-        body_bytes = orjson.dumps(body)
-        state.bank.idempotency.put(key, path, status, body_bytes)
+        async with state.database.transaction(locked_account(state.bank, payload)):
+            if state.chaos.down:
+                return _dropped_down(request, state)
+            status, body = operation(state.bank, payload, key)  # the commit
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s -> %s %s", path, status, body.get("error") or _main_id(body))
 
-        if lose or state.rng.random() < state.chaos.response_loss_rate:
+        # The remembered response is written after the commit, as its own step.
+        body_bytes = orjson.dumps(body)
+        lost = work_fault or _chance(state, state.chaos.response_loss_rate)
+        if not _key_forgotten(request, state, fault, lost):
+            state.bank.idempotency.put(key, path, status, body_bytes)
+        elif 200 <= status < 300:
+            state.stats["keys_forgotten"] += 1
+            log.info("key forgotten: %s on %s (%s done)", key, path, _main_id(body))
+
+        if lost:
             state.stats["lost_responses"] += 1
             return _drop(request)
         return web.Response(status=status, body=body_bytes, content_type=JSON)
 
-    return handler
+    return _api(handler)
 
 
 def _main_id(body: dict[str, Any]) -> str:
@@ -330,30 +450,30 @@ def _main_id(body: dict[str, Any]) -> str:
     return ""
 
 
-def api_get(lookup: Callable[[Bank, str], Result]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def api_get(lookup: Callable[[Bank, str], Result]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
-        if (dropped := _arrive(request, state)) is not None:
-            return dropped
-        fault = state.take_fault(request.method, request.path)
+        fault = state.take_fault(request.method, request.path, REQUEST_FAULTS)
         lose = fault is not None and fault.action == "lose_response"
         early = await _chaos_prelude(request, state, fault, skip_failure=lose)
         if early is not None:
             return early
-        status, body = lookup(state.bank, request.match_info["id"])
+        async with state.database.transaction(None):
+            if state.chaos.down:
+                return _dropped_down(request, state)
+            status, body = lookup(state.bank, request.match_info["id"])
         if lose:
             state.stats["lost_responses"] += 1
             return _drop(request)
         return _json(status, body)
 
-    return handler
+    return _api(handler)
 
 
 async def health(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if state.chaos.down:
-        state.stats["dropped_down"] += 1
-        return _drop(request)
+        return _dropped_down(request, state)
     return _json(200, {"status": "healthy"})
 
 
@@ -437,14 +557,18 @@ async def mock_faults_add(request: web.Request) -> web.Response:
     if unknown:
         return bad(f"unknown field(s): {', '.join(sorted(unknown))}")
     action = spec.get("action")
-    if action not in ("error", "drop", "lose_response", "delay"):
-        return bad("action must be error, drop, lose_response or delay")
+    if action not in LOOKUP_FAULTS | REQUEST_FAULTS:
+        return bad("action must be error, drop, lose_response, forget_key, lookup_fails or delay")
     path = spec.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
         return bad("path must be a string starting with /")
     method = spec.get("method")
     if method is not None and method not in ("GET", "POST"):
         return bad("method must be GET or POST")
+    if action in POST_ONLY_FAULTS:
+        if method == "GET":
+            return bad(f"{action} applies to POSTs only (a GET has no idempotency key)")
+        method = "POST"
     times = spec.get("times", 1)
     if isinstance(times, bool) or not isinstance(times, int) or times < 1:
         return bad("times must be an integer >= 1")
@@ -490,12 +614,13 @@ async def _sweeper(app: web.Application):
 def build_app(config: Config) -> web.Application:
     app = web.Application()
     bank = Bank(auth_expiry_hours=config.auth_expiry_hours, extra_accounts=config.extra_accounts)
-    app[STATE] = State(config=config, bank=bank, chaos=Chaos(**config.chaos.as_dict()))
+    database = Database(pool_size=config.db_pool_size, transaction_ms=config.db_transaction_ms)
+    app[STATE] = State(config=config, bank=bank, chaos=Chaos(**config.chaos.as_dict()), database=database)
     app.cleanup_ctx.append(_sweeper)
-    app.router.add_post("/api/v1/authorizations", api_post(Bank.authorize))
-    app.router.add_post("/api/v1/captures", api_post(Bank.capture))
-    app.router.add_post("/api/v1/voids", api_post(Bank.void))
-    app.router.add_post("/api/v1/refunds", api_post(Bank.refund))
+    app.router.add_post("/api/v1/authorizations", api_post(Bank.authorize, Bank.card_account))
+    app.router.add_post("/api/v1/captures", api_post(Bank.capture, Bank.authorization_account))
+    app.router.add_post("/api/v1/voids", api_post(Bank.void, Bank.authorization_account))
+    app.router.add_post("/api/v1/refunds", api_post(Bank.refund, Bank.capture_account))
     app.router.add_get("/api/v1/authorizations/{id}", api_get(Bank.get_authorization), allow_head=False)
     app.router.add_get("/api/v1/captures/{id}", api_get(Bank.get_capture), allow_head=False)
     app.router.add_get("/api/v1/refunds/{id}", api_get(Bank.get_refund), allow_head=False)
@@ -529,12 +654,18 @@ async def serve(host: str, port: int, config: Config) -> None:
     chaos = config.chaos
     log.info(
         "mockbank listening on %s (latency %g-%g ms, failure_rate %g, response_loss_rate %g, "
-        "auth_expiry_hours %g, extra_accounts %d)",
+        "key_forget_rate %g, key_lookup_failure_rate %g, response_cutoff_seconds %g, "
+        "db_transaction_ms %g, db_pool_size %d, auth_expiry_hours %g, extra_accounts %d)",
         addresses,
         chaos.min_latency_ms,
         chaos.max_latency_ms,
         chaos.failure_rate,
         chaos.response_loss_rate,
+        chaos.key_forget_rate,
+        chaos.key_lookup_failure_rate,
+        config.response_cutoff_seconds,
+        config.db_transaction_ms,
+        config.db_pool_size,
         config.auth_expiry_hours,
         config.extra_accounts,
     )
@@ -555,7 +686,9 @@ def _parser() -> argparse.ArgumentParser:
         description="In-memory mock of the card bank (bank-contract.md) with chaos switches.",
         epilog=(
             "Environment: MIN_LATENCY_MS (100), MAX_LATENCY_MS (2000), FAILURE_RATE (0.05), "
-            "RESPONSE_LOSS_RATE (0), AUTH_EXPIRY_HOURS (168), MOCKBANK_EXTRA_ACCOUNTS (0), "
+            "RESPONSE_LOSS_RATE (0), KEY_FORGET_RATE (0), KEY_LOOKUP_FAILURE_RATE (0), "
+            "RESPONSE_CUTOFF_SECONDS (15), DB_TRANSACTION_MS (0 = no queueing), DB_POOL_SIZE (25), "
+            "AUTH_EXPIRY_HOURS (168), MOCKBANK_EXTRA_ACCOUNTS (0), "
             "LOG_LEVEL (info). Test endpoints live under /_mock/ (see the mockbank.server "
             "module docstring). A bad environment value exits with code 2."
         ),

@@ -1,9 +1,10 @@
 """`make run`: the whole system on this machine, a short demo, then it stays up.
 
-Creates the database and a dev card key if missing, applies the schema,
-starts mockbank, gateway-api, gateway-relay and gateway-worker (logs in
-.run/), walks one payment through authorize -> capture -> refund and shows
-a decline, then keeps everything running until Ctrl-C.
+Creates the database and a dev card key (in .env) if missing, applies the schema,
+starts mockbank, gateway-api, gateway-relay and gateway-worker through the system
+harness (tests/support/system.py; logs in .run/<process>.log), walks one payment
+through authorize -> capture -> refund and shows a decline, then keeps everything
+running until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,73 +13,39 @@ import asyncio
 import base64
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import aiohttp
-import asyncpg
 
 from gateway.config import DEFAULTS, DEV_API_KEYS
+from tests.support import services
+from tests.support.procs import ProcessError
+from tests.support.system import System
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 ENV_FILE = ROOT / ".env"
-BIN = Path(sys.executable).parent
-API = "http://127.0.0.1:8080"
-BANK = DEFAULTS["BANK_URL"]
+API_PORT = 8080
 DEV_KEY = DEV_API_KEYS.split(":", 1)[1]
 
 
 def dev_environment() -> dict[str, str]:
-    """os.environ plus .env, where `make run` keeps the generated dev card key."""
+    """.env's settings that the environment does not override; `make run` keeps the
+    generated dev card key there."""
     if not ENV_FILE.exists():
         key = base64.b64encode(os.urandom(32)).decode()
         ENV_FILE.write_text(f"# made by make run: a development-only card encryption key\nCARD_ENCRYPTION_KEY={key}\n")
-    env = dict(os.environ)
+    settings = {}
     for line in ENV_FILE.read_text().splitlines():
         name, sep, value = line.partition("=")
-        if sep and not name.startswith("#"):
-            env.setdefault(name.strip(), value.strip())
-    return env
+        if sep and not name.startswith("#") and name.strip() not in os.environ:
+            settings[name.strip()] = value.strip()
+    return settings
 
 
-async def ensure_database(url: str) -> None:
-    parts = urlparse(url)
-    name = parts.path.lstrip("/")
-    admin = await asyncpg.connect(urlunparse(parts._replace(path="/postgres")))
-    try:
-        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await admin.execute(f'CREATE DATABASE "{name}"')
-            print(f"created database {name}")
-    finally:
-        await admin.close()
-
-
-def start(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    log = open(RUN_DIR / f"{name}.log", "ab")
-    return subprocess.Popen([str(BIN / name), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-async def wait_healthy(session: aiohttp.ClientSession, url: str, procs: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}; see {RUN_DIR}/")
-        try:
-            async with session.get(url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.3)
-    raise SystemExit(f"{url} did not become ready; see logs in {RUN_DIR}/")
-
-
-async def demo(session: aiohttp.ClientSession, api: str = API) -> None:
+async def demo(session: aiohttp.ClientSession, api: str) -> None:
     headers = {"Authorization": f"Bearer {DEV_KEY}"}
     run = int(time.time())
 
@@ -121,40 +88,48 @@ async def demo(session: aiohttp.ClientSession, api: str = API) -> None:
 
 
 async def main() -> None:
-    env = dev_environment()
+    dotenv = dev_environment()
+
+    def setting(name: str) -> str:
+        return os.environ.get(name) or dotenv.get(name) or DEFAULTS[name]
+
+    database_url = setting("DATABASE_URL")
+    if await services.ensure_database(database_url):
+        print(f"created database {urlparse(database_url).path.lstrip('/')}")
     RUN_DIR.mkdir(exist_ok=True)
-    await ensure_database(env.get("DATABASE_URL") or DEFAULTS["DATABASE_URL"])
-    subprocess.run([str(BIN / "gatewayctl"), "migrate"], env=env, check=True)
-    procs = [
-        start("mockbank", [], env),
-        start("gateway-relay", [], env),
-        start("gateway-worker", [], env),
-        start("gateway-api", [], env),
-    ]
+    system = System(
+        (database_url, setting("AMQP_URL")),
+        os.environ.get("CARD_ENCRYPTION_KEY") or dotenv["CARD_ENCRYPTION_KEY"],
+        database_url=database_url,
+        private_vhost=False,
+        bank_env={name: value for name, value in dotenv.items() if name != "CARD_ENCRYPTION_KEY"},
+        gateway_env=dotenv,
+        api_keys=setting("GATEWAY_API_KEYS"),
+        api_port=API_PORT,
+        bank_port=urlparse(setting("BANK_URL")).port,
+        log_dir=RUN_DIR,
+    )
     try:
+        try:
+            await system.start()
+        except ProcessError as exc:
+            raise SystemExit(f"{exc}\n(logs in {RUN_DIR}/)") from None
+        print(f"system up: mockbank {system.bank_url}, API {system.api_url} (logs in .run/)")
         async with aiohttp.ClientSession() as session:
-            await wait_healthy(session, f"{BANK}/health", procs)
-            await wait_healthy(session, f"{API}/readyz", procs)
-            print(f"system up: mockbank {BANK}, API {API} (logs in .run/)")
-            await demo(session)
+            await demo(session, system.api_url)
         print(
             f"\nThe gateway is running. Try it:\n"
-            f"  curl -H 'Authorization: Bearer {DEV_KEY}' '{API}/v1/payments?customer_id=cus_demo'\n"
-            f"  API docs: {API}/docs\nCtrl-C stops everything."
+            f"  curl -H 'Authorization: Bearer {DEV_KEY}' '{system.api_url}/v1/payments?customer_id=cus_demo'\n"
+            f"  API docs: {system.api_url}/docs\nCtrl-C stops everything."
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        print("stopping ...")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        await system.close()
 
 
 if __name__ == "__main__":

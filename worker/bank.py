@@ -12,13 +12,12 @@ into outcomes, not into exception text.
 
 from __future__ import annotations
 
-import re
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 
-from gateway import logs
+from gateway import logs, redact
 from gateway.domain import BankOutcome
 
 log = logs.get("bank")
@@ -33,7 +32,6 @@ _REQUIRED = {
     "get_capture": ("capture_id",),
     "get_refund": ("refund_id",),
 }
-_PAN = re.compile(r"\d{12,19}")
 _MAX_MESSAGE = 300
 # The largest answer the bank's contract can produce is well under a kilobyte; anything
 # past this bound is not read, so a runaway body cannot grow the worker's memory.
@@ -44,7 +42,7 @@ def _clean(text: object) -> str | None:
     """A bank-supplied message, short and with anything card-like removed."""
     if not isinstance(text, str):
         return None
-    return _PAN.sub("[redacted]", text[:_MAX_MESSAGE])
+    return redact.clean(text, _MAX_MESSAGE)
 
 
 def _outcome(call: str, status: int, raw: bytes) -> BankOutcome:

@@ -14,10 +14,9 @@ RabbitMQ cannot be reached (an unreachable bank makes reconcile report
 `unverified` findings). Log lines (LOG_LEVEL; only errors unless it is
 set) go to stderr, never into the output.
 
-The database is the truth about an operation; payments.dead only carries
-messages about it. A replay therefore decides from the operations row (and
-works when the message is gone), and drops dead letters of an operation that
-has meanwhile finished.
+This module parses arguments, prints and chooses the exit code. Reading and
+giving back payments.dead is worker/deadletters.py; what list, show and
+replay decide about each operation is worker/replay.py.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ import os
 import sys
 import textwrap
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -38,16 +37,13 @@ import aio_pika
 import asyncpg
 import orjson
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 
-from gateway import config, db, logs, messages, payments
-from gateway.db import Q
-from gateway.domain import OperationKind
-from gateway.timefmt import iso, now, parse
-from gateway.views import payment_json
-from worker import reconcile, topology
+from gateway import config, db, logs, store
+from gateway.timefmt import iso
+from worker import reconcile, replay, topology
 from worker import settings as wsettings
 from worker.bank import BankClient
+from worker.deadletters import MAX_DEAD_LETTERS, BrokerUnavailable, DeadLetterQueue
 
 EXIT_OK = 0
 EXIT_ATTENTION = 1
@@ -55,13 +51,11 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 
 CONNECT_TIMEOUT = 10.0
-PUBLISH_TIMEOUT = 30.0
 BANK_TIMEOUT = 20.0
-MAX_DEAD_LETTERS = 10_000  # held at once by one command; more are left in the queue untouched
 
 
 class Unavailable(Exception):
-    """PostgreSQL or RabbitMQ cannot be reached (exit 3)."""
+    """PostgreSQL cannot be reached (exit 3, as is deadletters.BrokerUnavailable)."""
 
 
 def _safe_url(url: str) -> str:
@@ -88,18 +82,6 @@ def _table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _age(then: datetime | None) -> str | None:
-    if then is None:
-        return None
-    seconds = max(0, int((now() - then).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            rest = seconds % size
-            sub = {"d": ("h", 3600), "h": ("m", 60), "m": ("s", 1)}[unit]
-            return f"{seconds // size}{unit}{rest // sub[1]}{sub[0]}" if rest // sub[1] else f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def _error_text(error: Any) -> str | None:
     if not error:
         return None
@@ -113,7 +95,7 @@ def _error_text(error: Any) -> str | None:
     return str(error)
 
 
-# ---- connections ------------------------------------------------------------------------
+# ---- connections and settings -----------------------------------------------------------
 
 
 async def _pool(settings: config.Settings) -> asyncpg.Pool:
@@ -130,128 +112,6 @@ async def _pool(settings: config.Settings) -> asyncpg.Pool:
         ) from None
 
 
-@dataclass
-class DeadLetter:
-    message: AbstractIncomingMessage
-    operation_id: str | None
-    headers: dict[str, Any]
-
-    @property
-    def parked_at(self) -> datetime | None:
-        value = self.headers.get("parked_at")
-        try:
-            return parse(value) if isinstance(value, str) else None
-        except ValueError:
-            return None
-
-
-def _text(value: Any) -> Any:
-    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
-
-
-def _letter(message: AbstractIncomingMessage) -> DeadLetter:
-    headers = {k: _text(v) for k, v in (message.headers or {}).items()}
-    op_id = headers.get("operation_id")
-    if not isinstance(op_id, str) or not op_id:
-        try:
-            op_id = orjson.loads(message.body)["operation_id"]
-        except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
-            op_id = None
-        op_id = op_id if isinstance(op_id, str) and op_id else None
-    return DeadLetter(message, op_id, headers)
-
-
-class DeadLetterQueue:
-    """payments.dead, read without losing or reordering anything.
-
-    Reading: every message is taken with basic.get and manual acknowledgement,
-    so all of them are held, unacknowledged, by this one channel at the same
-    time (up to MAX_DEAD_LETTERS). What is not replayed or dropped is given
-    back with basic.nack(requeue=True), one message at a time in delivery
-    order: RabbitMQ puts returned messages back at the head of the queue in
-    the order they come back, so the queue reads as before. basic.nack, not
-    basic.reject: from RabbitMQ 4.3 a reject counts as a failed delivery
-    towards a quorum queue's delivery limit, a nack does not. If this process
-    dies while holding them, the broker returns them all by itself when the
-    connection drops: nothing is acked before its work is done.
-    """
-
-    def __init__(self, amqp_url: str, ladder: tuple[int, ...]):
-        self.amqp_url = amqp_url
-        self.ladder = ladder
-        self.connection: aio_pika.abc.AbstractConnection | None = None
-
-    async def __aenter__(self) -> DeadLetterQueue:
-        try:
-            self.connection = await aio_pika.connect(
-                self.amqp_url, timeout=CONNECT_TIMEOUT, client_properties={"connection_name": "gatewayctl"}
-            )
-        except Exception as exc:
-            raise Unavailable(
-                f"cannot connect to RabbitMQ at {_safe_url(self.amqp_url)}: {type(exc).__name__}: {exc}"
-            ) from None
-        try:
-            # Publishing on its own channel: a failed publish that closes a channel must not
-            # take the held deliveries with it.
-            self._publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-            exchanges = await topology.declare(self._publish_channel, self.ladder)
-            self._commands = exchanges[messages.COMMANDS_EXCHANGE]
-            self._get_channel = await self.connection.channel(publisher_confirms=False)
-            self._queue = await self._get_channel.get_queue(topology.DEAD_QUEUE, ensure=True)
-        except BaseException:
-            await self.connection.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        if self.connection is not None:
-            await self.connection.close()
-
-    async def take_all(self) -> list[DeadLetter]:
-        """Every message in the queue (oldest first), held unacknowledged by us."""
-        letters: list[DeadLetter] = []
-        while len(letters) < MAX_DEAD_LETTERS:
-            message = await self._queue.get(no_ack=False, fail=False, timeout=CONNECT_TIMEOUT)
-            if message is None:
-                break
-            letters.append(_letter(message))
-        return letters
-
-    async def give_back(self, letters: Iterable[DeadLetter]) -> None:
-        for letter in letters:  # in delivery order: the queue keeps its order
-            if not letter.message.processed:
-                await letter.message.nack(requeue=True)
-
-    async def drop(self, letters: Iterable[DeadLetter]) -> None:
-        for letter in letters:
-            if not letter.message.processed:
-                await letter.message.ack()
-
-    async def send_command(self, operation_id: str, kind: str, force: bool) -> None:
-        """The operation's command, as the relay sends it, with the ladder count reset;
-        returns once the broker has confirmed it (persistent, mandatory)."""
-        cmd = messages.command(operation_id, kind)
-        headers: dict[str, Any] = {topology.RETRIES_HEADER: 0}
-        if force:
-            headers[topology.FORCE_HEADER] = True
-        message = aio_pika.Message(
-            body=cmd.body,
-            headers=headers,
-            message_id=cmd.message_id,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        await self._commands.publish(message, routing_key=cmd.routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT)
-
-
-def _group(letters: list[DeadLetter]) -> dict[str | None, list[DeadLetter]]:
-    """Dead letters by operation id, in queue order (the consumer may dead-letter one twice)."""
-    out: dict[str | None, list[DeadLetter]] = {}
-    for letter in letters:
-        out.setdefault(letter.operation_id, []).append(letter)
-    return out
-
-
 def _key_age_limit() -> timedelta:
     """The consumer's own threshold (WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS, default 23 h)."""
     cfg = wsettings.load(wsettings.parse_worker)
@@ -266,29 +126,7 @@ def _ladder() -> tuple[int, ...]:
     )
 
 
-def _needs_force(row: asyncpg.Record | dict | None, limit: timedelta) -> bool:
-    return bool(
-        row
-        and row["kind"] == OperationKind.AUTHORIZE.value
-        and row["status"] == "pending"
-        and row["first_attempt_at"] is not None
-        and row["first_attempt_at"] < now() - limit
-    )
-
-
-def _state(row: asyncpg.Record | dict | None) -> str:
-    if row is None:
-        return "unknown operation"
-    if row["status"] != "pending":
-        return f"final ({row['status']})"
-    return "parked" if row["parked"] else "pending, not parked"
-
-
 # ---- migrate ----------------------------------------------------------------------------
-
-
-async def _schema_objects(conn: asyncpg.Connection) -> set[tuple[str, str]]:
-    return {(r["kind"], r["name"]) for r in await conn.fetch(Q["schema_objects"])}
 
 
 def _count(n: int, kind: str) -> str:
@@ -298,11 +136,9 @@ def _count(n: int, kind: str) -> str:
 async def cmd_migrate(args, settings: config.Settings) -> int:
     pool = await _pool(settings)
     try:
-        async with pool.acquire() as conn:
-            before = await _schema_objects(conn)
+        before = await store.schema_objects(pool)
         await db.migrate(settings.database_url)
-        async with pool.acquire() as conn:
-            after = await _schema_objects(conn)
+        after = await store.schema_objects(pool)
     finally:
         await pool.close()
     created: dict[str, list[str]] = {}
@@ -316,7 +152,7 @@ async def cmd_migrate(args, settings: config.Settings) -> int:
         _emit_json(
             {
                 "database": target,
-                "schema": str(db.SCHEMA_PATH),
+                "schema": str(store.SCHEMA_PATH),
                 "created": created,
                 "present": dict(sorted(totals.items())),
             }
@@ -324,13 +160,13 @@ async def cmd_migrate(args, settings: config.Settings) -> int:
         return EXIT_OK
     present = ", ".join(_count(n, k) for k, n in sorted(totals.items()))
     if created:
-        print(f"applied {db.SCHEMA_PATH.name} to {target}")
+        print(f"applied {store.SCHEMA_PATH.name} to {target}")
         for kind, names in created.items():
             print(f"  created {_count(len(names), kind)}: {', '.join(names)}")
         print(f"now present: {present}")
     else:
         print(
-            f"applied {db.SCHEMA_PATH.name} to {target}: already up to date, nothing created "
+            f"applied {store.SCHEMA_PATH.name} to {target}: already up to date, nothing created "
             f"(functions and triggers refreshed; present: {present})"
         )
     return EXIT_OK
@@ -339,68 +175,21 @@ async def cmd_migrate(args, settings: config.Settings) -> int:
 # ---- dlq list ---------------------------------------------------------------------------
 
 
-def _entry(op_id: str | None, row, letters: list[DeadLetter], limit: timedelta) -> dict:
-    first = letters[0] if letters else None
-    headers = first.headers if first else {}
-    parked_at = min((lt.parked_at for lt in letters if lt.parked_at), default=None)  # the first parking
-    since = parked_at or (row["updated_at"] if row else None)
-    return {
-        "operation_id": op_id,
-        "payment_id": row["payment_id"] if row else headers.get("payment_id"),
-        "kind": row["kind"] if row else headers.get("kind"),
-        "attempts": row["attempts"] if row else headers.get("attempts"),
-        "last_error": row["last_error"] if row else _parse_error(headers.get("last_error")),
-        "state": _state(row),
-        "needs_force": _needs_force(row, limit),
-        "first_attempt_at": iso(row["first_attempt_at"]) if row else None,
-        "parked_since": iso(since),
-        "age": _age(since),
-        "messages": len(letters),
-    }
-
-
-def _parse_error(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError:
-            return value
-    return value
-
-
-async def _rows(pool: asyncpg.Pool, ids: Iterable[str | None]) -> dict[str, asyncpg.Record]:
-    wanted = [i for i in ids if i]
-    if not wanted:
-        return {}
-    return {r["id"]: r for r in await pool.fetch(Q["ops_operations"], wanted)}
-
-
 async def cmd_dlq_list(args, settings: config.Settings) -> int:
-    limit = args.key_age_limit
     async with DeadLetterQueue(settings.amqp_url, args.ladder) as dlq:
         letters = await dlq.take_all()
-        await dlq.give_back(letters)  # read everything we need first, hold nothing while we query
-    by_op = _group(letters)
+        await dlq.give_back()  # read everything we need first, hold nothing while we query
     pool = await _pool(settings)
     try:
-        rows = await _rows(pool, by_op)
-        parked = await pool.fetch(Q["ops_parked_operations"], MAX_DEAD_LETTERS)
+        entries = await replay.listing(letters, replay.StoreOperations(pool), args.key_age_limit)
     finally:
         await pool.close()
-    entries = [_entry(op_id, rows.get(op_id), group, limit) for op_id, group in by_op.items() if op_id]
-    entries += [_entry(None, None, [lt], limit) for lt in by_op.get(None, [])]
-    entries += [_entry(r["id"], r, [], limit) for r in parked if r["id"] not in by_op]
-    for e in entries:
-        if e["operation_id"] is None:
-            e["state"] = "unreadable message (no operation id)"
-        elif e["messages"] == 0:
-            e["state"] = "parked, no message in the queue"
     if args.json:
         _emit_json(
             {
                 "queue": topology.DEAD_QUEUE,
                 "messages": len(letters),
-                "operations": entries,
+                "operations": [asdict(e) for e in entries],
                 "truncated": len(letters) >= MAX_DEAD_LETTERS,
             }
         )
@@ -413,14 +202,14 @@ async def cmd_dlq_list(args, settings: config.Settings) -> int:
             ["OPERATION", "PAYMENT", "KIND", "ATTEMPTS", "AGE", "MSGS", "STATE", "LAST ERROR"],
             (
                 [
-                    e["operation_id"],
-                    e["payment_id"],
-                    e["kind"],
-                    e["attempts"],
-                    e["age"],
-                    e["messages"],
-                    e["state"] + (" (replay needs --force)" if e["needs_force"] else ""),
-                    _error_text(e["last_error"]),
+                    e.operation_id,
+                    e.payment_id,
+                    e.kind,
+                    e.attempts,
+                    e.age,
+                    e.messages,
+                    e.state + (" (replay needs --force)" if e.needs_force else ""),
+                    _error_text(e.last_error),
                 ]
                 for e in entries
             ),
@@ -438,252 +227,131 @@ async def cmd_dlq_list(args, settings: config.Settings) -> int:
 # ---- dlq show ---------------------------------------------------------------------------
 
 
-def _replay_advice(row, limit: timedelta) -> str:
-    if row is None:
-        return "unknown operation: nothing to replay"
-    if row["status"] != "pending":
-        return "already final: a replay only drops its dead letters"
-    if _needs_force(row, limit):
-        return (
-            "refused without --force: the first authorization attempt is older than "
-            f"{limit.total_seconds() / 3600:g} h (see `gatewayctl dlq replay --help`)"
-        )
-    if not row["parked"]:
-        return "not parked (already back in the normal flow): a replay sends its command again, harmlessly"
-    return "a replay unparks it and sends its command to the work queue"
-
-
 async def cmd_dlq_show(args, settings: config.Settings) -> int:
-    limit = args.key_age_limit
     async with DeadLetterQueue(settings.amqp_url, args.ladder) as dlq:
         letters = await dlq.take_all()
-        await dlq.give_back(letters)
-    mine = [lt for lt in letters if lt.operation_id == args.operation_id]
+        await dlq.give_back()
     pool = await _pool(settings)
     try:
-        op = await pool.fetchrow(Q["ops_operation"], args.operation_id)
-        payment = history = ops = None
-        if op is not None:
-            row = await pool.fetchrow(Q["ops_payment"], op["payment_id"])
-            payment = payment_json(row)
-            payment["merchant"] = row["merchant"]
-            history = [
-                {"status": h["status"], "cause": h["cause"], "at": iso(h["at"])}
-                for h in await pool.fetch(Q["ops_payment_history"], op["payment_id"])
-            ]
-            ops = [dict(r) for r in await pool.fetch(Q["ops_payment_operations"], op["payment_id"])]
+        shown = await replay.show(args.operation_id, letters, replay.StoreOperations(pool), args.key_age_limit)
     finally:
         await pool.close()
-    if op is None and not mine:
+    if shown is None:
         print(f"no operation {args.operation_id} in the database and no dead letter for it", file=sys.stderr)
         return EXIT_ATTENTION
-    advice = _replay_advice(op, limit)
-    dead = [
-        {"headers": lt.headers, "body": lt.message.body.decode("utf-8", "replace"), "message_id": lt.message.message_id}
-        for lt in mine
-    ]
+    details = shown.details
     if args.json:
         _emit_json(
             {
-                "operation": dict(op) if op else None,
-                "state": _state(op),
-                "needs_force": _needs_force(op, limit),
-                "payment": payment,
-                "history": history,
-                "operations": ops,
-                "dead_letters": dead,
-                "replay": advice,
+                "operation": details.operation if details else None,
+                "state": shown.state,
+                "needs_force": shown.needs_force,
+                "payment": details.payment if details else None,
+                "history": details.history if details else None,
+                "operations": details.operations if details else None,
+                "dead_letters": [
+                    {"headers": lt.headers, "body": lt.body.decode("utf-8", "replace"), "message_id": lt.message_id}
+                    for lt in shown.dead_letters
+                ],
+                "replay": shown.advice,
             }
         )
         return EXIT_OK
-    if op is None:
+    if details is None:
         print(f"operation {args.operation_id}: not in the database (unknown operation)")
     else:
-        print(f"operation {op['id']}")
-        for label, value in (
-            ("kind", op["kind"]),
-            ("state", _state(op)),
-            ("attempts", op["attempts"]),
-            (
-                "first attempt",
-                f"{iso(op['first_attempt_at'])} ({_age(op['first_attempt_at'])} ago)"
-                if op["first_attempt_at"]
-                else None,
-            ),
-            ("last error", _error_text(op["last_error"])),
-            ("bank key", op["bank_key"]),
-            ("bank time", f"{op['bank_ms']} ms"),
-            ("lease", f"{op['lease_owner']} until {iso(op['lease_until'])}" if op["lease_owner"] else None),
-            ("created", iso(op["created_at"])),
-            ("updated", iso(op["updated_at"])),
-            ("finished", iso(op["finished_at"])),
-            ("bank response", orjson.dumps(op["bank_response"]).decode() if op["bank_response"] else None),
-        ):
-            print(f"  {label:<14}{'-' if value is None else value}")
-        bank = payment["bank"]
-        print(f"\npayment {payment['id']} (merchant {payment['merchant']})")
-        for label, value in (
-            ("status", payment["status"] + (", attention_required" if payment["attention_required"] else "")),
-            ("amount", f"{payment['amount']} {payment['currency']}"),
-            ("order", payment["order_id"]),
-            ("customer", payment["customer_id"]),
-            ("card", f"{payment['card']['brand']} ...{payment['card']['last4']}"),
-            ("authorization", f"{bank['authorization_id'] or '-'} (expires {bank['authorization_expires_at'] or '-'})"),
-            ("capture", bank["capture_id"]),
-            ("void", bank["void_id"]),
-            ("refund", bank["refund_id"]),
-            ("last error", _error_text(payment["last_error"])),
-        ):
-            print(f"  {label:<14}{'-' if value is None else value}")
-        print("\nhistory")
-        print(_table(["AT", "STATUS", "CAUSE"], ((h["at"], h["status"], h["cause"]) for h in history)))
-        print("\noperations of this payment")
-        print(
-            _table(
-                ["OPERATION", "KIND", "STATUS", "PARKED", "ATTEMPTS", "CREATED"],
-                ((o["id"], o["kind"], o["status"], o["parked"], o["attempts"], iso(o["created_at"])) for o in ops),
-            )
-        )
-    print(f"\n{topology.DEAD_QUEUE}: {len(mine)} message(s) for this operation")
-    for lt in mine:
+        _print_details(details, shown.state)
+    print(f"\n{topology.DEAD_QUEUE}: {len(shown.dead_letters)} message(s) for this operation")
+    for lt in shown.dead_letters:
         print(
             f"  parked_at {lt.headers.get('parked_at', '-')}  {topology.RETRIES_HEADER} "
             f"{lt.headers.get(topology.RETRIES_HEADER, '-')}  error {_error_text(lt.headers.get('last_error'))}"
         )
-    print(f"\nreplay: {advice}")
+    print(f"\nreplay: {shown.advice}")
     return EXIT_OK
 
 
-# ---- dlq replay -------------------------------------------------------------------------
-
-
-@dataclass
-class Replayed:
-    operation_id: str | None
-    payment_id: str | None
-    kind: str | None
-    result: str  # replayed | already_final | refused | unknown | unreadable | failed
-    message: str
-    dead_letters_dropped: int = 0
-    forced: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.result in ("replayed", "already_final")
-
-
-async def _replay_one(
-    pool, dlq: DeadLetterQueue, op_id: str, row, letters: list[DeadLetter], force: bool, limit: timedelta
-) -> Replayed:
-    base = {
-        "operation_id": op_id,
-        "payment_id": row["payment_id"] if row else None,
-        "kind": row["kind"] if row else None,
-    }
-    if row is None:
-        return Replayed(
-            **base,
-            result="unknown",
-            message="no such operation in the database; its dead letters are left in the queue",
-        )
-    if row["status"] != "pending":
-        await dlq.drop(letters)
-        return Replayed(
-            **base,
-            result="already_final",
-            dead_letters_dropped=len(letters),
-            message=f"already final ({row['status']}), nothing to do"
-            + (f"; dropped {len(letters)} dead letter(s)" if letters else ""),
-        )
-    if _needs_force(row, limit) and not force:
-        hours = limit.total_seconds() / 3600
-        return Replayed(
-            **base,
-            result="refused",
-            message=(
-                f"refused: this authorization was first sent to the bank {_age(row['first_attempt_at'])} ago "
-                f"(limit {hours:g} h). The bank forgets idempotency keys after 24 h, so if an earlier attempt "
-                "placed a hold whose answer was lost, a resend could place a second hold. Check the bank for a "
-                f"hold on payment {row['payment_id']}, then replay with --force (or resolve it by hand)."
-            ),
-        )
-    if not await payments.unpark(pool, op_id):
-        await dlq.drop(letters)  # it finished between our read and the unpark
-        return Replayed(
-            **base,
-            result="already_final",
-            dead_letters_dropped=len(letters),
-            message="finished meanwhile, nothing to do",
-        )
-    try:
-        await dlq.send_command(op_id, row["kind"], force)
-    except Exception as exc:
-        return Replayed(
-            **base,
-            result="failed",
-            message=(
-                f"unparked, but the command could not be published ({type(exc).__name__}: {exc}); the dead "
-                "letters stay in the queue and the sweeper re-enqueues the operation, or run replay again"
-            ),
-        )
-    await dlq.drop(letters)
-    how = "was parked" if row["parked"] else "was not parked (already back in the flow)"
-    source = (
-        f"{len(letters)} dead letter(s) removed" if letters else "no dead letter found: re-enqueued from the database"
-    )
-    return Replayed(
-        **base,
-        result="replayed",
-        dead_letters_dropped=len(letters),
-        forced=force,
-        message=(
-            f"{how}; command sent to {messages.COMMANDS_EXCHANGE} ({topology.RETRIES_HEADER} 0"
-            f"{', ' + topology.FORCE_HEADER if force else ''}); {source}"
+def _print_details(details: replay.Details, state: str) -> None:
+    op, payment = details.operation, details.payment
+    print(f"operation {op['id']}")
+    for label, value in (
+        ("kind", op["kind"]),
+        ("state", state),
+        ("attempts", op["attempts"]),
+        (
+            "first attempt",
+            f"{iso(op['first_attempt_at'])} ({replay.age(op['first_attempt_at'])} ago)"
+            if op["first_attempt_at"]
+            else None,
         ),
+        ("last error", _error_text(op["last_error"])),
+        ("bank key", op["bank_key"]),
+        ("bank time", f"{op['bank_ms']} ms"),
+        ("lease", f"{op['lease_owner']} until {iso(op['lease_until'])}" if op["lease_owner"] else None),
+        ("created", iso(op["created_at"])),
+        ("updated", iso(op["updated_at"])),
+        ("finished", iso(op["finished_at"])),
+        ("bank response", orjson.dumps(op["bank_response"]).decode() if op["bank_response"] else None),
+    ):
+        print(f"  {label:<14}{'-' if value is None else value}")
+    bank = payment["bank"]
+    print(f"\npayment {payment['id']} (merchant {payment['merchant']})")
+    for label, value in (
+        ("status", payment["status"] + (", attention_required" if payment["attention_required"] else "")),
+        ("amount", f"{payment['amount']} {payment['currency']}"),
+        ("order", payment["order_id"]),
+        ("customer", payment["customer_id"]),
+        ("card", f"{payment['card']['brand']} ...{payment['card']['last4']}"),
+        ("authorization", f"{bank['authorization_id'] or '-'} (expires {bank['authorization_expires_at'] or '-'})"),
+        ("capture", bank["capture_id"]),
+        ("void", bank["void_id"]),
+        ("refund", bank["refund_id"]),
+        ("last error", _error_text(payment["last_error"])),
+    ):
+        print(f"  {label:<14}{'-' if value is None else value}")
+    print("\nhistory")
+    print(_table(["AT", "STATUS", "CAUSE"], ((h["at"], h["status"], h["cause"]) for h in details.history)))
+    print("\noperations of this payment")
+    print(
+        _table(
+            ["OPERATION", "KIND", "STATUS", "PARKED", "ATTEMPTS", "CREATED"],
+            (
+                (o["id"], o["kind"], o["status"], o["parked"], o["attempts"], iso(o["created_at"]))
+                for o in details.operations
+            ),
+        )
     )
+
+
+# ---- dlq replay -------------------------------------------------------------------------
 
 
 async def cmd_dlq_replay(args, settings: config.Settings) -> int:
     if bool(args.operation_id) == bool(args.all):
         print("gatewayctl dlq replay: give one OPERATION_ID or --all", file=sys.stderr)
         return EXIT_USAGE
-    limit = args.key_age_limit
     pool = await _pool(settings)
-    results: list[Replayed] = []
     try:
         async with DeadLetterQueue(settings.amqp_url, args.ladder) as dlq:
             letters = await dlq.take_all()
             try:
-                by_op = _group(letters)
-                if args.all:
-                    parked = await pool.fetch(Q["ops_parked_operations"], MAX_DEAD_LETTERS)
-                    targets = [i for i in by_op if i] + [r["id"] for r in parked if r["id"] not in by_op]
-                    results += [
-                        Replayed(
-                            None,
-                            lt.headers.get("payment_id"),
-                            lt.headers.get("kind"),
-                            "unreadable",
-                            "a message without an operation id: left in the queue",
-                        )
-                        for lt in by_op.get(None, [])
-                    ]
-                else:
-                    targets = [args.operation_id]
-                rows = await _rows(pool, targets)
-                for op_id in targets:
-                    results.append(
-                        await _replay_one(pool, dlq, op_id, rows.get(op_id), by_op.get(op_id, []), args.force, limit)
-                    )
+                results = await replay.replay(
+                    letters,
+                    dlq,
+                    replay.StoreOperations(pool),
+                    operation_id=None if args.all else args.operation_id,
+                    force=args.force,
+                    limit=args.key_age_limit,
+                )
             finally:
-                await dlq.give_back(letters)
+                await dlq.give_back()
     finally:
         await pool.close()
     failed = [r for r in results if not r.done]
     if args.json:
         _emit_json(
             {
-                "results": [r.__dict__ for r in results],
+                "results": [asdict(r) for r in results],
                 "replayed": sum(r.result == "replayed" for r in results),
                 "already_final": sum(r.result == "already_final" for r in results),
                 "not_done": len(failed),
@@ -973,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(args.handler(args, settings))
     except Unavailable as exc:
         print(f"gatewayctl: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except BrokerUnavailable as exc:
+        print(f"gatewayctl: cannot connect to RabbitMQ at {_safe_url(settings.amqp_url)}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except asyncpg.UndefinedTableError as exc:
         print(f"gatewayctl: the schema is not applied ({exc}): run `gatewayctl migrate`", file=sys.stderr)

@@ -46,8 +46,7 @@ from typing import Any
 import asyncpg
 import backoff
 
-from gateway import domain, logs, messages, payments
-from gateway.db import Q
+from gateway import domain, logs, messages, payments, store
 from gateway.domain import BankOutcome, Status
 from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
@@ -240,7 +239,7 @@ class _Pass:
         auth_id = p["authorization_id"]
         outcome = await self._get(self.bank.get_authorization, auth_id)
         if self._usable(outcome, "authorization", auth_id, add):
-            body = outcome.body
+            body = outcome.body or {}  # "ok" always comes with a JSON object
             if body.get("amount") != p["amount"]:
                 add(
                     AMOUNT_MISMATCH,
@@ -272,7 +271,7 @@ class _Pass:
                 continue
             outcome = await self._get(get, ident)
             if self._usable(outcome, obj, ident, add):
-                body = outcome.body
+                body = outcome.body or {}
                 if body.get("amount") != p["amount"]:
                     add(
                         AMOUNT_MISMATCH, object=obj, id=ident, field="amount", ours=p["amount"], bank=body.get("amount")
@@ -303,7 +302,7 @@ class _Pass:
         """
         expire_after = False
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(Q["reconcile_lock_payment"], snapshot["id"])
+            row = await store.reconcile_lock_payment(conn, payment_id=snapshot["id"])
             if row is None or row["busy"] or any(row[f] != snapshot[f] for f in _CHECKED_FIELDS):
                 return False
             at = now()
@@ -311,7 +310,7 @@ class _Pass:
                 for f in found:
                     if f.kind == EXPIRY_MISMATCH:
                         bank_expiry = parse(f.detail["bank"])
-                        await conn.execute(Q["reconcile_set_expiry"], row["id"], bank_expiry, at)
+                        await store.reconcile_set_expiry(conn, payment_id=row["id"], expires_at=bank_expiry, at=at)
                         f.repaired = True
                         f.detail["repair"] = "authorization_expires_at set to the bank's value"
                         if row["status"] == Status.AUTHORIZED.value and bank_expiry <= at:
@@ -321,21 +320,19 @@ class _Pass:
                 if money:
                     payment = payment_json({**row, "attention_required": True, "updated_at": at})
                     event = messages.event(domain.ATTENTION_EVENT, payment, at)
-                    await conn.execute(
-                        Q["flag_attention"],
-                        row["id"],
-                        at,
-                        event.exchange,
-                        event.routing_key,
-                        event.message_id,
-                        event.body,
-                    )
+                    await store.flag_attention(conn, payment_id=row["id"], at=at, event=event)
                     for f in money:
                         f.flagged = True
                         f.detail["attention_required"] = True
             for f in found:
-                await conn.execute(
-                    Q["insert_finding"], self.report.run_id, f.payment_id, f.kind, f.detail, f.repaired, at
+                await store.insert_finding(
+                    conn,
+                    run_id=self.report.run_id,
+                    payment_id=f.payment_id,
+                    kind=f.kind,
+                    detail=f.detail,
+                    repaired=f.repaired,
+                    found_at=at,
                 )
         if expire_after:
             expired = await payments.expire_hold(self.pool, snapshot["id"])
@@ -367,7 +364,7 @@ async def run_reconciliation(
         run_id=messages.new_id("rec"), repair=repair, rate_per_second=rate_per_second, limit=limit, started_at=now()
     )
     run = _Pass(pool, bank_client, report, max(1, retries), retry_base)
-    candidates = await pool.fetch(Q["reconcile_candidates"], limit)
+    candidates = await store.reconcile_candidates(pool, limit=limit)
     # Enough requests in flight to use the budget while the bank takes its time (up to ~2 s).
     workers = max(1, min(64, math.ceil(rate_per_second * 2)))
     todo = iter(enumerate(candidates))

@@ -31,9 +31,8 @@ import aio_pika.exceptions
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from gateway import config, db, logs
+from gateway import config, db, logs, store
 from gateway.crashpoints import crash_point
-from gateway.db import Q
 from worker import settings as wsettings
 from worker import topology
 
@@ -138,13 +137,19 @@ class Relay:
         exchange = await self._exchange(row["exchange"])
         await exchange.publish(message, routing_key=row["routing_key"], mandatory=True, timeout=PUBLISH_TIMEOUT)
 
-    async def _mark(self, conn: asyncpg.Connection, ids: list[int]) -> None:
-        await conn.execute(Q["mark_outbox_published"], ids)
+    async def _mark(self, conn: store.Connection, ids: list[int]) -> None:
+        await store.mark_outbox_published(conn, ids=ids)
+
+    @property
+    def _db(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise RuntimeError("the relay is not started")
+        return self.pool
 
     async def relay_batch(self) -> Batch:
         """Publish one batch of unsent rows."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(Q["claim_outbox_batch"], self.cfg.batch_size, self._holding_back())
+        async with self._db.acquire() as conn, conn.transaction():
+            rows = await store.claim_outbox_batch(conn, limit=self.cfg.batch_size, held_back=self._holding_back())
             if not rows:
                 return Batch(0, 0, 0, False)
             results = await asyncio.gather(*(self._publish(r) for r in rows), return_exceptions=True)
@@ -196,8 +201,7 @@ class Relay:
     async def prune(self) -> int:
         deleted = 0
         while True:
-            status = await self.pool.execute(Q["prune_outbox"], self.cfg.retention_days * 86400.0, 10_000)
-            n = int(status.split()[-1])
+            n = await store.prune_outbox(self._db, retention_seconds=self.cfg.retention_days * 86400.0, limit=10_000)
             deleted += n
             if n < 10_000:
                 break

@@ -23,8 +23,7 @@ import asyncio
 
 import asyncpg
 
-from gateway import logs, messages, payments
-from gateway.db import Q
+from gateway import logs, messages, payments, store
 from worker import reconcile
 
 log = logs.get("sweeper")
@@ -33,18 +32,10 @@ log = logs.get("sweeper")
 async def requeue_stuck(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> int:
     """Re-enqueue a command for every stuck operation; returns how many."""
     async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(Q["lock_stuck_operations"], idle_seconds, limit)
+        rows = await store.lock_stuck_operations(conn, idle_seconds=idle_seconds, limit=limit)
         if not rows:
             return 0
-        cmds = [messages.command(r["id"], r["kind"]) for r in rows]
-        await conn.execute(
-            Q["requeue_operations"],
-            [r["id"] for r in rows],
-            [c.exchange for c in cmds],
-            [c.routing_key for c in cmds],
-            [c.message_id for c in cmds],
-            [c.body for c in cmds],
-        )
+        await store.requeue_operations(conn, commands={r["id"]: messages.command(r["id"], r["kind"]) for r in rows})
     for r in rows:
         log.warning("re-enqueued stuck operation", operation_id=r["id"], payment_id=r["payment_id"], kind=r["kind"])
     return len(rows)
@@ -52,9 +43,8 @@ async def requeue_stuck(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> 
 
 async def expire_lapsed_holds(pool: asyncpg.Pool, limit: int) -> int:
     """Expire every authorized payment whose hold has lapsed; returns how many moved."""
-    ids = [r["id"] for r in await pool.fetch(Q["lapsed_holds"], limit)]
     moved = 0
-    for payment_id in ids:
+    for payment_id in await store.lapsed_holds(pool, limit=limit):
         if await payments.expire_hold(pool, payment_id) is not None:
             moved += 1
             log.info("hold expired", payment_id=payment_id)
@@ -65,18 +55,15 @@ async def sweep_once(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> tup
     return await requeue_stuck(pool, idle_seconds, limit), await expire_lapsed_holds(pool, limit)
 
 
-_RECONCILE_LOCK = 0x7265636F6E63696C  # one reconciliation pass at a time across workers
-
-
 async def reconcile_once(pool: asyncpg.Pool, bank, *, rate: float, limit: int) -> reconcile.Report | None:
     """A repairing reconciliation pass, unless another worker is running one (then None)."""
     async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RECONCILE_LOCK):
+        if not await store.try_lock_reconciliation(conn):
             return None
         try:
             report = await reconcile.run_reconciliation(pool, bank, rate_per_second=rate, limit=limit, repair=True)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _RECONCILE_LOCK)
+            await store.unlock_reconciliation(conn)
     log.info("reconciliation pass", run_id=report.run_id, checked=report.checked, findings=len(report.findings))
     return report
 

@@ -17,6 +17,8 @@ default) can share a vhost without conflicting queue arguments.
 
 from __future__ import annotations
 
+from typing import Any
+
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
@@ -33,7 +35,7 @@ RETRIES_HEADER = "x-retries"  # ladder rungs already taken by this command
 FORCE_HEADER = "x-force"  # ops replay --force: send an old authorize anyway
 RETRY_QUEUE_HEADER = "retry-queue"  # headers-exchange match key (x-* headers are not matched)
 
-EVENTS_ARCHIVE_ARGS = {"x-message-ttl": 7 * 24 * 3600 * 1000, "x-max-length": 100_000}
+EVENTS_ARCHIVE_ARGS: dict[str, Any] = {"x-message-ttl": 7 * 24 * 3600 * 1000, "x-max-length": 100_000}
 
 
 def retry_queue_name(delay_seconds: int) -> str:

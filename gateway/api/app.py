@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -18,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
 from gateway import config, db, logs
-from gateway.api import openapi, routes
+from gateway.api import openapi, routes, server
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
 from gateway.api.middleware import MERCHANT, METRICS, HttpMetrics, api_middleware, merchants_by_digest
@@ -56,22 +57,21 @@ def create_app(
         watcher=watcher,
         registry=registry,
         openapi=orjson.dumps(document),
-        docs=openapi.render_docs(document),
     )
     app[routes.STATE] = state
     routes.setup(app)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_pool = pool is None
-        state.pool = pool if pool is not None else await _create_pool(settings.database_url, pool_size)
-        state.readiness = Readiness(state.pool, settings.amqp_url)
+        opened = pool if pool is not None else await _create_pool(settings.database_url, pool_size)
+        state.connect(opened, Readiness(opened, settings.amqp_url))
         await watcher.start()
         try:
             yield
         finally:
             await watcher.close()
             if own_pool:
-                await state.pool.close()
+                await opened.close()
 
     async def stop_waiting(_app: web.Application) -> None:
         await watcher.close()  # long polls answer now rather than hold the shutdown up
@@ -121,22 +121,23 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     settings = config.load(need_card_key=True)
     logs.setup(settings.log_level, "gateway-api")
+    app = create_app(settings, pool_size=args.db_pool_size)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await server.serve(app, args.host, args.port, stop)
+
     try:
         import uvloop
 
-        loop = uvloop.new_event_loop()
+        factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is not built for Windows
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    app = create_app(settings, pool_size=args.db_pool_size)
-
-    def announce(*_args, **_kwargs) -> None:  # run_app calls this once the socket is bound
-        log.info("gateway-api listening", host=args.host, port=args.port)
-
+        factory = None
     try:
-        web.run_app(
-            app, host=args.host, port=args.port, access_log=None, print=announce, loop=loop, shutdown_timeout=10
-        )
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run())
     except StartupError as exc:
         log.error("gateway-api cannot start", error=str(exc))
         print(f"gateway-api: {exc}", file=sys.stderr)

@@ -14,17 +14,28 @@ class ApiError(Exception):
     """Raised by handlers and middleware; the middleware turns it into the error response."""
 
     def __init__(
-        self, http_status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **extra: Any
+        self,
+        http_status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        close_connection: bool = False,
+        **extra: Any,
     ):
         super().__init__(message)
         self.status = http_status
         self.code = code
         self.message = message
         self.headers = headers
+        self.close_connection = close_connection
         self.extra = extra
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.code, self.message, headers=self.headers, **self.extra)
+        response = error_response(self.status, self.code, self.message, headers=self.headers, **self.extra)
+        if self.close_connection:
+            response.force_close()
+        return response
 
 
 def error_response(

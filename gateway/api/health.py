@@ -13,7 +13,7 @@ import time
 import aio_pika
 import asyncpg
 
-from gateway import logs
+from gateway import logs, store
 
 log = logs.get("gateway.api.health")
 
@@ -35,7 +35,7 @@ class Readiness:
 
     async def _database(self) -> bool:
         try:
-            return await asyncio.wait_for(self._pool.fetchval("SELECT 1"), TIMEOUT) == 1
+            return await asyncio.wait_for(store.ping(self._pool), TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
             log.warning("readiness: database failed", error=f"{type(exc).__name__}: {exc}")
             return False

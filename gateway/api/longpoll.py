@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
 
-from gateway import logs
+from gateway import logs, store
 from gateway.domain import IN_PROGRESS
 
 log = logs.get("gateway.api.longpoll")
@@ -98,8 +98,8 @@ class PaymentWatcher:
 
     # ---- the LISTEN connection ----
 
-    def _notified(self, _conn, _pid, _channel, payment_id: str) -> None:
-        for event in self._waiters.get(payment_id, ()):
+    def _notified(self, _conn: object, _pid: int, _channel: str, payment_id: object) -> None:
+        for event in self._waiters.get(str(payment_id), ()):
             event.set()
 
     def _wake_all(self) -> None:
@@ -126,7 +126,7 @@ class PaymentWatcher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), _HEARTBEAT)
                     if not lost.is_set():
-                        await conn.fetchval("SELECT 1", timeout=5)
+                        await asyncio.wait_for(store.ping(conn), 5)
                 log.warning("payment listener connection lost", retry_in=backoff)
             except asyncio.CancelledError:
                 raise

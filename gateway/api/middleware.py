@@ -24,7 +24,6 @@ from gateway.api.errors import ApiError, error_response, from_http_exception
 log = logs.get("gateway.api")
 
 MERCHANT = web.AppKey("merchant_by_key_digest", dict)
-METRICS = web.AppKey("http_metrics", object)
 # The caller's name (scope of payments and idempotency keys), set once the API key checks out.
 CALLER = web.RequestKey("caller", str) if hasattr(web, "RequestKey") else "caller"
 
@@ -72,6 +71,9 @@ class HttpMetrics:
             children = self._children[key] = (self.requests.labels(*key), self.latency.labels(*key))
         children[0].inc()
         children[1].observe(seconds)
+
+
+METRICS = web.AppKey("http_metrics", HttpMetrics)
 
 
 def _route(request: web.Request) -> str:

@@ -1,12 +1,11 @@
-"""The OpenAPI 3.1 document, generated from the pydantic models of schemas.py, and /docs.
+"""The OpenAPI 3.1 document, generated from the pydantic models of schemas.py.
 
-Both are built once at start-up. /docs is the same document rendered on the
-server as plain HTML (no scripts, nothing fetched from elsewhere).
+Built once at start-up and served at /openapi.json; /docs shows it with
+Swagger UI (gateway/api/docs.py).
 """
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 from pydantic import BaseModel
@@ -66,7 +65,7 @@ _ERROR_CODES = {
 
 
 def _error(status: int, codes: str | None = None) -> dict:
-    headers = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
+    headers: dict[str, dict[str, Any]] = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
     if status in (409, 503):
         headers["Retry-After"] = {
             "description": "seconds to wait before retrying (request_in_progress, service_unavailable)",
@@ -108,7 +107,7 @@ def _query_params(model: type[BaseModel]) -> list[dict]:
 
 def build() -> dict:
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template=REF)
-    auth = [{"bearerAuth": []}]
+    auth: list[dict[str, list[str]]] = [{"bearerAuth": []}]
     v1_errors = {401: _error(401), 500: _error(500), 503: _error(503)}
     post_errors = {
         400: _error(400),
@@ -295,7 +294,7 @@ def build() -> dict:
         "/docs": {
             "get": {
                 "operationId": "docs",
-                "summary": "This document as an HTML page",
+                "summary": "This document in Swagger UI (assets served locally)",
                 "tags": ["operations"],
                 "security": [],
                 "responses": {
@@ -365,134 +364,3 @@ def build() -> dict:
             },
         },
     }
-
-
-# ---- /docs -----------------------------------------------------------------------------
-
-_CSS = """
-body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
-h2{border-bottom:1px solid #ccc;margin-top:2.5rem}h3{margin:1.8rem 0 .3rem}
-code,.m{font-family:ui-monospace,monospace;font-size:90%}
-.m{display:inline-block;min-width:4.5em;font-weight:bold}.get{color:#06c}.post{color:#080}
-table{border-collapse:collapse;margin:.4rem 0 1rem;width:100%}
-td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
-th{background:#f4f4f4}pre{background:#f6f6f6;padding:.6rem;white-space:pre-wrap}
-"""
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _md(text: str) -> str:
-    """The tiny bit of markdown the descriptions use: `code`."""
-    parts = _e(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _type(schema: dict) -> str:
-    if "$ref" in schema:
-        name = schema["$ref"].rsplit("/", 1)[-1]
-        return f'<a href="#schema-{_e(name)}">{_e(name)}</a>'
-    if "anyOf" in schema:
-        return " | ".join(_type(s) for s in schema["anyOf"])
-    if "const" in schema:
-        return f"<code>{_e(repr(schema['const']))}</code>"
-    if "enum" in schema:
-        return "one of " + ", ".join(f"<code>{_e(v)}</code>" for v in schema["enum"])
-    kind = schema.get("type", "any")
-    if kind == "array":
-        return "array of " + _type(schema.get("items", {}))
-    if kind == "object" and "additionalProperties" in schema:
-        return "object of " + _type(schema["additionalProperties"])
-    out = _e(kind)
-    if "format" in schema:
-        out += f" ({_e(schema['format'])})"
-    return out
-
-
-def _constraints(schema: dict) -> str:
-    labels = [
-        ("minimum", ">= "),
-        ("maximum", "<= "),
-        ("minLength", "min length "),
-        ("maxLength", "max length "),
-        ("pattern", "pattern "),
-        ("default", "default "),
-    ]
-    items = [f"{label}<code>{_e(schema[key])}</code>" for key, label in labels if key in schema]
-    for branch in schema.get("anyOf", []):
-        if branch.get("type") != "null":
-            items.append(_constraints(branch))
-    return "; ".join(i for i in items if i)
-
-
-def _schema_table(schema: dict) -> str:
-    props = schema.get("properties")
-    if not props:
-        return f"<p>{_type(schema)}</p>"
-    required = set(schema.get("required", []))
-    rows = "".join(
-        f"<tr><td><code>{_e(name)}</code>{' *' if name in required else ''}</td><td>{_type(p)}</td>"
-        f"<td>{_constraints(p)}</td><td>{_md(p.get('description', ''))}</td></tr>"
-        for name, p in props.items()
-    )
-    extra = "" if schema.get("additionalProperties", True) is not False else "<p>Other fields are rejected.</p>"
-    return (
-        "<table><tr><th>field (* required)</th><th>type</th><th>constraints</th><th>about</th></tr>"
-        f"{rows}</table>{extra}"
-    )
-
-
-def render_docs(doc: dict) -> bytes:
-    comps = doc["components"]
-    out = [
-        "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        f"<title>{_e(doc['info']['title'])} API</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(doc['info']['title'])} <small>v{_e(doc['info']['version'])}</small></h1>",
-        f"<pre>{_md(doc['info']['description'])}</pre>",
-        '<p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p>',
-        "<h2>Endpoints</h2><ul>",
-    ]
-    ops = [(path, method, op) for path, item in doc["paths"].items() for method, op in item.items()]
-    for path, method, op in ops:
-        out.append(
-            f'<li><a href="#{_e(op["operationId"])}"><span class="m {method}">{method.upper()}</span>'
-            f"<code>{_e(path)}</code></a> {_e(op['summary'])}</li>"
-        )
-    out.append("</ul>")
-    for path, method, op in ops:
-        out.append(
-            f'<h3 id="{_e(op["operationId"])}"><span class="m {method}">{method.upper()}</span>'
-            f"<code>{_e(path)}</code></h3><p><b>{_e(op['summary'])}</b>. {_md(op.get('description', ''))}</p>"
-        )
-        out.append(f"<p>Auth: {'Bearer API key' if op.get('security') else 'none'}</p>")
-        params = [
-            comps["parameters"][p["$ref"].rsplit("/", 1)[-1]] if "$ref" in p else p for p in op.get("parameters", [])
-        ]
-        if params:
-            out.append("<table><tr><th>parameter</th><th>in</th><th>type</th><th>constraints</th><th>about</th></tr>")
-            for p in params:
-                out.append(
-                    f"<tr><td><code>{_e(p['name'])}</code>{' *' if p.get('required') else ''}</td>"
-                    f"<td>{_e(p['in'])}</td><td>{_type(p['schema'])}</td><td>{_constraints(p['schema'])}</td>"
-                    f"<td>{_md(p.get('description', ''))}</td></tr>"
-                )
-            out.append("</table>")
-        if "requestBody" in op:
-            for ctype, media in op["requestBody"]["content"].items():
-                need = "required" if op["requestBody"].get("required") else "optional"
-                out.append(f"<p>Body ({need}, <code>{_e(ctype)}</code>): {_type(media['schema'])}</p>")
-        out.append("<table><tr><th>status</th><th>meaning</th><th>body</th></tr>")
-        for status, resp in op["responses"].items():
-            body = ", ".join(f"{_type(m['schema'])} <code>{_e(c)}</code>" for c, m in resp.get("content", {}).items())
-            out.append(f"<tr><td>{_e(status)}</td><td>{_md(resp['description'])}</td><td>{body}</td></tr>")
-        out.append("</table>")
-    out.append("<h2>Schemas</h2>")
-    for name, schema in comps["schemas"].items():
-        out.append(f'<h3 id="schema-{_e(name)}"><code>{_e(name)}</code></h3>')
-        if schema.get("description"):
-            out.append(f"<p>{_md(schema['description'])}</p>")
-        out.append(_schema_table(schema))
-    out.append("</body></html>")
-    return "\n".join(out).encode()

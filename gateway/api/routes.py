@@ -6,8 +6,11 @@ read through gateway/views.py. Nothing here touches SQL.
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections import Counter
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -16,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 
 from gateway import logs, payments, views
-from gateway.api import schemas
+from gateway.api import docs, schemas
 from gateway.api.errors import JSON, ApiError
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
@@ -33,9 +36,24 @@ class State:
     watcher: PaymentWatcher
     registry: CollectorRegistry
     openapi: bytes
-    docs: bytes
-    pool: asyncpg.Pool | None = None
-    readiness: Readiness | None = None
+    # Opened by the app's cleanup context once the event loop runs.
+    _pool: asyncpg.Pool | None = None
+    _readiness: Readiness | None = None
+
+    def connect(self, pool: asyncpg.Pool, readiness: Readiness) -> None:
+        self._pool, self._readiness = pool, readiness
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the app has not started: no database pool yet")
+        return self._pool
+
+    @property
+    def readiness(self) -> Readiness:
+        if self._readiness is None:
+            raise RuntimeError("the app has not started: no readiness probe yet")
+        return self._readiness
 
 
 STATE = web.AppKey("state", State)
@@ -43,6 +61,7 @@ STATE = web.AppKey("state", State)
 M = TypeVar("M", bound=BaseModel)
 
 _HEALTHY = orjson.dumps({"status": "ok"})
+BODY_READ_SECONDS = 10.0
 
 
 # ---- request helpers ----------------------------------------------------------------
@@ -72,15 +91,24 @@ def _payment_id(request: web.Request) -> str:
 
 
 async def _body(request: web.Request) -> bytes:
-    body = await request.read()
+    try:
+        async with asyncio.timeout(BODY_READ_SECONDS):
+            body = await request.read()
+    except TimeoutError:
+        # A client that stalls mid-body would otherwise hold a connection and a handler forever.
+        raise ApiError(
+            408, "request_timeout", f"the body did not arrive within {BODY_READ_SECONDS:g} s", close_connection=True
+        ) from None
     if body and "Content-Type" in request.headers:  # an empty body may come with any (or no) type
-        mime = request.content_type
-        if mime != JSON and not mime.endswith("+json"):
+        if request.content_type != JSON:
             raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     return body
 
 
 def _parse(model: type[M], body: bytes) -> M:
+    duplicates = _duplicate_keys(body)
+    if duplicates:
+        raise _invalid("the request body names a field twice", [_twice("body", name) for name in duplicates])
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -89,7 +117,30 @@ def _parse(model: type[M], body: bytes) -> M:
         raise _invalid("the request body is invalid", schemas.error_details(exc, "body")) from None
 
 
+def _duplicate_keys(body: bytes) -> list[str]:
+    """Field names an object of the body repeats: JSON parsers keep the last one silently,
+    so `{"amount": 1, "amount": 100}` would mean whatever the last parser in line thinks."""
+    seen: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen.extend(sorted(name for name, n in Counter(name for name, _ in items).items() if n > 1))
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except ValueError:
+        return []  # not JSON: the model's own parse says so
+    return seen
+
+
+def _twice(location: str, name: str) -> dict:
+    return {"field": f"{location}.{schemas.clean_field(name)}", "code": "duplicate", "message": "given more than once"}
+
+
 def _query(model: type[M], request: web.Request) -> M:
+    duplicates = sorted(name for name, n in Counter(name for name, _ in request.query.items()).items() if n > 1)
+    if duplicates:
+        raise _invalid("the query string names a parameter twice", [_twice("query", n) for n in duplicates])
     try:
         return model.model_validate(dict(request.query.items()))
     except ValidationError as exc:
@@ -260,10 +311,6 @@ async def openapi_json(request: web.Request) -> web.Response:
     return _json(200, request.app[STATE].openapi)
 
 
-async def docs(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[STATE].docs, content_type="text/html", charset="utf-8")
-
-
 def setup(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/payments", authorize, name="authorize")
@@ -275,4 +322,4 @@ def setup(app: web.Application) -> None:
     r.add_get("/readyz", readyz, name="readyz")
     r.add_get("/metrics", metrics, name="metrics")
     r.add_get("/openapi.json", openapi_json, name="openapi")
-    r.add_get("/docs", docs, name="docs")
+    docs.setup(app)

@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from gateway.cards import luhn_ok
 from gateway.domain import Status
+from gateway.redact import clean
 from gateway.timefmt import now
 
 MAX_AMOUNT = 1_000_000_000  # cents: $10,000,000.00
@@ -203,13 +204,17 @@ class Readiness(BaseModel):
 
 # ---- turning validation errors into the API's error details -----------------------------
 
-_DIGITS = re.compile(r"\d{13,19}")
+_MAX_FIELD_NAME = 200
+
+
+def clean_field(name: str) -> str:
+    """A field name as sent by the client, safe to echo in an error."""
+    return clean(name, _MAX_FIELD_NAME)
 
 
 def _field(loc: tuple[Any, ...], prefix: str) -> str:
     parts = [str(p) for p in loc]
-    name = ".".join(parts) if parts else prefix
-    return _DIGITS.sub("[redacted]", name)
+    return clean_field(".".join(parts) if parts else prefix)
 
 
 def error_details(exc: ValidationError, prefix: str = "body") -> list[dict]:

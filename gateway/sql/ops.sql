@@ -1,5 +1,6 @@
--- Ops: gatewayctl (worker/cli.py) and reconciliation (worker/reconcile.py).
--- Nothing here is scoped by merchant: these are the operator's views.
+-- Ops: gatewayctl (worker/cli.py, worker/replay.py), reconciliation
+-- (worker/reconcile.py, worker/sweeper.py) and the readiness probe. Nothing here
+-- is scoped by merchant: these are the operator's views.
 
 -- name: schema_objects
 -- What `gatewayctl migrate` can report as created: tables, indexes, functions
@@ -27,7 +28,7 @@ SELECT o.id, o.payment_id, o.kind, o.status, o.parked, o.attempts, o.last_error,
        p.status AS payment_status, p.merchant
   FROM operations o
   JOIN payments p ON p.id = o.payment_id
- WHERE o.id = ANY($1::text[]);
+ WHERE o.id = ANY(:operation_ids::text[]);
 
 -- name: ops_parked_operations
 -- Operations waiting for ops, oldest park first (the database is the truth;
@@ -39,32 +40,32 @@ SELECT o.id, o.payment_id, o.kind, o.status, o.parked, o.attempts, o.last_error,
   JOIN payments p ON p.id = o.payment_id
  WHERE o.status = 'pending' AND o.parked
  ORDER BY o.updated_at, o.id
- LIMIT $1;
+ LIMIT :limit;
 
--- name: ops_operation
+-- name: ops_operation^
 SELECT o.id, o.payment_id, o.kind, o.status, o.parked, o.bank_key, o.attempts, o.lease_owner,
        o.lease_until, o.last_error, o.bank_response, o.bank_ms, o.first_attempt_at,
        o.created_at, o.updated_at, o.finished_at
   FROM operations o
- WHERE o.id = $1;
+ WHERE o.id = :operation_id;
 
 -- name: ops_payment_operations
 SELECT o.id, o.kind, o.status, o.parked, o.attempts, o.created_at, o.finished_at
   FROM operations o
- WHERE o.payment_id = $1
+ WHERE o.payment_id = :payment_id
  ORDER BY o.created_at, o.id;
 
--- name: ops_payment
+-- name: ops_payment^
 -- The receipt of any merchant's payment (views.payment_by_id is merchant-scoped).
 SELECT p.*, payment_history_json(p.id) AS history
   FROM payments p
- WHERE p.id = $1;
+ WHERE p.id = :payment_id;
 
 -- name: ops_payment_history
 -- The full history, with what moved the payment each time.
 SELECT h.status, h.cause, h.at
   FROM payment_history h
- WHERE h.payment_id = $1
+ WHERE h.payment_id = :payment_id
  ORDER BY h.id;
 
 -- name: reconcile_candidates
@@ -77,35 +78,52 @@ SELECT p.id, p.status, p.amount, p.authorization_id, p.authorization_expires_at,
  WHERE p.authorization_id IS NOT NULL
    AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.payment_id = p.id AND o.status = 'pending')
  ORDER BY p.created_at DESC, p.id DESC
- LIMIT $1;
+ LIMIT :limit;
 
--- name: reconcile_lock_payment
+-- name: reconcile_lock_payment^
 -- The payment again, locked, before acting on findings about it; `busy` when
 -- an operation started meanwhile.
 SELECT p.*, payment_history_json(p.id) AS history,
        EXISTS (SELECT 1 FROM operations o WHERE o.payment_id = p.id AND o.status = 'pending') AS busy
   FROM payments p
- WHERE p.id = $1
+ WHERE p.id = :payment_id
    FOR UPDATE;
 
--- name: reconcile_set_expiry
+-- name: reconcile_set_expiry!
 -- A safe repair: the hold's expiry as the bank has it.
-UPDATE payments SET authorization_expires_at = $2, updated_at = $3
- WHERE id = $1;
+UPDATE payments SET authorization_expires_at = :expires_at, updated_at = :at
+ WHERE id = :payment_id;
 
--- name: flag_attention
+-- name: flag_attention!
 -- A disagreement about money that nobody may settle by guessing: the payment
 -- shows attention_required (announced like a parked operation) until a human
 -- has looked. Only when it is not flagged already, so repeated runs do not
 -- repeat the event.
 WITH payment AS (
-    UPDATE payments SET attention_required = true, updated_at = $2
-     WHERE id = $1 AND NOT attention_required
+    UPDATE payments SET attention_required = true, updated_at = :at
+     WHERE id = :payment_id AND NOT attention_required
     RETURNING id
 )
 INSERT INTO outbox (exchange, routing_key, message_id, body)
-SELECT $3, $4, $5, $6 FROM payment;
+SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body FROM payment;
 
--- name: insert_finding
+-- name: insert_finding!
 INSERT INTO reconciliation_findings (run_id, payment_id, kind, detail, repaired, found_at)
-VALUES ($1, $2, $3, $4, $5, $6);
+VALUES (:run_id, :payment_id, :kind, :detail, :repaired, :found_at);
+
+-- name: try_lock_reconciliation$
+-- One reconciliation pass at a time across workers: a session-level lock, held
+-- on one pooled connection for the pass and released explicitly (our pools
+-- skip asyncpg's reset query).
+SELECT pg_try_advisory_lock(:lock);
+
+-- name: unlock_reconciliation$
+SELECT pg_advisory_unlock(:lock);
+
+-- name: lock_migrations$
+-- One `gatewayctl migrate` at a time: held until its transaction ends.
+SELECT pg_advisory_xact_lock(:lock);
+
+-- name: ping$
+-- The readiness probe: the database answers.
+SELECT 1;

@@ -1,26 +1,26 @@
 -- The read side: payments as FicMart sees them.
 
--- name: payment_by_id
+-- name: payment_by_id^
 SELECT p.*, payment_history_json(p.id) AS history
   FROM payments p
- WHERE p.id = $1 AND p.merchant = $2;
+ WHERE p.id = :payment_id AND p.merchant = :merchant;
 
 -- name: payments_by_order
--- Newest first; $3/$4 are the cursor (created_at, id) of starting_after, or null.
+-- Newest first; cursor_at/cursor_id are (created_at, id) of starting_after, or null.
 SELECT p.*, payment_history_json(p.id) AS history
   FROM payments p
- WHERE p.merchant = $1 AND p.order_id = $2
-   AND ($3::timestamptz IS NULL OR (p.created_at, p.id) < ($3, $4::text))
+ WHERE p.merchant = :merchant AND p.order_id = :order_id
+   AND (:cursor_at::timestamptz IS NULL OR (p.created_at, p.id) < (:cursor_at, :cursor_id::text))
  ORDER BY p.created_at DESC, p.id DESC
- LIMIT $5;
+ LIMIT :limit;
 
 -- name: payments_by_customer
 SELECT p.*, payment_history_json(p.id) AS history
   FROM payments p
- WHERE p.merchant = $1 AND p.customer_id = $2
-   AND ($3::timestamptz IS NULL OR (p.created_at, p.id) < ($3, $4::text))
+ WHERE p.merchant = :merchant AND p.customer_id = :customer_id
+   AND (:cursor_at::timestamptz IS NULL OR (p.created_at, p.id) < (:cursor_at, :cursor_id::text))
  ORDER BY p.created_at DESC, p.id DESC
- LIMIT $5;
+ LIMIT :limit;
 
--- name: payment_cursor
-SELECT created_at, id FROM payments WHERE id = $1 AND merchant = $2;
+-- name: payment_cursor^
+SELECT created_at, id FROM payments WHERE id = :payment_id AND merchant = :merchant;

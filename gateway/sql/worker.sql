@@ -2,30 +2,32 @@
 
 -- name: lock_stuck_operations
 -- Pending operations nobody is working on: not parked, no live lease and idle
--- for longer than $1 seconds (the worker sizes $1 above its longest retry
+-- for longer than idle_seconds (the worker sizes it above its longest retry
 -- delay, so an operation waiting in a retry queue is not "stuck"). Rows
 -- another sweeper holds are skipped.
 SELECT o.id, o.kind, o.payment_id
   FROM operations o
  WHERE o.status = 'pending' AND NOT o.parked
    AND (o.lease_until IS NULL OR o.lease_until < now())
-   AND o.updated_at < now() - make_interval(secs => $1)
+   AND o.updated_at < now() - make_interval(secs => :idle_seconds)
  ORDER BY o.updated_at
- LIMIT $2
+ LIMIT :limit
    FOR UPDATE OF o SKIP LOCKED;
 
--- name: requeue_operations
+-- name: requeue_operations!
 -- A fresh command for each stuck operation, through the outbox; updated_at is
 -- bumped so the next pass leaves them alone. The bank key is unchanged, so a
--- duplicate command is harmless.
+-- duplicate command is harmless. The arrays run in parallel, one element per
+-- operation.
 WITH bumped AS (
     UPDATE operations SET updated_at = now()
-     WHERE id = ANY($1::text[]) AND status = 'pending'
+     WHERE id = ANY(:operation_ids::text[]) AND status = 'pending'
     RETURNING id
 )
 INSERT INTO outbox (exchange, routing_key, message_id, body)
 SELECT m.exchange, m.routing_key, m.message_id, m.body
-  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[])
+  FROM unnest(:operation_ids::text[], :exchanges::text[], :routing_keys::text[], :message_ids::text[],
+              :bodies::bytea[])
        AS m(operation_id, exchange, routing_key, message_id, body)
   JOIN bumped b ON b.id = m.operation_id;
 
@@ -36,4 +38,4 @@ SELECT id
   FROM payments
  WHERE status = 'authorized' AND authorization_expires_at < now()
  ORDER BY authorization_expires_at
- LIMIT $1;
+ LIMIT :limit;

@@ -1,4 +1,8 @@
-"""HTTP client and process helpers for the bank contract suite."""
+"""HTTP client and process helpers for the bank contract suite.
+
+BankClient speaks the contract API byte for byte (raw bodies, headers, timings);
+its /_mock calls (ledger, chaos, reset, faults...) are the shared MockBankClient's.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.support.mockbank_client import MockBankClient
 from tests.support.procs import ScriptProcess, free_port
 
 ZERO_CHAOS = {
@@ -19,6 +24,11 @@ ZERO_CHAOS = {
     "MAX_LATENCY_MS": "0",
     "FAILURE_RATE": "0",
     "RESPONSE_LOSS_RATE": "0",
+    "KEY_FORGET_RATE": None,
+    "KEY_LOOKUP_FAILURE_RATE": None,
+    "RESPONSE_CUTOFF_SECONDS": None,
+    "DB_TRANSACTION_MS": None,
+    "DB_POOL_SIZE": None,
     "AUTH_EXPIRY_HOURS": None,
     "MOCKBANK_EXTRA_ACCOUNTS": None,
     "LOG_LEVEL": "info",
@@ -54,11 +64,11 @@ class Reply:
 _FRESH = object()
 
 
-class BankClient:
-    """Thin HTTP client for the mock bank; every call returns a Reply."""
+class BankClient(MockBankClient):
+    """Thin HTTP client for the mock bank; every contract call returns a Reply."""
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, proc: ScriptProcess) -> None:
-        self.session = session
+        super().__init__(base_url, session)
         self.base_url = base_url
         self.proc = proc
 
@@ -96,26 +106,12 @@ class BankClient:
     async def refund(self, capture_id: Any, amount: Any, *, key: Any = _FRESH) -> Reply:
         return await self.post("/api/v1/refunds", {"capture_id": capture_id, "amount": amount}, key=key)
 
-    async def ledger(self) -> dict:
-        reply = await self.get("/_mock/ledger")
-        assert reply.status == 200, reply.text
-        return reply.json()
-
     async def account(self, card: dict) -> dict:
         last4 = card["card_number"][-4:]
         for acct in (await self.ledger())["accounts"]:
             if acct["card_last4"] == last4:
                 return acct
         raise AssertionError(f"no account ending {last4}")
-
-    async def chaos(self, **changes: Any) -> dict:
-        reply = await self.request("PUT", "/_mock/chaos", data=json.dumps(changes).encode())
-        assert reply.status == 200, reply.text
-        return reply.json()
-
-    async def reset(self) -> None:
-        reply = await self.request("POST", "/_mock/reset", data=b"")
-        assert reply.status == 200, reply.text
 
 
 @contextlib.asynccontextmanager

@@ -1,23 +1,18 @@
 """Fixtures for the bank contract suite: a REAL ``mockbank`` process per scenario.
 
 ``bank`` is the shared zero-chaos bank (MIN/MAX_LATENCY_MS=0, FAILURE_RATE=0,
-LOG_LEVEL=debug), reset through POST /_mock/reset before every test. Tests that
-need other start-up settings use ``running_bank(env)`` from bankclient.py.
+LOG_LEVEL=debug), reset before every test (the shared mock-bank client's reset(),
+tests/support/mockbank_client.py). Tests that need other start-up settings use
+``running_bank(env)`` from bankclient.py.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.contract.bankclient import BankClient, running_bank  # noqa: E402
+from tests.contract.bankclient import BankClient, running_bank
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,20 @@ async def test_response_loss_does_the_work_and_replays():
         assert len((await bank.ledger())["authorizations"]) == 1
 
 
+async def test_chaos_defaults_are_the_contract_s():
+    unset = dict.fromkeys(("MIN_LATENCY_MS", "MAX_LATENCY_MS", "FAILURE_RATE", "RESPONSE_LOSS_RATE"))
+    async with running_bank(unset) as bank:
+        assert (await bank.get("/_mock/chaos")).json() == {
+            "min_latency_ms": 100,
+            "max_latency_ms": 2000,
+            "failure_rate": 0.05,
+            "response_loss_rate": 0,  # the switches the contract asks a good mock to add: off
+            "key_forget_rate": 0,
+            "key_lookup_failure_rate": 0,
+            "down": False,
+        }
+
+
 async def test_latency_bounds_roughly_honoured():
     async with running_bank({"MIN_LATENCY_MS": "200", "MAX_LATENCY_MS": "400"}) as bank:
         replies = await asyncio.gather(
@@ -115,6 +129,12 @@ async def test_auth_expiry_hours_configurable():
         ({"AUTH_EXPIRY_HOURS": "nan"}, "AUTH_EXPIRY_HOURS"),
         ({"RESPONSE_LOSS_RATE": "-0.1"}, "RESPONSE_LOSS_RATE"),
         ({"MOCKBANK_EXTRA_ACCOUNTS": "1.5"}, "MOCKBANK_EXTRA_ACCOUNTS"),
+        ({"KEY_FORGET_RATE": "2"}, "KEY_FORGET_RATE"),
+        ({"KEY_LOOKUP_FAILURE_RATE": "sometimes"}, "KEY_LOOKUP_FAILURE_RATE"),
+        ({"RESPONSE_CUTOFF_SECONDS": "0"}, "RESPONSE_CUTOFF_SECONDS"),
+        ({"DB_TRANSACTION_MS": "-5"}, "DB_TRANSACTION_MS"),
+        ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE"),
+        ({"DB_POOL_SIZE": "2.5"}, "DB_POOL_SIZE"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
     ],
 )

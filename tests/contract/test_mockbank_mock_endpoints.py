@@ -122,9 +122,18 @@ async def test_reset_restores_everything(bank):
 
 async def test_chaos_get_and_put(bank):
     got = (await bank.get("/_mock/chaos")).json()
-    assert got == {"min_latency_ms": 0, "max_latency_ms": 0, "failure_rate": 0, "response_loss_rate": 0, "down": False}
-    new = await bank.chaos(max_latency_ms=50, failure_rate=0.25)
+    assert got == {
+        "min_latency_ms": 0,
+        "max_latency_ms": 0,
+        "failure_rate": 0,
+        "response_loss_rate": 0,
+        "key_forget_rate": 0,
+        "key_lookup_failure_rate": 0,
+        "down": False,
+    }
+    new = await bank.chaos(max_latency_ms=50, failure_rate=0.25, key_forget_rate=0.5, key_lookup_failure_rate=0.1)
     assert (new["max_latency_ms"], new["failure_rate"], new["min_latency_ms"]) == (50, 0.25, 0)
+    assert (new["key_forget_rate"], new["key_lookup_failure_rate"]) == (0.5, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +145,9 @@ async def test_chaos_get_and_put(bank):
         {"down": "yes"},
         {"bogus": 1},
         {"response_loss_rate": "0.1"},
+        {"key_forget_rate": 1.01},
+        {"key_lookup_failure_rate": -0.5},
+        {"key_forget_rate": True},
     ],
 )
 async def test_chaos_put_rejects_bad_values(bank, body):

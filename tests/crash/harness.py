@@ -5,7 +5,8 @@
                               broker_cuts=1, db_cuts=1, seed=7, drain_timeout=120)
     print(summary.line()); assert not summary.problems()
 
-The processes are armed through GATEWAY_CRASH_POINTS (gateway/crashpoints.py);
+The processes are armed through GATEWAY_CRASH_POINTS (gateway/crashpoints.py),
+which the harness asks the policy for at every start (System's env_for);
 a Supervisor notices every death within a fraction of a second, counts it
 against the crash point that fired (read from the dead process's stderr) and
 starts the process again, armed as the policy says. Meanwhile FicMart's flows
@@ -29,7 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tests.e2e.flows import Audit, Flow, audit, bank_entries, plans, run_flows, wait_for_events
-from tests.e2e.stack import GATEWAY_PROCESSES, Death, Stack
+from tests.e2e.stack import Stack
+from tests.support.system import Death
 
 POINTS_OF = {
     "api": ("api.after_commit",),
@@ -96,7 +98,7 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            for name in GATEWAY_PROCESSES:
+            for name in self.stack.gateway_names():
                 death = self.stack.death(name)
                 if death is None:
                     continue
@@ -105,7 +107,7 @@ class Supervisor:
                 else:
                     self.unexpected.append(death)
                 started = time.monotonic()
-                await self.stack.restart(name, self.policy.arm(name))
+                await self.stack.restart(name, wait=False)  # armed anew by the policy (env_for)
                 self.restart_seconds += time.monotonic() - started
                 self.restarts[name] += 1
             with contextlib.suppress(asyncio.TimeoutError):
@@ -170,10 +172,15 @@ async def crash_run(
 ) -> Summary:
     """A fresh stack (own database and vhost; a mock bank with a little chaos), the run, the audit."""
     stack = Stack(
-        server_urls, card_key, bank_env=BANK_CHAOS, gateway_env={"LOG_LEVEL": "info"}, event_queue="crash-test.events"
+        server_urls,
+        card_key,
+        bank_env=BANK_CHAOS,
+        gateway_env={"LOG_LEVEL": "info"},
+        event_queue="crash-test.events",
+        env_for=lambda kind, _name: {"GATEWAY_CRASH_POINTS": policy.arm(kind)},
     )
     try:
-        await stack.start(arm=policy.arm)
+        await stack.start()
         return await _run(
             stack,
             policy,
@@ -233,7 +240,7 @@ async def _run(
 
     disruptor = asyncio.create_task(disrupt())
     client = stack.client(patience=180)
-    cards = await stack.bank.extra_cards(20)
+    cards = await stack.extra_cards(20)
     run_id = uuid.uuid4().hex[:8]
     try:
         flows = await run_flows(client, plans(payments, cards, seed=seed), run_id, concurrency, on_done)

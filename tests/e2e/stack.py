@@ -1,20 +1,22 @@
-"""The whole system as real processes, driven the way FicMart drives it.
+"""The running system (tests/support/system.py) as FicMart sees it: tests/e2e and tests/crash.
 
-    stack = Stack(server_urls, card_key, bank_env={...}, gateway_env={...})
-    await stack.start()          # private database + vhost, then mockbank, gateway-api,
-                                 # gateway-relay, gateway-worker (console scripts)
+    stack = Stack(server_urls, card_key, bank_env={...}, gateway_env={...})   # over BANK_ENV, GATEWAY_ENV
+    await stack.start()          # System.start(): private database + vhost, mockbank, gateway-api,
+                                 # gateway-relay, gateway-worker; then the test's event consumer
     client = stack.client()      # FicMart: Bearer key, Idempotency-Key, retries
-    stack.bank                   # the mock's /_mock endpoints (ledger, chaos, expire...)
+    stack.bank                   # MockBankClient: the mock's /_mock endpoints (ledger, chaos, faults...)
     stack.events                 # test consumer of payments.events ('#'), deduped by event_id
-    await stack.restart("worker", crash="worker.after_bank:@20")
+    await stack.kill("worker"); await stack.restart("worker")   # and all else System offers
+    await stack.restart_bank(AUTH_EXPIRY_HOURS="0.001")         # same port, env over BANK_ENV
     await stack.quiescent()      # nothing in flight, nothing unsent
     await stack.close()
 
-Used by tests/e2e and tests/crash. The test process itself only talks HTTP
-to the API and the mock, AMQP to its own event queue, and reads the
-database for the quiescence check (outbox rows unsent, operations pending).
-Its database connections carry application_name TEST_APP, so a test that
-terminates "the gateway's connections" can spare its own.
+    async with running_stack(server_urls, card_key) as stack: ...
+
+The test process itself only talks HTTP to the API and the mock, AMQP to its own
+event queue, and reads the database for the quiescence check (outbox rows unsent,
+operations pending) through the harness's pool, which a test that terminates "the
+gateway's connections" spares.
 """
 
 from __future__ import annotations
@@ -22,24 +24,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import aio_pika
 import aiohttp
 import asyncpg
 import orjson
 
-from gateway import db
-from tests.support import services
-from tests.support.procs import ScriptProcess, free_port
+from tests.support.mockbank_client import api_card
+from tests.support.system import System
 
 API_KEY = "sk_test_ficmart_dev"
 MERCHANT = "ficmart"
-TEST_APP = "gateway-tests"
 IN_PROGRESS = frozenset({"pending", "capturing", "voiding", "refunding"})
 EVENT_STATUSES = frozenset({"authorized", "declined", "captured", "voided", "refunded", "expired"})
 
@@ -74,53 +74,10 @@ GATEWAY_ENV = {
     "RELAY_POLL_SECONDS": "0.2",
     "LOG_LEVEL": "warning",
 }
-GATEWAY_PROCESSES = ("api", "relay", "worker")
-_CRASH_LINE = re.compile(r"gateway crash point: (\S+) pid=(\d+)")
 
 
 class StackError(AssertionError):
     pass
-
-
-# ---- the mock bank's test endpoints --------------------------------------------------------
-
-
-class Bank:
-    def __init__(self, url: str, http: aiohttp.ClientSession):
-        self.url = url
-        self.http = http
-
-    async def _call(self, method: str, path: str, body=None, expect: int = 200) -> dict:
-        async with self.http.request(method, f"{self.url}{path}", json=body) as resp:
-            data = await resp.json(content_type=None)
-            if resp.status != expect:
-                raise StackError(f"{method} {path}: HTTP {resp.status} {data}")
-            return data
-
-    async def ledger(self) -> dict:
-        return await self._call("GET", "/_mock/ledger?accounts=touched")
-
-    async def chaos(self, **changes) -> dict:
-        return await self._call("PUT", "/_mock/chaos", changes)
-
-    async def reset(self) -> None:
-        await self._call("POST", "/_mock/reset")
-
-    async def expire(self, authorization_id: str) -> dict:
-        return await self._call("POST", f"/_mock/authorizations/{authorization_id}/expire")
-
-    async def extra_cards(self, count: int) -> list[dict]:
-        """Generated accounts ($100M each): card dicts as the gateway's API takes them."""
-        data = await self._call("GET", f"/_mock/accounts?offset=4&limit={count}")
-        return [
-            {
-                "number": a["card_number"],
-                "cvv": a["cvv"],
-                "expiry_month": a["expiry_month"],
-                "expiry_year": a["expiry_year"],
-            }
-            for a in data["accounts"]
-        ]
 
 
 # ---- FicMart's HTTP client --------------------------------------------------------------------
@@ -314,145 +271,65 @@ class EventLog:
 # ---- the stack ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Death:
-    name: str
-    returncode: int | None
-    point: str | None  # the crash point that fired, None for any other death
-    stderr: str
+class Stack(System):
+    """The system with chaos off and short timings (BANK_ENV, GATEWAY_ENV, overridable), one
+    process of each kind unless `scale` says otherwise, plus FicMart's client and event log."""
 
-
-@dataclass
-class Stack:
-    server_urls: tuple[str, str]
-    card_key: str
-    bank_env: dict = field(default_factory=dict)
-    gateway_env: dict = field(default_factory=dict)
-    event_queue: str | None = None
-
-    def __post_init__(self):
-        self.procs: dict[str, ScriptProcess] = {}
-        self.database_url = self.amqp_url = self.vhost = None
-        self.pool: asyncpg.Pool | None = None
-        self.http: aiohttp.ClientSession | None = None
-        self.bank_port = free_port()
-        self.api_port = free_port()
-        self.bank_url = f"http://127.0.0.1:{self.bank_port}"
-        self.api_url = f"http://127.0.0.1:{self.api_port}"
-        self.events: EventLog | None = None
-        self.bank: Bank | None = None
-        self.starts: Counter = Counter()
-        self.retired: list[ScriptProcess] = []  # dead or replaced processes, kept for their logs
-
-    # -- lifecycle
-
-    async def start(self, arm=None) -> Stack:
-        """Everything up; `arm(process name)` gives each gateway process its GATEWAY_CRASH_POINTS."""
-        admin_url, amqp_root = self.server_urls
-        self.database_url = await services.create_database(admin_url)
-        await db.migrate(self.database_url)
-        self.amqp_url, self.vhost = services.create_vhost(amqp_root)
-        self.pool = await db.create_pool(
-            self.database_url, min_size=1, max_size=4, server_settings={"application_name": TEST_APP}
+    def __init__(
+        self,
+        server_urls: tuple[str, str],
+        card_key: str,
+        *,
+        bank_env: Mapping[str, str | None] | None = None,
+        gateway_env: Mapping[str, str | None] | None = None,
+        event_queue: str | None = None,
+        **options,
+    ):
+        super().__init__(
+            server_urls,
+            card_key,
+            bank_env={**BANK_ENV, **(bank_env or {})},
+            gateway_env={**GATEWAY_ENV, **(gateway_env or {})},
+            api_keys=f"{MERCHANT}:{API_KEY}",
+            api_args=("--db-pool-size", "10"),
+            **options,
         )
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200))
-        self.bank = Bank(self.bank_url, self.http)
-        await self.start_bank()
-        self.events = EventLog(self.amqp_url, self.event_queue)
-        await self.events.start()  # declares payments.events itself, so it can bind before any publish
-        for name in GATEWAY_PROCESSES:
-            await self.start_process(name, arm(name) if arm else None)
+        self.event_queue = event_queue
+        self.events: EventLog | None = None
+        self.http: aiohttp.ClientSession | None = None
+
+    async def start(self, *kinds: str) -> Stack:
+        await super().start(*kinds)
+        if self.events is None:
+            self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200))
+            self.events = EventLog(self.amqp_url, self.event_queue)
+            await self.events.start()
         return self
 
-    async def start_bank(self, **env: str) -> None:
-        bank = ScriptProcess("mockbank", "--port", str(self.bank_port), env={**BANK_ENV, **self.bank_env, **env})
-        self.procs["bank"] = bank.start()
-        await bank.wait_http(f"{self.bank_url}/health", timeout=30)
-
-    async def restart_bank(self, **env: str) -> None:
-        """The mock bank again on its port, with `env` over the stack's settings. Its books
-        start empty (the mock keeps them in memory)."""
-        old = self.procs["bank"]
-        await old.stop()
-        old.close()
-        await self.start_bank(**env)
-
-    def env(self, crash: str | None = None) -> dict:
-        return {
-            "DATABASE_URL": self.database_url,
-            "AMQP_URL": self.amqp_url,
-            "BANK_URL": self.bank_url,
-            "GATEWAY_API_KEYS": f"{MERCHANT}:{API_KEY}",
-            "CARD_ENCRYPTION_KEY": self.card_key,
-            **GATEWAY_ENV,
-            **self.gateway_env,
-            "GATEWAY_CRASH_POINTS": crash,
-        }
-
-    async def start_process(self, name: str, crash: str | None = None) -> ScriptProcess:
-        if name == "api":
-            proc = ScriptProcess(
-                "gateway-api", "--port", str(self.api_port), "--db-pool-size", "10", env=self.env(crash)
-            )
-        else:
-            proc = ScriptProcess(f"gateway-{name}", env=self.env(crash))
-        self.procs[name] = proc.start()
-        self.starts[name] += 1
-        if name == "api":
-            await proc.wait_http(f"{self.api_url}/healthz", timeout=60)
-        return proc
-
-    def death(self, name: str) -> Death | None:
-        """If `name` has died: how (its crash point, if one fired). None while it runs."""
-        proc = self.procs[name]
-        if proc.running:
-            return None
-        tail = proc.stderr_tail(3000)
-        points = _CRASH_LINE.findall(tail)
-        point = points[-1][0] if points and points[-1][1] == str(proc.pid) else None
-        return Death(name, proc.returncode, point, tail)
-
-    async def restart(self, name: str, crash: str | None = None) -> ScriptProcess:
-        old = self.procs[name]
-        await old.kill()
-        self.retired.append(old)
-        return await self.start_process(name, crash)
-
-    def log_lines(self, needle: str, limit: int = 40) -> list[str]:
-        """Lines of every process's output (also of the dead ones) that mention `needle`."""
-        lines = []
-        for proc in [*self.retired, *self.procs.values()]:
-            for text in (proc.stdout_tail(50_000_000), proc.stderr_tail(1_000_000)):
-                lines += [f"{proc.name}[{proc.pid}] {line}" for line in text.splitlines() if needle in line]
-        return lines[:limit]
-
     async def close(self) -> None:
-        for name in (*reversed(GATEWAY_PROCESSES), "bank"):
-            proc = self.procs.get(name)
-            if proc is not None:
-                await proc.stop(timeout=10)
-                proc.close()
-        for proc in self.retired:
-            proc.close()
         if self.events is not None:
             await self.events.close()
         if self.http is not None:
             await self.http.close()
-        if self.pool is not None:
-            await self.pool.close()
-        if self.vhost:
-            services.delete_vhost(self.vhost)
-        if self.database_url:
-            await services.drop_database(self.server_urls[0], self.database_url)
+        await super().close()
 
-    # -- helpers
+    async def restart_bank(self, **env: str) -> None:
+        """The mock bank again on its port, with `env` over the stack's settings. Its books
+        start empty (the mock keeps them in memory)."""
+        await self.restart("mockbank", env=env)
 
     def client(self, patience: float = 120.0) -> Client:
+        assert self.http is not None, "not started"
         return Client(self.api_url, self.http, patience=patience)
+
+    async def extra_cards(self, count: int) -> list[dict]:
+        """Generated bank accounts ($100M each), as the gateway's API takes a card."""
+        return [api_card(a) for a in await self.bank.extra_accounts(count)]
 
     async def backlog(self) -> dict:
         """What is still in flight: unsent outbox rows, pending operations not parked,
         payments in progress not flagged for ops."""
+        assert self.pool is not None, "not started"
         row = await self.pool.fetchrow(
             """SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unsent,
                       (SELECT count(*) FROM operations WHERE status = 'pending' AND NOT parked) AS running,
@@ -478,44 +355,9 @@ class Stack:
                 return backlog
             await asyncio.sleep(0.5)
 
-    async def terminate_gateway_connections(self) -> int:
-        """pg_terminate_backend for every connection to the private database except the test's own:
-        what a database restart does to the gateway, without touching anyone else's databases."""
-        name = self.database_url.rsplit("/", 1)[-1]
-        admin = await asyncpg.connect(services.with_database(self.server_urls[0], "postgres"))
-        try:
-            return await admin.fetchval(
-                """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                    WHERE datname = $1 AND pid <> pg_backend_pid() AND application_name <> $2""",
-                name,
-                TEST_APP,
-            )
-        finally:
-            await admin.close()
-
-    async def close_broker_connections(self) -> None:
-        """Close every AMQP connection of the private vhost (the gateway's and the test's own):
-        what a broker restart does to the clients, without stopping the shared RabbitMQ."""
-        proc = await asyncio.create_subprocess_exec(
-            "rabbitmqctl",
-            "close_all_connections",
-            "--vhost",
-            self.vhost,
-            "crash test: broker restart",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _out, err = await asyncio.wait_for(proc.communicate(), 120)
-        if proc.returncode != 0:
-            raise StackError(f"rabbitmqctl close_all_connections failed: {err.decode()[-500:]}")
-
 
 @contextlib.asynccontextmanager
-async def running_stack(server_urls, card_key):
+async def running_stack(server_urls, card_key, **options):
     """A started Stack, closed on the way out whatever happened."""
-    stack = Stack(server_urls, card_key)
-    try:
-        await stack.start()
+    async with Stack(server_urls, card_key, **options) as stack:
         yield stack
-    finally:
-        await stack.close()

@@ -25,7 +25,7 @@ async def test_500_random_lifecycles_against_a_failing_lossy_bank(e2e, capsys):
     await e2e.bank.reset()  # an empty ledger: every entry must be explained by this run
     await e2e.bank.chaos(min_latency_ms=0, max_latency_ms=20, failure_rate=0.2, response_loss_rate=0.1)
     client = e2e.client(patience=120)
-    cards = await e2e.bank.extra_cards(20)
+    cards = await e2e.extra_cards(20)
     run_id = uuid.uuid4().hex[:8]
     started = time.monotonic()
     try:

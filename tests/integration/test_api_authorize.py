@@ -10,7 +10,7 @@ import pytest
 
 from gateway import payments
 from gateway.domain import Verdict
-from tests.integration.conftest import CARD_NUMBER, OTHER_KEY, Api, auth_body, authorized, card, settle
+from tests.integration.conftest import API_KEY, CARD_NUMBER, OTHER_KEY, Api, auth_body, authorized, card, settle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -251,9 +251,15 @@ async def test_other_content_types_are_415(api):
     assert resp.status == 415 and err["error"]["code"] == "unsupported_media_type"
 
 
-async def test_json_subtype_and_no_content_type_are_accepted(api):
+@pytest.mark.parametrize("mime", ["application/merge+json", "application/evil+json", "text/json"])
+async def test_only_application_json_is_json(api, mime):
+    resp, err = await api.post("/v1/payments", orjson.dumps(auth_body()), headers={"Content-Type": mime})
+    assert resp.status == 415 and err["error"]["code"] == "unsupported_media_type"
+
+
+async def test_charset_parameter_and_no_content_type_are_accepted(api):
     resp, _ = await api.post(
-        "/v1/payments", orjson.dumps(auth_body()), headers={"Content-Type": "application/merge+json"}
+        "/v1/payments", orjson.dumps(auth_body()), headers={"Content-Type": "application/json; charset=utf-8"}
     )
     assert resp.status == 202
     raw = orjson.dumps(auth_body())
@@ -316,3 +322,34 @@ async def test_a_retry_after_the_card_expired_still_gets_its_answer(api, pool):
     assert answer == orjson.loads(stored)
     resp, err = await api.post("/v1/payments", raw)  # a fresh key: the card really is expired
     assert resp.status == 422 and err["error"]["details"][0]["code"] == "card_expired"
+
+
+async def test_duplicate_json_keys_are_422(api):
+    body = orjson.dumps(auth_body()).replace(b'"amount":', b'"amount":1,"amount":', 1)
+    resp, err = await api.post("/v1/payments", body)
+    assert resp.status == 422 and err["error"]["code"] == "validation_error"
+    assert err["error"]["details"] == [{"field": "body.amount", "code": "duplicate", "message": "given more than once"}]
+
+
+async def test_duplicate_keys_in_a_nested_object_are_422(api):
+    body = orjson.dumps(auth_body()).replace(b'"cvv":', b'"cvv":"000","cvv":', 1)
+    resp, err = await api.post("/v1/payments", body)
+    assert resp.status == 422 and err["error"]["details"][0]["field"] == "body.cvv"
+    assert "000" not in str(err)
+
+
+async def test_a_stalled_body_is_cut_with_408(api, api_client, monkeypatch):
+    from gateway.api import routes
+
+    monkeypatch.setattr(routes, "BODY_READ_SECONDS", 0.3)
+    reader, writer = await asyncio.open_connection(api_client.server.host, api_client.server.port)
+    head = (
+        "POST /v1/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nIdempotency-Key: {uuid.uuid4().hex}\r\nContent-Length: 500\r\n\r\n"
+    )
+    writer.write(head.encode() + b'{"order_id": ')
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer and b"X-Request-Id" in answer
+    assert b"Connection: close" in answer  # aiohttp then closes it after at most its lingering time

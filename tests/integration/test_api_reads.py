@@ -245,3 +245,13 @@ async def test_bad_list_queries_are_422(api, params, field):
     resp, err = await api.get("/v1/payments", params=params)
     assert resp.status == 422 and err["error"]["code"] == "validation_error"
     assert err["error"]["details"][0]["field"] == field
+
+
+async def test_duplicate_query_parameters_are_422(api):
+    resp, err = await api.get("/v1/payments?customer_id=cus_a&customer_id=cus_b")
+    assert resp.status == 422 and err["error"]["code"] == "validation_error"
+    assert err["error"]["details"] == [
+        {"field": "query.customer_id", "code": "duplicate", "message": "given more than once"}
+    ]
+    resp, err = await api.get(f"/v1/payments/pay_{uuid.uuid4().hex}?wait=1&wait=30")
+    assert resp.status == 422 and err["error"]["details"][0]["field"] == "query.wait"

@@ -17,15 +17,15 @@ import time
 import uuid
 from datetime import timedelta
 
-import aiohttp
 import orjson
 import pytest
 
-from gateway import db, domain, payments
+from gateway import db, domain, payments, store
 from gateway.cards import CardVault
 from gateway.domain import Action, OperationKind, Verdict
 from gateway.timefmt import parse
 from tests.support import factories, services
+from tests.support.mockbank_client import MockBankClient
 from tests.support.procs import ScriptProcess, free_port, script_path
 from worker.bank import BankClient
 from worker.reconcile import run_reconciliation
@@ -34,11 +34,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 class Books:
-    def __init__(
-        self, database_url: str, bank_url: str, pool, vault: CardVault, bank: BankClient, http: aiohttp.ClientSession
-    ):
+    def __init__(self, database_url: str, bank_url: str, pool, vault: CardVault, bank: BankClient):
         self.database_url, self.bank_url = database_url, bank_url
-        self.pool, self.vault, self.bank, self.http = pool, vault, bank, http
+        self.pool, self.vault, self.bank = pool, vault, bank
+        self.mock = MockBankClient(bank_url)  # the bank's /_mock API
 
     async def payment(self, amount: int = 1000, upto: str = "authorized") -> dict:
         """A payment moved through the real bank up to `upto`; returns its row."""
@@ -95,11 +94,6 @@ class Books:
         sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=2))
         await self.pool.execute(f"UPDATE payments SET {sets} WHERE id = $1", pid, *fields.values())
 
-    async def mock(self, method: str, path: str, body=None) -> dict:
-        async with self.http.request(method, self.bank_url + path, json=body) as resp:
-            assert resp.status < 300, await resp.text()
-            return await resp.json()
-
     async def attention_events(self, pid: str) -> int:
         return await self.pool.fetchval(
             "SELECT count(*) FROM outbox WHERE routing_key = 'payment.attention_required'"
@@ -144,8 +138,10 @@ async def books_env(server_urls, card_key):
         pool = await db.create_pool(database_url, min_size=1, max_size=10)
         try:
             await proc.wait_http(f"{bank_url}/health")
-            async with BankClient(bank_url, timeout=10) as bank, aiohttp.ClientSession() as http:
-                yield Books(database_url, bank_url, pool, CardVault(base64.b64decode(card_key)), bank, http)
+            async with BankClient(bank_url, timeout=10) as bank:
+                books = Books(database_url, bank_url, pool, CardVault(base64.b64decode(card_key)), bank)
+                async with books.mock:
+                    yield books
         finally:
             await pool.close()
             await proc.stop()
@@ -157,7 +153,7 @@ async def books(books_env):
     await books_env.pool.execute(
         "TRUNCATE payments, payment_history, operations, card_vault, outbox, idempotency_keys, reconciliation_findings"
     )
-    await books_env.mock("POST", "/_mock/reset")
+    await books_env.mock.reset()
     yield books_env
 
 
@@ -246,7 +242,7 @@ async def test_disagreements_are_reported_and_stored_and_nothing_else_changes(bo
 async def test_repair_fixes_only_what_is_safe(books):
     p = await disagreeing(books)
     lapsed = await books.payment(upto="authorized")
-    await books.mock("POST", f"/_mock/authorizations/{lapsed['authorization_id']}/expire")  # the bank says: gone
+    await books.mock.expire(lapsed["authorization_id"])  # the bank says: gone
     bank_hold = await books.bank.get_authorization(p["expiry"]["authorization_id"])
 
     doc = orjson.loads(await books.cli("--json", "--repair", expect=1))
@@ -293,26 +289,11 @@ async def test_repair_fixes_only_what_is_safe(books):
 async def test_a_bank_that_keeps_failing_gives_unverified_not_a_finding_about_money(books):
     shaky = await books.payment(upto="captured")
     fine = await books.payment(upto="authorized")
-    await books.mock(
-        "POST",
-        "/_mock/faults",
-        {
-            "action": "error",
-            "method": "GET",
-            "path": f"/api/v1/authorizations/{shaky['authorization_id']}",
-            "times": 50,
-        },
+    await books.mock.arm_fault(
+        action="error", method="GET", path=f"/api/v1/authorizations/{shaky['authorization_id']}", times=50
     )
-    await books.mock(
-        "POST",
-        "/_mock/faults",
-        {  # one failure only: the retry gets through
-            "action": "error",
-            "method": "GET",
-            "path": f"/api/v1/captures/{shaky['capture_id']}",
-            "times": 1,
-        },
-    )
+    # one failure only: the retry gets through
+    await books.mock.arm_fault(action="error", method="GET", path=f"/api/v1/captures/{shaky['capture_id']}", times=1)
     report = await run_reconciliation(
         books.pool, books.bank, rate_per_second=1000, limit=10, repair=True, retries=3, retry_base=0.01
     )
@@ -342,11 +323,11 @@ async def test_the_worker_reconciles_periodically_one_worker_at_a_time(books):
     await books.corrupt(paid["id"], amount=paid["amount"] + 1)
     # Another worker's pass holds the lock: this one stands aside.
     async with books.pool.acquire() as other:
-        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", sweeper._RECONCILE_LOCK)
+        assert await store.try_lock_reconciliation(other)
         try:
             assert await sweeper.reconcile_once(books.pool, books.bank, rate=50, limit=20) is None
         finally:
-            await other.execute("SELECT pg_advisory_unlock($1)", sweeper._RECONCILE_LOCK)
+            await store.unlock_reconciliation(other)
     report = await sweeper.reconcile_once(books.pool, books.bank, rate=50, limit=20)
     assert report is not None
     assert any(f.payment_id == paid["id"] and f.kind == "amount_mismatch" for f in report.findings)

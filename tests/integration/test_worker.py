@@ -4,8 +4,10 @@
     -> mockbank -> payments.record_outcome -> outbox (event)
 
 The relay and the worker run in this process (short retry ladder 1,2,3 s);
-the bank is the `mockbank` console script, driven through /_mock/chaos and
-/_mock/faults. The module has its own database and vhost.
+the bank is the `mockbank` console script, driven through its /_mock API
+(tests/support/mockbank_client.py). The module has its own database, vhost and
+bank, from the system harness (tests/support/system.py) with no gateway
+process; one test starts gateway-relay and gateway-worker through it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import base64
 import contextlib
 import json
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -29,8 +30,7 @@ from gateway import config, db, payments
 from gateway.cards import CardVault
 from gateway.domain import Action
 from gateway.messages import COMMANDS_EXCHANGE
-from tests.support import services
-from tests.support.procs import ScriptProcess, free_port
+from tests.support.system import System
 from worker import settings as wsettings
 from worker import topology
 from worker.consumer import Worker
@@ -58,12 +58,24 @@ WORKER_CFG = wsettings.WorkerSettings(
 )
 
 
+# The console scripts of the last test get the same retry ladder as the in-process worker.
+SCRIPT_ENV = {"WORKER_RETRY_LADDER": "1,2,3", "BANK_TIMEOUT_SECONDS": "5", "LOG_LEVEL": "info"}
+
+
 class Pipeline:
-    def __init__(self, database_url: str, amqp_url: str, bank_url: str, card_key: str, pool, broker):
-        self.database_url, self.amqp_url, self.bank_url = database_url, amqp_url, bank_url
+    def __init__(self, system: System, card_key: str, pool, broker):
+        self.system = system
+        self.database_url, self.amqp_url, self.bank_url = system.database_url, system.amqp_url, system.bank_url
+        self.vhost = system.vhost
+        self.bank = system.bank
         self.pool, self.broker = pool, broker
         self.settings = config.parse(
-            {"DATABASE_URL": database_url, "AMQP_URL": amqp_url, "BANK_URL": bank_url, "CARD_ENCRYPTION_KEY": card_key},
+            {
+                "DATABASE_URL": self.database_url,
+                "AMQP_URL": self.amqp_url,
+                "BANK_URL": self.bank_url,
+                "CARD_ENCRYPTION_KEY": card_key,
+            },
             need_card_key=True,
         )
         self.vault = CardVault(base64.b64decode(card_key))
@@ -160,22 +172,10 @@ class Pipeline:
         )
         return [r["routing_key"] for r in rows]
 
-    # ---- the bank --------------------------------------------------------------------------
-
-    async def ledger(self) -> dict:
-        async with self.http.get(f"{self.bank_url}/_mock/ledger") as resp:
-            return await resp.json()
+    # ---- the bank (its /_mock API: self.bank) ---------------------------------------------
 
     async def bank_entries(self, section: str, key: str) -> list[dict]:
-        return [e for e in (await self.ledger())[section] if e["idempotency_key"] == key]
-
-    async def chaos(self, **changes) -> None:
-        async with self.http.put(f"{self.bank_url}/_mock/chaos", json=changes) as resp:
-            assert resp.status == 200, await resp.text()
-
-    async def fault(self, **spec) -> None:
-        async with self.http.post(f"{self.bank_url}/_mock/faults", json=spec) as resp:
-            assert resp.status == 201, await resp.text()
+        return [e for e in (await self.bank.ledger())[section] if e["idempotency_key"] == key]
 
     async def bank_post(self, path: str, key: str, body: dict) -> tuple[int, dict]:
         async with self.http.post(f"{self.bank_url}{path}", json=body, headers={"Idempotency-Key": key}) as resp:
@@ -222,47 +222,30 @@ class Pipeline:
 
 @pytest.fixture(scope="module")
 async def pipeline(server_urls, card_key):
-    admin_url, amqp_root = server_urls
-    database_url = await services.create_database(admin_url)
-    await db.migrate(database_url)
-    amqp_url, vhost = services.create_vhost(amqp_root)
-    port = free_port()
-    bank = ScriptProcess(
-        "mockbank",
-        "--port",
-        str(port),
-        env={
-            "MIN_LATENCY_MS": "5",
-            "MAX_LATENCY_MS": "30",
-            "FAILURE_RATE": "0",
-            "RESPONSE_LOSS_RATE": "0",
-            "LOG_LEVEL": "warning",
-        },
-    )
-    bank.start()
-    pool = await db.create_pool(database_url, min_size=1, max_size=10)
-    broker = await aio_pika.connect_robust(amqp_url)
-    pipe = Pipeline(database_url, amqp_url, f"http://127.0.0.1:{port}", card_key, pool, broker)
-    pipe.vhost = vhost
-    pipe.card_key = card_key
-    try:
-        await bank.wait_http(f"http://127.0.0.1:{port}/health")
-        await pipe.start()
-        yield pipe
-    finally:
-        await pipe.close()
-        await broker.close()
-        await pool.close()
-        await bank.stop()
-        bank.close()
-        services.delete_vhost(vhost)
-        await services.drop_database(admin_url, database_url)
+    bank_env = {
+        "MIN_LATENCY_MS": "5",
+        "MAX_LATENCY_MS": "30",
+        "FAILURE_RATE": "0",
+        "RESPONSE_LOSS_RATE": "0",
+        "LOG_LEVEL": "warning",
+    }
+    no_gateway = {"api": 0, "relay": 0, "worker": 0}  # the relay and worker run in this process
+    async with System(server_urls, card_key, scale=no_gateway, bank_env=bank_env, gateway_env=SCRIPT_ENV) as system:
+        pool = await db.create_pool(system.database_url, min_size=1, max_size=10)
+        broker = await aio_pika.connect_robust(system.amqp_url)
+        pipe = Pipeline(system, card_key, pool, broker)
+        try:
+            await pipe.start()
+            yield pipe
+        finally:
+            await pipe.close()
+            await broker.close()
+            await pool.close()
 
 
 @pytest.fixture
 async def pipe(pipeline):
-    async with pipeline.http.post(f"{pipeline.bank_url}/_mock/reset") as resp:
-        assert resp.status == 200
+    await pipeline.bank.reset()
     yield pipeline
 
 
@@ -289,7 +272,7 @@ async def test_declines(pipe, card, code):
     assert row["last_error"]["code"] == code and row["last_error"]["retryable"] is False
     assert await pipe.events(pid) == ["payment.declined"]
     assert await pipe.pool.fetchval("SELECT count(*) FROM card_vault WHERE payment_id = $1", pid) == 0
-    assert (await pipe.ledger())["authorizations"] == []
+    assert (await pipe.bank.ledger())["authorizations"] == []
 
 
 async def test_capture_then_refund_and_void(pipe):
@@ -310,7 +293,7 @@ async def test_capture_then_refund_and_void(pipe):
     assert row["void_id"].startswith("void_")
 
     refunded = await pipe.wait_status(pid, "refunded")
-    ledger = await pipe.ledger()
+    ledger = await pipe.bank.ledger()
     assert [(c["capture_id"], c["refund_id"]) for c in ledger["captures"]] == [
         (refunded["capture_id"], refunded["refund_id"])
     ]
@@ -322,14 +305,14 @@ async def test_capture_then_refund_and_void(pipe):
 
 
 async def test_lost_responses_still_give_exactly_one_hold_and_one_capture(pipe):
-    await pipe.chaos(response_loss_rate=1.0)
+    await pipe.bank.chaos(response_loss_rate=1.0)
     pid = await pipe.authorize(amount=900)
     await pipe.wait_status(pid, "authorized")
     await pipe.request(pid, Action.CAPTURE)
     await pipe.wait_status(pid, "captured")
     auth_key = (await pipe.operation(pid, "authorize"))["bank_key"]
     cap_key = (await pipe.operation(pid, "capture"))["bank_key"]
-    ledger = await pipe.ledger()
+    ledger = await pipe.bank.ledger()
     assert len([a for a in ledger["authorizations"] if a["idempotency_key"] == auth_key]) == 1
     assert len(ledger["authorizations"]) == 1 and len(ledger["captures"]) == 1
     assert ledger["captures"][0]["idempotency_key"] == cap_key
@@ -339,14 +322,14 @@ async def test_lost_responses_still_give_exactly_one_hold_and_one_capture(pipe):
 
 
 async def test_high_failure_rate_is_retried_to_success(pipe):
-    await pipe.chaos(failure_rate=0.4)
+    await pipe.bank.chaos(failure_rate=0.4)
     pids = [await pipe.authorize(amount=100 + i) for i in range(8)]
     for pid in pids:
         await pipe.wait_status(pid, "authorized", timeout=60)
         await pipe.request(pid, Action.CAPTURE)
     for pid in pids:
         await pipe.wait_status(pid, "captured", timeout=60)
-    ledger = await pipe.ledger()
+    ledger = await pipe.bank.ledger()
     assert len(ledger["authorizations"]) == 8 and len(ledger["captures"]) == 8
     assert ledger["stats"]["injected_failures"] > 0
     retried = await pipe.pool.fetchval(
@@ -356,7 +339,7 @@ async def test_high_failure_rate_is_retried_to_success(pipe):
 
 
 async def test_bank_down_longer_than_the_ladder_parks_for_ops_then_replay_works(pipe):
-    await pipe.chaos(down=True)
+    await pipe.bank.chaos(down=True)
     pid = await pipe.authorize(amount=400)
     row = await pipe.wait(pid, lambda r: r["attention_required"], timeout=60)
     assert row["status"] == "pending"
@@ -372,7 +355,7 @@ async def test_bank_down_longer_than_the_ladder_parks_for_ops_then_replay_works(
     assert orjson.loads(headers["last_error"])["code"] == "bank_connection"
     assert orjson.loads(dead.body) == {"operation_id": op["id"]}
 
-    await pipe.chaos(down=False)
+    await pipe.bank.chaos(down=False)
     await pipe.replay(op["id"], "authorize")
     row = await pipe.wait_status(pid, "authorized")
     assert not row["attention_required"] and row["last_error"] is None
@@ -383,7 +366,7 @@ async def test_already_done_then_a_real_answer_is_settled(pipe):
     """CONFIRM: the bank says authorization_already_used once; the same request again succeeds."""
     pid = await pipe.authorize(amount=600)
     await pipe.wait_status(pid, "authorized")
-    await pipe.fault(
+    await pipe.bank.arm_fault(
         action="error",
         path="/api/v1/captures",
         method="POST",
@@ -394,7 +377,7 @@ async def test_already_done_then_a_real_answer_is_settled(pipe):
     await pipe.request(pid, Action.CAPTURE)
     row = await pipe.wait_status(pid, "captured")
     assert not row["attention_required"]
-    assert len((await pipe.ledger())["captures"]) == 1
+    assert len((await pipe.bank.ledger())["captures"]) == 1
     assert (await pipe.operation(pid, "capture"))["attempts"] == 2
 
 
@@ -409,7 +392,7 @@ async def test_already_done_by_someone_else_is_parked_not_guessed(pipe):
     op = await pipe.operation(pid, "capture")
     assert op["parked"] and op["attempts"] == 2
     assert len(await pipe.dead_letters(op["id"])) == 1
-    assert (await pipe.ledger())["captures"] == []
+    assert (await pipe.bank.ledger())["captures"] == []
 
 
 async def test_unknown_operation_is_dropped_and_an_unreadable_command_goes_to_the_dead_queue(pipe):
@@ -451,7 +434,7 @@ async def test_authorize_first_tried_over_23_hours_ago_is_parked_unless_forced(p
     assert row["status"] == "pending" and row["last_error"]["code"] == "bank_key_expired"
     op = await pipe.operation(pid, "authorize")
     assert op["parked"]
-    assert (await pipe.ledger())["authorizations"] == []  # the bank was never called
+    assert (await pipe.bank.ledger())["authorizations"] == []  # the bank was never called
     (dead,) = await pipe.dead_letters(op["id"])
     assert orjson.loads(dead.headers["last_error"])["code"] == "bank_key_expired"
 
@@ -495,7 +478,7 @@ async def test_sweeper_expires_a_lapsed_hold_and_voids_it(pipe):
 
 
 async def test_stop_finishes_in_flight_work_before_closing(pipe):
-    await pipe.chaos(min_latency_ms=1500, max_latency_ms=1500)
+    await pipe.bank.chaos(min_latency_ms=1500, max_latency_ms=1500)
     pid = await pipe.authorize()
     deadline = time.monotonic() + 10
     while (await pipe.operation(pid, "authorize"))["lease_owner"] is None:  # the bank call is running
@@ -518,13 +501,13 @@ async def test_worker_survives_a_broker_connection_loss(pipe):
 
 async def test_many_authorizations_at_once(pipe):
     """One worker keeps many slow bank calls in flight: 100 x 300 ms takes far less than 30 s."""
-    await pipe.chaos(min_latency_ms=300, max_latency_ms=300)
+    await pipe.bank.chaos(min_latency_ms=300, max_latency_ms=300)
     started = time.monotonic()
     pids = await asyncio.gather(*(pipe.authorize(amount=10) for _ in range(100)))
     for pid in pids:
         await pipe.wait_status(pid, "authorized", timeout=30)
     assert time.monotonic() - started < 10
-    assert len((await pipe.ledger())["authorizations"]) == 100
+    assert len((await pipe.bank.ledger())["authorizations"]) == 100
 
 
 async def test_topology_is_quorum_work_and_dead_with_a_ttl_ladder(pipe):
@@ -552,38 +535,26 @@ async def test_console_scripts_run_the_pipeline_and_stop_gracefully_on_sigterm(p
     """gateway-relay and gateway-worker as real processes; SIGTERM while a bank call is in flight."""
     await pipe.worker.stop(grace=5)
     await pipe.pause_relay()
-    env = {
-        "DATABASE_URL": pipe.database_url,
-        "AMQP_URL": pipe.amqp_url,
-        "BANK_URL": pipe.bank_url,
-        "CARD_ENCRYPTION_KEY": pipe.card_key,
-        "WORKER_RETRY_LADDER": "1,2,3",
-        "BANK_TIMEOUT_SECONDS": "5",
-        "LOG_LEVEL": "info",
-    }
-    relay = ScriptProcess("gateway-relay", env=env).start()
-    worker = ScriptProcess("gateway-worker", env=env).start()
+    system = pipe.system
+    relay, worker = await system.start_process("relay"), await system.start_process("worker")
     try:
         pid = await pipe.authorize()
         await pipe.wait_status(pid, "authorized", timeout=30)
 
-        await pipe.chaos(min_latency_ms=1500, max_latency_ms=1500)
+        await pipe.bank.chaos(min_latency_ms=1500, max_latency_ms=1500)
         slow = await pipe.authorize()
         deadline = time.monotonic() + 10
         while (await pipe.operation(slow, "authorize"))["lease_owner"] is None:
-            assert time.monotonic() < deadline, worker.stdout_tail()
+            assert time.monotonic() < deadline, system.procs[worker].stdout_tail()
             await asyncio.sleep(0.02)
-        worker.popen.send_signal(signal.SIGTERM)
-        assert await worker.wait_exit(timeout=15) == 0, worker.stderr_tail()
+        assert await system.terminate(worker, timeout=15) == 0, system.procs[worker].stderr_tail()
         assert (await pipe.pool.fetchrow("SELECT status FROM payments WHERE id = $1", slow))["status"] == "authorized"
-        assert "4111111111111111" not in worker.stdout_tail(1_000_000) + worker.stderr_tail(1_000_000)
-        relay.popen.send_signal(signal.SIGTERM)
-        assert await relay.wait_exit(timeout=15) == 0, relay.stderr_tail()
+        output = system.procs[worker].stdout_tail(1_000_000) + system.procs[worker].stderr_tail(1_000_000)
+        assert "4111111111111111" not in output
+        assert await system.terminate(relay, timeout=15) == 0, system.procs[relay].stderr_tail()
     finally:
-        await worker.stop()
-        await relay.stop()
-        worker.close()
-        relay.close()
+        await system.terminate(worker)
+        await system.terminate(relay)
         pipe.resume_relay()
         await pipe.start_worker()
 

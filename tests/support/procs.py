@@ -22,8 +22,9 @@ Small and generic: works for ``mockbank``, ``gateway-api``, ``gateway-worker``..
 Scripts are looked up next to ``sys.executable`` (the venv's bin directory).
 ``env`` is laid over a copy of ``os.environ`` (``inherit_env=False`` starts
 from an empty environment plus PATH); a value of ``None`` removes a variable.
-stdout and stderr go to anonymous temporary files, so a chatty process never
-blocks on a full pipe; ``stderr_tail()`` / ``stdout_tail()`` read them any time.
+stdout and stderr go to anonymous temporary files (or both to ``log``, a file
+appended to), so a chatty process never blocks on a full pipe;
+``stderr_tail()`` / ``stdout_tail()`` / ``read_stdout()`` read them any time.
 The child runs in its own session, so a Ctrl-C in the terminal does not hit
 it before the test's teardown does.
 """
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -113,12 +114,15 @@ class ScriptProcess:
         inherit_env: bool = True,
         cwd: str | os.PathLike | None = None,
         argv: Sequence[str] | None = None,
+        log: str | os.PathLike | None = None,
     ) -> None:
-        """``script`` is a console-script name; or pass a full ``argv`` to run anything."""
+        """``script`` is a console-script name; or pass a full ``argv`` to run anything.
+        ``log``: a file both stdout and stderr are appended to (kept after the process)."""
         self.name = script
         self.argv = list(argv) if argv is not None else [script_path(script), *args]
         self.env = _build_env(env, inherit_env)
         self.cwd = cwd
+        self.log = Path(log) if log is not None else None
         self.popen: subprocess.Popen | None = None
         self._out: IO[bytes] | None = None
         self._err: IO[bytes] | None = None
@@ -128,8 +132,11 @@ class ScriptProcess:
         """Spawn the process (does not wait for readiness). Returns self."""
         if self.popen is not None:
             raise ProcessError(f"{self.name} already started")
-        self._out = tempfile.TemporaryFile(prefix=f"{self.name}-out-")
-        self._err = tempfile.TemporaryFile(prefix=f"{self.name}-err-")
+        if self.log is not None:
+            self._out = self._err = open(self.log, "ab")  # closed by close()
+        else:
+            self._out = tempfile.TemporaryFile(prefix=f"{self.name}-out-")
+            self._err = tempfile.TemporaryFile(prefix=f"{self.name}-err-")
         self.popen = subprocess.Popen(
             self.argv,
             env=self.env,
@@ -161,7 +168,17 @@ class ScriptProcess:
     def stdout_tail(self, max_bytes: int = 4000) -> str:
         return _tail(self._out, max_bytes)
 
-    def _fail(self, what: str) -> ProcessError:
+    def stdout_size(self) -> int:
+        """Bytes written to stdout so far (an offset for read_stdout)."""
+        return 0 if self._out is None or self._out.closed else os.fstat(self._out.fileno()).st_size
+
+    def read_stdout(self, start: int = 0) -> bytes:
+        """Everything written to stdout from byte ``start`` on."""
+        size = self.stdout_size()
+        return os.pread(self._out.fileno(), max(0, size - start), start) if size else b""  # type: ignore[union-attr]
+
+    def error(self, what: str) -> ProcessError:
+        """A ProcessError saying ``what`` went wrong, with the process's state and output tails."""
         rc = self.returncode
         state = "still running" if rc is None else f"exit code {rc}"
         return ProcessError(
@@ -180,7 +197,7 @@ class ScriptProcess:
         async with aiohttp.ClientSession(timeout=client_timeout) as session:
             while True:
                 if not self.running:
-                    raise self._fail(f"exited before {url} answered")
+                    raise self.error(f"exited before {url} answered")
                 try:
                     async with session.get(url) as resp:
                         if resp.status == status:
@@ -189,20 +206,33 @@ class ScriptProcess:
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     last = f"{type(exc).__name__}: {exc}"
                 if time.monotonic() >= deadline:
-                    raise self._fail(f"did not answer {status} on {url} within {timeout:g}s (last: {last})")
+                    raise self.error(f"did not answer {status} on {url} within {timeout:g}s (last: {last})")
                 await asyncio.sleep(0.05)
+
+    async def wait_for(self, check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15.0) -> None:
+        """Poll ``check()`` until it is true; ProcessError if the process exits first or
+        ``timeout`` seconds pass (``what`` names the awaited condition in the message)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running:
+                raise self.error(f"exited before {what}")
+            if await check():
+                return
+            if time.monotonic() >= deadline:
+                raise self.error(f"did not get to {what} within {timeout:g}s")
+            await asyncio.sleep(0.1)
 
     async def wait_port(self, port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
         """Wait until ``host:port`` accepts TCP connections (same errors as wait_http)."""
         deadline = time.monotonic() + timeout
         while True:
             if not self.running:
-                raise self._fail(f"exited before {host}:{port} accepted connections")
+                raise self.error(f"exited before {host}:{port} accepted connections")
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
             except (TimeoutError, OSError):
                 if time.monotonic() >= deadline:
-                    raise self._fail(f"did not accept connections on {host}:{port} within {timeout:g}s") from None
+                    raise self.error(f"did not accept connections on {host}:{port} within {timeout:g}s") from None
                 await asyncio.sleep(0.05)
             else:
                 writer.close()
@@ -213,7 +243,7 @@ class ScriptProcess:
         deadline = time.monotonic() + timeout
         while self.running:
             if time.monotonic() >= deadline:
-                raise self._fail(f"did not exit within {timeout:g}s")
+                raise self.error(f"did not exit within {timeout:g}s")
             await asyncio.sleep(0.02)
         return self.returncode  # type: ignore[return-value]
 
@@ -224,6 +254,7 @@ class ScriptProcess:
             return None
         if self.running:
             self._signal(signal.SIGTERM)
+            self._signal(signal.SIGCONT)  # a paused process handles SIGTERM only once resumed
             deadline = time.monotonic() + timeout
             while self.running and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
@@ -247,12 +278,21 @@ class ScriptProcess:
             return None
         if self.running:
             self._signal(signal.SIGTERM)
+            self._signal(signal.SIGCONT)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
                 self.popen.wait()
         return self.returncode
+
+    def pause(self) -> None:
+        """SIGSTOP: the process holds its connections but does nothing until resume()."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        self._signal(signal.SIGCONT)
 
     def _signal(self, sig: int) -> None:
         try:
@@ -262,7 +302,7 @@ class ScriptProcess:
 
     def close(self) -> None:
         """Close the captured-output files (after the process is gone)."""
-        for f in (self._out, self._err):
+        for f in {self._out, self._err}:
             if f is not None and not f.closed:
                 f.close()
 

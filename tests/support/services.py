@@ -74,6 +74,20 @@ async def drop_database(admin_url: str, url: str) -> None:
         await conn.close()
 
 
+async def ensure_database(url: str) -> bool:
+    """Create the database of ``url`` if it does not exist (through the server's postgres
+    database); True when it was created."""
+    name = urlparse(url).path.lstrip("/")
+    conn = await asyncpg.connect(with_database(url, "postgres"))
+    try:
+        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            return False
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        return True
+    finally:
+        await conn.close()
+
+
 def _admin_db(url: str) -> str:
     return urlparse(url).path.lstrip("/") or "postgres"
 

@@ -266,3 +266,30 @@ def test_ids_whose_hex_holds_a_long_digit_run_are_kept_whole(log, capsys):
     _raw, line = one_line(capsys)
     for name, value in ids.items():
         assert line[name] == value
+
+
+def test_card_number_glued_to_letters_and_its_cvv_are_redacted(log, capsys):
+    log.info("bank said", message=f"{PAN}cvv{CVV}")
+    raw, _ = one_line(capsys)
+    assert_no_card(raw, PAN, CVV)
+
+
+def test_long_values_are_cut(log, capsys):
+    log.info("odd input", operation_id="o" * 1_000_000)
+    raw, line = one_line(capsys)
+    assert len(raw) < logs.MAX_VALUE_CHARS + 300
+    assert line["operation_id"].startswith("o" * 100) and "more characters" in line["operation_id"]
+
+
+def test_amqp_libraries_never_log_at_debug(capsys):
+    import logging
+
+    structlog.reset_defaults()
+    try:
+        logs.setup("debug", "p")
+        for name in ("aiormq", "aio_pika", "pamqp"):
+            logging.getLogger(f"{name}.connection").debug("frame body %s", "secret-event-body")
+        assert "secret-event-body" not in capsys.readouterr().out
+    finally:
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()

@@ -1,0 +1,87 @@
+"""The HTTP server around the app: what aiohttp does before our middleware runs.
+
+A request aiohttp cannot parse (a bad request line, a header past its size
+limit) never reaches the middleware: aiohttp answers it itself, in plain
+text that can echo part of the offending line (an Authorization header, so
+an API key), and logs the parser's exception with the same text. Here such
+a request gets the API's JSON error with an X-Request-Id, and the log line
+names the error's type only.
+
+Connections are bounded in time: one that has not sent a complete request
+head within IDLE_SECONDS is closed (idle keep-alive and half-sent headers
+alike); a stalled body is cut by the handlers (routes.BODY_READ_SECONDS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aiohttp import http_exceptions, web, web_protocol
+from aiohttp.web_request import BaseRequest
+
+from gateway import logs
+from gateway.api.errors import HTTP_CODES, error_response
+
+log = logs.get("gateway.api")
+
+IDLE_SECONDS = 15.0
+SHUTDOWN_SECONDS = 10.0
+
+
+class _JsonErrorsHandler(web_protocol.RequestHandler):
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, http_exceptions.LineTooLong) and status == 400:
+            status = 431
+        code, text = HTTP_CODES.get(status, ("internal_error", "the gateway failed to handle the request"))
+        request_id = f"req_{uuid.uuid4().hex}"
+        # exc's text quotes the request; its type is enough to tell what went wrong.
+        log.warning("malformed request", status=status, error=type(exc).__name__, request_id=request_id)
+        response = error_response(status, code, text, headers={"X-Request-Id": request_id})
+        response.force_close()
+        return response
+
+
+class _JsonErrorsServer(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """An AppRunner whose connections answer malformed requests in the API's error format."""
+
+    def __init__(self, app: web.Application, *, idle_seconds: float = IDLE_SECONDS) -> None:
+        super().__init__(
+            app,
+            access_log=None,
+            keepalive_timeout=idle_seconds,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_SECONDS,
+        )
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp builds its Server inside Application; the only thing we change is
+        # which protocol class it makes per connection.
+        server.__class__ = _JsonErrorsServer
+        return server
+
+
+async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event) -> None:
+    """Listen until `stop` is set, then finish in-flight requests (up to SHUTDOWN_SECONDS) and close."""
+    runner = Runner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("gateway-api listening", host=host, port=port)
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,46 @@
+"""Card data out of text that came from outside, and that text cut to a size.
+
+Used wherever such text is kept, logged or published: log lines, the bank's
+error messages and unknown codes, anything shown back to a client.
+
+- A card-like number is 13-19 digits, possibly grouped by single spaces or
+  dashes, whatever stands next to it (letters glued on included: a number
+  must not slip through as `4111111111111111cvv123`).
+- Ids, ours (`pay_` + 32 hex) and the bank's (`auth_` + uuid), are left
+  whole: their hex holds a 13-digit run in about one id of 60, and a log
+  line whose ids were cut no longer matches its payment.
+- A CVV is 3-4 digits next to its name (cvv, cvc, csc, security code).
+"""
+
+from __future__ import annotations
+
+import re
+
+REDACTED = "[redacted]"
+
+_ID = (
+    r"(?<![A-Za-z0-9_])[a-z]+_(?:[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?![0-9a-f])"
+)
+_PAN = r"\d(?:[ -]?\d){12,18}"
+_CVV = r"(?i:cvv2?|cvc2?|csc|security[ _-]?code)[^A-Za-z0-9]{0,6}\d{3,4}(?!\d)"
+_SECRETS = re.compile(f"(?P<id>{_ID})|{_PAN}|{_CVV}")
+# A card number with separators is at most 37 characters: text cut this far past
+# the limit is redacted before the final cut, so no card number is left half-shown.
+_MARGIN = 64
+
+
+def _replace(match: re.Match[str]) -> str:
+    return match.group("id") or REDACTED
+
+
+def redact(text: str) -> str:
+    """`text` with card-like numbers and labelled CVVs replaced."""
+    return _SECRETS.sub(_replace, text)
+
+
+def clean(text: str, limit: int) -> str:
+    """Redacted and cut to `limit` characters (a marker says how much was cut)."""
+    if len(text) <= limit:
+        return redact(text)
+    cut = redact(text[: limit + _MARGIN])[:limit]
+    return f"{cut}...[{len(text) - limit} more characters]"

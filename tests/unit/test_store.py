@@ -1,0 +1,203 @@
+"""gateway/store.py without a database: loading the .sql files and mapping named parameters to `$n`.
+
+The statements themselves run against real PostgreSQL in tests/integration.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway import messages, store
+from gateway.domain import OperationKind, Status
+from gateway.payments import IdempotentRequest
+
+AT = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+class Recorder:
+    """A pool or connection that records what it is asked to run."""
+
+    def __init__(self, result=None):
+        self.result = result
+        self.calls: list[tuple[str, str, tuple]] = []
+
+    async def _call(self, method: str, sql: str, args: tuple):
+        self.calls.append((method, sql, args))
+        return self.result
+
+    async def fetch(self, sql, *args):
+        return await self._call("fetch", sql, args) or []
+
+    async def fetchrow(self, sql, *args):
+        return await self._call("fetchrow", sql, args)
+
+    async def fetchval(self, sql, *args):
+        return await self._call("fetchval", sql, args)
+
+    async def execute(self, sql, *args):
+        return await self._call("execute", sql, args)
+
+    @property
+    def only(self) -> tuple[str, str, tuple]:
+        (call,) = self.calls
+        return call
+
+
+def placeholders(sql: str) -> list[int]:
+    return sorted({int(n) for n in re.findall(r"\$(\d+)", sql)})
+
+
+def test_every_statement_has_one_function_of_its_name():
+    names = store.statements()
+    assert len(names) >= 40
+    for name in names:
+        fn = getattr(store, name, None)
+        assert fn is not None and inspect.iscoroutinefunction(fn), name
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params), name
+
+
+def test_statements_are_rewritten_to_numbered_parameters():
+    for name, sql in store.statements().items():
+        assert not re.search(r"(?<![:\w]):[a-z_]+\b(?!:)", sql.replace("::", "  ")), name  # no :name left
+        numbers = placeholders(sql)
+        assert numbers == list(range(1, len(numbers) + 1)), name
+
+
+def test_the_lock_key_is_the_schema_function_everywhere():
+    with_lock = [n for n, sql in store.statements().items() if "pg_try_advisory_xact_lock" in sql]
+    assert sorted(with_lock) == ["lock_idempotency_key", "lock_key_and_payment", "submit_authorization"]
+    for name in with_lock:
+        assert "pg_try_advisory_xact_lock(idempotency_lock_key($1, $2))" in store.statements()[name], name
+    assert "hashtextextended" not in "".join(store.statements().values())
+    assert "FUNCTION idempotency_lock_key(merchant text, key text) RETURNS bigint" in store.SCHEMA_PATH.read_text()
+
+
+async def test_a_name_used_twice_is_one_parameter_and_casts_and_strings_are_left_alone(tmp_path):
+    path = tmp_path / "probe.sql"
+    path.write_text(
+        "-- a file comment\n\n"
+        "-- name: probe^\n-- What it is.\n"
+        "SELECT :b AS b, :a::int AS a, :b::text AS b_again, ':a' AS literal, now()::date AS today;\n\n"
+        "-- name: touch!\nUPDATE t SET x = :x WHERE id = :id;\n"
+    )
+    queries = store.load(path)
+    assert queries.probe.sql == (
+        "SELECT $1 AS b, $2::int AS a, $1::text AS b_again, ':a' AS literal, now()::date AS today;"
+    )
+    db = Recorder({"b": 2})
+    assert await queries.probe(db, a=1, b=2) == {"b": 2}
+    assert db.only == ("fetchrow", queries.probe.sql, (2, 1))
+    await queries.touch(db, id=7, x="y")
+    assert db.calls[-1] == ("execute", "UPDATE t SET x = $1 WHERE id = $2;", ("y", 7))
+
+
+async def test_a_missing_extra_or_positional_parameter_fails_on_the_call(tmp_path):
+    path = tmp_path / "probe.sql"
+    path.write_text("-- name: probe$\nSELECT :a + :b;\n")
+    queries, db = store.load(path), Recorder()
+    with pytest.raises(TypeError, match=r"takes \['a', 'b'\], got \['a'\]"):
+        await queries.probe(db, a=1)
+    with pytest.raises(TypeError, match=r"got \['a', 'b', 'c'\]"):
+        await queries.probe(db, a=1, b=2, c=3)
+    with pytest.raises(TypeError, match=r"got \['a', 'c'\]"):
+        await queries.probe(db, a=1, c=3)
+    with pytest.raises(ValueError, match="named parameters"):
+        await queries.probe(db, 1, 2)
+    assert db.calls == []
+
+
+def _coalesced(sql: str) -> dict[str, int]:
+    """column -> parameter number, for every `column = coalesce($n, column)`."""
+    return {col: int(n) for col, n in re.findall(r"(\w+) = coalesce\(\$(\d+), \1\)", sql)}
+
+
+async def test_finish_operation_puts_each_bank_id_in_its_own_column():
+    db = Recorder("SELECT 1")
+    await store.finish_operation(
+        db,
+        operation_id="op_1",
+        operation_status="succeeded",
+        at=AT,
+        error=None,
+        bank_response={"void_id": "void_9"},
+        bank_ms=120,
+        payment_status=Status.VOIDED,
+        cause="bank:void:succeeded",
+        status_moved=True,
+        drop_card=False,
+        void_id="void_9",
+        capture_id="cap_8",
+    )
+    _, sql, args = db.only
+    column = _coalesced(sql)
+    assert set(column) == {"authorization_id", "authorization_expires_at", "capture_id", "void_id", "refund_id"}
+    assert args[column["void_id"] - 1] == "void_9" and args[column["capture_id"] - 1] == "cap_8"
+    assert args[column["authorization_id"] - 1] is None and args[column["refund_id"] - 1] is None
+    assert "voided" in args and "succeeded" in args and len(args) == placeholders(sql)[-1]
+    event = re.search(r"FROM payment WHERE \$(\d+)::text IS NOT NULL", sql)
+    assert event and args[int(event[1]) - 1] is None  # no event: the statement skips it
+
+
+async def test_start_operation_takes_the_event_and_the_reply_as_optional_groups():
+    cmd = messages.command("op_2", "capture")
+    event = messages.event("payment.expired", {"id": "pay_1"}, AT)
+    req = IdempotentRequest("ficmart", "key-1", "POST", "/v1/payments/pay_1/capture", b"{}")
+    common = dict(
+        payment_id="pay_1",
+        status=Status.CAPTURING,
+        at=AT,
+        cause="api:capture",
+        operation_id="op_2",
+        kind=OperationKind.CAPTURE,
+        bank_key="gw-op_2",
+        command=cmd,
+    )
+    api, sweeper = Recorder(), Recorder()
+    await store.start_operation(api, **common, reply=store.StoredReply(request=req, body=b'{"id":"pay_1"}'))
+    await store.start_operation(sweeper, **common, event=event)
+    _, sql, with_reply = api.only
+    _, _, with_event = sweeper.only
+    stored = re.search(r"SELECT \$(\d+), \$(\d+), \$(\d+), \$(\d+), \$(\d+), 202, \$(\d+), NULL", sql)
+    assert stored, sql
+    merchant, key, method, path, fingerprint, body = (int(n) - 1 for n in stored.groups())
+    assert (with_reply[merchant], with_reply[key], with_reply[method], with_reply[path]) == (
+        "ficmart",
+        "key-1",
+        "POST",
+        "/v1/payments/pay_1/capture",
+    )
+    assert with_reply[fingerprint] == req.fingerprint and with_reply[body] == b'{"id":"pay_1"}'
+    assert with_event[key] is None and with_event[merchant] is None
+    assert event.message_id in with_event and event.body in with_event
+    assert event.message_id not in with_reply and cmd.message_id in with_reply and cmd.message_id in with_event
+    assert "capturing" in with_reply and "capture" in with_reply
+
+
+async def test_requeue_operations_sends_parallel_arrays_in_one_order():
+    commands = {f"op_{i}": messages.command(f"op_{i}", "void") for i in range(3)}
+    db = Recorder()
+    await store.requeue_operations(db, commands=commands)
+    _, sql, (ids, exchanges, routing_keys, message_ids, bodies) = db.only
+    assert "unnest($1::text[], $2::text[], $3::text[], $4::text[]" in sql
+    assert ids == ["op_0", "op_1", "op_2"] and exchanges == [messages.COMMANDS_EXCHANGE] * 3
+    assert routing_keys == ["void"] * 3 and message_ids == [c.message_id for c in commands.values()]
+    assert bodies == [c.body for c in commands.values()]
+
+
+async def test_results_come_back_typed():
+    assert await store.prune_outbox(Recorder("DELETE 7"), retention_seconds=60, limit=10) == 7
+    assert await store.unpark_operation(Recorder("pay_1"), operation_id="op_1") is True
+    assert await store.unpark_operation(Recorder(None), operation_id="op_1") is False
+    assert await store.lapsed_holds(Recorder([{"id": "pay_1"}, {"id": "pay_2"}]), limit=5) == ["pay_1", "pay_2"]
+    assert await store.ping(Recorder(1)) is True
+    cursor = await store.payment_cursor(Recorder({"created_at": AT, "id": "pay_1"}), payment_id="pay_1", merchant="m")
+    assert cursor == store.PageCursor(AT, "pay_1")
+    db = Recorder()
+    await store.payments_by_order(db, merchant="m", order_id="o", after=cursor, limit=11)
+    await store.payments_by_customer(db, merchant="m", customer_id="c", after=None, limit=11)
+    assert db.calls[0][2] == ("m", "o", AT, "pay_1", 11) and db.calls[1][2] == ("m", "c", None, None, 11)
