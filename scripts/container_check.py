@@ -338,6 +338,7 @@ async def check_outcome(session: aiohttp.ClientSession, api: str) -> None:
 
 @contextmanager
 def private_vhost() -> Iterator[tuple[str, str]]:
+    """(URL, name) of a new vhost; unlike the tests, the check cannot fall back to a shared one."""
     url, vhost = create_vhost(os.environ.get("AMQP_URL", LOCAL_AMQP_URL))
     if vhost is None:
         raise CheckFailed("no private RabbitMQ vhost: rabbitmqctl is needed, next to a local RabbitMQ")
