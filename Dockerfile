@@ -5,11 +5,13 @@
 #   docker build -t ficmart-gateway:dev .
 #   docker run --rm -p 8080:8080 -e CARD_ENCRYPTION_KEY=... ficmart-gateway:dev
 
-ARG PYTHON_IMAGE=python:3.11-slim
+# Bookworm named, not implied: `make container-check` builds a stand-in for
+# this image from Debian bookworm where no registry is reachable.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---------------------------------------------------------------- builder ----
-# Builds /opt/venv: the runtime dependencies of pyproject.toml (no `dev`
-# extra) plus the project itself, installed in editable mode from /app.
+# Builds /opt/venv: the locked runtime dependencies (requirements/runtime.txt,
+# no dev tools) plus the project itself, installed in editable mode from /app.
 FROM ${PYTHON_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -21,16 +23,15 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 
-# Dependencies first, from pyproject.toml alone, so that a change to the
-# sources does not reinstall them. Every dependency ships manylinux wheels
-# for CPython 3.11 (amd64 and arm64), so no compiler is needed.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+# Dependencies first, from the lock alone, so that a change to the sources
+# does not reinstall them. Every file is checked against its hash in the
+# lock; every dependency ships wheels for CPython 3.11 (amd64 and arm64), so
+# no compiler is needed. build.txt is the build backend for the next step.
+COPY requirements/runtime.txt requirements/build.txt requirements/
+RUN pip install --require-hashes -r requirements/runtime.txt -r requirements/build.txt
 
-# The project. gateway/db.py reads the schema as
-# Path(gateway/__file__).parent.parent / "schema.sql", i.e. next to the
+# The project. gateway/store.py reads the schema as
+# Path(__file__).resolve().parent.parent / "schema.sql", i.e. next to the
 # package directory, so the packages must be imported from the source tree
 # in /app, not from a copy in site-packages (where `pip install .` would put
 # them, without schema.sql). An editable install does exactly that: it puts
@@ -39,7 +40,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # therefore keeps the source tree at the same path, /app, and the venv at
 # the same path, /opt/venv.
 COPY . .
-RUN pip install --no-deps -e .
+RUN pip install --no-deps --no-build-isolation -e .
 
 # ------------------------------------------------------------------ final ----
 FROM ${PYTHON_IMAGE}
@@ -61,13 +62,13 @@ RUN groupadd --system --gid 10001 gateway \
 COPY --from=builder /opt/venv /opt/venv
 
 WORKDIR /app
-# Only what .dockerignore lets through: pyproject.toml, schema.sql and the
-# gateway, worker and mockbank packages (the same files the builder
-# installed from). Compiled once here, since the processes cannot write
-# bytecode next to the sources.
+# Only what .dockerignore lets through: pyproject.toml, schema.sql, the
+# runtime lock and the gateway, worker and mockbank packages (the same files
+# the builder installed from). Compiled once here, since the processes
+# cannot write bytecode next to the sources.
 COPY . .
 RUN python -m compileall -q gateway worker mockbank \
-    && python -c "import gateway.db as db; assert db.SCHEMA_PATH.is_file(), db.SCHEMA_PATH"
+    && python -c "from gateway import store; assert store.SCHEMA_PATH.is_file(), store.SCHEMA_PATH"
 
 USER 10001:10001
 

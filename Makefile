@@ -6,15 +6,48 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install run demo test test-long bench clean
+# The lock (see README, "Dependencies"): every package pinned with its hashes.
+# dev.txt is compiled under runtime.txt as a constraint, so the versions they
+# share are the same; build.txt is the build backend that installs the
+# project itself (pyproject.toml's [build-system]).
+LOCKS      := requirements/runtime.txt requirements/dev.txt requirements/build.txt
+LOCK_FLAGS := --quiet --generate-hashes --universal --python-version 3.11 --custom-compile-command 'make lock'
+
+.PHONY: install lint format lock run test test-long bench container-check clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+# A fresh venv (--clear) on every change, so a package dropped from the lock
+# does not linger. The project itself comes last, without dependencies and
+# built by the locked backend.
+$(VENV)/.installed: pyproject.toml $(LOCKS)
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt -r requirements/build.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check || { echo 'pyproject.toml asks for what the lock lacks: run make lock' >&2; exit 1; }
 	touch $@
+
+# Runs every check even when an earlier one fails; fails if any did.
+lint: install
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/ruff format --check . || status=1; \
+	$(VENV)/bin/mypy || status=1; \
+	exit $$status
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Re-resolves pyproject.toml, keeping every pin that still fits;
+# `make lock UPGRADE=1` moves everything to the newest allowed versions.
+lock: install
+	$(VENV)/bin/uv pip compile $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) \
+		pyproject.toml -o requirements/runtime.txt
+	$(VENV)/bin/uv pip compile $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) \
+		pyproject.toml --extra dev -c requirements/runtime.txt -o requirements/dev.txt
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(VENV)/bin/uv pip compile $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) - -o requirements/build.txt
 
 run: install
 	$(PY) -m scripts.devstack
@@ -27,6 +60,11 @@ test-long: install
 
 bench: install
 	$(PY) -m bench.run
+
+# Builds the image with podman, runs every process from it against the local
+# PostgreSQL and RabbitMQ and walks the demo through it (README, "Containers").
+container-check: install
+	$(PY) -m scripts.container_check
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .hypothesis *.egg-info
