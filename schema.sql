@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS operations (
     lease_owner       text,
     lease_until       timestamptz,
     parked            boolean NOT NULL DEFAULT false,       -- in the dead-letter queue
+    -- An earlier attempt may have done the work without our learning it (its answer
+    -- was lost, or its handler died with the lease): what makes an "already done"
+    -- refusal proof of our own work, and a fresh approval a possible second hold.
+    maybe_acted       boolean NOT NULL DEFAULT false,
     last_error        jsonb,
     bank_response     jsonb,
     bank_ms           integer NOT NULL DEFAULT 0,           -- time spent waiting for the bank
@@ -63,6 +67,7 @@ CREATE TABLE IF NOT EXISTS operations (
     updated_at        timestamptz NOT NULL,
     finished_at       timestamptz
 );
+ALTER TABLE operations ADD COLUMN IF NOT EXISTS maybe_acted boolean NOT NULL DEFAULT false;
 -- One operation in flight per payment.
 CREATE UNIQUE INDEX IF NOT EXISTS operations_one_in_flight
     ON operations (payment_id) WHERE status = 'pending';

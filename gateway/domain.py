@@ -208,6 +208,84 @@ def may_have_acted(outcome: BankOutcome) -> bool:
     return True
 
 
+# ---- outcomes the bank will not name -------------------------------------------------------
+#
+# The bank stores its answer for a key AFTER the money moved, tied to the client's
+# connection (bank-contract.md): a client that went away at that moment leaves the work
+# done and the key forgotten. A repeat then runs again: "already done" with no replayed
+# body for a capture, void or refund, a second hold for an authorization. Which of these
+# prove what happened, given that an earlier attempt of ours may have acted:
+#
+#   refund    already_refunded              the capture id was given to us alone, and a
+#                                           payment is refunded once: our refund happened
+#   capture   authorization_already_used,   the authorization is ours alone; used, and no
+#             already_captured              void or release of it was ever sent: captured
+#   void,     authorization_already_used,   likewise, when no capture of it was ever sent:
+#   release   already_voided                voided (released)
+#   authorize a fresh (not replayed) approval  proves a hold, not that it is the only one:
+#                                           recorded, flagged, a reconciliation finding
+#
+# Proven work is recorded as succeeded with the bank's reference unknown and the payment
+# flagged (attention_required) for a human to fill the reference; anything not proven is
+# parked as uncertain. No money is moved to make up for a doubt.
+
+# The operations whose work an "already done" refusal could be, besides the one asking.
+_COULD_HAVE_DONE_IT: dict[OperationKind, frozenset[OperationKind]] = {
+    OperationKind.REFUND: frozenset(),
+    OperationKind.CAPTURE: frozenset({OperationKind.VOID, OperationKind.RELEASE}),
+    OperationKind.VOID: frozenset({OperationKind.CAPTURE, OperationKind.RELEASE}),
+    OperationKind.RELEASE: frozenset({OperationKind.CAPTURE, OperationKind.VOID}),
+}
+
+REFERENCE_UNKNOWN = "bank_reference_unknown"
+POSSIBLE_DUPLICATE_HOLD = "possible_duplicate_hold"
+
+
+@dataclass(frozen=True)
+class Doubt:
+    """Why a recorded outcome needs a human: the payment's last_error, and the
+    reconciliation finding to keep (None: none)."""
+
+    code: str
+    message: str
+    finding: str | None
+
+    def error(self) -> dict:
+        return {"code": self.code, "message": self.message, "retryable": False}
+
+
+def proves_own_work(
+    kind: OperationKind, code: str | None, *, earlier_may_have_acted: bool, other_kinds_tried: frozenset[OperationKind]
+) -> bool:
+    """Is an "already done" refusal (still refused when asked again with our key) proof that
+    our own earlier attempt did the work? See the table above."""
+    if kind not in _COULD_HAVE_DONE_IT or code not in _ALREADY_DONE[kind] or not earlier_may_have_acted:
+        return False
+    return not (other_kinds_tried & _COULD_HAVE_DONE_IT[kind])
+
+
+def unnamed_work(kind: OperationKind) -> Doubt:
+    reference = REFERENCE_OF[kind]
+    return Doubt(
+        REFERENCE_UNKNOWN,
+        f"the bank did the {kind.value} but forgot our key, so it never gave us the {reference}: "
+        f"check the bank, then record it with `gatewayctl resolve --set {reference}=...`",
+        None,
+    )
+
+
+def doubt_of_approval(outcome: BankOutcome, *, earlier_may_have_acted: bool) -> Doubt | None:
+    """A fresh approval after an attempt that may have placed a hold: maybe two holds."""
+    if outcome.kind != "ok" or outcome.replayed or not earlier_may_have_acted:
+        return None
+    return Doubt(
+        POSSIBLE_DUPLICATE_HOLD,
+        "an earlier attempt whose answer was lost may have placed a hold the bank did not remember "
+        "under our key: this approval may be a second hold; check the bank and void the extra one",
+        POSSIBLE_DUPLICATE_HOLD,
+    )
+
+
 def is_final(verdict: Verdict) -> bool:
     return verdict in (Verdict.SUCCEEDED, Verdict.REFUSED, Verdict.EXPIRED)
 

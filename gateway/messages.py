@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,24 @@ class OutboxMessage:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+# An operation id as the gateway writes them (op_ + hex) fits this; anything else in a command
+# (a NUL byte, a megabyte of text, no id at all) makes it unreadable: it never reaches SQL.
+_OPERATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+def is_operation_id(value: object) -> bool:
+    return isinstance(value, str) and _OPERATION_ID.fullmatch(value) is not None
+
+
+def operation_id_of(body: bytes) -> str | None:
+    """The operation a command names, or None when the body is not a readable command."""
+    try:
+        operation_id = orjson.loads(body)["operation_id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None
+    return operation_id if is_operation_id(operation_id) else None
 
 
 def command(operation_id: str, kind: str) -> OutboxMessage:

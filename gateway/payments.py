@@ -287,6 +287,7 @@ class Claim:
     card_expiry_month: int
     card_expiry_year: int
     sealed_card: bytes | None
+    maybe_acted: bool = False  # an earlier attempt may have done the work unbeknown to us
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,7 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
             card_expiry_month=row["card_expiry_month"],
             card_expiry_year=row["card_expiry_year"],
             sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
+            maybe_acted=row["maybe_acted"],
         )
     state = await store.operation_state(pool, operation_id=operation_id)
     if state is None:
@@ -337,9 +339,19 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
     )
 
 
-async def release(pool: asyncpg.Pool, operation_id: str, owner: str, error: dict | None, bank_ms: int) -> None:
-    """Give the lease back after an attempt that settled nothing (a transient failure)."""
-    await store.release_lease(pool, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms)
+async def release(
+    pool: asyncpg.Pool, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, maybe_acted: bool = False
+) -> None:
+    """Give the lease back after attempts that settled nothing (transient failures); maybe_acted:
+    one of them may have done the work without our learning it."""
+    await store.release_lease(
+        pool, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, maybe_acted=maybe_acted
+    )
+
+
+async def kinds_tried(pool: asyncpg.Pool, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
+    """The kinds of the payment's other operations that were ever sent to the bank."""
+    return await store.operation_kinds_tried(pool, payment_id=payment_id, operation_id=operation_id)
 
 
 # Bank response fields copied onto the receipt, per operation.
@@ -370,11 +382,14 @@ async def record_outcome(
     verdict: Verdict,
     outcome: domain.BankOutcome,
     bank_ms: int,
+    doubt: domain.Doubt | None = None,
 ) -> dict | None:
     """Settle an operation with a final verdict. Returns the payment, or None if already settled.
 
     One transaction: operation, payment, history, card deletion, completion
-    event and, where the domain asks for it, the follow-up operation.
+    event and, where the domain asks for it, the follow-up operation. With a
+    `doubt` (domain: outcomes the bank will not name) the payment is also
+    flagged with it, announced, and its reconciliation finding kept.
     """
     async with pool.acquire() as conn, conn.transaction():
         row = await store.lock_operation(conn, operation_id=operation_id)
@@ -383,7 +398,11 @@ async def record_outcome(
         kind = OperationKind(row["kind"])
         status = domain.settle(kind, verdict)
         at = now()
-        error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome, kind)
+        error: dict | None
+        if doubt is not None:
+            error = doubt.error()
+        else:
+            error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome, kind)
         fields = _bank_fields(kind, verdict, outcome.body)
         moved = status.value != row["status"]
         updated = {
@@ -391,7 +410,8 @@ async def record_outcome(
             **fields,
             "status": status.value,
             "last_error": error,
-            "attention_required": False,
+            # A flag is cleared by the human who looked (unpark, resolve), not by later work.
+            "attention_required": row["attention_required"] or doubt is not None,
             "updated_at": at,
         }
         payment = payment_json(updated)
@@ -407,7 +427,7 @@ async def record_outcome(
             bank_response=outcome.body,
             bank_ms=bank_ms,
             payment_status=status,
-            cause=f"bank:{kind.value}:{verdict.value}",
+            cause=f"bank:{kind.value}:{verdict.value}" + (f":{doubt.code}" if doubt else ""),
             status_moved=moved,
             drop_card=kind is OperationKind.AUTHORIZE,
             event=event,
@@ -417,6 +437,22 @@ async def record_outcome(
             void_id=fields.get("void_id"),
             refund_id=fields.get("refund_id"),
         )
+        if doubt is not None:
+            await store.flag_doubt(
+                conn,
+                payment_id=row["id"],
+                at=at,
+                error=doubt.error(),
+                event=messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"]),
+                run_id=f"worker:{operation_id}",
+                finding_kind=doubt.finding,
+                finding_detail={
+                    "operation_id": operation_id,
+                    "bank_key": row["bank_key"],
+                    **fields,
+                    "note": doubt.message,
+                },
+            )
         follow_up = domain.follow_up(kind, verdict)
         if follow_up is not None:
             await _enqueue(conn, row["id"], follow_up, at)

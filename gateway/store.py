@@ -313,8 +313,42 @@ async def operation_state(db: Executor, *, operation_id: str) -> asyncpg.Record 
     return await _payments.operation_state(db, operation_id=operation_id)
 
 
-async def release_lease(db: Executor, *, operation_id: str, owner: str, error: dict | None, bank_ms: int) -> None:
-    await _payments.release_lease(db, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms)
+async def release_lease(
+    db: Executor, *, operation_id: str, owner: str, error: dict | None, bank_ms: int, maybe_acted: bool
+) -> None:
+    await _payments.release_lease(
+        db, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, maybe_acted=maybe_acted
+    )
+
+
+async def operation_kinds_tried(db: Executor, *, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
+    """The kinds of the payment's other operations that were ever sent to the bank."""
+    rows = await _rows(_payments.operation_kinds_tried, db, payment_id=payment_id, operation_id=operation_id)
+    return frozenset(OperationKind(r["kind"]) for r in rows)
+
+
+async def flag_doubt(
+    db: Connection,
+    *,
+    payment_id: str,
+    at: datetime,
+    error: dict,
+    event: OutboxMessage,
+    run_id: str,
+    finding_kind: str | None,
+    finding_detail: dict | None,
+) -> None:
+    """Flag a payment whose recorded outcome a human must check; the finding when one is named."""
+    await _payments.flag_doubt(
+        db,
+        payment_id=payment_id,
+        at=at,
+        error=error,
+        run_id=run_id,
+        finding_kind=finding_kind,
+        finding_detail=finding_detail,
+        **_event(event),
+    )
 
 
 async def lock_operation(db: Connection, *, operation_id: str) -> asyncpg.Record | None:

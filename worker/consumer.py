@@ -35,14 +35,14 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from gateway import config, db, logs, messages, payments, process, store, timefmt
+from gateway import config, db, domain, logs, messages, payments, process, redact, store, timefmt
 from gateway.cards import CardVault
-from gateway.domain import BankOutcome, Verdict
+from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
 from worker import sweeper, topology
 from worker.bank import BankClient
 from worker.breaker import CircuitBreaker
-from worker.handling import Handling
+from worker.handling import CannotRecord, Handling
 from worker.settings import WorkerSettings
 
 log = logs.get("worker")
@@ -61,16 +61,40 @@ class PoolPayments:
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
         return await payments.claim(self._pool, operation_id, owner, lease_seconds)
 
-    async def release(self, operation_id: str, owner: str, error: dict | None, bank_ms: int) -> None:
-        await payments.release(self._pool, operation_id, owner, error, bank_ms)
+    async def release(
+        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, maybe_acted: bool = False
+    ) -> None:
+        await payments.release(self._pool, operation_id, owner, error, bank_ms, maybe_acted=maybe_acted)
 
     async def record_outcome(
-        self, operation_id: str, verdict: Verdict, outcome: BankOutcome, bank_ms: int
+        self,
+        operation_id: str,
+        verdict: Verdict,
+        outcome: BankOutcome,
+        bank_ms: int,
+        doubt: domain.Doubt | None = None,
     ) -> dict | None:
-        return await payments.record_outcome(self._pool, operation_id, verdict, outcome, bank_ms)
+        try:
+            return await payments.record_outcome(self._pool, operation_id, verdict, outcome, bank_ms, doubt)
+        except _UNRECORDABLE as exc:
+            raise CannotRecord(f"{type(exc).__name__}: {redact.clean(str(exc), 200)}") from exc
 
     async def park(self, operation_id: str, error: dict) -> dict | None:
         return await payments.park(self._pool, operation_id, error)
+
+    async def kinds_tried(self, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
+        return await payments.kinds_tried(self._pool, payment_id, operation_id)
+
+
+# The database refused what we asked it to store (not: the database is away, which the
+# handling's pause deals with): the same answer stored again fails the same way.
+_UNRECORDABLE = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    ValueError,
+    KeyError,
+    TypeError,
+)
 
 
 class AmqpDelivery:
@@ -83,6 +107,8 @@ class AmqpDelivery:
         self.message_id = message.message_id
         self.retries = _int(headers.get(topology.RETRIES_HEADER))
         self.force = headers.get(topology.FORCE_HEADER) in (True, "true", "1", 1)
+        # A quorum queue counts the times it handed a message out again (x-delivery-count).
+        self.deliveries = 1 + _int(headers.get("x-delivery-count"))
         self._message = message
         self._retry = retry
         self._default = default

@@ -39,9 +39,6 @@ CONNECT_TIMEOUT = 10.0
 PUBLISH_TIMEOUT = 30.0
 
 
-# An operation id as the gateway writes them (op_ + hex) fits this; anything else (a NUL byte,
-# a megabyte of text, no id at all) makes the letter unreadable: it never reaches SQL.
-_READABLE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 # A message id usable as a handle as it is; any other letter is named by a hash.
 _HANDLE = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
 # Headers the broker rewrites while a letter waits (a quorum queue counts each
@@ -88,7 +85,7 @@ def _text(value: Any) -> Any:
 
 
 def _readable(op_id: Any) -> str | None:
-    return op_id if isinstance(op_id, str) and _READABLE_ID.fullmatch(op_id) else None
+    return op_id if messages.is_operation_id(op_id) else None
 
 
 def read_letter(position: int, body: bytes, headers: dict[str, Any] | None, message_id: str | None) -> DeadLetter:

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway import domain, logs, process
+from gateway import domain, logs, messages, process
 from gateway.cards import CardVault, VaultError
 from gateway.crashpoints import crash_point
 from gateway.domain import BankOutcome, OperationKind, Verdict
@@ -83,13 +83,29 @@ class Payments(Protocol):
 
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState: ...
 
-    async def release(self, operation_id: str, owner: str, error: dict | None, bank_ms: int) -> None: ...
+    async def release(
+        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, maybe_acted: bool = False
+    ) -> None: ...
 
     async def record_outcome(
-        self, operation_id: str, verdict: Verdict, outcome: BankOutcome, bank_ms: int
-    ) -> dict | None: ...
+        self,
+        operation_id: str,
+        verdict: Verdict,
+        outcome: BankOutcome,
+        bank_ms: int,
+        doubt: domain.Doubt | None = None,
+    ) -> dict | None:
+        """Raises CannotRecord when the outcome cannot be stored for a reason of its own
+        (not because the database is away)."""
+        ...
 
     async def park(self, operation_id: str, error: dict) -> dict | None: ...
+
+    async def kinds_tried(self, payment_id: str, operation_id: str) -> frozenset[OperationKind]: ...
+
+
+class CannotRecord(Exception):
+    """The bank's answer could not be stored, and trying again at once will not help."""
 
 
 class Delivery(Protocol):
@@ -111,6 +127,11 @@ class Delivery(Protocol):
     @property
     def force(self) -> bool:
         """Ops replayed it with --force (send an old authorize anyway)."""
+        ...
+
+    @property
+    def deliveries(self) -> int:
+        """How often the broker has delivered this very message (1 the first time)."""
         ...
 
     async def ack(self) -> None: ...
@@ -311,6 +332,8 @@ class _Run:
     interrupted: bool = False  # a try could not start: stopping, or the breaker holds calls back
     bank_ms: int = 0
     attempts: int = 0  # the operation's attempt count after the last claim
+    maybe_acted: bool = False  # some attempt so far may have done the work unbeknown to us
+    acted_before_last: bool = False  # ... some attempt before the latest one
 
     @property
     def error(self) -> dict | None:
@@ -344,16 +367,18 @@ class Handling:
         self.pause.notify()
 
     async def handle(self, delivery: Delivery) -> None:
-        operation_id = _operation_id(delivery.body)
+        operation_id = messages.operation_id_of(delivery.body)
         with logs.bound(operation_id=operation_id, message_id=delivery.message_id):
             if not await self.pause.ready():
                 return  # stopping: not acked, so the command goes back to the queue
             try:
                 if operation_id is None:
                     log.error("unreadable command sent to the dead-letter queue")
-                    error = _error("bad_message", 'the command body is not {"operation_id": ...}')
+                    error = _error("bad_message", 'the command body is not {"operation_id": "op_..."}')
                     await delivery.dead_letter({"last_error": orjson.dumps(error).decode()})
                     await delivery.ack()
+                elif delivery.deliveries > self.cfg.max_deliveries:
+                    await self._delivered_too_often(delivery, operation_id)
                 else:
                     await self._operation(delivery, operation_id)
             except Exception:
@@ -365,6 +390,28 @@ class Handling:
                     await delivery.requeue()
             else:
                 self.pause.succeeded()
+
+    async def _delivered_too_often(self, delivery: Delivery, operation_id: str) -> None:
+        """A command handed out again and again without ever being settled (every handling
+        failed on it): to ops, parked, rather than round the queue for ever."""
+        error = _error(
+            "too_many_deliveries",
+            f"the command was delivered {delivery.deliveries} times and never settled; "
+            "see the worker's log for why, then replay or abandon it",
+        )
+        log.error("command delivered too often; parked for ops", deliveries=delivery.deliveries)
+        payment = await self.payments.park(operation_id, error)
+        await delivery.dead_letter(
+            _dead_headers(
+                operation_id,
+                payment["id"] if payment else None,
+                None,
+                0,
+                error,
+                delivery.retries,
+            )
+        )
+        await delivery.ack()
 
     async def _operation(self, delivery: Delivery, operation_id: str) -> None:
         while True:
@@ -425,36 +472,74 @@ class Handling:
             # Nothing settled, and no further call may start now: give the lease back. Stopping:
             # the command stays unacknowledged and goes back to the queue. The bank unavailable:
             # the failures were the outage, so no rung is taken; wait for the bank.
-            await self.payments.release(operation_id, owner, run.error, run.bank_ms)
+            await self.payments.release(operation_id, owner, run.error, run.bank_ms, maybe_acted=run.maybe_acted)
             if self.stopping.is_set():
                 log.info("stopping: operation left for the next worker")
                 return False
             log.info("bank unavailable; the operation waits for it", attempts=run.attempts)
             return True
-        if run.uncertain:
-            code = run.outcome.code if run.outcome is not None else None
-            await self._park(
-                delivery,
-                claim,
-                _error(
-                    "bank_outcome_uncertain",
-                    f"the bank answers {code} and does not replay an answer for our key: "
-                    "we cannot tell whether the money moved; check the bank before replaying",
-                ),
-                bank_ms=run.bank_ms,
-                attempts=run.attempts,
-            )
-            return False
         assert run.verdict is not None and run.outcome is not None  # a try was made
-        if domain.is_final(run.verdict):
-            crash_point("worker.after_bank")
-            await self.payments.record_outcome(operation_id, run.verdict, run.outcome, run.bank_ms)
-            log.info("operation settled", verdict=run.verdict.value, bank_ms=run.bank_ms, code=run.outcome.code)
-            crash_point("worker.after_record")
-            await delivery.ack()
+        if run.uncertain:
+            await self._already_done(delivery, claim, run)
             return False
-        await self._retry_later(delivery, claim, domain.error_for(run.outcome), run.bank_ms, run.attempts)
+        if domain.is_final(run.verdict):
+            doubt = None
+            if claim.kind is OperationKind.AUTHORIZE:
+                doubt = domain.doubt_of_approval(run.outcome, earlier_may_have_acted=run.acted_before_last)
+            await self._record(delivery, claim, run, run.verdict, run.outcome, doubt)
+            return False
+        await self._retry_later(delivery, claim, domain.error_for(run.outcome), run)
         return False
+
+    async def _record(
+        self,
+        delivery: Delivery,
+        claim: Claim,
+        run: _Run,
+        verdict: Verdict,
+        outcome: BankOutcome,
+        doubt: domain.Doubt | None,
+    ) -> None:
+        crash_point("worker.after_bank")
+        try:
+            await self.payments.record_outcome(claim.operation_id, verdict, outcome, run.bank_ms, doubt)
+        except CannotRecord as exc:
+            # Bounded like any other failure: the ladder, then parked with the reason. The
+            # bank did its part; asking again with our key gets the same answer back.
+            log.error("the bank's answer could not be recorded", problem=str(exc))
+            run.maybe_acted = True
+            error = _error("cannot_record", f"the bank's answer could not be recorded: {exc}", retryable=True)
+            await self._retry_later(delivery, claim, error, run)
+            return
+        if doubt is not None:
+            log.warning("operation settled with a doubt for ops", doubt=doubt.code, verdict=verdict.value)
+        else:
+            log.info("operation settled", verdict=verdict.value, bank_ms=run.bank_ms, code=outcome.code)
+        crash_point("worker.after_record")
+        await delivery.ack()
+
+    async def _already_done(self, delivery: Delivery, claim: Claim, run: _Run) -> None:
+        """Still "already done" when asked again with our key: our own work if the domain's
+        proof holds (recorded, reference unknown, flagged), else parked as uncertain."""
+        assert run.outcome is not None
+        code = run.outcome.code
+        tried = await self.payments.kinds_tried(claim.payment_id, claim.operation_id)
+        if domain.proves_own_work(
+            claim.kind, code, earlier_may_have_acted=run.acted_before_last, other_kinds_tried=tried
+        ):
+            done = BankOutcome("ok", http_status=run.outcome.http_status)
+            await self._record(delivery, claim, run, Verdict.SUCCEEDED, done, domain.unnamed_work(claim.kind))
+            return
+        await self._park(
+            delivery,
+            claim,
+            _error(
+                "bank_outcome_uncertain",
+                f"the bank answers {code} and does not replay an answer for our key: "
+                "we cannot tell whether the money moved; check the bank before replaying",
+            ),
+            run=run,
+        )
 
     def _key_too_old(self, claim: Claim) -> bool:
         age = timedelta(hours=self.cfg.authorize_key_max_age_hours)
@@ -487,7 +572,7 @@ class Handling:
 
     async def _tries(self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], permit: Permit) -> _Run:
         """Up to WORKER_QUICK_RETRIES sequential tries, each under a freshly renewed lease."""
-        run = _Run(attempts=claim.attempts)
+        run = _Run(attempts=claim.attempts, maybe_acted=claim.maybe_acted)
         for tries in range(1, self.cfg.quick_retries + 1):
             if tries > 1:
                 await process.wait(self.stopping, random.uniform(0, self.cfg.quick_retry_base * 2 ** (tries - 2)))
@@ -556,6 +641,8 @@ class Handling:
         self.gate.record(permit, outcome)
         run.outcome = outcome
         run.verdict = domain.classify(claim.kind, outcome)
+        run.acted_before_last = run.maybe_acted
+        run.maybe_acted = run.maybe_acted or domain.may_have_acted(outcome)
         return outcome
 
     # ---- the ways a message leaves ----------------------------------------------------------
@@ -570,7 +657,7 @@ class Handling:
             # publish after park() was the step that failed; ops dedupe on operation_id.
             await delivery.dead_letter(
                 _dead_headers(
-                    _operation_id(delivery.body),
+                    messages.operation_id_of(delivery.body),
                     state.payment_id,
                     state.kind,
                     state.attempts,
@@ -586,23 +673,23 @@ class Handling:
             await delivery.retry_later(delay, delivery.retries, state.kind)
         await delivery.ack()
 
-    async def _retry_later(self, delivery: Delivery, claim: Claim, error: dict, bank_ms: int, attempts: int) -> None:
+    async def _retry_later(self, delivery: Delivery, claim: Claim, error: dict, run: _Run) -> None:
         retries = delivery.retries
         if retries >= len(self.cfg.retry_ladder):
-            await self._park(delivery, claim, error, bank_ms=bank_ms, attempts=attempts)
+            await self._park(delivery, claim, error, run=run)
             return
-        await self.payments.release(claim.operation_id, claim.owner, error, bank_ms)
+        await self.payments.release(claim.operation_id, claim.owner, error, run.bank_ms, maybe_acted=run.maybe_acted)
         delay = self.cfg.retry_ladder[retries]
         await delivery.retry_later(delay, retries + 1, claim.kind.value)
         log.info("bank attempts failed; retrying later", delay=delay, rung=retries + 1, error_code=error["code"])
         await delivery.ack()
 
-    async def _park(
-        self, delivery: Delivery, claim: Claim, error: dict, *, bank_ms: int = 0, attempts: int | None = None
-    ) -> None:
-        attempts = claim.attempts if attempts is None else attempts
-        if bank_ms:
-            await self.payments.release(claim.operation_id, claim.owner, error, bank_ms)
+    async def _park(self, delivery: Delivery, claim: Claim, error: dict, *, run: _Run | None = None) -> None:
+        attempts = claim.attempts if run is None else run.attempts
+        if run is not None and (run.bank_ms or run.maybe_acted):
+            await self.payments.release(
+                claim.operation_id, claim.owner, error, run.bank_ms, maybe_acted=run.maybe_acted
+            )
         payment = await self.payments.park(claim.operation_id, error)
         if payment is not None:
             await delivery.dead_letter(
@@ -629,11 +716,3 @@ def _dead_headers(
         topology.RETRIES_HEADER: retries,
         "parked_at": now().isoformat(),
     }
-
-
-def _operation_id(body: bytes) -> str | None:
-    try:
-        operation_id = orjson.loads(body)["operation_id"]
-    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
-        return None
-    return operation_id if isinstance(operation_id, str) and operation_id else None

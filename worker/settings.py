@@ -84,6 +84,12 @@ class WorkerSettings(_PipelineSettings):
         gt=None,
         ge=0,
     )
+    max_deliveries: int = _count(
+        20,
+        "WORKER_MAX_DELIVERIES",
+        "a command the broker delivered more often than this without its operation settling is parked for ops",
+        ge=2,
+    )
     authorize_key_max_age_hours: float = _seconds(
         23.0, "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS", "an authorize first tried longer ago is parked, not re-sent"
     )

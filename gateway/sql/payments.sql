@@ -109,10 +109,13 @@ SELECT :command_exchange, :command_routing_key, :command_message_id, :command_bo
 -- Take the lease for one bank attempt. Fails (no row) when the operation is
 -- finished or another worker's lease has not run out: a bank call of that
 -- worker may still be running, and the bank has no in-flight lock. A parked
--- operation waits for ops (unpark_operation) and is not claimed either.
+-- operation waits for ops (unpark_operation) and is not claimed either. A lease
+-- taken over from another handling that never gave it back means that handling
+-- died, maybe after the bank did the work: maybe_acted.
 WITH claimed AS (
     UPDATE operations
        SET attempts = attempts + 1,
+           maybe_acted = maybe_acted OR (lease_owner IS NOT NULL AND lease_owner <> :owner),
            lease_owner = :owner,
            lease_until = now() + make_interval(secs => :lease_seconds),
            first_attempt_at = coalesce(first_attempt_at, now()),
@@ -121,7 +124,7 @@ WITH claimed AS (
        AND (lease_until IS NULL OR lease_until < now() OR lease_owner = :owner)
     RETURNING *
 )
-SELECT c.id, c.kind, c.bank_key, c.attempts, c.first_attempt_at, c.payment_id,
+SELECT c.id, c.kind, c.bank_key, c.attempts, c.first_attempt_at, c.payment_id, c.maybe_acted,
        p.amount, p.authorization_id, p.capture_id, p.card_expiry_month, p.card_expiry_year,
        v.sealed
   FROM claimed c
@@ -136,7 +139,8 @@ SELECT o.id, o.kind, o.status, o.parked, o.attempts, o.first_attempt_at, o.payme
 
 -- name: release_lease!
 UPDATE operations SET lease_owner = NULL, lease_until = NULL, last_error = :error,
-                      bank_ms = bank_ms + :bank_ms, updated_at = now()
+                      bank_ms = bank_ms + :bank_ms, maybe_acted = maybe_acted OR :maybe_acted,
+                      updated_at = now()
  WHERE id = :operation_id AND lease_owner = :owner AND status = 'pending';
 
 -- name: lock_operation^
@@ -150,7 +154,9 @@ SELECT o.id AS operation_id, o.kind, o.bank_key, p.*, payment_history_json(p.id)
 -- name: finish_operation!
 -- A final outcome: the operation, the payment (with history row when the
 -- status moves), the sealed card gone once the authorization is decided, and
--- the completion event, in one statement.
+-- the completion event, in one statement. attention_required is left as it is:
+-- the operation itself was not parked (or ops' unpark cleared its flag), and a
+-- flag for a human (reconciliation, a doubt) stays until one has looked.
 WITH operation AS (
     UPDATE operations
        SET status = :operation_status, finished_at = :at, updated_at = :at, last_error = :error,
@@ -160,7 +166,7 @@ WITH operation AS (
     RETURNING payment_id
 ), payment AS (
     UPDATE payments
-       SET status = :payment_status, last_error = :error, attention_required = false, updated_at = :at,
+       SET status = :payment_status, last_error = :error, updated_at = :at,
            authorization_id = coalesce(:authorization_id, authorization_id),
            authorization_expires_at = coalesce(:authorization_expires_at, authorization_expires_at),
            capture_id = coalesce(:capture_id, capture_id),
@@ -206,3 +212,25 @@ WITH operation AS (
 UPDATE payments SET attention_required = false, updated_at = now()
  WHERE id = (SELECT payment_id FROM operation)
 RETURNING id;
+
+-- name: operation_kinds_tried
+-- The kinds of the payment's other operations that ever reached the bank (an
+-- attempt was made): what an "already done" refusal could be the work of.
+SELECT DISTINCT kind FROM operations
+ WHERE payment_id = :payment_id AND id <> :operation_id AND attempts > 0;
+
+-- name: flag_doubt!
+-- Recorded, but with a doubt only a human can clear (a bank reference the bank
+-- never gave us, or a possible second hold): the payment is flagged with the
+-- reason, announced, and, where it names one, a reconciliation finding is kept.
+WITH payment AS (
+    UPDATE payments SET attention_required = true, last_error = :error, updated_at = :at
+     WHERE id = :payment_id
+    RETURNING id
+), finding AS (
+    INSERT INTO reconciliation_findings (run_id, payment_id, kind, detail, repaired, found_at)
+    SELECT :run_id, id, :finding_kind, :finding_detail, false, :at FROM payment
+     WHERE :finding_kind::text IS NOT NULL
+)
+INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
+SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers FROM payment;

@@ -32,8 +32,10 @@ database cuts (about 2-3 minutes). Both print a summary line.
 Each runs again against a bank that forgets keys as the upstream bank can (bank-contract.md,
 "Idempotency at the bank"; harness.FORGETFUL_BANK): default 80 payments with each point armed
 once, long 1000 as above. Their audit tells lost, doubled (flagged or not) and done but
-unnamed apart, explains every flagged case after the summary line, and expects issue 10's
-gateway (GATEWAY_SETTLES_WHAT_IT_CAN_PROVE below).
+unnamed apart and explains every flagged case after the summary line: work the bank did
+but never named must be in its true status with the reference unknown and flagged, and a
+possible second hold flagged with a reconciliation finding (gateway/domain.py, "outcomes
+the bank will not name").
 """
 
 from __future__ import annotations
@@ -44,20 +46,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.crash.harness import PASSES, MissingGatewayBehaviour, ProbabilityPolicy, QuotaPolicy, crash_run
-
-# The forgetful-bank runs audit the gateway of issue 10, which is still being built: today an
-# "already done" answer after our own attempt whose answer was lost is parked as
-# bank_outcome_uncertain instead of settled in its true status (bank id unknown, flagged), and a
-# fresh approval after an authorize attempt of unknown outcome is recorded without a flag or a
-# possible_duplicate_hold finding. The mark takes only that failure (MissingGatewayBehaviour):
-# any other one fails the test. Remove it once that gateway is merged (strict: it fails then).
-GATEWAY_SETTLES_WHAT_IT_CAN_PROVE = pytest.mark.xfail(
-    strict=True,
-    raises=MissingGatewayBehaviour,
-    reason="issue 10: the gateway parks 'already done' answers it could settle (done but unnamed, parked "
-    "instead of settled) and does not flag a fresh approval after an unknown attempt (doubled hold, not flagged)",
-)
+from tests.crash.harness import PASSES, ProbabilityPolicy, QuotaPolicy, crash_run
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +111,6 @@ async def test_long_crash_run(server_urls, card_key, capsys):
     assert sum(summary.kills.values()) >= 40 and all(summary.kills[p] for p in PASSES), summary.kills
 
 
-@GATEWAY_SETTLES_WHAT_IT_CAN_PROVE
 @pytest.mark.timeout(240)
 async def test_crashes_with_a_bank_that_forgets_keys(server_urls, card_key, capsys):
     policy = QuotaPolicy(kills_per_point=1, rng=random.Random(13))
@@ -145,7 +133,6 @@ async def test_crashes_with_a_bank_that_forgets_keys(server_urls, card_key, caps
     summary.raise_problems()
 
 
-@GATEWAY_SETTLES_WHAT_IT_CAN_PROVE
 @pytest.mark.long
 @pytest.mark.timeout(1800)
 async def test_long_crash_run_with_a_bank_that_forgets_keys(server_urls, card_key, capsys):

@@ -163,11 +163,24 @@ async def outage_run(
             f"\n[outage] {total} authorizations at {rate:g}/s, bank down {outage:g} s; all settled "
             f"{settled_after:.1f} s after it came back (left pending: {left}); "
             f"attempts max {max(r['attempts'] for r in rows)}; breaker opened {len(opened)}x; "
-            f"bank dropped {ledger['stats']['dropped_down']} requests"
+            f"bank dropped {ledger['stats']['dropped_down']} requests; "
+            f"flagged as a possible second hold {sum(r['attention_required'] for r in rows)}"
         )
     assert len(rows) == total
     assert [r["id"] for r in rows if r["status"] != "authorized"] == []
-    assert [r["id"] for r in rows if r["attention_required"] or r["parked"]] == []
+    assert [r["id"] for r in rows if r["parked"]] == []
+    # The few tried before the breaker opened had their connection reset after the request was
+    # in (the mock's "down"): an answer may have been lost, so their fresh approval may be a
+    # second hold. Those, and only those, are flagged with a finding; the bank has one hold each.
+    flagged = {r["id"] for r in rows if r["attention_required"]}
+    found = await stack.pool.fetch(
+        """SELECT payment_id FROM reconciliation_findings
+            WHERE kind = 'possible_duplicate_hold' AND payment_id = ANY($1)""",
+        ids,
+    )
+    assert flagged == {f["payment_id"] for f in found}
+    # (a handful: the breaker opens after BREAKER_UNREACHABLE_OPERATIONS such operations in a row)
+    assert len(flagged) <= 4 * WorkerSettings.parse({}).breaker_unreachable_operations, flagged
     assert settled_after <= settle_within
     for row in rows:  # exactly one hold each, the one the receipt names
         (hold,) = holds[row["bank_key"]]
@@ -176,4 +189,4 @@ async def outage_run(
     assert await stack.events.wait_for(
         lambda: all(stack.events.types(pid)["payment.authorized"] == 1 for pid in ids), 60
     )
-    assert not any(stack.events.types(pid)["payment.attention_required"] for pid in ids)
+    assert {pid for pid in ids if stack.events.types(pid)["payment.attention_required"]} == flagged

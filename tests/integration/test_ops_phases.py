@@ -102,7 +102,9 @@ class Payments:
     async def commands(self, pid: str) -> list[tuple[str, str]]:
         """(routing key, operation id) of every command for this payment's operations, oldest first."""
         ops = {r["id"] for r in await self.pool.fetch("SELECT id FROM operations WHERE payment_id = $1", pid)}
-        rows = await self.pool.fetch("SELECT routing_key, body FROM outbox WHERE exchange = 'payments.commands'")
+        rows = await self.pool.fetch(
+            "SELECT routing_key, body FROM outbox WHERE exchange = 'payments.commands' ORDER BY id"
+        )
         found = [(r["routing_key"], orjson.loads(r["body"])["operation_id"]) for r in rows]
         return [(k, op) for k, op in found if op in ops]
 

@@ -785,3 +785,75 @@ PaymentLifecycle.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPaymentLifecycle = PaymentLifecycle.TestCase
+
+
+# ---- outcomes the bank will not name --------------------------------------------------------------
+
+ALREADY_CODES = [*sorted({c for codes in domain._ALREADY_DONE.values() for c in codes} | {"insufficient_funds"}), None]
+OTHER_KIND_SETS = [frozenset(s) for n in range(3) for s in itertools.combinations(OperationKind, n)]
+
+
+@pytest.mark.parametrize("kind", list(OperationKind))
+@pytest.mark.parametrize("code", ALREADY_CODES)
+@pytest.mark.parametrize("earlier", [False, True])
+@pytest.mark.parametrize("others", OTHER_KIND_SETS)
+def test_proof_of_our_own_work_follows_the_table(kind, code, earlier, others):
+    proven = domain.proves_own_work(kind, code, earlier_may_have_acted=earlier, other_kinds_tried=others)
+    expected = (
+        earlier
+        and kind is not OperationKind.AUTHORIZE
+        and code in domain._ALREADY_DONE[kind]
+        and not {
+            OperationKind.REFUND: set(),
+            OperationKind.CAPTURE: {OperationKind.VOID, OperationKind.RELEASE},
+            OperationKind.VOID: {OperationKind.CAPTURE, OperationKind.RELEASE},
+            OperationKind.RELEASE: {OperationKind.CAPTURE, OperationKind.VOID},
+        }[kind]
+        & others
+    )
+    assert proven is bool(expected)
+
+
+@pytest.mark.parametrize("kind", [k for k in OperationKind if k is not OperationKind.AUTHORIZE])
+def test_unnamed_work_names_the_missing_reference_and_flags_without_a_finding(kind):
+    doubt = domain.unnamed_work(kind)
+    assert doubt.code == domain.REFERENCE_UNKNOWN and doubt.finding is None
+    assert domain.REFERENCE_OF[kind] in doubt.message
+    assert doubt.error() == {"code": doubt.code, "message": doubt.message, "retryable": False}
+
+
+@pytest.mark.parametrize(
+    ("outcome", "earlier", "doubtful"),
+    [
+        (BankOutcome("ok", 200, body={}), True, True),
+        (BankOutcome("ok", 200, body={}, replayed=True), True, False),
+        (BankOutcome("ok", 200, body={}), False, False),
+        (BankOutcome("timeout"), True, False),
+    ],
+)
+def test_a_fresh_approval_is_doubtful_only_after_an_attempt_that_may_have_acted(outcome, earlier, doubtful):
+    doubt = domain.doubt_of_approval(outcome, earlier_may_have_acted=earlier)
+    assert (doubt is not None) is doubtful
+    if doubt is not None:
+        assert doubt.finding == domain.POSSIBLE_DUPLICATE_HOLD
+
+
+@pytest.mark.parametrize(
+    ("outcome", "acted"),
+    [
+        (BankOutcome("ok", 200), False),
+        (BankOutcome("unreachable"), False),
+        (BankOutcome("error", 402, code="insufficient_funds"), False),
+        (BankOutcome("error", 500, code="internal_error"), False),
+        (BankOutcome("error", 400, code="unknown_bank_error"), True),
+        (BankOutcome("error", 502, code="bad_gateway"), True),
+        (BankOutcome("timeout"), True),
+        (BankOutcome("connection"), True),
+        (BankOutcome("unparseable", 200), True),
+        (BankOutcome("malformed", 200), True),
+        (BankOutcome("redirect", 307), True),
+        (BankOutcome("oversized", 200), True),
+    ],
+)
+def test_which_failures_may_hide_work_done(outcome, acted):
+    assert domain.may_have_acted(outcome) is acted

@@ -11,13 +11,14 @@ from datetime import datetime, timedelta
 import orjson
 import pytest
 
+from gateway import domain
 from gateway.cards import CardVault
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
 from gateway.timefmt import now
 from worker import topology
 from worker.breaker import Failure, State
-from worker.handling import DatabasePause, Handling
+from worker.handling import CannotRecord, DatabasePause, Handling
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(30)
@@ -59,6 +60,8 @@ class Op:
     last_error: dict | None = None
     verdict: Verdict | None = None
     bank_ms: int = 0
+    maybe_acted: bool = False
+    doubt: domain.Doubt | None = None
 
 
 class DatabaseDown(ConnectionError):
@@ -72,6 +75,7 @@ class FakePayments:
         self.down = False
         self.calls_while_down = 0
         self.failing_records = 0
+        self.unrecordable = False
 
     def add(self, op: Op) -> Op:
         self.ops[op.id] = op
@@ -115,24 +119,36 @@ class FakePayments:
             card_expiry_month=12,
             card_expiry_year=2030,
             sealed_card=op.sealed_card,
+            maybe_acted=op.maybe_acted,
         )
 
-    async def release(self, operation_id: str, owner: str, error: dict | None, bank_ms: int) -> None:
+    async def release(
+        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, maybe_acted: bool = False
+    ) -> None:
         self._touch("release", operation_id, owner, error)
         op = self.ops[operation_id]
         if op.lease_owner == owner:
             op.lease_owner, op.last_error = None, error
             op.bank_ms += bank_ms
+            op.maybe_acted = op.maybe_acted or maybe_acted
 
-    async def record_outcome(self, operation_id: str, verdict: Verdict, outcome: BankOutcome, bank_ms: int):
+    async def record_outcome(self, operation_id: str, verdict: Verdict, outcome: BankOutcome, bank_ms: int, doubt=None):
         self._touch("record_outcome", operation_id, verdict)
         if self.failing_records:
             self.failing_records -= 1
             raise DatabaseDown("connection reset while recording")
+        if self.unrecordable:
+            raise CannotRecord("DataError: the answer does not fit the receipt")
         op = self.ops[operation_id]
         op.status = "succeeded" if verdict is Verdict.SUCCEEDED else "failed"
-        op.verdict, op.lease_owner = verdict, None
+        op.verdict, op.lease_owner, op.doubt = verdict, None, doubt
         return {"id": op.payment_id}
+
+    async def kinds_tried(self, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
+        self._touch("kinds_tried", payment_id)
+        return frozenset(
+            op.kind for op in self.ops.values() if op.payment_id == payment_id and op.id != operation_id and op.attempts
+        )
 
     async def park(self, operation_id: str, error: dict):
         self._touch("park", operation_id, error)
@@ -185,6 +201,7 @@ class FakeDelivery:
     retries: int = 0
     force: bool = False
     message_id: str | None = "cmd_1"
+    deliveries: int = 1
     actions: list[tuple] = field(default_factory=list)
 
     async def ack(self) -> None:
@@ -400,6 +417,121 @@ async def test_already_done_twice_is_parked_as_uncertain(world):
     assert "authorization_already_used" in op.last_error["message"]
     assert [a[0] for a in delivery.actions] == ["dead", "ack"]
     assert delivery.dead_headers["attempts"] == 2
+
+
+TIMEOUT = BankOutcome("timeout")
+ALREADY = {
+    OperationKind.CAPTURE: USED,
+    OperationKind.VOID: BankOutcome("error", 400, code="already_voided", message="voided"),
+    OperationKind.RELEASE: USED,
+    OperationKind.REFUND: BankOutcome("error", 400, code="already_refunded", message="refunded"),
+}
+CALL = {
+    OperationKind.CAPTURE: "capture",
+    OperationKind.VOID: "void",
+    OperationKind.RELEASE: "void",
+    OperationKind.REFUND: "refund",
+}
+
+
+@pytest.mark.parametrize("kind", list(ALREADY))
+async def test_already_done_after_our_own_lost_answer_is_recorded_unnamed_and_flagged(world, kind):
+    """The bank did the work on our first try, lost the answer AND forgot our key: the second
+    try is refused as already done, twice. Nobody else can have done it: recorded."""
+    op = world.op("op_x", kind)
+    world.bank.answer(CALL[kind], TIMEOUT, ALREADY[kind], ALREADY[kind])
+    delivery = command(op.id)
+    await world.handling.handle(delivery)
+    assert op.verdict is Verdict.SUCCEEDED and not op.parked and world.bank.made() == 3
+    assert op.doubt is not None and op.doubt.code == domain.REFERENCE_UNKNOWN and op.doubt.finding is None
+    assert delivery.actions == [("ack",)]
+
+
+@pytest.mark.parametrize("kind", list(ALREADY))
+async def test_an_earlier_handling_that_died_counts_as_an_attempt_that_may_have_acted(world, kind):
+    op = world.op("op_x", kind, attempts=1, maybe_acted=True)
+    world.bank.answer(CALL[kind], ALREADY[kind], ALREADY[kind])
+    await world.handling.handle(command(op.id))
+    assert op.verdict is Verdict.SUCCEEDED and op.doubt is not None
+
+
+@pytest.mark.parametrize("kind", list(ALREADY))
+async def test_already_done_without_an_earlier_attempt_that_may_have_acted_stays_uncertain(world, kind):
+    op = world.op("op_x", kind)
+    world.bank.answer(CALL[kind], E500, ALREADY[kind], ALREADY[kind])  # a 500 of the contract did nothing
+    delivery = command(op.id)
+    await world.handling.handle(delivery)
+    assert op.parked and op.verdict is None and op.last_error["code"] == "bank_outcome_uncertain"
+
+
+@pytest.mark.parametrize(
+    ("kind", "other"),
+    [
+        (OperationKind.CAPTURE, OperationKind.VOID),
+        (OperationKind.VOID, OperationKind.CAPTURE),
+        (OperationKind.CAPTURE, OperationKind.RELEASE),
+        (OperationKind.RELEASE, OperationKind.CAPTURE),
+    ],
+)
+async def test_already_used_is_no_proof_when_another_operation_could_have_used_it(world, kind, other):
+    world.op("op_other", other, attempts=1, status="failed")
+    op = world.op("op_x", kind)
+    world.bank.answer(CALL[kind], TIMEOUT, USED, USED)
+    await world.handling.handle(command(op.id))
+    assert op.parked and op.verdict is None and op.last_error["code"] == "bank_outcome_uncertain"
+
+
+async def test_a_fresh_approval_after_a_lost_answer_is_recorded_flagged_with_a_finding(world):
+    op = world.authorize()
+    world.bank.answer("authorize", TIMEOUT, OK["authorize"])
+    await world.handling.handle(command(op.id))
+    assert op.verdict is Verdict.SUCCEEDED and op.doubt is not None
+    assert op.doubt.code == op.doubt.finding == domain.POSSIBLE_DUPLICATE_HOLD
+
+
+async def test_a_replayed_approval_after_a_lost_answer_is_simply_ours(world):
+    op = world.authorize()
+    replayed = BankOutcome("ok", 200, body=OK["authorize"].body, replayed=True)
+    world.bank.answer("authorize", TIMEOUT, replayed)
+    await world.handling.handle(command(op.id))
+    assert op.verdict is Verdict.SUCCEEDED and op.doubt is None
+
+
+async def test_a_fresh_approval_after_a_request_never_sent_is_simply_ours(world):
+    op = world.authorize()
+    world.bank.answer("authorize", BankOutcome("unreachable"), OK["authorize"])
+    await world.handling.handle(command(op.id))
+    assert op.verdict is Verdict.SUCCEEDED and op.doubt is None
+
+
+async def test_an_answer_that_cannot_be_recorded_takes_the_ladder_then_parks(world):
+    op = world.authorize()
+    world.payments.unrecordable = True
+    delivery = command(op.id)
+    await world.handling.handle(delivery)
+    assert op.last_error["code"] == "cannot_record" and op.maybe_acted and not op.parked
+    assert delivery.actions == [("retry", 1, 1, "authorize"), ("ack",)]
+    last = command(op.id, retries=len(LADDER))
+    await world.handling.handle(last)
+    assert op.parked and op.last_error["code"] == "cannot_record"
+    assert [a[0] for a in last.actions] == ["dead", "ack"]
+
+
+async def test_a_command_delivered_too_often_is_parked_without_a_bank_call(world):
+    op = world.authorize()
+    delivery = command(op.id, deliveries=world.cfg.max_deliveries + 1)
+    await world.handling.handle(delivery)
+    assert world.bank.made() == 0 and op.parked and op.last_error["code"] == "too_many_deliveries"
+    assert [a[0] for a in delivery.actions] == ["dead", "ack"]
+    assert delivery.dead_headers["operation_id"] == op.id
+
+
+@pytest.mark.parametrize("op_id", ["op_\x00abc", "x" * 101, "", 7, None, "op a"])
+async def test_a_command_naming_no_valid_operation_id_never_reaches_the_store(world, op_id):
+    delivery = FakeDelivery(orjson.dumps({"operation_id": op_id}))
+    await world.handling.handle(delivery)
+    assert world.payments.calls == [] and [a[0] for a in delivery.actions] == ["dead", "ack"]
+    assert orjson.loads(delivery.dead_headers["last_error"])["code"] == "bad_message"
 
 
 # ---- the retry ladder ------------------------------------------------------------------------------------
