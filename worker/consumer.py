@@ -127,7 +127,7 @@ class AmqpDelivery:
         if self.force:
             headers[topology.FORCE_HEADER] = True
         await self._retry.publish(
-            _message(self.body, headers),
+            self._again(headers),
             routing_key=kind or self._message.routing_key or "",
             mandatory=True,
             timeout=PUBLISH_TIMEOUT,
@@ -135,18 +135,19 @@ class AmqpDelivery:
 
     async def dead_letter(self, headers: dict[str, Any]) -> None:
         await self._default.publish(
-            _message(self.body, headers), routing_key=topology.DEAD_QUEUE, mandatory=True, timeout=PUBLISH_TIMEOUT
+            self._again(headers), routing_key=topology.DEAD_QUEUE, mandatory=True, timeout=PUBLISH_TIMEOUT
         )
 
-
-def _message(body: bytes, headers: dict[str, Any]) -> aio_pika.Message:
-    return aio_pika.Message(
-        body=body,
-        headers=headers,
-        message_id=messages.new_id("cmd"),
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    def _again(self, headers: dict[str, Any]) -> aio_pika.Message:
+        """The same command (same body, same message id: one command's journey reads as one
+        in the broker and the logs), with `headers`."""
+        return aio_pika.Message(
+            body=self.body,
+            headers=headers,
+            message_id=self.message_id or messages.new_id("cmd"),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
 
 
 def _int(value: object) -> int:

@@ -4,22 +4,22 @@ breaker holds the operations until it is back; tests/e2e/test_outage.py.)
 
 The ladder of the e2e stack is 1,2,4 s after three quick tries, so an operation
 is parked about 8 s after its first failure. Ops then brings it back with
-`gatewayctl dlq replay --all`; where worker/cli.py does not exist yet the test
-does what that command does (payments.unpark, then the command again on
-payments.commands) and says so in its output.
+`gatewayctl dlq replay --all`.
+
+And poisoned commands (an operation id no SQL should see, a command the broker
+keeps handing out): in payments.dead at once or after the bound, dropped with
+`gatewayctl dlq drop`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 import uuid
 
 import aio_pika
 import pytest
 
-from gateway import payments
 from gateway.messages import COMMANDS_EXCHANGE
 from tests.e2e.flows import bank_entries
 from tests.e2e.stack import HAPPY
@@ -45,35 +45,12 @@ async def dead_letters(stack) -> list[aio_pika.abc.AbstractIncomingMessage]:
         await connection.close()
 
 
-async def replay_all(stack) -> str:
-    if importlib.util.find_spec("worker.cli") is not None:
-        result = run_script(
-            "gatewayctl",
-            "dlq",
-            "replay",
-            "--all",
-            timeout=60,
-            env={"DATABASE_URL": stack.database_url, "AMQP_URL": stack.amqp_url},
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        return "gatewayctl dlq replay --all"
-    # worker/cli.py is not there yet: the same steps by hand.
-    connection = await aio_pika.connect(stack.amqp_url)
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        queue = await channel.declare_queue(topology.DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-        commands = await channel.get_exchange(COMMANDS_EXCHANGE)
-        while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            headers = message.headers or {}
-            if await payments.unpark(stack.pool, headers["operation_id"]):
-                await commands.publish(
-                    aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                    routing_key=headers["kind"],
-                )
-            await message.ack()
-    finally:
-        await connection.close()
-    return "by hand (payments.unpark + publish): worker/cli.py is missing"
+def gatewayctl(stack, *args: str) -> str:
+    result = run_script(
+        "gatewayctl", *args, timeout=60, env={"DATABASE_URL": stack.database_url, "AMQP_URL": stack.amqp_url}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
 
 async def wait_until(client, payment_id: str, done, timeout: float) -> dict:
@@ -93,7 +70,7 @@ async def failing(stack, path: str) -> None:
         assert resp.status == 201, await resp.text()
 
 
-async def test_failures_past_the_ladder_park_then_replay_settles_once(e2e, client, amount, capsys):
+async def test_failures_past_the_ladder_park_then_replay_settles_once(e2e, client, amount):
     held, fresh = amount(), amount()
     reply = await client.authorize(order_id=f"ord_{uuid.uuid4().hex[:10]}", amount=held, card=HAPPY)
     first = await client.settled(reply.body["id"], timeout=30)
@@ -123,9 +100,7 @@ async def test_failures_past_the_ladder_park_then_replay_settles_once(e2e, clien
         async with e2e.http.delete(f"{e2e.bank_url}/_mock/faults") as resp:
             assert resp.status == 200
 
-    how = await replay_all(e2e)
-    with capsys.disabled():
-        print(f"\n[dlq] replayed {how}")
+    gatewayctl(e2e, "dlq", "replay", "--all")
     captured = await client.settled(first["id"], timeout=30)
     authorized = await client.settled(second_id, timeout=30)
     assert (captured["status"], captured["attention_required"]) == ("captured", False)
@@ -139,3 +114,32 @@ async def test_failures_past_the_ladder_park_then_replay_settles_once(e2e, clien
     assert await e2e.events.wait_for(lambda: e2e.events.types(second_id)["payment.authorized"] == 1, 15)
     assert await e2e.events.wait_for(lambda: e2e.events.types(first["id"])["payment.captured"] == 1, 15)
     assert not [m for m in await dead_letters(e2e) if (m.headers or {}).get("payment_id") in (first["id"], second_id)]
+
+
+async def test_poisoned_commands_reach_the_dead_letter_queue_and_are_dropped(e2e):
+    """A command naming an operation id with a NUL byte (which no SQL statement may see), and one
+    the broker has already handed out more often than WORKER_MAX_DELIVERIES (every handling
+    failed on it): neither goes round the queue; both wait in payments.dead for ops to drop."""
+    connection = await aio_pika.connect(e2e.amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        commands = await channel.get_exchange(COMMANDS_EXCHANGE)
+        unknown = f"op_{uuid.uuid4().hex}"
+        for body, headers, message_id in (
+            (b'{"operation_id": "op_\\u0000poison"}', {}, "cmd_poison_nul"),
+            (f'{{"operation_id": "{unknown}"}}'.encode(), {"x-delivery-count": 999}, "cmd_poison_tired"),
+        ):
+            await commands.publish(
+                aio_pika.Message(body, headers=headers, message_id=message_id), routing_key="authorize"
+            )
+    finally:
+        await connection.close()
+    deadline = time.monotonic() + 20
+    while {m.message_id for m in await dead_letters(e2e)} < {"cmd_poison_nul", "cmd_poison_tired"}:
+        assert time.monotonic() < deadline, "the poisoned commands never reached payments.dead"
+        await asyncio.sleep(0.2)
+    listing = gatewayctl(e2e, "dlq", "list")
+    assert "cmd_poison_nul" in listing and unknown in listing
+    dropped = gatewayctl(e2e, "dlq", "drop", "cmd_poison_nul", "cmd_poison_tired")
+    assert "2 letter(s) dropped" in dropped
+    assert not {m.message_id for m in await dead_letters(e2e)} & {"cmd_poison_nul", "cmd_poison_tired"}
