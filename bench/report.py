@@ -48,6 +48,7 @@ class Report:
         self._cpu: dict[str, dict[str, tuple]] = {}
         self._census: dict[str, dict[str, dict[str, float]]] = {}
         self._probes: dict[str, dict] = {}
+        self.sections: list[tuple[str, str]] = []  # (title, text): printed before the table
 
     # ---- collecting ---------------------------------------------------------------------------
 
@@ -459,7 +460,8 @@ class Report:
                     _verdict(hwm / 1024 < TARGET_RSS_MB) if name != "mockbank" else "",
                 )
 
-        return "\n\n".join(filter(None, [self._format(), self._format_cpu(), self._format_census()]))
+        headline = [f"{title}\n{text}" for title, text in self.sections]
+        return "\n\n".join(filter(None, [*headline, self._format(), self._format_cpu(), self._format_census()]))
 
     def _format_cpu(self) -> str:
         if not self._cpu:

@@ -57,15 +57,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import ceilings, load, measure
+from bench import ceilings, cost, load, measure
 from bench import profile as profiling
 from bench.report import Report
 from bench.system import ROLES, BenchSystem, Options
 from tests.support import services
 
 OUT = Path(__file__).resolve().parent / "out"
-SCENARIOS = ("ceilings", "authorize", "e2e", "capture", "latency")
+SCENARIOS = ("ceilings", "authorize", "e2e", "capture", "latency", "cost", "overload")
 PROFILE_PHASE = {"api": "authorize", "worker": "e2e", "relay": "e2e", "mockbank": "e2e"}
+# --profile during the cost scenario instead: --profile worker --scenarios cost
 
 
 @dataclass
@@ -116,6 +117,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         epilog="\n\n".join(__doc__.split("\n\n")[2:]),
     )
     p.add_argument("--quick", action="store_true", help="shorter runs (~1 minute)")
+    p.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        help="processes of each of gateway-api, gateway-relay and gateway-worker (default 1)",
+    )
+    p.add_argument(
+        "--census-count",
+        type=int,
+        default=3000,
+        help="cost: completed authorizations measured (after 300 of warm-up; default 3000)",
+    )
     p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
@@ -209,6 +222,7 @@ class Bench:
                 worker_env=worker_env,
                 without_outbox_notify=args.without_outbox_notify,
                 census=args.census,
+                scale={"api": args.scale, "relay": args.scale, "worker": args.scale},
             )
         )
         self.report = Report(quick=args.quick, profile=args.profile)
@@ -220,7 +234,9 @@ class Bench:
     # ---- helpers --------------------------------------------------------------------------
 
     def _profiling(self, phase: str) -> bool:
-        return self.args.profile is not None and PROFILE_PHASE[self.args.profile] == phase
+        if self.args.profile is None:
+            return False
+        return phase == ("cost" if "cost" in self.args.chosen else PROFILE_PHASE[self.args.profile])
 
     def _start_profile(self, phase: str):
         if not self._profiling(phase):
@@ -281,7 +297,7 @@ class Bench:
                 if "authorize" in self.args.chosen:
                     await self.authorize()
                     self.report.memory_mark("authorize", self.system.memory())
-                if any(s in self.args.chosen for s in ("e2e", "capture", "latency")):
+                if any(s in self.args.chosen for s in ("e2e", "capture", "latency", "cost", "overload")):
                     await self.system.clear_data()
                     await self.system.start("relay", "worker")
                     await self._authorize_e2e("warmup", 100, 100)  # every process warm, every pool connected
@@ -294,6 +310,10 @@ class Bench:
                     if "latency" in self.args.chosen:
                         await self.latency()
                         self.report.memory_mark("latency", self.system.memory())
+                    if "cost" in self.args.chosen:
+                        await self.cost()
+                    if "overload" in self.args.chosen:
+                        await self.overload()
             self.report.memory(self.system.memory())
             self.report.tables(await self.system.table_stats())
         finally:
@@ -308,6 +328,45 @@ class Bench:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(self.report.data, indent=1, default=str))
         print(f"\nresults: {out}   total {self.report.meta['seconds']:.0f}s")
+
+    async def cost(self) -> None:
+        n = self.args.scale
+        print(
+            f"cost: {self.args.clients} clients, each submits and long-polls to final; "
+            f"{self.args.census_count} measured; bank latency 0; {n} of each gateway process ..."
+        )
+        recorder = self._start_profile("cost")
+        result = await cost.census(
+            self.system,
+            self.http,
+            self.cards,
+            clients=self.args.clients,
+            count=self.args.census_count,
+            warmup=300,
+            scale={"api": n, "relay": n, "worker": n},
+        )
+        await self._stop_profile(recorder, "submit + long poll to final")
+        self.report.sections.append(("THE COST OF A PAYMENT (headline)", result.table()))
+        self.report.data["cost"] = {
+            "completed": result.completed,
+            "per_second": result.rate,
+            "cpu_ms_per_payment": result.cpu_ms,
+            "gateway_cpu_ms_per_payment": result.gateway_ms,
+            "submit_to_final_ms": result.submit_to_final_ms,
+            "scale": result.scale,
+        }
+        print(f"  {result.rate:,.0f}/s; {result.gateway_ms:.2f} ms of gateway CPU per payment")
+        self.system.check_alive()
+
+    async def overload(self) -> None:
+        print("overload: capacity of one API process, then 3x that, open loop, for 20 s ...")
+        result = await cost.overload(
+            self.system, self.http, self.cards, factor=3.0, seconds=8.0 if self.args.quick else 20.0, settle_timeout=120
+        )
+        self.report.sections.append(("OVERLOAD (3x one API process's capacity, open loop)", result.table()))
+        self.report.data["overload"] = result.__dict__ | {"statuses": dict(result.statuses)}
+        print("  " + result.table().replace("\n", "\n  "))
+        self.system.check_alive()
 
     async def ceilings(self) -> None:
         print(

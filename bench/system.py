@@ -45,12 +45,20 @@ class Snapshot:
     xact_commit: int = 0
     xact_rollback: int = 0
     pg: dict[int, float] = field(default_factory=dict)  # backend pid -> CPU seconds so far
+    # every postgres process of the server (the gateway's backends and the server's own
+    # walwriter, checkpointer, autovacuum...) -> CPU seconds so far
+    pg_server: dict[int, float] = field(default_factory=dict)
 
     def cpu_delta(self, earlier: Snapshot) -> dict[str, float]:
         """CPU seconds per role between `earlier` and this snapshot."""
         delta = {name: value - earlier.cpu[name] for name, value in self.cpu.items() if name in earlier.cpu}
         delta["postgres"] = sum(v - earlier.pg.get(pid, 0.0) for pid, v in self.pg.items())
         return delta
+
+    def pg_server_delta(self, earlier: Snapshot) -> float:
+        """CPU seconds of the whole PostgreSQL server between `earlier` and this snapshot (a
+        process started meanwhile counts in full; one gone meanwhile loses its last moments)."""
+        return sum(v - earlier.pg_server.get(pid, 0.0) for pid, v in self.pg_server.items())
 
     def sys_delta(self, earlier: Snapshot) -> dict[str, float]:
         """Kernel CPU seconds per gateway process between `earlier` and this snapshot."""
@@ -189,6 +197,10 @@ class BenchSystem(System):
                 kind = self.kind[name]
                 snap.cpu[kind] = snap.cpu.get(kind, 0.0) + value[0] + value[1]
                 snap.sys_cpu[kind] = snap.sys_cpu.get(kind, 0.0) + value[1]
+        for pid in pids_by_comm("postgres"):
+            value = cpu_seconds(pid)
+            if value is not None:
+                snap.pg_server[pid] = value
         snap.cpu["rabbitmq"] = sum(filter(None, (cpu_seconds(p) for p in self.rabbit_pids)))
         snap.cpu["loadgen"] = cpu_seconds(os.getpid()) or 0.0
         return snap

@@ -1,0 +1,225 @@
+"""The cost of a payment, and what the API does when offered more than it can take.
+
+census: `clients` FicMart-like clients, each submitting an authorization and then
+long-polling it (GET ?wait=10) until it is final, over and over; the mock bank at
+zero latency, no injected failures. CPU seconds of every process are read from
+/proc before and after the measured part and divided by the payments completed in
+it: each gateway process kind, PostgreSQL (every `postgres` process: the gateway's
+backends and the server's own), RabbitMQ (beam.smp), and apart from the gateway's
+total, the mock bank and this load generator. This is the headline figure.
+
+overload: submits only, offered open loop at `factor` times the rate one API
+process accepted in a closed-loop measurement just before, for `seconds`.
+Every answer must be a 202 or a quick 503/429 with Retry-After; the accepted
+must all settle afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+
+from bench import load
+from bench.system import BenchSystem, Snapshot
+from bench.util import pcts
+
+GATEWAY_PARTS = ("api", "relay", "worker", "postgres", "rabbitmq")
+OTHER_PARTS = ("mockbank", "loadgen")
+IN_PROGRESS = {"pending", "capturing", "voiding", "refunding"}
+
+
+@dataclass
+class Census:
+    completed: int
+    seconds: float
+    cpu_ms: dict[str, float]  # part -> CPU ms per completed payment
+    submit_to_final_ms: dict[float, float]
+    scale: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        return self.completed / self.seconds
+
+    @property
+    def gateway_ms(self) -> float:
+        return sum(self.cpu_ms.get(p, 0.0) for p in GATEWAY_PARTS)
+
+    def table(self) -> str:
+        rows = [f"{p:<10} {self.cpu_ms.get(p, 0.0):7.2f}" for p in GATEWAY_PARTS]
+        rows.append(f"{'= gateway':<10} {self.gateway_ms:7.2f}")
+        rows += [f"{p:<10} {self.cpu_ms.get(p, 0.0):7.2f}   (not counted)" for p in OTHER_PARTS]
+        scale = ", ".join(f"{k} x{v}" for k, v in self.scale.items())
+        head = (
+            f"completed authorizations: {self.completed} in {self.seconds:.1f} s = {self.rate:,.0f}/s "
+            f"({scale}); submit to final p50 {self.submit_to_final_ms[50]:.1f} / "
+            f"p99 {self.submit_to_final_ms[99]:.1f} ms"
+        )
+        return "\n".join([head, "CPU ms per completed authorization:", *rows])
+
+
+def _cpu_seconds(before: Snapshot, after: Snapshot) -> dict[str, float]:
+    """CPU seconds per part between two snapshots: each kind of process, the whole PostgreSQL server."""
+    parts = ("api", "relay", "worker", "mockbank", "rabbitmq", "loadgen")
+    cpu = {part: after.cpu.get(part, 0.0) - before.cpu.get(part, 0.0) for part in parts}
+    cpu["postgres"] = after.pg_server_delta(before)
+    return cpu
+
+
+async def census(
+    system: BenchSystem,
+    http: aiohttp.ClientSession,
+    cards: list[dict],
+    *,
+    clients: int,
+    count: int,
+    warmup: int,
+    scale: dict[str, int],
+) -> Census:
+    """Closed loop of submit + long poll to final; the first `warmup` completions are not measured."""
+    urls = system.api_urls
+    source = load.authorize_source("census", cards)
+    numbers = itertools.count()
+    done = 0
+    finals: list[float] = []
+    marks: dict[str, object] = {}
+    total = warmup + count
+
+    async def client(n: int) -> None:
+        nonlocal done
+        base = urls[n % len(urls)]
+        while done < total:
+            req = source(next(numbers))
+            started = time.perf_counter()
+            pid = await _submit(http, base, req)
+            if pid is None:
+                continue
+            while (await _poll(http, base, pid)) in IN_PROGRESS:
+                pass
+            done += 1
+            if done == warmup:
+                marks["before"] = await system.snapshot()
+            elif done > warmup:
+                finals.append((time.perf_counter() - started) * 1000)
+                if done == total:
+                    marks["after"] = await system.snapshot()
+
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    before, after = marks["before"], marks["after"]
+    assert isinstance(before, Snapshot) and isinstance(after, Snapshot)
+    per = {part: seconds * 1000 / count for part, seconds in _cpu_seconds(before, after).items()}
+    return Census(count, after.at - before.at, per, pcts(finals, (50, 99)), scale)
+
+
+async def _submit(http: aiohttp.ClientSession, base: str, req: load.Request) -> str | None:
+    headers = {**load.HEADERS, "Idempotency-Key": req.key}
+    while True:
+        async with http.post(base + req.path, data=req.body, headers=headers) as resp:
+            await resp.read()
+            if resp.status == 202:
+                return resp.headers["Location"].rsplit("/", 1)[-1]
+            if resp.status in (429, 503):  # refused for load: the same request again, as FicMart would
+                await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+                continue
+            return None
+
+
+async def _poll(http: aiohttp.ClientSession, base: str, payment_id: str) -> str:
+    async with http.get(f"{base}/v1/payments/{payment_id}", params={"wait": "10"}, headers=load.HEADERS) as resp:
+        body = await resp.read()
+        if resp.status != 200:
+            await asyncio.sleep(0.1)
+            return "pending"
+        return orjson.loads(body)["status"]
+
+
+@dataclass
+class Overload:
+    capacity: float  # accepted/s of one API process, closed loop, just before
+    offered: float  # requests/s actually sent
+    seconds: float
+    statuses: Counter = field(default_factory=Counter)
+    accepted_ms: dict[float, float] = field(default_factory=dict)
+    refused_ms: dict[float, float] = field(default_factory=dict)
+    refusals_without_retry_after: int = 0
+    settled: int = 0
+    accepted: int = 0
+
+    def table(self) -> str:
+        answers = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items(), key=str))
+        return "\n".join(
+            [
+                f"capacity of one API process (closed loop): {self.capacity:,.0f}/s; offered {self.offered:,.0f}/s "
+                f"open loop ({self.offered / self.capacity:.1f}x) for {self.seconds:.0f} s",
+                f"answers: {answers}; refusals without Retry-After: {self.refusals_without_retry_after}",
+                f"accepted p50 {self.accepted_ms.get(50, float('nan')):.1f} / p99 "
+                f"{self.accepted_ms.get(99, float('nan')):.1f} ms; refused p50 "
+                f"{self.refused_ms.get(50, float('nan')):.1f} / p99 {self.refused_ms.get(99, float('nan')):.1f} ms",
+                f"accepted {self.accepted}, settled afterwards {self.settled}",
+            ]
+        )
+
+
+async def overload(
+    system: BenchSystem,
+    http: aiohttp.ClientSession,
+    cards: list[dict],
+    *,
+    factor: float,
+    seconds: float,
+    settle_timeout: float,
+) -> Overload:
+    closed = await load.closed_loop(
+        http, system.api_url, load.authorize_source("cap", cards), 64, 2.0, 5.0, system.snapshot
+    )
+    capacity = closed.rate()
+    samples: list[tuple[float, int | str, str | None]] = []  # (latency ms, status, Retry-After)
+    accepted: list[str] = []
+
+    async def one(req: load.Request, due: float) -> None:
+        headers = {**load.HEADERS, "Idempotency-Key": req.key}
+        try:
+            async with http.post(system.api_url + req.path, data=req.body, headers=headers) as resp:
+                await resp.read()
+                status: int | str = resp.status
+                retry_after = resp.headers.get("Retry-After")
+                if resp.status == 202:
+                    accepted.append(resp.headers["Location"].rsplit("/", 1)[-1])
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            status, retry_after = type(exc).__name__, None
+        samples.append(((time.perf_counter() - due) * 1000, status, retry_after))
+
+    source = load.authorize_source("over", cards)
+    rate = capacity * factor
+    started = time.perf_counter()
+    tasks = []
+    for i in range(int(rate * seconds)):
+        due = started + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(source(i), due)))
+    sent_seconds = time.perf_counter() - started
+    await asyncio.gather(*tasks)
+    result = Overload(capacity=capacity, offered=len(tasks) / sent_seconds, seconds=sent_seconds)
+    result.statuses = Counter(status for _, status, _ in samples)
+    result.accepted_ms = pcts([ms for ms, status, _ in samples if status == 202], (50, 99))
+    result.refused_ms = pcts([ms for ms, status, _ in samples if status in (429, 503)], (50, 99))
+    result.refusals_without_retry_after = sum(1 for _, s, ra in samples if s in (429, 503) and not ra)
+    result.accepted = len(accepted)
+    deadline = time.monotonic() + settle_timeout
+    assert system.conn is not None
+    while True:
+        left = await system.conn.fetchval(
+            "SELECT count(*) FROM payments WHERE id = ANY($1) AND status = 'pending'", accepted
+        )
+        if left == 0 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    result.settled = len(accepted) - left
+    return result
