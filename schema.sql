@@ -137,7 +137,7 @@ CREATE TABLE IF NOT EXISTS bank_circuit (
     detail      text
 );
 
--- Wake the relay when there is something to publish, and long polls when a payment moves.
+-- Wake the relay when there is something to publish.
 -- The relay drains the outbox until it is empty before it waits again, so a
 -- NOTIFY is only needed when no older row is still unsent. Skipping it under
 -- load matters: a committing transaction that notified holds a database-wide
@@ -151,17 +151,15 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE OR REPLACE FUNCTION notify_payment() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('payment_updated', NEW.id);
-    RETURN NULL;
-END $$;
-
 CREATE OR REPLACE TRIGGER outbox_inserted AFTER INSERT ON outbox REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION notify_outbox();
 
-CREATE OR REPLACE TRIGGER payment_updated AFTER UPDATE ON payments
-    FOR EACH ROW EXECUTE FUNCTION notify_payment();
+-- Long polls are woken by the statements that take a payment out of an in-progress
+-- status (finish_operation, ops_finish_operation), with the payment in the payload:
+-- not by a trigger on every update, which woke them for nothing and made each commit
+-- that notified take the database-wide notify lock.
+DROP TRIGGER IF EXISTS payment_updated ON payments;
+DROP FUNCTION IF EXISTS notify_payment();
 
 -- The advisory-lock key of a merchant's idempotency key: "a request with this
 -- key is running" is a transaction-scoped lock on it (gateway/sql/payments.sql).

@@ -14,9 +14,11 @@ no state in between that a crash could leave half-written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -288,6 +290,9 @@ class Claim:
     card_expiry_year: int
     sealed_card: bytes | None
     maybe_acted: bool = False  # an earlier attempt may have done the work unbeknown to us
+    # The payment row (with `history`) as it stood when the lease was taken: nothing else
+    # changes it while the lease is held, so the outcome is recorded from it.
+    payment: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -310,12 +315,12 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
     if row is not None:
         return Claim(
             owner=owner,
-            operation_id=row["id"],
-            kind=OperationKind(row["kind"]),
+            operation_id=row["operation_id"],
+            kind=OperationKind(row["operation_kind"]),
             bank_key=row["bank_key"],
             attempts=row["attempts"],
             first_attempt_at=row["first_attempt_at"],
-            payment_id=row["payment_id"],
+            payment_id=row["id"],
             amount=row["amount"],
             authorization_id=row["authorization_id"],
             capture_id=row["capture_id"],
@@ -323,6 +328,7 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
             card_expiry_year=row["card_expiry_year"],
             sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
             maybe_acted=row["maybe_acted"],
+            payment=dict(row),
         )
     state = await store.operation_state(pool, operation_id=operation_id)
     if state is None:
@@ -378,85 +384,98 @@ def _bank_fields(kind: OperationKind, verdict: Verdict, body: dict | None) -> di
 
 async def record_outcome(
     pool: asyncpg.Pool,
-    operation_id: str,
+    claim: Claim,
     verdict: Verdict,
     outcome: domain.BankOutcome,
     bank_ms: int,
     doubt: domain.Doubt | None = None,
 ) -> dict | None:
-    """Settle an operation with a final verdict. Returns the payment, or None if already settled.
+    """Settle a claimed operation with a final verdict. Returns the payment, or None when the
+    lease is no longer the claim's (another handling records the outcome).
 
-    One transaction: operation, payment, history, card deletion, completion
-    event and, where the domain asks for it, the follow-up operation. With a
-    `doubt` (domain: outcomes the bank will not name) the payment is also
-    flagged with it, announced, and its reconciliation finding kept.
+    One statement in the common case: operation, payment, history, card deletion,
+    completion event and the long polls' wake-up, built from the claim's snapshot of
+    the payment. With a `doubt` (domain: outcomes the bank will not name), or a
+    follow-up operation the domain asks for, one transaction with those too.
     """
+    row, kind = claim.payment, claim.kind
+    status = domain.settle(kind, verdict)
+    at = now()
+    error: dict | None
+    if doubt is not None:
+        error = doubt.error()
+    else:
+        error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome, kind)
+    fields = _bank_fields(kind, verdict, outcome.body)
+    moved = status.value != row["status"]
+    updated = {
+        **row,
+        **fields,
+        "status": status.value,
+        "last_error": error,
+        # A flag is cleared by the human who looked (unpark, resolve), not by later work.
+        "attention_required": row["attention_required"] or doubt is not None,
+        "updated_at": at,
+    }
+    payment = payment_json(updated)
+    if moved:
+        payment["history"].append({"status": status.value, "at": payment["updated_at"]})
+    finish = functools.partial(
+        store.finish_operation,
+        operation_id=claim.operation_id,
+        owner=claim.owner,
+        operation_status="succeeded" if verdict is Verdict.SUCCEEDED else "failed",
+        at=at,
+        error=error,
+        bank_response=outcome.body,
+        bank_ms=bank_ms,
+        payment_status=status,
+        cause=f"bank:{kind.value}:{verdict.value}" + (f":{doubt.code}" if doubt else ""),
+        status_moved=moved,
+        drop_card=kind is OperationKind.AUTHORIZE,
+        event=messages.event(domain.event_type(status), payment, at, merchant=row["merchant"]) if moved else None,
+        authorization_id=fields.get("authorization_id"),
+        authorization_expires_at=fields.get("authorization_expires_at"),
+        capture_id=fields.get("capture_id"),
+        void_id=fields.get("void_id"),
+        refund_id=fields.get("refund_id"),
+        notify=wake_up(payment),
+    )
+    follow_up = domain.follow_up(kind, verdict)
+    if doubt is None and follow_up is None:
+        return payment if await finish(pool) else None
     async with pool.acquire() as conn, conn.transaction():
-        row = await store.lock_operation(conn, operation_id=operation_id)
-        if row is None:
+        if not await finish(conn):
             return None
-        kind = OperationKind(row["kind"])
-        status = domain.settle(kind, verdict)
-        at = now()
-        error: dict | None
-        if doubt is not None:
-            error = doubt.error()
-        else:
-            error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome, kind)
-        fields = _bank_fields(kind, verdict, outcome.body)
-        moved = status.value != row["status"]
-        updated = {
-            **row,
-            **fields,
-            "status": status.value,
-            "last_error": error,
-            # A flag is cleared by the human who looked (unpark, resolve), not by later work.
-            "attention_required": row["attention_required"] or doubt is not None,
-            "updated_at": at,
-        }
-        payment = payment_json(updated)
-        if moved:
-            payment["history"].append({"status": status.value, "at": payment["updated_at"]})
-        event = messages.event(domain.event_type(status), payment, at, merchant=row["merchant"]) if moved else None
-        await store.finish_operation(
-            conn,
-            operation_id=operation_id,
-            operation_status="succeeded" if verdict is Verdict.SUCCEEDED else "failed",
-            at=at,
-            error=error,
-            bank_response=outcome.body,
-            bank_ms=bank_ms,
-            payment_status=status,
-            cause=f"bank:{kind.value}:{verdict.value}" + (f":{doubt.code}" if doubt else ""),
-            status_moved=moved,
-            drop_card=kind is OperationKind.AUTHORIZE,
-            event=event,
-            authorization_id=fields.get("authorization_id"),
-            authorization_expires_at=fields.get("authorization_expires_at"),
-            capture_id=fields.get("capture_id"),
-            void_id=fields.get("void_id"),
-            refund_id=fields.get("refund_id"),
-        )
         if doubt is not None:
             await store.flag_doubt(
                 conn,
-                payment_id=row["id"],
+                payment_id=claim.payment_id,
                 at=at,
                 error=doubt.error(),
                 event=messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"]),
-                run_id=f"worker:{operation_id}",
+                run_id=f"worker:{claim.operation_id}",
                 finding_kind=doubt.finding,
                 finding_detail={
-                    "operation_id": operation_id,
-                    "bank_key": row["bank_key"],
+                    "operation_id": claim.operation_id,
+                    "bank_key": claim.bank_key,
                     **fields,
                     "note": doubt.message,
                 },
             )
-        follow_up = domain.follow_up(kind, verdict)
         if follow_up is not None:
-            await _enqueue(conn, row["id"], follow_up, at)
+            await _enqueue(conn, claim.payment_id, follow_up, at)
     return payment
+
+
+# NOTIFY payloads are limited to 8000 bytes; a payment too large to send is re-read.
+_WAKE_UP_LIMIT = 7900
+
+
+def wake_up(payment: dict) -> str:
+    """The long polls' wake-up for this payment: its id, then the payment as GET shows it."""
+    text = f"{payment['id']} {orjson.dumps(payment).decode()}"
+    return text if len(text) <= _WAKE_UP_LIMIT else payment["id"]
 
 
 async def _enqueue(conn: store.Connection, payment_id: str, kind: OperationKind, at: datetime) -> str:

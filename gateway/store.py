@@ -357,9 +357,10 @@ async def lock_operation(db: Connection, *, operation_id: str) -> asyncpg.Record
 
 
 async def finish_operation(
-    db: Connection,
+    db: Executor,
     *,
     operation_id: str,
+    owner: str,
     operation_status: Literal["succeeded", "failed"],
     at: datetime,
     error: dict | None,
@@ -375,29 +376,34 @@ async def finish_operation(
     capture_id: str | None = None,
     void_id: str | None = None,
     refund_id: str | None = None,
-) -> None:
-    """Settle the operation and its payment; a bank id left None keeps the payment's value.
-
-    `status_moved` writes the history row; `drop_card` deletes the sealed card.
-    """
-    await _payments.finish_operation(
-        db,
-        operation_id=operation_id,
-        operation_status=operation_status,
-        at=at,
-        error=error,
-        bank_response=bank_response,
-        bank_ms=bank_ms,
-        payment_status=payment_status.value,
-        authorization_id=authorization_id,
-        authorization_expires_at=authorization_expires_at,
-        capture_id=capture_id,
-        void_id=void_id,
-        refund_id=refund_id,
-        cause=cause,
-        status_moved=status_moved,
-        drop_card=drop_card,
-        **_event(event),
+    notify: str,
+) -> bool:
+    """Settle the operation and its payment while `owner` holds the lease (False: it does not);
+    a bank id left None keeps the payment's value. `status_moved` writes the history row,
+    `drop_card` deletes the sealed card, `notify` is the payload for the long polls."""
+    return (
+        await _payments.finish_operation(
+            db,
+            operation_id=operation_id,
+            owner=owner,
+            operation_status=operation_status,
+            at=at,
+            error=error,
+            bank_response=bank_response,
+            bank_ms=bank_ms,
+            payment_status=payment_status.value,
+            authorization_id=authorization_id,
+            authorization_expires_at=authorization_expires_at,
+            capture_id=capture_id,
+            void_id=void_id,
+            refund_id=refund_id,
+            cause=cause,
+            status_moved=status_moved,
+            drop_card=drop_card,
+            notify=notify,
+            **_event(event),
+        )
+        == 1
     )
 
 

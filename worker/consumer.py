@@ -68,14 +68,14 @@ class PoolPayments:
 
     async def record_outcome(
         self,
-        operation_id: str,
+        claim: Claim,
         verdict: Verdict,
         outcome: BankOutcome,
         bank_ms: int,
         doubt: domain.Doubt | None = None,
     ) -> dict | None:
         try:
-            return await payments.record_outcome(self._pool, operation_id, verdict, outcome, bank_ms, doubt)
+            return await payments.record_outcome(self._pool, claim, verdict, outcome, bank_ms, doubt)
         except _UNRECORDABLE as exc:
             raise CannotRecord(f"{type(exc).__name__}: {redact.clean(str(exc), 200)}") from exc
 

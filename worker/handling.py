@@ -89,7 +89,7 @@ class Payments(Protocol):
 
     async def record_outcome(
         self,
-        operation_id: str,
+        claim: Claim,
         verdict: Verdict,
         outcome: BankOutcome,
         bank_ms: int,
@@ -502,7 +502,7 @@ class Handling:
     ) -> None:
         crash_point("worker.after_bank")
         try:
-            await self.payments.record_outcome(claim.operation_id, verdict, outcome, run.bank_ms, doubt)
+            await self.payments.record_outcome(claim, verdict, outcome, run.bank_ms, doubt)
         except CannotRecord as exc:
             # Bounded like any other failure: the ladder, then parked with the reason. The
             # bank did its part; asking again with our key gets the same answer back.

@@ -1,12 +1,14 @@
 """Long polls: wait until a payment leaves its in-progress status, woken by Postgres NOTIFY.
 
-One LISTEN connection per process on channel `payment_updated` (schema.sql
-notifies it with the payment id on every UPDATE of payments). Each waiting
-request registers an asyncio.Event under its payment id BEFORE it reads the
-row, so a change committed between the read and the wait still wakes it
-(no lost wake-up). The database is read again only when a notification for
-that payment arrives. While the LISTEN connection is down, waiters fall back
-to re-reading once a second, and reconnecting wakes everyone for a re-read.
+One LISTEN connection per process on channel `payment_updated`: the statements
+that take a payment out of an in-progress status notify it with the payment's
+id and, when it fits, the payment as GET shows it ("<id> <json>",
+payments.wake_up). Each waiting request registers under its payment id BEFORE
+it reads the row, so a change committed between the read and the wait still
+wakes it (no lost wake-up). A wake-up that carries the payment is the answer,
+with no second read; one that carries only the id makes the waiter read again.
+While the LISTEN connection is down, waiters fall back to re-reading once a
+second, and reconnecting wakes everyone for a re-read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
+import orjson
 
 from gateway import logs, store
 from gateway.domain import IN_PROGRESS
@@ -29,10 +32,18 @@ _FALLBACK_INTERVAL = 1.0
 _HEARTBEAT = 15.0
 
 
+class _Waiter:
+    __slots__ = ("event", "body")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.body: bytes | None = None  # the payment as the wake-up carried it
+
+
 class PaymentWatcher:
     def __init__(self, dsn: str):
         self._dsn = dsn
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[_Waiter]] = {}
         self._task: asyncio.Task | None = None
         self._connected = asyncio.Event()
         self._closing = False
@@ -43,7 +54,7 @@ class PaymentWatcher:
 
     @property
     def waiting(self) -> int:
-        return sum(len(events) for events in self._waiters.values())
+        return sum(len(waiters) for waiters in self._waiters.values())
 
     async def start(self, wait: float = 5.0) -> None:
         """Start listening; waits up to `wait` seconds for the first connection, then goes on in the background."""
@@ -60,25 +71,26 @@ class PaymentWatcher:
                 await self._task
 
     @contextlib.contextmanager
-    def watch(self, payment_id: str) -> Iterator[asyncio.Event]:
-        event = asyncio.Event()
-        self._waiters.setdefault(payment_id, set()).add(event)
+    def watch(self, payment_id: str) -> Iterator[_Waiter]:
+        waiter = _Waiter()
+        self._waiters.setdefault(payment_id, set()).add(waiter)
         try:
-            yield event
+            yield waiter
         finally:
-            events = self._waiters.get(payment_id)
-            if events is not None:
-                events.discard(event)
-                if not events:
+            waiters = self._waiters.get(payment_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
                     del self._waiters[payment_id]
 
     async def wait_settled(
         self, payment_id: str, read: Callable[[], Awaitable[dict | None]], timeout: float
-    ) -> dict | None:
-        """The payment once it is out of an in-progress status, or as it is when `timeout` runs out."""
+    ) -> dict | bytes | None:
+        """The payment once it is out of an in-progress status, or as it is when `timeout` runs
+        out: read from the database (a dict), or as the wake-up carried it (JSON bytes)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        with self.watch(payment_id) as changed:
+        with self.watch(payment_id) as waiter:
             payment = await read()
             while payment is not None and payment["status"] in _IN_PROGRESS and not self._closing:
                 remaining = deadline - loop.time()
@@ -87,25 +99,31 @@ class PaymentWatcher:
                 listening = self.listening
                 try:
                     await asyncio.wait_for(
-                        changed.wait(), remaining if listening else min(remaining, _FALLBACK_INTERVAL)
+                        waiter.event.wait(), remaining if listening else min(remaining, _FALLBACK_INTERVAL)
                     )
                 except TimeoutError:
                     if listening:
                         break  # no notification: the row is as we read it
-                changed.clear()
+                waiter.event.clear()
+                body, waiter.body = waiter.body, None
+                if body is not None and orjson.loads(body)["status"] not in _IN_PROGRESS:
+                    return body
                 payment = await read()
         return payment
 
     # ---- the LISTEN connection ----
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payment_id: object) -> None:
-        for event in self._waiters.get(str(payment_id), ()):
-            event.set()
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        payment_id, _, body = str(payload).partition(" ")
+        for waiter in self._waiters.get(payment_id, ()):
+            waiter.body = body.encode() if body else None
+            waiter.event.set()
 
     def _wake_all(self) -> None:
-        for events in self._waiters.values():
-            for event in events:
-                event.set()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.body = None
+                waiter.event.set()
 
     async def _run(self) -> None:
         backoff = 0.1

@@ -175,7 +175,8 @@ WITH operation AS (
     SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers
       FROM payment WHERE :event_exchange::text IS NOT NULL
 )
-SELECT count(*) FROM payment;
+-- Long polls waiting on the payment read it again (payload: its id alone).
+SELECT count(*) FROM payment, LATERAL (SELECT pg_notify('payment_updated', payment.id)) AS n;
 
 -- name: ops_resolve_payment!
 -- Ops clears attention_required on a payment with no operation in flight,

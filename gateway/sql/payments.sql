@@ -124,9 +124,11 @@ WITH claimed AS (
        AND (lease_until IS NULL OR lease_until < now() OR lease_owner = :owner)
     RETURNING *
 )
-SELECT c.id, c.kind, c.bank_key, c.attempts, c.first_attempt_at, c.payment_id, c.maybe_acted,
-       p.amount, p.authorization_id, p.capture_id, p.card_expiry_month, p.card_expiry_year,
-       v.sealed
+-- With the payment as it stands, history included: while this lease is held nothing
+-- else changes it (one operation in flight per payment), so the outcome is recorded
+-- from this snapshot without reading it again.
+SELECT c.id AS operation_id, c.kind AS operation_kind, c.bank_key, c.attempts, c.first_attempt_at,
+       c.maybe_acted, p.*, payment_history_json(p.id) AS history, v.sealed
   FROM claimed c
   JOIN payments p ON p.id = c.payment_id
   LEFT JOIN card_vault v ON v.payment_id = c.payment_id;
@@ -151,18 +153,21 @@ SELECT o.id AS operation_id, o.kind, o.bank_key, p.*, payment_history_json(p.id)
  WHERE o.id = :operation_id AND o.status = 'pending'
    FOR UPDATE;
 
--- name: finish_operation!
+-- name: finish_operation$
 -- A final outcome: the operation, the payment (with history row when the
--- status moves), the sealed card gone once the authorization is decided, and
--- the completion event, in one statement. attention_required is left as it is:
--- the operation itself was not parked (or ops' unpark cleared its flag), and a
--- flag for a human (reconciliation, a doubt) stays until one has looked.
+-- status moves), the sealed card gone once the authorization is decided, the
+-- completion event, and the payment as it now reads to the API's long polls
+-- (NOTIFY, sent at commit), in one statement: 1 when recorded, 0 when the
+-- lease is no longer ours (another handling records it). attention_required
+-- is left as it is: the operation itself was not parked (or ops' unpark
+-- cleared its flag), and a flag for a human (reconciliation, a doubt) stays
+-- until one has looked.
 WITH operation AS (
     UPDATE operations
        SET status = :operation_status, finished_at = :at, updated_at = :at, last_error = :error,
            bank_response = :bank_response, bank_ms = bank_ms + :bank_ms,
            lease_owner = NULL, lease_until = NULL, parked = false
-     WHERE id = :operation_id AND status = 'pending'
+     WHERE id = :operation_id AND status = 'pending' AND lease_owner = :owner
     RETURNING payment_id
 ), payment AS (
     UPDATE payments
@@ -184,7 +189,7 @@ WITH operation AS (
     SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers
       FROM payment WHERE :event_exchange::text IS NOT NULL
 )
-SELECT count(*) FROM payment;
+SELECT count(*) FROM payment, LATERAL (SELECT pg_notify('payment_updated', :notify)) AS n;
 
 -- name: park_operation!
 -- Retries are exhausted: the operation waits in the dead-letter queue and the

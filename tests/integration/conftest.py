@@ -142,7 +142,7 @@ async def settle(pool, payment_id: str, verdict: Verdict = Verdict.SUCCEEDED, co
         outcome = BankOutcome(kind="ok", http_status=200, body=body)
     else:
         outcome = BankOutcome(kind="error", http_status=400, code=code, message=code.replace("_", " "))
-    payment = await payments.record_outcome(pool, op, verdict, outcome, bank_ms=3)
+    payment = await payments.record_outcome(pool, claimed, verdict, outcome, bank_ms=3)
     assert payment is not None
     return payment
 

@@ -93,7 +93,7 @@ class Env:
     async def settle(self, op: str, body: dict) -> None:
         claim = await payments.claim(self.pool, op, "test", 30)
         assert isinstance(claim, payments.Claim), claim
-        await payments.record_outcome(self.pool, op, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
+        await payments.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
 
     async def parked(
         self, kind: str = "capture", *, first_attempt_hours_ago: float | None = None, dead_letters: int = 1

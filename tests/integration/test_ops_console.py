@@ -99,7 +99,7 @@ class Console:
     async def settle(self, op: str, body: dict) -> None:
         claim = await payments.claim(self.pool, op, "test", 30)
         assert isinstance(claim, payments.Claim), claim
-        await payments.record_outcome(self.pool, op, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
+        await payments.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
 
     async def parked(self, kind: str = "capture", *, first_attempt_hours_ago: float | None = None) -> tuple[str, str]:
         """A payment whose `kind` operation is parked, with its dead letter in payments.dead."""

@@ -40,8 +40,9 @@ class Payments:
 
     async def succeed(self, pid: str, body: dict) -> None:
         op = await self.pending_op(pid)
-        assert isinstance(await payments.claim(self.pool, op, "test", 30), payments.Claim)
-        assert await payments.record_outcome(self.pool, op, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
+        claim = await payments.claim(self.pool, op, "test", 30)
+        assert isinstance(claim, payments.Claim)
+        assert await payments.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
 
     async def act(self, pid: str, action: Action) -> None:
         req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", f"/v1/payments/{pid}/{action}", b"")

@@ -85,7 +85,7 @@ class Books:
             outcome = await self.bank.void(claim.bank_key, authorization_id=claim.authorization_id)
         verdict = domain.classify(claim.kind, outcome)
         assert verdict is Verdict.SUCCEEDED, outcome
-        await payments.record_outcome(self.pool, op, verdict, outcome, 1)
+        await payments.record_outcome(self.pool, claim, verdict, outcome, 1)
 
     async def row(self, pid: str) -> dict:
         return dict(await self.pool.fetchrow("SELECT * FROM payments WHERE id = $1", pid))

@@ -132,7 +132,8 @@ class FakePayments:
             op.bank_ms += bank_ms
             op.maybe_acted = op.maybe_acted or maybe_acted
 
-    async def record_outcome(self, operation_id: str, verdict: Verdict, outcome: BankOutcome, bank_ms: int, doubt=None):
+    async def record_outcome(self, claim: Claim, verdict: Verdict, outcome: BankOutcome, bank_ms: int, doubt=None):
+        operation_id = claim.operation_id
         self._touch("record_outcome", operation_id, verdict)
         if self.failing_records:
             self.failing_records -= 1

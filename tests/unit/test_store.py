@@ -117,10 +117,11 @@ def _coalesced(sql: str) -> dict[str, int]:
 
 
 async def test_finish_operation_puts_each_bank_id_in_its_own_column():
-    db = Recorder("SELECT 1")
-    await store.finish_operation(
+    db = Recorder(1)
+    assert await store.finish_operation(
         db,
         operation_id="op_1",
+        owner="w/1",
         operation_status="succeeded",
         at=AT,
         error=None,
@@ -132,6 +133,7 @@ async def test_finish_operation_puts_each_bank_id_in_its_own_column():
         drop_card=False,
         void_id="void_9",
         capture_id="cap_8",
+        notify="pay_1",
     )
     _, sql, args = db.only
     column = _coalesced(sql)
