@@ -106,6 +106,8 @@ INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
 SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body, :command_headers FROM operation;
 
 -- name: claim_operation^
+-- (updated_at, which is indexed, is left alone: the lease says the operation is
+-- being worked on, and an update touching no indexed column can stay on its page.)
 -- Take the lease for one bank attempt. Fails (no row) when the operation is
 -- finished or another worker's lease has not run out: a bank call of that
 -- worker may still be running, and the bank has no in-flight lock. A parked
@@ -118,8 +120,7 @@ WITH claimed AS (
            maybe_acted = maybe_acted OR (lease_owner IS NOT NULL AND lease_owner <> :owner),
            lease_owner = :owner,
            lease_until = now() + make_interval(secs => :lease_seconds),
-           first_attempt_at = coalesce(first_attempt_at, now()),
-           updated_at = now()
+           first_attempt_at = coalesce(first_attempt_at, now())
      WHERE id = :operation_id AND status = 'pending' AND NOT parked
        AND (lease_until IS NULL OR lease_until < now() OR lease_owner = :owner)
     RETURNING *
