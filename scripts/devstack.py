@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 ENV_FILE = ROOT / ".env"
 API_PORT = 8080
+WORKER_METRICS_PORT, RELAY_METRICS_PORT = 9101, 9102  # the processes' defaults
 DEV_KEY = DEV_API_KEYS.split(":", 1)[1]
 
 
@@ -107,6 +108,7 @@ async def main() -> None:
         api_keys=setting("GATEWAY_API_KEYS"),
         api_port=API_PORT,
         bank_port=urlparse(setting("BANK_URL")).port,
+        metrics_ports={"worker": WORKER_METRICS_PORT, "relay": RELAY_METRICS_PORT},
         log_dir=RUN_DIR,
     )
     try:
