@@ -38,6 +38,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
@@ -166,6 +167,7 @@ class Worker:
         self.run_sweeper = run_sweeper
         self.metrics = WorkerMetrics()
         self.metrics.watch_breaker(lambda: self.breaker is not None and self.breaker.is_open)
+        monitoring.pool_gauges(self.metrics.registry, lambda: self.pool)
         self.vault = CardVault(settings.card_key) if settings.card_key else None
         self.pool: asyncpg.Pool | None = None
         self.bank: BankClient | None = None
@@ -179,7 +181,7 @@ class Worker:
         self._gauges: asyncio.Task | None = None
         self._queue: AbstractQueue | None = None
         self._consume_channel: AbstractChannel | None = None
-        self._monitor_channel: AbstractChannel | None = None
+        self._monitor_channel: AbstractRobustChannel | None = None
         self._consumer_tag: str | None = None
         self._retry_exchange: AbstractExchange | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -301,7 +303,8 @@ class Worker:
         if self._monitor_channel is None or self._monitor_channel.is_closed:
             # A channel of its own: a failed passive declare closes the channel it runs on.
             self._monitor_channel = await self.connection.channel()
-        dead = await self._monitor_channel.declare_queue(topology.DEAD_QUEUE, passive=True)
+        # robust=False: a robust channel answers a repeated passive declare from its cache.
+        dead = await self._monitor_channel.declare_queue(topology.DEAD_QUEUE, passive=True, robust=False)
         self.metrics.dead_letters.set(dead.declaration_result.message_count or 0)
 
     async def readiness(self) -> dict[str, bool]:

@@ -79,6 +79,7 @@ class Relay:
         self.ladder = ladder or wsettings.parse_ladder(wsettings.DEFAULT_RETRY_LADDER)
         self.metrics = RelayMetrics()
         self.pool: asyncpg.Pool | None = None
+        monitoring.pool_gauges(self.metrics.registry, lambda: self.pool)
         self._gauges: asyncio.Task | None = None
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
