@@ -25,16 +25,17 @@ ids, unsampled. That costs a few microseconds per hop instead of a recorded span
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = ["TRACEPARENT", "SpanKind", "continued", "exporting", "inject", "setup", "span", "trace_id"]
@@ -42,8 +43,6 @@ __all__ = ["TRACEPARENT", "SpanKind", "continued", "exporting", "inject", "setup
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-# A traceparent is 55 characters and a tracestate at most 512 (W3C): anything longer is not one.
-_MAX_HEADER_CHARS = 1024
 
 _propagator = TraceContextTextMapPropagator()
 # Until setup(): nothing recorded, ids generated for new traces (tests run this way).
@@ -76,45 +75,80 @@ def setup(service: str) -> None:
     _tracer = provider.get_tracer(__name__)
 
 
-def extract(headers: Mapping[str, object] | None) -> Context | None:
-    """The trace context in HTTP or AMQP headers (str or bytes values); None when there is
-    none or it is malformed (the W3C propagator checks the format and refuses all-zero ids)."""
-    if not headers:
-        return None
-    carrier = {}
-    for name in (TRACEPARENT, TRACESTATE):
-        value = headers.get(name)
-        if isinstance(value, bytes | bytearray):
-            value = bytes(value).decode("ascii", "replace")
-        if isinstance(value, str) and len(value) <= _MAX_HEADER_CHARS:
-            carrier[name] = value
-    if TRACEPARENT not in carrier:
-        return None
-    context = _propagator.extract(carrier)
-    return context if trace.get_current_span(context).get_span_context().is_valid else None
+class _OneValue(Getter[Mapping[str, str]]):
+    """The propagator's view of our carrier: one str per name (the default getter's generic
+    checks cost more than the rest of the extraction)."""
+
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier)
 
 
-@contextmanager
-def _current(name: str, parent: Context | None, kind: SpanKind) -> Iterator[Span]:
-    if not _exporting:
-        passed_on = trace.get_current_span(parent)
-        if passed_on.get_span_context().is_valid:
-            # Recording nothing: the trace goes on unchanged (nothing to end either).
-            with trace.use_span(passed_on) as current:
-                yield current
-            return
-    with trace.use_span(_tracer.start_span(name, context=parent, kind=kind), end_on_exit=True) as current:
-        yield current
+_GETTER = _OneValue()
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("ascii", "replace")
+    return value if isinstance(value, str) else None
+
+
+def extract(headers: Mapping[str, object] | None) -> Span | None:
+    """The caller's span (remote, not recorded here) named by `traceparent` in HTTP or AMQP
+    headers (str or bytes values); None when there is none or it is malformed (the W3C
+    propagator checks the format and the length and refuses all-zero ids)."""
+    traceparent = _text(headers.get(TRACEPARENT)) if headers else None
+    if traceparent is None:
+        return None
+    carrier = {TRACEPARENT: traceparent}
+    tracestate = _text(headers.get(TRACESTATE)) if headers else None
+    if tracestate is not None:
+        carrier[TRACESTATE] = tracestate
+    parent = trace.get_current_span(_propagator.extract(carrier, getter=_GETTER))
+    return parent if parent.get_span_context().is_valid else None
+
+
+class _Current:
+    """`span` is the current span inside the `with`; ended on the way out when it is this
+    process's (what trace.use_span does, without its two generator frames per use)."""
+
+    __slots__ = ("_end", "_span", "_token")
+
+    def __init__(self, span: Span, *, end: bool):
+        self._span = span
+        self._end = end
+
+    def __enter__(self) -> Span:
+        self._token = context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        context.detach(self._token)
+        if self._end:
+            if isinstance(exc, Exception) and self._span.is_recording():
+                self._span.record_exception(exc)
+                self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            self._span.end()
 
 
 def continued(headers: Mapping[str, object] | None, name: str, kind: SpanKind) -> AbstractContextManager[Span]:
     """A span (the current one inside) continuing the trace in `headers`, or starting one."""
-    return _current(name, extract(headers), kind)
+    parent = extract(headers)
+    if parent is not None and not _exporting:
+        return _Current(parent, end=False)  # recording nothing: the trace goes on unchanged
+    start_in = trace.set_span_in_context(parent) if parent is not None else Context()
+    return _Current(_tracer.start_span(name, context=start_in, kind=kind), end=True)
 
 
 def span(name: str, kind: SpanKind = SpanKind.INTERNAL) -> AbstractContextManager[Span]:
     """A child span of the current one (the current one inside); a new trace outside any."""
-    return _current(name, None, kind)
+    current = trace.get_current_span()
+    if not _exporting and current.get_span_context().is_valid:
+        return nullcontext(current)  # recording nothing: already current, unchanged
+    return _Current(_tracer.start_span(name, kind=kind), end=True)
 
 
 def inject(headers: dict) -> dict:
