@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from gateway.config import DEFAULTS, DEV_API_KEYS
+from gateway.config import DEV_API_KEYS, Settings
 from tests.support import services
 from tests.support.procs import ProcessError
 from tests.support.system import System
@@ -30,6 +30,7 @@ ENV_FILE = ROOT / ".env"
 API_PORT = 8080
 WORKER_METRICS_PORT, RELAY_METRICS_PORT = 9101, 9102  # the processes' defaults
 DEV_KEY = DEV_API_KEYS.split(":", 1)[1]
+DEFAULTS = {name: default for name, default, _ in Settings.variables()}  # variable -> default as written
 
 
 def dev_environment() -> dict[str, str]:
