@@ -711,3 +711,21 @@ def test_bad_worker_setting_exits_2():
     )
     assert result.returncode == 2 and "WORKER_RETRY_LADDER" in result.stderr
     assert run_script("gateway-relay", "--help").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("script", "variable"), [("gateway-worker", "WORKER_METRICS_PORT"), ("gateway-relay", "RELAY_METRICS_PORT")]
+)
+def test_a_taken_metrics_port_stops_the_process_with_a_message(script, variable):
+    import socket
+
+    from tests.support.procs import run_script
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        key = base64.b64encode(b"k" * 32).decode()
+        result = run_script(script, env={"CARD_ENCRYPTION_KEY": key, variable: str(port)})
+    assert result.returncode == 1, result.stderr
+    assert f"{script}: cannot serve metrics on 127.0.0.1:{port}" in result.stderr
