@@ -32,6 +32,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS payments_one_live_per_order
 CREATE INDEX IF NOT EXISTS payments_by_order ON payments (merchant, order_id, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS payments_by_customer ON payments (merchant, customer_id, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS payments_hold_expiry ON payments (authorization_expires_at) WHERE status = 'authorized';
+-- Payments flagged for ops, few at any time: workers count them every few seconds (a gauge).
+CREATE INDEX IF NOT EXISTS payments_flagged ON payments (id) WHERE attention_required;
 
 CREATE TABLE IF NOT EXISTS payment_history (
     id          bigserial PRIMARY KEY,

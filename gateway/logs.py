@@ -5,7 +5,8 @@ every line inside a request or a message carries it. A last processor drops
 anything that looks like card data (gateway.redact), as a safety net behind
 the rule that card numbers and CVVs are never passed to a logger at all, and
 cuts long values: a value sent to us (an id, a header, a bank message) must
-not make a log line as long as itself.
+not make a log line as long as itself. Every line written inside a trace
+(gateway.tracing: an API request, a command, a publish) carries its `trace_id`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import orjson
 import structlog
 
+from gateway import tracing
 from gateway.redact import REDACTED, clean
 
 _FORBIDDEN_KEYS = {"card_number", "number", "cvv", "card"}
@@ -49,6 +51,13 @@ def _redact(_logger: object, _name: str, event: MutableMapping[str, Any]) -> Mut
     return event
 
 
+def _add_trace_id(_logger: object, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    trace_id = tracing.trace_id()
+    if trace_id is not None:
+        event["trace_id"] = trace_id
+    return event
+
+
 def _dumps(obj, default=None) -> str:
     return orjson.dumps(obj, default=default or str).decode()
 
@@ -56,6 +65,7 @@ def _dumps(obj, default=None) -> str:
 def setup(level: str, process: str) -> None:
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        _add_trace_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,

@@ -1,4 +1,9 @@
-"""The messages the gateway writes to its outbox: commands for workers and events for FicMart."""
+"""The messages the gateway writes to its outbox: commands for workers and events for FicMart.
+
+Each carries the current trace (gateway.tracing) in its headers, so the relay publishes it as
+the AMQP `traceparent` header: whoever writes a message inside an API request or a worker's
+handling of a command needs to pass nothing for the payment's trace to go on.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from datetime import datetime
 
 import orjson
 
+from gateway import tracing
 from gateway.timefmt import iso
 
 COMMANDS_EXCHANGE = "payments.commands"
@@ -49,7 +55,8 @@ def operation_id_of(body: bytes) -> str | None:
 
 def command(operation_id: str, kind: str) -> OutboxMessage:
     """Ask a worker to run one operation at the bank; the body names it, nothing more."""
-    return OutboxMessage(COMMANDS_EXCHANGE, kind, new_id("cmd"), orjson.dumps({"operation_id": operation_id}))
+    body = orjson.dumps({"operation_id": operation_id})
+    return OutboxMessage(COMMANDS_EXCHANGE, kind, new_id("cmd"), body, tracing.inject({}) or None)
 
 
 def event(event_type: str, payment: dict, occurred_at: datetime, *, merchant: str) -> OutboxMessage:
@@ -64,4 +71,5 @@ def event(event_type: str, payment: dict, occurred_at: datetime, *, merchant: st
         "merchant": merchant,
         "payment": payment,
     }
-    return OutboxMessage(EVENTS_EXCHANGE, event_type, event_id, orjson.dumps(body), {MERCHANT_HEADER: merchant})
+    headers = tracing.inject({MERCHANT_HEADER: merchant})
+    return OutboxMessage(EVENTS_EXCHANGE, event_type, event_id, orjson.dumps(body), headers)

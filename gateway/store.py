@@ -91,7 +91,8 @@ _views = load(SQL_DIR / "views.sql")
 _worker = load(SQL_DIR / "worker.sql")
 _outbox = load(SQL_DIR / "outbox.sql")
 _ops = load(SQL_DIR / "ops.sql")
-_FILES = (_payments, _views, _worker, _outbox, _ops)
+_metrics = load(SQL_DIR / "metrics.sql")
+_FILES = (_payments, _views, _worker, _outbox, _ops, _metrics)
 
 
 def statements() -> dict[str, str]:
@@ -705,3 +706,16 @@ async def record_circuit_state(
 async def circuit_states(db: Executor) -> list[asyncpg.Record]:
     """worker_id, open, changed_at, detail of every worker that reported, by worker id."""
     return await _rows(_ops.circuit_states, db)
+
+
+# ---- gauges of gateway-relay and gateway-worker (worker/metrics.py) -----------------------
+
+
+async def outbox_backlog(db: Executor) -> asyncpg.Record:
+    """unsent (rows not yet published) and oldest_seconds (the oldest one's age, None if none)."""
+    return await _metrics.outbox_backlog(db)
+
+
+async def pipeline_backlog(db: Executor) -> asyncpg.Record:
+    """parked (operations waiting for ops) and flagged (payments with attention_required)."""
+    return await _metrics.pipeline_backlog(db)

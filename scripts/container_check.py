@@ -364,8 +364,9 @@ async def run_system(services: dict[str, dict[str, Any]]) -> None:
                 containers.run_once("migrate", gateway)
                 started = [
                     containers.start("mockbank", {"FAILURE_RATE": "0"}, port=bank_port),
-                    containers.start("relay", gateway),
-                    containers.start("worker", gateway),
+                    # Host network: their metrics ports too must be free ones.
+                    containers.start("relay", {**gateway, "RELAY_METRICS_PORT": str(free_port())}),
+                    containers.start("worker", {**gateway, "WORKER_METRICS_PORT": str(free_port())}),
                     containers.start("api", gateway, port=api_port),
                 ]
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40)) as session:

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from gateway.config import DEFAULTS, DEV_API_KEYS
+from gateway.config import DEV_API_KEYS, Settings
 from tests.support import services
 from tests.support.procs import ProcessError
 from tests.support.system import System
@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 ENV_FILE = ROOT / ".env"
 API_PORT = 8080
+WORKER_METRICS_PORT, RELAY_METRICS_PORT = 9101, 9102  # the processes' defaults
 DEV_KEY = DEV_API_KEYS.split(":", 1)[1]
+DEFAULTS = {name: default for name, default, _ in Settings.variables()}  # variable -> default as written
 
 
 def dev_environment() -> dict[str, str]:
@@ -107,6 +109,7 @@ async def main() -> None:
         api_keys=setting("GATEWAY_API_KEYS"),
         api_port=API_PORT,
         bank_port=urlparse(setting("BANK_URL")).port,
+        metrics_ports={"worker": WORKER_METRICS_PORT, "relay": RELAY_METRICS_PORT},
         log_dir=RUN_DIR,
     )
     try:

@@ -8,18 +8,27 @@ domain.classify's business, not this module's.
 
 Card data goes into the request body and nowhere else: not into logs, not
 into outcomes, not into exception text.
+
+Each call is timed into worker.metrics.BankMetrics (by operation and outcome;
+OPERATION, set by the consumer for the command it handles, tells a release
+from a void) and runs in a span of the current trace, whose `traceparent` goes
+to the bank with the request.
 """
 
 from __future__ import annotations
 
+import time
+from contextvars import ContextVar
 from urllib.parse import quote
 
 import aiohttp
 import orjson
+from prometheus_client import CollectorRegistry
 
-from gateway import answers, logs, redact
+from gateway import answers, logs, redact, tracing
 from gateway.answers import Asked
-from gateway.domain import BankOutcome
+from gateway.domain import BankOutcome, OperationKind
+from worker.metrics import BankMetrics, bank_outcome
 
 log = logs.get("bank")
 
@@ -28,6 +37,11 @@ log = logs.get("bank")
 MAX_BODY_BYTES = 1 << 20
 REPLAYED_HEADER = "X-Idempotent-Replayed"
 HEALTH_TIMEOUT = 5.0  # a probe of a bank that does not answer should not take a whole bank timeout
+
+# The operation the current task's bank calls are for (the command being handled): a void
+# call is a void or the release of a lapsed hold, which the metrics and the span tell apart.
+OPERATION: ContextVar[OperationKind | None] = ContextVar("bank_operation", default=None)
+_CALLS = {kind.value: kind for kind in OperationKind}
 
 
 def _outcome(asked: Asked, status: int, raw: bytes, replayed: bool) -> BankOutcome:
@@ -77,9 +91,17 @@ async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes | None:
 class BankClient:
     """One aiohttp session with a large connection pool, shared by every call of a worker."""
 
-    def __init__(self, base_url: str, *, timeout: float = 20.0, max_connections: int = 1000):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 20.0,
+        max_connections: int = 1000,
+        metrics: BankMetrics | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.metrics = metrics or BankMetrics(CollectorRegistry())
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -167,26 +189,28 @@ class BankClient:
         return await self._send(asked, "GET", path, {}, None)
 
     async def _send(self, asked: Asked, method: str, path: str, headers: dict, data: bytes | None) -> BankOutcome:
-        session = self._open()
-        try:
-            async with session.request(
-                method, self.base_url + path, headers=headers, data=data, allow_redirects=False
-            ) as resp:
-                raw = await _read_bounded(resp)
-                replayed = resp.headers.get(REPLAYED_HEADER, "").lower() == "true"
-                outcome = (
-                    BankOutcome("oversized", http_status=resp.status)
-                    if raw is None
-                    else _outcome(asked, resp.status, raw, replayed)
+        operation = _CALLS.get(asked.call)  # None: a read (GET)
+        if operation is OperationKind.VOID and OPERATION.get() is OperationKind.RELEASE:
+            operation = OperationKind.RELEASE
+        label = operation.value if operation is not None else asked.call
+        metrics = self.metrics
+        with tracing.span(f"bank {label}", tracing.SpanKind.CLIENT) as span:
+            tracing.inject(headers)
+            metrics.in_flight += 1
+            started = time.perf_counter()
+            try:
+                outcome = await self._exchange(asked, method, path, headers, data)
+            finally:
+                metrics.in_flight -= 1
+            seconds = time.perf_counter() - started
+            result = bank_outcome(operation, outcome)
+            metrics.observe(label, result, seconds)
+            if span.is_recording():
+                span.set_attributes(
+                    {"http.request.method": method, "gateway.operation": label, "gateway.bank.outcome": result}
                 )
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
-            outcome = BankOutcome("unreachable")  # no connection: the request was never sent
-        except TimeoutError:
-            outcome = BankOutcome("timeout")
-        except (aiohttp.ClientError, OSError) as exc:
-            # The exception names the URL at most, never the body; log its type only.
-            log.debug("bank connection problem", call=asked.call, error=type(exc).__name__)
-            outcome = BankOutcome("connection")
+                if outcome.http_status is not None:
+                    span.set_attribute("http.response.status_code", outcome.http_status)
         if outcome.kind != "ok":
             log.info(
                 "bank call not ok",
@@ -197,3 +221,26 @@ class BankClient:
                 problem=outcome.message if outcome.kind == "malformed" else None,
             )
         return outcome
+
+    async def _exchange(self, asked: Asked, method: str, path: str, headers: dict, data: bytes | None) -> BankOutcome:
+        """One request and its answer, as an outcome whatever happens on the way."""
+        session = self._open()
+        try:
+            async with session.request(
+                method, self.base_url + path, headers=headers, data=data, allow_redirects=False
+            ) as resp:
+                raw = await _read_bounded(resp)
+                replayed = resp.headers.get(REPLAYED_HEADER, "").lower() == "true"
+                return (
+                    BankOutcome("oversized", http_status=resp.status)
+                    if raw is None
+                    else _outcome(asked, resp.status, raw, replayed)
+                )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+            return BankOutcome("unreachable")  # no connection: the request was never sent
+        except TimeoutError:
+            return BankOutcome("timeout")
+        except (aiohttp.ClientError, OSError) as exc:
+            # The exception names the URL at most, never the body; log its type only.
+            log.debug("bank connection problem", call=asked.call, error=type(exc).__name__)
+            return BankOutcome("connection")

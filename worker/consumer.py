@@ -7,6 +7,12 @@ message (ack, requeue, publish to a retry rung or to payments.dead, each
 publish confirmed before the ack); start and stop. What happens to a message
 is worker.handling's business.
 
+Watching it: each command is handled inside its trace (the `traceparent` of the message,
+gateway.tracing), which goes on into the bank calls, the events written and any retry or
+dead-letter publish; worker.metrics counts bank calls, retries and settles as they happen,
+and a periodic task refreshes the gauges read from the database and the broker. gateway-worker
+serves them on WORKER_METRICS_PORT (gateway.monitoring), with /healthz and /readyz.
+
 Stopping (SIGTERM): the consumer is cancelled, no bank call starts any more,
 the calls under way finish (bounded by BANK_TIMEOUT_SECONDS) and are
 recorded, and every message not finished goes back to the queue when the
@@ -32,17 +38,19 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
-from gateway import config, db, domain, logs, messages, payments, process, redact, store, timefmt
+from gateway import config, db, domain, logs, messages, monitoring, payments, process, redact, store, timefmt, tracing
 from gateway.cards import CardVault
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
 from worker import sweeper, topology
-from worker.bank import BankClient
+from worker.bank import OPERATION, BankClient
 from worker.breaker import CircuitBreaker
 from worker.handling import CannotRecord, Handling
+from worker.metrics import REFRESH_SECONDS, WorkerMetrics
 from worker.settings import WorkerSettings
 
 log = logs.get("worker")
@@ -50,13 +58,16 @@ log = logs.get("worker")
 PUBLISH_TIMEOUT = 30.0
 DATABASE_PROBE_TIMEOUT = 5.0
 BREAKER_REPORT_SECONDS = 60.0  # the ops console shows a worker silent for 3 minutes as stale
+READY_TIMEOUT = 2.0  # /readyz's database check
+_KINDS = {kind.value: kind for kind in OperationKind}
 
 
 class PoolPayments:
     """handling.Payments: the worker phases of gateway.payments on one pool."""
 
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, metrics: WorkerMetrics):
         self._pool = pool
+        self._metrics = metrics
 
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
         return await payments.claim(self._pool, operation_id, owner, lease_seconds)
@@ -75,9 +86,11 @@ class PoolPayments:
         doubt: domain.Doubt | None = None,
     ) -> dict | None:
         try:
-            return await payments.record_outcome(self._pool, claim, verdict, outcome, bank_ms, doubt)
+            payment = await payments.record_outcome(self._pool, claim, verdict, outcome, bank_ms, doubt)
         except _UNRECORDABLE as exc:
             raise CannotRecord(f"{type(exc).__name__}: {redact.clean(str(exc), 200)}") from exc
+        self._metrics.outcome_recorded(payment)
+        return payment
 
     async def park(self, operation_id: str, error: dict) -> dict | None:
         return await payments.park(self._pool, operation_id, error)
@@ -99,9 +112,15 @@ _UNRECORDABLE = (
 
 class AmqpDelivery:
     """handling.Delivery for one aio-pika message. A command leaving for a retry rung or
-    payments.dead keeps its body (and x-force)."""
+    payments.dead keeps its body (and x-force) and carries the current trace."""
 
-    def __init__(self, message: AbstractIncomingMessage, retry: AbstractExchange, default: AbstractExchange):
+    def __init__(
+        self,
+        message: AbstractIncomingMessage,
+        retry: AbstractExchange,
+        default: AbstractExchange,
+        metrics: WorkerMetrics,
+    ):
         headers = message.headers or {}
         self.body = message.body
         self.message_id = message.message_id
@@ -112,6 +131,7 @@ class AmqpDelivery:
         self._message = message
         self._retry = retry
         self._default = default
+        self._metrics = metrics
 
     async def ack(self) -> None:
         await self._message.ack()
@@ -132,6 +152,8 @@ class AmqpDelivery:
             mandatory=True,
             timeout=PUBLISH_TIMEOUT,
         )
+        if retries > self.retries:  # a rung taken (not a wait for a lease or for the bank)
+            self._metrics.retried(retries)
 
     async def dead_letter(self, headers: dict[str, Any]) -> None:
         await self._default.publish(
@@ -140,10 +162,10 @@ class AmqpDelivery:
 
     def _again(self, headers: dict[str, Any]) -> aio_pika.Message:
         """The same command (same body, same message id: one command's journey reads as one
-        in the broker and the logs), with `headers`."""
+        in the broker and the logs), with `headers` and the current trace."""
         return aio_pika.Message(
             body=self.body,
-            headers=headers,
+            headers=tracing.inject(headers),
             message_id=self.message_id or messages.new_id("cmd"),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -170,6 +192,9 @@ class Worker:
         self.cfg = cfg or WorkerSettings()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.run_sweeper = run_sweeper
+        self.metrics = WorkerMetrics()
+        self.metrics.watch_breaker(lambda: self.breaker is not None and self.breaker.is_open)
+        monitoring.pool_gauges(self.metrics.registry, lambda: self.pool)
         self.vault = CardVault(settings.card_key) if settings.card_key else None
         self.pool: asyncpg.Pool | None = None
         self.bank: BankClient | None = None
@@ -180,7 +205,10 @@ class Worker:
         self._stop_sweeper = asyncio.Event()
         self._sweeper: asyncio.Task | None = None
         self._reporter: asyncio.Task | None = None
+        self._gauges: asyncio.Task | None = None
         self._queue: AbstractQueue | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._monitor_channel: AbstractRobustChannel | None = None
         self._consumer_tag: str | None = None
         self._retry_exchange: AbstractExchange | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -202,7 +230,7 @@ class Worker:
 
     async def _start(self) -> None:
         pool = self.pool = await db.create_pool(self.settings.database_url, min_size=2, max_size=self.cfg.db_pool_size)
-        bank = self.bank = BankClient(self.settings.bank_url, timeout=self.cfg.bank_timeout)
+        bank = self.bank = BankClient(self.settings.bank_url, timeout=self.cfg.bank_timeout, metrics=self.metrics.bank)
         self.connection = await aio_pika.connect_robust(
             self.settings.amqp_url, client_properties={"connection_name": f"gateway-worker {self.worker_id}"}
         )
@@ -211,13 +239,13 @@ class Worker:
         self._retry_exchange = exchanges[topology.RETRY_EXCHANGE]
         self.handling = Handling(
             self.cfg,
-            PoolPayments(pool),
+            PoolPayments(pool, self.metrics),
             bank,
             vault=self.vault,
             worker_id=self.worker_id,
             database_probe=lambda: pool.fetchval("SELECT 1", timeout=DATABASE_PROBE_TIMEOUT),
         )
-        consume_channel = await self.connection.channel()
+        consume_channel = self._consume_channel = await self.connection.channel()
         await consume_channel.set_qos(prefetch_count=self.cfg.prefetch)
         self._queue = await consume_channel.declare_queue(
             topology.WORK_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
@@ -240,6 +268,7 @@ class Worker:
                 )
             )
         self._reporter = asyncio.create_task(self._report_breaker(pool))
+        self._gauges = monitoring.refresh_every(REFRESH_SECONDS, self.refresh_gauges, "worker gauges")
         log.info(
             "worker started",
             worker_id=self.worker_id,
@@ -258,8 +287,9 @@ class Worker:
         while self._tasks:  # a message delivered just before the cancel may still add one
             await asyncio.wait(set(self._tasks))
         self._stop_sweeper.set()
-        if self._reporter is not None:
-            self._reporter.cancel()
+        for task in (self._reporter, self._gauges):
+            if task is not None:
+                task.cancel()
         if self._sweeper is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(self._sweeper, 10)
@@ -290,6 +320,37 @@ class Worker:
                         log.debug("breaker state not reported", error=type(exc).__name__)
             await asyncio.sleep(1.0)
 
+    async def refresh_gauges(self) -> None:
+        """Parked operations and flagged payments (one query), messages in payments.dead."""
+        if self.pool is None or self.connection is None:
+            return
+        backlog = await store.pipeline_backlog(self.pool)
+        self.metrics.parked.set(backlog["parked"])
+        self.metrics.flagged.set(backlog["flagged"])
+        if self._monitor_channel is None or self._monitor_channel.is_closed:
+            # A channel of its own: a failed passive declare closes the channel it runs on.
+            self._monitor_channel = await self.connection.channel()
+        # robust=False: a robust channel answers a repeated passive declare from its cache.
+        dead = await self._monitor_channel.declare_queue(topology.DEAD_QUEUE, passive=True, robust=False)
+        self.metrics.dead_letters.set(dead.declaration_result.message_count or 0)
+
+    async def readiness(self) -> dict[str, bool]:
+        """/readyz: the database answers, the broker connection is up, payments.work is consumed."""
+        database = False
+        if self.pool is not None:
+            try:
+                database = await asyncio.wait_for(store.ping(self.pool), READY_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
+                log.warning("readiness: database failed", error=type(exc).__name__)
+        broker = self.connection is not None and self.connection.connected.is_set()
+        consuming = (
+            self._consumer_tag is not None
+            and self._consume_channel is not None
+            and not self._consume_channel.is_closed
+            and not (self.handling is not None and self.handling.stopping.is_set())
+        )
+        return {"database": database, "broker": broker, "consuming": consuming}
+
     async def _close(self) -> None:
         if self.connection is not None:
             await self.connection.close()  # unacked messages go back to the queue
@@ -313,36 +374,58 @@ class Worker:
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         handling, retry = self.handling, self._retry_exchange
         assert handling is not None and retry is not None and self._publish_channel is not None  # started
+        # The routing key is the operation's kind (topology); only a label and a span name
+        # are taken from it, the operation itself is read from the database.
+        kind = _KINDS.get(message.routing_key or "")
+        OPERATION.set(kind)  # this task's own context: its bank calls are for this command
+        delivery = AmqpDelivery(message, retry, self._publish_channel.default_exchange, self.metrics)
         async with self._sem:
-            await handling.handle(AmqpDelivery(message, retry, self._publish_channel.default_exchange))
+            with tracing.continued(
+                message.headers, f"process {kind.value if kind else 'command'}", tracing.SpanKind.CONSUMER
+            ):
+                await handling.handle(delivery)
 
 
 # ---- the process --------------------------------------------------------------------------
 
 
-async def serve(settings: config.Settings, cfg: WorkerSettings, stop: asyncio.Event) -> None:
+async def serve(settings: config.Settings, cfg: WorkerSettings, stop: asyncio.Event, metrics_host: str) -> None:
     worker = Worker(settings, cfg)
-    await process.start_with_retries(worker.start, what="worker", stop=stop)
-    await stop.wait()
-    log.info("stopping: no new messages, finishing the bank calls under way")
-    await worker.stop()
+    endpoint = monitoring.Endpoint(worker.metrics.registry, worker.readiness)
+    if cfg.metrics_port:
+        await endpoint.start(metrics_host, cfg.metrics_port)
+        log.info("metrics and health served", host=metrics_host, port=cfg.metrics_port)
+    try:
+        await process.start_with_retries(worker.start, what="worker", stop=stop)
+        await stop.wait()
+        log.info("stopping: no new messages, finishing the bank calls under way")
+        await worker.stop()
+    finally:
+        await endpoint.close()
 
 
 def _parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="gateway-worker",
         description="Consume payments.work: call the bank for each operation and record the outcome; "
         "also sweeps stuck operations and lapsed holds.",
         epilog=config.epilog(config.Settings, WorkerSettings, unused=("GATEWAY_API_KEYS",)),
     )
+    monitoring.add_host_argument(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    _parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     settings = config.load(need_card_key=True)
     cfg = WorkerSettings.load()
     logs.setup(settings.log_level, "gateway-worker")
-    process.run(lambda stop: serve(settings, cfg, stop))
+    tracing.setup("gateway-worker")
+    try:
+        process.run(lambda stop: serve(settings, cfg, stop, args.metrics_host))
+    except monitoring.ListenError as exc:
+        print(f"gateway-worker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

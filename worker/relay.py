@@ -13,6 +13,11 @@ message_id); a returned (unroutable) or nacked message stays unsent and is
 retried later: that row alone waits (with a growing delay), the rows behind
 it go on. The relay wakes on NOTIFY 'outbox' (the insert
 trigger) and polls as a fallback, and it prunes old published rows now and then.
+
+Watching it: each row is published inside its own trace (the `traceparent` stored with it,
+gateway.tracing); worker.metrics.RelayMetrics counts what was published and times the
+confirms, and a periodic task reads the backlog (one query). gateway-relay serves them on
+RELAY_METRICS_PORT (gateway.monitoring), with /healthz and /readyz.
 """
 
 from __future__ import annotations
@@ -30,16 +35,18 @@ import aio_pika.exceptions
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from gateway import config, db, logs, process, store
+from gateway import config, db, logs, monitoring, process, store, tracing
 from gateway.crashpoints import crash_point
 from worker import settings as wsettings
 from worker import topology
+from worker.metrics import REFRESH_SECONDS, RelayMetrics
 
 log = logs.get("relay")
 
 PUBLISH_TIMEOUT = 30.0
 BUSY_SECONDS = 2.0  # after publishing, poll every BUSY_POLL_SECONDS for this long
 BUSY_POLL_SECONDS = 0.01
+READY_TIMEOUT = 2.0  # /readyz's database check
 
 # A publish that failed because of the row itself (returned as unroutable, nacked, or
 # naming an exchange that does not exist): that row waits, the others go on.
@@ -70,7 +77,10 @@ class Relay:
         self.amqp_url = amqp_url
         self.cfg = cfg or wsettings.RelaySettings()
         self.ladder = ladder or wsettings.parse_ladder(wsettings.DEFAULT_RETRY_LADDER)
+        self.metrics = RelayMetrics()
         self.pool: asyncpg.Pool | None = None
+        monitoring.pool_gauges(self.metrics.registry, lambda: self.pool)
+        self._gauges: asyncio.Task | None = None
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -91,8 +101,11 @@ class Relay:
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         self._exchanges = dict(await topology.declare(self.channel, self.ladder))
         self._known_exchanges = set(self._exchanges) | {""}
+        self._gauges = monitoring.refresh_every(REFRESH_SECONDS, self.refresh_gauges, "outbox gauges")
 
     async def close(self) -> None:
+        if self._gauges is not None:
+            self._gauges.cancel()
         if self._listener is not None and not self._listener.is_closed():
             await self._listener.close(timeout=5)
         if self.connection is not None:
@@ -128,15 +141,28 @@ class Relay:
         return exchange
 
     async def _publish(self, row: asyncpg.Record) -> None:
-        message = aio_pika.Message(
-            body=bytes(row["body"]),
-            headers=row["headers"],
-            message_id=row["message_id"],
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        exchange = await self._exchange(row["exchange"])
-        await exchange.publish(message, routing_key=row["routing_key"], mandatory=True, timeout=PUBLISH_TIMEOUT)
+        headers = row["headers"] or {}
+        with tracing.continued(headers, f"publish {row['exchange']}", tracing.SpanKind.PRODUCER):
+            message = aio_pika.Message(
+                body=bytes(row["body"]),
+                # The row's trace (the publish span's, when spans are recorded); a row written
+                # outside any trace (the sweeper's, ops replays) goes out with a new one.
+                headers=tracing.inject(headers),
+                message_id=row["message_id"],
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            exchange = await self._exchange(row["exchange"])
+            started = time.perf_counter()
+            await exchange.publish(message, routing_key=row["routing_key"], mandatory=True, timeout=PUBLISH_TIMEOUT)
+            self.metrics.published(row["exchange"], row["routing_key"], time.perf_counter() - started)
+            log.debug(
+                "outbox row published",
+                outbox_id=row["id"],
+                exchange=row["exchange"],
+                routing_key=row["routing_key"],
+                message_id=row["message_id"],
+            )
 
     async def _mark(self, conn: store.Connection, ids: list[int]) -> None:
         await store.mark_outbox_published(conn, ids=ids)
@@ -205,6 +231,21 @@ class Relay:
             if batch.broker_trouble or batch.fetched == 0:  # failed rows are held back: no spin
                 return total, failed_total
 
+    async def refresh_gauges(self) -> None:
+        backlog = await store.outbox_backlog(self._db)
+        self.metrics.backlog(backlog["unsent"], backlog["oldest_seconds"])
+
+    async def readiness(self) -> dict[str, bool]:
+        """/readyz: the database answers and the broker connection is up."""
+        database = False
+        if self.pool is not None:
+            try:
+                database = await asyncio.wait_for(store.ping(self.pool), READY_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
+                log.warning("readiness: database failed", error=type(exc).__name__)
+        broker = self.connection is not None and self.connection.connected.is_set()
+        return {"database": database, "broker": broker}
+
     async def prune(self) -> int:
         deleted = 0
         while True:
@@ -268,8 +309,14 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) ->
             t.cancel()
 
 
-async def serve(settings: config.Settings, cfg: wsettings.RelaySettings, stop: asyncio.Event) -> None:
+async def serve(
+    settings: config.Settings, cfg: wsettings.RelaySettings, stop: asyncio.Event, metrics_host: str
+) -> None:
     relay = Relay(settings.database_url, settings.amqp_url, cfg, cfg.retry_ladder)
+    endpoint = monitoring.Endpoint(relay.metrics.registry, relay.readiness)
+    if cfg.metrics_port:
+        await endpoint.start(metrics_host, cfg.metrics_port)
+        log.info("metrics and health served", host=metrics_host, port=cfg.metrics_port)
     try:
         await process.start_with_retries(relay.start, what="relay", stop=stop, undo=relay.close)
         if not stop.is_set():
@@ -277,25 +324,33 @@ async def serve(settings: config.Settings, cfg: wsettings.RelaySettings, stop: a
             await relay.run(stop)
     finally:
         await relay.close()
+        await endpoint.close()
         log.info("relay stopped")
 
 
 def _parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="gateway-relay",
         description="Publish the gateway's outbox (commands and events) to RabbitMQ, at least once.",
         epilog=config.epilog(
             config.Settings, wsettings.RelaySettings, unused=("BANK_URL", "GATEWAY_API_KEYS", "CARD_ENCRYPTION_KEY")
         ),
     )
+    monitoring.add_host_argument(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    _parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     settings = config.load()
     cfg = wsettings.RelaySettings.load()
     logs.setup(settings.log_level, "gateway-relay")
-    process.run(lambda stop: serve(settings, cfg, stop))
+    tracing.setup("gateway-relay")
+    try:
+        process.run(lambda stop: serve(settings, cfg, stop, args.metrics_host))
+    except monitoring.ListenError as exc:
+        print(f"gateway-relay: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -48,6 +48,16 @@ def _count(default: int, alias: str, description: str, *, ge: int = 1) -> Any:
     return Field(default=default, ge=ge, validation_alias=alias, description=description)
 
 
+def _metrics_port(default: int, alias: str) -> Any:
+    return Field(
+        default=default,
+        ge=0,
+        le=65535,
+        validation_alias=alias,
+        description="port of /metrics, /healthz and /readyz (on --metrics-host, 127.0.0.1 by default); 0: none",
+    )
+
+
 class _PipelineSettings(EnvSettings):
     """What the relay (declaring the topology) and the worker (using it) must agree on."""
 
@@ -63,9 +73,11 @@ class RelaySettings(_PipelineSettings):
     poll_seconds: float = _seconds(1.0, "RELAY_POLL_SECONDS", "poll interval when no NOTIFY arrives")
     retention_days: float = _seconds(7.0, "RELAY_RETENTION_DAYS", "published rows older than this are deleted")
     prune_interval: float = _seconds(600.0, "RELAY_PRUNE_INTERVAL_SECONDS", "how often published rows are pruned")
+    metrics_port: int = _metrics_port(9102, "RELAY_METRICS_PORT")
 
 
 class WorkerSettings(_PipelineSettings):
+    metrics_port: int = _metrics_port(9101, "WORKER_METRICS_PORT")
     bank_timeout: float = _seconds(
         20.0, "BANK_TIMEOUT_SECONDS", "total timeout of one bank call (the bank may take 15 s)"
     )

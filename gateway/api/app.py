@@ -2,7 +2,8 @@
 
 create_app() wires everything once: settings, the Postgres pool (given, as
 in tests, or owned by the app), the card vault, the long-poll watcher, the
-readiness probe, metrics and the OpenAPI document.
+readiness probe, metrics and the OpenAPI document. main() also sets up tracing
+(gateway.tracing: exported only when an OTLP endpoint variable is set).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
-from gateway import config, db, logs, process
+from gateway import config, db, logs, monitoring, process, tracing
 from gateway.api import openapi, ops, routes, server
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
@@ -57,6 +58,14 @@ def create_app(
         openapi=orjson.dumps(document),
     )
     app[routes.STATE] = state
+
+    def current_pool() -> asyncpg.Pool | None:
+        try:
+            return state.pool
+        except RuntimeError:  # not started yet
+            return None
+
+    monitoring.pool_gauges(registry, current_pool)
     routes.setup(app)
     ops.setup(app, settings)
 
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     settings = config.load(need_card_key=True)
     logs.setup(settings.log_level, "gateway-api")
+    tracing.setup("gateway-api")
     app = create_app(settings, pool_size=args.db_pool_size)
     try:
         process.run(lambda stop: server.serve(app, args.host, args.port, stop))

@@ -1,8 +1,11 @@
-"""What every request goes through: request id, API key, error format, access log, metrics.
+"""What every request goes through: request id, trace, API key, error format, access log, metrics.
 
 One middleware rather than a stack of them: each layer of an aiohttp
 middleware chain costs a coroutine frame per request, and these concerns
 share the same try/finally anyway.
+
+The trace: a request's W3C `traceparent` is continued (or a trace started), so the
+commands and events it writes and its log lines (the access line included) carry it.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import uuid
 import asyncpg
 import structlog
 from aiohttp import web
+from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from gateway import logs
+from gateway import logs, tracing
 from gateway.api.errors import ApiError, error_response, from_http_exception
 
 log = logs.get("gateway.api")
@@ -100,38 +104,45 @@ async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
     if request_id is None or not _REQUEST_ID.match(request_id):
         request_id = f"req_{uuid.uuid4().hex}"
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    method = request.method if request.method in _METHODS else "OTHER"
+    route = _route(request)
     status = 499  # the client went away before an answer was ready
-    try:
+    with tracing.continued(request.headers, f"{method} {route}", tracing.SpanKind.SERVER) as span:
         try:
-            path = request.path
-            if path.startswith("/v1/") or path == "/v1":
-                merchant = request[CALLER] = _authenticate(request)
-                structlog.contextvars.bind_contextvars(merchant=merchant)
-            response = await handler(request)
-        except ApiError as exc:
-            response = exc.response()
-        except web.HTTPException as exc:
-            response = from_http_exception(exc)
-        except _UNAVAILABLE as exc:
-            log.warning("dependency unavailable", error=f"{type(exc).__name__}: {exc}")
-            response = error_response(
-                503,
-                "service_unavailable",
-                "a dependency of the gateway is unavailable; retry later",
-                headers={"Retry-After": "1"},
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unhandled error", method=request.method, route=_route(request))
-            response = error_response(500, "internal_error", "the gateway failed to handle the request")
-        response.headers["X-Request-Id"] = request_id
-        status = response.status
-        return response
-    finally:
-        seconds = time.perf_counter() - started
-        method = request.method if request.method in _METHODS else "OTHER"
-        route = _route(request)
-        request.app[METRICS].observe(method, route, status, seconds)
-        log.info("request", method=method, route=route, status=status, duration_ms=round(seconds * 1000, 2))
-        structlog.contextvars.unbind_contextvars(*_CONTEXT)
+            try:
+                path = request.path
+                if path.startswith("/v1/") or path == "/v1":
+                    merchant = request[CALLER] = _authenticate(request)
+                    structlog.contextvars.bind_contextvars(merchant=merchant)
+                response = await handler(request)
+            except ApiError as exc:
+                response = exc.response()
+            except web.HTTPException as exc:
+                response = from_http_exception(exc)
+            except _UNAVAILABLE as exc:
+                log.warning("dependency unavailable", error=f"{type(exc).__name__}: {exc}")
+                response = error_response(
+                    503,
+                    "service_unavailable",
+                    "a dependency of the gateway is unavailable; retry later",
+                    headers={"Retry-After": "1"},
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("unhandled error", method=request.method, route=route)
+                response = error_response(500, "internal_error", "the gateway failed to handle the request")
+            response.headers["X-Request-Id"] = request_id
+            status = response.status
+            return response
+        finally:
+            seconds = time.perf_counter() - started
+            request.app[METRICS].observe(method, route, status, seconds)
+            log.info("request", method=method, route=route, status=status, duration_ms=round(seconds * 1000, 2))
+            structlog.contextvars.unbind_contextvars(*_CONTEXT)
+            if span.is_recording():
+                span.set_attributes(
+                    {"http.request.method": method, "http.route": route, "http.response.status_code": status}
+                )
+                if status >= 500:
+                    span.set_status(StatusCode.ERROR)

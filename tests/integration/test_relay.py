@@ -266,3 +266,36 @@ async def test_prune_deletes_only_old_published_rows(env):
         await relay.close()
     left = {r["message_id"] for r in await pool.fetch("SELECT message_id FROM outbox")}
     assert "old" not in left and "recent" in left and len(left) == 2
+
+
+async def test_backlog_gauges_and_readiness(env):
+    database_url, amqp_url, pool, broker = env
+    exchange, queue = await bound_queue(broker)
+    relay = make_relay(database_url, amqp_url)
+    registry = relay.metrics.registry
+
+    def gauges() -> tuple[float | None, float | None]:
+        return (
+            registry.get_sample_value("gateway_outbox_unsent"),
+            registry.get_sample_value("gateway_outbox_oldest_unsent_seconds"),
+        )
+
+    assert await relay.readiness() == {"database": False, "broker": False}
+    await relay.start()
+    try:
+        assert await relay.readiness() == {"database": True, "broker": True}
+        await insert_rows(pool, exchange, 3)
+        await pool.execute(
+            "UPDATE outbox SET created_at = now() - interval '90 seconds' WHERE id = (SELECT min(id) FROM outbox)"
+        )
+        await relay.refresh_gauges()
+        unsent, oldest = gauges()
+        assert unsent == 3 and 90 <= oldest < 120
+        assert await relay.drain() == (3, 0)
+        await relay.refresh_gauges()
+        assert gauges() == (0, 0)
+        assert registry.get_sample_value("gateway_relay_published_total", {"exchange": exchange}) == 3
+        assert registry.get_sample_value("gateway_relay_confirm_seconds_count") == 3
+    finally:
+        await relay.close()
+    await drain_queue(queue, expect=3)

@@ -600,6 +600,47 @@ async def test_console_scripts_run_the_pipeline_and_stop_gracefully_on_sigterm(p
         await pipe.start_worker()
 
 
+async def test_gauges_come_from_the_database_and_the_broker_and_readiness_checks_all_three(pipe):
+    worker = pipe.worker
+    registry = worker.metrics.registry
+
+    def gauges() -> tuple[float | None, ...]:
+        names = ("gateway_operations_parked", "gateway_payments_flagged", "gateway_dead_letters")
+        return tuple(registry.get_sample_value(name) for name in names)
+
+    assert await worker.readiness() == {"database": True, "broker": True, "consuming": True}
+    await worker.refresh_gauges()
+    parked, flagged, dead = gauges()
+    pid = await pipe.authorize(amount=3400)
+    await pipe.wait_status(pid, "authorized")
+    # As a park leaves it (the phases themselves are tested above): the operation parked, the
+    # payment flagged, the command in payments.dead.
+    op_id = (await pipe.operation(pid, "authorize"))["id"]
+    await pipe.pool.execute("UPDATE operations SET status = 'pending', parked = true WHERE id = $1", op_id)
+    await pipe.pool.execute("UPDATE payments SET attention_required = true WHERE id = $1", pid)
+    channel = await pipe.broker.channel(publisher_confirms=True)
+    await channel.default_exchange.publish(
+        aio_pika.Message(b"{}", headers={"operation_id": op_id}), routing_key=topology.DEAD_QUEUE
+    )
+    await channel.close()
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # a quorum queue's count in declare-ok may trail the confirm a little
+            await worker.refresh_gauges()
+            if gauges() == (parked + 1, flagged + 1, dead + 1) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert gauges() == (parked + 1, flagged + 1, dead + 1)
+    finally:
+        await pipe.pool.execute("UPDATE operations SET status = 'succeeded', parked = false WHERE id = $1", op_id)
+        await pipe.pool.execute("UPDATE payments SET attention_required = false WHERE id = $1", pid)
+        assert len(await pipe.dead_letters(op_id)) == 1
+    await worker.refresh_gauges()
+    assert gauges() == (parked, flagged, dead)
+    stopped = Worker(pipe.settings, WORKER_CFG)
+    assert await stopped.readiness() == {"database": False, "broker": False, "consuming": False}
+
+
 @contextlib.asynccontextmanager
 async def console_worker(pipe, **env: str):
     """gateway-worker as a real process (the in-process worker stopped meanwhile)."""
@@ -676,3 +717,21 @@ def test_bad_worker_setting_exits_2():
     )
     assert result.returncode == 2 and "WORKER_RETRY_LADDER" in result.stderr
     assert run_script("gateway-relay", "--help").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("script", "variable"), [("gateway-worker", "WORKER_METRICS_PORT"), ("gateway-relay", "RELAY_METRICS_PORT")]
+)
+def test_a_taken_metrics_port_stops_the_process_with_a_message(script, variable):
+    import socket
+
+    from tests.support.procs import run_script
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        key = base64.b64encode(b"k" * 32).decode()
+        result = run_script(script, env={"CARD_ENCRYPTION_KEY": key, variable: str(port)})
+    assert result.returncode == 1, result.stderr
+    assert f"{script}: cannot serve metrics on 127.0.0.1:{port}" in result.stderr

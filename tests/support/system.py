@@ -8,6 +8,7 @@ integration tests, bench/ and `make run`.
     await system.start()        # private database (schema applied) and vhost, mockbank, then
                                 # every gateway process, each waited for until it is ready
     system.api_url, system.bank_url, system.database_url, system.amqp_url
+    system.metrics_url("worker")                      # a worker's or relay's /metrics, /healthz, /readyz
     system.bank                 # MockBankClient: /_mock ledger, chaos, faults, expire, reset
     system.pool                 # asyncpg pool on the database (application_name HARNESS_APP)
     await system.kill("worker")                       # SIGKILL
@@ -31,8 +32,12 @@ every start: crash tests arm each start differently), then a restart's `env`; a 
 value removes a variable. Readiness: mockbank answers /health, an API /readyz; a worker
 shows as a consumer of payments.work, a relay as a LISTEN "outbox" connection.
 
+Each worker and relay serves its metrics on a port of its own (WORKER_METRICS_PORT,
+RELAY_METRICS_PORT): free ones, or `metrics_ports` for the first of a kind.
+
 For `make run`: `database_url=` a persistent database (created if missing, schema
-applied, kept), `private_vhost=False`, fixed `api_port` / `bank_port`, `log_dir`.
+applied, kept), `private_vhost=False`, fixed `api_port` / `bank_port` / `metrics_ports`,
+`log_dir`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ __all__ = ["BANK", "GATEWAY_KINDS", "HARNESS_APP", "Death", "System"]
 GATEWAY_KINDS = ("api", "relay", "worker")
 BANK = "mockbank"
 SCRIPTS = {"api": "gateway-api", "relay": "gateway-relay", "worker": "gateway-worker", BANK: "mockbank"}
+METRICS_PORT_VARIABLES = {"relay": "RELAY_METRICS_PORT", "worker": "WORKER_METRICS_PORT"}
 HARNESS_APP = "gateway-harness"  # application_name of the harness's own database connections
 READY_TIMEOUT = 60.0
 WORK_QUEUE = "payments.work"
@@ -92,6 +98,7 @@ class System:
         api_args: Sequence[str] = (),
         api_port: int | None = None,
         bank_port: int | None = None,
+        metrics_ports: Mapping[str, int] | None = None,
         log_dir: Path | None = None,
         launcher: Sequence[str] = (),
         cwd: Path | None = None,
@@ -99,7 +106,8 @@ class System:
         """``server_urls``: PostgreSQL (any database on the server: a private database is made
         there unless ``database_url`` names one to use and keep) and RabbitMQ (a private vhost
         is made unless ``private_vhost`` is False). ``scale``: processes per gateway kind
-        (default one each). ``api_port`` is the first API's (others get free ports).
+        (default one each). ``api_port`` is the first API's (others get free ports), and
+        ``metrics_ports`` the first relay's and worker's metrics ports (``{"worker": 9101}``).
         ``log_dir``: each process's stdout and stderr appended to ``<name>.log`` there (else
         temporary files). ``launcher``: argv put before each gateway console script (bench's
         census runs ``python -m bench.census gateway-api ...``), run in ``cwd``."""
@@ -125,7 +133,7 @@ class System:
         self.bank = MockBankClient(self.bank_url)
         self.procs: dict[str, ScriptProcess] = {}  # the running (or last) incarnation of each name
         self.kind: dict[str, str] = {}
-        self.ports: dict[str, int] = {"api": api_port or free_port()}
+        self.ports: dict[str, int] = {"api": api_port or free_port(), **(metrics_ports or {})}
         self.retired: list[ScriptProcess] = []  # dead or replaced incarnations, kept for their output
         self._prepared = False
 
@@ -139,6 +147,10 @@ class System:
     @property
     def api_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{self.ports[name]}" for name in self.names("api") or ["api"]]
+
+    def metrics_url(self, name: str) -> str:
+        """Where worker or relay ``name`` serves /metrics, /healthz and /readyz."""
+        return f"http://127.0.0.1:{self.ports[name]}"
 
     @property
     def database_name(self) -> str:
@@ -273,11 +285,13 @@ class System:
             proc = ScriptProcess(script, "--port", str(self.bank_port), env={**self.bank_env, **(extra or {})}, log=log)
         else:
             args = []
+            port = self.ports.setdefault(name, free_port())
             if kind == "api":
-                port = self.ports.setdefault(name, free_port())
                 args = ["--port", str(port), *self.api_args]
+            metrics_port = {METRICS_PORT_VARIABLES[kind]: str(port)} if kind in METRICS_PORT_VARIABLES else {}
             env = {
                 **self.gateway_base_env(),
+                **metrics_port,
                 **self.gateway_env,
                 **(self.env_for(kind, name) if self.env_for else {}),
                 **(extra or {}),

@@ -345,6 +345,7 @@ def test_only_the_documented_names_are_read(clean_env):
 
 # ---------------------------------------- worker, relay and mock bank settings
 WORKER_DEFAULTS = {
+    "metrics_port": 9101,
     "bank_timeout": 20.0,
     "prefetch": 1000,
     "concurrency": 1000,
@@ -381,6 +382,7 @@ def test_worker_and_relay_defaults():
     assert WorkerSettings.parse({}).lease_seconds == 30.0
     relay = RelaySettings.parse({})
     assert (relay.batch_size, relay.poll_seconds, relay.retention_days, relay.prune_interval) == (200, 1.0, 7.0, 600.0)
+    assert relay.metrics_port == 9102
     assert relay.retry_ladder == WORKER_DEFAULTS["retry_ladder"]
 
 
@@ -439,6 +441,8 @@ NUMBER_RULES = {
     "RELAY_POLL_SECONDS": (False, ["0", "-1", "x"]),
     "RELAY_RETENTION_DAYS": (False, ["0", "x"]),
     "RELAY_PRUNE_INTERVAL_SECONDS": (False, ["0", "x"]),
+    "WORKER_METRICS_PORT": (True, ["-1", "65536", "x", "9101.5"]),
+    "RELAY_METRICS_PORT": (True, ["-1", "70000", "port"]),
     "MIN_LATENCY_MS": (False, ["-1", "fast", "nan"]),
     "MAX_LATENCY_MS": (False, ["-1", "slow", "inf"]),
     "FAILURE_RATE": (False, ["1.5", "-0.1", "often", "nan"]),

@@ -1,0 +1,17 @@
+-- The gauges gateway-relay and gateway-worker refresh every few seconds
+-- (worker/metrics.py): one round trip each, over partial indexes that hold
+-- exactly the rows counted, so their cost follows the backlog, not the tables.
+
+-- name: outbox_backlog^
+-- Rows not yet published (outbox_unsent) and the oldest one's age, on the
+-- database's clock like the rows' created_at; null when there is none.
+SELECT count(*) AS unsent,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_seconds
+  FROM outbox
+ WHERE published_at IS NULL;
+
+-- name: pipeline_backlog^
+-- Operations parked for ops (operations_pending holds the pending ones) and
+-- payments flagged attention_required (payments_flagged).
+SELECT (SELECT count(*) FROM operations WHERE status = 'pending' AND parked) AS parked,
+       (SELECT count(*) FROM payments WHERE attention_required) AS flagged;

@@ -1,0 +1,164 @@
+"""One trace per payment: W3C trace context (`traceparent`) through every process (OpenTelemetry).
+
+    tracing.setup("gateway-worker")            once per process, before serving
+    with tracing.continued(headers, "process capture", SpanKind.CONSUMER):
+        ...                                    the trace of an HTTP request or an AMQP message
+                                               (a new one when it carries none)
+    with tracing.span("bank capture", SpanKind.CLIENT):
+        tracing.inject(http_headers)           the current trace, for the next hop
+    tracing.trace_id()                         the current trace id (32 hex) or None: logs
+
+The trace lives in OpenTelemetry's context variable, so whatever runs inside a request or a
+message carries it without being handed it: gateway.messages puts it into every outbox row's
+headers (the relay publishes them as AMQP headers), worker.bank into each bank request,
+gateway.logs into every log line.
+
+Spans are exported only when a standard OTLP endpoint variable is set
+(OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; the exporter reads the
+other OTEL_EXPORTER_OTLP_* variables itself, OTEL_TRACES_SAMPLER and OTEL_SERVICE_NAME are
+honoured). Unset, nothing is recorded and nothing leaves the process: a trace that came in is
+passed on unchanged (same trace id and parent id, as a hop that takes no part in tracing
+does), and a new one (an API request without `traceparent`, a command without one) gets fresh
+ids, unsampled. That costs a few microseconds per hop instead of a recorded span's tens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+
+from opentelemetry import context, trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = ["TRACEPARENT", "SpanKind", "continued", "exporting", "inject", "setup", "span", "trace_id"]
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+_propagator = TraceContextTextMapPropagator()
+# Until setup(): nothing recorded, ids generated for new traces (tests run this way).
+_tracer = TracerProvider(sampler=ALWAYS_OFF).get_tracer(__name__)
+_exporting = False
+
+
+def exporting() -> bool:
+    """Spans are recorded and sent to an OTLP endpoint."""
+    return _exporting
+
+
+def setup(service: str) -> None:
+    """This process's tracer: exporting over OTLP/HTTP when an endpoint variable is set."""
+    global _tracer, _exporting
+    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service}
+    resource = Resource.create(attributes)
+    if any(os.environ.get(name) for name in ENDPOINT_VARIABLES):
+        # Imported here: the exporter pulls in requests and protobuf, which a process that
+        # exports nothing does not need.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        _exporting = True
+    else:
+        provider = TracerProvider(sampler=ALWAYS_OFF, resource=resource)
+        _exporting = False
+    trace.set_tracer_provider(provider)
+    _tracer = provider.get_tracer(__name__)
+
+
+class _OneValue(Getter[Mapping[str, str]]):
+    """The propagator's view of our carrier: one str per name (the default getter's generic
+    checks cost more than the rest of the extraction)."""
+
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _OneValue()
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("ascii", "replace")
+    return value if isinstance(value, str) else None
+
+
+def extract(headers: Mapping[str, object] | None) -> Span | None:
+    """The caller's span (remote, not recorded here) named by `traceparent` in HTTP or AMQP
+    headers (str or bytes values); None when there is none or it is malformed (the W3C
+    propagator checks the format and the length and refuses all-zero ids)."""
+    traceparent = _text(headers.get(TRACEPARENT)) if headers else None
+    if traceparent is None:
+        return None
+    carrier = {TRACEPARENT: traceparent}
+    tracestate = _text(headers.get(TRACESTATE)) if headers else None
+    if tracestate is not None:
+        carrier[TRACESTATE] = tracestate
+    parent = trace.get_current_span(_propagator.extract(carrier, getter=_GETTER))
+    return parent if parent.get_span_context().is_valid else None
+
+
+class _Current:
+    """`span` is the current span inside the `with`; ended on the way out when it is this
+    process's (what trace.use_span does, without its two generator frames per use)."""
+
+    __slots__ = ("_end", "_span", "_token")
+
+    def __init__(self, span: Span, *, end: bool):
+        self._span = span
+        self._end = end
+
+    def __enter__(self) -> Span:
+        self._token = context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        context.detach(self._token)
+        if self._end:
+            if isinstance(exc, Exception) and self._span.is_recording():
+                self._span.record_exception(exc)
+                self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            self._span.end()
+
+
+def continued(headers: Mapping[str, object] | None, name: str, kind: SpanKind) -> AbstractContextManager[Span]:
+    """A span (the current one inside) continuing the trace in `headers`, or starting one."""
+    parent = extract(headers)
+    if parent is not None and not _exporting:
+        return _Current(parent, end=False)  # recording nothing: the trace goes on unchanged
+    start_in = trace.set_span_in_context(parent) if parent is not None else Context()
+    return _Current(_tracer.start_span(name, context=start_in, kind=kind), end=True)
+
+
+def span(name: str, kind: SpanKind = SpanKind.INTERNAL) -> AbstractContextManager[Span]:
+    """A child span of the current one (the current one inside); a new trace outside any."""
+    current = trace.get_current_span()
+    if not _exporting and current.get_span_context().is_valid:
+        return nullcontext(current)  # recording nothing: already current, unchanged
+    return _Current(_tracer.start_span(name, kind=kind), end=True)
+
+
+def inject(headers: dict) -> dict:
+    """`headers` with the current trace context added (`traceparent`, and `tracestate` when
+    there is one); unchanged outside any trace."""
+    _propagator.inject(headers)
+    return headers
+
+
+def trace_id() -> str | None:
+    """The current trace id, 32 lowercase hex digits, or None outside any trace."""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
