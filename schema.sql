@@ -57,10 +57,12 @@ CREATE TABLE IF NOT EXISTS operations (
     lease_owner       text,
     lease_until       timestamptz,
     parked            boolean NOT NULL DEFAULT false,       -- in the dead-letter queue
-    -- An earlier attempt may have done the work without our learning it (its answer
-    -- was lost, or its handler died with the lease): what makes an "already done"
-    -- refusal proof of our own work, and a fresh approval a possible second hold.
-    maybe_acted       boolean NOT NULL DEFAULT false,
+    -- Attempts known to have done nothing (refused, never sent, the contract's 500).
+    -- Every other attempt may have done the work without our learning it (the answer
+    -- was lost, or its handler died): one such makes an "already done" refusal proof
+    -- of our own work and a fresh approval a possible second hold; two make even a
+    -- replayed approval one (the other may have held money too).
+    clean_attempts    integer NOT NULL DEFAULT 0 CHECK (clean_attempts >= 0),
     last_error        jsonb,
     bank_response     jsonb,
     bank_ms           integer NOT NULL DEFAULT 0,           -- time spent waiting for the bank
@@ -69,7 +71,8 @@ CREATE TABLE IF NOT EXISTS operations (
     updated_at        timestamptz NOT NULL,
     finished_at       timestamptz
 ) WITH (fillfactor = 80);
-ALTER TABLE operations ADD COLUMN IF NOT EXISTS maybe_acted boolean NOT NULL DEFAULT false;
+ALTER TABLE operations ADD COLUMN IF NOT EXISTS clean_attempts integer NOT NULL DEFAULT 0
+    CHECK (clean_attempts >= 0);
 -- Room on each page for the updates a payment and its operations go through, so that
 -- those touching no indexed column (a claim, for one) stay on the page (HOT).
 ALTER TABLE payments SET (fillfactor = 80);

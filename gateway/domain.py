@@ -223,7 +223,8 @@ def may_have_acted(outcome: BankOutcome) -> bool:
 #   void,     authorization_already_used,   likewise, when no capture of it was ever sent:
 #   release   already_voided                voided (released)
 #   authorize a fresh (not replayed) approval  proves a hold, not that it is the only one:
-#                                           recorded, flagged, a reconciliation finding
+#             after one such attempt, or a  recorded, flagged, a reconciliation finding
+#             replayed one after two
 #
 # Proven work is recorded as succeeded with the bank's reference unknown and the payment
 # flagged (attention_required) for a human to fill the reference; anything not proven is
@@ -255,11 +256,12 @@ class Doubt:
 
 
 def proves_own_work(
-    kind: OperationKind, code: str | None, *, earlier_may_have_acted: bool, other_kinds_tried: frozenset[OperationKind]
+    kind: OperationKind, code: str | None, *, unknown_before: int, other_kinds_tried: frozenset[OperationKind]
 ) -> bool:
     """Is an "already done" refusal (still refused when asked again with our key) proof that
-    our own earlier attempt did the work? See the table above."""
-    if kind not in _COULD_HAVE_DONE_IT or code not in _ALREADY_DONE[kind] or not earlier_may_have_acted:
+    our own earlier attempt did the work? `unknown_before`: earlier attempts of this operation
+    whose outcome we never learnt. See the table above."""
+    if kind not in _COULD_HAVE_DONE_IT or code not in _ALREADY_DONE[kind] or unknown_before < 1:
         return False
     return not (other_kinds_tried & _COULD_HAVE_DONE_IT[kind])
 
@@ -274,9 +276,11 @@ def unnamed_work(kind: OperationKind) -> Doubt:
     )
 
 
-def doubt_of_approval(outcome: BankOutcome, *, earlier_may_have_acted: bool) -> Doubt | None:
-    """A fresh approval after an attempt that may have placed a hold: maybe two holds."""
-    if outcome.kind != "ok" or outcome.replayed or not earlier_may_have_acted:
+def doubt_of_approval(outcome: BankOutcome, *, unknown_before: int) -> Doubt | None:
+    """Maybe two holds: a fresh approval after one attempt whose outcome we never learnt (it
+    may have placed a hold the bank then forgot), or even a replayed one after two (the
+    replay names one of their holds; the other may exist too)."""
+    if outcome.kind != "ok" or unknown_before < (2 if outcome.replayed else 1):
         return None
     return Doubt(
         POSSIBLE_DUPLICATE_HOLD,

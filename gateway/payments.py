@@ -289,7 +289,7 @@ class Claim:
     card_expiry_month: int
     card_expiry_year: int
     sealed_card: bytes | None
-    maybe_acted: bool = False  # an earlier attempt may have done the work unbeknown to us
+    unknown_outcomes: int = 0  # earlier attempts that may have done the work unbeknown to us
     # The payment row (with `history`) as it stood when the lease was taken: nothing else
     # changes it while the lease is held, so the outcome is recorded from it.
     payment: Mapping[str, Any] = field(default_factory=dict)
@@ -327,7 +327,7 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
             card_expiry_month=row["card_expiry_month"],
             card_expiry_year=row["card_expiry_year"],
             sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
-            maybe_acted=row["maybe_acted"],
+            unknown_outcomes=row["unknown_outcomes"],
             payment=dict(row),
         )
     state = await store.operation_state(pool, operation_id=operation_id)
@@ -346,12 +346,19 @@ async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds
 
 
 async def release(
-    pool: asyncpg.Pool, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, maybe_acted: bool = False
+    pool: asyncpg.Pool,
+    operation_id: str,
+    owner: str,
+    error: dict | None,
+    bank_ms: int,
+    *,
+    clean_attempts: int = 0,
 ) -> None:
-    """Give the lease back after attempts that settled nothing (transient failures); maybe_acted:
-    one of them may have done the work without our learning it."""
+    """Give the lease back after attempts that settled nothing (transient failures);
+    `clean_attempts` of them are known to have done nothing at the bank (every other
+    attempt counts as one that may have done the work unbeknown to us)."""
     await store.release_lease(
-        pool, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, maybe_acted=maybe_acted
+        pool, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, clean_attempts=clean_attempts
     )
 
 

@@ -315,10 +315,11 @@ async def operation_state(db: Executor, *, operation_id: str) -> asyncpg.Record 
 
 
 async def release_lease(
-    db: Executor, *, operation_id: str, owner: str, error: dict | None, bank_ms: int, maybe_acted: bool
+    db: Executor, *, operation_id: str, owner: str, error: dict | None, bank_ms: int, clean_attempts: int
 ) -> None:
+    """Give the lease back; `clean_attempts`: attempts of this holder known to have done nothing."""
     await _payments.release_lease(
-        db, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, maybe_acted=maybe_acted
+        db, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, clean_attempts=clean_attempts
     )
 
 

@@ -73,9 +73,9 @@ class PoolPayments:
         return await payments.claim(self._pool, operation_id, owner, lease_seconds)
 
     async def release(
-        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, maybe_acted: bool = False
+        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, clean_attempts: int = 0
     ) -> None:
-        await payments.release(self._pool, operation_id, owner, error, bank_ms, maybe_acted=maybe_acted)
+        await payments.release(self._pool, operation_id, owner, error, bank_ms, clean_attempts=clean_attempts)
 
     async def record_outcome(
         self,

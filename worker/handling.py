@@ -84,7 +84,7 @@ class Payments(Protocol):
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState: ...
 
     async def release(
-        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, maybe_acted: bool = False
+        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, clean_attempts: int = 0
     ) -> None: ...
 
     async def record_outcome(
@@ -332,8 +332,14 @@ class _Run:
     interrupted: bool = False  # a try could not start: stopping, or the breaker holds calls back
     bank_ms: int = 0
     attempts: int = 0  # the operation's attempt count after the last claim
-    maybe_acted: bool = False  # some attempt so far may have done the work unbeknown to us
-    acted_before_last: bool = False  # ... some attempt before the latest one
+    unknown_before: int = 0  # earlier attempts that may have done the work unbeknown to us
+    unknown_new: int = 0  # ... of this handling
+    clean_new: int = 0  # attempts of this handling known to have done nothing (told when released)
+    unknown_before_last: int = 0  # all that may have, before the latest try
+
+    @property
+    def unknown(self) -> int:
+        return self.unknown_before + self.unknown_new
 
     @property
     def error(self) -> dict | None:
@@ -472,7 +478,7 @@ class Handling:
             # Nothing settled, and no further call may start now: give the lease back. Stopping:
             # the command stays unacknowledged and goes back to the queue. The bank unavailable:
             # the failures were the outage, so no rung is taken; wait for the bank.
-            await self.payments.release(operation_id, owner, run.error, run.bank_ms, maybe_acted=run.maybe_acted)
+            await self.payments.release(operation_id, owner, run.error, run.bank_ms, clean_attempts=run.clean_new)
             if self.stopping.is_set():
                 log.info("stopping: operation left for the next worker")
                 return False
@@ -485,7 +491,7 @@ class Handling:
         if domain.is_final(run.verdict):
             doubt = None
             if claim.kind is OperationKind.AUTHORIZE:
-                doubt = domain.doubt_of_approval(run.outcome, earlier_may_have_acted=run.acted_before_last)
+                doubt = domain.doubt_of_approval(run.outcome, unknown_before=run.unknown_before_last)
             await self._record(delivery, claim, run, run.verdict, run.outcome, doubt)
             return False
         await self._retry_later(delivery, claim, domain.error_for(run.outcome), run)
@@ -507,7 +513,7 @@ class Handling:
             # Bounded like any other failure: the ladder, then parked with the reason. The
             # bank did its part; asking again with our key gets the same answer back.
             log.error("the bank's answer could not be recorded", problem=str(exc))
-            run.maybe_acted = True
+            run.unknown_new += 1
             error = _error("cannot_record", f"the bank's answer could not be recorded: {exc}", retryable=True)
             await self._retry_later(delivery, claim, error, run)
             return
@@ -524,9 +530,7 @@ class Handling:
         assert run.outcome is not None
         code = run.outcome.code
         tried = await self.payments.kinds_tried(claim.payment_id, claim.operation_id)
-        if domain.proves_own_work(
-            claim.kind, code, earlier_may_have_acted=run.acted_before_last, other_kinds_tried=tried
-        ):
+        if domain.proves_own_work(claim.kind, code, unknown_before=run.unknown_before_last, other_kinds_tried=tried):
             done = BankOutcome("ok", http_status=run.outcome.http_status)
             await self._record(delivery, claim, run, Verdict.SUCCEEDED, done, domain.unnamed_work(claim.kind))
             return
@@ -572,7 +576,7 @@ class Handling:
 
     async def _tries(self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], permit: Permit) -> _Run:
         """Up to WORKER_QUICK_RETRIES sequential tries, each under a freshly renewed lease."""
-        run = _Run(attempts=claim.attempts, maybe_acted=claim.maybe_acted)
+        run = _Run(attempts=claim.attempts, unknown_before=claim.unknown_outcomes)
         for tries in range(1, self.cfg.quick_retries + 1):
             if tries > 1:
                 await process.wait(self.stopping, random.uniform(0, self.cfg.quick_retry_base * 2 ** (tries - 2)))
@@ -583,6 +587,7 @@ class Handling:
             elif self.stopping.is_set():
                 self.gate.cancel(permit)
                 run.interrupted = True
+                run.clean_new += 1  # claimed, never sent
                 return run
             outcome = await self._ask(claim, call, permit, run)
             if run.verdict is Verdict.CONFIRM:
@@ -641,8 +646,13 @@ class Handling:
         self.gate.record(permit, outcome)
         run.outcome = outcome
         run.verdict = domain.classify(claim.kind, outcome)
-        run.acted_before_last = run.maybe_acted
-        run.maybe_acted = run.maybe_acted or domain.may_have_acted(outcome)
+        run.unknown_before_last = run.unknown
+        if outcome.kind == "ok":
+            pass  # work we know of: recorded next (or, if that fails, counted as unknown then)
+        elif domain.may_have_acted(outcome):
+            run.unknown_new += 1
+        else:
+            run.clean_new += 1
         return outcome
 
     # ---- the ways a message leaves ----------------------------------------------------------
@@ -678,7 +688,7 @@ class Handling:
         if retries >= len(self.cfg.retry_ladder):
             await self._park(delivery, claim, error, run=run)
             return
-        await self.payments.release(claim.operation_id, claim.owner, error, run.bank_ms, maybe_acted=run.maybe_acted)
+        await self.payments.release(claim.operation_id, claim.owner, error, run.bank_ms, clean_attempts=run.clean_new)
         delay = self.cfg.retry_ladder[retries]
         await delivery.retry_later(delay, retries + 1, claim.kind.value)
         log.info("bank attempts failed; retrying later", delay=delay, rung=retries + 1, error_code=error["code"])
@@ -686,9 +696,9 @@ class Handling:
 
     async def _park(self, delivery: Delivery, claim: Claim, error: dict, *, run: _Run | None = None) -> None:
         attempts = claim.attempts if run is None else run.attempts
-        if run is not None and (run.bank_ms or run.maybe_acted):
+        if run is not None and (run.bank_ms or run.clean_new):
             await self.payments.release(
-                claim.operation_id, claim.owner, error, run.bank_ms, maybe_acted=run.maybe_acted
+                claim.operation_id, claim.owner, error, run.bank_ms, clean_attempts=run.clean_new
             )
         payment = await self.payments.park(claim.operation_id, error)
         if payment is not None:

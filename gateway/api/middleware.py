@@ -39,7 +39,8 @@ _CONTEXT = ("request_id", "payment_id", "merchant")
 _UNAVAILABLE = (
     OSError,
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,  # a restart or pg_terminate_backend cut the connection
+    asyncpg.InterfaceError,  # the connection was closed under the request
     asyncpg.TooManyConnectionsError,
 )
 

@@ -111,13 +111,10 @@ SELECT :command_exchange, :command_routing_key, :command_message_id, :command_bo
 -- Take the lease for one bank attempt. Fails (no row) when the operation is
 -- finished or another worker's lease has not run out: a bank call of that
 -- worker may still be running, and the bank has no in-flight lock. A parked
--- operation waits for ops (unpark_operation) and is not claimed either. A lease
--- taken over from another handling that never gave it back means that handling
--- died, maybe after the bank did the work: maybe_acted.
+-- operation waits for ops (unpark_operation) and is not claimed either.
 WITH claimed AS (
     UPDATE operations
        SET attempts = attempts + 1,
-           maybe_acted = maybe_acted OR (lease_owner IS NOT NULL AND lease_owner <> :owner),
            lease_owner = :owner,
            lease_until = now() + make_interval(secs => :lease_seconds),
            first_attempt_at = coalesce(first_attempt_at, now())
@@ -125,11 +122,13 @@ WITH claimed AS (
        AND (lease_until IS NULL OR lease_until < now() OR lease_owner = :owner)
     RETURNING *
 )
--- With the payment as it stands, history included: while this lease is held nothing
+-- unknown_outcomes: the earlier attempts not known to have done nothing (their
+-- answer was lost, or their handler died before saying). With the payment as it
+-- stands, history included: while this lease is held nothing
 -- else changes it (one operation in flight per payment), so the outcome is recorded
 -- from this snapshot without reading it again.
 SELECT c.id AS operation_id, c.kind AS operation_kind, c.bank_key, c.attempts, c.first_attempt_at,
-       c.maybe_acted, p.*, payment_history_json(p.id) AS history, v.sealed
+       c.attempts - 1 - c.clean_attempts AS unknown_outcomes, p.*, payment_history_json(p.id) AS history, v.sealed
   FROM claimed c
   JOIN payments p ON p.id = c.payment_id
   LEFT JOIN card_vault v ON v.payment_id = c.payment_id;
@@ -142,7 +141,8 @@ SELECT o.id, o.kind, o.status, o.parked, o.attempts, o.first_attempt_at, o.payme
 
 -- name: release_lease!
 UPDATE operations SET lease_owner = NULL, lease_until = NULL, last_error = :error,
-                      bank_ms = bank_ms + :bank_ms, maybe_acted = maybe_acted OR :maybe_acted,
+                      bank_ms = bank_ms + :bank_ms,
+                      clean_attempts = clean_attempts + :clean_attempts,
                       updated_at = now()
  WHERE id = :operation_id AND lease_owner = :owner AND status = 'pending';
 

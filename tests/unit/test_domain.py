@@ -795,12 +795,12 @@ OTHER_KIND_SETS = [frozenset(s) for n in range(3) for s in itertools.combination
 
 @pytest.mark.parametrize("kind", list(OperationKind))
 @pytest.mark.parametrize("code", ALREADY_CODES)
-@pytest.mark.parametrize("earlier", [False, True])
+@pytest.mark.parametrize("unknown", [0, 1, 2])
 @pytest.mark.parametrize("others", OTHER_KIND_SETS)
-def test_proof_of_our_own_work_follows_the_table(kind, code, earlier, others):
-    proven = domain.proves_own_work(kind, code, earlier_may_have_acted=earlier, other_kinds_tried=others)
+def test_proof_of_our_own_work_follows_the_table(kind, code, unknown, others):
+    proven = domain.proves_own_work(kind, code, unknown_before=unknown, other_kinds_tried=others)
     expected = (
-        earlier
+        unknown > 0
         and kind is not OperationKind.AUTHORIZE
         and code in domain._ALREADY_DONE[kind]
         and not {
@@ -823,16 +823,19 @@ def test_unnamed_work_names_the_missing_reference_and_flags_without_a_finding(ki
 
 
 @pytest.mark.parametrize(
-    ("outcome", "earlier", "doubtful"),
+    ("outcome", "unknown", "doubtful"),
     [
-        (BankOutcome("ok", 200, body={}), True, True),
-        (BankOutcome("ok", 200, body={}, replayed=True), True, False),
-        (BankOutcome("ok", 200, body={}), False, False),
-        (BankOutcome("timeout"), True, False),
+        (BankOutcome("ok", 200, body={}), 1, True),
+        (BankOutcome("ok", 200, body={}), 2, True),
+        (BankOutcome("ok", 200, body={}), 0, False),
+        (BankOutcome("ok", 200, body={}, replayed=True), 0, False),
+        (BankOutcome("ok", 200, body={}, replayed=True), 1, False),
+        (BankOutcome("ok", 200, body={}, replayed=True), 2, True),
+        (BankOutcome("timeout"), 2, False),
     ],
 )
-def test_a_fresh_approval_is_doubtful_only_after_an_attempt_that_may_have_acted(outcome, earlier, doubtful):
-    doubt = domain.doubt_of_approval(outcome, earlier_may_have_acted=earlier)
+def test_an_approval_is_doubtful_when_another_unknown_attempt_may_have_held_money(outcome, unknown, doubtful):
+    doubt = domain.doubt_of_approval(outcome, unknown_before=unknown)
     assert (doubt is not None) is doubtful
     if doubt is not None:
         assert doubt.finding == domain.POSSIBLE_DUPLICATE_HOLD

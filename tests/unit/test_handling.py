@@ -60,7 +60,7 @@ class Op:
     last_error: dict | None = None
     verdict: Verdict | None = None
     bank_ms: int = 0
-    maybe_acted: bool = False
+    clean_attempts: int = 0
     doubt: domain.Doubt | None = None
 
 
@@ -119,18 +119,18 @@ class FakePayments:
             card_expiry_month=12,
             card_expiry_year=2030,
             sealed_card=op.sealed_card,
-            maybe_acted=op.maybe_acted,
+            unknown_outcomes=op.attempts - 1 - op.clean_attempts,
         )
 
     async def release(
-        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, maybe_acted: bool = False
+        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, clean_attempts: int = 0
     ) -> None:
         self._touch("release", operation_id, owner, error)
         op = self.ops[operation_id]
         if op.lease_owner == owner:
             op.lease_owner, op.last_error = None, error
             op.bank_ms += bank_ms
-            op.maybe_acted = op.maybe_acted or maybe_acted
+            op.clean_attempts += clean_attempts
 
     async def record_outcome(self, claim: Claim, verdict: Verdict, outcome: BankOutcome, bank_ms: int, doubt=None):
         operation_id = claim.operation_id
@@ -450,7 +450,7 @@ async def test_already_done_after_our_own_lost_answer_is_recorded_unnamed_and_fl
 
 @pytest.mark.parametrize("kind", list(ALREADY))
 async def test_an_earlier_handling_that_died_counts_as_an_attempt_that_may_have_acted(world, kind):
-    op = world.op("op_x", kind, attempts=1, maybe_acted=True)
+    op = world.op("op_x", kind, attempts=1)  # its handler died: the attempt's outcome is unknown
     world.bank.answer(CALL[kind], ALREADY[kind], ALREADY[kind])
     await world.handling.handle(command(op.id))
     assert op.verdict is Verdict.SUCCEEDED and op.doubt is not None
@@ -498,6 +498,27 @@ async def test_a_replayed_approval_after_a_lost_answer_is_simply_ours(world):
     assert op.verdict is Verdict.SUCCEEDED and op.doubt is None
 
 
+async def test_a_replayed_approval_after_two_lost_answers_may_still_be_one_of_two_holds(world):
+    op = world.authorize()
+    replayed = BankOutcome("ok", 200, body=OK["authorize"].body, replayed=True)
+    world.bank.answer("authorize", TIMEOUT, TIMEOUT, replayed)
+    await world.handling.handle(command(op.id))
+    assert op.verdict is Verdict.SUCCEEDED and op.doubt is not None
+    assert op.doubt.finding == domain.POSSIBLE_DUPLICATE_HOLD
+
+
+async def test_lost_answers_are_counted_across_handlings(world):
+    op = world.authorize()
+    world.bank.answer("authorize", TIMEOUT, E500, E500)
+    first = command(op.id)
+    await world.handling.handle(first)
+    assert op.clean_attempts == 2 and first.actions == [("retry", 1, 1, "authorize"), ("ack",)]
+    replayed = BankOutcome("ok", 200, body=OK["authorize"].body, replayed=True)
+    world.bank.answer("authorize", TIMEOUT, replayed)
+    await world.handling.handle(command(op.id, retries=1))
+    assert op.verdict is Verdict.SUCCEEDED and op.doubt is not None  # two unknowns before the replay
+
+
 async def test_a_fresh_approval_after_a_request_never_sent_is_simply_ours(world):
     op = world.authorize()
     world.bank.answer("authorize", BankOutcome("unreachable"), OK["authorize"])
@@ -510,7 +531,7 @@ async def test_an_answer_that_cannot_be_recorded_takes_the_ladder_then_parks(wor
     world.payments.unrecordable = True
     delivery = command(op.id)
     await world.handling.handle(delivery)
-    assert op.last_error["code"] == "cannot_record" and op.maybe_acted and not op.parked
+    assert op.last_error["code"] == "cannot_record" and op.clean_attempts == 0 and not op.parked
     assert delivery.actions == [("retry", 1, 1, "authorize"), ("ack",)]
     last = command(op.id, retries=len(LADDER))
     await world.handling.handle(last)
