@@ -116,12 +116,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     message_id    text NOT NULL,
     body          bytea NOT NULL,
     headers       jsonb,                                   -- AMQP headers (merchant of an event, trace context)
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    published_at  timestamptz
+    created_at    timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE outbox ADD COLUMN IF NOT EXISTS headers jsonb;
-CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (id) WHERE published_at IS NULL;
-CREATE INDEX IF NOT EXISTS outbox_sent_age ON outbox (published_at) WHERE published_at IS NOT NULL;
+-- A row lives until the broker confirmed it: the relay deletes what it published (every
+-- row here is unsent). Deleting costs no index entries; marking rows sent and pruning
+-- them later cost two writes each. (An outbox of an earlier version kept sent rows.)
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns
+                WHERE table_schema = current_schema() AND table_name = 'outbox' AND column_name = 'published_at') THEN
+        DELETE FROM outbox WHERE published_at IS NOT NULL;
+        ALTER TABLE outbox DROP COLUMN published_at;
+    END IF;
+END $$;
+DROP INDEX IF EXISTS outbox_unsent;
+DROP INDEX IF EXISTS outbox_sent_age;
 
 -- What reconciliation found where our receipts and the bank disagree.
 CREATE TABLE IF NOT EXISTS reconciliation_findings (
@@ -153,8 +163,7 @@ CREATE TABLE IF NOT EXISTS bank_circuit (
 -- lock through its commit, which serialises every submit.
 CREATE OR REPLACE FUNCTION notify_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM outbox o
-                    WHERE o.published_at IS NULL AND o.id < (SELECT min(id) FROM inserted)) THEN
+    IF NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id < (SELECT min(id) FROM inserted)) THEN
         PERFORM pg_notify('outbox', '');
     END IF;
     RETURN NULL;

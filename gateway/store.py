@@ -528,19 +528,25 @@ async def unlock_reconciliation(db: Connection) -> None:
 # ---- the relay (worker/relay.py) --------------------------------------------------------
 
 
-async def claim_outbox_batch(db: Connection, *, limit: int, held_back: Sequence[int]) -> list[asyncpg.Record]:
-    """Up to `limit` unsent rows, oldest first, locked (SKIP LOCKED); ids in `held_back` are skipped."""
-    return await _rows(_outbox.claim_outbox_batch, db, limit=limit, held_back=list(held_back))
+async def take_outbox_batch(db: Connection, *, limit: int, held_back: Sequence[int]) -> list[asyncpg.Record]:
+    """Up to `limit` rows, oldest first, deleted in the caller's transaction (SKIP LOCKED: rows
+    another relay holds are left to it); ids in `held_back` are skipped."""
+    rows = await _rows(_outbox.take_outbox_batch, db, limit=limit, held_back=list(held_back))
+    return sorted(rows, key=lambda r: r["id"])
 
 
-async def mark_outbox_published(db: Connection, *, ids: Sequence[int]) -> None:
-    await _outbox.mark_outbox_published(db, ids=list(ids))
-
-
-async def prune_outbox(db: Executor, *, retention_seconds: float, limit: int) -> int:
-    """Delete up to `limit` rows published longer than `retention_seconds` ago; returns how many."""
-    status = await _outbox.prune_outbox(db, retention_seconds=retention_seconds, limit=limit)
-    return int(status.split()[-1])
+async def restore_outbox_rows(db: Connection, *, rows: Sequence[asyncpg.Record]) -> None:
+    """Rows of take_outbox_batch put back as they were, in the same transaction."""
+    await _outbox.restore_outbox_rows(
+        db,
+        ids=[r["id"] for r in rows],
+        exchanges=[r["exchange"] for r in rows],
+        routing_keys=[r["routing_key"] for r in rows],
+        message_ids=[r["message_id"] for r in rows],
+        bodies=[r["body"] for r in rows],
+        headers=[r["headers"] for r in rows],
+        created=[r["created_at"] for r in rows],
+    )
 
 
 # ---- ops: gatewayctl and reconciliation -------------------------------------------------

@@ -2,17 +2,22 @@
 
 One batch is one PostgreSQL transaction:
 
-    SELECT unsent rows ... FOR UPDATE SKIP LOCKED     (other relays skip them)
-    publish every row (concurrently, persistent, mandatory, publisher confirms)
-    UPDATE published_at for the rows the broker confirmed
+    DELETE the oldest rows ... FOR UPDATE SKIP LOCKED RETURNING them   (other relays skip them)
+    publish every row (concurrently, persistent, publisher confirms; commands mandatory)
+    put back the rows the broker did not confirm
     COMMIT
 
-A row is marked only after its confirm, so a crash anywhere before COMMIT
-publishes it again later (duplicates are possible, consumers dedupe on
-message_id); a returned (unroutable) or nacked message stays unsent and is
-retried later: that row alone waits (with a growing delay), the rows behind
-it go on. The relay wakes on NOTIFY 'outbox' (the insert
-trigger) and polls as a fallback, and it prunes old published rows now and then.
+A row is gone only once the transaction commits, after its confirm, so a crash
+anywhere before COMMIT publishes it again later (duplicates are possible,
+consumers dedupe on message_id); a returned (unroutable) or nacked command is
+put back and retried later: that row alone waits (with a growing delay), the
+rows behind it go on. The relay wakes on NOTIFY 'outbox' (the insert trigger)
+and polls as a fallback.
+
+Events are published without `mandatory`: with no queue bound (FicMart not
+listening) the broker drops them, which loses nothing, since every event is
+also visible by polling. A command must reach payments.work, so its publish is
+mandatory and an unroutable command is an error.
 
 Watching it: each row is published inside its own trace (the `traceparent` stored with it,
 gateway.tracing); worker.metrics.RelayMetrics counts what was published and times the
@@ -37,6 +42,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 
 from gateway import config, db, logs, monitoring, process, store, tracing
 from gateway.crashpoints import crash_point
+from gateway.messages import EVENTS_EXCHANGE
 from worker import settings as wsettings
 from worker import topology
 from worker.metrics import REFRESH_SECONDS, RelayMetrics
@@ -154,7 +160,12 @@ class Relay:
             )
             exchange = await self._exchange(row["exchange"])
             started = time.perf_counter()
-            await exchange.publish(message, routing_key=row["routing_key"], mandatory=True, timeout=PUBLISH_TIMEOUT)
+            await exchange.publish(
+                message,
+                routing_key=row["routing_key"],
+                mandatory=row["exchange"] != EVENTS_EXCHANGE,
+                timeout=PUBLISH_TIMEOUT,
+            )
             self.metrics.published(row["exchange"], row["routing_key"], time.perf_counter() - started)
             log.debug(
                 "outbox row published",
@@ -163,9 +174,6 @@ class Relay:
                 routing_key=row["routing_key"],
                 message_id=row["message_id"],
             )
-
-    async def _mark(self, conn: store.Connection, ids: list[int]) -> None:
-        await store.mark_outbox_published(conn, ids=ids)
 
     @property
     def _broker(self) -> tuple[AbstractRobustConnection, AbstractChannel]:
@@ -182,15 +190,15 @@ class Relay:
     async def relay_batch(self) -> Batch:
         """Publish one batch of unsent rows."""
         async with self._db.acquire() as conn, conn.transaction():
-            rows = await store.claim_outbox_batch(conn, limit=self.cfg.batch_size, held_back=self._holding_back())
+            rows = await store.take_outbox_batch(conn, limit=self.cfg.batch_size, held_back=self._holding_back())
             if not rows:
                 return Batch(0, 0, 0, False)
             results = await asyncio.gather(*(self._publish(r) for r in rows), return_exceptions=True)
             crash_point("relay.after_publish")
             confirmed = [r["id"] for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)]
             failed = [(r, res) for r, res in zip(rows, results, strict=True) if isinstance(res, BaseException)]
-            if confirmed:
-                await self._mark(conn, confirmed)
+            if failed:
+                await store.restore_outbox_rows(conn, rows=[r for r, _ in failed])
         for row_id in confirmed:
             self._held_back.pop(row_id, None)
         broker_trouble = any(not isinstance(exc, _ROW_ERRORS) for _, exc in failed)
@@ -246,23 +254,11 @@ class Relay:
         broker = self.connection is not None and self.connection.connected.is_set()
         return {"database": database, "broker": broker}
 
-    async def prune(self) -> int:
-        deleted = 0
-        while True:
-            n = await store.prune_outbox(self._db, retention_seconds=self.cfg.retention_days * 86400.0, limit=10_000)
-            deleted += n
-            if n < 10_000:
-                break
-        if deleted:
-            log.info("pruned published outbox rows", count=deleted)
-        return deleted
-
     # ---- the loop -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; survives broker and database outages with backoff."""
         failures = 0
-        next_prune = 0.0
         last_published = 0.0
         while not stop.is_set():
             self._wake.clear()
@@ -272,9 +268,6 @@ class Relay:
                 if published:
                     last_published = time.monotonic()
                     log.debug("published outbox rows", count=published)
-                if time.monotonic() >= next_prune:
-                    await self.prune()
-                    next_prune = time.monotonic() + self.cfg.prune_interval
                 failures = failures + 1 if self.broker_trouble else 0
             except Exception as exc:  # the database or the broker is away: back off, try again
                 failures += 1

@@ -71,8 +71,6 @@ class _PipelineSettings(EnvSettings):
 class RelaySettings(_PipelineSettings):
     batch_size: int = _count(200, "RELAY_BATCH_SIZE", "outbox rows claimed and published per transaction")
     poll_seconds: float = _seconds(1.0, "RELAY_POLL_SECONDS", "poll interval when no NOTIFY arrives")
-    retention_days: float = _seconds(7.0, "RELAY_RETENTION_DAYS", "published rows older than this are deleted")
-    prune_interval: float = _seconds(600.0, "RELAY_PRUNE_INTERVAL_SECONDS", "how often published rows are pruned")
     metrics_port: int = _metrics_port(9102, "RELAY_METRICS_PORT")
 
 

@@ -6,18 +6,14 @@
     payments.retry.Ns  classic   x-message-ttl N s, dead-letters back to
                                  payments.commands with the original routing key
     payments.dead      quorum    operations that exhausted their retries (ops replays)
-    payments.events    topic     payment.<status> for FicMart
-    payments.events.archive  classic, bound '#', bounded: every event is routable,
-                                 so a publish with mandatory=True is only returned
-                                 when something is really missing.
+    payments.events    topic     payment.<status> for FicMart (published without
+                                 `mandatory`: with nobody bound, the broker drops them)
 
 A rung's name carries its delay, so two ladders (a test's short one and the
 default) can share a vhost without conflicting queue arguments.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
@@ -28,14 +24,14 @@ from gateway.messages import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 WORK_QUEUE = "payments.work"
 RETRY_EXCHANGE = "payments.retry"
 DEAD_QUEUE = "payments.dead"
-EVENTS_ARCHIVE_QUEUE = "payments.events.archive"
+# An earlier version kept every event in this queue only so that a mandatory publish of
+# an event always found a queue: nobody read it. Deleted where it still exists.
+OBSOLETE_EVENTS_ARCHIVE = "payments.events.archive"
 
 # Message headers.
 RETRIES_HEADER = "x-retries"  # ladder rungs already taken by this command
 FORCE_HEADER = "x-force"  # ops replay --force: send an old authorize anyway
 RETRY_QUEUE_HEADER = "retry-queue"  # headers-exchange match key (x-* headers are not matched)
-
-EVENTS_ARCHIVE_ARGS: dict[str, Any] = {"x-message-ttl": 7 * 24 * 3600 * 1000, "x-max-length": 100_000}
 
 
 def retry_queue_name(delay_seconds: int) -> str:
@@ -75,6 +71,5 @@ async def declare(channel: AbstractChannel, ladder: tuple[int, ...]) -> dict[str
         await rung.bind(retry, routing_key="", arguments={"x-match": "all", RETRY_QUEUE_HEADER: name})
 
     await channel.declare_queue(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-    archive = await channel.declare_queue(EVENTS_ARCHIVE_QUEUE, durable=True, arguments=EVENTS_ARCHIVE_ARGS)
-    await archive.bind(events, routing_key="#")
+    await channel.queue_delete(OBSOLETE_EVENTS_ARCHIVE)
     return {COMMANDS_EXCHANGE: commands, EVENTS_EXCHANGE: events, RETRY_EXCHANGE: retry}

@@ -1,14 +1,13 @@
 -- The gauges gateway-relay and gateway-worker refresh every few seconds
--- (worker/metrics.py): one round trip each, over partial indexes that hold
--- exactly the rows counted, so their cost follows the backlog, not the tables.
+-- (worker/metrics.py): one round trip each, over tables or partial indexes that
+-- hold exactly the rows counted, so their cost follows the backlog.
 
 -- name: outbox_backlog^
--- Rows not yet published (outbox_unsent) and the oldest one's age, on the
--- database's clock like the rows' created_at; null when there is none.
+-- Rows not yet published (the relay deletes what it published) and the oldest
+-- one's age, on the database's clock like the rows' created_at; null when none.
 SELECT count(*) AS unsent,
        extract(epoch FROM now() - min(created_at))::float8 AS oldest_seconds
-  FROM outbox
- WHERE published_at IS NULL;
+  FROM outbox;
 
 -- name: pipeline_backlog^
 -- Operations parked for ops (operations_pending holds the pending ones) and

@@ -207,12 +207,11 @@ SELECT p.status, count(*) AS payments, count(*) FILTER (WHERE p.attention_requir
  ORDER BY p.status;
 
 -- name: ops_backlog^
--- The overview's queues in one round trip: the outbox not yet published (the
--- partial index outbox_unsent holds exactly those rows), operations parked
--- for ops (operations_pending holds the pending ones), and the latest
--- reconciliation finding.
-SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS outbox_unsent,
-       (SELECT min(created_at) FROM outbox WHERE published_at IS NULL) AS outbox_oldest_unsent_at,
+-- The overview's queues in one round trip: the outbox (every row not yet
+-- published), operations parked for ops (operations_pending holds the pending
+-- ones), and the latest reconciliation finding.
+SELECT (SELECT count(*) FROM outbox) AS outbox_unsent,
+       (SELECT min(created_at) FROM outbox) AS outbox_oldest_unsent_at,
        (SELECT count(*) FROM operations WHERE status = 'pending' AND parked) AS parked_operations,
        (SELECT max(found_at) FROM reconciliation_findings) AS last_finding_at;
 
@@ -258,11 +257,11 @@ SELECT o.id, o.kind, o.status, o.parked, o.bank_key, o.attempts, o.lease_owner, 
  ORDER BY o.created_at, o.id;
 
 -- name: ops_timeline_messages
--- The outbox rows about a payment: its events (their body holds the payment id)
--- and its operations' commands (theirs the operation id). The outbox has no
--- payment column; rows are pruned after their retention, so this scans a
--- bounded table, byte search rather than JSON parsing.
-SELECT m.id, m.exchange, m.routing_key, m.message_id, m.body, m.created_at, m.published_at
+-- The outbox rows about a payment still waiting to be published: its events
+-- (their body holds the payment id) and its operations' commands (theirs the
+-- operation id). The outbox has no payment column; it holds only the backlog,
+-- so this scans a small table, byte search rather than JSON parsing.
+SELECT m.id, m.exchange, m.routing_key, m.message_id, m.body, m.created_at
   FROM outbox m
  WHERE EXISTS (SELECT 1 FROM unnest(:needles::text[]) AS n(needle)
                 WHERE position(convert_to(n.needle, 'UTF8') IN m.body) > 0)

@@ -333,7 +333,7 @@ class Stack(System):
         payments in progress not flagged for ops."""
         assert self.pool is not None, "not started"
         row = await self.pool.fetchrow(
-            """SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unsent,
+            """SELECT (SELECT count(*) FROM outbox) AS unsent,
                       (SELECT count(*) FROM operations WHERE status = 'pending' AND NOT parked) AS running,
                       (SELECT count(*) FROM payments
                         WHERE status IN ('pending', 'capturing', 'voiding', 'refunding')

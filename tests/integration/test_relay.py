@@ -14,6 +14,7 @@ import pytest
 
 from gateway import db
 from tests.support import services
+from worker import relay as relay_module
 from worker import settings as wsettings
 from worker.relay import Relay
 
@@ -80,10 +81,10 @@ async def drain_queue(queue, *, expect: int | None = None, wait: float = 5.0) ->
 
 
 async def unsent(pool) -> int:
-    return await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+    return await pool.fetchval("SELECT count(*) FROM outbox")
 
 
-async def test_rows_published_once_with_properties_and_marked(env):
+async def test_rows_published_once_with_properties_and_deleted(env):
     database_url, amqp_url, pool, broker = env
     exchange, queue = await bound_queue(broker)
     ids = await insert_rows(pool, exchange, 450)
@@ -136,7 +137,7 @@ async def test_unroutable_rows_stay_unsent(env):
         assert await relay.drain() == (0, 3)  # ...then retried: still returned, still unsent
     finally:
         await relay.close()
-    rows = await pool.fetch("SELECT message_id FROM outbox WHERE published_at IS NULL")
+    rows = await pool.fetch("SELECT message_id FROM outbox")
     assert sorted(r["message_id"] for r in rows) == sorted(bad)
     assert sorted(m.message_id for m in await drain_queue(queue, expect=2)) == sorted(good)
 
@@ -156,7 +157,7 @@ async def test_a_bad_row_does_not_hold_up_the_rows_behind_it(env):
         await relay.close()
     assert (published, failed) == (9, 2)
     assert sorted(m.message_id for m in await drain_queue(queue, expect=9)) == sorted(good)
-    rows = await pool.fetch("SELECT message_id FROM outbox WHERE published_at IS NULL")
+    rows = await pool.fetch("SELECT message_id FROM outbox")
     assert sorted(r["message_id"] for r in rows) == sorted(bad + missing)
 
 
@@ -196,25 +197,27 @@ async def test_two_relays_at_once_leave_nothing_unsent(env):
     assert await unsent(pool) == 0
 
 
-class CrashBeforeMark(Relay):
-    """Publishes (and gets the confirms) but dies before published_at is written."""
-
-    async def _mark(self, conn, ids):
-        raise ConnectionResetError("crash between publish and mark")
-
-
-async def test_crash_between_publish_and_mark_publishes_again(env):
+async def test_crash_between_publish_and_commit_publishes_again(env, monkeypatch):
+    """The broker confirmed the batch, then the relay dies before its transaction commits:
+    the rows are still there and go out again (at least once, never lost)."""
     database_url, amqp_url, pool, broker = env
     exchange, queue = await bound_queue(broker)
     ids = await insert_rows(pool, exchange, 10)
-    crashing = CrashBeforeMark(database_url, amqp_url, wsettings.RelaySettings(), ladder=(1, 2, 3))
+
+    def crash(point: str) -> None:
+        if point == "relay.after_publish":
+            raise ConnectionResetError("crash between publish and commit")
+
+    crashing = make_relay(database_url, amqp_url)
     await crashing.start()
+    monkeypatch.setattr(relay_module, "crash_point", crash)
     try:
         with pytest.raises(ConnectionResetError):
             await crashing.relay_batch()
     finally:
+        monkeypatch.undo()
         await crashing.close()
-    assert await unsent(pool) == 10  # the transaction rolled back: nothing marked
+    assert await unsent(pool) == 10  # the transaction rolled back: nothing deleted
     first = await drain_queue(queue, expect=10)
     assert sorted(m.message_id for m in first) == sorted(ids)
 
@@ -250,22 +253,18 @@ async def test_run_survives_a_broker_outage(env):
     assert await unsent(pool) == 0
 
 
-async def test_prune_deletes_only_old_published_rows(env):
+async def test_events_with_nobody_listening_are_published_and_dropped(env):
+    """An event's publish is not mandatory: with no queue bound it is confirmed and gone
+    (every event is also visible by polling), while a command must reach a queue."""
     database_url, amqp_url, pool, broker = env
-    await pool.execute(
-        """INSERT INTO outbox (exchange, routing_key, message_id, body, published_at) VALUES
-           ('x', 'k', 'old', '\\x7b7d', now() - interval '8 days'),
-           ('x', 'k', 'recent', '\\x7b7d', now() - interval '1 day')"""
-    )
-    await insert_rows(pool, "x", 1)  # unsent: never pruned
-    relay = make_relay(database_url, amqp_url, retention_days=7)
-    await relay.start()
+    relay = make_relay(database_url, amqp_url)
+    await relay.start()  # declares the topology: payments.events, no queue bound to it
     try:
-        assert await relay.prune() == 1
+        await insert_rows(pool, "payments.events", 3)
+        assert await relay.drain() == (3, 0)
     finally:
         await relay.close()
-    left = {r["message_id"] for r in await pool.fetch("SELECT message_id FROM outbox")}
-    assert "old" not in left and "recent" in left and len(left) == 2
+    assert await unsent(pool) == 0
 
 
 async def test_backlog_gauges_and_readiness(env):

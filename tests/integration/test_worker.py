@@ -87,8 +87,20 @@ class Pipeline:
         self.relay: Relay | None = None
         self._relay_stop = asyncio.Event()
         self._relay_task: asyncio.Task | None = None
+        self._published: list[tuple[str, dict]] = []  # (routing key, body) of every event, as received
 
     async def start(self) -> None:
+        # Every event the relay publishes (it deletes the outbox rows once confirmed).
+        channel = await self.broker.channel()
+        events = await channel.declare_exchange("payments.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(events, routing_key="#")
+
+        async def received(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            self._published.append((message.routing_key or "", orjson.loads(message.body)))
+            await message.ack()
+
+        await queue.consume(received)
         self.relay = Relay(
             self.database_url, self.amqp_url, wsettings.RelaySettings(poll_seconds=0.2), ladder=WORKER_CFG.retry_ladder
         )
@@ -168,12 +180,17 @@ class Pipeline:
         )
 
     async def events(self, payment_id: str) -> list[str]:
+        """Routing keys of the payment's events: published (received from payments.events) and
+        still in the outbox, oldest first."""
         rows = await self.pool.fetch(
-            "SELECT routing_key FROM outbox WHERE exchange = 'payments.events'"
+            "SELECT routing_key, message_id FROM outbox WHERE exchange = 'payments.events'"
             " AND convert_from(body, 'UTF8')::jsonb #>> '{payment,id}' = $1 ORDER BY id",
             payment_id,
         )
-        return [r["routing_key"] for r in rows]
+        await asyncio.sleep(0.3)  # a publish confirmed a moment ago is on its way to our queue
+        seen = [(key, body["event_id"]) for key, body in self._published if body["payment"]["id"] == payment_id]
+        published = {event_id for _, event_id in seen}
+        return [key for key, _ in seen] + [r["routing_key"] for r in rows if r["message_id"] not in published]
 
     # ---- the bank (its /_mock API: self.bank) ---------------------------------------------
 
@@ -489,7 +506,7 @@ async def test_sweeper_reenqueues_an_operation_whose_command_was_lost(pipe):
         pid = await pipe.authorize()
         op = await pipe.operation(pid, "authorize")
         deleted = await pipe.pool.execute(
-            "DELETE FROM outbox WHERE published_at IS NULL AND exchange = 'payments.commands'"
+            "DELETE FROM outbox WHERE exchange = 'payments.commands'"
             " AND convert_from(body, 'UTF8')::jsonb ->> 'operation_id' = $1",
             op["id"],
         )

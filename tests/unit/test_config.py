@@ -381,7 +381,7 @@ def test_worker_and_relay_defaults():
     assert WorkerSettings.parse({}).model_dump() == WORKER_DEFAULTS
     assert WorkerSettings.parse({}).lease_seconds == 30.0
     relay = RelaySettings.parse({})
-    assert (relay.batch_size, relay.poll_seconds, relay.retention_days, relay.prune_interval) == (200, 1.0, 7.0, 600.0)
+    assert (relay.batch_size, relay.poll_seconds) == (200, 1.0)
     assert relay.metrics_port == 9102
     assert relay.retry_ladder == WORKER_DEFAULTS["retry_ladder"]
 
@@ -439,8 +439,6 @@ NUMBER_RULES = {
     "WORKER_MAX_DELIVERIES": (True, ["1", "0", "x", "2.5"]),
     "RELAY_BATCH_SIZE": (True, ["0", "x", "2.5"]),
     "RELAY_POLL_SECONDS": (False, ["0", "-1", "x"]),
-    "RELAY_RETENTION_DAYS": (False, ["0", "x"]),
-    "RELAY_PRUNE_INTERVAL_SECONDS": (False, ["0", "x"]),
     "WORKER_METRICS_PORT": (True, ["-1", "65536", "x", "9101.5"]),
     "RELAY_METRICS_PORT": (True, ["-1", "70000", "port"]),
     "MIN_LATENCY_MS": (False, ["-1", "fast", "nan"]),

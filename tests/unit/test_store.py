@@ -192,7 +192,8 @@ async def test_requeue_operations_sends_parallel_arrays_in_one_order():
 
 
 async def test_results_come_back_typed():
-    assert await store.prune_outbox(Recorder("DELETE 7"), retention_seconds=60, limit=10) == 7
+    taken = await store.take_outbox_batch(Recorder([{"id": 9}, {"id": 2}, {"id": 5}]), limit=10, held_back=[])
+    assert [r["id"] for r in taken] == [2, 5, 9]  # oldest first, whatever order DELETE returned them in
     assert await store.unpark_operation(Recorder("pay_1"), operation_id="op_1") is True
     assert await store.unpark_operation(Recorder(None), operation_id="op_1") is False
     assert await store.lapsed_holds(Recorder([{"id": "pay_1"}, {"id": "pay_2"}]), limit=5) == ["pay_1", "pay_2"]

@@ -89,14 +89,14 @@ async def search(pool: asyncpg.Pool, term: str) -> list[asyncpg.Record]:
 
 @dataclass(frozen=True)
 class Message:
-    """An outbox row about the payment: an event it announced or a command for one of its operations."""
+    """An outbox row about the payment, not yet published: an event it announces or a command for
+    one of its operations."""
 
     id: int
     exchange: str
     routing_key: str
     message_id: str
     created_at: datetime
-    published_at: datetime | None
     is_event: bool
     summary: str  # the event's payment status, or the command's operation
     body: bytes
@@ -128,7 +128,6 @@ def _message(row: asyncpg.Record) -> Message:
         routing_key=row["routing_key"],
         message_id=row["message_id"],
         created_at=row["created_at"],
-        published_at=row["published_at"],
         is_event=is_event,
         summary=summary,
         body=row["body"],
