@@ -172,12 +172,22 @@ END $$;
 CREATE OR REPLACE TRIGGER outbox_inserted AFTER INSERT ON outbox REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION notify_outbox();
 
--- Long polls are woken by the statements that take a payment out of an in-progress
--- status (finish_operation, ops_finish_operation), with the payment in the payload:
--- not by a trigger on every update, which woke them for nothing and made each commit
--- that notified take the database-wide notify lock.
-DROP TRIGGER IF EXISTS payment_updated ON payments;
-DROP FUNCTION IF EXISTS notify_payment();
+-- A change of a payment wakes the long polls with its id (and makes the API
+-- processes forget what they remember of it, gateway/api/longpoll.py). Except
+-- where a payment leaves an in-progress status: the statements doing that send
+-- the wake-up themselves, the worker's (finish_operation) with the payment in
+-- it, so that a waiting long poll answers without reading it.
+CREATE OR REPLACE FUNCTION notify_payment() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('payment_updated', NEW.id);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER payment_updated AFTER UPDATE ON payments
+    FOR EACH ROW
+    WHEN (NOT (OLD.status IN ('pending', 'capturing', 'voiding', 'refunding')
+               AND NEW.status NOT IN ('pending', 'capturing', 'voiding', 'refunding')))
+    EXECUTE FUNCTION notify_payment();
 
 -- The advisory-lock key of a merchant's idempotency key: "a request with this
 -- key is running" is a transaction-scoped lock on it (gateway/sql/payments.sql).

@@ -446,7 +446,7 @@ async def record_outcome(
         capture_id=fields.get("capture_id"),
         void_id=fields.get("void_id"),
         refund_id=fields.get("refund_id"),
-        notify=wake_up(payment),
+        notify=wake_up(payment, row["merchant"]),
     )
     follow_up = domain.follow_up(kind, verdict)
     if doubt is None and follow_up is None:
@@ -479,9 +479,10 @@ async def record_outcome(
 _WAKE_UP_LIMIT = 7900
 
 
-def wake_up(payment: dict) -> str:
-    """The long polls' wake-up for this payment: its id, then the payment as GET shows it."""
-    text = f"{payment['id']} {orjson.dumps(payment).decode()}"
+def wake_up(payment: dict, merchant: str) -> str:
+    """The long polls' wake-up for this payment: its id, its merchant, then the payment as GET
+    shows it (just the id when that does not fit a NOTIFY payload)."""
+    text = f"{payment['id']} {merchant} {orjson.dumps(payment).decode()}"
     return text if len(text) <= _WAKE_UP_LIMIT else payment["id"]
 
 

@@ -2,19 +2,27 @@
 
 One LISTEN connection per process on channel `payment_updated`: the statements
 that take a payment out of an in-progress status notify it with the payment's
-id and, when it fits, the payment as GET shows it ("<id> <json>",
-payments.wake_up). Each waiting request registers under its payment id BEFORE
-it reads the row, so a change committed between the read and the wait still
-wakes it (no lost wake-up). A wake-up that carries the payment is the answer,
-with no second read; one that carries only the id makes the waiter read again.
-While the LISTEN connection is down, waiters fall back to re-reading once a
-second, and reconnecting wakes everyone for a re-read.
+id, its merchant and, when it fits, the payment as GET shows it
+("<id> <merchant> <json>", payments.wake_up). Each waiting request registers
+under its payment id BEFORE it looks at the payment, so a change committed in
+between still wakes it (no lost wake-up). A wake-up that carries the payment is
+the answer, with no second read; one with the id alone makes the waiter read.
+
+The usual long poll follows this process's own 202 for the payment (FicMart
+submits, then waits), so the process remembers, for a little while, the
+payments it accepted (pending, whose merchant) until their first wake-up: a
+wait on one of those starts without reading it, since any change of it will
+still wake the waiter. Nothing is ever answered from memory: what a process
+does not know first-hand is read. While the LISTEN connection is down nothing
+remembered is trusted, waiters fall back to re-reading once a second, and
+reconnecting wakes everyone for a re-read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
@@ -29,6 +37,18 @@ CHANNEL = "payment_updated"
 APPLICATION_NAME = "gateway-api-listener"  # how the LISTEN connection shows in pg_stat_activity
 _IN_PROGRESS = frozenset(s.value for s in IN_PROGRESS)
 _FALLBACK_INTERVAL = 1.0
+_REMEMBERED = 4096  # payments accepted kept (a few seconds of traffic)
+# Stands for "pending, as this process accepted it": the wait starts without a read.
+_PENDING: dict = {"status": "pending"}
+
+
+def _remember(cache: OrderedDict, key: str, value: object) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > _REMEMBERED:
+        cache.popitem(last=False)
+
+
 _HEARTBEAT = 15.0
 
 
@@ -47,6 +67,13 @@ class PaymentWatcher:
         self._task: asyncio.Task | None = None
         self._connected = asyncio.Event()
         self._closing = False
+        # payment id -> merchant: accepted here a moment ago, pending since (until a wake-up)
+        self._accepted: OrderedDict[str, str] = OrderedDict()
+
+    def accepted(self, payment_id: str, merchant: str) -> None:
+        """This process has just accepted the payment (pending): a long poll on it need not read it."""
+        if self.listening:
+            _remember(self._accepted, payment_id, merchant)
 
     @property
     def listening(self) -> bool:
@@ -84,14 +111,16 @@ class PaymentWatcher:
                     del self._waiters[payment_id]
 
     async def wait_settled(
-        self, payment_id: str, read: Callable[[], Awaitable[dict | None]], timeout: float
+        self, payment_id: str, merchant: str, read: Callable[[], Awaitable[dict | None]], timeout: float
     ) -> dict | bytes | None:
-        """The payment once it is out of an in-progress status, or as it is when `timeout` runs
-        out: read from the database (a dict), or as the wake-up carried it (JSON bytes)."""
+        """The merchant's payment once it is out of an in-progress status, or as it is when
+        `timeout` runs out: read from the database (a dict), or as a wake-up carried it (JSON
+        bytes). None when the merchant has no such payment."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         with self.watch(payment_id) as waiter:
-            payment = await read()
+            known_pending = self._accepted.get(payment_id) == merchant and self.listening
+            payment = _PENDING if known_pending else await read()
             while payment is not None and payment["status"] in _IN_PROGRESS and not self._closing:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -103,23 +132,28 @@ class PaymentWatcher:
                     )
                 except TimeoutError:
                     if listening:
-                        break  # no notification: the row is as we read it
+                        break  # no notification: the row is as we last saw it
                 waiter.event.clear()
                 body, waiter.body = waiter.body, None
                 if body is not None and orjson.loads(body)["status"] not in _IN_PROGRESS:
                     return body
                 payment = await read()
-        return payment
+        return await read() if payment is _PENDING else payment
 
     # ---- the LISTEN connection ----
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        payment_id, _, body = str(payload).partition(" ")
+        payment_id, _, rest = str(payload).partition(" ")
+        _merchant, _, text = rest.partition(" ")
+        body = text.encode() if text else None
+        self._accepted.pop(payment_id, None)
         for waiter in self._waiters.get(payment_id, ()):
-            waiter.body = body.encode() if body else None
+            waiter.body = body
             waiter.event.set()
 
     def _wake_all(self) -> None:
+        # Wake-ups may have been missed: nothing remembered can be trusted any more.
+        self._accepted.clear()
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.body = None

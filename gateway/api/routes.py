@@ -211,7 +211,10 @@ async def authorize(request: web.Request) -> web.Response:
             payment_id=exc.payment_id,
         ) from None
     if response.location:
-        logs.bind(payment_id=response.location.rsplit("/", 1)[-1])
+        payment_id = response.location.rsplit("/", 1)[-1]
+        logs.bind(payment_id=payment_id)
+        if not response.replayed:
+            state.watcher.accepted(payment_id, request[CALLER])
     return _respond(response)
 
 
@@ -265,7 +268,7 @@ async def get_payment(request: web.Request) -> web.Response:
         return views.get_payment(state.pool, merchant, payment_id)
 
     if query.wait > 0:
-        payment = await state.watcher.wait_settled(payment_id, read, query.wait)
+        payment = await state.watcher.wait_settled(payment_id, merchant, read, query.wait)
     else:
         payment = await read()
     if payment is None:

@@ -175,7 +175,7 @@ WITH operation AS (
     SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers
       FROM payment WHERE :event_exchange::text IS NOT NULL
 )
--- Long polls waiting on the payment read it again (payload: its id alone).
+-- Out of an in-progress status: the wake-up is this statement's to send (schema.sql).
 SELECT count(*) FROM payment, LATERAL (SELECT pg_notify('payment_updated', payment.id)) AS n;
 
 -- name: ops_resolve_payment!

@@ -158,7 +158,7 @@ SELECT o.id AS operation_id, o.kind, o.bank_key, p.*, payment_history_json(p.id)
 -- A final outcome: the operation, the payment (with history row when the
 -- status moves), the sealed card gone once the authorization is decided, the
 -- completion event, and the payment as it now reads to the API's long polls
--- (NOTIFY, sent at commit), in one statement: 1 when recorded, 0 when the
+-- (NOTIFY at commit, after the trigger's bare one), in one statement: 1 when recorded, 0 when the
 -- lease is no longer ours (another handling records it). attention_required
 -- is left as it is: the operation itself was not parked (or ops' unpark
 -- cleared its flag), and a flag for a human (reconciliation, a doubt) stays

@@ -109,6 +109,7 @@ async def test_no_lost_wakeup_between_read_and_wait(api, api_client, pool):
     """The change lands after the read and before the wait: the waiter registered first, so it wakes."""
     watcher = api_client.server.app[STATE].watcher
     payment = await api.authorize()
+    watcher._wake_all()  # as after a reconnect: this process no longer counts on having accepted it
     reads = 0
 
     async def read():
@@ -120,12 +121,51 @@ async def test_no_lost_wakeup_between_read_and_wait(api, api_client, pool):
         return current
 
     started = time.monotonic()
-    result = await watcher.wait_settled(payment["id"], read, 5)
+    result = await watcher.wait_settled(payment["id"], "ficmart", read, 5)
     # The wake-up carried the payment as GET shows it: no second read.
     assert isinstance(result, bytes) and reads == 1
     assert orjson.loads(result) == await views.get_payment(pool, "ficmart", payment["id"])
     assert orjson.loads(result)["status"] == "authorized"
     assert time.monotonic() - started < 2
+
+
+async def test_a_long_poll_after_this_processs_own_202_reads_nothing(api, api_client, pool):
+    """Submit then wait, as FicMart does: the process knows it just accepted the payment
+    (pending), so the wait starts without a read and ends with the wake-up's payment; a
+    later wait reads (nothing is answered from memory); another merchant's wait reads (404)."""
+    watcher = api_client.server.app[STATE].watcher
+    payment = await api.authorize()
+    reads = 0
+
+    async def read():
+        nonlocal reads
+        reads += 1
+        return await views.get_payment(pool, "ficmart", payment["id"])
+
+    waiting = asyncio.create_task(watcher.wait_settled(payment["id"], "ficmart", read, 5))
+    await asyncio.sleep(0.1)
+    await settle(pool, payment["id"])
+    result = await waiting
+    assert reads == 0 and isinstance(result, bytes) and orjson.loads(result)["status"] == "authorized"
+    assert await watcher.wait_settled(payment["id"], "ficmart", read, 5) == orjson.loads(result) and reads == 1
+
+    async def elsewhere():
+        return await views.get_payment(pool, "other", payment["id"])
+
+    assert await watcher.wait_settled(payment["id"], "other", elsewhere, 5) is None
+
+
+async def test_a_long_poll_after_a_capture_sees_it(api, api_client, pool):
+    """After a capture request the payment is capturing: never an earlier state from memory."""
+    payment = await api.authorize()
+    await settle(pool, payment["id"])
+    resp, body = await api.get(f"/v1/payments/{payment['id']}", params={"wait": "5"})
+    assert body["status"] == "authorized"
+    resp, _ = await api.post(f"/v1/payments/{payment['id']}/capture")
+    assert resp.status == 202
+    await asyncio.sleep(0.2)  # the capture's wake-up (the trigger's, id only) reaches the listener
+    resp, body = await api.get(f"/v1/payments/{payment['id']}", params={"wait": "1"})
+    assert body["status"] == "capturing"
 
 
 async def test_long_poll_survives_losing_the_listen_connection(api, api_client, pool):
