@@ -36,7 +36,9 @@ def _scrub(value, limit: int = MAX_VALUE_CHARS):
         return [_scrub(v) for v in value]
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("utf-8", "replace")
-    if isinstance(value, (int, str)) and not isinstance(value, bool):
+    if isinstance(value, int) and -(10**12) < value < 10**12:
+        return value  # bools too: fewer than 13 digits is no card number
+    if isinstance(value, (int, str)):
         text = str(value)
         cleaned = clean(text, limit)
         return value if cleaned == text else cleaned

@@ -69,10 +69,13 @@ class PaymentWatcher:
         self._closing = False
         # payment id -> merchant: accepted here a moment ago, pending since (until a wake-up)
         self._accepted: OrderedDict[str, str] = OrderedDict()
+        # ids of the last wake-ups: one may come in before the handler that accepted the
+        # payment gets to say so (a busy event loop), and then it is not pending any more
+        self._woken: OrderedDict[str, None] = OrderedDict()
 
     def accepted(self, payment_id: str, merchant: str) -> None:
         """This process has just accepted the payment (pending): a long poll on it need not read it."""
-        if self.listening:
+        if self.listening and payment_id not in self._woken:
             _remember(self._accepted, payment_id, merchant)
 
     @property
@@ -147,6 +150,7 @@ class PaymentWatcher:
         _merchant, _, text = rest.partition(" ")
         body = text.encode() if text else None
         self._accepted.pop(payment_id, None)
+        _remember(self._woken, payment_id, None)
         for waiter in self._waiters.get(payment_id, ()):
             waiter.body = body
             waiter.event.set()
