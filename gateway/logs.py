@@ -12,6 +12,7 @@ not make a log line as long as itself. Every line written inside a trace
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -93,7 +94,7 @@ def setup(level: str, process: str) -> None:
         logger_factory=structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=True,
     )
-    structlog.contextvars.bind_contextvars(process=process)
+    structlog.contextvars.bind_contextvars(process=process, pid=os.getpid())
 
 
 get = structlog.get_logger

@@ -5,6 +5,9 @@
     await process.start_with_retries(start, what=..., stop=stop)
                              start() again and again with exponential backoff until it works,
                              `stop` is set, or the attempts run out
+    process.supervise(n, serve_one)
+                             fork n processes that each run serve_one(); pass SIGTERM/SIGINT on,
+                             and stop them all when one of them ends (gateway-api --workers)
 
 Used by gateway-api, gateway-relay, gateway-worker and mockbank.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 from collections.abc import Awaitable, Callable
@@ -37,6 +41,50 @@ def run(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
+
+
+def supervise(workers: int, serve_one: Callable[[], None]) -> int:
+    """Fork `workers` processes running serve_one() and wait for them; returns the exit code.
+
+    The parent only supervises: a SIGTERM or SIGINT it gets is passed to every child, and when
+    one child ends (by itself, or killed) the others are stopped too, so that whatever runs
+    the parent (a container, systemd, a test harness) sees the service as down and restarts it.
+    """
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # the child: serve, and never return into the parent's code
+            logs.bind(pid=os.getpid())
+            code = 0
+            try:
+                serve_one()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # noqa: BLE001 - reported, and this child ends
+                log.exception("worker process failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    log.info("serving with worker processes", workers=workers, pids=children)
+
+    def pass_on(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, pass_on)
+    code = 0
+    left = set(children)
+    while left:
+        pid, status = os.wait()
+        if pid not in left:
+            continue
+        left.discard(pid)
+        code = code or os.waitstatus_to_exitcode(status)
+        pass_on(signal.SIGTERM, None)  # one is gone: the service is down, stop the rest
+    return abs(code)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

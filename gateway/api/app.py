@@ -2,8 +2,10 @@
 
 create_app() wires everything once: settings, the Postgres pool (given, as
 in tests, or owned by the app), the card vault, the long-poll watcher, the
-readiness probe, metrics and the OpenAPI document. main() also sets up tracing
-(gateway.tracing: exported only when an OTLP endpoint variable is set).
+readiness probe, load shedding, metrics and the OpenAPI document. main() also
+sets up tracing (gateway.tracing: exported only when an OTLP endpoint variable
+is set) and, with --workers N, runs N processes sharing the port (SO_REUSEPORT:
+the kernel spreads the connections), under a parent that only supervises them.
 """
 
 from __future__ import annotations
@@ -19,15 +21,21 @@ from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
 from gateway import config, db, logs, monitoring, process, tracing
 from gateway.api import openapi, ops, routes, server
+from gateway.api.admission import Admission
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
-from gateway.api.middleware import MERCHANT, METRICS, HttpMetrics, api_middleware, merchants_by_digest
+from gateway.api.middleware import ADMISSION, MERCHANT, METRICS, HttpMetrics, api_middleware, merchants_by_digest
 from gateway.cards import CardVault
 
 log = logs.get("gateway.api")
 
 MAX_BODY = 64 * 1024
 DEFAULT_POOL_SIZE = 12
+# Load shedding (gateway/api/admission.py): requests worked on at once per process, and the
+# event loop's lag past which new ones are refused; long polls waiting for a wake-up.
+DEFAULT_MAX_IN_FLIGHT = 256
+DEFAULT_MAX_LAG_MS = 50.0
+DEFAULT_MAX_LONG_POLLS = 10_000
 _CONNECT_ATTEMPTS = 8
 
 
@@ -36,7 +44,11 @@ class StartupError(Exception):
 
 
 def create_app(
-    settings: config.Settings, pool: asyncpg.Pool | None = None, *, pool_size: int = DEFAULT_POOL_SIZE
+    settings: config.Settings,
+    pool: asyncpg.Pool | None = None,
+    *,
+    pool_size: int = DEFAULT_POOL_SIZE,
+    admission: Admission | None = None,
 ) -> web.Application:
     """The aiohttp application. With `pool` given the app uses it and leaves closing it to the caller."""
     if settings.card_key is None:
@@ -45,6 +57,12 @@ def create_app(
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     app[METRICS] = HttpMetrics(registry)
+    shedding = app[ADMISSION] = admission or Admission(
+        max_in_flight=DEFAULT_MAX_IN_FLIGHT, max_lag=DEFAULT_MAX_LAG_MS / 1000, max_waiting=DEFAULT_MAX_LONG_POLLS
+    )
+    Gauge("gateway_http_requests_in_flight", "Requests under /v1 being worked on", registry=registry).set_function(
+        lambda: shedding.in_flight
+    )
     app[MERCHANT] = merchants_by_digest(settings.api_keys)
     document = openapi.build()
     watcher = PaymentWatcher(settings.database_url)
@@ -74,9 +92,11 @@ def create_app(
         opened = pool if pool is not None else await _create_pool(settings.database_url, pool_size)
         state.connect(opened, Readiness(opened, settings.amqp_url))
         await watcher.start()
+        shedding.start()
         try:
             yield
         finally:
+            await shedding.close()
             await watcher.close()
             if own_pool:
                 await opened.close()
@@ -119,11 +139,40 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_POOL_SIZE,
         help=f"most Postgres connections this process opens (default {DEFAULT_POOL_SIZE})",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes serving the port (SO_REUSEPORT), under a supervising parent (default 1: no parent)",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=DEFAULT_MAX_IN_FLIGHT,
+        help="requests worked on at once per process before new ones get 503 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-loop-lag-ms",
+        type=float,
+        default=DEFAULT_MAX_LAG_MS,
+        help="event loop lag past which new requests get 503 (default %(default)s ms)",
+    )
+    parser.add_argument(
+        "--max-long-polls",
+        type=int,
+        default=DEFAULT_MAX_LONG_POLLS,
+        help="long polls waiting at once per process (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0-65535")
-    if args.db_pool_size < 1:
-        parser.error("--db-pool-size must be at least 1")
+    for name in ("db_pool_size", "workers", "max_in_flight", "max_long_polls"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_loop_lag_ms <= 0:
+        parser.error("--max-loop-lag-ms must be above 0")
+    if args.workers > 1 and args.port == 0:
+        parser.error("--workers above 1 needs a --port: the processes share it")
     return args
 
 
@@ -131,10 +180,20 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     settings = config.load(need_card_key=True)
     logs.setup(settings.log_level, "gateway-api")
+    if args.workers > 1:
+        raise SystemExit(process.supervise(args.workers, lambda: _serve(args, settings)))
+    _serve(args, settings)
+
+
+def _serve(args: argparse.Namespace, settings: config.Settings) -> None:
+    """One process serving the port until SIGTERM/SIGINT."""
     tracing.setup("gateway-api")
-    app = create_app(settings, pool_size=args.db_pool_size)
+    admission = Admission(
+        max_in_flight=args.max_in_flight, max_lag=args.max_loop_lag_ms / 1000, max_waiting=args.max_long_polls
+    )
+    app = create_app(settings, pool_size=args.db_pool_size, admission=admission)
     try:
-        process.run(lambda stop: server.serve(app, args.host, args.port, stop))
+        process.run(lambda stop: server.serve(app, args.host, args.port, stop, reuse_port=args.workers > 1))
     except StartupError as exc:
         log.error("gateway-api cannot start", error=str(exc))
         print(f"gateway-api: {exc}", file=sys.stderr)

@@ -114,11 +114,18 @@ class PaymentWatcher:
                     del self._waiters[payment_id]
 
     async def wait_settled(
-        self, payment_id: str, merchant: str, read: Callable[[], Awaitable[dict | None]], timeout: float
+        self,
+        payment_id: str,
+        merchant: str,
+        read: Callable[[], Awaitable[dict | None]],
+        timeout: float,
+        *,
+        parked: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> dict | bytes | None:
         """The merchant's payment once it is out of an in-progress status, or as it is when
         `timeout` runs out: read from the database (a dict), or as a wake-up carried it (JSON
-        bytes). None when the merchant has no such payment."""
+        bytes). None when the merchant has no such payment. `parked` is entered while the
+        request only waits for a wake-up (the API's admission does not count it then)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         with self.watch(payment_id) as waiter:
@@ -130,9 +137,10 @@ class PaymentWatcher:
                     break
                 listening = self.listening
                 try:
-                    await asyncio.wait_for(
-                        waiter.event.wait(), remaining if listening else min(remaining, _FALLBACK_INTERVAL)
-                    )
+                    with parked():
+                        await asyncio.wait_for(
+                            waiter.event.wait(), remaining if listening else min(remaining, _FALLBACK_INTERVAL)
+                        )
                 except TimeoutError:
                     if listening:
                         break  # no notification: the row is as we last saw it

@@ -23,6 +23,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from gateway import logs, tracing
+from gateway.api.admission import RETRY_AFTER_SECONDS, Admission, Refusal
 from gateway.api.errors import ApiError, error_response, from_http_exception
 
 log = logs.get("gateway.api")
@@ -67,6 +68,12 @@ class HttpMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
             registry=registry,
         )
+        self.refused = Counter(
+            "gateway_http_requests_refused",
+            "Requests refused at once because the API is at capacity (503) or a caller over its share (429)",
+            ("reason",),
+            registry=registry,
+        )
         self._children: dict[tuple[str, str, str], tuple] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -79,6 +86,7 @@ class HttpMetrics:
 
 
 METRICS = web.AppKey("http_metrics", HttpMetrics)
+ADMISSION = web.AppKey("admission", Admission)
 
 
 def _route(request: web.Request) -> str:
@@ -98,6 +106,13 @@ def _authenticate(request: web.Request) -> str:
     return merchant
 
 
+def refused(request: web.Request, refusal: Refusal) -> ApiError:
+    """The answer to a request refused for load (nothing was done: the same request may be sent
+    again, with the same Idempotency-Key), counted by reason."""
+    request.app[METRICS].refused.labels(refusal.reason).inc()
+    return ApiError(refusal.status, refusal.code, refusal.message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 @web.middleware
 async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
     started = time.perf_counter()
@@ -115,7 +130,14 @@ async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
                 if path.startswith("/v1/") or path == "/v1":
                     merchant = request[CALLER] = _authenticate(request)
                     structlog.contextvars.bind_contextvars(merchant=merchant)
-                response = await handler(request)
+                    admission = request.app[ADMISSION]
+                    refusal = admission.refusal(merchant)
+                    if refusal is not None:
+                        raise refused(request, refusal)
+                    with admission.working(merchant):
+                        response = await handler(request)
+                else:
+                    response = await handler(request)
             except ApiError as exc:
                 response = exc.response()
             except web.HTTPException as exc:

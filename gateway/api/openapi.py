@@ -43,8 +43,10 @@ The payment gateway between FicMart's order service and its card bank.
   non-empty body sent with a Content-Type other than JSON gets 415.
 * Every response carries `X-Request-Id` (the request's own, if it sent a sane one:
   1-128 characters of `A-Z a-z 0-9 . _ : -`).
-* 503 `service_unavailable` (with `Retry-After`) means the database could not be reached;
-  repeating the request with the same Idempotency-Key is safe.
+* 503 `service_unavailable` (with `Retry-After`) means the database could not be reached
+  or the API is at capacity (it refuses at once rather than queueing), and 429
+  `too_many_requests` that this API key holds its share of the capacity already. Nothing
+  was done: repeating the request with the same Idempotency-Key is safe.
 
 Payment lifecycle: `pending -> authorized -> capturing -> captured -> refunding -> refunded`;
 `authorized -> voiding -> voided`; `authorized -> expired`; `pending -> declined`.
@@ -59,16 +61,17 @@ _ERROR_CODES = {
     413: "`payload_too_large`: body over 64 KiB",
     415: "`unsupported_media_type`: the body must be application/json",
     422: "",
+    429: "`too_many_requests`: this API key holds its share of the API's capacity; retry later",
     500: "`internal_error`: a bug; logged with the request id",
-    503: "`service_unavailable`: the database is unreachable; retry with the same Idempotency-Key",
+    503: "`service_unavailable`: at capacity, or the database is unreachable; retry with the same Idempotency-Key",
 }
 
 
 def _error(status: int, codes: str | None = None) -> dict:
     headers: dict[str, dict[str, Any]] = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
-    if status in (409, 503):
+    if status in (409, 429, 503):
         headers["Retry-After"] = {
-            "description": "seconds to wait before retrying (request_in_progress, service_unavailable)",
+            "description": "seconds to wait before retrying",
             "schema": {"type": "integer"},
         }
     return {
@@ -108,7 +111,7 @@ def _query_params(model: type[BaseModel]) -> list[dict]:
 def build() -> dict:
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template=REF)
     auth: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-    v1_errors = {401: _error(401), 500: _error(500), 503: _error(503)}
+    v1_errors = {401: _error(401), 429: _error(429), 500: _error(500), 503: _error(503)}
     post_errors = {
         400: _error(400),
         413: _error(413),

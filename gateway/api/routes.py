@@ -23,7 +23,7 @@ from gateway.api import docs, schemas
 from gateway.api.errors import JSON, ApiError
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
-from gateway.api.middleware import CALLER
+from gateway.api.middleware import ADMISSION, CALLER, refused
 from gateway.cards import CardVault
 from gateway.domain import Action, InvalidTransition
 
@@ -268,7 +268,13 @@ async def get_payment(request: web.Request) -> web.Response:
         return views.get_payment(state.pool, merchant, payment_id)
 
     if query.wait > 0:
-        payment = await state.watcher.wait_settled(payment_id, merchant, read, query.wait)
+        admission = request.app[ADMISSION]
+        no_room = admission.wait_refusal()
+        if no_room is not None:
+            raise refused(request, no_room)
+        payment = await state.watcher.wait_settled(
+            payment_id, merchant, read, query.wait, parked=lambda: admission.parked(merchant)
+        )
     else:
         payment = await read()
     if payment is None:

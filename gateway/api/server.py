@@ -75,12 +75,13 @@ class Runner(web.AppRunner):
         return server
 
 
-async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event) -> None:
-    """Listen until `stop` is set, then finish in-flight requests (up to SHUTDOWN_SECONDS) and close."""
+async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
+    """Listen until `stop` is set, then finish in-flight requests (up to SHUTDOWN_SECONDS) and close.
+    With `reuse_port`, other processes may listen on the same port (the kernel spreads connections)."""
     runner = Runner(app)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
         log.info("gateway-api listening", host=host, port=port)
         await stop.wait()
     finally:

@@ -257,7 +257,7 @@ async def test_openapi_document_is_valid_and_complete(api_client):
     assert comps["parameters"]["IdempotencyKey"]["in"] == "header" and comps["parameters"]["IdempotencyKey"]["required"]
     assert {"Payment", "PaymentList", "ErrorResponse", "AuthorizeIn", "ActionIn", "CardIn"} <= set(comps["schemas"])
     authorize = doc["paths"]["/v1/payments"]["post"]
-    assert set(authorize["responses"]) == {"202", "400", "401", "409", "413", "415", "422", "500", "503"}
+    assert set(authorize["responses"]) == {"202", "400", "401", "409", "413", "415", "422", "429", "500", "503"}
     assert authorize["security"] == [{"bearerAuth": []}]
     assert {"$ref": "#/components/parameters/IdempotencyKey"} in authorize["parameters"]
     for action in ("capture", "void", "refund"):

@@ -1,0 +1,117 @@
+"""Load shedding through HTTP: at capacity the API answers 503 (or 429 for a caller over its
+share) at once, with Retry-After, having done nothing, so the same request may be sent again.
+
+Requests are held in flight by starving the app's own one-connection pool: they wait for it
+exactly as they would for a Postgres that cannot keep up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import uuid
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway import db
+from gateway.api.admission import Admission
+from gateway.api.app import _parse_args, create_app
+from gateway.api.middleware import ADMISSION
+from tests.integration.conftest import OTHER_KEY, Api, auth_body, settle
+
+
+@contextlib.asynccontextmanager
+async def gateway(api_settings, database_url, **limits):
+    """An API with the given admission limits over a one-connection pool; yields (client, pool)."""
+    pool = await db.create_pool(database_url, min_size=1, max_size=1)
+    # The test client shares the server's event loop, so its lag says nothing about the server.
+    admission = Admission(**{"max_in_flight": 2, "max_lag": math.inf, "max_waiting": 10, **limits})
+    try:
+        async with TestClient(TestServer(create_app(api_settings, pool, admission=admission))) as client:
+            yield client, pool
+    finally:
+        await pool.close()
+
+
+async def until(predicate, what: str) -> None:
+    for _ in range(200):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never true: {what}")
+
+
+async def held_posts(api: Api, count: int, admission_of) -> tuple[list[asyncio.Task], list[str]]:
+    """`count` authorizations started while the pool's one connection is held: they stay in flight."""
+    keys = [uuid.uuid4().hex for _ in range(count)]
+    tasks = [asyncio.create_task(api.post("/v1/payments", auth_body(), key=key)) for key in keys]
+    await until(lambda: admission_of().in_flight >= count, f"{count} requests in flight")
+    return tasks, keys
+
+
+async def test_at_capacity_a_request_gets_503_with_retry_after_and_nothing_is_stored(api_settings, database_url, pool):
+    async with gateway(api_settings, database_url) as (client, small_pool):
+        api = Api(client)
+        admission = client.server.app[ADMISSION]
+        body = auth_body()
+        async with small_pool.acquire():
+            held, _ = await held_posts(api, 2, lambda: admission)
+            resp, refused = await api.post("/v1/payments", body, key="shed-once")
+            assert resp.status == 503, refused
+            assert resp.headers["Retry-After"] == "1"
+            assert refused["error"]["code"] == "service_unavailable"
+        for task in held:
+            resp, _ = await task
+            assert resp.status == 202
+        stored = await pool.fetchval("SELECT count(*) FROM payments WHERE order_id = $1", body["order_id"])
+        assert stored == 0
+        # The same request with the same key, once there is room, is simply accepted.
+        resp, accepted = await api.post("/v1/payments", body, key="shed-once")
+        assert resp.status == 202, accepted
+        metrics = await (await client.get("/metrics")).text()
+        assert 'gateway_http_requests_refused_total{reason="overload"} 1.0' in metrics
+
+
+async def test_the_caller_over_its_share_gets_429_while_another_is_still_served(api_settings, database_url):
+    async with gateway(api_settings, database_url) as (client, small_pool):
+        greedy, quiet = Api(client), Api(client, OTHER_KEY)
+        admission = client.server.app[ADMISSION]
+        async with small_pool.acquire():
+            held, _ = await held_posts(greedy, 2, lambda: admission)
+            quiet_task = asyncio.create_task(quiet.post("/v1/payments", auth_body()))
+            await until(lambda: admission.in_flight == 3, "the quiet caller's request in flight")
+            resp, refused = await greedy.post("/v1/payments", auth_body())
+            assert resp.status == 429, refused
+            assert resp.headers["Retry-After"] == "1"
+            assert refused["error"]["code"] == "too_many_requests"
+        for task in [*held, quiet_task]:
+            resp, body = await task
+            assert resp.status == 202, body
+
+
+async def test_waiting_long_polls_do_not_hold_room_but_have_their_own_cap(api_settings, database_url, pool):
+    async with gateway(api_settings, database_url, max_in_flight=1, max_waiting=1) as (client, _):
+        api = Api(client)
+        admission = client.server.app[ADMISSION]
+        payment = await api.authorize()
+        waiting = asyncio.create_task(api.get(f"/v1/payments/{payment['id']}", params={"wait": "10"}))
+        await until(lambda: admission.waiting == 1, "the long poll waiting")
+        assert admission.in_flight == 0
+        resp, body = await api.get(f"/v1/payments/{payment['id']}")  # room: the waiting poll holds none
+        assert resp.status == 200, body
+        resp, body = await api.get(f"/v1/payments/{payment['id']}", params={"wait": "10"})
+        assert resp.status == 503, body
+        assert resp.headers["Retry-After"] == "1"
+        await settle(pool, payment["id"])
+        resp, body = await waiting
+        assert resp.status == 200 and body["status"] == "authorized", body
+        assert admission.in_flight == 0 and admission.waiting == 0
+
+
+@pytest.mark.parametrize("argv", [["--workers", "0"], ["--max-in-flight", "0"], ["--max-loop-lag-ms", "0"]])
+def test_the_cli_refuses_nonsense_limits(argv, capsys):
+    with pytest.raises(SystemExit):
+        _parse_args(argv)
+    assert "must be" in capsys.readouterr().err
