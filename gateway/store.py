@@ -715,7 +715,7 @@ async def circuit_states(db: Executor) -> list[asyncpg.Record]:
     return await _rows(_ops.circuit_states, db)
 
 
-# ---- gauges of gateway-relay and gateway-worker (worker/metrics.py) -----------------------
+# ---- gauges of gateway-relay and gateway-worker (worker/metrics.py); the API's backlog ---------
 
 
 async def outbox_backlog(db: Executor) -> asyncpg.Record:
@@ -726,3 +726,8 @@ async def outbox_backlog(db: Executor) -> asyncpg.Record:
 async def pipeline_backlog(db: Executor) -> asyncpg.Record:
     """parked (operations waiting for ops) and flagged (payments with attention_required)."""
     return await _metrics.pipeline_backlog(db)
+
+
+async def work_waiting(db: Executor, *, most: int) -> int:
+    """Operations waiting for a worker (pending, not parked), counted up to `most`."""
+    return await _metrics.work_waiting(db, most=most)

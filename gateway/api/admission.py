@@ -10,6 +10,11 @@ Idempotency-Key may simply be sent again. When several callers share the API,
 one holding its share of the work in flight already gets 429 instead, and the
 others keep their room.
 
+New work (a POST) is also refused with 503 while more than `max_backlog`
+operations wait for a worker: accepting faster than the workers and the bank
+finish only lengthens every payment's wait, and on shared machines takes CPU
+from the workers themselves. Reads are still served then.
+
 A long poll counts while it reads, not while it waits for a wake-up (it costs
 nothing then); waiting long polls have a cap of their own.
 """
@@ -19,10 +24,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
+import asyncpg
+
+from gateway import logs
+
+log = logs.get("gateway.api")
+
 LAG_PROBE_SECONDS = 0.05
+BACKLOG_PROBE_SECONDS = 0.25
 LAG_SMOOTHING = 0.2  # weight of the newest sample: about a quarter second of memory
 RETRY_AFTER_SECONDS = 1
 
@@ -32,30 +44,37 @@ class Refusal:
     status: int  # 503, or 429 for a caller over its share
     code: str
     message: str
-    reason: str  # metric label: overload, loop_lag, caller_share, long_polls
+    reason: str  # metric label: overload, loop_lag, caller_share, long_polls, backlog
 
 
 class Admission:
-    def __init__(self, *, max_in_flight: int, max_lag: float, max_waiting: int):
-        if max_in_flight < 1 or max_waiting < 1 or max_lag <= 0:
+    def __init__(self, *, max_in_flight: int, max_lag: float, max_waiting: int, max_backlog: int):
+        if min(max_in_flight, max_waiting, max_backlog) < 1 or max_lag <= 0:
             raise ValueError("admission limits must be positive")
         self.max_in_flight = max_in_flight
         self.max_lag = max_lag
         self.max_waiting = max_waiting
+        self.max_backlog = max_backlog
         self.in_flight = 0
         self.waiting = 0
         self.lag = 0.0  # the event loop's smoothed lag, seconds
+        self.backlog = 0  # operations waiting for a worker, counted up to max_backlog
         self._by_caller: Counter[str] = Counter()
-        self._probe: asyncio.Task | None = None
+        self._probes: list[asyncio.Task] = []
 
-    def start(self) -> None:
-        self._probe = asyncio.create_task(self._measure_lag(), name="loop-lag-probe")
+    def start(self, count_backlog: Callable[[int], Awaitable[int]]) -> None:
+        """Start measuring: the loop's lag, and the backlog with count_backlog(max_backlog)."""
+        self._probes = [
+            asyncio.create_task(self._measure_lag(), name="loop-lag-probe"),
+            asyncio.create_task(self._measure_backlog(count_backlog), name="backlog-probe"),
+        ]
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+        for probe in self._probes:
+            probe.cancel()
+        for probe in self._probes:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+                await probe
 
     async def _measure_lag(self) -> None:
         loop = asyncio.get_running_loop()
@@ -65,8 +84,22 @@ class Admission:
             sample = max(0.0, loop.time() - due)
             self.lag += LAG_SMOOTHING * (sample - self.lag)
 
-    def refusal(self, caller: str) -> Refusal | None:
-        """Why a new request of `caller` is refused right now, or None to admit it."""
+    async def _measure_backlog(self, count_backlog: Callable[[int], Awaitable[int]]) -> None:
+        while True:
+            try:
+                self.backlog = await count_backlog(self.max_backlog)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # The database is unreachable: requests fail on their own (503); keep the last count.
+                log.debug("backlog unknown", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(BACKLOG_PROBE_SECONDS)
+
+    def refusal(self, caller: str, *, adds_work: bool) -> Refusal | None:
+        """Why a new request of `caller` is refused right now, or None to admit it. `adds_work`:
+        it may start a bank operation (a POST)."""
+        if adds_work and self.backlog >= self.max_backlog:
+            return Refusal(
+                503, "service_unavailable", "the gateway has more work waiting than it takes; retry later", "backlog"
+            )
         lagging = self.lag >= self.max_lag
         if self.in_flight < self.max_in_flight and not lagging:
             return None

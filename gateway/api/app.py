@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
-from gateway import config, db, logs, monitoring, process, tracing
+from gateway import config, db, logs, monitoring, process, store, tracing
 from gateway.api import openapi, ops, routes, server
 from gateway.api.admission import Admission
 from gateway.api.health import Readiness
@@ -36,6 +36,7 @@ DEFAULT_POOL_SIZE = 12
 DEFAULT_MAX_IN_FLIGHT = 256
 DEFAULT_MAX_LAG_MS = 50.0
 DEFAULT_MAX_LONG_POLLS = 10_000
+DEFAULT_MAX_BACKLOG = 1_000  # operations waiting for a worker, across the gateway
 _CONNECT_ATTEMPTS = 8
 
 
@@ -58,7 +59,10 @@ def create_app(
     ProcessCollector(registry=registry)
     app[METRICS] = HttpMetrics(registry)
     shedding = app[ADMISSION] = admission or Admission(
-        max_in_flight=DEFAULT_MAX_IN_FLIGHT, max_lag=DEFAULT_MAX_LAG_MS / 1000, max_waiting=DEFAULT_MAX_LONG_POLLS
+        max_in_flight=DEFAULT_MAX_IN_FLIGHT,
+        max_lag=DEFAULT_MAX_LAG_MS / 1000,
+        max_waiting=DEFAULT_MAX_LONG_POLLS,
+        max_backlog=DEFAULT_MAX_BACKLOG,
     )
     Gauge("gateway_http_requests_in_flight", "Requests under /v1 being worked on", registry=registry).set_function(
         lambda: shedding.in_flight
@@ -66,6 +70,9 @@ def create_app(
     app[MERCHANT] = merchants_by_digest(settings.api_keys)
     document = openapi.build()
     watcher = PaymentWatcher(settings.database_url)
+    Gauge(
+        "gateway_api_work_waiting", "Operations waiting for a worker as load shedding last saw them", registry=registry
+    ).set_function(lambda: shedding.backlog)
     Gauge("gateway_longpoll_waiters", "Requests waiting for a payment to settle", registry=registry).set_function(
         lambda: watcher.waiting
     )
@@ -92,7 +99,7 @@ def create_app(
         opened = pool if pool is not None else await _create_pool(settings.database_url, pool_size)
         state.connect(opened, Readiness(opened, settings.amqp_url))
         await watcher.start()
-        shedding.start()
+        shedding.start(lambda most: store.work_waiting(opened, most=most))
         try:
             yield
         finally:
@@ -158,6 +165,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="event loop lag past which new requests get 503 (default %(default)s ms)",
     )
     parser.add_argument(
+        "--max-backlog",
+        type=int,
+        default=DEFAULT_MAX_BACKLOG,
+        help="operations waiting for a worker past which new POSTs get 503 (default %(default)s)",
+    )
+    parser.add_argument(
         "--max-long-polls",
         type=int,
         default=DEFAULT_MAX_LONG_POLLS,
@@ -166,7 +179,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0-65535")
-    for name in ("db_pool_size", "workers", "max_in_flight", "max_long_polls"):
+    for name in ("db_pool_size", "workers", "max_in_flight", "max_long_polls", "max_backlog"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_loop_lag_ms <= 0:
@@ -189,7 +202,10 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> None:
     """One process serving the port until SIGTERM/SIGINT."""
     tracing.setup("gateway-api")
     admission = Admission(
-        max_in_flight=args.max_in_flight, max_lag=args.max_loop_lag_ms / 1000, max_waiting=args.max_long_polls
+        max_in_flight=args.max_in_flight,
+        max_lag=args.max_loop_lag_ms / 1000,
+        max_waiting=args.max_long_polls,
+        max_backlog=args.max_backlog,
     )
     app = create_app(settings, pool_size=args.db_pool_size, admission=admission)
     try:

@@ -131,7 +131,7 @@ async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
                     merchant = request[CALLER] = _authenticate(request)
                     structlog.contextvars.bind_contextvars(merchant=merchant)
                     admission = request.app[ADMISSION]
-                    refusal = admission.refusal(merchant)
+                    refusal = admission.refusal(merchant, adds_work=request.method == "POST")
                     if refusal is not None:
                         raise refused(request, refusal)
                     with admission.working(merchant):

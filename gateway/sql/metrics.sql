@@ -14,3 +14,11 @@ SELECT count(*) AS unsent,
 -- payments flagged attention_required (payments_flagged).
 SELECT (SELECT count(*) FROM operations WHERE status = 'pending' AND parked) AS parked,
        (SELECT count(*) FROM payments WHERE attention_required) AS flagged;
+
+-- name: work_waiting$
+-- Operations waiting for a worker (pending, not parked), counted up to :most and
+-- no further: the API's load shedding asks often and only needs to know whether
+-- the backlog passed its bound (operations_pending holds exactly these rows).
+SELECT count(*) FROM (
+    SELECT 1 FROM operations WHERE status = 'pending' AND NOT parked LIMIT :most
+) AS waiting;

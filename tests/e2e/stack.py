@@ -100,7 +100,7 @@ class ClientStats:
 
 class Client:
     """What FicMart's order service does: every POST has an Idempotency-Key, and a request whose
-    answer did not arrive (connection error, timeout, 5xx, 409 request_in_progress) is sent again
+    answer did not arrive (connection error, timeout, 5xx, 429, 409 request_in_progress) is sent again
     with the SAME key until it gets an answer or `patience` seconds pass."""
 
     def __init__(self, api_url: str, http: aiohttp.ClientSession, *, patience: float = 120.0):
@@ -148,6 +148,8 @@ class Client:
                     self.stats.server_errors += 1
                 elif reply.status == 409 and code == "request_in_progress":
                     self.stats.in_progress += 1
+                elif reply.status == 429:
+                    self.stats.server_errors += 1  # shed for load, like a 503: the same request again
                 else:
                     if reply.headers.get("Idempotent-Replayed") == "true":
                         self.stats.replayed += 1

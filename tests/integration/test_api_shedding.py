@@ -27,7 +27,9 @@ async def gateway(api_settings, database_url, **limits):
     """An API with the given admission limits over a one-connection pool; yields (client, pool)."""
     pool = await db.create_pool(database_url, min_size=1, max_size=1)
     # The test client shares the server's event loop, so its lag says nothing about the server.
-    admission = Admission(**{"max_in_flight": 2, "max_lag": math.inf, "max_waiting": 10, **limits})
+    admission = Admission(
+        **{"max_in_flight": 2, "max_lag": math.inf, "max_waiting": 10, "max_backlog": 10**6, **limits}
+    )
     try:
         async with TestClient(TestServer(create_app(api_settings, pool, admission=admission))) as client:
             yield client, pool
@@ -110,7 +112,33 @@ async def test_waiting_long_polls_do_not_hold_room_but_have_their_own_cap(api_se
         assert admission.in_flight == 0 and admission.waiting == 0
 
 
-@pytest.mark.parametrize("argv", [["--workers", "0"], ["--max-in-flight", "0"], ["--max-loop-lag-ms", "0"]])
+async def test_past_the_backlog_bound_new_work_gets_503_and_reads_are_still_served(api_settings, database_url, pool):
+    async with gateway(api_settings, database_url, max_in_flight=100) as (client, _):
+        api = Api(client)
+        admission = client.server.app[ADMISSION]
+        waiting = await pool.fetchval("SELECT count(*) FROM operations WHERE status = 'pending' AND NOT parked")
+        admission.max_backlog = waiting + 2  # two more authorizations fill it (no worker runs here)
+        first, second = await api.authorize(), await api.authorize()
+        await until(lambda: admission.backlog >= admission.max_backlog, "the probe seeing the backlog")
+        body = auth_body()
+        resp, refused = await api.post("/v1/payments", body, key="over-backlog")
+        assert resp.status == 503, refused
+        assert resp.headers["Retry-After"] == "1"
+        resp, read = await api.get(f"/v1/payments/{first['id']}")
+        assert resp.status == 200, read
+        assert await pool.fetchval("SELECT count(*) FROM payments WHERE order_id = $1", body["order_id"]) == 0
+        await settle(pool, first["id"])
+        await settle(pool, second["id"])
+        await until(lambda: admission.backlog < admission.max_backlog, "the probe seeing room again")
+        resp, accepted = await api.post("/v1/payments", body, key="over-backlog")
+        assert resp.status == 202, accepted
+        metrics = await (await client.get("/metrics")).text()
+        assert 'gateway_http_requests_refused_total{reason="backlog"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    "argv", [["--workers", "0"], ["--max-in-flight", "0"], ["--max-loop-lag-ms", "0"], ["--max-backlog", "0"]]
+)
 def test_the_cli_refuses_nonsense_limits(argv, capsys):
     with pytest.raises(SystemExit):
         _parse_args(argv)
