@@ -24,6 +24,9 @@ from gateway import tracing
 from gateway.redact import REDACTED, clean
 
 _FORBIDDEN_KEYS = {"card_number", "number", "cvv", "card"}
+# Top-level values this module writes itself (setup, _add_trace_id, structlog's stampers):
+# nothing from outside reaches them, and scrubbing them was a fifth of a line's cost.
+_OWN_KEYS = frozenset({"timestamp", "level", "process", "pid", "trace_id"})
 MAX_VALUE_CHARS = 1000  # per logged string (an exception's traceback gets more)
 _MAX_TRACEBACK_CHARS = 8000
 # These libraries log every frame or message at debug level, bodies included.
@@ -48,7 +51,7 @@ def _scrub(value, limit: int = MAX_VALUE_CHARS):
 
 def _redact(_logger: object, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     exception = event.pop("exception", None)
-    event = _scrub(event)
+    event = {k: v if k in _OWN_KEYS else REDACTED if k in _FORBIDDEN_KEYS else _scrub(v) for k, v in event.items()}
     if exception is not None:
         event["exception"] = _scrub(exception, _MAX_TRACEBACK_CHARS)
     return event
