@@ -41,6 +41,7 @@ class Census:
     cpu_ms: dict[str, float]  # part -> CPU ms per completed payment
     submit_to_final_ms: dict[float, float]
     scale: dict[str, int]
+    refused: int  # submits answered 429/503 (each sent again after Retry-After)
 
     @property
     def rate(self) -> float:
@@ -58,7 +59,7 @@ class Census:
         head = (
             f"completed authorizations: {self.completed} in {self.seconds:.1f} s = {self.rate:,.0f}/s "
             f"({scale}); submit to final p50 {self.submit_to_final_ms[50]:.1f} / "
-            f"p99 {self.submit_to_final_ms[99]:.1f} ms"
+            f"p99 {self.submit_to_final_ms[99]:.1f} ms; refused for load {self.refused}"
         )
         return "\n".join([head, "CPU ms per completed authorization:", *rows])
 
@@ -89,6 +90,7 @@ async def census(
     finals: list[float] = []
     marks: dict[str, object] = {}
     total = warmup + count
+    refusals: Counter[int] = Counter()
 
     async def client(n: int) -> None:
         nonlocal done
@@ -96,7 +98,7 @@ async def census(
         while done < total:
             req = source(next(numbers))
             started = time.perf_counter()
-            pid = await _submit(http, base, req)
+            pid = await _submit(http, base, req, refusals)
             if pid is None:
                 continue
             while (await _poll(http, base, pid)) in IN_PROGRESS:
@@ -113,10 +115,10 @@ async def census(
     before, after = marks["before"], marks["after"]
     assert isinstance(before, Snapshot) and isinstance(after, Snapshot)
     per = {part: seconds * 1000 / count for part, seconds in _cpu_seconds(before, after).items()}
-    return Census(count, after.at - before.at, per, pcts(finals, (50, 99)), scale)
+    return Census(count, after.at - before.at, per, pcts(finals, (50, 99)), scale, sum(refusals.values()))
 
 
-async def _submit(http: aiohttp.ClientSession, base: str, req: load.Request) -> str | None:
+async def _submit(http: aiohttp.ClientSession, base: str, req: load.Request, refusals: Counter[int]) -> str | None:
     headers = {**load.HEADERS, "Idempotency-Key": req.key}
     while True:
         async with http.post(base + req.path, data=req.body, headers=headers) as resp:
@@ -124,6 +126,7 @@ async def _submit(http: aiohttp.ClientSession, base: str, req: load.Request) -> 
             if resp.status == 202:
                 return resp.headers["Location"].rsplit("/", 1)[-1]
             if resp.status in (429, 503):  # refused for load: the same request again, as FicMart would
+                refusals[resp.status] += 1
                 await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
                 continue
             return None
@@ -173,6 +176,7 @@ async def overload(
     factor: float,
     seconds: float,
     settle_timeout: float,
+    connections: int,
 ) -> Overload:
     closed = await load.closed_loop(
         http, system.api_url, load.authorize_source("cap", cards), 64, 2.0, 5.0, system.snapshot
@@ -184,7 +188,7 @@ async def overload(
     async def one(req: load.Request, due: float) -> None:
         headers = {**load.HEADERS, "Idempotency-Key": req.key}
         try:
-            async with http.post(system.api_url + req.path, data=req.body, headers=headers) as resp:
+            async with pool.post(system.api_url + req.path, data=req.body, headers=headers) as resp:
                 await resp.read()
                 status: int | str = resp.status
                 retry_after = resp.headers.get("Retry-After")
@@ -195,6 +199,9 @@ async def overload(
         samples.append(((time.perf_counter() - due) * 1000, status, retry_after))
 
     source = load.authorize_source("over", cards)
+    # FicMart's HTTP client keeps a pool of connections; a request finding none free waits
+    # for one, and that wait counts in its latency (measured from when it was due).
+    pool = load.session(connections=connections)
     rate = capacity * factor
     started = time.perf_counter()
     tasks = []
@@ -206,6 +213,7 @@ async def overload(
         tasks.append(asyncio.create_task(one(source(i), due)))
     sent_seconds = time.perf_counter() - started
     await asyncio.gather(*tasks)
+    await pool.close()
     result = Overload(capacity=capacity, offered=len(tasks) / sent_seconds, seconds=sent_seconds)
     result.statuses = Counter(status for _, status, _ in samples)
     result.accepted_ms = pcts([ms for ms, status, _ in samples if status == 202], (50, 99))

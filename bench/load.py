@@ -141,8 +141,9 @@ async def _send(session: aiohttp.ClientSession, base: str, req: Request, started
         return Sample(started, time.perf_counter(), type(exc).__name__)
 
 
-def session(total_timeout: float = 30.0) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+def session(total_timeout: float = 30.0, connections: int = 0) -> aiohttp.ClientSession:
+    """An HTTP client; `connections` bounds its pool (0: a new connection whenever none is idle)."""
+    connector = aiohttp.TCPConnector(limit=connections, force_close=False)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=total_timeout))
 
 

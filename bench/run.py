@@ -361,7 +361,13 @@ class Bench:
     async def overload(self) -> None:
         print("overload: capacity of one API process, then 3x that, open loop, for 20 s ...")
         result = await cost.overload(
-            self.system, self.http, self.cards, factor=3.0, seconds=8.0 if self.args.quick else 20.0, settle_timeout=120
+            self.system,
+            self.http,
+            self.cards,
+            factor=3.0,
+            seconds=8.0 if self.args.quick else 20.0,
+            settle_timeout=120,
+            connections=self.args.max_in_flight,
         )
         self.report.sections.append(("OVERLOAD (3x one API process's capacity, open loop)", result.table()))
         self.report.data["overload"] = result.__dict__ | {"statuses": dict(result.statuses)}

@@ -27,6 +27,10 @@ log = logs.get("gateway.api")
 
 IDLE_SECONDS = 15.0
 SHUTDOWN_SECONDS = 10.0
+# Connections the kernel holds for us before accept(): a burst beyond aiohttp's default of 128
+# is refused at the TCP level (a connection error for the client, not a 503 it can act on).
+# Linux caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 2048
 
 
 class _JsonErrorsHandler(web_protocol.RequestHandler):
@@ -81,7 +85,7 @@ async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event,
     runner = Runner(app)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None).start()
         log.info("gateway-api listening", host=host, port=port)
         await stop.wait()
     finally:
