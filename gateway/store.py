@@ -729,5 +729,6 @@ async def pipeline_backlog(db: Executor) -> asyncpg.Record:
 
 
 async def work_waiting(db: Executor, *, most: int) -> int:
-    """Operations waiting for a worker (pending, not parked), counted up to `most`."""
+    """Operations waiting for a worker (pending, not parked), counted up to `most`; 0 while a
+    worker reports the bank's circuit open."""
     return await _metrics.work_waiting(db, most=most)

@@ -19,6 +19,12 @@ SELECT (SELECT count(*) FROM operations WHERE status = 'pending' AND parked) AS 
 -- Operations waiting for a worker (pending, not parked), counted up to :most and
 -- no further: the API's load shedding asks often and only needs to know whether
 -- the backlog passed its bound (operations_pending holds exactly these rows).
-SELECT count(*) FROM (
-    SELECT 1 FROM operations WHERE status = 'pending' AND NOT parked LIMIT :most
-) AS waiting;
+-- 0 while a worker reports the bank's circuit open (reported within 3 minutes,
+-- as the ops console counts a report fresh): that backlog waits for the bank,
+-- costs us nothing, and taking payments while the bank is away is the point.
+SELECT CASE
+    WHEN EXISTS (SELECT 1 FROM bank_circuit WHERE open AND changed_at > now() - interval '3 minutes') THEN 0
+    ELSE (SELECT count(*) FROM (
+              SELECT 1 FROM operations WHERE status = 'pending' AND NOT parked LIMIT :most
+          ) AS waiting)
+END;

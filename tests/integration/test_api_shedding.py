@@ -143,3 +143,29 @@ def test_the_cli_refuses_nonsense_limits(argv, capsys):
     with pytest.raises(SystemExit):
         _parse_args(argv)
     assert "must be" in capsys.readouterr().err
+
+
+async def test_a_backlog_held_by_an_open_bank_circuit_does_not_shed_new_work(api_settings, database_url, pool):
+    """Payments taken while the bank is away wait for it, not for our CPU: with a worker reporting
+    its circuit open the backlog bound does not apply; a report older than 3 minutes is not believed."""
+    worker_id = f"test-{uuid.uuid4().hex[:8]}"
+    report = "INSERT INTO bank_circuit (worker_id, open, changed_at) VALUES ($1, true, now() - interval '4 minutes')"
+    async with gateway(api_settings, database_url, max_in_flight=100) as (client, _):
+        api = Api(client)
+        admission = client.server.app[ADMISSION]
+        waiting = await pool.fetchval("SELECT count(*) FROM operations WHERE status = 'pending' AND NOT parked")
+        admission.max_backlog = waiting + 1
+        first = await api.authorize()
+        try:
+            await pool.execute(report, worker_id)  # stale: a worker long gone
+            await until(lambda: admission.backlog >= admission.max_backlog, "the probe seeing the backlog")
+            resp, refused = await api.post("/v1/payments", auth_body(), key="stale-circuit")
+            assert resp.status == 503, refused
+            await pool.execute("UPDATE bank_circuit SET changed_at = now() WHERE worker_id = $1", worker_id)
+            await until(lambda: admission.backlog == 0, "the probe seeing the open circuit")
+            resp, accepted = await api.post("/v1/payments", auth_body(), key="open-circuit")
+            assert resp.status == 202, accepted
+            await settle(pool, accepted["id"])
+        finally:
+            await pool.execute("DELETE FROM bank_circuit WHERE worker_id = $1", worker_id)
+        await settle(pool, first["id"])
