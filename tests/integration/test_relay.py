@@ -80,6 +80,19 @@ async def drain_queue(queue, *, expect: int | None = None, wait: float = 5.0) ->
         await asyncio.sleep(0.05)
 
 
+async def nacking_exchange(broker) -> str:
+    """A fresh topic exchange whose only queue takes nothing (max length 0, reject-publish):
+    the broker nacks every message routed to it."""
+    channel = await broker.channel()
+    name = f"test.relay.nack.{uuid.uuid4().hex[:8]}"
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, auto_delete=False)
+    queue = await channel.declare_queue(
+        f"{name}.q", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    await queue.bind(exchange, "#")
+    return name
+
+
 async def unsent(pool) -> int:
     return await pool.fetchval("SELECT count(*) FROM outbox")
 
@@ -102,6 +115,57 @@ async def test_rows_published_once_with_properties_and_deleted(env):
     assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert first.routing_key == "payment.test"
     assert await unsent(pool) == 0
+
+
+async def test_row_headers_and_its_trace_go_out_with_the_message(env):
+    database_url, amqp_url, pool, broker = env
+    exchange, queue = await bound_queue(broker)
+    traceparent = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    await pool.execute(
+        "INSERT INTO outbox (exchange, routing_key, message_id, body, headers)"
+        " VALUES ($1, 'payment.test', 'msg_traced', '{}', $2), ($1, 'payment.test', 'msg_untraced', '{}', NULL)",
+        exchange,
+        {"merchant": "m_1", "traceparent": traceparent},
+    )
+    relay = make_relay(database_url, amqp_url)
+    await relay.start()
+    try:
+        assert await relay.drain() == (2, 0)
+    finally:
+        await relay.close()
+    got = {m.message_id: m for m in await drain_queue(queue, expect=2)}
+    assert got["msg_traced"].headers == {"merchant": "m_1", "traceparent": traceparent}  # spans not recorded
+    new = got["msg_untraced"].headers["traceparent"]  # a row outside any trace: a new one
+    assert new.startswith("00-") and len(new) == 55 and new != traceparent
+
+
+async def test_a_row_whose_insert_skipped_its_notify_goes_out_before_the_poll(env):
+    """An unsent row (here an unroutable one, held back) makes later inserts skip their
+    NOTIFY; after publishing, the relay polls briskly and still finds them at once."""
+    database_url, amqp_url, pool, broker = env
+    unbound, _ = await bound_queue(broker, bind=False)
+    exchange, queue = await bound_queue(broker)
+    relay = make_relay(database_url, amqp_url, poll_seconds=30)
+    await relay.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await asyncio.sleep(0.5)  # first pass done, now waiting on NOTIFY (the poll is 30 s)
+        await pool.execute(
+            "INSERT INTO outbox (exchange, routing_key, message_id, body)"
+            " VALUES ($1, 'payment.test', 'msg_bad', '{}'), ($2, 'payment.test', 'msg_first', '{}')",
+            unbound,
+            exchange,
+        )
+        assert [m.message_id for m in await drain_queue(queue, expect=1, wait=5)] == ["msg_first"]
+        for n in range(3):
+            (mid,) = await insert_rows(pool, exchange, 1)  # msg_bad is older: no NOTIFY
+            assert [m.message_id for m in await drain_queue(queue, expect=1, wait=1.5)] == [mid], n
+    finally:
+        stop.set()
+        await task
+        await relay.close()
+    assert [r["message_id"] for r in await pool.fetch("SELECT message_id FROM outbox")] == ["msg_bad"]
 
 
 async def test_notify_wakes_the_relay_before_the_poll(env):
@@ -159,6 +223,25 @@ async def test_a_bad_row_does_not_hold_up_the_rows_behind_it(env):
     assert sorted(m.message_id for m in await drain_queue(queue, expect=9)) == sorted(good)
     rows = await pool.fetch("SELECT message_id FROM outbox")
     assert sorted(r["message_id"] for r in rows) == sorted(bad + missing)
+
+
+async def test_nacked_rows_stay_unsent_and_the_others_go_on(env):
+    database_url, amqp_url, pool, broker = env
+    nacking = await nacking_exchange(broker)
+    exchange, queue = await bound_queue(broker)
+    bad = await insert_rows(pool, nacking, 3)
+    good = await insert_rows(pool, exchange, 2)
+    relay = make_relay(database_url, amqp_url)
+    await relay.start()
+    try:
+        assert await relay.drain() == (2, 3)
+        assert not relay.broker_trouble  # the rows' own fault: held back, no backoff
+        assert set(relay._held_back) == set(await pool.fetchval("SELECT array_agg(id) FROM outbox"))
+    finally:
+        await relay.close()
+    rows = await pool.fetch("SELECT message_id FROM outbox")
+    assert sorted(r["message_id"] for r in rows) == sorted(bad)
+    assert sorted(m.message_id for m in await drain_queue(queue, expect=2)) == sorted(good)
 
 
 async def test_broker_gone_leaves_rows_unsent(env):
