@@ -225,10 +225,17 @@ class Relay:
         return [row_id for row_id, (_, until) in self._held_back.items() if until > now]
 
     async def drain(self) -> tuple[int, int]:
-        """Batches until one finds nothing: only an empty look lets the relay sleep.
+        """Batches until the outbox has nothing more for us now: a batch finds nothing, or a
+        batch that published something comes back short (it took every row it could see).
 
         An insert skips its NOTIFY while it sees an older row unsent (schema.sql:
-        notify_outbox), counting on this loop to come round once more.
+        notify_outbox), counting on the relay to look once more. Ending at a short batch is
+        safe because `run` looks again within BUSY_POLL_SECONDS of any publish (for
+        BUSY_SECONDS): that look finds whatever landed during or after the batch, as an empty
+        look here would, at most BUSY_POLL_SECONDS later; a busy pass saves a transaction
+        (BEGIN, an empty DELETE, COMMIT). A batch that published nothing does not make `run`
+        busy, so another look follows it here. And `run` polls every poll_seconds whatever
+        happened: no row is left unsent.
         """
         total = failed_total = 0
         while True:
@@ -237,6 +244,8 @@ class Relay:
             failed_total += batch.failed
             self.broker_trouble = batch.broker_trouble
             if batch.broker_trouble or batch.fetched == 0:  # failed rows are held back: no spin
+                return total, failed_total
+            if batch.published and batch.fetched < self.cfg.batch_size:
                 return total, failed_total
 
     async def refresh_gauges(self) -> None:
@@ -280,8 +289,9 @@ class Relay:
                 await _wait(stop, delay)
             else:
                 # While traffic flows, inserts skip their NOTIFY (schema.sql: notify_outbox) when
-                # they see older rows still unsent, so a row can land just after our last empty
-                # look without waking us: poll briskly for a moment after any activity.
+                # they see older rows still unsent, so a row can land just after our last look
+                # without waking us: poll briskly for a moment after any activity (drain counts
+                # on it to end at a short batch).
                 busy = time.monotonic() - last_published < BUSY_SECONDS
                 await _wait_any(stop, self._wake, BUSY_POLL_SECONDS if busy else self.cfg.poll_seconds)
 

@@ -93,6 +93,20 @@ async def nacking_exchange(broker) -> str:
     return name
 
 
+def count_batches(relay: Relay) -> list[int]:
+    """The rows each relay_batch call of `relay` fetched, from now on."""
+    fetched: list[int] = []
+    relay_batch = relay.relay_batch
+
+    async def counting() -> relay_module.Batch:
+        batch = await relay_batch()
+        fetched.append(batch.fetched)
+        return batch
+
+    relay.relay_batch = counting  # type: ignore[method-assign]
+    return fetched
+
+
 async def unsent(pool) -> int:
     return await pool.fetchval("SELECT count(*) FROM outbox")
 
@@ -137,6 +151,25 @@ async def test_row_headers_and_its_trace_go_out_with_the_message(env):
     assert got["msg_traced"].headers == {"merchant": "m_1", "traceparent": traceparent}  # spans not recorded
     new = got["msg_untraced"].headers["traceparent"]  # a row outside any trace: a new one
     assert new.startswith("00-") and len(new) == 55 and new != traceparent
+
+
+async def test_drain_ends_at_a_short_batch_that_published(env):
+    """No empty look after a short batch that published: `run` polls again soon (busy)."""
+    database_url, amqp_url, pool, broker = env
+    exchange, queue = await bound_queue(broker)
+    await insert_rows(pool, exchange, 250)
+    relay = make_relay(database_url, amqp_url, batch_size=100)
+    await relay.start()
+    fetched = count_batches(relay)
+    try:
+        assert await relay.drain() == (250, 0)
+        assert fetched == [100, 100, 50]
+        await insert_rows(pool, await nacking_exchange(broker), 2)  # a short batch publishing nothing...
+        assert await relay.drain() == (0, 2)
+        assert fetched[3:] == [2, 0]  # ...is followed by a look
+    finally:
+        await relay.close()
+    await drain_queue(queue, expect=250)
 
 
 async def test_a_row_whose_insert_skipped_its_notify_goes_out_before_the_poll(env):
