@@ -145,7 +145,8 @@ async def run_flow(client: Client, plan: Plan, run_id: str, settle_timeout: floa
             if reply.status != 202:
                 flow.problems.append(f"{action} answered {reply.status} {reply.body}")
                 return flow
-            payment = await client.settled(flow.payment_id, settle_timeout)
+            flagged = payment["attention_required"]  # e.g. a possible second hold, found at authorize
+            payment = await client.settled(flow.payment_id, settle_timeout, flagged_before=flagged)
             want = {"capture": "captured", "refund": "refunded", "void": "voided"}[action]
             if not _expect(flow, payment, want):
                 return flow

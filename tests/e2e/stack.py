@@ -180,13 +180,17 @@ class Client:
         assert reply.status == 200, reply
         return reply.body["data"]
 
-    async def settled(self, payment_id: str, timeout: float = 60.0, poll: float = 10.0) -> dict:
-        """Long-poll until the payment leaves its in-progress status (or is parked for ops)."""
+    async def settled(
+        self, payment_id: str, timeout: float = 60.0, poll: float = 10.0, *, flagged_before: bool = False
+    ) -> dict:
+        """Long-poll until the payment leaves its in-progress status (or is parked for ops).
+        `flagged_before`: the payment already carried attention_required (a doubt about an earlier
+        step), so the flag says nothing about this step: wait for the status alone."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             payment = await self.payment(payment_id, wait=max(1, min(poll, int(left))))
-            if payment["status"] not in IN_PROGRESS or payment["attention_required"]:
+            if payment["status"] not in IN_PROGRESS or (payment["attention_required"] and not flagged_before):
                 return payment
             if time.monotonic() > deadline:
                 return payment
