@@ -203,12 +203,18 @@ $$;
 -- was (ops resolving a flag, or abandoning the release of an expired hold:
 -- each names who and why in its cause) is for ops, who read every row with
 -- `gatewayctl dlq show`; FicMart sees statuses, one event for each.
-CREATE OR REPLACE FUNCTION payment_history_json(pid text) RETURNS json LANGUAGE sql STABLE AS $$
-    SELECT coalesce(json_agg(json_build_object(
-               'status', h.status,
-               'at', to_char(h.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) ORDER BY h.id), '[]')
-      FROM (SELECT id, status, at, lag(status) OVER (ORDER BY id) AS before
-              FROM payment_history
-             WHERE payment_id = pid) h
-     WHERE h.before IS DISTINCT FROM h.status
+-- PL/pgSQL rather than SQL: a SQL function called from another statement has its
+-- query planned on every call (a third of an authorization's planning time); PL/pgSQL
+-- keeps the plan for the session.
+CREATE OR REPLACE FUNCTION payment_history_json(pid text) RETURNS json LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (
+        SELECT coalesce(json_agg(json_build_object(
+                   'status', h.status,
+                   'at', to_char(h.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')) ORDER BY h.id), '[]')
+          FROM (SELECT id, status, at, lag(status) OVER (ORDER BY id) AS before
+                  FROM payment_history
+                 WHERE payment_id = pid) h
+         WHERE h.before IS DISTINCT FROM h.status);
+END
 $$;
