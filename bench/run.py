@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -57,7 +58,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import ceilings, cost, load, measure
+from bench import ceilings, cost, load, measure, pinning
 from bench import profile as profiling
 from bench.report import Report
 from bench.system import ROLES, BenchSystem, Options
@@ -122,6 +123,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="processes of each of gateway-api, gateway-relay and gateway-worker (default 1)",
+    )
+    p.add_argument(
+        "--pin-api",
+        action="store_true",
+        help="overload: the API and the load generator on one CPU, every other process (PostgreSQL and "
+        "RabbitMQ included) on the others, as if the API had a host of its own (bench/pinning.py)",
     )
     p.add_argument(
         "--census-count",
@@ -360,16 +367,20 @@ class Bench:
 
     async def overload(self) -> None:
         print("overload: capacity of one API process, then 3x that, open loop, for 20 s ...")
-        result = await cost.overload(
-            self.system,
-            self.http,
-            self.cards,
-            factor=3.0,
-            seconds=8.0 if self.args.quick else 20.0,
-            settle_timeout=120,
-            connections=self.args.max_in_flight,
-        )
-        self.report.sections.append(("OVERLOAD (3x one API process's capacity, open loop)", result.table()))
+        with pinning.api_alone(self.system) if self.args.pin_api else contextlib.nullcontext("") as pinned:
+            if pinned:
+                print(f"  pinned: {pinned}")
+            result = await cost.overload(
+                self.system,
+                self.http,
+                self.cards,
+                factor=3.0,
+                seconds=8.0 if self.args.quick else 20.0,
+                settle_timeout=120,
+                connections=self.args.max_in_flight,
+            )
+        title = "OVERLOAD (3x one API process's capacity, open loop)" + (f"; {pinned}" if pinned else "")
+        self.report.sections.append((title, result.table()))
         self.report.data["overload"] = result.__dict__ | {"statuses": dict(result.statuses)}
         print("  " + result.table().replace("\n", "\n  "))
         self.system.check_alive()
