@@ -7,7 +7,9 @@ the whole outbox (other modules leave rows of their own in the shared one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -42,6 +44,21 @@ async def env(relay_env):
 
 def make_relay(database_url: str, amqp_url: str, **kw) -> Relay:
     return Relay(database_url, amqp_url, wsettings.RelaySettings(**{"poll_seconds": 0.2, **kw}), ladder=(1, 2, 3))
+
+
+@contextlib.asynccontextmanager
+async def running_relay(database_url: str, amqp_url: str, **kw) -> AsyncIterator[Relay]:
+    """A relay started and running its loop (Relay.run) until the block ends."""
+    relay = make_relay(database_url, amqp_url, **kw)
+    await relay.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        yield relay
+    finally:
+        stop.set()
+        await task
+        await relay.close()
 
 
 async def bound_queue(broker, *, bind: bool = True):
@@ -178,11 +195,7 @@ async def test_a_row_whose_insert_skipped_its_notify_goes_out_before_the_poll(en
     database_url, amqp_url, pool, broker = env
     unbound, _ = await bound_queue(broker, bind=False)
     exchange, queue = await bound_queue(broker)
-    relay = make_relay(database_url, amqp_url, poll_seconds=30)
-    await relay.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(relay.run(stop))
-    try:
+    async with running_relay(database_url, amqp_url, poll_seconds=30):
         await asyncio.sleep(0.5)  # first pass done, now waiting on NOTIFY (the poll is 30 s)
         await pool.execute(
             "INSERT INTO outbox (exchange, routing_key, message_id, body)"
@@ -194,29 +207,17 @@ async def test_a_row_whose_insert_skipped_its_notify_goes_out_before_the_poll(en
         for n in range(3):
             (mid,) = await insert_rows(pool, exchange, 1)  # msg_bad is older: no NOTIFY
             assert [m.message_id for m in await drain_queue(queue, expect=1, wait=1.5)] == [mid], n
-    finally:
-        stop.set()
-        await task
-        await relay.close()
     assert [r["message_id"] for r in await pool.fetch("SELECT message_id FROM outbox")] == ["msg_bad"]
 
 
 async def test_notify_wakes_the_relay_before_the_poll(env):
     database_url, amqp_url, pool, broker = env
     exchange, queue = await bound_queue(broker)
-    relay = make_relay(database_url, amqp_url, poll_seconds=30)
-    await relay.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(relay.run(stop))
-    try:
+    async with running_relay(database_url, amqp_url, poll_seconds=30):
         await asyncio.sleep(0.5)  # first pass done, now waiting on NOTIFY (the poll is 30 s)
         (mid,) = await insert_rows(pool, exchange, 1)
         got = await drain_queue(queue, expect=1, wait=5)
         assert [m.message_id for m in got] == [mid]
-    finally:
-        stop.set()
-        await task
-        await relay.close()
 
 
 async def test_unroutable_rows_stay_unsent(env):
@@ -352,20 +353,12 @@ async def test_run_survives_a_broker_outage(env):
     """connect_robust reconnects; rows inserted during the outage go out afterwards."""
     database_url, amqp_url, pool, broker = env
     exchange, queue = await bound_queue(broker)
-    relay = make_relay(database_url, amqp_url)
-    await relay.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(relay.run(stop))
-    try:
+    async with running_relay(database_url, amqp_url) as relay:
         # Drop the relay's connection from the broker's side, as a restart would.
         await relay.connection.transport.connection.close()  # type: ignore[union-attr]
         ids = await insert_rows(pool, exchange, 20)
         got = await drain_queue(queue, expect=20, wait=30)
         assert set(ids) <= {m.message_id for m in got}
-    finally:
-        stop.set()
-        await task
-        await relay.close()
     assert await unsent(pool) == 0
 
 
