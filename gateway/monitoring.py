@@ -7,6 +7,8 @@
                                                  requests waiting for one
     task = refresh_every(5.0, refresh, "...")    refresh() again and again (gauges read from the
                                                  database or the broker), failures logged
+    await database_and_broker(pool, connection)  the checks of worker's and relay's /readyz
+    await database_answers(pool)                 the database one alone (the API's too)
 
 gateway-worker and gateway-relay serve an Endpoint on WORKER_METRICS_PORT / RELAY_METRICS_PORT;
 gateway-api serves the same three paths on its own port (gateway.api.routes).
@@ -23,12 +25,32 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from gateway import logs
+from gateway import logs, store
 
 log = logs.get("monitoring")
 
 # check name -> passed; each check bounds its own time.
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
+
+
+READY_TIMEOUT = 2.0  # /readyz's database check
+
+
+async def database_answers(pool: asyncpg.Pool | None, timeout: float = READY_TIMEOUT) -> bool:
+    """The database answers `SELECT 1` within `timeout`; a failure is logged."""
+    if pool is None:
+        return False
+    try:
+        return await asyncio.wait_for(store.ping(pool), timeout)
+    except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
+        log.warning("readiness: database failed", error=f"{type(exc).__name__}: {exc}")
+        return False
+
+
+async def database_and_broker(pool: asyncpg.Pool | None, connection: object | None) -> dict[str, bool]:
+    """The database answers in time; the AMQP connection (aio-pika's) is up."""
+    connected = getattr(connection, "connected", None)
+    return {"database": await database_answers(pool), "broker": connected is not None and connected.is_set()}
 
 
 class ListenError(OSError):

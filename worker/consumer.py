@@ -58,7 +58,6 @@ log = logs.get("worker")
 PUBLISH_TIMEOUT = 30.0
 DATABASE_PROBE_TIMEOUT = 5.0
 BREAKER_REPORT_SECONDS = 60.0  # the ops console shows a worker silent for 3 minutes as stale
-READY_TIMEOUT = 2.0  # /readyz's database check
 _KINDS = {kind.value: kind for kind in OperationKind}
 
 
@@ -336,20 +335,14 @@ class Worker:
 
     async def readiness(self) -> dict[str, bool]:
         """/readyz: the database answers, the broker connection is up, payments.work is consumed."""
-        database = False
-        if self.pool is not None:
-            try:
-                database = await asyncio.wait_for(store.ping(self.pool), READY_TIMEOUT)
-            except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
-                log.warning("readiness: database failed", error=type(exc).__name__)
-        broker = self.connection is not None and self.connection.connected.is_set()
+        checks = await monitoring.database_and_broker(self.pool, self.connection)
         consuming = (
             self._consumer_tag is not None
             and self._consume_channel is not None
             and not self._consume_channel.is_closed
             and not (self.handling is not None and self.handling.stopping.is_set())
         )
-        return {"database": database, "broker": broker, "consuming": consuming}
+        return {**checks, "consuming": consuming}
 
     async def _close(self) -> None:
         if self.connection is not None:

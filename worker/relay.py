@@ -52,7 +52,6 @@ log = logs.get("relay")
 PUBLISH_TIMEOUT = 30.0
 BUSY_SECONDS = 2.0  # after publishing, poll every BUSY_POLL_SECONDS for this long
 BUSY_POLL_SECONDS = 0.01
-READY_TIMEOUT = 2.0  # /readyz's database check
 
 # A publish that failed because of the row itself (returned as unroutable, nacked, or
 # naming an exchange that does not exist): that row waits, the others go on.
@@ -254,14 +253,7 @@ class Relay:
 
     async def readiness(self) -> dict[str, bool]:
         """/readyz: the database answers and the broker connection is up."""
-        database = False
-        if self.pool is not None:
-            try:
-                database = await asyncio.wait_for(store.ping(self.pool), READY_TIMEOUT)
-            except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
-                log.warning("readiness: database failed", error=type(exc).__name__)
-        broker = self.connection is not None and self.connection.connected.is_set()
-        return {"database": database, "broker": broker}
+        return await monitoring.database_and_broker(self.pool, self.connection)
 
     # ---- the loop -------------------------------------------------------------------------
 

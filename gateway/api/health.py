@@ -13,7 +13,7 @@ import time
 import aio_pika
 import asyncpg
 
-from gateway import logs, store
+from gateway import logs, monitoring
 
 log = logs.get("gateway.api.health")
 
@@ -30,15 +30,8 @@ class Readiness:
         self._broker_check: asyncio.Future | None = None
 
     async def check(self) -> dict[str, str]:
-        database, broker = await asyncio.gather(self._database(), self._broker())
+        database, broker = await asyncio.gather(monitoring.database_answers(self._pool, TIMEOUT), self._broker())
         return {"database": "ok" if database else "failed", "broker": "ok" if broker else "failed"}
-
-    async def _database(self) -> bool:
-        try:
-            return await asyncio.wait_for(store.ping(self._pool), TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
-            log.warning("readiness: database failed", error=f"{type(exc).__name__}: {exc}")
-            return False
 
     async def _broker(self) -> bool:
         if time.monotonic() - self._broker_at < _REUSE:
