@@ -21,13 +21,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 
-from gateway import config, db, payments, store
+from gateway import config, db, store
 from gateway.api.app import create_app
 from gateway.api.ops import auth
 from gateway.cards import CardVault
-from gateway.domain import Action, BankOutcome, Verdict
 from gateway.timefmt import now
 from tests.support import factories, services
+from tests.support.parked import ParkedWork
 from tests.support.procs import free_port
 from worker import settings as wsettings
 from worker import topology
@@ -38,7 +38,6 @@ API_KEY = "sk_test_ficmart_dev"
 ALICE = "ops_key_alice_0123456789"
 BOB = "ops_key_bob_9876543210xyz"
 OPS_KEYS = f"alice:{ALICE},bob:{BOB}"
-QUORUM = {"x-queue-type": "quorum"}
 CARD = "4000056655665556"
 # What a bank or a broker could send back: markup and a card number.
 HOSTILE = f"<script>alert(1)</script> card {CARD}"
@@ -61,11 +60,12 @@ def settings_for(database_url: str, amqp_url: str, card_key: str, ops_keys: str 
     return config.parse(env, need_card_key=True)
 
 
-class Console:
+class Console(ParkedWork):
     """The console through aiohttp's test client, logged in as one operator."""
 
     def __init__(self, client: TestClient, pool, broker, vault: CardVault, key: str = ALICE):
-        self.client, self.pool, self.broker, self.vault, self.key = client, pool, broker, vault, key
+        super().__init__(pool, broker, vault, ERROR)
+        self.client, self.key = client, key
 
     @property
     def origin(self) -> str:
@@ -91,74 +91,9 @@ class Console:
         assert match, f"no form for {action} on {page}"
         return match.group(1)
 
-    # ---- payments and parked operations, as the API and the worker make them
-
-    async def pending_op(self, pid: str) -> str:
-        return await self.pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
-
-    async def settle(self, op: str, body: dict) -> None:
-        claim = await payments.claim(self.pool, op, "test", 30)
-        assert isinstance(claim, payments.Claim), claim
-        await payments.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
-
-    async def parked(self, kind: str = "capture", *, first_attempt_hours_ago: float | None = None) -> tuple[str, str]:
-        """A payment whose `kind` operation is parked, with its dead letter in payments.dead."""
-        pid = await factories.authorize(self.pool, self.vault, 1500)
-        op = await self.pending_op(pid)
-        if kind == "capture":
-            await self.settle(op, {"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": "2030-01-01T00:00:00Z"})
-            req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", f"/v1/payments/{pid}/capture", b"")
-            await payments.request_action(self.pool, req, pid, Action.CAPTURE, None)
-            op = await self.pending_op(pid)
-        claim = await payments.claim(self.pool, op, "test-worker", 30)
-        assert isinstance(claim, payments.Claim)
-        if first_attempt_hours_ago is not None:
-            await self.pool.execute(
-                "UPDATE operations SET first_attempt_at = now() - make_interval(secs => $2 * 3600) WHERE id = $1",
-                op,
-                first_attempt_hours_ago,
-            )
-        assert await payments.park(self.pool, op, ERROR) is not None
-        await self.dead_letter(op, pid, kind, claim.attempts)
-        return pid, op
-
-    async def dead_letter(self, op: str, pid: str, kind: str, attempts: int = 1, body: bytes | None = None) -> None:
-        headers = {
-            "operation_id": op,
-            "payment_id": pid,
-            "kind": kind,
-            "attempts": attempts,
-            "last_error": orjson.dumps(ERROR).decode(),
-            topology.RETRIES_HEADER: 3,
-            "parked_at": now().isoformat(),
-        }
-        channel = await self.broker.channel(publisher_confirms=True)
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                body if body is not None else orjson.dumps({"operation_id": op}),
-                headers=headers,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key=topology.DEAD_QUEUE,
-        )
-        await channel.close()
-
-    async def drain(self, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-        channel = await self.broker.channel()
-        queue = await channel.declare_queue(queue_name, durable=True, arguments=QUORUM)
-        out = []
-        while (msg := await queue.get(no_ack=False, fail=False)) is not None:
-            await msg.ack()
-            out.append(msg)
-        await channel.close()
-        return out
-
     async def history(self, pid: str) -> list[tuple[str, str]]:
         rows = await store.ops_payment_history(self.pool, payment_id=pid)
         return [(r["status"], r["cause"]) for r in rows]
-
-    async def operation(self, op: str) -> dict:
-        return dict(await self.pool.fetchrow("SELECT * FROM operations WHERE id = $1", op))
 
 
 @pytest.fixture(scope="module")
