@@ -175,7 +175,7 @@ CREATE OR REPLACE TRIGGER outbox_inserted AFTER INSERT ON outbox REFERENCING NEW
 -- A change of a payment wakes the long polls with its id (and makes the API
 -- processes forget what they remember of it, gateway/api/longpoll.py). Except
 -- where a payment leaves an in-progress status: the statements doing that send
--- the wake-up themselves, the worker's (finish_operation) with the payment in
+-- the wake-up themselves, the worker's (finish_operations) with the payment in
 -- it, so that a waiting long poll answers without reading it.
 CREATE OR REPLACE FUNCTION notify_payment() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -1,7 +1,7 @@
 """Ceilings: what PostgreSQL and RabbitMQ do on this machine without the gateway around them.
 
 PostgreSQL (in a throwaway database with the gateway's schema, triggers included):
-  same_sql  - the API's submit, run directly: store.submit_authorization,
+  same_sql  - the API's submit of one request, run directly: store.submit_authorizations,
               one autocommit statement (advisory lock, key lookup, six INSERTs), exactly
               as gateway.payments.authorize does (same pool size, same concurrency);
   naive     - for reference, four separate INSERTs (idempotency key, payment,
@@ -107,8 +107,7 @@ class _Template:
         pid, op = messages.new_id("pay"), messages.new_id("op")
         key = f"ceil-{uuid.uuid4().hex}"
         req = IdempotentRequest("ceiling", key, "POST", "/v1/payments", self.request_body)
-        return await store.submit_authorization(
-            pool,
+        submission = store.Submission(
             payment_id=pid,
             order_id=f"ord_{key}",
             customer_id="cus_ceiling",
@@ -124,6 +123,7 @@ class _Template:
             command=messages.command(op, "authorize"),
             reply=store.StoredReply(request=req, body=self.body, location=f"/v1/payments/{pid}"),
         )
+        return (await store.submit_authorizations(pool, submissions=[submission]))[0]
 
     def naive(self, i: int) -> tuple[tuple, ...]:
         pid = messages.new_id("pay")

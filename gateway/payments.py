@@ -14,10 +14,9 @@ no state in between that a crash could leave half-written.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -122,8 +121,10 @@ async def authorize(
     customer_id: str,
     amount: int,
     card: CardInput,
+    submit: Callable[[store.Submission], Awaitable[asyncpg.Record]] | None = None,
 ) -> Response:
-    """Record a new payment and its authorize operation; the bank is called later by a worker."""
+    """Record a new payment and its authorize operation; the bank is called later by a worker.
+    `submit` records it (the API's gateway.batching.Batcher of submit_many); by default alone."""
     payment_id = messages.new_id("pay")
     operation_id = messages.new_id("op")
     at = now()
@@ -153,42 +154,48 @@ async def authorize(
     location = f"/v1/payments/{payment_id}"
     body = orjson.dumps(payment_json(row))
     cmd = messages.command(operation_id, OperationKind.AUTHORIZE.value)
-    async with pool.acquire() as conn:
-        try:
-            outcome = await store.submit_authorization(
-                conn,
-                payment_id=payment_id,
-                order_id=order_id,
-                customer_id=customer_id,
-                amount=amount,
-                card_brand=card_brand,
-                card_last4=card_last4,
-                card_expiry_month=card.expiry_month,
-                card_expiry_year=card.expiry_year,
-                at=at,
-                operation_id=operation_id,
-                bank_key=bank_key(operation_id),
-                sealed_card=vault.seal(payment_id, card.number, card.cvv),
-                command=cmd,
-                reply=store.StoredReply(request=req, body=body, location=location),
-            )
-        except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name not in ("payments_one_live_per_order", "idempotency_keys_pkey"):
-                raise
+    submission = store.Submission(
+        payment_id=payment_id,
+        order_id=order_id,
+        customer_id=customer_id,
+        amount=amount,
+        card_brand=card_brand,
+        card_last4=card_last4,
+        card_expiry_month=card.expiry_month,
+        card_expiry_year=card.expiry_year,
+        at=at,
+        operation_id=operation_id,
+        bank_key=bank_key(operation_id),
+        sealed_card=vault.seal(payment_id, card.number, card.cvv),
+        command=cmd,
+        reply=store.StoredReply(request=req, body=body, location=location),
+    )
+    try:
+        outcome = await submit(submission) if submit else (await submit_many(pool, [submission]))[0]
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name not in ("payments_one_live_per_order", "idempotency_keys_pkey"):
+            raise
+        async with pool.acquire() as conn:
             stored = await _recheck_key(conn, req)
             if stored:
                 return stored
             existing = await store.live_payment_for_order(conn, merchant=req.merchant, order_id=order_id)
-            raise OrderAlreadyPaid(existing or "unknown") from None
-        if not outcome["inserted"]:
-            if not outcome["locked"]:
-                raise RequestInProgress()
+        raise OrderAlreadyPaid(existing or "unknown") from None
+    if not outcome["inserted"]:
+        if not outcome["locked"]:
+            raise RequestInProgress()
+        async with pool.acquire() as conn:
             stored = await _recheck_key(conn, req)  # the key's response in full, or reused
-            if stored is None:
-                raise RuntimeError("idempotency key row vanished")  # keys are kept >= 24 h
-            return stored
+        if stored is None:
+            raise RuntimeError("idempotency key row vanished")  # keys are kept >= 24 h
+        return stored
     crash_point("api.after_commit")
     return Response(202, body, location)
+
+
+async def submit_many(pool: asyncpg.Pool, submissions: Sequence[store.Submission]) -> list[asyncpg.Record]:
+    """Authorize requests recorded in one transaction: `locked` and `inserted` of each, in order."""
+    return await store.submit_authorizations(pool, submissions=submissions)
 
 
 async def _recheck_key(conn: store.Connection, req: IdempotentRequest) -> Response | None:
@@ -311,25 +318,39 @@ class OperationState:
 
 async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
     """Take the lease for one bank attempt, or say why not (finished, leased elsewhere, unknown)."""
-    row = await store.claim_operation(pool, operation_id=operation_id, owner=owner, lease_seconds=lease_seconds)
-    if row is not None:
-        return Claim(
-            owner=owner,
-            operation_id=row["operation_id"],
-            kind=OperationKind(row["operation_kind"]),
-            bank_key=row["bank_key"],
-            attempts=row["attempts"],
-            first_attempt_at=row["first_attempt_at"],
-            payment_id=row["id"],
-            amount=row["amount"],
-            authorization_id=row["authorization_id"],
-            capture_id=row["capture_id"],
-            card_expiry_month=row["card_expiry_month"],
-            card_expiry_year=row["card_expiry_year"],
-            sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
-            unknown_outcomes=row["unknown_outcomes"],
-            payment=dict(row),
-        )
+    claimed = (await claim_many(pool, [store.ClaimRequest(operation_id, owner, lease_seconds)]))[0]
+    return claimed if claimed is not None else await why_not_claimed(pool, operation_id)
+
+
+async def claim_many(pool: asyncpg.Pool, claims: Sequence[store.ClaimRequest]) -> list[Claim | None]:
+    """The lease of each request, in one transaction: its Claim, or None when it cannot be
+    claimed now (why_not_claimed says why)."""
+    rows = await store.claim_operations(pool, claims=claims)
+    by_owner = {row["owner"]: row for row in rows}
+    return [_claim(by_owner[c.owner]) if c.owner in by_owner else None for c in claims]
+
+
+def _claim(row: asyncpg.Record) -> Claim:
+    return Claim(
+        owner=row["owner"],
+        operation_id=row["operation_id"],
+        kind=OperationKind(row["operation_kind"]),
+        bank_key=row["bank_key"],
+        attempts=row["attempts"],
+        first_attempt_at=row["first_attempt_at"],
+        payment_id=row["id"],
+        amount=row["amount"],
+        authorization_id=row["authorization_id"],
+        capture_id=row["capture_id"],
+        card_expiry_month=row["card_expiry_month"],
+        card_expiry_year=row["card_expiry_year"],
+        sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
+        unknown_outcomes=row["unknown_outcomes"],
+        payment=dict(row),
+    )
+
+
+async def why_not_claimed(pool: asyncpg.Pool, operation_id: str) -> OperationState:
     state = await store.operation_state(pool, operation_id=operation_id)
     if state is None:
         return OperationState(exists=False)
@@ -389,22 +410,31 @@ def _bank_fields(kind: OperationKind, verdict: Verdict, body: dict | None) -> di
     return fields
 
 
-async def record_outcome(
-    pool: asyncpg.Pool,
-    claim: Claim,
-    verdict: Verdict,
-    outcome: domain.BankOutcome,
-    bank_ms: int,
-    doubt: domain.Doubt | None = None,
-) -> dict | None:
-    """Settle a claimed operation with a final verdict. Returns the payment, or None when the
-    lease is no longer the claim's (another handling records the outcome).
+@dataclass(frozen=True)
+class Settlement:
+    """A claimed operation's final verdict, ready to record: the payment as it will read, and
+    what the recording writes."""
 
-    One statement in the common case: operation, payment, history, card deletion,
-    completion event and the long polls' wake-up, built from the claim's snapshot of
-    the payment. With a `doubt` (domain: outcomes the bank will not name), or a
-    follow-up operation the domain asks for, one transaction with those too.
-    """
+    claim: Claim
+    payment: dict  # as GET will show it once recorded
+    finish: store.Finish
+    doubt: domain.Doubt | None
+    follow_up: OperationKind | None
+    fields: dict[str, Any]  # the bank's ids copied onto the receipt
+
+    @property
+    def alone(self) -> bool:
+        """One statement records it (finish_operations), so it can go with others'."""
+        return self.doubt is None and self.follow_up is None
+
+
+def settlement(
+    claim: Claim, verdict: Verdict, outcome: domain.BankOutcome, bank_ms: int, doubt: domain.Doubt | None = None
+) -> Settlement:
+    """What recording `verdict` for the claim writes, built from the claim's snapshot of the
+    payment: the operation, the payment, history, card deletion, completion event and the long
+    polls' wake-up; with a `doubt` (domain: outcomes the bank will not name), or a follow-up
+    operation the domain asks for, those too."""
     row, kind = claim.payment, claim.kind
     status = domain.settle(kind, verdict)
     at = now()
@@ -427,8 +457,7 @@ async def record_outcome(
     payment = payment_json(updated)
     if moved:
         payment["history"].append({"status": status.value, "at": payment["updated_at"]})
-    finish = functools.partial(
-        store.finish_operation,
+    finish = store.Finish(
         operation_id=claim.operation_id,
         owner=claim.owner,
         operation_status="succeeded" if verdict is Verdict.SUCCEEDED else "failed",
@@ -441,18 +470,42 @@ async def record_outcome(
         status_moved=moved,
         drop_card=kind is OperationKind.AUTHORIZE,
         event=messages.event(domain.event_type(status), payment, at, merchant=row["merchant"]) if moved else None,
-        authorization_id=fields.get("authorization_id"),
-        authorization_expires_at=fields.get("authorization_expires_at"),
-        capture_id=fields.get("capture_id"),
-        void_id=fields.get("void_id"),
-        refund_id=fields.get("refund_id"),
         notify=wake_up(payment, row["merchant"]),
+        **fields,
     )
-    follow_up = domain.follow_up(kind, verdict)
-    if doubt is None and follow_up is None:
-        return payment if await finish(pool) else None
+    return Settlement(claim, payment, finish, doubt, domain.follow_up(kind, verdict), fields)
+
+
+async def record_outcome(
+    pool: asyncpg.Pool,
+    claim: Claim,
+    verdict: Verdict,
+    outcome: domain.BankOutcome,
+    bank_ms: int,
+    doubt: domain.Doubt | None = None,
+) -> dict | None:
+    """Settle a claimed operation with a final verdict. Returns the payment, or None when the
+    lease is no longer the claim's (another handling records the outcome)."""
+    settled = settlement(claim, verdict, outcome, bank_ms, doubt)
+    if settled.alone:
+        return (await record_many(pool, [settled]))[0]
+    return await record_with_doubt_or_follow_up(pool, settled)
+
+
+async def record_many(pool: asyncpg.Pool, settlements: Sequence[Settlement]) -> list[dict | None]:
+    """Settlements that each record `alone`, in one statement: each one's payment, or None when
+    its lease is no longer its claim's."""
+    recorded = await store.finish_operations(pool, finishes=[s.finish for s in settlements])
+    return [s.payment if (s.claim.operation_id, s.claim.owner) in recorded else None for s in settlements]
+
+
+async def record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlement) -> dict | None:
+    """A settlement that does not record `alone`: one transaction with the doubt's flag and
+    finding, and the follow-up operation."""
+    claim, doubt, payment = settled.claim, settled.doubt, settled.payment
+    at, merchant = settled.finish.at, claim.payment["merchant"]
     async with pool.acquire() as conn, conn.transaction():
-        if not await finish(conn):
+        if not await store.finish_operations(conn, finishes=[settled.finish]):
             return None
         if doubt is not None:
             await store.flag_doubt(
@@ -460,18 +513,18 @@ async def record_outcome(
                 payment_id=claim.payment_id,
                 at=at,
                 error=doubt.error(),
-                event=messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"]),
+                event=messages.event(domain.ATTENTION_EVENT, payment, at, merchant=merchant),
                 run_id=f"worker:{claim.operation_id}",
                 finding_kind=doubt.finding,
                 finding_detail={
                     "operation_id": claim.operation_id,
                     "bank_key": claim.bank_key,
-                    **fields,
+                    **settled.fields,
                     "note": doubt.message,
                 },
             )
-        if follow_up is not None:
-            await _enqueue(conn, claim.payment_id, follow_up, at)
+        if settled.follow_up is not None:
+            await _enqueue(conn, claim.payment_id, settled.follow_up, at)
     return payment
 
 

@@ -185,48 +185,56 @@ async def lock_idempotency_key(db: Connection, *, merchant: str, key: str) -> as
     return await _payments.lock_idempotency_key(db, merchant=merchant, key=key)
 
 
-async def submit_authorization(
-    db: Executor,
-    *,
-    payment_id: str,
-    order_id: str,
-    customer_id: str,
-    amount: int,
-    card_brand: str,
-    card_last4: str,
-    card_expiry_month: int,
-    card_expiry_year: int,
-    at: datetime,
-    operation_id: str,
-    bank_key: str,
-    sealed_card: bytes,
-    command: OutboxMessage,
-    reply: StoredReply,
-) -> asyncpg.Record:
-    """`locked` and `inserted`: the payment (of the request's merchant) and all that goes with it."""
-    request = reply.request
-    return await _payments.submit_authorization(
+class Submission(NamedTuple):
+    """One authorize request for submit_authorizations: the payment and all that goes with it."""
+
+    payment_id: str
+    order_id: str
+    customer_id: str
+    amount: int
+    card_brand: str
+    card_last4: str
+    card_expiry_month: int
+    card_expiry_year: int
+    at: datetime
+    operation_id: str
+    bank_key: str
+    sealed_card: bytes
+    command: OutboxMessage
+    reply: StoredReply
+
+
+async def submit_authorizations(db: Executor, *, submissions: Sequence[Submission]) -> list[asyncpg.Record]:
+    """`locked` and `inserted` of each submission (of its request's merchant), in order."""
+    requests = [s.reply.request for s in submissions]
+    commands = [s.command for s in submissions]
+    return await _rows(
+        _payments.submit_authorizations,
         db,
-        payment_id=payment_id,
-        merchant=request.merchant,
-        order_id=order_id,
-        customer_id=customer_id,
-        amount=amount,
-        card_brand=card_brand,
-        card_last4=card_last4,
-        card_expiry_month=card_expiry_month,
-        card_expiry_year=card_expiry_year,
-        at=at,
-        operation_id=operation_id,
-        bank_key=bank_key,
-        sealed_card=sealed_card,
-        **_command(command),
-        key=request.key,
-        method=request.method,
-        path=request.path,
-        fingerprint=request.fingerprint,
-        response_body=reply.body,
-        location=reply.location,
+        payment_ids=[s.payment_id for s in submissions],
+        merchants=[r.merchant for r in requests],
+        order_ids=[s.order_id for s in submissions],
+        customer_ids=[s.customer_id for s in submissions],
+        amounts=[s.amount for s in submissions],
+        card_brands=[s.card_brand for s in submissions],
+        card_last4s=[s.card_last4 for s in submissions],
+        card_expiry_months=[s.card_expiry_month for s in submissions],
+        card_expiry_years=[s.card_expiry_year for s in submissions],
+        ats=[s.at for s in submissions],
+        operation_ids=[s.operation_id for s in submissions],
+        bank_keys=[s.bank_key for s in submissions],
+        sealed_cards=[s.sealed_card for s in submissions],
+        command_exchanges=[c.exchange for c in commands],
+        command_routing_keys=[c.routing_key for c in commands],
+        command_message_ids=[c.message_id for c in commands],
+        command_bodies=[c.body for c in commands],
+        command_headers=[c.headers for c in commands],
+        keys=[r.key for r in requests],
+        methods=[r.method for r in requests],
+        paths=[r.path for r in requests],
+        fingerprints=[r.fingerprint for r in requests],
+        response_bodies=[s.reply.body for s in submissions],
+        locations=[s.reply.location for s in submissions],
     )
 
 
@@ -303,11 +311,22 @@ async def insert_operation(
 # ---- the worker's phases ----------------------------------------------------------------
 
 
-async def claim_operation(
-    db: Executor, *, operation_id: str, owner: str, lease_seconds: float
-) -> asyncpg.Record | None:
-    """The claimed operation with what its bank call needs; None when it cannot be claimed now."""
-    return await _payments.claim_operation(db, operation_id=operation_id, owner=owner, lease_seconds=lease_seconds)
+class ClaimRequest(NamedTuple):
+    operation_id: str
+    owner: str  # one handling of one message
+    lease_seconds: float
+
+
+async def claim_operations(db: Executor, *, claims: Sequence[ClaimRequest]) -> list[asyncpg.Record]:
+    """The operations claimed, of those asked for, with what their bank calls need; `owner`
+    names the request each row is for. A request without a row cannot be claimed now."""
+    return await _rows(
+        _payments.claim_operations,
+        db,
+        operation_ids=[c.operation_id for c in claims],
+        owners=[c.owner for c in claims],
+        lease_seconds=[c.lease_seconds for c in claims],
+    )
 
 
 async def operation_state(db: Executor, *, operation_id: str) -> asyncpg.Record | None:
@@ -358,55 +377,63 @@ async def lock_operation(db: Connection, *, operation_id: str) -> asyncpg.Record
     return await _payments.lock_operation(db, operation_id=operation_id)
 
 
-async def finish_operation(
-    db: Executor,
-    *,
-    operation_id: str,
-    owner: str,
-    operation_status: Literal["succeeded", "failed"],
-    at: datetime,
-    error: dict | None,
-    bank_response: dict | None,
-    bank_ms: int,
-    payment_status: Status,
-    cause: str,
-    status_moved: bool,
-    drop_card: bool,
-    event: OutboxMessage | None = None,
-    authorization_id: str | None = None,
-    authorization_expires_at: datetime | None = None,
-    capture_id: str | None = None,
-    void_id: str | None = None,
-    refund_id: str | None = None,
-    notify: str,
-) -> bool:
-    """Settle the operation and its payment while `owner` holds the lease (False: it does not);
-    a bank id left None keeps the payment's value. `status_moved` writes the history row,
-    `drop_card` deletes the sealed card, `notify` is the payload for the long polls."""
-    return (
-        await _payments.finish_operation(
-            db,
-            operation_id=operation_id,
-            owner=owner,
-            operation_status=operation_status,
-            at=at,
-            error=error,
-            bank_response=bank_response,
-            bank_ms=bank_ms,
-            payment_status=payment_status.value,
-            authorization_id=authorization_id,
-            authorization_expires_at=authorization_expires_at,
-            capture_id=capture_id,
-            void_id=void_id,
-            refund_id=refund_id,
-            cause=cause,
-            status_moved=status_moved,
-            drop_card=drop_card,
-            notify=notify,
-            **_event(event),
-        )
-        == 1
+class Finish(NamedTuple):
+    """One final outcome for finish_operations: the operation settled and its payment moved to
+    `payment_status` while `owner` holds the lease. A bank id left None keeps the payment's
+    value; `status_moved` writes the history row, `drop_card` deletes the sealed card,
+    `notify` is the payload for the long polls."""
+
+    operation_id: str
+    owner: str
+    operation_status: Literal["succeeded", "failed"]
+    at: datetime
+    error: dict | None
+    bank_response: dict | None
+    bank_ms: int
+    payment_status: Status
+    cause: str
+    status_moved: bool
+    drop_card: bool
+    event: OutboxMessage | None
+    notify: str
+    authorization_id: str | None = None
+    authorization_expires_at: datetime | None = None
+    capture_id: str | None = None
+    void_id: str | None = None
+    refund_id: str | None = None
+
+
+async def finish_operations(db: Executor, *, finishes: Sequence[Finish]) -> set[tuple[str, str]]:
+    """Record every outcome in one statement; the (operation_id, owner) pairs recorded (one whose
+    lease is no longer its owner's is not: another handling records it)."""
+    events = [f.event for f in finishes]
+    rows = await _rows(
+        _payments.finish_operations,
+        db,
+        operation_ids=[f.operation_id for f in finishes],
+        owners=[f.owner for f in finishes],
+        operation_statuses=[f.operation_status for f in finishes],
+        ats=[f.at for f in finishes],
+        errors=[f.error for f in finishes],
+        bank_responses=[f.bank_response for f in finishes],
+        bank_ms=[f.bank_ms for f in finishes],
+        payment_statuses=[f.payment_status.value for f in finishes],
+        authorization_ids=[f.authorization_id for f in finishes],
+        authorization_expires_ats=[f.authorization_expires_at for f in finishes],
+        capture_ids=[f.capture_id for f in finishes],
+        void_ids=[f.void_id for f in finishes],
+        refund_ids=[f.refund_id for f in finishes],
+        causes=[f.cause for f in finishes],
+        statuses_moved=[f.status_moved for f in finishes],
+        drop_cards=[f.drop_card for f in finishes],
+        event_exchanges=[e.exchange if e else None for e in events],
+        event_routing_keys=[e.routing_key if e else None for e in events],
+        event_message_ids=[e.message_id if e else None for e in events],
+        event_bodies=[e.body if e else None for e in events],
+        event_headers=[e.headers if e else None for e in events],
+        notifies=[f.notify for f in finishes],
     )
+    return {(row["operation_id"], row["owner"]) for row in rows}
 
 
 async def park_operation(db: Connection, *, operation_id: str, at: datetime, error: dict, event: OutboxMessage) -> None:

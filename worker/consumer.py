@@ -43,6 +43,7 @@ from aio_pika.abc import (
 )
 
 from gateway import config, db, domain, logs, messages, monitoring, payments, process, redact, store, timefmt, tracing
+from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
@@ -62,14 +63,22 @@ _KINDS = {kind.value: kind for kind in OperationKind}
 
 
 class PoolPayments:
-    """handling.Payments: the worker phases of gateway.payments on one pool."""
+    """handling.Payments: the worker phases of gateway.payments on one pool. The claims and the
+    outcomes of concurrent handlings go to the database together (worker.batching)."""
 
     def __init__(self, pool: asyncpg.Pool, metrics: WorkerMetrics):
         self._pool = pool
         self._metrics = metrics
+        self.claims: Batcher[store.ClaimRequest, Claim | None] = Batcher(
+            lambda claims: payments.claim_many(pool, claims)
+        )
+        self.outcomes: Batcher[payments.Settlement, dict | None] = Batcher(
+            lambda settlements: payments.record_many(pool, settlements)
+        )
 
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
-        return await payments.claim(self._pool, operation_id, owner, lease_seconds)
+        claimed = await self.claims.submit(store.ClaimRequest(operation_id, owner, lease_seconds))
+        return claimed if claimed is not None else await payments.why_not_claimed(self._pool, operation_id)
 
     async def release(
         self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, clean_attempts: int = 0
@@ -85,7 +94,11 @@ class PoolPayments:
         doubt: domain.Doubt | None = None,
     ) -> dict | None:
         try:
-            payment = await payments.record_outcome(self._pool, claim, verdict, outcome, bank_ms, doubt)
+            settled = payments.settlement(claim, verdict, outcome, bank_ms, doubt)
+            if settled.alone:
+                payment = await self.outcomes.submit(settled)
+            else:
+                payment = await payments.record_with_doubt_or_follow_up(self._pool, settled)
         except _UNRECORDABLE as exc:
             raise CannotRecord(f"{type(exc).__name__}: {redact.clean(str(exc), 200)}") from exc
         self._metrics.outcome_recorded(payment)
@@ -199,6 +212,7 @@ class Worker:
         self.bank: BankClient | None = None
         self.connection: AbstractRobustConnection | None = None
         self.handling: Handling | None = None
+        self.payments: PoolPayments | None = None
         self._sem = asyncio.Semaphore(self.cfg.concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._stop_sweeper = asyncio.Event()
@@ -236,9 +250,10 @@ class Worker:
         self._publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges = await topology.declare(self._publish_channel, self.cfg.retry_ladder)
         self._retry_exchange = exchanges[topology.RETRY_EXCHANGE]
+        self.payments = PoolPayments(pool, self.metrics)
         self.handling = Handling(
             self.cfg,
-            PoolPayments(pool, self.metrics),
+            self.payments,
             bank,
             vault=self.vault,
             worker_id=self.worker_id,
@@ -293,7 +308,11 @@ class Worker:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(self._sweeper, 10)
         await self._close()
-        log.info("worker stopped", worker_id=self.worker_id)
+        batched = {}
+        if self.payments is not None:
+            for name, batcher in (("claims", self.payments.claims), ("outcomes", self.payments.outcomes)):
+                batched[f"{name}_per_statement"] = round(batcher.requests / max(batcher.batches, 1), 2)
+        log.info("worker stopped", worker_id=self.worker_id, **batched)
 
     async def _report_breaker(self, pool: asyncpg.Pool) -> None:
         """The breaker's state in bank_circuit, for the ops console: at once when it changes,

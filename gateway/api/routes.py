@@ -18,12 +18,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from gateway import logs, payments, views
+from gateway import logs, payments, store, views
 from gateway.api import docs, schemas
 from gateway.api.errors import JSON, ApiError
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
 from gateway.api.middleware import ADMISSION, CALLER, refused
+from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import Action, InvalidTransition
 
@@ -39,9 +40,18 @@ class State:
     # Opened by the app's cleanup context once the event loop runs.
     _pool: asyncpg.Pool | None = None
     _readiness: Readiness | None = None
+    # Concurrent authorize requests recorded together (one statement, one commit).
+    _submits: Batcher[store.Submission, asyncpg.Record] | None = None
 
     def connect(self, pool: asyncpg.Pool, readiness: Readiness) -> None:
         self._pool, self._readiness = pool, readiness
+        self._submits = Batcher(lambda submissions: payments.submit_many(pool, submissions))
+
+    @property
+    def submits(self) -> Batcher[store.Submission, asyncpg.Record]:
+        if self._submits is None:
+            raise RuntimeError("the app has not started: no database pool yet")
+        return self._submits
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -200,6 +210,7 @@ async def authorize(request: web.Request) -> web.Response:
             customer_id=data.customer_id,
             amount=data.amount,
             card=payments.CardInput(card.number, card.cvv, card.expiry_month, card.expiry_year),
+            submit=state.submits.submit,
         )
     except (payments.RequestInProgress, payments.IdempotencyKeyReused) as exc:
         raise _key_errors(exc) from None

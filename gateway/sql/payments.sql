@@ -9,43 +9,68 @@ SELECT pg_try_advisory_xact_lock(idempotency_lock_key(:merchant, :key)) AS locke
   FROM (SELECT 1) AS one
   LEFT JOIN idempotency_keys k ON k.merchant = :merchant AND k.key = :key;
 
--- name: submit_authorization^
--- The whole authorize request in ONE statement (one round trip, its own
--- transaction): take the key's advisory lock and look for a stored response
--- (`k`); only when the lock was taken and the key is new, insert the payment,
--- its first history row, the authorize operation, the sealed card, the command
--- for a worker and the stored response. Every INSERT reads `payment`, so none
--- runs unless the first did.
-WITH k AS (
-    SELECT pg_try_advisory_xact_lock(idempotency_lock_key(:merchant, :key)) AS locked,
-           (SELECT fingerprint FROM idempotency_keys WHERE merchant = :merchant AND key = :key) AS fingerprint
+-- name: submit_authorizations
+-- Whole authorize requests, one per row of the arrays, in ONE statement (one
+-- round trip, its own transaction; the API sends concurrent requests together,
+-- gateway/batching.py). For each: take the key's advisory lock and look for a
+-- stored response (`fingerprint`); only when the lock was taken and the key is
+-- new, insert the payment, its first history row, the authorize operation, the
+-- sealed card, the command for a worker and the stored response. Returns, in
+-- the order asked, whether the lock was taken and whether the request was
+-- recorded. A conflict (an order with a live payment, a key stored meanwhile)
+-- fails the whole statement: the API then sends each request alone.
+WITH asked AS (
+    SELECT *
+      FROM unnest(:payment_ids::text[], :merchants::text[], :order_ids::text[], :customer_ids::text[],
+                  :amounts::bigint[], :card_brands::text[], :card_last4s::text[], :card_expiry_months::smallint[],
+                  :card_expiry_years::smallint[], :ats::timestamptz[], :operation_ids::text[], :bank_keys::text[],
+                  :sealed_cards::bytea[], :command_exchanges::text[], :command_routing_keys::text[],
+                  :command_message_ids::text[], :command_bodies::bytea[], :command_headers::jsonb[],
+                  :keys::text[], :methods::text[], :paths::text[], :fingerprints::text[],
+                  :response_bodies::bytea[], :locations::text[])
+           WITH ORDINALITY
+        AS a(payment_id, merchant, order_id, customer_id, amount, card_brand, card_last4, card_expiry_month,
+             card_expiry_year, at, operation_id, bank_key, sealed_card, command_exchange, command_routing_key,
+             command_message_id, command_body, command_headers, key, method, path, fingerprint, response_body,
+             location, n)
+), k AS MATERIALIZED (
+    SELECT a.n, pg_try_advisory_xact_lock(idempotency_lock_key(a.merchant, a.key)) AS locked,
+           (SELECT i.fingerprint FROM idempotency_keys i WHERE i.merchant = a.merchant AND i.key = a.key) AS fingerprint
+      FROM asked a
+), new AS MATERIALIZED (
+    SELECT a.* FROM asked a JOIN k ON k.n = a.n WHERE k.locked AND k.fingerprint IS NULL
 ), payment AS (
     INSERT INTO payments (id, merchant, order_id, customer_id, amount, currency, status,
                           card_brand, card_last4, card_expiry_month, card_expiry_year,
                           created_at, updated_at)
-    SELECT :payment_id, :merchant, :order_id, :customer_id, :amount, 'USD', 'pending',
-           :card_brand, :card_last4, :card_expiry_month, :card_expiry_year, :at, :at
-      FROM k WHERE k.locked AND k.fingerprint IS NULL
+    SELECT payment_id, merchant, order_id, customer_id, amount, 'USD', 'pending',
+           card_brand, card_last4, card_expiry_month, card_expiry_year, at, at
+      FROM new ORDER BY n
     RETURNING id
 ), history AS (
     INSERT INTO payment_history (payment_id, status, cause, at)
-    SELECT id, 'pending', 'api:authorize', :at FROM payment
+    SELECT n.payment_id, 'pending', 'api:authorize', n.at FROM new n JOIN payment p ON p.id = n.payment_id ORDER BY n.n
 ), operation AS (
     INSERT INTO operations (id, payment_id, kind, bank_key, created_at, updated_at)
-    SELECT :operation_id, id, 'authorize', :bank_key, :at, :at FROM payment
+    SELECT n.operation_id, n.payment_id, 'authorize', n.bank_key, n.at, n.at
+      FROM new n JOIN payment p ON p.id = n.payment_id
 ), vault AS (
     INSERT INTO card_vault (payment_id, sealed, created_at)
-    SELECT id, :sealed_card, :at FROM payment
+    SELECT n.payment_id, n.sealed_card, n.at FROM new n JOIN payment p ON p.id = n.payment_id
 ), command AS (
     INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
-    SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body, :command_headers FROM payment
+    SELECT n.command_exchange, n.command_routing_key, n.command_message_id, n.command_body, n.command_headers
+      FROM new n JOIN payment p ON p.id = n.payment_id ORDER BY n.n
 ), stored AS (
     INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status,
                                   response_body, location, created_at)
-    SELECT :merchant, :key, :method, :path, :fingerprint, 202, :response_body, :location, :at FROM payment
-    RETURNING 1
+    SELECT n.merchant, n.key, n.method, n.path, n.fingerprint, 202, n.response_body, n.location, n.at
+      FROM new n JOIN payment p ON p.id = n.payment_id
+    RETURNING merchant, key
 )
-SELECT k.locked, EXISTS (SELECT 1 FROM stored) AS inserted FROM k;
+SELECT k.locked, EXISTS (SELECT 1 FROM stored s WHERE s.merchant = a.merchant AND s.key = a.key) AS inserted
+  FROM asked a JOIN k ON k.n = a.n
+ ORDER BY a.n;
 
 -- name: live_payment_for_order$
 SELECT id FROM payments
@@ -105,30 +130,39 @@ WITH operation AS (
 INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
 SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body, :command_headers FROM operation;
 
--- name: claim_operation^
--- (updated_at, which is indexed, is left alone: the lease says the operation is
--- being worked on, and an update touching no indexed column can stay on its page.)
--- Take the lease for one bank attempt. Fails (no row) when the operation is
+-- name: claim_operations
+-- Take the lease for one bank attempt of each operation asked for (`owners[i]`
+-- for `operation_ids[i]`, for `lease_seconds[i]`; the worker sends the claims of its concurrent handlings
+-- together, worker/batching.py). An operation is not claimed (no row) when it is
 -- finished or another worker's lease has not run out: a bank call of that
 -- worker may still be running, and the bank has no in-flight lock. A parked
--- operation waits for ops (unpark_operation) and is not claimed either.
-WITH claimed AS (
-    UPDATE operations
-       SET attempts = attempts + 1,
-           lease_owner = :owner,
-           lease_until = now() + make_interval(secs => :lease_seconds),
-           first_attempt_at = coalesce(first_attempt_at, now())
-     WHERE id = :operation_id AND status = 'pending' AND NOT parked
-       AND (lease_until IS NULL OR lease_until < now() OR lease_owner = :owner)
-    RETURNING *
+-- operation waits for ops (unpark_operation) and is not claimed either. Asked
+-- twice in one batch (a duplicate command), an operation goes to one owner: the
+-- row's `owner` says which.
+-- (updated_at, which is indexed, is left alone: the lease says the operation is
+-- being worked on, and an update touching no indexed column can stay on its page.)
+WITH asked AS (
+    SELECT * FROM unnest(:operation_ids::text[], :owners::text[], :lease_seconds::float8[])
+                      AS a(operation_id, owner, lease_seconds)
+), claimed AS (
+    UPDATE operations o
+       SET attempts = o.attempts + 1,
+           lease_owner = a.owner,
+           lease_until = now() + make_interval(secs => a.lease_seconds),
+           first_attempt_at = coalesce(o.first_attempt_at, now())
+      FROM asked a
+     WHERE o.id = a.operation_id AND o.status = 'pending' AND NOT o.parked
+       AND (o.lease_until IS NULL OR o.lease_until < now() OR o.lease_owner = a.owner)
+    RETURNING o.*
 )
 -- unknown_outcomes: the earlier attempts not known to have done nothing (their
 -- answer was lost, or their handler died before saying). With the payment as it
 -- stands, history included: while this lease is held nothing
 -- else changes it (one operation in flight per payment), so the outcome is recorded
 -- from this snapshot without reading it again.
-SELECT c.id AS operation_id, c.kind AS operation_kind, c.bank_key, c.attempts, c.first_attempt_at,
-       c.attempts - 1 - c.clean_attempts AS unknown_outcomes, p.*, payment_history_json(p.id) AS history, v.sealed
+SELECT c.lease_owner AS owner, c.id AS operation_id, c.kind AS operation_kind, c.bank_key, c.attempts,
+       c.first_attempt_at, c.attempts - 1 - c.clean_attempts AS unknown_outcomes,
+       p.*, payment_history_json(p.id) AS history, v.sealed
   FROM claimed c
   JOIN payments p ON p.id = c.payment_id
   LEFT JOIN card_vault v ON v.payment_id = c.payment_id;
@@ -154,43 +188,68 @@ SELECT o.id AS operation_id, o.kind, o.bank_key, p.*, payment_history_json(p.id)
  WHERE o.id = :operation_id AND o.status = 'pending'
    FOR UPDATE;
 
--- name: finish_operation$
--- A final outcome: the operation, the payment (with history row when the
--- status moves), the sealed card gone once the authorization is decided, the
--- completion event, and the payment as it now reads to the API's long polls
--- (NOTIFY at commit, after the trigger's bare one), in one statement: 1 when recorded, 0 when the
--- lease is no longer ours (another handling records it). attention_required
--- is left as it is: the operation itself was not parked (or ops' unpark
--- cleared its flag), and a flag for a human (reconciliation, a doubt) stays
--- until one has looked.
-WITH operation AS (
-    UPDATE operations
-       SET status = :operation_status, finished_at = :at, updated_at = :at, last_error = :error,
-           bank_response = :bank_response, bank_ms = bank_ms + :bank_ms,
+-- name: finish_operations
+-- Final outcomes, one per row of the arrays (the worker sends those of its
+-- concurrent handlings together, worker/batching.py): the operation, the
+-- payment (with a history row when the status moves), the sealed card gone once
+-- the authorization is decided, the completion event, and the payment as it now
+-- reads to the API's long polls (NOTIFY at commit, after the trigger's bare
+-- one). Returns the (operation, owner) pairs recorded; one is missing when the
+-- lease is no longer the owner's (another handling records it). A bank id left null keeps
+-- the payment's value. attention_required is left as it is: the operation itself
+-- was not parked (or ops' unpark cleared its flag), and a flag for a human
+-- (reconciliation, a doubt) stays until one has looked.
+WITH settled AS (
+    SELECT *
+      FROM unnest(:operation_ids::text[], :owners::text[], :operation_statuses::text[], :ats::timestamptz[],
+                  :errors::jsonb[], :bank_responses::jsonb[], :bank_ms::integer[], :payment_statuses::text[],
+                  :authorization_ids::text[], :authorization_expires_ats::timestamptz[], :capture_ids::text[],
+                  :void_ids::text[], :refund_ids::text[], :causes::text[], :statuses_moved::boolean[],
+                  :drop_cards::boolean[], :event_exchanges::text[], :event_routing_keys::text[],
+                  :event_message_ids::text[], :event_bodies::bytea[], :event_headers::jsonb[], :notifies::text[])
+           WITH ORDINALITY
+        AS s(operation_id, owner, operation_status, at, error, bank_response, bank_ms, payment_status,
+             authorization_id, authorization_expires_at, capture_id, void_id, refund_id, cause, status_moved,
+             drop_card, event_exchange, event_routing_key, event_message_id, event_body, event_headers, notify, n)
+), operation AS (
+    UPDATE operations o
+       SET status = s.operation_status, finished_at = s.at, updated_at = s.at, last_error = s.error,
+           bank_response = s.bank_response, bank_ms = o.bank_ms + s.bank_ms,
            lease_owner = NULL, lease_until = NULL, parked = false
-     WHERE id = :operation_id AND status = 'pending' AND lease_owner = :owner
-    RETURNING payment_id
+      FROM settled s
+     WHERE o.id = s.operation_id AND o.status = 'pending' AND o.lease_owner = s.owner
+    RETURNING o.payment_id, s.n
 ), payment AS (
-    UPDATE payments
-       SET status = :payment_status, last_error = :error, updated_at = :at,
-           authorization_id = coalesce(:authorization_id, authorization_id),
-           authorization_expires_at = coalesce(:authorization_expires_at, authorization_expires_at),
-           capture_id = coalesce(:capture_id, capture_id),
-           void_id = coalesce(:void_id, void_id),
-           refund_id = coalesce(:refund_id, refund_id)
-     WHERE id = (SELECT payment_id FROM operation)
-    RETURNING id
+    UPDATE payments p
+       SET status = s.payment_status, last_error = s.error, updated_at = s.at,
+           authorization_id = coalesce(s.authorization_id, p.authorization_id),
+           authorization_expires_at = coalesce(s.authorization_expires_at, p.authorization_expires_at),
+           capture_id = coalesce(s.capture_id, p.capture_id),
+           void_id = coalesce(s.void_id, p.void_id),
+           refund_id = coalesce(s.refund_id, p.refund_id)
+      FROM operation o JOIN settled s ON s.n = o.n
+     WHERE p.id = o.payment_id
+    RETURNING p.id, s.n
 ), history AS (
     INSERT INTO payment_history (payment_id, status, cause, at)
-    SELECT id, :payment_status, :cause, :at FROM payment WHERE :status_moved
+    SELECT p.id, s.payment_status, s.cause, s.at
+      FROM payment p JOIN settled s ON s.n = p.n
+     WHERE s.status_moved
+     ORDER BY p.n
 ), vault AS (
-    DELETE FROM card_vault WHERE payment_id = (SELECT id FROM payment) AND :drop_card
+    DELETE FROM card_vault v
+     USING payment p JOIN settled s ON s.n = p.n
+     WHERE v.payment_id = p.id AND s.drop_card
 ), event AS (
     INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
-    SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers
-      FROM payment WHERE :event_exchange::text IS NOT NULL
+    SELECT s.event_exchange, s.event_routing_key, s.event_message_id, s.event_body, s.event_headers
+      FROM payment p JOIN settled s ON s.n = p.n
+     WHERE s.event_exchange IS NOT NULL
+     ORDER BY p.n
 )
-SELECT count(*) FROM payment, LATERAL (SELECT pg_notify('payment_updated', :notify)) AS n;
+SELECT s.operation_id, s.owner
+  FROM payment p JOIN settled s ON s.n = p.n, LATERAL (SELECT pg_notify('payment_updated', s.notify)) AS w
+ ORDER BY p.n;
 
 -- name: park_operation!
 -- Retries are exhausted: the operation waits in the dead-letter queue and the

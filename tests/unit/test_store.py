@@ -70,9 +70,11 @@ def test_statements_are_rewritten_to_numbered_parameters():
 
 def test_the_lock_key_is_the_schema_function_everywhere():
     with_lock = [n for n, sql in store.statements().items() if "pg_try_advisory_xact_lock" in sql]
-    assert sorted(with_lock) == ["lock_idempotency_key", "lock_key_and_payment", "submit_authorization"]
+    assert sorted(with_lock) == ["lock_idempotency_key", "lock_key_and_payment", "submit_authorizations"]
     for name in with_lock:
-        assert "pg_try_advisory_xact_lock(idempotency_lock_key($1, $2))" in store.statements()[name], name
+        sql = store.statements()[name]
+        lock = r"pg_try_advisory_xact_lock\(idempotency_lock_key\((\$1, \$2|a\.merchant, a\.key)\)\)"
+        assert re.search(lock, sql), name
     assert "hashtextextended" not in "".join(store.statements().values())
     assert "FUNCTION idempotency_lock_key(merchant text, key text) RETURNS bigint" in store.SCHEMA_PATH.read_text()
 
@@ -111,38 +113,57 @@ async def test_a_missing_extra_or_positional_parameter_fails_on_the_call(tmp_pat
     assert db.calls == []
 
 
-def _coalesced(sql: str) -> dict[str, int]:
-    """column -> parameter number, for every `column = coalesce($n, column)`."""
-    return {col: int(n) for col, n in re.findall(r"(\w+) = coalesce\(\$(\d+), \1\)", sql)}
+def _unnested(sql: str, args: tuple) -> dict[str, object]:
+    """column of `unnest(...) AS s(columns)` -> the array passed for it."""
+    arrays, columns = re.search(r"unnest\((.*?)\)\s+WITH ORDINALITY\s+AS s\((.*?)\)", sql, re.S).groups()
+    numbers = [int(n) for n in re.findall(r"\$(\d+)", arrays)]
+    names = [c.strip() for c in columns.split(",")]
+    assert len(names) == len(numbers) + 1 and names[-1] == "n"  # + the ordinality
+    return {name: args[n - 1] for name, n in zip(names[:-1], numbers, strict=True)}
 
 
-async def test_finish_operation_puts_each_bank_id_in_its_own_column():
-    db = Recorder(1)
-    assert await store.finish_operation(
+async def test_finish_operations_puts_each_value_in_its_own_column():
+    db = Recorder([{"operation_id": "op_1", "owner": "w/1"}])
+    event = messages.event("payment.voided", {"id": "pay_2"}, AT, merchant="ficmart")
+    common = dict(at=AT, error=None, bank_ms=120, cause="bank:void:succeeded", status_moved=True, notify="pay_1")
+    recorded = await store.finish_operations(
         db,
-        operation_id="op_1",
-        owner="w/1",
-        operation_status="succeeded",
-        at=AT,
-        error=None,
-        bank_response={"void_id": "void_9"},
-        bank_ms=120,
-        payment_status=Status.VOIDED,
-        cause="bank:void:succeeded",
-        status_moved=True,
-        drop_card=False,
-        void_id="void_9",
-        capture_id="cap_8",
-        notify="pay_1",
+        finishes=[
+            store.Finish(
+                operation_id="op_1",
+                owner="w/1",
+                operation_status="succeeded",
+                bank_response={"void_id": "void_9"},
+                payment_status=Status.VOIDED,
+                drop_card=False,
+                event=None,
+                void_id="void_9",
+                capture_id="cap_8",
+                **common,
+            ),
+            store.Finish(
+                operation_id="op_2",
+                owner="w/2",
+                operation_status="failed",
+                bank_response=None,
+                payment_status=Status.DECLINED,
+                drop_card=True,
+                event=event,
+                **common,
+            ),
+        ],
     )
+    assert recorded == {("op_1", "w/1")}
     _, sql, args = db.only
-    column = _coalesced(sql)
-    assert set(column) == {"authorization_id", "authorization_expires_at", "capture_id", "void_id", "refund_id"}
-    assert args[column["void_id"] - 1] == "void_9" and args[column["capture_id"] - 1] == "cap_8"
-    assert args[column["authorization_id"] - 1] is None and args[column["refund_id"] - 1] is None
-    assert "voided" in args and "succeeded" in args and len(args) == placeholders(sql)[-1]
-    event = re.search(r"FROM payment WHERE \$(\d+)::text IS NOT NULL", sql)
-    assert event and args[int(event[1]) - 1] is None  # no event: the statement skips it
+    column = _unnested(sql, args)
+    assert column["operation_id"] == ["op_1", "op_2"] and column["owner"] == ["w/1", "w/2"]
+    assert column["void_id"] == ["void_9", None] and column["capture_id"] == ["cap_8", None]
+    assert column["authorization_id"] == [None, None] and column["refund_id"] == [None, None]
+    assert column["payment_status"] == ["voided", "declined"] and column["drop_card"] == [False, True]
+    assert column["event_exchange"] == [None, event.exchange] and column["event_body"] == [None, event.body]
+    assert len(args) == placeholders(sql)[-1]
+    for name in ("authorization_id", "authorization_expires_at", "capture_id", "void_id", "refund_id"):
+        assert f"{name} = coalesce(s.{name}, p.{name})" in sql  # a bank id left null keeps the payment's
 
 
 async def test_start_operation_takes_the_event_and_the_reply_as_optional_groups():

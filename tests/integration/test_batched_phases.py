@@ -1,0 +1,155 @@
+"""The phases the API and the worker send together (gateway/batching.py), on real PostgreSQL:
+what each request gets when it shares a statement with others, conflicts included."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from gateway import payments, store
+from gateway.batching import Batcher
+from gateway.cards import CardVault
+from gateway.domain import BankOutcome, Verdict
+from tests.integration.conftest import CARD_NUMBER, CVV, pending_operation
+
+
+def _request(key: str, order_id: str) -> tuple[payments.IdempotentRequest, dict]:
+    fields = {"order_id": order_id, "customer_id": "cus_batch", "amount": 1200}
+    body = f'{{"order_id":"{order_id}","key":"{key}"}}'.encode()  # a body of its own per order
+    return payments.IdempotentRequest("ficmart", key, "POST", "/v1/payments", body), fields
+
+
+async def _authorize_together(pool, card_key: bytes, asked: list[tuple[str, str]]) -> list[object]:
+    """payments.authorize for each (key, order_id) at once, through one Batcher held back
+    until all have asked: they go in one statement."""
+    gate, sizes = asyncio.Event(), []
+
+    async def held(submissions):
+        sizes.append(len(submissions))
+        await gate.wait()
+        if submissions == [None]:  # the blocker's
+            return [None]
+        return await payments.submit_many(pool, submissions)
+
+    batcher = Batcher(held, max_in_flight=1)
+    blocker = asyncio.create_task(batcher.submit(None))  # occupies the one slot until the gate opens
+    vault, card = CardVault(card_key), payments.CardInput(CARD_NUMBER, CVV, 12, 2030)
+    calls = []
+    for key, order_id in asked:
+        req, fields = _request(key, order_id)
+        calls.append(payments.authorize(pool, vault, req, card=card, submit=batcher.submit, **fields))
+    tasks = [asyncio.create_task(c) for c in calls]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await blocker
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sizes[:2] == [1, len(asked)]  # the blocker's, then every request's together
+    return results
+
+
+async def _payments_of(pool, order_ids: list[str]) -> int:
+    return await pool.fetchval("SELECT count(*) FROM payments WHERE order_id = ANY($1::text[])", order_ids)
+
+
+async def test_authorizations_sent_together_are_each_recorded_once(pool, api_settings):
+    asked = [(uuid.uuid4().hex, f"ord_{uuid.uuid4().hex[:10]}") for _ in range(5)]
+    results = await _authorize_together(pool, api_settings.card_key, asked)
+    assert all(isinstance(r, payments.Response) and r.status == 202 and not r.replayed for r in results), results
+    orders = [o for _, o in asked]
+    assert await _payments_of(pool, orders) == 5
+    recorded = await pool.fetchrow(
+        "SELECT count(DISTINCT o.id) AS operations, count(DISTINCT v.payment_id) AS cards,"
+        " count(DISTINCT k.key) AS keys"
+        " FROM payments p JOIN operations o ON o.payment_id = p.id JOIN card_vault v ON v.payment_id = p.id"
+        " JOIN idempotency_keys k ON k.merchant = p.merchant AND k.location = '/v1/payments/' || p.id"
+        " WHERE p.order_id = ANY($1::text[])",
+        orders,
+    )
+    assert dict(recorded) == {"operations": 5, "cards": 5, "keys": 5}
+
+
+async def test_a_conflict_in_a_batch_is_the_conflicting_request_s_alone(pool, api_settings):
+    same_order = f"ord_{uuid.uuid4().hex[:10]}"
+    others = [(uuid.uuid4().hex, f"ord_{uuid.uuid4().hex[:10]}") for _ in range(3)]
+    asked = [(uuid.uuid4().hex, same_order), *others, (uuid.uuid4().hex, same_order)]
+    results = await _authorize_together(pool, api_settings.card_key, asked)
+    accepted = [r for r in results if isinstance(r, payments.Response) and r.status == 202]
+    refused = [r for r in results if isinstance(r, payments.OrderAlreadyPaid)]
+    assert len(accepted) == 4 and len(refused) == 1, results
+    assert await _payments_of(pool, [same_order]) == 1
+    assert await _payments_of(pool, [o for _, o in others]) == 3
+
+
+async def test_one_key_twice_in_a_batch_makes_one_payment(pool, api_settings):
+    key, order = uuid.uuid4().hex, f"ord_{uuid.uuid4().hex[:10]}"
+    results = await _authorize_together(pool, api_settings.card_key, [(key, order), (key, order)])
+    assert await _payments_of(pool, [order]) == 1
+    answered = [r for r in results if isinstance(r, payments.Response)]
+    busy = [r for r in results if isinstance(r, payments.RequestInProgress)]
+    assert len(answered) + len(busy) == 2 and answered, results
+    assert len({r.location for r in answered}) == 1  # a replay, if any, names the same payment
+
+
+@pytest.fixture
+async def two_pending(api, pool) -> list[str]:
+    ops = []
+    for _ in range(2):
+        payment = await api.authorize()
+        ops.append(await pending_operation(pool, payment["id"]))
+    return ops
+
+
+async def test_an_operation_asked_for_twice_in_one_claim_goes_to_one_owner(pool, two_pending):
+    first, second = two_pending
+    claims = await payments.claim_many(
+        pool,
+        [
+            store.ClaimRequest(first, "w/a", 30),
+            store.ClaimRequest(first, "w/b", 30),
+            store.ClaimRequest(second, "w/c", 30),
+        ],
+    )
+    won = [c for c in claims[:2] if c is not None]
+    assert len(won) == 1 and won[0].operation_id == first and won[0].attempts == 1
+    assert claims[2] is not None and claims[2].owner == "w/c"
+    loser = "w/b" if won[0].owner == "w/a" else "w/a"
+    state = await payments.claim(pool, first, loser, 30)
+    assert isinstance(state, payments.OperationState) and state.lease_left > 0  # leased elsewhere
+
+
+async def test_outcomes_recorded_together_each_settle_their_own_payment(pool, two_pending):
+    first, second = two_pending
+    claims = await payments.claim_many(
+        pool, [store.ClaimRequest(first, "w/1", 30), store.ClaimRequest(second, "w/2", 30)]
+    )
+    approved, declined = claims
+    assert approved is not None and declined is not None
+    body = {"authorization_id": f"auth_{uuid.uuid4().hex}", "expires_at": "2030-01-08T00:00:00Z"}
+    settlements = [
+        payments.settlement(approved, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 5),
+        payments.settlement(declined, Verdict.REFUSED, BankOutcome("error", 402, code="card_declined"), 5),
+    ]
+    stale = payments.settlement(
+        payments.Claim(**{**approved.__dict__, "owner": "w/gone"}),
+        Verdict.SUCCEEDED,
+        BankOutcome("ok", 200, body=body),
+        5,
+    )
+    recorded = await payments.record_many(pool, [*settlements, stale])
+    assert recorded[0] is not None and recorded[0]["status"] == "authorized"
+    assert recorded[1] is not None and recorded[1]["status"] == "declined"
+    assert recorded[2] is None  # its lease was never its owner's
+    rows = await pool.fetch(
+        "SELECT p.status, p.authorization_id,"
+        " (SELECT count(*) FROM card_vault v WHERE v.payment_id = p.id) AS cards,"
+        " (SELECT count(*) FROM payment_history h WHERE h.payment_id = p.id) AS history"
+        " FROM operations o JOIN payments p ON p.id = o.payment_id"
+        " WHERE o.id = ANY($1::text[]) ORDER BY o.id = $2 DESC",
+        [first, second],
+        first,
+    )
+    assert [r["status"] for r in rows] == ["authorized", "declined"]
+    assert rows[0]["authorization_id"] == body["authorization_id"] and rows[1]["authorization_id"] is None
+    assert [r["cards"] for r in rows] == [0, 0] and [r["history"] for r in rows] == [2, 2]
