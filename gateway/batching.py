@@ -6,7 +6,12 @@ ONE statement, its own transaction, as soon as fewer than `max_in_flight`
 batches are running. Nothing waits for a batch to fill: alone, a request goes at
 once; under load, the requests that came in while earlier batches ran go
 together. Fewer round trips, statements and commits per payment, for the
-database and for us (bench: `--scenarios cost`).
+database and for us (bench: `--scenarios cost`). One batch at a time by default:
+a request waits at most for the statement running when it came, and the batches
+are the largest (two at a time: 3.0 ms of CPU per payment against 2.6, bench
+cost scenario). The statements batched here wait on no lock in the normal course
+(try-locks, rows no other transaction holds), so one batch does not hold up the next
+for long.
 
 A batch is one transaction: all or nothing. When it fails, each of its requests
 is sent again on its own, so that one request's error (the database refusing
@@ -33,7 +38,7 @@ class Batcher(Generic[Request, Result]):
         run_batch: Callable[[Sequence[Request]], Awaitable[Sequence[Result]]],
         *,
         max_size: int = 64,
-        max_in_flight: int = 2,
+        max_in_flight: int = 1,
     ):
         self._run_batch = run_batch
         self._max_size = max_size
