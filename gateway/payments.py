@@ -2,6 +2,8 @@
 
 API side:    authorize(), request_action()   record intent + outbox command
 Worker side: claim(), record_outcome(), park(), release()
+Many at once: submit_many(), claim_many(), record_many()   the same phases for several
+             requests in one statement (gateway/batching.py sends them together)
 Sweepers:    expire_hold(), purge_old_cards()
 Ops:         settle_by_hand(), resolve(), abandon()   decisions a human took after
                                                       checking the bank (gatewayctl)
