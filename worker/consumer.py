@@ -64,7 +64,7 @@ _KINDS = {kind.value: kind for kind in OperationKind}
 
 class PoolPayments:
     """handling.Payments: the worker phases of gateway.payments on one pool. The claims and the
-    outcomes of concurrent handlings go to the database together (worker.batching)."""
+    outcomes of concurrent handlings go to the database together (gateway.batching)."""
 
     def __init__(self, pool: asyncpg.Pool, metrics: WorkerMetrics):
         self._pool = pool
