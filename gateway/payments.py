@@ -318,15 +318,23 @@ class OperationState:
     last_error: dict | None = None
 
 
-async def claim(pool: asyncpg.Pool, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
-    """Take the lease for one bank attempt, or say why not (finished, leased elsewhere, unknown)."""
-    claimed = (await claim_many(pool, [store.ClaimRequest(operation_id, owner, lease_seconds)]))[0]
-    return claimed if claimed is not None else await why_not_claimed(pool, operation_id)
+async def claim(
+    pool: asyncpg.Pool,
+    operation_id: str,
+    owner: str,
+    lease_seconds: float,
+    take: Callable[[store.ClaimRequest], Awaitable[Claim | None]] | None = None,
+) -> Claim | OperationState:
+    """Take the lease for one bank attempt, or say why not (finished, leased elsewhere, unknown).
+    `take` claims it (the worker's gateway.batching.Batcher of claim_many); by default alone."""
+    request = store.ClaimRequest(operation_id, owner, lease_seconds)
+    claimed = await take(request) if take else (await claim_many(pool, [request]))[0]
+    return claimed if claimed is not None else await _why_not_claimed(pool, operation_id)
 
 
 async def claim_many(pool: asyncpg.Pool, claims: Sequence[store.ClaimRequest]) -> list[Claim | None]:
     """The lease of each request, in one transaction: its Claim, or None when it cannot be
-    claimed now (why_not_claimed says why)."""
+    claimed now (claim() says why)."""
     rows = await store.claim_operations(pool, claims=claims)
     by_owner = {row["owner"]: row for row in rows}
     return [_claim(by_owner[c.owner]) if c.owner in by_owner else None for c in claims]
@@ -352,7 +360,7 @@ def _claim(row: asyncpg.Record) -> Claim:
     )
 
 
-async def why_not_claimed(pool: asyncpg.Pool, operation_id: str) -> OperationState:
+async def _why_not_claimed(pool: asyncpg.Pool, operation_id: str) -> OperationState:
     state = await store.operation_state(pool, operation_id=operation_id)
     if state is None:
         return OperationState(exists=False)
@@ -485,13 +493,16 @@ async def record_outcome(
     outcome: domain.BankOutcome,
     bank_ms: int,
     doubt: domain.Doubt | None = None,
+    record: Callable[[Settlement], Awaitable[dict | None]] | None = None,
 ) -> dict | None:
     """Settle a claimed operation with a final verdict. Returns the payment, or None when the
-    lease is no longer the claim's (another handling records the outcome)."""
+    lease is no longer the claim's (another handling records the outcome). `record` records a
+    settlement that goes `alone` (the worker's gateway.batching.Batcher of record_many); by
+    default in a statement of its own."""
     settled = settlement(claim, verdict, outcome, bank_ms, doubt)
     if settled.alone:
-        return (await record_many(pool, [settled]))[0]
-    return await record_with_doubt_or_follow_up(pool, settled)
+        return await record(settled) if record else (await record_many(pool, [settled]))[0]
+    return await _record_with_doubt_or_follow_up(pool, settled)
 
 
 async def record_many(pool: asyncpg.Pool, settlements: Sequence[Settlement]) -> list[dict | None]:
@@ -501,7 +512,7 @@ async def record_many(pool: asyncpg.Pool, settlements: Sequence[Settlement]) -> 
     return [s.payment if (s.claim.operation_id, s.claim.owner) in recorded else None for s in settlements]
 
 
-async def record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlement) -> dict | None:
+async def _record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlement) -> dict | None:
     """A settlement that does not record `alone`: one transaction with the doubt's flag and
     finding, and the follow-up operation."""
     claim, doubt, payment = settled.claim, settled.doubt, settled.payment

@@ -77,8 +77,7 @@ class PoolPayments:
         )
 
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
-        claimed = await self.claims.submit(store.ClaimRequest(operation_id, owner, lease_seconds))
-        return claimed if claimed is not None else await payments.why_not_claimed(self._pool, operation_id)
+        return await payments.claim(self._pool, operation_id, owner, lease_seconds, take=self.claims.submit)
 
     async def release(
         self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, clean_attempts: int = 0
@@ -94,11 +93,9 @@ class PoolPayments:
         doubt: domain.Doubt | None = None,
     ) -> dict | None:
         try:
-            settled = payments.settlement(claim, verdict, outcome, bank_ms, doubt)
-            if settled.alone:
-                payment = await self.outcomes.submit(settled)
-            else:
-                payment = await payments.record_with_doubt_or_follow_up(self._pool, settled)
+            payment = await payments.record_outcome(
+                self._pool, claim, verdict, outcome, bank_ms, doubt, record=self.outcomes.submit
+            )
         except _UNRECORDABLE as exc:
             raise CannotRecord(f"{type(exc).__name__}: {redact.clean(str(exc), 200)}") from exc
         self._metrics.outcome_recorded(payment)
