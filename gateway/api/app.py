@@ -24,16 +24,27 @@ from gateway.api import openapi, ops, routes, server
 from gateway.api.admission import Admission
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
-from gateway.api.middleware import ADMISSION, MERCHANT, METRICS, HttpMetrics, api_middleware, merchants_by_digest
+from gateway.api.middleware import (
+    ADMISSION,
+    MERCHANT,
+    METRICS,
+    REFUSALS,
+    HttpMetrics,
+    RefusalLog,
+    api_middleware,
+    merchants_by_digest,
+)
 from gateway.cards import CardVault
 
 log = logs.get("gateway.api")
 
 MAX_BODY = 64 * 1024
 DEFAULT_POOL_SIZE = 12
-# Load shedding (gateway/api/admission.py): requests worked on at once per process, and the
-# event loop's lag past which new ones are refused; long polls waiting for a wake-up.
+# Load shedding (gateway/api/admission.py): requests, and POSTs among them, worked on at once
+# per process, and the event loop's lag past which new ones are refused; long polls waiting for
+# a wake-up.
 DEFAULT_MAX_IN_FLIGHT = 256
+DEFAULT_MAX_NEW_WORK = 16
 DEFAULT_MAX_LAG_MS = 50.0
 DEFAULT_MAX_LONG_POLLS = 10_000
 DEFAULT_MAX_BACKLOG = 1_000  # operations waiting for a worker, across the gateway
@@ -58,8 +69,10 @@ def create_app(
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     app[METRICS] = HttpMetrics(registry)
+    refusals = app[REFUSALS] = RefusalLog()
     shedding = app[ADMISSION] = admission or Admission(
         max_in_flight=DEFAULT_MAX_IN_FLIGHT,
+        max_new_work=DEFAULT_MAX_NEW_WORK,
         max_lag=DEFAULT_MAX_LAG_MS / 1000,
         max_waiting=DEFAULT_MAX_LONG_POLLS,
         max_backlog=DEFAULT_MAX_BACKLOG,
@@ -104,6 +117,7 @@ def create_app(
             yield
         finally:
             await shedding.close()
+            refusals.flush()
             await watcher.close()
             if own_pool:
                 await opened.close()
@@ -159,6 +173,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="requests worked on at once per process before new ones get 503 (default %(default)s)",
     )
     parser.add_argument(
+        "--max-new-work",
+        type=int,
+        default=DEFAULT_MAX_NEW_WORK,
+        help="POSTs worked on at once per process; more wait briefly for a turn or get 503 (default %(default)s)",
+    )
+    parser.add_argument(
         "--max-loop-lag-ms",
         type=float,
         default=DEFAULT_MAX_LAG_MS,
@@ -179,7 +199,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0-65535")
-    for name in ("db_pool_size", "workers", "max_in_flight", "max_long_polls", "max_backlog"):
+    for name in ("db_pool_size", "workers", "max_in_flight", "max_new_work", "max_long_polls", "max_backlog"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_loop_lag_ms <= 0:
@@ -203,6 +223,7 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> None:
     tracing.setup("gateway-api")
     admission = Admission(
         max_in_flight=args.max_in_flight,
+        max_new_work=args.max_new_work,
         max_lag=args.max_loop_lag_ms / 1000,
         max_waiting=args.max_long_polls,
         max_backlog=args.max_backlog,

@@ -20,10 +20,11 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import logs, payments, store, views
 from gateway.api import docs, schemas
+from gateway.api.admission import Refused
 from gateway.api.errors import JSON, ApiError
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
-from gateway.api.middleware import ADMISSION, CALLER, refused
+from gateway.api.middleware import ADMISSION, CALLER
 from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import Action, InvalidTransition
@@ -282,7 +283,7 @@ async def get_payment(request: web.Request) -> web.Response:
         admission = request.app[ADMISSION]
         no_room = admission.wait_refusal()
         if no_room is not None:
-            raise refused(request, no_room)
+            raise Refused(no_room)
         payment = await state.watcher.wait_settled(
             payment_id, merchant, read, query.wait, parked=lambda: admission.parked(merchant)
         )

@@ -15,13 +15,14 @@ alike); a stalled body is cut by the handlers (routes.BODY_READ_SECONDS).
 from __future__ import annotations
 
 import asyncio
-import uuid
+import gc
 
 from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.web_request import BaseRequest
 
 from gateway import logs
 from gateway.api.errors import HTTP_CODES, error_response
+from gateway.api.middleware import new_request_id
 
 log = logs.get("gateway.api")
 
@@ -46,7 +47,7 @@ class _JsonErrorsHandler(web_protocol.RequestHandler):
         if isinstance(exc, http_exceptions.LineTooLong) and status == 400:
             status = 431
         code, text = HTTP_CODES.get(status, ("internal_error", "the gateway failed to handle the request"))
-        request_id = f"req_{uuid.uuid4().hex}"
+        request_id = new_request_id()
         # exc's text quotes the request; its type is enough to tell what went wrong.
         log.warning("malformed request", status=status, error=type(exc).__name__, request_id=request_id)
         response = error_response(status, code, text, headers={"X-Request-Id": request_id})
@@ -87,6 +88,11 @@ async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event,
     try:
         await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None).start()
         log.info("gateway-api listening", host=host, port=port)
+        # What start-up made (modules, the app, the OpenAPI document) lives as long as the process:
+        # out of the collector's sight, a full collection no longer walks it, and the pauses it
+        # makes every answer wait (about 100 ms under load here) shrink to what requests allocate.
+        gc.collect()
+        gc.freeze()
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -57,6 +57,7 @@ async def api_client(api_settings, pool, api_logs):
     # The test client shares the server's event loop: its own work would read as server lag.
     admission = Admission(
         max_in_flight=DEFAULT_MAX_IN_FLIGHT,
+        max_new_work=DEFAULT_MAX_IN_FLIGHT,
         max_lag=math.inf,
         max_waiting=DEFAULT_MAX_LONG_POLLS,
         max_backlog=DEFAULT_MAX_BACKLOG,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import uuid
 
@@ -18,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway import db
 from gateway.api.admission import Admission
 from gateway.api.app import _parse_args, create_app
-from gateway.api.middleware import ADMISSION
+from gateway.api.middleware import ADMISSION, REFUSALS
 from tests.integration.conftest import OTHER_KEY, Api, auth_body, settle
 
 
@@ -28,7 +29,14 @@ async def gateway(api_settings, database_url, **limits):
     pool = await db.create_pool(database_url, min_size=1, max_size=1)
     # The test client shares the server's event loop, so its lag says nothing about the server.
     admission = Admission(
-        **{"max_in_flight": 2, "max_lag": math.inf, "max_waiting": 10, "max_backlog": 10**6, **limits}
+        **{
+            "max_in_flight": 2,
+            "max_new_work": 10**6,
+            "max_lag": math.inf,
+            "max_waiting": 10,
+            "max_backlog": 10**6,
+            **limits,
+        }
     )
     try:
         async with TestClient(TestServer(create_app(api_settings, pool, admission=admission))) as client:
@@ -74,6 +82,36 @@ async def test_at_capacity_a_request_gets_503_with_retry_after_and_nothing_is_st
         assert resp.status == 202, accepted
         metrics = await (await client.get("/metrics")).text()
         assert 'gateway_http_requests_refused_total{reason="overload"} 1.0' in metrics
+
+
+async def test_past_the_new_work_bound_a_post_gets_503_and_nothing_is_stored(
+    api_settings, database_url, pool, api_logs
+):
+    async with gateway(api_settings, database_url, max_in_flight=100, max_new_work=2) as (client, small_pool):
+        api = Api(client)
+        admission = client.server.app[ADMISSION]
+        body = auth_body()
+        async with small_pool.acquire():
+            held, _ = await held_posts(api, 2, lambda: admission)
+            logged_before = len(api_logs.getvalue())
+            resp, refused = await api.post("/v1/payments", body, key="past-new-work")
+            assert resp.status == 503, refused
+            assert resp.headers["Retry-After"] == "1"
+            assert refused["error"]["code"] == "service_unavailable"
+            # Counted, not logged one by one: a line a second says how many, by reason.
+            request_id = resp.headers["X-Request-Id"]
+            assert request_id not in api_logs.getvalue()[logged_before:]
+            client.server.app[REFUSALS].flush()
+            summary = [json.loads(line) for line in api_logs.getvalue()[logged_before:].splitlines()]
+            assert [(s["event"], s["new_work"]) for s in summary] == [("requests refused for load", 1)]
+        for task in held:
+            resp, _ = await task
+            assert resp.status == 202
+        assert await pool.fetchval("SELECT count(*) FROM payments WHERE order_id = $1", body["order_id"]) == 0
+        resp, accepted = await api.post("/v1/payments", body, key="past-new-work")
+        assert resp.status == 202, accepted
+        metrics = await (await client.get("/metrics")).text()
+        assert 'gateway_http_requests_refused_total{reason="new_work"} 1.0' in metrics
 
 
 async def test_the_caller_over_its_share_gets_429_while_another_is_still_served(api_settings, database_url):
@@ -137,7 +175,14 @@ async def test_past_the_backlog_bound_new_work_gets_503_and_reads_are_still_serv
 
 
 @pytest.mark.parametrize(
-    "argv", [["--workers", "0"], ["--max-in-flight", "0"], ["--max-loop-lag-ms", "0"], ["--max-backlog", "0"]]
+    "argv",
+    [
+        ["--workers", "0"],
+        ["--max-in-flight", "0"],
+        ["--max-new-work", "0"],
+        ["--max-loop-lag-ms", "0"],
+        ["--max-backlog", "0"],
+    ],
 )
 def test_the_cli_refuses_nonsense_limits(argv, capsys):
     with pytest.raises(SystemExit):
