@@ -5,6 +5,7 @@
     await process.start_with_retries(start, what=..., stop=stop)
                              start() again and again with exponential backoff until it works,
                              `stop` is set, or the attempts run out
+    process.give_way(nice)   lower this process's CPU priority (gateway-relay, gateway-worker)
     process.supervise(n, serve_one)
                              fork n processes that each run serve_one(); pass SIGTERM/SIGINT on,
                              and stop them all when one of them ends (gateway-api --workers)
@@ -20,6 +21,7 @@ import os
 import random
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from gateway import logs
@@ -85,6 +87,25 @@ def supervise(workers: int, serve_one: Callable[[], None]) -> int:
         code = code or os.waitstatus_to_exitcode(status)
         pass_on(signal.SIGTERM, None)  # one is gone: the service is down, stop the rest
     return abs(code)
+
+
+def give_way(nice: int) -> None:
+    """Let the processes that answer people (the API, PostgreSQL) go first when CPU is short:
+    run this one at `nice` (0-19; never raised back, which needs privilege). Linux shares the CPU
+    between sessions before it looks at nice values inside one (autogroup), so a process leading
+    its own session (started with setsid, as the tests, the bench and `make run` start ours) sets
+    its session's nice too; one sharing a session leaves that alone, not to slow its neighbours.
+    In containers the CPU is shared between cgroups instead: compose.yaml sets cpu_shares."""
+    if nice <= 0:
+        return
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
+    if os.getsid(0) != os.getpid():
+        return
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        autogroup = Path("/proc/self/autogroup")  # "/autogroup-42 nice 0"; absent without autogroup
+        if int(autogroup.read_text().split()[-1]) < nice:
+            autogroup.write_text(str(nice))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

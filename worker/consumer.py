@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = config.load(need_card_key=True)
     cfg = WorkerSettings.load()
+    process.give_way(cfg.nice)
     logs.setup(settings.log_level, "gateway-worker")
     tracing.setup("gateway-worker")
     try:

@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = config.load()
     cfg = wsettings.RelaySettings.load()
+    process.give_way(cfg.nice)
     logs.setup(settings.log_level, "gateway-relay")
     tracing.setup("gateway-relay")
     try:

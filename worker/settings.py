@@ -66,6 +66,14 @@ class _PipelineSettings(EnvSettings):
         validation_alias="WORKER_RETRY_LADDER",
         description="delays (seconds) of the retry queues, in order",
     )
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        validation_alias="PIPELINE_NICE",
+        description="CPU priority of relay and worker (0-19): on a shared machine the API and the "
+        "database go first, so that answers stay quick while the pipeline runs flat out; 0: as started",
+    )
 
 
 class RelaySettings(_PipelineSettings):

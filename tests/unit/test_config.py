@@ -351,6 +351,7 @@ WORKER_DEFAULTS = {
     "concurrency": 1000,
     "db_pool_size": 20,
     "retry_ladder": (1, 5, 30, 120, 600),
+    "nice": 10,
     "quick_retries": 3,
     "quick_retry_base": 0.5,
     "lease_margin": 10.0,
@@ -384,6 +385,7 @@ def test_worker_and_relay_defaults():
     assert (relay.batch_size, relay.poll_seconds) == (200, 1.0)
     assert relay.metrics_port == 9102
     assert relay.retry_ladder == WORKER_DEFAULTS["retry_ladder"]
+    assert relay.nice == 10
 
 
 def test_worker_values_are_typed():
@@ -439,6 +441,7 @@ NUMBER_RULES = {
     "WORKER_MAX_DELIVERIES": (True, ["1", "0", "x", "2.5"]),
     "RELAY_BATCH_SIZE": (True, ["0", "x", "2.5"]),
     "RELAY_POLL_SECONDS": (False, ["0", "-1", "x"]),
+    "PIPELINE_NICE": (True, ["-1", "20", "x", "2.5"]),
     "WORKER_METRICS_PORT": (True, ["-1", "65536", "x", "9101.5"]),
     "RELAY_METRICS_PORT": (True, ["-1", "70000", "port"]),
     "MIN_LATENCY_MS": (False, ["-1", "fast", "nan"]),
