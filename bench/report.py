@@ -14,6 +14,9 @@ TARGET_LATENCY = 400.0  # auths/s per worker at the default bank latency
 TARGET_OPEN_P99 = 50.0  # ms, accept latency at half the closed-loop rate
 TARGET_OVERHEAD_P99 = 25.0  # ms, the gateway's own time per step
 TARGET_RSS_MB = 150.0
+TARGET_COST_MS = 3.0  # gateway CPU per completed authorization (issue 9)
+TARGET_OVERLOAD_ACCEPTED_P99 = 100.0  # ms, at 3x capacity
+TARGET_OVERLOAD_REFUSED_P99 = 20.0  # ms, at 3x capacity
 ROLE_ORDER = ("api", "relay", "worker", "mockbank", "postgres", "rabbitmq", "loadgen")
 
 
@@ -444,6 +447,8 @@ class Report:
                     f"{(rss['after'] - rss['before']) / 1024:+.0f} MB",
                 )
 
+        self._issue9_rows()
+
         if self._mem:
             self.rows.append("PEAK RSS (VmHWM) per process")
             for name, (_rss, hwm) in self._mem.items():
@@ -462,6 +467,50 @@ class Report:
 
         headline = [f"{title}\n{text}" for title, text in self.sections]
         return "\n\n".join(filter(None, [*headline, self._format(), self._format_cpu(), self._format_census()]))
+
+    def _issue9_rows(self) -> None:
+        """The cost headline and the overload scenario against their targets."""
+        paid = self.data.get("cost")
+        if paid:
+            self.rows.append("THE COST OF A PAYMENT (mock bank at zero latency, submit and long-poll to final)")
+            ms = paid["gateway_cpu_ms_per_payment"]
+            self._row(
+                "  gateway CPU per completed authorization",
+                f"{ms:.2f} ms",
+                f"{_r(paid['per_second'])}/s completed",
+                f"<= {TARGET_COST_MS:g} ms",
+                _verdict(ms <= TARGET_COST_MS),
+            )
+        over = self.data.get("overload")
+        if over:
+            self.rows.append(f"OVERLOAD (open loop, {over['offered'] / over['capacity']:.1f}x capacity)")
+            odd = {k: v for k, v in over["statuses"].items() if k not in (202, 429, 503)}
+            self._row(
+                "  answers other than 202/429/503, refusals without Retry-After",
+                f"{sum(odd.values())}, {over['refusals_without_retry_after']}",
+                str(odd) if odd else "",
+                "0, 0",
+                _verdict(not odd and over["refusals_without_retry_after"] == 0),
+            )
+            for label, key, target in (
+                ("accepted", "accepted_ms", TARGET_OVERLOAD_ACCEPTED_P99),
+                ("refused", "refused_ms", TARGET_OVERLOAD_REFUSED_P99),
+            ):
+                p99 = over[key].get(99, float("nan"))
+                self._row(
+                    f"  {label} p50/p99 ms",
+                    f"{over[key].get(50, float('nan')):.1f} / {p99:.1f}",
+                    "",
+                    f"p99 < {target:g} ms",
+                    _verdict(None if _nan(p99) else p99 < target),
+                )
+            self._row(
+                "  accepted, settled afterwards",
+                f"{over['accepted']}, {over['settled']}",
+                "",
+                "all",
+                _verdict(over["settled"] == over["accepted"]),
+            )
 
     def _format_cpu(self) -> str:
         if not self._cpu:

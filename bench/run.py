@@ -55,6 +55,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,16 +369,27 @@ class Bench:
         print(f"  {result.rate:,.0f}/s; {result.gateway_ms:.2f} ms of gateway CPU per payment")
         self.system.check_alive()
 
+    @contextlib.contextmanager
+    def _pinned_if_asked(self) -> Iterator[str]:
+        """--pin-api: the API processes running now and the load generator on a CPU of their own."""
+        if not self.args.pin_api:
+            yield ""
+            return
+        with pinning.api_alone(self.system) as pinned:
+            print(f"  pinned: {pinned}")
+            yield pinned
+
     async def overload(self) -> None:
         print("overload: capacity of one API process, then 3x that, open loop, for 20 s ...")
+        with self._pinned_if_asked():
+            capacity = await cost.capacity(self.system, self.http, self.cards)
         await self.system.shipped_admission()
-        with pinning.api_alone(self.system) if self.args.pin_api else contextlib.nullcontext("") as pinned:
-            if pinned:
-                print(f"  pinned: {pinned}")
+        await cost.warm_up(self.system, self.http, self.cards)
+        with self._pinned_if_asked() as pinned:
             result = await cost.overload(
                 self.system,
-                self.http,
                 self.cards,
+                capacity=capacity,
                 factor=3.0,
                 seconds=8.0 if self.args.quick else 20.0,
                 settle_timeout=120,

@@ -58,6 +58,17 @@ async def test_a_connection_the_server_closes_is_opened_again(server):
         await pool.close()
 
 
+async def test_connect_opens_every_connection_before_the_first_request(server):
+    pool = rawhttp.Pool(server.host, server.port, 3)
+    try:
+        await pool.connect()
+        assert len(pool._open) == 3 and not server.seen
+        answers = await asyncio.gather(*(pool.post("/ok", b"xy", {}) for _ in range(5)))
+        assert [a.body for a in answers] == [b"yx"] * 5 and len(pool._open) == 3
+    finally:
+        await pool.close()
+
+
 async def test_nothing_listening_is_an_oserror_and_frees_the_slot():
     pool = rawhttp.Pool("127.0.0.1", 1, 1)
     for _ in range(2):  # the slot came back after the first failure
