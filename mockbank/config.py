@@ -130,6 +130,14 @@ class Config(EnvSettings):
         validation_alias="MOCKBANK_EXTRA_ACCOUNTS",
         description="generated accounts with $100M each, for load tests",
     )
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        validation_alias="MOCKBANK_NICE",
+        description="CPU priority (0-19): it stands for a bank on another machine, so on the gateway's it "
+        "gives way like the pipeline (PIPELINE_NICE) rather than take CPU the gateway would have",
+    )
     log_level: str = Field(default="info", validation_alias="LOG_LEVEL", description=", ".join(LOG_LEVELS))
 
     @field_validator("log_level")

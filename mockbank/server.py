@@ -696,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mockbank: --port {args.port} is out of range 0-65535", file=sys.stderr)
         return 2
     config = Config.load()
+    process.give_way(config.nice)
     logging.basicConfig(
         level=config.log_level.upper(),
         stream=sys.stderr,

@@ -455,6 +455,7 @@ NUMBER_RULES = {
     "DB_POOL_SIZE": (True, ["0", "1.5", "x", "10001"]),
     "AUTH_EXPIRY_HOURS": (False, ["0", "-1", "nan", "x"]),
     "MOCKBANK_EXTRA_ACCOUNTS": (True, ["-1", "1.5", "x", "1000001"]),
+    "MOCKBANK_NICE": (True, ["-1", "20", "x", "0.5"]),
 }
 MODELS = {name: model for model in (WorkerSettings, RelaySettings, BankConfig) for name in _names(model)}
 BAD_NUMBERS = [(name, value) for name, (_, values) in NUMBER_RULES.items() for value in values]
