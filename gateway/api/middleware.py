@@ -121,13 +121,18 @@ class RefusalLog:
 
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
+        self._due: asyncio.TimerHandle | None = None
 
     def add(self, reason: str) -> None:
-        if not self.counts:
-            asyncio.get_running_loop().call_later(REFUSAL_LOG_SECONDS, self.flush)
+        if self._due is None:
+            self._due = asyncio.get_running_loop().call_later(REFUSAL_LOG_SECONDS, self.flush)
         self.counts[reason] += 1
 
     def flush(self) -> None:
+        """Log what was counted, now (also at shutdown)."""
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
         if self.counts:
             log.warning("requests refused for load", seconds=REFUSAL_LOG_SECONDS, **self.counts)
             self.counts.clear()

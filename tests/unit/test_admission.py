@@ -1,4 +1,4 @@
-"""Load shedding decisions (gateway/api/admission.py), without a server."""
+"""Load shedding decisions (gateway/api/admission.py) and the refusal log line, without a server."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import pytest
 
 from gateway.api import admission as admission_module
+from gateway.api import middleware
 from gateway.api.admission import Admission, Refused, WorkSlots
 
 
@@ -265,3 +266,27 @@ async def test_a_refused_read_is_not_overload_of_new_work():
         async with gate.admitted("a", adds_work=False):
             raise AssertionError("admitted past max_in_flight")
     assert not gate.new_work.overloaded
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict]] = []
+
+    def warning(self, event: str, **fields) -> None:
+        self.lines.append((event, fields))
+
+
+async def test_refusals_are_logged_as_one_line_a_second_with_counts_by_reason(monkeypatch):
+    recorder = Recorder()
+    monkeypatch.setattr(middleware, "log", recorder)
+    monkeypatch.setattr(middleware, "REFUSAL_LOG_SECONDS", 0.05)
+    refusals = middleware.RefusalLog()
+    for reason in ("new_work", "new_work", "backlog"):
+        refusals.add(reason)
+    assert recorder.lines == []  # nothing yet: one line when the period is over
+    await asyncio.sleep(0.1)
+    assert recorder.lines == [("requests refused for load", {"seconds": 0.05, "new_work": 2, "backlog": 1})]
+    refusals.add("overload")
+    refusals.flush()  # at shutdown: at once, and the pending line is not written twice
+    await asyncio.sleep(0.1)
+    assert recorder.lines[1:] == [("requests refused for load", {"seconds": 0.05, "overload": 1})]
