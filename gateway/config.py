@@ -171,6 +171,11 @@ def one_of(name: str, value: str, choices: tuple[str, ...]) -> str:
     return level
 
 
+def nice_field(alias: str, description: str) -> Any:
+    """A process's CPU priority for process.give_way: 0-19, 10 unless set, 0 = as started."""
+    return Field(default=10, ge=0, le=19, validation_alias=alias, description=description)
+
+
 # ---- the gateway's shared settings -------------------------------------------------------
 
 

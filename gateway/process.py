@@ -5,7 +5,7 @@
     await process.start_with_retries(start, what=..., stop=stop)
                              start() again and again with exponential backoff until it works,
                              `stop` is set, or the attempts run out
-    process.give_way(nice)   lower this process's CPU priority (gateway-relay, gateway-worker)
+    process.give_way(nice)   lower this process's CPU priority (relay, worker, mock bank)
     process.supervise(n, serve_one)
                              fork n processes that each run serve_one(); pass SIGTERM/SIGINT on,
                              and stop them all when one of them ends (gateway-api --workers)

@@ -33,7 +33,7 @@ from typing import Self
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.config import ConfigError, EnvSettings, one_of
+from gateway.config import ConfigError, EnvSettings, nice_field, one_of
 
 MAX_EXTRA_ACCOUNTS = 1_000_000  # ~7 s of start-up at the maximum
 MAX_DB_POOL_SIZE = 10_000
@@ -130,13 +130,10 @@ class Config(EnvSettings):
         validation_alias="MOCKBANK_EXTRA_ACCOUNTS",
         description="generated accounts with $100M each, for load tests",
     )
-    nice: int = Field(
-        default=10,
-        ge=0,
-        le=19,
-        validation_alias="MOCKBANK_NICE",
-        description="CPU priority (0-19): it stands for a bank on another machine, so on the gateway's it "
-        "gives way like the pipeline (PIPELINE_NICE) rather than take CPU the gateway would have",
+    nice: int = nice_field(
+        "MOCKBANK_NICE",
+        "CPU priority (0-19): it stands for a bank on another machine, so on the gateway's it gives "
+        "way like the pipeline (PIPELINE_NICE) rather than take CPU the gateway would have",
     )
     log_level: str = Field(default="info", validation_alias="LOG_LEVEL", description=", ".join(LOG_LEVELS))
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
-from gateway.config import ConfigError, EnvSettings
+from gateway.config import ConfigError, EnvSettings, nice_field
 
 DEFAULT_RETRY_LADDER = "1,5,30,120,600"
 # Housekeeping and ops decisions (the sweeper; gatewayctl abandon reads ABANDON_AFTER_HOURS).
@@ -66,13 +66,10 @@ class _PipelineSettings(EnvSettings):
         validation_alias="WORKER_RETRY_LADDER",
         description="delays (seconds) of the retry queues, in order",
     )
-    nice: int = Field(
-        default=10,
-        ge=0,
-        le=19,
-        validation_alias="PIPELINE_NICE",
-        description="CPU priority of relay and worker (0-19): on a shared machine the API and the "
-        "database go first, so that answers stay quick while the pipeline runs flat out; 0: as started",
+    nice: int = nice_field(
+        "PIPELINE_NICE",
+        "CPU priority of relay and worker (0-19): on a shared machine the API and the database go "
+        "first, so that answers stay quick while the pipeline runs flat out; 0: as started",
     )
 
 

@@ -263,12 +263,14 @@ class Admission:
     async def admitted(self, caller: str, *, adds_work: bool) -> AsyncIterator[None]:
         """Hold room for a request for the duration of the block, or raise Refused before it."""
         refusal = self.refusal(caller, adds_work=adds_work)
-        if refusal is None and adds_work:
-            refusal = await self.new_work.take(caller)
         if refusal is not None:
             if adds_work and refusal.status == 503:
-                self.new_work.refused()
+                self.new_work.refused()  # new work turned away: overload, no waiting for slots either
             raise Refused(refusal)
+        if adds_work:
+            refusal = await self.new_work.take(caller)
+            if refusal is not None:
+                raise Refused(refusal)
         try:
             with self.working(caller):
                 yield
