@@ -40,12 +40,19 @@ class Pool:
         slots = [self._idle.get_nowait() for _ in range(self._idle.qsize())]
         try:
             for i, slot in enumerate(slots):
-                if slot is None:
-                    slots[i] = await asyncio.open_connection(self._host, self._port)
-                    self._open.add(slots[i][1])  # type: ignore[index]
+                slots[i] = await self._connected(slot)
         finally:
             for slot in slots:
                 self._idle.put_nowait(slot)
+
+    async def _connected(
+        self, slot: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The slot's connection, opened if it has none yet."""
+        if slot is None:
+            slot = await asyncio.open_connection(self._host, self._port)
+            self._open.add(slot[1])
+        return slot
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Answer:
         head = [f"POST {path} HTTP/1.1", f"Host: {self._host}:{self._port}", f"Content-Length: {len(body)}"]
@@ -53,9 +60,7 @@ class Pool:
         request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
         slot = await self._idle.get()
         try:
-            if slot is None:
-                slot = await asyncio.open_connection(self._host, self._port)
-                self._open.add(slot[1])
+            slot = await self._connected(slot)
             async with asyncio.timeout(self._timeout):  # no task of its own, unlike wait_for
                 answer = await self._exchange(*slot, request)
         except BaseException:
