@@ -12,6 +12,7 @@ from bench.system import Snapshot
 TARGET_E2E = 500.0  # auths/s end to end at zero bank latency
 TARGET_LATENCY = 400.0  # auths/s per worker at the default bank latency
 TARGET_OPEN_P99 = 50.0  # ms, accept latency at half the closed-loop rate
+PG_STAT_MIN_WINDOW = 2.0  # s: a window shorter than two pg_stat flushes gives no commit count
 TARGET_OVERHEAD_P99 = 25.0  # ms, the gateway's own time per step
 TARGET_RSS_MB = 150.0
 TARGET_COST_MS = 3.0  # gateway CPU per completed authorization (issue 9)
@@ -296,10 +297,14 @@ class Report:
                     self._row("  non-202 answers / client errors", f"closed {bad} open {bad_open}")
                 if a["xacts_per_request"] is not None:
                     approx = kind == "capture" and self.meta.get("quick")
+                    # A backend sends its pg_stat counters at most once a second: a shorter
+                    # window (captures run out of authorized payments) may have seen none yet.
+                    short = a["closed_window_s"] < PG_STAT_MIN_WINDOW
                     self._row(
                         "  PG commits per accepted request (pg_stat_database)",
-                        f"{a['xacts_per_request']:.2f}",
+                        "n/a" if short else f"{a['xacts_per_request']:.2f}",
                         f"window {a['closed_window_s']:.1f}s"
+                        + (f"; under {PG_STAT_MIN_WINDOW:g} s pg_stat may not have flushed" if short else "")
                         + ("; approx.: earlier work may still flush (quick run has no quiet period)" if approx else ""),
                     )
             if e:

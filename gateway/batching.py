@@ -1,17 +1,18 @@
-"""Group commit for the statements each payment makes: the API's submit, the worker's
-claim and record.
+"""Group commit for the statements each payment makes: the API's submit and its captures,
+voids and refunds, the worker's claim and record.
 
-Concurrent requests (or handlings) each ask for one row; a Batcher sends what has gathered as
-ONE statement, its own transaction, as soon as fewer than `max_in_flight`
-batches are running. Nothing waits for a batch to fill: alone, a request goes at
-once; under load, the requests that came in while earlier batches ran go
-together. Fewer round trips, statements and commits per payment, for the
-database and for us (bench: `--scenarios cost`). One batch at a time by default:
-a request waits at most for the statement running when it came, and the batches
-are the largest (two at a time: 3.0 ms of CPU per payment against 2.6, bench
+Concurrent requests (or handlings) each ask for one row; a Batcher sends what has
+gathered as ONE statement (two for captures, voids and refunds), one transaction, as
+soon as fewer than `max_in_flight` batches are running. Nothing waits for a batch to
+fill: alone, a request goes at once; under load, the requests that came in while
+earlier batches ran go together. Fewer round trips, statements and commits per
+payment, for the database and for us (bench: `--scenarios cost`). One batch at a time
+by default: a request waits at most for the batch running when it came, and the
+batches are the largest (two at a time: 3.0 ms of CPU per payment against 2.6, bench
 cost scenario). The statements batched here wait on no lock in the normal course
-(try-locks, rows no other transaction holds), so one batch does not hold up the next
-for long.
+(try-locks, rows no other transaction holds; a capture waits for its payment only while
+a worker records an outcome of it, and is then refused), so one batch does not hold up
+the next for long.
 
 A batch is one transaction: all or nothing. When it fails, each of its requests
 is sent again on its own, so that one request's error (the database refusing

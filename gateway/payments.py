@@ -21,7 +21,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, TypeAlias
 
 import asyncpg
 import orjson
@@ -29,7 +29,7 @@ import orjson
 from gateway import domain, messages, store
 from gateway.cards import CardVault, brand
 from gateway.crashpoints import crash_point
-from gateway.domain import Action, OperationKind, Status, Verdict
+from gateway.domain import Action, InvalidTransition, OperationKind, Status, Verdict
 from gateway.redact import clean
 from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
@@ -219,48 +219,99 @@ async def stored_response(pool: asyncpg.Pool, req: IdempotentRequest) -> Respons
         return await _recheck_key(conn, req)
 
 
+class ActionRequest(NamedTuple):
+    """A capture, void or refund asked of the API: what request_actions takes."""
+
+    request: IdempotentRequest
+    payment_id: str
+    action: Action
+    amount: int | None
+
+
+# What request_actions answers for each request: the response, or why it is refused.
+ActionOutcome: TypeAlias = (
+    Response | RequestInProgress | IdempotencyKeyReused | PaymentNotFound | AmountMismatch | InvalidTransition
+)
+
+
 async def request_action(
-    pool: asyncpg.Pool, req: IdempotentRequest, payment_id: str, action: Action, amount: int | None
+    pool: asyncpg.Pool,
+    req: IdempotentRequest,
+    payment_id: str,
+    action: Action,
+    amount: int | None,
+    *,
+    send: Callable[[ActionRequest], Awaitable[ActionOutcome]] | None = None,
 ) -> Response:
-    """Capture, void or refund: move the payment to its in-progress status and enqueue the work."""
-    async with pool.acquire() as conn:
-        try:
-            async with conn.transaction():
-                response = await _request_action(conn, req, payment_id, action, amount)
-            crash_point("api.after_commit")
-            return response
-        except domain.InvalidTransition:
+    """Capture, void or refund: move the payment to its in-progress status and enqueue the work.
+    `send` records it (the API's gateway.batching.Batcher of request_actions); by default alone."""
+    asked = ActionRequest(req, payment_id, action, amount)
+    outcome = await send(asked) if send else (await request_actions(pool, [asked]))[0]
+    if isinstance(outcome, Response):
+        crash_point("api.after_commit")
+        return outcome
+    if isinstance(outcome, InvalidTransition):
+        async with pool.acquire() as conn:
             stored = await _recheck_key(conn, req)  # see _recheck_key: a twin may have moved the payment
-            if stored:
-                return stored
-            raise
+        if stored:
+            return stored
+    raise outcome
 
 
-async def _request_action(
-    conn: store.Connection, req: IdempotentRequest, payment_id: str, action: Action, amount: int | None
+async def request_actions(pool: asyncpg.Pool, asked: Sequence[ActionRequest]) -> list[ActionOutcome]:
+    """Capture, void and refund requests in ONE transaction (two statements): each request's
+    response, or the refusal the API turns into an error, in order.
+
+    Each is decided as if the requests before it in the list had been handled first, as they
+    would be one after the other: a second request with the same key finds it busy, a second
+    one for the same payment finds the status the first one gave it.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await store.lock_keys_and_payments(
+            conn, requests=[store.KeyAndPayment(a.request.merchant, a.request.key, a.payment_id) for a in asked]
+        )
+        outcomes: list[ActionOutcome] = []
+        starts: list[store.OperationStart] = []
+        keys_taken: set[tuple[str, str]] = set()
+        moved: dict[str, Status] = {}
+        for a, row in zip(asked, rows, strict=True):
+            try:
+                if (a.request.merchant, a.request.key) in keys_taken:
+                    raise RequestInProgress()
+                keys_taken.add((a.request.merchant, a.request.key))
+                outcomes.append(_stored(row, a.request) or _start(a, row, moved, starts))
+            except (RequestInProgress, IdempotencyKeyReused, PaymentNotFound, AmountMismatch, InvalidTransition) as exc:
+                outcomes.append(exc)
+        if starts and len(await store.start_operations(conn, starts=starts)) != len(starts):
+            raise RuntimeError("a locked payment was not moved")  # rolls the whole batch back
+    return outcomes
+
+
+def _start(
+    asked: ActionRequest, row: asyncpg.Record, moved: dict[str, Status], starts: list[store.OperationStart]
 ) -> Response:
-    row = await store.lock_key_and_payment(conn, merchant=req.merchant, key=req.key, payment_id=payment_id)
-    stored = _stored(row, req)
-    if stored:
-        return stored
+    """One request's decision on its locked payment: the operation to start (added to `starts`)
+    and the 202, or the refusal raised."""
     if row["id"] is None:
         raise PaymentNotFound()
-    if amount is not None and amount != row["amount"]:
-        raise AmountMismatch(row["amount"], amount)
-    running, kind = domain.request(Status(row["status"]), action)
+    if asked.amount is not None and asked.amount != row["amount"]:
+        raise AmountMismatch(row["amount"], asked.amount)
+    running, kind = domain.request(moved.get(row["id"], Status(row["status"])), asked.action)
     payment, op_id, cmd = _begin(row, running, kind, at := now())
     body = orjson.dumps(payment)
-    await store.start_operation(
-        conn,
-        payment_id=payment_id,
-        status=running,
-        at=at,
-        cause=f"api:{action.value}",
-        operation_id=op_id,
-        kind=kind,
-        bank_key=bank_key(op_id),
-        command=cmd,
-        reply=store.StoredReply(request=req, body=body),
+    moved[row["id"]] = running
+    starts.append(
+        store.OperationStart(
+            payment_id=row["id"],
+            status=running,
+            at=at,
+            cause=f"api:{asked.action.value}",
+            operation_id=op_id,
+            kind=kind,
+            bank_key=bank_key(op_id),
+            command=cmd,
+            reply=store.StoredReply(request=asked.request, body=body),
+        )
     )
     return Response(202, body)
 
@@ -597,8 +648,7 @@ async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
         status, kind = domain.expire(Status(row["status"]))
         payment, op_id, cmd = _begin(row, status, kind, at := now())
         event = messages.event(domain.event_type(status), payment, at, merchant=row["merchant"])
-        await store.start_operation(
-            conn,
+        start = store.OperationStart(
             payment_id=payment_id,
             status=status,
             at=at,
@@ -609,6 +659,7 @@ async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
             command=cmd,
             event=event,
         )
+        await store.start_operations(conn, starts=[start])
     return payment
 
 

@@ -246,45 +246,75 @@ async def lock_payment(db: Connection, *, payment_id: str) -> asyncpg.Record | N
     return await _payments.lock_payment(db, payment_id=payment_id)
 
 
-async def lock_key_and_payment(db: Connection, *, merchant: str, key: str, payment_id: str) -> asyncpg.Record:
-    """lock_idempotency_key's columns and the merchant's payment locked (all null when there is none)."""
-    return await _payments.lock_key_and_payment(db, merchant=merchant, key=key, payment_id=payment_id)
+class KeyAndPayment(NamedTuple):
+    """One capture, void or refund request for lock_keys_and_payments."""
+
+    merchant: str
+    key: str
+    payment_id: str
 
 
-async def start_operation(
-    db: Connection,
-    *,
-    payment_id: str,
-    status: Status,
-    at: datetime,
-    cause: str,
-    operation_id: str,
-    kind: OperationKind,
-    bank_key: str,
-    command: OutboxMessage,
-    event: OutboxMessage | None = None,
-    reply: StoredReply | None = None,
-) -> None:
-    """The payment enters `status` and the operation starts; with the event and the reply when given."""
-    request = reply.request if reply else None
-    await _payments.start_operation(
+async def lock_keys_and_payments(db: Connection, *, requests: Sequence[KeyAndPayment]) -> list[asyncpg.Record]:
+    """For each request, in order: lock_idempotency_key's columns and the merchant's payment
+    locked, with its history (the payment's columns all null when there is none)."""
+    return await _rows(
+        _payments.lock_keys_and_payments,
         db,
-        payment_id=payment_id,
-        status=status.value,
-        at=at,
-        cause=cause,
-        operation_id=operation_id,
-        kind=kind.value,
-        bank_key=bank_key,
-        **_command(command),
-        **_event(event),
-        merchant=request.merchant if request else None,
-        key=request.key if request else None,
-        method=request.method if request else None,
-        path=request.path if request else None,
-        fingerprint=request.fingerprint if request else None,
-        response_body=reply.body if reply else None,
+        merchants=[r.merchant for r in requests],
+        keys=[r.key for r in requests],
+        payment_ids=[r.payment_id for r in requests],
     )
+
+
+class OperationStart(NamedTuple):
+    """A payment entering an in-progress status for start_operations; the event when the gateway
+    moved it by itself, the reply when an API request did."""
+
+    payment_id: str
+    status: Status
+    at: datetime
+    cause: str
+    operation_id: str
+    kind: OperationKind
+    bank_key: str
+    command: OutboxMessage
+    event: OutboxMessage | None = None
+    reply: StoredReply | None = None
+
+
+async def start_operations(db: Connection, *, starts: Sequence[OperationStart]) -> list[str]:
+    """Each payment enters its status and its operation starts; the ids of the payments moved."""
+    commands = [s.command for s in starts]
+    events = [_event(s.event) for s in starts]
+    requests = [s.reply.request if s.reply else None for s in starts]
+    rows = await _rows(
+        _payments.start_operations,
+        db,
+        payment_ids=[s.payment_id for s in starts],
+        statuses=[s.status.value for s in starts],
+        ats=[s.at for s in starts],
+        causes=[s.cause for s in starts],
+        operation_ids=[s.operation_id for s in starts],
+        kinds=[s.kind.value for s in starts],
+        bank_keys=[s.bank_key for s in starts],
+        command_exchanges=[c.exchange for c in commands],
+        command_routing_keys=[c.routing_key for c in commands],
+        command_message_ids=[c.message_id for c in commands],
+        command_bodies=[c.body for c in commands],
+        command_headers=[c.headers for c in commands],
+        event_exchanges=[e["event_exchange"] for e in events],
+        event_routing_keys=[e["event_routing_key"] for e in events],
+        event_message_ids=[e["event_message_id"] for e in events],
+        event_bodies=[e["event_body"] for e in events],
+        event_headers=[e["event_headers"] for e in events],
+        merchants=[r.merchant if r else None for r in requests],
+        keys=[r.key if r else None for r in requests],
+        methods=[r.method if r else None for r in requests],
+        paths=[r.path if r else None for r in requests],
+        fingerprints=[r.fingerprint if r else None for r in requests],
+        response_bodies=[s.reply.body if s.reply else None for s in starts],
+    )
+    return [row["id"] for row in rows]
 
 
 async def insert_operation(

@@ -41,18 +41,27 @@ class State:
     # Opened by the app's cleanup context once the event loop runs.
     _pool: asyncpg.Pool | None = None
     _readiness: Readiness | None = None
-    # Concurrent authorize requests recorded together (one statement, one commit).
+    # Concurrent authorize requests recorded together (one statement, one commit), and
+    # concurrent captures, voids and refunds (two statements, one commit).
     _submits: Batcher[store.Submission, asyncpg.Record] | None = None
+    _actions: Batcher[payments.ActionRequest, payments.ActionOutcome] | None = None
 
     def connect(self, pool: asyncpg.Pool, readiness: Readiness) -> None:
         self._pool, self._readiness = pool, readiness
         self._submits = Batcher(lambda submissions: payments.submit_many(pool, submissions))
+        self._actions = Batcher(lambda asked: payments.request_actions(pool, asked))
 
     @property
     def submits(self) -> Batcher[store.Submission, asyncpg.Record]:
         if self._submits is None:
             raise RuntimeError("the app has not started: no database pool yet")
         return self._submits
+
+    @property
+    def actions(self) -> Batcher[payments.ActionRequest, payments.ActionOutcome]:
+        if self._actions is None:
+            raise RuntimeError("the app has not started: no database pool yet")
+        return self._actions
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -246,7 +255,9 @@ def action(kind: Action):
         state = request.app[STATE]
         req = payments.IdempotentRequest(request[CALLER], key, "POST", request.path, body)
         try:
-            response = await payments.request_action(state.pool, req, payment_id, kind, amount)
+            response = await payments.request_action(
+                state.pool, req, payment_id, kind, amount, send=state.actions.submit
+            )
         except (payments.RequestInProgress, payments.IdempotencyKeyReused) as exc:
             raise _key_errors(exc) from None
         except payments.PaymentNotFound:

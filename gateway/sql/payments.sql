@@ -82,43 +82,82 @@ SELECT p.*, payment_history_json(p.id) AS history
  WHERE p.id = :payment_id
    FOR UPDATE;
 
--- name: lock_key_and_payment^
--- lock_idempotency_key and lock_payment in one round trip: the key's lock and
--- stored response, and the payment row locked FOR UPDATE (its columns are
--- null when this merchant has no such payment).
+-- name: lock_keys_and_payments
+-- Capture, void and refund requests, one per row of the arrays, in one round
+-- trip (the API sends concurrent requests together, gateway/batching.py): for
+-- each, lock_idempotency_key's columns (the key's lock and stored response)
+-- and the merchant's payment with its history, locked FOR UPDATE (its columns
+-- are null when this merchant has no such payment), in the order asked. The
+-- payments are locked in id order, so that two batches wanting the same rows
+-- queue rather than deadlock.
+WITH asked AS (
+    SELECT * FROM unnest(:merchants::text[], :keys::text[], :payment_ids::text[]) WITH ORDINALITY
+        AS a(merchant, key, payment_id, n)
+), locked AS MATERIALIZED (
+    SELECT p.* FROM payments p
+     WHERE (p.id, p.merchant) IN (SELECT payment_id, merchant FROM asked)
+     ORDER BY p.id
+       FOR UPDATE
+)
 SELECT k.*, p.*, payment_history_json(p.id) AS history
-  FROM (SELECT pg_try_advisory_xact_lock(idempotency_lock_key(:merchant, :key)) AS locked,
+  FROM asked a
+ CROSS JOIN LATERAL (
+        SELECT pg_try_advisory_xact_lock(idempotency_lock_key(a.merchant, a.key)) AS locked,
                i.method, i.path, i.fingerprint, i.response_status, i.response_body, i.location
           FROM (SELECT 1) AS one
-          LEFT JOIN idempotency_keys i ON i.merchant = :merchant AND i.key = :key) AS k
-  LEFT JOIN LATERAL (SELECT * FROM payments WHERE id = :payment_id AND merchant = :merchant FOR UPDATE) AS p ON true;
+          LEFT JOIN idempotency_keys i ON i.merchant = a.merchant AND i.key = a.key) AS k
+  LEFT JOIN locked p ON p.id = a.payment_id AND p.merchant = a.merchant
+ ORDER BY a.n;
 
--- name: start_operation!
--- The payment enters an in-progress status, with its history row, the new
--- operation, the command for a worker, the event (when the gateway moved the
--- payment by itself) and the stored response (for API requests).
-WITH payment AS (
-    UPDATE payments SET status = :status, last_error = NULL, updated_at = :at
-     WHERE id = :payment_id
-    RETURNING id
+-- name: start_operations
+-- Payments entering an in-progress status, one per row of the arrays: with
+-- each its history row, the new operation, the command for a worker, the
+-- event (when the gateway moved the payment by itself; null columns: none)
+-- and the stored response (for API requests; a null key: none).
+WITH started AS (
+    SELECT *
+      FROM unnest(:payment_ids::text[], :statuses::text[], :ats::timestamptz[], :causes::text[],
+                  :operation_ids::text[], :kinds::text[], :bank_keys::text[],
+                  :command_exchanges::text[], :command_routing_keys::text[], :command_message_ids::text[],
+                  :command_bodies::bytea[], :command_headers::jsonb[],
+                  :event_exchanges::text[], :event_routing_keys::text[], :event_message_ids::text[],
+                  :event_bodies::bytea[], :event_headers::jsonb[],
+                  :merchants::text[], :keys::text[], :methods::text[], :paths::text[], :fingerprints::text[],
+                  :response_bodies::bytea[])
+           WITH ORDINALITY
+        AS s(payment_id, status, at, cause, operation_id, kind, bank_key, command_exchange, command_routing_key,
+             command_message_id, command_body, command_headers, event_exchange, event_routing_key,
+             event_message_id, event_body, event_headers, merchant, key, method, path, fingerprint,
+             response_body, n)
+), payment AS (
+    UPDATE payments p SET status = s.status, last_error = NULL, updated_at = s.at
+      FROM started s
+     WHERE p.id = s.payment_id
+    RETURNING p.id, s.n
 ), history AS (
     INSERT INTO payment_history (payment_id, status, cause, at)
-    SELECT id, :status, :cause, :at FROM payment
+    SELECT s.payment_id, s.status, s.cause, s.at FROM payment p JOIN started s ON s.n = p.n ORDER BY s.n
 ), operation AS (
     INSERT INTO operations (id, payment_id, kind, bank_key, created_at, updated_at)
-    SELECT :operation_id, id, :kind, :bank_key, :at, :at FROM payment
+    SELECT s.operation_id, s.payment_id, s.kind, s.bank_key, s.at, s.at FROM payment p JOIN started s ON s.n = p.n
 ), command AS (
     INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
-    SELECT :command_exchange, :command_routing_key, :command_message_id, :command_body, :command_headers FROM payment
+    SELECT s.command_exchange, s.command_routing_key, s.command_message_id, s.command_body, s.command_headers
+      FROM payment p JOIN started s ON s.n = p.n ORDER BY s.n
 ), event AS (
     INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
-    SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers
-      FROM payment WHERE :event_exchange::text IS NOT NULL
+    SELECT s.event_exchange, s.event_routing_key, s.event_message_id, s.event_body, s.event_headers
+      FROM payment p JOIN started s ON s.n = p.n
+     WHERE s.event_exchange IS NOT NULL
+     ORDER BY s.n
+), stored AS (
+    INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status,
+                                  response_body, location, created_at)
+    SELECT s.merchant, s.key, s.method, s.path, s.fingerprint, 202, s.response_body, NULL, s.at
+      FROM payment p JOIN started s ON s.n = p.n
+     WHERE s.key IS NOT NULL
 )
-INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status,
-                              response_body, location, created_at)
-SELECT :merchant, :key, :method, :path, :fingerprint, 202, :response_body, NULL, :at
-  FROM payment WHERE :key::text IS NOT NULL;
+SELECT p.id FROM payment p ORDER BY p.n;
 
 -- name: insert_operation!
 -- Bank work the gateway starts by itself (the release of an expired hold).

@@ -11,8 +11,8 @@ import pytest
 from gateway import payments, store
 from gateway.batching import Batcher
 from gateway.cards import CardVault
-from gateway.domain import BankOutcome, Verdict
-from tests.integration.conftest import CARD_NUMBER, CVV, pending_operation
+from gateway.domain import Action, BankOutcome, InvalidTransition, Verdict
+from tests.integration.conftest import CARD_NUMBER, CVV, authorized, pending_operation
 
 
 def _request(key: str, order_id: str) -> tuple[payments.IdempotentRequest, dict]:
@@ -90,6 +90,104 @@ async def test_one_key_twice_in_a_batch_makes_one_payment(pool, api_settings):
     busy = [r for r in results if isinstance(r, payments.RequestInProgress)]
     assert len(answered) + len(busy) == 2 and answered, results
     assert len({r.location for r in answered}) == 1  # a replay, if any, names the same payment
+
+
+def _action(payment_id: str, action: Action, *, key: str | None = None, amount: int | None = None) -> tuple:
+    body = b"" if amount is None else f'{{"amount":{amount}}}'.encode()
+    path = f"/v1/payments/{payment_id}/{action.value}"
+    return (
+        payments.IdempotentRequest("ficmart", key or uuid.uuid4().hex, "POST", path, body),
+        payment_id,
+        action,
+        amount,
+    )
+
+
+async def _act_together(pool, asked: list[tuple]) -> list[object]:
+    """payments.request_action for each (request, payment id, action, amount) at once,
+    through one Batcher held back until all have asked: they go in one transaction, which
+    must not fail (a failed batch is sent again one request at a time)."""
+    gate, sizes = asyncio.Event(), []
+
+    async def held(batch):
+        sizes.append(len(batch))
+        await gate.wait()
+        if batch == [None]:  # the blocker's
+            return [None]
+        return await payments.request_actions(pool, batch)
+
+    batcher = Batcher(held, max_in_flight=1)
+    blocker = asyncio.create_task(batcher.submit(None))
+    tasks = [asyncio.create_task(payments.request_action(pool, *a, send=batcher.submit)) for a in asked]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await blocker
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sizes == [1, len(asked)]  # the blocker's, then every request's together, not again alone
+    return results
+
+
+async def _started(pool, payment_id: str) -> dict:
+    return dict(
+        await pool.fetchrow(
+            "SELECT p.status,"
+            " (SELECT count(*) FROM operations o WHERE o.payment_id = p.id AND o.kind <> 'authorize') AS operations,"
+            " (SELECT count(*) FROM payment_history h WHERE h.payment_id = p.id) AS history,"
+            " (SELECT count(*) FROM idempotency_keys k WHERE k.merchant = p.merchant"
+            "   AND k.path LIKE '/v1/payments/' || p.id || '/%') AS keys"
+            " FROM payments p WHERE p.id = $1",
+            payment_id,
+        )
+    )
+
+
+async def test_captures_voids_and_refunds_sent_together_each_start_their_own_operation(api, pool):
+    to_capture = [(await authorized(api, pool))["id"] for _ in range(3)]
+    to_void = (await authorized(api, pool))["id"]
+    results = await _act_together(
+        pool, [*(_action(pid, Action.CAPTURE) for pid in to_capture), _action(to_void, Action.VOID)]
+    )
+    assert [r.status for r in results] == [202] * 4, results
+    for pid in to_capture:
+        assert await _started(pool, pid) == {"status": "capturing", "operations": 1, "history": 3, "keys": 1}
+    assert await _started(pool, to_void) == {"status": "voiding", "operations": 1, "history": 3, "keys": 1}
+    commands = await pool.fetchval(
+        "SELECT count(*) FROM outbox o"
+        " JOIN operations op ON convert_from(o.body, 'UTF8')::jsonb->>'operation_id' = op.id"
+        " WHERE op.payment_id = ANY($1::text[]) AND op.kind <> 'authorize'",
+        [*to_capture, to_void],
+    )
+    assert commands == 4
+
+
+async def test_each_request_of_a_batch_is_decided_as_if_after_the_ones_before_it(api, pool):
+    first, second, third, fourth = [(await authorized(api, pool))["id"] for _ in range(4)]
+    replayed_key = uuid.uuid4().hex
+    earlier = await payments.request_action(pool, *_action(fourth, Action.VOID, key=replayed_key))
+    twin_key = uuid.uuid4().hex
+    results = await _act_together(
+        pool,
+        [
+            _action(first, Action.CAPTURE),
+            _action(first, Action.VOID),  # another key, the same payment: it is capturing by now
+            _action(second, Action.CAPTURE, amount=1),  # not the full amount
+            _action("pay_" + uuid.uuid4().hex, Action.REFUND),  # no such payment
+            _action(third, Action.CAPTURE, key=twin_key),
+            _action(third, Action.CAPTURE, key=twin_key),  # the same key again, while the first holds it
+            _action(fourth, Action.VOID, key=replayed_key),  # answered before: the same answer
+        ],
+    )
+    captured, refused, mismatch, missing, twin, busy, replay = results
+    assert captured.status == 202 and twin.status == 202
+    assert isinstance(refused, InvalidTransition) and refused.status.value == "capturing"
+    assert isinstance(mismatch, payments.AmountMismatch) and mismatch.got == 1
+    assert isinstance(missing, payments.PaymentNotFound)
+    assert isinstance(busy, payments.RequestInProgress)
+    assert replay.replayed and replay.body == earlier.body
+    assert await _started(pool, first) == {"status": "capturing", "operations": 1, "history": 3, "keys": 1}
+    assert await _started(pool, second) == {"status": "authorized", "operations": 0, "history": 2, "keys": 0}
+    assert await _started(pool, third) == {"status": "capturing", "operations": 1, "history": 3, "keys": 1}
+    assert await _started(pool, fourth) == {"status": "voiding", "operations": 1, "history": 3, "keys": 1}
 
 
 @pytest.fixture

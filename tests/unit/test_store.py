@@ -70,7 +70,7 @@ def test_statements_are_rewritten_to_numbered_parameters():
 
 def test_the_lock_key_is_the_schema_function_everywhere():
     with_lock = [n for n, sql in store.statements().items() if "pg_try_advisory_xact_lock" in sql]
-    assert sorted(with_lock) == ["lock_idempotency_key", "lock_key_and_payment", "submit_authorizations"]
+    assert sorted(with_lock) == ["lock_idempotency_key", "lock_keys_and_payments", "submit_authorizations"]
     for name in with_lock:
         sql = store.statements()[name]
         lock = r"pg_try_advisory_xact_lock\(idempotency_lock_key\((\$1, \$2|a\.merchant, a\.key)\)\)"
@@ -166,39 +166,56 @@ async def test_finish_operations_puts_each_value_in_its_own_column():
         assert f"{name} = coalesce(s.{name}, p.{name})" in sql  # a bank id left null keeps the payment's
 
 
-async def test_start_operation_takes_the_event_and_the_reply_as_optional_groups():
+async def test_start_operations_takes_the_event_and_the_reply_as_optional_columns():
     cmd = messages.command("op_2", "capture")
     event = messages.event("payment.expired", {"id": "pay_1"}, AT, merchant="ficmart")
     req = IdempotentRequest("ficmart", "key-1", "POST", "/v1/payments/pay_1/capture", b"{}")
-    common = dict(
-        payment_id="pay_1",
-        status=Status.CAPTURING,
-        at=AT,
-        cause="api:capture",
-        operation_id="op_2",
-        kind=OperationKind.CAPTURE,
-        bank_key="gw-op_2",
-        command=cmd,
+    common = dict(at=AT, kind=OperationKind.CAPTURE, command=cmd)
+    db = Recorder([{"id": "pay_1"}, {"id": "pay_2"}])
+    moved = await store.start_operations(
+        db,
+        starts=[
+            store.OperationStart(
+                payment_id="pay_1",
+                status=Status.CAPTURING,
+                cause="api:capture",
+                operation_id="op_2",
+                bank_key="gw-op_2",
+                reply=store.StoredReply(request=req, body=b'{"id":"pay_1"}'),
+                **common,
+            ),
+            store.OperationStart(
+                payment_id="pay_2",
+                status=Status.EXPIRED,
+                cause="sweeper:hold_expired",
+                operation_id="op_3",
+                bank_key="gw-op_3",
+                event=event,
+                **common,
+            ),
+        ],
     )
-    api, sweeper = Recorder(), Recorder()
-    await store.start_operation(api, **common, reply=store.StoredReply(request=req, body=b'{"id":"pay_1"}'))
-    await store.start_operation(sweeper, **common, event=event)
-    _, sql, with_reply = api.only
-    _, _, with_event = sweeper.only
-    stored = re.search(r"SELECT \$(\d+), \$(\d+), \$(\d+), \$(\d+), \$(\d+), 202, \$(\d+), NULL", sql)
-    assert stored, sql
-    merchant, key, method, path, fingerprint, body = (int(n) - 1 for n in stored.groups())
-    assert (with_reply[merchant], with_reply[key], with_reply[method], with_reply[path]) == (
-        "ficmart",
-        "key-1",
-        "POST",
-        "/v1/payments/pay_1/capture",
-    )
-    assert with_reply[fingerprint] == req.fingerprint and with_reply[body] == b'{"id":"pay_1"}'
-    assert with_event[key] is None and with_event[merchant] is None
-    assert event.message_id in with_event and event.body in with_event
-    assert event.message_id not in with_reply and cmd.message_id in with_reply and cmd.message_id in with_event
-    assert "capturing" in with_reply and "capture" in with_reply
+    assert moved == ["pay_1", "pay_2"]
+    _, sql, args = db.only
+    column = _unnested(sql, args)
+    assert len(args) == placeholders(sql)[-1]
+    assert column["payment_id"] == ["pay_1", "pay_2"] and column["status"] == ["capturing", "expired"]
+    assert column["kind"] == ["capture", "capture"] and column["bank_key"] == ["gw-op_2", "gw-op_3"]
+    assert column["command_message_id"] == [cmd.message_id] * 2
+    assert column["merchant"] == ["ficmart", None] and column["key"] == ["key-1", None]
+    assert column["path"] == ["/v1/payments/pay_1/capture", None] and column["method"] == ["POST", None]
+    assert column["fingerprint"] == [req.fingerprint, None] and column["response_body"] == [b'{"id":"pay_1"}', None]
+    assert column["event_message_id"] == [None, event.message_id] and column["event_body"] == [None, event.body]
+    assert "WHERE s.key IS NOT NULL" in sql and "WHERE s.event_exchange IS NOT NULL" in sql
+
+
+async def test_lock_keys_and_payments_sends_each_request_in_order_and_locks_payments_in_id_order():
+    db = Recorder([])
+    asked = [store.KeyAndPayment("ficmart", "k2", "pay_b"), store.KeyAndPayment("shop", "k1", "pay_a")]
+    await store.lock_keys_and_payments(db, requests=asked)
+    _, sql, args = db.only
+    assert args == (["ficmart", "shop"], ["k2", "k1"], ["pay_b", "pay_a"])
+    assert re.search(r"ORDER BY p\.id\s+FOR UPDATE", sql) and sql.rstrip().endswith("ORDER BY a.n;")
 
 
 async def test_requeue_operations_sends_parallel_arrays_in_one_order():
