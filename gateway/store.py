@@ -180,6 +180,42 @@ def _event(event: OutboxMessage | None) -> dict[str, Any]:
     }
 
 
+def _commands(commands: Sequence[OutboxMessage]) -> dict[str, list[Any]]:
+    """_command's columns as arrays, for a statement that takes a command per row."""
+    return {
+        "command_exchanges": [c.exchange for c in commands],
+        "command_routing_keys": [c.routing_key for c in commands],
+        "command_message_ids": [c.message_id for c in commands],
+        "command_bodies": [c.body for c in commands],
+        "command_headers": [c.headers for c in commands],
+    }
+
+
+def _events(events: Sequence[OutboxMessage | None]) -> dict[str, list[Any]]:
+    """_event's columns as arrays, null where a row has no event."""
+    return {
+        "event_exchanges": [e.exchange if e else None for e in events],
+        "event_routing_keys": [e.routing_key if e else None for e in events],
+        "event_message_ids": [e.message_id if e else None for e in events],
+        "event_bodies": [e.body if e else None for e in events],
+        "event_headers": [e.headers if e else None for e in events],
+    }
+
+
+def _replies(replies: Sequence[StoredReply | None]) -> dict[str, list[Any]]:
+    """The stored replies' columns as arrays (the request's merchant, key, method, path and
+    fingerprint, and the body), null where a row has none."""
+    requests = [r.request if r else None for r in replies]
+    return {
+        "merchants": [q.merchant if q else None for q in requests],
+        "keys": [q.key if q else None for q in requests],
+        "methods": [q.method if q else None for q in requests],
+        "paths": [q.path if q else None for q in requests],
+        "fingerprints": [q.fingerprint if q else None for q in requests],
+        "response_bodies": [r.body if r else None for r in replies],
+    }
+
+
 async def lock_idempotency_key(db: Connection, *, merchant: str, key: str) -> asyncpg.Record:
     """`locked` (false: another request with this key is running) and the stored reply's columns."""
     return await _payments.lock_idempotency_key(db, merchant=merchant, key=key)
@@ -206,13 +242,10 @@ class Submission(NamedTuple):
 
 async def submit_authorizations(db: Executor, *, submissions: Sequence[Submission]) -> list[asyncpg.Record]:
     """`locked` and `inserted` of each submission (of its request's merchant), in order."""
-    requests = [s.reply.request for s in submissions]
-    commands = [s.command for s in submissions]
     return await _rows(
         _payments.submit_authorizations,
         db,
         payment_ids=[s.payment_id for s in submissions],
-        merchants=[r.merchant for r in requests],
         order_ids=[s.order_id for s in submissions],
         customer_ids=[s.customer_id for s in submissions],
         amounts=[s.amount for s in submissions],
@@ -224,16 +257,8 @@ async def submit_authorizations(db: Executor, *, submissions: Sequence[Submissio
         operation_ids=[s.operation_id for s in submissions],
         bank_keys=[s.bank_key for s in submissions],
         sealed_cards=[s.sealed_card for s in submissions],
-        command_exchanges=[c.exchange for c in commands],
-        command_routing_keys=[c.routing_key for c in commands],
-        command_message_ids=[c.message_id for c in commands],
-        command_bodies=[c.body for c in commands],
-        command_headers=[c.headers for c in commands],
-        keys=[r.key for r in requests],
-        methods=[r.method for r in requests],
-        paths=[r.path for r in requests],
-        fingerprints=[r.fingerprint for r in requests],
-        response_bodies=[s.reply.body for s in submissions],
+        **_commands([s.command for s in submissions]),
+        **_replies([s.reply for s in submissions]),
         locations=[s.reply.location for s in submissions],
     )
 
@@ -284,9 +309,6 @@ class OperationStart(NamedTuple):
 
 async def start_operations(db: Connection, *, starts: Sequence[OperationStart]) -> list[str]:
     """Each payment enters its status and its operation starts; the ids of the payments moved."""
-    commands = [s.command for s in starts]
-    events = [_event(s.event) for s in starts]
-    requests = [s.reply.request if s.reply else None for s in starts]
     rows = await _rows(
         _payments.start_operations,
         db,
@@ -297,22 +319,9 @@ async def start_operations(db: Connection, *, starts: Sequence[OperationStart]) 
         operation_ids=[s.operation_id for s in starts],
         kinds=[s.kind.value for s in starts],
         bank_keys=[s.bank_key for s in starts],
-        command_exchanges=[c.exchange for c in commands],
-        command_routing_keys=[c.routing_key for c in commands],
-        command_message_ids=[c.message_id for c in commands],
-        command_bodies=[c.body for c in commands],
-        command_headers=[c.headers for c in commands],
-        event_exchanges=[e["event_exchange"] for e in events],
-        event_routing_keys=[e["event_routing_key"] for e in events],
-        event_message_ids=[e["event_message_id"] for e in events],
-        event_bodies=[e["event_body"] for e in events],
-        event_headers=[e["event_headers"] for e in events],
-        merchants=[r.merchant if r else None for r in requests],
-        keys=[r.key if r else None for r in requests],
-        methods=[r.method if r else None for r in requests],
-        paths=[r.path if r else None for r in requests],
-        fingerprints=[r.fingerprint if r else None for r in requests],
-        response_bodies=[s.reply.body if s.reply else None for s in starts],
+        **_commands([s.command for s in starts]),
+        **_events([s.event for s in starts]),
+        **_replies([s.reply for s in starts]),
     )
     return [row["id"] for row in rows]
 
@@ -436,7 +445,6 @@ class Finish(NamedTuple):
 async def finish_operations(db: Executor, *, finishes: Sequence[Finish]) -> set[tuple[str, str]]:
     """Record every outcome in one statement; the (operation_id, owner) pairs recorded (one whose
     lease is no longer its owner's is not: another handling records it)."""
-    events = [f.event for f in finishes]
     rows = await _rows(
         _payments.finish_operations,
         db,
@@ -456,11 +464,7 @@ async def finish_operations(db: Executor, *, finishes: Sequence[Finish]) -> set[
         causes=[f.cause for f in finishes],
         statuses_moved=[f.status_moved for f in finishes],
         drop_cards=[f.drop_card for f in finishes],
-        event_exchanges=[e.exchange if e else None for e in events],
-        event_routing_keys=[e.routing_key if e else None for e in events],
-        event_message_ids=[e.message_id if e else None for e in events],
-        event_bodies=[e.body if e else None for e in events],
-        event_headers=[e.headers if e else None for e in events],
+        **_events([f.event for f in finishes]),
         notifies=[f.notify for f in finishes],
     )
     return {(row["operation_id"], row["owner"]) for row in rows}
