@@ -16,6 +16,7 @@ no state in between that a crash could leave half-written.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -220,12 +221,14 @@ async def stored_response(pool: asyncpg.Pool, req: IdempotentRequest) -> Respons
 
 
 class ActionRequest(NamedTuple):
-    """A capture, void or refund asked of the API: what request_actions takes."""
+    """A capture, void or refund asked of the API: what request_actions takes. `context` is the
+    request's own (its trace, its log fields): its command is made in it, wherever the batch runs."""
 
     request: IdempotentRequest
     payment_id: str
     action: Action
     amount: int | None
+    context: contextvars.Context
 
 
 # What request_actions answers for each request: the response, or why it is refused.
@@ -245,7 +248,7 @@ async def request_action(
 ) -> Response:
     """Capture, void or refund: move the payment to its in-progress status and enqueue the work.
     `send` records it (the API's gateway.batching.Batcher of request_actions); by default alone."""
-    asked = ActionRequest(req, payment_id, action, amount)
+    asked = ActionRequest(req, payment_id, action, amount, contextvars.copy_context())
     outcome = await send(asked) if send else (await request_actions(pool, [asked]))[0]
     if isinstance(outcome, Response):
         crash_point("api.after_commit")
@@ -279,7 +282,7 @@ async def request_actions(pool: asyncpg.Pool, asked: Sequence[ActionRequest]) ->
                 if (a.request.merchant, a.request.key) in keys_taken:
                     raise RequestInProgress()
                 keys_taken.add((a.request.merchant, a.request.key))
-                outcomes.append(_stored(row, a.request) or _start(a, row, moved, starts))
+                outcomes.append(_stored(row, a.request) or a.context.run(_start, a, row, moved, starts))
             except (RequestInProgress, IdempotencyKeyReused, PaymentNotFound, AmountMismatch, InvalidTransition) as exc:
                 outcomes.append(exc)
         if starts and len(await store.start_operations(conn, starts=starts)) != len(starts):

@@ -7,8 +7,9 @@ import asyncio
 import uuid
 
 import pytest
+from opentelemetry.trace import SpanKind
 
-from gateway import payments, store
+from gateway import payments, store, tracing
 from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, InvalidTransition, Verdict
@@ -103,11 +104,18 @@ def _action(payment_id: str, action: Action, *, key: str | None = None, amount: 
     )
 
 
-async def _act_together(pool, asked: list[tuple]) -> list[object]:
+async def _act_together(pool, asked: list[tuple], traceparents: list[str] | None = None) -> list[object]:
     """payments.request_action for each (request, payment id, action, amount) at once,
     through one Batcher held back until all have asked: they go in one transaction, which
-    must not fail (a failed batch is sent again one request at a time)."""
+    must not fail (a failed batch is sent again one request at a time). With `traceparents`,
+    each request runs in the trace its traceparent names, as the API's requests do."""
     gate, sizes = asyncio.Event(), []
+
+    async def act(a: tuple, traceparent: str | None):
+        if traceparent is None:
+            return await payments.request_action(pool, *a, send=batcher.submit)
+        with tracing.continued({"traceparent": traceparent}, "POST capture", SpanKind.SERVER):
+            return await payments.request_action(pool, *a, send=batcher.submit)
 
     async def held(batch):
         sizes.append(len(batch))
@@ -118,7 +126,7 @@ async def _act_together(pool, asked: list[tuple]) -> list[object]:
 
     batcher = Batcher(held, max_in_flight=1)
     blocker = asyncio.create_task(batcher.submit(None))
-    tasks = [asyncio.create_task(payments.request_action(pool, *a, send=batcher.submit)) for a in asked]
+    tasks = [asyncio.create_task(act(a, t)) for a, t in zip(asked, traceparents or [None] * len(asked), strict=True)]
     await asyncio.sleep(0.05)
     gate.set()
     await blocker
@@ -158,6 +166,22 @@ async def test_captures_voids_and_refunds_sent_together_each_start_their_own_ope
         [*to_capture, to_void],
     )
     assert commands == 4
+
+
+async def test_each_command_of_a_batch_carries_its_own_request_s_trace(api, pool):
+    pids = [(await authorized(api, pool))["id"] for _ in range(3)]
+    trace_ids = [uuid.uuid4().hex for _ in pids]
+    traceparents = [f"00-{t}-{uuid.uuid4().hex[:16]}-01" for t in trace_ids]
+    results = await _act_together(pool, [_action(pid, Action.CAPTURE) for pid in pids], traceparents)
+    assert [r.status for r in results] == [202] * 3, results
+    rows = await pool.fetch(
+        "SELECT op.payment_id, o.headers->>'traceparent' AS traceparent FROM outbox o"
+        " JOIN operations op ON convert_from(o.body, 'UTF8')::jsonb->>'operation_id' = op.id"
+        " WHERE op.payment_id = ANY($1::text[]) AND op.kind = 'capture'",
+        pids,
+    )
+    carried = {r["payment_id"]: r["traceparent"].split("-")[1] for r in rows}
+    assert carried == dict(zip(pids, trace_ids, strict=True))
 
 
 async def test_each_request_of_a_batch_is_decided_as_if_after_the_ones_before_it(api, pool):
