@@ -4,6 +4,7 @@ what each request gets when it shares a statement with others, conflicts include
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 
 import pytest
@@ -22,30 +23,39 @@ def _request(key: str, order_id: str) -> tuple[payments.IdempotentRequest, dict]
     return payments.IdempotentRequest("ficmart", key, "POST", "/v1/payments", body), fields
 
 
-async def _authorize_together(pool, card_key: bytes, asked: list[tuple[str, str]]) -> list[object]:
-    """payments.authorize for each (key, order_id) at once, through one Batcher held back
-    until all have asked: they go in one statement."""
+async def _sent_together(run_batch, callers) -> tuple[list[object], list[int]]:
+    """Each caller (given the Batcher's submit) started at once, through one Batcher held back
+    until all have asked, so that their requests go in one batch: the results, in order, and
+    the size of every batch sent (the first is the blocker's)."""
     gate, sizes = asyncio.Event(), []
 
-    async def held(submissions):
-        sizes.append(len(submissions))
+    async def held(batch):
+        sizes.append(len(batch))
         await gate.wait()
-        if submissions == [None]:  # the blocker's
+        if batch == [None]:  # the blocker's
             return [None]
-        return await payments.submit_many(pool, submissions)
+        return await run_batch(batch)
 
     batcher = Batcher(held, max_in_flight=1)
     blocker = asyncio.create_task(batcher.submit(None))  # occupies the one slot until the gate opens
-    vault, card = CardVault(card_key), payments.CardInput(CARD_NUMBER, CVV, 12, 2030)
-    calls = []
-    for key, order_id in asked:
-        req, fields = _request(key, order_id)
-        calls.append(payments.authorize(pool, vault, req, card=card, submit=batcher.submit, **fields))
-    tasks = [asyncio.create_task(c) for c in calls]
+    tasks = [asyncio.create_task(call(batcher.submit)) for call in callers]
     await asyncio.sleep(0.05)
     gate.set()
     await blocker
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    return await asyncio.gather(*tasks, return_exceptions=True), sizes
+
+
+async def _authorize_together(pool, card_key: bytes, asked: list[tuple[str, str]]) -> list[object]:
+    """payments.authorize for each (key, order_id) at once: they go in one statement."""
+    vault, card = CardVault(card_key), payments.CardInput(CARD_NUMBER, CVV, 12, 2030)
+
+    def caller(key: str, order_id: str):
+        req, fields = _request(key, order_id)
+        return lambda submit: payments.authorize(pool, vault, req, card=card, submit=submit, **fields)
+
+    results, sizes = await _sent_together(
+        lambda batch: payments.submit_many(pool, batch), [caller(key, order_id) for key, order_id in asked]
+    )
     assert sizes[:2] == [1, len(asked)]  # the blocker's, then every request's together
     return results
 
@@ -105,32 +115,21 @@ def _action(payment_id: str, action: Action, *, key: str | None = None, amount: 
 
 
 async def _act_together(pool, asked: list[tuple], traceparents: list[str] | None = None) -> list[object]:
-    """payments.request_action for each (request, payment id, action, amount) at once,
-    through one Batcher held back until all have asked: they go in one transaction, which
-    must not fail (a failed batch is sent again one request at a time). With `traceparents`,
-    each request runs in the trace its traceparent names, as the API's requests do."""
-    gate, sizes = asyncio.Event(), []
+    """payments.request_action for each (request, payment id, action, amount) at once: they go
+    in one transaction, which must not fail (a failed batch is sent again one request at a time).
+    With `traceparents`, each request runs in the trace its traceparent names, as the API's do."""
 
-    async def act(a: tuple, traceparent: str | None):
+    async def act(a: tuple, traceparent: str | None, submit):
         if traceparent is None:
-            return await payments.request_action(pool, *a, send=batcher.submit)
+            return await payments.request_action(pool, *a, send=submit)
         with tracing.continued({"traceparent": traceparent}, "POST capture", SpanKind.SERVER):
-            return await payments.request_action(pool, *a, send=batcher.submit)
+            return await payments.request_action(pool, *a, send=submit)
 
-    async def held(batch):
-        sizes.append(len(batch))
-        await gate.wait()
-        if batch == [None]:  # the blocker's
-            return [None]
-        return await payments.request_actions(pool, batch)
-
-    batcher = Batcher(held, max_in_flight=1)
-    blocker = asyncio.create_task(batcher.submit(None))
-    tasks = [asyncio.create_task(act(a, t)) for a, t in zip(asked, traceparents or [None] * len(asked), strict=True)]
-    await asyncio.sleep(0.05)
-    gate.set()
-    await blocker
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    traces = traceparents or [None] * len(asked)
+    results, sizes = await _sent_together(
+        lambda batch: payments.request_actions(pool, batch),
+        [functools.partial(act, a, t) for a, t in zip(asked, traces, strict=True)],
+    )
     assert sizes == [1, len(asked)]  # the blocker's, then every request's together, not again alone
     return results
 
