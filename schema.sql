@@ -99,7 +99,7 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     key              text NOT NULL,
     method           text NOT NULL,
     path             text NOT NULL,
-    fingerprint      text NOT NULL,                          -- sha256 of method, path and body
+    fingerprint      text NOT NULL,                          -- gateway/fingerprints.py: keyed, no card data
     response_status  smallint NOT NULL,
     response_body    bytea NOT NULL,
     location         text,
@@ -107,6 +107,10 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     PRIMARY KEY (merchant, key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys (created_at);
+-- Fingerprints of an earlier version were a plain SHA-256 of the body, CVV and card number
+-- included: a guessable digest of card data. They are overwritten, not kept; such a key
+-- still replays its answer to the same method and path (its body can no longer be compared).
+UPDATE idempotency_keys SET fingerprint = 'legacy' WHERE fingerprint NOT LIKE 'hmac1:%' AND fingerprint <> 'legacy';
 
 -- Messages to publish: written in the same transaction as the state they announce.
 CREATE TABLE IF NOT EXISTS outbox (

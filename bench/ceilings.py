@@ -30,6 +30,7 @@ import orjson
 from bench.util import pcts
 from gateway import db, messages, store
 from gateway.cards import CardVault
+from gateway.fingerprints import Fingerprinter
 from gateway.payments import IdempotentRequest, bank_key
 from gateway.timefmt import now
 from gateway.views import payment_json
@@ -100,13 +101,16 @@ class _Template:
                 "card": {"number": "4000000000000002", "cvv": "123", "expiry_month": 12, "expiry_year": 2035},
             }
         )
+        self.fingerprinter = Fingerprinter([os.urandom(32)])
         self.run = uuid.uuid4().hex[:8]
 
     async def same_sql(self, pool: asyncpg.Pool) -> asyncpg.Record:
         """The statement gateway.payments.authorize sends, with fresh ids."""
         pid, op = messages.new_id("pay"), messages.new_id("op")
         key = f"ceil-{uuid.uuid4().hex}"
-        req = IdempotentRequest("ceiling", key, "POST", "/v1/payments", self.request_body)
+        req = IdempotentRequest(
+            "ceiling", key, "POST", "/v1/payments", self.fingerprinter.of("POST", "/v1/payments", self.request_body)
+        )
         submission = store.Submission(
             payment_id=pid,
             order_id=f"ord_{key}",

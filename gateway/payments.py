@@ -17,7 +17,6 @@ no state in between that a crash could leave half-written.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, NamedTuple, TypeAlias
 import asyncpg
 import orjson
 
-from gateway import domain, messages, store
+from gateway import domain, fingerprints, messages, store
 from gateway.cards import CardVault, brand
 from gateway.crashpoints import crash_point
 from gateway.domain import Action, InvalidTransition, OperationKind, Status, Verdict
@@ -72,15 +71,13 @@ class IdempotentRequest:
     key: str
     method: str
     path: str
-    body: bytes
+    # gateway.fingerprints: the request under each card key, newest first; never the body itself
+    fingerprints: tuple[str, ...]
 
     @property
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for part in (self.method.encode(), self.path.encode(), self.body):
-            digest.update(len(part).to_bytes(8, "big"))
-            digest.update(part)
-        return digest.hexdigest()
+        """What the key's row keeps: the fingerprint under the newest key."""
+        return self.fingerprints[0]
 
 
 @dataclass(frozen=True)
@@ -110,7 +107,9 @@ def _stored(row: asyncpg.Record, req: IdempotentRequest) -> Response | None:
         raise RequestInProgress()
     if row["fingerprint"] is None:
         return None
-    if row["fingerprint"] != req.fingerprint:
+    if (row["method"], row["path"]) != (req.method, req.path) or not fingerprints.matches(
+        row["fingerprint"], req.fingerprints
+    ):
         raise IdempotencyKeyReused()
     return Response(row["response_status"], bytes(row["response_body"]), row["location"], replayed=True)
 

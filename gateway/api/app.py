@@ -35,6 +35,7 @@ from gateway.api.middleware import (
     merchants_by_digest,
 )
 from gateway.cards import CardVault
+from gateway.fingerprints import Fingerprinter
 
 log = logs.get("gateway.api")
 
@@ -91,6 +92,7 @@ def create_app(
     )
     state = routes.State(
         vault=CardVault(settings.card_key),
+        fingerprinter=Fingerprinter([settings.card_key]),
         watcher=watcher,
         registry=registry,
         openapi=orjson.dumps(document),
@@ -211,7 +213,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    settings = config.load(need_card_key=True)
+    settings = config.load(uses_card_key=True)
     logs.setup(settings.log_level, "gateway-api")
     if args.workers > 1:
         raise SystemExit(process.supervise(args.workers, lambda: _serve(args, settings)))

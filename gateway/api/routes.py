@@ -28,6 +28,7 @@ from gateway.api.middleware import ADMISSION, CALLER
 from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import Action, InvalidTransition
+from gateway.fingerprints import Fingerprinter
 
 
 @dataclass
@@ -35,6 +36,7 @@ class State:
     """What the handlers need, wired once by app.create_app."""
 
     vault: CardVault
+    fingerprinter: Fingerprinter
     watcher: PaymentWatcher
     registry: CollectorRegistry
     openapi: bytes
@@ -100,6 +102,11 @@ def _idempotency_key(request: web.Request) -> str:
     if not schemas.IDEMPOTENCY_KEY.fullmatch(key):
         raise ApiError(400, "idempotency_key_invalid", "Idempotency-Key must be 1-255 printable ASCII characters")
     return key
+
+
+def _idempotent(request: web.Request, key: str, body: bytes) -> payments.IdempotentRequest:
+    fingerprints = request.app[STATE].fingerprinter.of("POST", request.path, body)
+    return payments.IdempotentRequest(request[CALLER], key, "POST", request.path, fingerprints)
 
 
 def _payment_id(request: web.Request) -> str:
@@ -200,7 +207,7 @@ async def authorize(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     body = await _body(request)
     state = request.app[STATE]
-    req = payments.IdempotentRequest(request[CALLER], key, "POST", request.path, body)
+    req = _idempotent(request, key, body)
     try:
         data = _parse(schemas.AuthorizeIn, body)
     except ApiError as exc:
@@ -253,7 +260,7 @@ def action(kind: Action):
         body = await _body(request)
         amount = _parse(schemas.ActionIn, body).amount if body.strip() else None
         state = request.app[STATE]
-        req = payments.IdempotentRequest(request[CALLER], key, "POST", request.path, body)
+        req = _idempotent(request, key, body)
         try:
             response = await payments.request_action(
                 state.pool, req, payment_id, kind, amount, send=state.actions.submit

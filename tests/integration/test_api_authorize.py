@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 
 import orjson
 import pytest
 
-from gateway import payments
+from gateway import db, payments
 from gateway.domain import Verdict
+from gateway.fingerprints import Fingerprinter
 from tests.integration.conftest import API_KEY, CARD_NUMBER, OTHER_KEY, Api, auth_body, authorized, card, settle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -63,9 +65,18 @@ async def test_same_key_other_body_is_refused(api):
     assert resp.status == 202
     resp, err = await api.post("/v1/payments", {**body, "amount": 5001}, key=key)
     assert resp.status == 422 and err["error"]["code"] == "idempotency_key_reused"
-    # the same JSON with other whitespace is another body: the fingerprint is over the raw bytes
-    resp, err = await api.post("/v1/payments", orjson.dumps(body, option=orjson.OPT_INDENT_2), key=key)
+    # another card number is another request, though the fingerprint keeps no number
+    other_card = {**body, "card": {**body["card"], "number": "4242424242424242"}}
+    resp, err = await api.post("/v1/payments", other_card, key=key)
     assert resp.status == 422 and err["error"]["code"] == "idempotency_key_reused"
+    # the same JSON with other whitespace and key order is the same request: the fingerprint is
+    # over the canonical JSON (gateway/fingerprints.py), and so is a retry with another CVV,
+    # which the fingerprint must not keep
+    resp, replay = await api.post("/v1/payments", orjson.dumps(body, option=orjson.OPT_INDENT_2), key=key)
+    assert resp.status == 202 and resp.headers["Idempotent-Replayed"] == "true"
+    other_cvv = {**body, "card": {**body["card"], "cvv": "999"}}
+    resp, replay = await api.post("/v1/payments", other_cvv, key=key)
+    assert resp.status == 202 and resp.headers["Idempotent-Replayed"] == "true"
 
 
 async def test_same_key_other_path_is_refused(api, pool):
@@ -301,13 +312,14 @@ async def test_longest_and_oddest_allowed_keys_work(api):
         assert resp.status == 202, body
 
 
-async def test_a_retry_after_the_card_expired_still_gets_its_answer(api, pool):
+async def test_a_retry_after_the_card_expired_still_gets_its_answer(api, pool, api_settings):
     """Accepted before its expiry month ended, replayed after: the stored answer, not a 422."""
     body = auth_body(card=card(expiry_month=1, expiry_year=2020))
     raw = orjson.dumps(body)
     key = uuid.uuid4().hex
     stored = orjson.dumps({"id": "pay_" + "0" * 32, "status": "pending"})
-    req = payments.IdempotentRequest("ficmart", key, "POST", "/v1/payments", raw)
+    fingerprints = Fingerprinter([api_settings.card_key]).of("POST", "/v1/payments", raw)
+    req = payments.IdempotentRequest("ficmart", key, "POST", "/v1/payments", fingerprints)
     # Plant what the first, accepted, request stored.
     await pool.execute(
         "INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status, response_body,"
@@ -353,3 +365,27 @@ async def test_a_stalled_body_is_cut_with_408(api, api_client, monkeypatch):
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer and b"X-Request-Id" in answer
     assert b"Connection: close" in answer  # aiohttp then closes it after at most its lingering time
+
+
+async def test_an_old_plain_digest_fingerprint_is_migrated_away_and_still_replays(api, pool, database_url):
+    """Rows of an earlier version kept SHA-256 of the body (card number and CVV inside): schema.sql
+    overwrites them, and the key still answers a retry of its request with the stored answer."""
+    raw = orjson.dumps(auth_body())
+    key = uuid.uuid4().hex
+    old = hashlib.sha256(raw).hexdigest()
+    stored = orjson.dumps({"id": "pay_" + "1" * 32, "status": "pending"})
+    await pool.execute(
+        "INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status, response_body,"
+        " location, created_at) VALUES ('ficmart', $1, 'POST', '/v1/payments', $2, 202, $3, $4, now())",
+        key,
+        old,
+        stored,
+        "/v1/payments/pay_" + "1" * 32,
+    )
+    await db.migrate(database_url)
+    assert await pool.fetchval("SELECT count(*) FROM idempotency_keys WHERE fingerprint = $1", old) == 0
+    resp, answer = await api.post("/v1/payments", raw, key=key)
+    assert resp.status == 202 and resp.headers["Idempotent-Replayed"] == "true" and answer == orjson.loads(stored)
+    # the path still counts: the same key on another path is another request
+    resp, err = await api.post("/v1/payments/pay_" + "1" * 32 + "/capture", key=key)
+    assert resp.status == 422 and err["error"]["code"] == "idempotency_key_reused"

@@ -15,12 +15,13 @@ from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, InvalidTransition, Verdict
 from tests.integration.conftest import CARD_NUMBER, CVV, authorized, pending_operation
+from tests.support import factories
 
 
 def _request(key: str, order_id: str) -> tuple[payments.IdempotentRequest, dict]:
     fields = {"order_id": order_id, "customer_id": "cus_batch", "amount": 1200}
     body = f'{{"order_id":"{order_id}","key":"{key}"}}'.encode()  # a body of its own per order
-    return payments.IdempotentRequest("ficmart", key, "POST", "/v1/payments", body), fields
+    return factories.request("/v1/payments", body, key=key), fields
 
 
 async def _sent_together(run_batch, callers) -> tuple[list[object], list[int]]:
@@ -107,7 +108,7 @@ def _action(payment_id: str, action: Action, *, key: str | None = None, amount: 
     body = b"" if amount is None else f'{{"amount":{amount}}}'.encode()
     path = f"/v1/payments/{payment_id}/{action.value}"
     return (
-        payments.IdempotentRequest("ficmart", key or uuid.uuid4().hex, "POST", path, body),
+        factories.request(path, body, key=key),
         payment_id,
         action,
         amount,

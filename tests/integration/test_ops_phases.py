@@ -45,7 +45,7 @@ class Payments:
         assert await payments.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
 
     async def act(self, pid: str, action: Action) -> None:
-        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", f"/v1/payments/{pid}/{action}", b"")
+        req = factories.request(f"/v1/payments/{pid}/{action}")
         await payments.request_action(self.pool, req, pid, action, None)
 
     async def running(self, kind: str) -> str:

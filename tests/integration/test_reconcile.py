@@ -57,7 +57,7 @@ class Books:
         return await self.row(pid)
 
     async def request(self, pid: str, action: Action) -> None:
-        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", f"/v1/payments/{pid}/{action}", b"")
+        req = factories.request(f"/v1/payments/{pid}/{action}")
         await payments.request_action(self.pool, req, pid, action, None)
 
     async def work(self, pid: str) -> None:

@@ -31,6 +31,7 @@ from gateway import config, db, payments
 from gateway.cards import CardVault
 from gateway.domain import Action
 from gateway.messages import COMMANDS_EXCHANGE
+from tests.support import factories
 from tests.support.procs import ScriptProcess
 from tests.support.system import System
 from worker import settings as wsettings
@@ -78,8 +79,9 @@ class Pipeline:
                 "AMQP_URL": self.amqp_url,
                 "BANK_URL": self.bank_url,
                 "CARD_ENCRYPTION_KEY": card_key,
+                "GATEWAY_ENV": "development",
             },
-            need_card_key=True,
+            uses_card_key=True,
         )
         self.vault = CardVault(base64.b64decode(card_key))
         self.http = aiohttp.ClientSession()
@@ -139,7 +141,7 @@ class Pipeline:
 
     async def authorize(self, card=HAPPY, amount: int = 1500) -> str:
         number, cvv, month, year = card
-        req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments", uuid.uuid4().bytes)
+        req = factories.request(body=uuid.uuid4().bytes)
         resp = await payments.authorize(
             self.pool,
             self.vault,
@@ -152,9 +154,7 @@ class Pipeline:
         return orjson.loads(resp.body)["id"]
 
     async def request(self, payment_id: str, action: Action) -> None:
-        req = payments.IdempotentRequest(
-            "ficmart", uuid.uuid4().hex, "POST", f"/v1/payments/{payment_id}/{action.value}", b""
-        )
+        req = factories.request(f"/v1/payments/{payment_id}/{action.value}")
         await payments.request_action(self.pool, req, payment_id, action, None)
 
     async def wait(self, payment_id: str, until, timeout: float = 30.0) -> dict:

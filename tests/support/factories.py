@@ -8,14 +8,23 @@ import orjson
 
 from gateway import payments
 from gateway.cards import CardVault
+from gateway.fingerprints import Fingerprinter
 
 HAPPY = ("4111111111111111", "123", 12, 2030)  # bank-contract.md's happy-path card
+# Fingerprints under the tests' card key (tests/conftest.py DEV_CARD_KEY).
+FINGERPRINTER = Fingerprinter([b"k" * 32])
+
+
+def request(path: str = "/v1/payments", body: bytes = b"", *, key: str | None = None) -> payments.IdempotentRequest:
+    """FicMart's POST to `path` under `key` (a fresh one by default), as the API records it."""
+    fingerprints = FINGERPRINTER.of("POST", path, body)
+    return payments.IdempotentRequest("ficmart", key or uuid.uuid4().hex, "POST", path, fingerprints)
 
 
 async def authorize(pool, vault: CardVault, amount: int, card: tuple = HAPPY) -> str:
     """A new pending payment (fresh order and idempotency key); returns its id."""
     number, cvv, month, year = card
-    req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", "/v1/payments", uuid.uuid4().bytes)
+    req = request(body=uuid.uuid4().bytes)
     resp = await payments.authorize(
         pool,
         vault,

@@ -43,7 +43,7 @@ class ParkedWork:
         pid, op = await self.authorize()
         if kind == "capture":
             await self.settle(op, {"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": "2030-01-01T00:00:00Z"})
-            req = payments.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", f"/v1/payments/{pid}/capture", b"")
+            req = factories.request(f"/v1/payments/{pid}/capture")
             await payments.request_action(self.pool, req, pid, Action.CAPTURE, None)
             op = await self.pending_op(pid)
         claim = await payments.claim(self.pool, op, "test-worker", 30)

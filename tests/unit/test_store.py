@@ -13,7 +13,7 @@ import pytest
 
 from gateway import messages, store
 from gateway.domain import OperationKind, Status
-from gateway.payments import IdempotentRequest
+from tests.support import factories
 
 AT = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -169,7 +169,7 @@ async def test_finish_operations_puts_each_value_in_its_own_column():
 async def test_start_operations_takes_the_event_and_the_reply_as_optional_columns():
     cmd = messages.command("op_2", "capture")
     event = messages.event("payment.expired", {"id": "pay_1"}, AT, merchant="ficmart")
-    req = IdempotentRequest("ficmart", "key-1", "POST", "/v1/payments/pay_1/capture", b"{}")
+    req = factories.request("/v1/payments/pay_1/capture", b"{}", key="key-1")
     common = dict(at=AT, kind=OperationKind.CAPTURE, command=cmd)
     db = Recorder([{"id": "pay_1"}, {"id": "pay_2"}])
     moved = await store.start_operations(
