@@ -17,6 +17,7 @@ import base64
 import re
 import sys
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, Self, TypeVar
 from urllib.parse import urlparse
 
@@ -27,6 +28,18 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 T = TypeVar("T")
 
 DEV_API_KEYS = "ficmart:sk_test_ficmart_dev"
+# Keys with this prefix are development keys (the documented one, the tests' ones): they open
+# /v1 only in development mode.
+DEV_API_KEY_PREFIX = "sk_test_"
+# Card keys that were ever published in this repository (compose.yaml's old default, the tests'
+# key): a production process refuses them, since anyone who read the repository holds them.
+PUBLISHED_CARD_KEYS = frozenset(
+    {
+        base64.b64decode("ZGV2LW9ubHktY2FyZC1rZXktTk9ULUZPUi1QUk9EISE="),
+        b"k" * 32,
+    }
+)
+ENVIRONMENTS = ("production", "development")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _OPS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -35,10 +48,19 @@ class ConfigError(ValueError):
     """A setting has a value the process cannot start with."""
 
 
+# The environment `EnvSettings.parse` reads instead of os.environ (None: os.environ).
+_GIVEN_ENVIRONMENT: ContextVar[Mapping[str, str] | None] = ContextVar("given_environment", default=None)
+
+
 class _Variables(EnvSettingsSource):
-    """os.environ, read the way our variables are written: each one under its documented
-    name only (not also under the Python field name) and as the plain string it is; the
-    field's own validator parses its format (no JSON decoding of lists or maps)."""
+    """os.environ (or the mapping given to `parse`), read the way our variables are written:
+    each one under its documented name only (not also under the Python field name) and as
+    the plain string it is; the field's own validator parses its format (no JSON decoding of
+    lists or maps)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        given = _GIVEN_ENVIRONMENT.get()
+        return super()._load_env_vars() if given is None else {name: value for name, value in given.items() if value}
 
     def prepare_field_value(self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool) -> Any:
         return value
@@ -68,12 +90,14 @@ class EnvSettings(BaseSettings):
 
     @classmethod
     def parse(cls, env: Mapping[str, str]) -> Self:
-        """The settings in `env` (others are ignored); ConfigError names the variable."""
-        given = {name: env[name] for name in _variable_names(cls) if env.get(name)}
+        """The settings in `env` alone (os.environ is not read); ConfigError names the variable."""
+        token = _GIVEN_ENVIRONMENT.set(env)
         try:
-            return cls.model_validate(given)
+            return cls()
         except ValidationError as exc:
             raise ConfigError(_describe(cls, exc)) from None
+        finally:
+            _GIVEN_ENVIRONMENT.reset(token)
 
     @classmethod
     def from_environment(cls) -> Self:
@@ -192,8 +216,14 @@ def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
 
 
 class Settings(EnvSettings):
-    """DATABASE_URL, AMQP_URL, BANK_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY, LOG_LEVEL."""
+    """GATEWAY_ENV, DATABASE_URL, AMQP_URL, BANK_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY, LOG_LEVEL."""
 
+    environment: str = Field(
+        default="production",
+        validation_alias="GATEWAY_ENV",
+        description="production or development; only development accepts the published development keys "
+        "(sk_test_ API keys, the documented card keys) and runs without GATEWAY_API_KEYS",
+    )
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/gateway",
         validation_alias="DATABASE_URL",
@@ -212,12 +242,14 @@ class Settings(EnvSettings):
         default=DEV_API_KEYS,  # written as in the environment; parsed by _api_keys
         validate_default=True,
         validation_alias="GATEWAY_API_KEYS",
-        description="comma-separated name:key pairs; name is the caller",
+        description="comma-separated name:key pairs; name is the caller (required unless GATEWAY_ENV=development, "
+        "where the documented development key is the default)",
     )
     card_key: bytes | None = Field(
         default=None,
         validation_alias="CARD_ENCRYPTION_KEY",
-        description="32 random bytes, base64 (required by gateway-api and gateway-worker)",
+        description="32 random bytes, base64 (required by gateway-api, gateway-worker and, in production, "
+        "gateway-relay)",
     )
     log_level: str = Field(default="info", validation_alias="LOG_LEVEL", description=", ".join(LOG_LEVELS))
     # key -> operator name; empty: no ops console
@@ -304,21 +336,59 @@ class Settings(EnvSettings):
     def _log_level(cls, value: str) -> str:
         return one_of("LOG_LEVEL", value, LOG_LEVELS)
 
-    def require_card_key(self) -> Self:
-        if self.card_key is None:
-            raise ConfigError(
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, value: str) -> str:
+        return one_of("GATEWAY_ENV", value, ENVIRONMENTS)
+
+    @property
+    def development(self) -> bool:
+        return self.environment == "development"
+
+    def require_secrets(self, *, uses_card_key: bool) -> Self:
+        """Fail closed: the secrets a gateway process needs, and none of the published ones.
+
+        In production (the default) every gateway process insists on GATEWAY_API_KEYS and
+        CARD_ENCRYPTION_KEY, whether or not it reads them itself: one configuration is checked
+        the same way everywhere, so a deployment that forgot a secret stops at its first process.
+        Development keys (sk_test_..., the card keys this repository published) are refused
+        there. In development mode the documented key opens /v1 and only a process that seals
+        or opens cards needs a card key."""
+        problems = []
+        if not self.development:
+            if "api_keys" not in self.model_fields_set:
+                problems.append(
+                    "GATEWAY_API_KEYS is required (comma-separated name:key pairs); the documented "
+                    "development key works only with GATEWAY_ENV=development"
+                )
+            elif any(key.startswith(DEV_API_KEY_PREFIX) for key in self.api_keys):
+                problems.append(
+                    f"GATEWAY_API_KEYS holds a development key ({DEV_API_KEY_PREFIX}...): refused unless "
+                    "GATEWAY_ENV=development"
+                )
+        if self.card_key is None and (uses_card_key or not self.development):
+            problems.append(
                 "CARD_ENCRYPTION_KEY is required: 32 random bytes, base64 "
                 "(make one with: python -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())')"
             )
+        elif self.card_key in PUBLISHED_CARD_KEYS and not self.development:
+            problems.append(
+                "CARD_ENCRYPTION_KEY is a published development key: refused unless GATEWAY_ENV=development"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems))
         return self
 
 
-def parse(env: Mapping[str, str], *, need_card_key: bool = False) -> Settings:
+def parse(env: Mapping[str, str], *, uses_card_key: bool | None = None) -> Settings:
+    """The shared settings in `env`; with `uses_card_key` given, checked as a gateway process
+    checks them at start (Settings.require_secrets)."""
     settings = Settings.parse(env)
-    return settings.require_card_key() if need_card_key else settings
+    return settings if uses_card_key is None else settings.require_secrets(uses_card_key=uses_card_key)
 
 
-def load(*, need_card_key: bool = False) -> Settings:
-    """The shared settings from os.environ, or exit 2 with a clear message."""
+def load(*, uses_card_key: bool) -> Settings:
+    """A gateway process's shared settings from os.environ, its secrets required
+    (Settings.require_secrets), or exit 2 with a clear message."""
     settings = Settings.load()
-    return exit_on_error(settings.require_card_key) if need_card_key else settings
+    return exit_on_error(lambda: settings.require_secrets(uses_card_key=uses_card_key))

@@ -26,6 +26,7 @@ Not part of `make test`. Each step is safe to repeat:
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from gateway.config import DEV_API_KEYS
 from scripts.devstack import DEV_KEY, demo
 from tests.support.procs import free_port
 from tests.support.services import (
@@ -198,8 +200,18 @@ def build_image() -> None:
 
 
 def compose_services() -> dict[str, dict[str, Any]]:
-    """compose.yaml as podman-compose reads it (variables filled in); checks its shape."""
-    config = run([str(BIN / "podman-compose"), "-f", "compose.yaml", "config"], cwd=ROOT).stdout
+    """compose.yaml as podman-compose reads it (variables filled in); checks its shape.
+
+    compose.yaml has no defaults for the secrets: the check gives them as a developer's .env
+    would, in development mode (the demo uses the documented key) with a card key of its own."""
+    secrets = {
+        "GATEWAY_ENV": "development",
+        "GATEWAY_API_KEYS": DEV_API_KEYS,
+        "CARD_ENCRYPTION_KEY": base64.b64encode(os.urandom(32)).decode(),
+    }
+    config = run(
+        [str(BIN / "podman-compose"), "-f", "compose.yaml", "config"], cwd=ROOT, env={**os.environ, **secrets}
+    ).stdout
     services: dict[str, dict[str, Any]] = yaml.safe_load(config)["services"]
     expected = {"postgres", "rabbitmq", *APP_SERVICES}
     if set(services) != expected:

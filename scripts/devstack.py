@@ -35,10 +35,16 @@ DEFAULTS = {name: default for name, default, _ in Settings.variables()}  # varia
 
 def dev_environment() -> dict[str, str]:
     """.env's settings that the environment does not override; `make run` keeps the
-    generated dev card key there."""
+    generated dev card key there (compose reads the same file)."""
     if not ENV_FILE.exists():
         key = base64.b64encode(os.urandom(32)).decode()
-        ENV_FILE.write_text(f"# made by make run: a development-only card encryption key\nCARD_ENCRYPTION_KEY={key}\n")
+        # Secrets: readable by the owner alone, from the moment the file exists.
+        fd = os.open(ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as env_file:
+            env_file.write(
+                "# made by make run: development mode, the documented API key and a card key of this machine\n"
+                f"GATEWAY_ENV=development\nGATEWAY_API_KEYS={DEV_API_KEYS}\nCARD_ENCRYPTION_KEY={key}\n"
+            )
     settings = {}
     for line in ENV_FILE.read_text().splitlines():
         name, sep, value = line.partition("=")

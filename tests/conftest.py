@@ -13,6 +13,10 @@ from tests.support import services
 
 DEV_CARD_KEY = base64.b64encode(b"k" * 32).decode()
 
+# The tests run the published development keys, which only development mode accepts; the
+# processes they start inherit this (tests of production mode set GATEWAY_ENV themselves).
+os.environ.setdefault("GATEWAY_ENV", "development")
+
 
 @pytest.fixture(scope="session")
 def server_urls():

@@ -888,7 +888,7 @@ def _setup_logs(settings: config.Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = config.load()  # a bad value: message on stderr, exit 2
+    settings = config.Settings.load()  # a bad value: message on stderr, exit 2 (no secrets needed)
     if args.command == "dlq":  # the worker's settings that the dead-letter commands share
         worker_cfg = wsettings.WorkerSettings.load()
         args.ladder = worker_cfg.retry_ladder

@@ -426,7 +426,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = config.load(need_card_key=True)
+    settings = config.load(uses_card_key=True)
     cfg = WorkerSettings.load()
     process.give_way(cfg.nice)
     logs.setup(settings.log_level, "gateway-worker")

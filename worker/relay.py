@@ -337,7 +337,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = config.load()
+    settings = config.load(uses_card_key=False)
     cfg = wsettings.RelaySettings.load()
     process.give_way(cfg.nice)
     logs.setup(settings.log_level, "gateway-relay")

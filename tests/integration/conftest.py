@@ -38,8 +38,9 @@ def api_settings(database_url, amqp_url, card_key) -> config.Settings:
             "GATEWAY_API_KEYS": f"ficmart:{API_KEY},other:{OTHER_KEY}",
             "CARD_ENCRYPTION_KEY": card_key,
             "LOG_LEVEL": "info",
+            "GATEWAY_ENV": "development",
         },
-        need_card_key=True,
+        uses_card_key=True,
     )
 
 

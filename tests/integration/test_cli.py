@@ -474,8 +474,9 @@ async def test_worker_parks_after_the_ladder_and_replay_finishes_it(env, card_ke
             "AMQP_URL": env.amqp_url,
             "BANK_URL": bank_url,
             "CARD_ENCRYPTION_KEY": card_key,
+            "GATEWAY_ENV": "development",
         },
-        need_card_key=True,
+        uses_card_key=True,
     )
     async with (
         ScriptProcess(

@@ -54,10 +54,11 @@ def settings_for(database_url: str, amqp_url: str, card_key: str, ops_keys: str 
         "AMQP_URL": amqp_url,
         "GATEWAY_API_KEYS": f"ficmart:{API_KEY}",
         "CARD_ENCRYPTION_KEY": card_key,
+        "GATEWAY_ENV": "development",
     }
     if ops_keys is not None:
         env["GATEWAY_OPS_KEYS"] = ops_keys
-    return config.parse(env, need_card_key=True)
+    return config.parse(env, uses_card_key=True)
 
 
 class Console(ParkedWork):

@@ -26,7 +26,8 @@ it ("api", "relay", "worker"), further ones "worker-2", "worker-3"... `start(*ki
 be called again for kinds not started yet (the bench starts the API alone first).
 
 Each process's environment: this process's own, then for the gateway DATABASE_URL,
-AMQP_URL, BANK_URL, GATEWAY_API_KEYS and CARD_ENCRYPTION_KEY, then `gateway_env`
+AMQP_URL, BANK_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY and GATEWAY_ENV=development,
+then `gateway_env`
 (`bank_env` for the bank), then `env_for(kind, name)` (gateway processes, called at
 every start: crash tests arm each start differently), then a restart's `env`; a None
 value removes a variable. Readiness: mockbank answers /health, an API /readyz; a worker
@@ -276,6 +277,8 @@ class System:
             "BANK_URL": self.bank_url,
             "GATEWAY_API_KEYS": self.api_keys,
             "CARD_ENCRYPTION_KEY": self.card_key,
+            # The harness runs the published development keys: only development mode takes them.
+            "GATEWAY_ENV": "development",
         }
 
     def _spawn(self, kind: str, name: str, extra: Mapping[str, str | None] | None = None) -> str:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import os
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -16,7 +19,16 @@ from mockbank.config import Config as BankConfig
 from worker.settings import RelaySettings, WorkerSettings
 from worker.sweeper import Housekeeping
 
-VARIABLES = ("DATABASE_URL", "AMQP_URL", "BANK_URL", "GATEWAY_API_KEYS", "CARD_ENCRYPTION_KEY", "LOG_LEVEL")
+VARIABLES = (
+    "DATABASE_URL",
+    "AMQP_URL",
+    "BANK_URL",
+    "GATEWAY_API_KEYS",
+    "CARD_ENCRYPTION_KEY",
+    "LOG_LEVEL",
+    "GATEWAY_ENV",
+)
+DEV = {"GATEWAY_ENV": "development"}
 GOOD_KEY = base64.b64encode(b"k" * 32).decode()
 
 
@@ -37,6 +49,7 @@ def test_defaults_are_the_documented_ones():
     assert s.bank_url == "http://127.0.0.1:8787"
     assert s.log_level == "info"
     assert s.card_key is None
+    assert s.environment == "production" and not s.development
     assert s.api_keys == {"sk_test_ficmart_dev": "ficmart"}
     assert ("GATEWAY_API_KEYS", config.DEV_API_KEYS) in [(n, d) for n, d, _ in Settings.variables()]
 
@@ -165,13 +178,13 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize(("name", "value"), BAD_VALUES, ids=[f"{n}={v!r}" for n, v in BAD_VALUES])
-@pytest.mark.parametrize("need_card_key", [False, True], ids=["no-card-key", "card-key"])
-def test_bad_value_raises_config_error_naming_the_variable(name, value, need_card_key):
-    env = {name: value}
-    if need_card_key and name != "CARD_ENCRYPTION_KEY":
+@pytest.mark.parametrize("uses_card_key", [None, False, True], ids=["unchecked", "no-card-key", "card-key"])
+def test_bad_value_raises_config_error_naming_the_variable(name, value, uses_card_key):
+    env = {name: value, **DEV}
+    if uses_card_key and name != "CARD_ENCRYPTION_KEY":
         env["CARD_ENCRYPTION_KEY"] = GOOD_KEY
     with pytest.raises(ConfigError) as info:
-        config.parse(env, need_card_key=need_card_key)
+        config.parse(env, uses_card_key=uses_card_key)
     assert name in str(info.value)
 
 
@@ -253,20 +266,20 @@ def test_card_key_decoded():
     assert config.parse({"CARD_ENCRYPTION_KEY": base64.b64encode(raw).decode()}).card_key == raw
 
 
-def test_card_key_optional_unless_needed():
-    assert config.parse({}, need_card_key=False).card_key is None
-    assert config.parse({"CARD_ENCRYPTION_KEY": ""}, need_card_key=False).card_key is None
+def test_card_key_optional_in_development_unless_used():
+    assert config.parse(DEV, uses_card_key=False).card_key is None
+    assert config.parse({"CARD_ENCRYPTION_KEY": "", **DEV}, uses_card_key=False).card_key is None
 
 
 @pytest.mark.parametrize("env", [{}, {"CARD_ENCRYPTION_KEY": ""}], ids=["unset", "empty"])
 def test_card_key_required(env):
     with pytest.raises(ConfigError, match="CARD_ENCRYPTION_KEY"):
-        config.parse(env, need_card_key=True)
+        config.parse({**env, **DEV}, uses_card_key=True)
 
 
 def test_card_key_checked_even_when_not_needed():
     with pytest.raises(ConfigError, match="CARD_ENCRYPTION_KEY"):
-        config.parse({"CARD_ENCRYPTION_KEY": "nope"}, need_card_key=False)
+        config.parse({"CARD_ENCRYPTION_KEY": "nope"})
 
 
 def test_card_key_length_in_message():
@@ -286,23 +299,25 @@ def test_load_reads_os_environ(clean_env):
     clean_env.setenv("BANK_URL", "http://bank.internal:9000/")
     clean_env.setenv("LOG_LEVEL", "DEBUG")
     clean_env.setenv("GATEWAY_API_KEYS", "shop:shop_key_1")
-    clean_env.setenv("CARD_ENCRYPTION_KEY", GOOD_KEY)
-    s = config.load(need_card_key=True)
+    clean_env.setenv("CARD_ENCRYPTION_KEY", base64.b64encode(b"q" * 32).decode())
+    s = config.load(uses_card_key=True)
     assert s.bank_url == "http://bank.internal:9000"
     assert s.log_level == "debug"
     assert s.api_keys == {"shop_key_1": "shop"}
-    assert s.card_key == b"k" * 32
+    assert s.card_key == b"q" * 32
 
 
-def test_load_defaults(clean_env):
-    assert config.load() == config.parse({})
+def test_load_defaults_in_development(clean_env):
+    clean_env.setenv("GATEWAY_ENV", "development")
+    assert config.load(uses_card_key=False) == config.parse(DEV)
 
 
 @pytest.mark.parametrize(("name", "value"), BAD_VALUES, ids=[f"{n}={v!r}" for n, v in BAD_VALUES])
 def test_load_exits_2_with_message_on_stderr(clean_env, capsys, name, value):
     clean_env.setenv(name, value.replace("\x00", "\x01"))  # the OS environment cannot hold NUL
+    clean_env.setenv("GATEWAY_ENV", "development")
     with pytest.raises(SystemExit) as info:
-        config.load()
+        config.load(uses_card_key=False)
     assert info.value.code == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -314,15 +329,17 @@ def test_load_exits_2_with_message_on_stderr(clean_env, capsys, name, value):
 @pytest.mark.parametrize(("name", "value"), BAD_URL_VALUES, ids=[f"{n}={v!r}" for n, v in BAD_URL_VALUES])
 def test_load_exits_2_on_unusable_url(clean_env, capsys, name, value):
     clean_env.setenv(name, value)
+    clean_env.setenv("GATEWAY_ENV", "development")
     with pytest.raises(SystemExit) as info:
-        config.load()
+        config.load(uses_card_key=False)
     assert info.value.code == 2
     assert name in capsys.readouterr().err
 
 
 def test_load_exits_2_when_card_key_required_and_missing(clean_env, capsys):
+    clean_env.setenv("GATEWAY_ENV", "development")
     with pytest.raises(SystemExit) as info:
-        config.load(need_card_key=True)
+        config.load(uses_card_key=True)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "CARD_ENCRYPTION_KEY" in err and "required" in err
@@ -331,7 +348,7 @@ def test_load_exits_2_when_card_key_required_and_missing(clean_env, capsys):
 def test_load_exit_has_no_chained_exception(clean_env):
     clean_env.setenv("LOG_LEVEL", "loud")
     with pytest.raises(SystemExit) as info:
-        config.load()
+        config.load(uses_card_key=False)
     assert info.value.__cause__ is None
     assert info.value.__suppress_context__ is True
 
@@ -340,7 +357,96 @@ def test_only_the_documented_names_are_read(clean_env):
     # The fields are settable by their Python names in code, never from the environment.
     clean_env.setenv("bank_url", "http://elsewhere:1")
     clean_env.setenv("log_level", "debug")
-    assert config.load() == config.parse({})
+    clean_env.setenv("GATEWAY_ENV", "development")
+    assert config.load(uses_card_key=False) == config.parse(DEV)
+
+
+# ------------------------------------------------- fail closed (production is the default)
+PRODUCTION_KEY = base64.b64encode(b"\x07" * 32).decode()
+
+
+@pytest.mark.parametrize("uses_card_key", [False, True], ids=["relay", "api-and-worker"])
+def test_production_requires_api_keys_and_card_key(uses_card_key):
+    with pytest.raises(ConfigError) as info:
+        config.parse({}, uses_card_key=uses_card_key)
+    assert "GATEWAY_API_KEYS is required" in str(info.value)
+    assert "CARD_ENCRYPTION_KEY is required" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "api_keys", ["ficmart:sk_test_ficmart_dev", "shop:sk_test_anything_else", "a:live_key_1,b:sk_test_key_2"]
+)
+def test_production_refuses_development_api_keys(api_keys):
+    with pytest.raises(ConfigError, match="GATEWAY_API_KEYS holds a development key") as info:
+        config.parse({"GATEWAY_API_KEYS": api_keys, "CARD_ENCRYPTION_KEY": PRODUCTION_KEY}, uses_card_key=True)
+    assert "sk_test_ficmart_dev" not in str(info.value)  # the message never echoes a key
+
+
+@pytest.mark.parametrize("published", sorted(config.PUBLISHED_CARD_KEYS))
+def test_production_refuses_published_card_keys(published):
+    env = {"GATEWAY_API_KEYS": "shop:live_key_1", "CARD_ENCRYPTION_KEY": base64.b64encode(published).decode()}
+    with pytest.raises(ConfigError, match="CARD_ENCRYPTION_KEY is a published development key"):
+        config.parse(env, uses_card_key=True)
+    assert config.parse({**env, **DEV}, uses_card_key=True).card_key == published
+
+
+def test_compose_no_longer_publishes_a_card_key():
+    # compose.yaml's old default stays refused; the file itself must not carry a key any more.
+    compose = (Path(__file__).parents[2] / "compose.yaml").read_text()
+    assert "ZGV2LW9ubHktY2FyZC1rZXktTk9ULUZPUi1QUk9EISE=" not in compose
+    assert "sk_test_ficmart_dev}" not in compose
+
+
+def test_production_takes_real_secrets():
+    env = {"GATEWAY_API_KEYS": "shop:live_key_1", "CARD_ENCRYPTION_KEY": PRODUCTION_KEY}
+    s = config.parse(env, uses_card_key=True)
+    assert s.api_keys == {"live_key_1": "shop"} and not s.development
+
+
+def test_development_mode_takes_the_documented_key_by_default():
+    s = config.parse({**DEV, "CARD_ENCRYPTION_KEY": GOOD_KEY}, uses_card_key=True)
+    assert s.api_keys == {"sk_test_ficmart_dev": "ficmart"} and s.development
+    # a relay in development needs no card key; in production it refuses to start without one
+    assert config.parse(DEV, uses_card_key=False).card_key is None
+
+
+def test_parse_reads_only_the_given_mapping(clean_env):
+    clean_env.setenv("GATEWAY_ENV", "development")
+    clean_env.setenv("LOG_LEVEL", "debug")
+    s = config.parse({})
+    assert s.environment == "production" and s.log_level == "info"
+
+
+@pytest.mark.parametrize("script", ["gateway-api", "gateway-worker", "gateway-relay"])
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({}, "GATEWAY_API_KEYS"),
+        ({"GATEWAY_API_KEYS": "shop:live_key_1"}, "CARD_ENCRYPTION_KEY"),
+        (
+            {"GATEWAY_API_KEYS": "ficmart:sk_test_ficmart_dev", "CARD_ENCRYPTION_KEY": PRODUCTION_KEY},
+            "GATEWAY_API_KEYS",
+        ),
+        (
+            {"GATEWAY_API_KEYS": "shop:live_key_1", "CARD_ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode()},
+            "CARD_ENCRYPTION_KEY",
+        ),
+    ],
+    ids=["nothing", "no-card-key", "dev-api-key", "published-card-key"],
+)
+def test_processes_refuse_to_start_without_their_secrets(script, env, variable):
+    # The real console scripts, started as an operator would, outside development mode: they
+    # exit at once (before connecting anywhere: the addresses lead nowhere) naming the variable.
+    unreachable = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none", "AMQP_URL": "amqp://x:y@127.0.0.1:9/"}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / script)],
+        env={"PATH": os.environ.get("PATH", ""), **unreachable, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("configuration error:") and variable in result.stderr
 
 
 # ---------------------------------------- worker, relay and mock bank settings

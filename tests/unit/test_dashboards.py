@@ -42,7 +42,9 @@ def exported(registry: CollectorRegistry) -> set[str]:
 @pytest.fixture(scope="module")
 def exported_names() -> dict[str, set[str]]:
     """Every sample name each process can expose, from the objects the processes build."""
-    settings = config.parse({"CARD_ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode()}, need_card_key=True)
+    settings = config.parse(
+        {"CARD_ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode(), "GATEWAY_ENV": "development"}, uses_card_key=True
+    )
     app = create_app(settings)
     return {
         "gateway-api": exported(app[STATE].registry),
