@@ -1,4 +1,4 @@
-"""The mock card bank: an aiohttp server honouring /work/shared/bank-contract.md.
+"""The mock card bank: an aiohttp server honouring docs/bank.md (the bank contract).
 
 Run ``mockbank [--host 127.0.0.1] [--port 8787]``. State lives in memory and is
 lost at exit. Environment variables are described in ``mockbank.config``
