@@ -49,13 +49,19 @@ lock: install
 	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
 		| $(VENV)/bin/uv pip compile $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) - -o requirements/build.txt
 
+# scripts/services.sh starts PostgreSQL and RabbitMQ when they are installed but stopped,
+# installs them (and, for the tests, Chromium) from Debian's packages when missing, or
+# stops naming the command to run.
 run: install
+	bash scripts/services.sh
 	$(PY) -m scripts.devstack
 
 test: install
+	bash scripts/services.sh --browser
 	$(PY) -m pytest -q
 
 test-long: install
+	bash scripts/services.sh
 	$(PY) -m pytest -q -m long
 
 bench: install

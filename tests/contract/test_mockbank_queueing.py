@@ -103,15 +103,20 @@ async def test_a_response_not_ready_by_the_cut_off_is_never_written_but_the_work
 
 
 async def test_queueing_past_the_cut_off_is_cut_off_too():
-    env = {"DB_TRANSACTION_MS": "200", "RESPONSE_CUTOFF_SECONDS": "0.5"}
+    # Four authorizations on one card run one after the other, 0.5 s each: the third cannot
+    # finish before 1.5 s and the fourth before 2 s, both past the 1.25 s cut-off however busy
+    # the machine is; the first has 0.75 s to spare. (How many of the first two are answered
+    # depends on the machine's speed, so only the bounds are asserted.)
+    env = {"DB_TRANSACTION_MS": "500", "RESPONSE_CUTOFF_SECONDS": "1.25"}
     async with running_bank(env) as bank:
         outcomes = await asyncio.gather(*(bank.authorize(HAPPY, 100) for _ in range(4)), return_exceptions=True)
         answered = [o for o in outcomes if not isinstance(o, BaseException)]
         cut = [o for o in outcomes if isinstance(o, aiohttp.ServerDisconnectedError)]
-        assert len(answered) == 2 and len(cut) == 2, outcomes
+        assert len(answered) + len(cut) == 4, outcomes
+        assert len(cut) >= 2 and len(answered) >= 1, outcomes
         ledger = await bank.ledger()
-        assert len(ledger["authorizations"]) == 4  # every one was done
-        assert ledger["stats"]["responses_cut_off"] == 2
+        assert len(ledger["authorizations"]) == 4  # every one was done, answered or not
+        assert ledger["stats"]["responses_cut_off"] == len(cut)
 
 
 def test_defaults_match_the_contract():
