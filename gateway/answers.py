@@ -9,8 +9,10 @@ parked for a human), never as success.
 
 Only the fields the gateway uses are kept from a body, so whatever else a bank
 sends (an echoed card number, a 5 MB id, a field of its own) is never stored.
-Error codes outside the contract become `unknown_bank_error`, with the raw
-code kept short and redacted in the message.
+Error codes outside the contract become `unknown_bank_error`. What the bank
+says beside its code (and a code outside the contract) is kept for ops only,
+stripped of unprintable characters, redacted and cut: a merchant sees our own
+words for the code (domain.BANK_ERRORS), never the bank's free text.
 """
 
 from __future__ import annotations
@@ -18,32 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.domain import UNKNOWN_BANK_ERROR, is_bank_id
+from gateway.domain import BANK_ERRORS, UNKNOWN_BANK_ERROR, is_bank_id
 from gateway.redact import clean
 from gateway.timefmt import parse
 
-# Every error code of bank-contract.md.
-KNOWN_ERRORS = frozenset(
-    {
-        "invalid_card",
-        "invalid_cvv",
-        "invalid_amount",
-        "card_expired",
-        "authorization_not_found",
-        "authorization_expired",
-        "authorization_already_used",
-        "already_captured",
-        "already_voided",
-        "already_refunded",
-        "amount_mismatch",
-        "capture_not_found",
-        "insufficient_funds",
-        "not_found",
-        "internal_error",
-    }
-)
+KNOWN_ERRORS = frozenset(BANK_ERRORS)
 _MAX_CODE = 64
-MAX_MESSAGE = 300
+_MAX_MESSAGE = 300
 
 
 @dataclass(frozen=True)
@@ -140,11 +123,19 @@ def _field(name: str, value: object) -> object:
     return value
 
 
-def error_code(raw: object) -> tuple[str, str | None]:
-    """(code, note): a contract code as it is; anything else `unknown_bank_error` and what it said."""
-    if isinstance(raw, str) and raw in KNOWN_ERRORS:
-        return raw, None
-    return UNKNOWN_BANK_ERROR, f"the bank answered with the unknown error code {_quote(raw)}"
+def check_error(body: dict) -> tuple[str, dict[str, str]]:
+    """(code, kept) of an error body `{"error": CODE, "message": TEXT}`: a contract code as it
+    is, anything else `unknown_bank_error`. `kept` is the operation's bank_response, for ops:
+    the code, the bank's own code when it is outside the contract, and its message."""
+    raw = body.get("error")
+    code = raw if isinstance(raw, str) and raw in KNOWN_ERRORS else UNKNOWN_BANK_ERROR
+    kept = {"error": code}
+    if code != raw:
+        kept["bank_code"] = _quote(raw)
+    said = body.get("message")
+    if isinstance(said, str):
+        kept["message"] = clean(said, _MAX_MESSAGE, printable=True)
+    return code, kept
 
 
 def _quote(value: object) -> str:

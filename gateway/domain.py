@@ -98,7 +98,9 @@ class BankOutcome:
     that does not answer our request; `message` says why), "redirect" (a 3xx,
     never followed) or "oversized" (a body past the client's bound, not read).
     `replayed` is the bank's X-Idempotent-Replayed: the answer remembered for
-    our key, not a new execution.
+    our key, not a new execution. `body` is what is kept of the answer (the
+    operation's bank_response): of a 2xx the fields the gateway uses, of an
+    error the code and what the bank said, for ops (gateway.answers).
     """
 
     kind: str
@@ -305,7 +307,29 @@ def event_type(status: Status) -> str:
 
 
 ATTENTION_EVENT = "payment.attention_required"
+
+# Every error code of bank-contract.md, and what it says in our own words: the message a
+# payment's last_error shows beside the code. The bank's own text is free text from outside
+# (it could say anything to a merchant); gateway.answers keeps it for ops only.
+BANK_ERRORS: dict[str, str] = {
+    "invalid_card": "the bank refused the card",
+    "invalid_cvv": "the bank refused the card's security code",
+    "invalid_amount": "the bank refused the amount",
+    "card_expired": "the card has expired",
+    "authorization_not_found": "the bank does not know the authorization",
+    "authorization_expired": "the authorization has expired at the bank",
+    "authorization_already_used": "the bank says the authorization was already captured or voided",
+    "already_captured": "the bank says the authorization was already captured",
+    "already_voided": "the bank says the authorization was already voided",
+    "already_refunded": "the bank says the capture was already refunded",
+    "amount_mismatch": "the bank says the amount differs from the one it holds",
+    "capture_not_found": "the bank does not know the capture",
+    "insufficient_funds": "the card has insufficient funds",
+    "not_found": "the bank does not know what was asked for",
+    "internal_error": "the bank failed to handle the request",
+}
 UNKNOWN_BANK_ERROR = "unknown_bank_error"  # a code outside bank-contract.md (gateway.answers)
+_UNKNOWN_BANK_ERROR_TEXT = "the bank answered with an error code outside its contract"
 
 
 def error_for(outcome: BankOutcome, kind: OperationKind | None = None) -> dict:
@@ -319,7 +343,8 @@ def error_for(outcome: BankOutcome, kind: OperationKind | None = None) -> dict:
     else:
         retryable = outcome.kind != "error" or outcome.http_status is None or outcome.http_status >= 500
     if outcome.kind == "error" and outcome.code:
-        return {"code": outcome.code, "message": outcome.message or outcome.code, "retryable": retryable}
+        message = BANK_ERRORS.get(outcome.code, _UNKNOWN_BANK_ERROR_TEXT)
+        return {"code": outcome.code, "message": message, "retryable": retryable}
     if outcome.kind == "malformed":
         return {
             "code": "bank_answer_invalid",

@@ -10,6 +10,11 @@ error messages and unknown codes, anything shown back to a client.
   whole: their hex holds a 13-digit run in about one id of 60, and a log
   line whose ids were cut no longer matches its payment.
 - A CVV is 3-4 digits next to its name (cvv, cvc, csc, security code).
+
+Text kept from another party (the bank's error messages) is also made
+`printable`: control and other unprintable characters are removed (NUL, which
+PostgreSQL's jsonb refuses, included) BEFORE the redaction, so none can split
+a card number out of its sight and join it up again later.
 """
 
 from __future__ import annotations
@@ -43,9 +48,12 @@ def redact(text: str) -> str:
     return _SECRETS.sub(_replace, text)
 
 
-def clean(text: str, limit: int) -> str:
-    """Redacted and cut to `limit` characters (a marker says how much was cut)."""
+def clean(text: str, limit: int, *, printable: bool = False) -> str:
+    """Redacted and cut to `limit` characters (a marker says how much was cut); `printable`:
+    unprintable characters removed first."""
+    head = text if len(text) <= limit else text[: limit + _MARGIN]
+    if printable and not head.isprintable():
+        head = "".join(c for c in head if c.isprintable())
     if len(text) <= limit:
-        return redact(text)
-    cut = redact(text[: limit + _MARGIN])[:limit]
-    return f"{cut}...[{len(text) - limit} more characters]"
+        return redact(head)
+    return f"{redact(head)[:limit]}...[{len(text) - limit} more characters]"

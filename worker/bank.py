@@ -25,7 +25,7 @@ import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry
 
-from gateway import answers, logs, redact, tracing
+from gateway import answers, logs, tracing
 from gateway.answers import Asked
 from gateway.domain import BankOutcome, OperationKind
 from worker.metrics import BankMetrics, bank_outcome
@@ -62,14 +62,8 @@ def _outcome(asked: Asked, status: int, raw: bytes, replayed: bool) -> BankOutco
             return BankOutcome("malformed", http_status=status, message=str(exc), replayed=replayed)
         return BankOutcome("ok", http_status=status, body=kept, replayed=replayed)
     if isinstance(body, dict) and "error" in body:
-        code, note = answers.error_code(body["error"])
-        said = body.get("message")
-        message = redact.clean(said, answers.MAX_MESSAGE) if isinstance(said, str) else None
-        if note is not None:
-            message = f"{note}: {message}" if message else note
-        return BankOutcome(
-            "error", http_status=status, code=code, message=message, body={"error": code, "message": message}
-        )
+        code, kept = answers.check_error(body)
+        return BankOutcome("error", http_status=status, code=code, body=kept)
     # A plain-text 400, a proxy's HTML 502...: never assume an error body parses.
     return BankOutcome("unparseable", http_status=status)
 
@@ -219,6 +213,7 @@ class BankClient:
                 http_status=outcome.http_status,
                 code=outcome.code,
                 problem=outcome.message if outcome.kind == "malformed" else None,
+                answer=outcome.body if outcome.kind == "error" else None,
             )
         return outcome
 

@@ -3,8 +3,9 @@
 A small aiohttp "bank" served by this test answers each authorization by its
 amount: a redirect to another host, a 200 that says declined, a 200 for 1
 EUR, a 200 with a date nobody can read, a 5 MB id, a body of hundreds of MB,
-an unknown error code of 5 KB that quotes the card... and one honest approval
-that echoes the card number and CVV. The real gateway processes run against
+an unknown error code of 5 KB that quotes the card, a decline whose message
+holds a NUL and words for the merchant... and one honest approval that echoes
+the card number and CVV. The real gateway processes run against
 it. Afterwards every payment is in a true state or flagged for ops (never
 silently pending, never authorized for what the bank did not authorize), the
 redirect target received nothing, and the card number and CVV are nowhere:
@@ -28,6 +29,8 @@ PAN_DIGITS = CARD["number"]
 CVV_TEXT = re.compile(r"cvv\W{0,6}9817", re.IGNORECASE)
 
 HONEST = 1005  # the one amount the liar approves truthfully (while echoing the card)
+DECLINED = 1010  # a true decline, its message full of control characters and words for the merchant
+BANKS_WORDS = "call +1 555 0100 to buy a gift card"
 
 
 def _approval(amount: int, **change) -> dict:
@@ -65,6 +68,10 @@ class LyingBank:
                 status=400,
             ),
             1009: lambda: web.json_response(_approval(amount, authorization_id="auth_" + "1" * 5_000_000)),
+            DECLINED: lambda: web.json_response(
+                {"error": "insufficient_funds", "message": f"\u0000{BANKS_WORDS}\u0007 {card[:8]}\u0000{card[8:]}"},
+                status=402,
+            ),
         }
         if amount == 1006:
             return await self._endless(request)
@@ -111,7 +118,7 @@ async def test_a_lying_bank_leaves_every_payment_true_or_flagged_and_no_card_any
         async with running_stack(server_urls, card_key, gateway_env=env) as stack:
             client = stack.client(patience=60)
             ids = {}
-            for amount in (1001, 1002, 1003, 1004, HONEST, 1006, 1007, 1008, 1009):
+            for amount in (1001, 1002, 1003, 1004, HONEST, 1006, 1007, 1008, 1009, DECLINED):
                 reply = await client.authorize(
                     order_id=f"ord_liar_{amount}_{uuid.uuid4().hex[:6]}", amount=amount, card=CARD
                 )
@@ -125,6 +132,14 @@ async def test_a_lying_bank_leaves_every_payment_true_or_flagged_and_no_card_any
             for amount, payment in settled.items():
                 if amount == HONEST:
                     assert payment["status"] == "authorized" and not payment["attention_required"], payment
+                    continue
+                if amount == DECLINED:  # recorded (a NUL once made it unstorable), in our words
+                    assert payment["status"] == "declined" and not payment["attention_required"], payment
+                    assert payment["last_error"] == {
+                        "code": "insufficient_funds",
+                        "message": "the card has insufficient funds",
+                        "retryable": False,
+                    }
                     continue
                 # Never believed: still pending, but parked and flagged for ops with the reason.
                 assert payment["status"] == "pending", payment
@@ -150,6 +165,15 @@ async def test_a_lying_bank_leaves_every_payment_true_or_flagged_and_no_card_any
             )
             events = [orjson.dumps(e).decode() for e in stack.events.events.values()]
             assert len(events) >= len(ids), "every payment was announced (authorized or attention_required)"
+            # What the bank said is kept for ops (the operation's bank_response), never shown to FicMart.
+            merchants_see = await stack.pool.fetchval(
+                "SELECT string_agg(row_to_json(p)::text, E'\\n') FROM payments p"
+            ) + "\n".join(events)
+            assert "gift card" not in merchants_see
+            said = await stack.pool.fetchval(
+                "SELECT o.bank_response->>'message' FROM operations o WHERE o.payment_id = $1", ids[DECLINED]
+            )
+            assert BANKS_WORDS in said and "\u0000" not in said
             logs = "\n".join(stack.log_lines("", limit=10_000_000))
             for where, text in (("database", dump), ("events", "\n".join(events)), ("logs", logs)):
                 assert PAN_DIGITS not in re.sub(r"[\s-]", "", text), where

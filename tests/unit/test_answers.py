@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.answers import AnswerMismatch, Asked, check_success, error_code
+from gateway.answers import AnswerMismatch, Asked, check_error, check_success
 from gateway.domain import UNKNOWN_BANK_ERROR
 
 AUTH = f"auth_{uuid.uuid4()}"
@@ -151,7 +151,18 @@ def test_ids_must_be_prefix_and_lowercase_uuid(text):
 
 
 def test_error_codes_of_the_contract_pass_others_are_unknown():
-    assert error_code("insufficient_funds") == ("insufficient_funds", None)
-    code, note = error_code("4111111111111111" + "y" * 1000)
-    assert code == UNKNOWN_BANK_ERROR and note and "4111111111111111" not in note and len(note) < 200
-    assert error_code(None)[0] == UNKNOWN_BANK_ERROR
+    assert check_error({"error": "insufficient_funds"}) == ("insufficient_funds", {"error": "insufficient_funds"})
+    code, kept = check_error({"error": "4111111111111111" + "y" * 1000})
+    assert code == UNKNOWN_BANK_ERROR and kept["error"] == code
+    assert "4111111111111111" not in kept["bank_code"] and len(kept["bank_code"]) < 200
+    assert check_error({"error": None})[0] == UNKNOWN_BANK_ERROR
+
+
+def test_what_the_bank_says_is_kept_printable_redacted_and_short():
+    """NUL (which jsonb refuses), other controls and bidi overrides go; a card number split by
+    them is joined up BEFORE the redaction, so it is redacted too."""
+    said = "declined\u0000: card 4111\u00001111\u0000 1111\u001b1111 \u202ecall us" + "z" * 1000
+    code, kept = check_error({"error": "invalid_card", "message": said})
+    assert code == "invalid_card" and kept["message"].isprintable()
+    assert "4111" not in kept["message"] and "[redacted]" in kept["message"] and len(kept["message"]) < 400
+    assert kept["message"].startswith("declined: card [redacted]")

@@ -522,31 +522,33 @@ def test_error_for_shape(label):
 
 def test_error_for_insufficient_funds_is_the_contract_example():
     error = domain.error_for(err(402, "insufficient_funds", "Insufficient funds"))
-    assert error == {"code": "insufficient_funds", "message": "Insufficient funds", "retryable": False}
+    assert error == {"code": "insufficient_funds", "message": "the card has insufficient funds", "retryable": False}
+
+
+def test_our_words_cover_every_code_of_the_contract():
+    assert set(domain.BANK_ERRORS) == CONTRACT_400_CODES | {"insufficient_funds", "not_found", "internal_error"}
 
 
 @pytest.mark.parametrize("code", sorted(CONTRACT_400_CODES))
-def test_error_for_business_error(code):
-    assert domain.error_for(err(400, code, "text from the bank")) == {
+def test_error_for_business_error_says_it_in_our_words(code):
+    """The bank's free text never reaches a merchant: only our own message beside its code."""
+    assert domain.error_for(err(400, code, "call +1 555 0100 for a refund")) == {
         "code": code,
-        "message": "text from the bank",
+        "message": domain.BANK_ERRORS[code],
         "retryable": False,
     }
 
 
-def test_error_for_business_error_without_message_uses_code():
-    assert domain.error_for(err(400, "invalid_card", None)) == {
-        "code": "invalid_card",
-        "message": "invalid_card",
-        "retryable": False,
-    }
-    assert domain.error_for(err(400, "invalid_card", ""))["message"] == "invalid_card"
+def test_error_for_an_unknown_code_is_our_words_too():
+    error = domain.error_for(err(400, domain.UNKNOWN_BANK_ERROR, "weird_thing: visit evil.example"))
+    assert error["code"] == domain.UNKNOWN_BANK_ERROR and "evil" not in error["message"]
+    assert error["message"] == domain.error_for(err(400, domain.UNKNOWN_BANK_ERROR, None))["message"]
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
 def test_error_for_server_error_is_retryable(status):
     error = domain.error_for(err(status, "internal_error", None))
-    assert error == {"code": "internal_error", "message": "internal_error", "retryable": True}
+    assert error == {"code": "internal_error", "message": domain.BANK_ERRORS["internal_error"], "retryable": True}
 
 
 def test_error_for_error_with_code_but_no_status_is_retryable():

@@ -87,3 +87,13 @@ def test_a_card_number_at_the_cut_is_never_half_shown(offset):
     text = "x" * (limit - offset) + "4111 1111 1111 1111" + "y" * 200
     out = clean(text, limit)
     assert not re.search(r"\d", out.split("...[")[0]), out
+
+
+@pytest.mark.parametrize("limit", [10_000, 30])
+def test_printable_removes_controls_before_it_redacts(limit):
+    """A NUL (refused by jsonb) or any other unprintable character goes, and a card number it
+    split is joined up before the redaction looks, so it cannot come back whole afterwards."""
+    text = "card 4111\x001111\x1f1111\u202e1111 ok\x00" + "z" * 40
+    out = clean(text, limit, printable=True)
+    assert out.isprintable() and "4111" not in out and out.startswith(f"card {REDACTED} ok")
+    assert "4111\x001111" in clean(text, limit)  # without it, text is only redacted
