@@ -42,6 +42,11 @@ PUBLISHED_CARD_KEYS = frozenset(
 ENVIRONMENTS = ("production", "development")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _OPS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A caller's name is written into every row of its payments and names its broker exchange
+# (payments.events.<name>) and account: nothing there may be ambiguous (a '.', a space,
+# the \x1f that separates it from an idempotency key, letters in two cases).
+MERCHANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+MERCHANT_NAME_RULE = "1-64 lowercase letters, digits, '_' or '-', the first a letter or digit"
 
 
 class ConfigError(ValueError):
@@ -242,7 +247,8 @@ class Settings(EnvSettings):
         default=DEV_API_KEYS,  # written as in the environment; parsed by _api_keys
         validate_default=True,
         validation_alias="GATEWAY_API_KEYS",
-        description="comma-separated name:key pairs; name is the caller (required unless GATEWAY_ENV=development, "
+        description="comma-separated name:key pairs; name is the caller "
+        f"({MERCHANT_NAME_RULE}; required unless GATEWAY_ENV=development, "
         "where the documented development key is the default)",
     )
     card_key: bytes | None = Field(
@@ -287,6 +293,8 @@ class Settings(EnvSettings):
                     "GATEWAY_API_KEYS must be comma-separated name:key pairs with keys of at least "
                     "8 printable characters"
                 )
+            if not MERCHANT_NAME.fullmatch(name):  # not echoed: a pair written backwards would show its key
+                raise ConfigError(f"GATEWAY_API_KEYS: the name of pair {len(keys) + 1} must be {MERCHANT_NAME_RULE}")
             if key in keys:
                 raise ConfigError("GATEWAY_API_KEYS lists the same key twice")
             keys[key] = name

@@ -533,7 +533,7 @@ def settlement(
         status_moved=moved,
         drop_card=kind is OperationKind.AUTHORIZE,
         event=messages.event(domain.event_type(status), payment, at, merchant=row["merchant"]) if moved else None,
-        notify=wake_up(payment, row["merchant"]),
+        notify=wake_up(payment),
         **fields,
     )
     return Settlement(claim, payment, finish, doubt, domain.follow_up(kind, verdict), fields)
@@ -598,10 +598,10 @@ async def _record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlemen
 _WAKE_UP_LIMIT = 7900
 
 
-def wake_up(payment: dict, merchant: str) -> str:
-    """The long polls' wake-up for this payment: its id, its merchant, then the payment as GET
-    shows it (just the id when that does not fit a NOTIFY payload)."""
-    text = f"{payment['id']} {merchant} {orjson.dumps(payment).decode()}"
+def wake_up(payment: dict) -> str:
+    """The long polls' wake-up for this payment: its id (`pay_` and hex), a space, then the
+    payment as GET shows it (just the id when that does not fit a NOTIFY payload)."""
+    text = f"{payment['id']} {orjson.dumps(payment).decode()}"
     return text if len(text) <= _WAKE_UP_LIMIT else payment["id"]
 
 

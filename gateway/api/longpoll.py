@@ -2,8 +2,8 @@
 
 One LISTEN connection per process on channel `payment_updated`: the statements
 that take a payment out of an in-progress status notify it with the payment's
-id, its merchant and, when it fits, the payment as GET shows it
-("<id> <merchant> <json>", payments.wake_up). Each waiting request registers
+id and, when it fits, the payment as GET shows it ("<id> <json>",
+payments.wake_up; an id holds no space). Each waiting request registers
 under its payment id BEFORE it looks at the payment, so a change committed in
 between still wakes it (no lost wake-up). A wake-up that carries the payment is
 the answer, with no second read; one with the id alone makes the waiter read.
@@ -154,8 +154,7 @@ class PaymentWatcher:
     # ---- the LISTEN connection ----
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        payment_id, _, rest = str(payload).partition(" ")
-        _merchant, _, text = rest.partition(" ")
+        payment_id, _, text = str(payload).partition(" ")
         body = text.encode() if text else None
         self._accepted.pop(payment_id, None)
         _remember(self._woken, payment_id, None)

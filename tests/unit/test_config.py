@@ -260,6 +260,32 @@ def test_api_keys_many_callers():
     assert keys["key_00000007"] == "caller7"
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ficmart shop",  # a space split the long polls' wake-up (500 on its long polls)
+        "ficmart\x1fshop",  # the separator of (merchant, idempotency key)
+        "FicMart",  # one caller in two spellings would be two
+        "ficmart.eu",  # payments.events.<name> must stay one level
+        "-ficmart",  # not an option to a command line
+        "_ficmart",
+        "fic/mart",
+        "ficmärt",
+        "x" * 65,
+    ],
+)
+def test_api_keys_caller_names_are_refused_unless_safe(name):
+    with pytest.raises(ConfigError) as info:
+        config.parse({"GATEWAY_API_KEYS": f"ok:key_one_xx,{name}:sk_live_secret_1"})
+    assert "GATEWAY_API_KEYS" in str(info.value) and "pair 2" in str(info.value)
+    assert "sk_live_secret_1" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["ficmart", "order-service", "shop_2", "7eleven", "x" * 64])
+def test_api_keys_caller_names_of_the_safe_charset(name):
+    assert config.parse({"GATEWAY_API_KEYS": f"{name}:sk_live_secret_1"}).api_keys == {"sk_live_secret_1": name}
+
+
 # --------------------------------------------------- CARD_ENCRYPTION_KEY
 def test_card_key_decoded():
     raw = os.urandom(32)

@@ -1,0 +1,38 @@
+"""The long polls' wake-up (payments.wake_up -> PaymentWatcher): the payment comes through whole.
+
+Its payload is "<id> <json>": a payment id holds no space, so the first space ends it, whatever
+the payment says (a merchant's name once stood between them and broke the split when it held
+a space).
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from gateway import payments
+from gateway.api.longpoll import CHANNEL, PaymentWatcher
+
+PAYMENT = {
+    "id": "pay_" + "ab" * 16,
+    "status": "declined",
+    "last_error": {"code": "insufficient_funds", "message": "the card has insufficient funds", "retryable": False},
+}
+
+
+def _woken(payload: str) -> bytes | None:
+    watcher = PaymentWatcher("postgresql://unused")
+    with watcher.watch(PAYMENT["id"]) as waiter:
+        watcher._notified(None, 0, CHANNEL, payload)
+        assert waiter.event.is_set()
+        return waiter.body
+
+
+def test_a_wake_up_carries_the_payment_whole():
+    body = _woken(payments.wake_up(PAYMENT))
+    assert body is not None and orjson.loads(body) == PAYMENT
+
+
+def test_a_payment_too_large_for_a_notify_wakes_with_its_id_alone():
+    large = {**PAYMENT, "history": [{"status": "pending", "at": "x" * 100}] * 100}
+    payload = payments.wake_up(large)
+    assert payload == PAYMENT["id"] and _woken(payload) is None
