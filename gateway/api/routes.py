@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -132,7 +133,30 @@ async def _body(request: web.Request) -> bytes:
     return body
 
 
+# Far deeper than any request of ours (3 levels). Every JSON parser recurses per level, and
+# 1,500 levels of `{"a":` made the duplicate-key check a RecursionError (a 500).
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_OPENING = frozenset(b"[{")
+
+
+def _too_deep(body: bytes) -> bool:
+    """Do the body's arrays and objects nest deeper than MAX_JSON_DEPTH (brackets in strings
+    aside)? Read before any parser sees the body."""
+    if body.count(b"{") + body.count(b"[") <= MAX_JSON_DEPTH:
+        return False  # every request of ours: not enough brackets to nest that deep
+    depth = 0
+    for bracket in _JSON_STRING.sub(b"", body).translate(None, _NOT_A_BRACKET):
+        depth += 1 if bracket in _OPENING else -1
+        if depth > MAX_JSON_DEPTH:
+            return True
+    return False
+
+
 def _parse(model: type[M], body: bytes) -> M:
+    if _too_deep(body):
+        raise ApiError(400, "invalid_json", f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     duplicates = _duplicate_keys(body)
     if duplicates:
         raise _invalid("the request body names a field twice", [_twice("body", name) for name in duplicates])

@@ -250,6 +250,21 @@ async def test_unreadable_json_is_400(api, raw):
     assert resp.status == 400 and err["error"]["code"] == "invalid_json"
 
 
+async def test_deeply_nested_json_is_400_without_a_traceback(api, api_logs):
+    """1,500 levels of `{"a":` once made the duplicate-key check a RecursionError: a 500 and an
+    8 KB traceback in the log."""
+    deep = b'{"a":' * 1500 + b"1" + b"}" * 1500
+    resp, err = await api.post("/v1/payments", deep, headers={"X-Request-Id": "req-deep-json"})
+    assert resp.status == 400 and err["error"]["code"] == "invalid_json", err
+    logged = [orjson.loads(line) for line in api_logs.getvalue().splitlines() if "req-deep-json" in line]
+    assert [line["event"] for line in logged] == ["request"] and "exception" not in logged[0]
+
+
+async def test_brackets_inside_strings_do_not_count_as_nesting(api):
+    resp, body = await api.post("/v1/payments", auth_body(order_id="[{" * 100))
+    assert resp.status == 202, body
+
+
 async def test_json_that_is_not_an_object_is_422(api):
     resp, err = await api.post("/v1/payments", b"[1, 2]")
     assert resp.status == 422 and err["error"]["details"][0]["field"] == "body"
