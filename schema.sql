@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS operations (
     lease_owner       text,
     lease_until       timestamptz,
     parked            boolean NOT NULL DEFAULT false,       -- in the dead-letter queue
+    -- Its park raised the payment's attention_required: a replay lowers that flag, and
+    -- only then (a flag that was up already, a possible second hold, stays for a human).
+    flagged_payment   boolean NOT NULL DEFAULT false,
     -- Attempts known to have done nothing (refused, never sent, the contract's 500).
     -- Every other attempt may have done the work without our learning it (the answer
     -- was lost, or its handler died): one such makes an "already done" refusal proof
@@ -73,6 +76,8 @@ CREATE TABLE IF NOT EXISTS operations (
 ) WITH (fillfactor = 80);
 ALTER TABLE operations ADD COLUMN IF NOT EXISTS clean_attempts integer NOT NULL DEFAULT 0
     CHECK (clean_attempts >= 0);
+-- Operations parked before this column existed read false: their replay leaves the flag up.
+ALTER TABLE operations ADD COLUMN IF NOT EXISTS flagged_payment boolean NOT NULL DEFAULT false;
 -- Room on each page for the updates a payment and its operations go through, so that
 -- those touching no indexed column (a claim, for one) stay on the page (HOT).
 ALTER TABLE payments SET (fillfactor = 80);

@@ -292,10 +292,14 @@ SELECT s.operation_id, s.owner
 
 -- name: park_operation!
 -- Retries are exhausted: the operation waits in the dead-letter queue and the
--- payment shows attention_required, announced by an event.
+-- payment shows attention_required, announced by an event. The operation
+-- remembers whether its park raised the flag (the caller holds the payment's
+-- row lock, so the flag read is the one this statement replaces).
 WITH operation AS (
     UPDATE operations
-       SET parked = true, last_error = :error, lease_owner = NULL, lease_until = NULL, updated_at = :at
+       SET parked = true, last_error = :error, lease_owner = NULL, lease_until = NULL, updated_at = :at,
+           flagged_payment = CASE WHEN parked THEN flagged_payment
+                                  ELSE NOT (SELECT attention_required FROM payments WHERE id = payment_id) END
      WHERE id = :operation_id AND status = 'pending'
     RETURNING payment_id
 ), payment AS (
@@ -307,15 +311,22 @@ INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
 SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers FROM payment;
 
 -- name: unpark_operation$
--- Ops replays a dead-lettered operation: it is back in the normal flow.
+-- Ops replays a dead-lettered operation: it is back in the normal flow. The
+-- payment's attention_required goes down only if this operation's park put it
+-- up: a flag that was up before (a possible second hold) stays for a human.
 WITH operation AS (
-    UPDATE operations SET parked = false, updated_at = now()
+    SELECT id, payment_id, parked AND flagged_payment AS lowers_flag
+      FROM operations
      WHERE id = :operation_id AND status = 'pending'
-    RETURNING payment_id
+       FOR UPDATE
+), unparked AS (
+    UPDATE operations o SET parked = false, flagged_payment = false, updated_at = now()
+      FROM operation WHERE o.id = operation.id
+), payment AS (
+    UPDATE payments SET attention_required = false, updated_at = now()
+     WHERE id = (SELECT payment_id FROM operation WHERE lowers_flag)
 )
-UPDATE payments SET attention_required = false, updated_at = now()
- WHERE id = (SELECT payment_id FROM operation)
-RETURNING id;
+SELECT payment_id FROM operation;
 
 -- name: operation_kinds_tried
 -- The kinds of the payment's other operations that ever reached the bank (an

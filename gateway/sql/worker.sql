@@ -68,7 +68,9 @@ WITH card AS (
 ), operation AS (
     UPDATE operations
        SET parked = true, last_error = :error, lease_owner = NULL, lease_until = NULL,
-           updated_at = CASE WHEN parked THEN updated_at ELSE :at END
+           updated_at = CASE WHEN parked THEN updated_at ELSE :at END,
+           flagged_payment = CASE WHEN parked THEN flagged_payment
+                                  ELSE NOT (SELECT attention_required FROM payments WHERE id = payment_id) END
      WHERE id = :operation_id AND status = 'pending' AND (lease_until IS NULL OR lease_until < now())
     RETURNING payment_id
 ), payment AS (

@@ -20,9 +20,10 @@ import aio_pika
 import orjson
 import pytest
 
-from gateway import config, db, payments
+from gateway import config, db, domain, payments
 from gateway.cards import CardVault
-from tests.support import services
+from gateway.domain import Action, BankOutcome, Verdict
+from tests.support import factories, services
 from tests.support.mockbank_client import MockBankClient
 from tests.support.parked import QUORUM, ParkedWork
 from tests.support.procs import ScriptProcess, free_port, script_path
@@ -246,6 +247,27 @@ async def test_replay_unparks_and_sends_the_command_with_retries_reset(env):
     assert orjson.loads(cmd.body) == {"operation_id": op}
     assert cmd.headers[topology.RETRIES_HEADER] == 0 and topology.FORCE_HEADER not in cmd.headers
     assert cmd.delivery_mode == aio_pika.DeliveryMode.PERSISTENT and cmd.routing_key == "capture"
+
+
+async def test_replay_lowers_only_the_flag_its_park_raised(env):
+    """The payment was flagged before its capture was parked (a possible second hold): the
+    replay must not erase that doubt, which only a human can clear."""
+    pid, op = await env.authorize()
+    claim = await payments.claim(env.pool, op, "test", 30)
+    assert isinstance(claim, payments.Claim)
+    approval = BankOutcome(
+        "ok", 200, body={"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": "2030-01-01T00:00:00Z"}
+    )
+    doubt = domain.Doubt(domain.POSSIBLE_DUPLICATE_HOLD, "maybe a second hold", domain.POSSIBLE_DUPLICATE_HOLD)
+    assert await payments.record_outcome(env.pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
+    await payments.request_action(env.pool, factories.request(f"/v1/payments/{pid}/capture"), pid, Action.CAPTURE, None)
+    capture = await env.pending_op(pid)
+    assert isinstance(await payments.claim(env.pool, capture, "test-worker", 30), payments.Claim)
+    assert await payments.park(env.pool, capture, ERROR) is not None
+    await env.dead_letter(capture, pid, "capture")
+    _, out, _ = await env.cli("dlq", "replay", capture)
+    assert "was parked" in out and not (await env.operation(capture))["parked"]
+    assert (await env.payment(pid))["attention_required"]
 
 
 async def test_replay_of_a_finished_operation_drops_the_message_and_does_nothing(env):
