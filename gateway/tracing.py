@@ -1,8 +1,11 @@
 """One trace per payment: W3C trace context (`traceparent`) through every process (OpenTelemetry).
 
     tracing.setup("gateway-worker")            once per process, before serving
+    with tracing.started(headers, "POST /v1/payments", SpanKind.SERVER) as span:
+        ...                                    an API request: a trace of our own, linked to the
+        traceresponse(span)                    caller's; named back to the caller
     with tracing.continued(headers, "process capture", SpanKind.CONSUMER):
-        ...                                    the trace of an HTTP request or an AMQP message
+        ...                                    the trace of one of our AMQP messages
                                                (a new one when it carries none)
     with tracing.span("bank capture", SpanKind.CLIENT):
         tracing.inject(http_headers)           the current trace, for the next hop
@@ -13,13 +16,18 @@ message carries it without being handed it: gateway.messages puts it into every 
 headers (the relay publishes them as AMQP headers), worker.bank into each bank request,
 gateway.logs into every log line.
 
+A caller's trace context is input from outside: the API never adopts its ids (they would
+name our payment's trace in our logs), it keeps the caller's span as a link of its own
+request span and answers with `traceresponse` (W3C Trace Context level 2). `tracestate`
+(vendor data) is read from nobody, so none is sent on, to the bank least of all.
+
 Spans are exported only when a standard OTLP endpoint variable is set
 (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; the exporter reads the
 other OTEL_EXPORTER_OTLP_* variables itself, OTEL_TRACES_SAMPLER and OTEL_SERVICE_NAME are
-honoured). Unset, nothing is recorded and nothing leaves the process: a trace that came in is
-passed on unchanged (same trace id and parent id, as a hop that takes no part in tracing
-does), and a new one (an API request without `traceparent`, a command without one) gets fresh
-ids, unsampled. That costs a few microseconds per hop instead of a recorded span's tens.
+honoured). Unset, nothing is recorded and nothing leaves the process: a trace that came in on
+a message is passed on unchanged (same trace id and parent id, as a hop that takes no part in
+tracing does), and a new one (every API request, a command without one) gets fresh ids,
+unsampled. That costs a few microseconds per hop instead of a recorded span's tens.
 """
 
 from __future__ import annotations
@@ -35,13 +43,25 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["TRACEPARENT", "SpanKind", "continued", "exporting", "inject", "setup", "span", "trace_id"]
+__all__ = [
+    "TRACEPARENT",
+    "TRACERESPONSE",
+    "SpanKind",
+    "continued",
+    "exporting",
+    "inject",
+    "setup",
+    "span",
+    "started",
+    "trace_id",
+    "traceresponse",
+]
 
 TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
+TRACERESPONSE = "traceresponse"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 _propagator = TraceContextTextMapPropagator()
@@ -99,15 +119,12 @@ def _text(value: object) -> str | None:
 def extract(headers: Mapping[str, object] | None) -> Span | None:
     """The caller's span (remote, not recorded here) named by `traceparent` in HTTP or AMQP
     headers (str or bytes values); None when there is none or it is malformed (the W3C
-    propagator checks the format and the length and refuses all-zero ids)."""
+    propagator checks the format and the length and refuses all-zero ids). `tracestate` is
+    not read: nothing of ours uses vendor data, and what is not read is not passed on."""
     traceparent = _text(headers.get(TRACEPARENT)) if headers else None
     if traceparent is None:
         return None
-    carrier = {TRACEPARENT: traceparent}
-    tracestate = _text(headers.get(TRACESTATE)) if headers else None
-    if tracestate is not None:
-        carrier[TRACESTATE] = tracestate
-    parent = trace.get_current_span(_propagator.extract(carrier, getter=_GETTER))
+    parent = trace.get_current_span(_propagator.extract({TRACEPARENT: traceparent}, getter=_GETTER))
     return parent if parent.get_span_context().is_valid else None
 
 
@@ -143,6 +160,20 @@ def continued(headers: Mapping[str, object] | None, name: str, kind: SpanKind) -
     return _Current(_tracer.start_span(name, context=start_in, kind=kind), end=True)
 
 
+def started(headers: Mapping[str, object] | None, name: str, kind: SpanKind) -> AbstractContextManager[Span]:
+    """A span starting a trace of our own (the current one inside), linked to the caller's
+    span in `headers` when they name one: a request from outside."""
+    caller = extract(headers)
+    links = [Link(caller.get_span_context())] if caller is not None else None
+    return _Current(_tracer.start_span(name, context=Context(), kind=kind, links=links), end=True)
+
+
+def traceresponse(span: Span) -> str:
+    """The `traceresponse` value naming `span` (W3C Trace Context level 2)."""
+    context = span.get_span_context()
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+
+
 def span(name: str, kind: SpanKind = SpanKind.INTERNAL) -> AbstractContextManager[Span]:
     """A child span of the current one (the current one inside); a new trace outside any."""
     current = trace.get_current_span()
@@ -152,8 +183,8 @@ def span(name: str, kind: SpanKind = SpanKind.INTERNAL) -> AbstractContextManage
 
 
 def inject(headers: dict) -> dict:
-    """`headers` with the current trace context added (`traceparent`, and `tracestate` when
-    there is one); unchanged outside any trace."""
+    """`headers` with the current trace context added (`traceparent`); unchanged outside any
+    trace."""
     _propagator.inject(headers)
     return headers
 

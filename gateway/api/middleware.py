@@ -162,7 +162,7 @@ async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
     route = _route(request)
     status = 499  # the client went away before an answer was ready
     shed = False  # refused for load: counted, and logged in RefusalLog's summary
-    with tracing.continued(request.headers, f"{method} {route}", tracing.SpanKind.SERVER) as span:
+    with tracing.started(request.headers, f"{method} {route}", tracing.SpanKind.SERVER) as span:
         try:
             try:
                 path = request.path
@@ -195,6 +195,7 @@ async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
                 log.exception("unhandled error", method=request.method, route=route)
                 response = error_response(500, "internal_error", "the gateway failed to handle the request")
             response.headers["X-Request-Id"] = request_id
+            response.headers[tracing.TRACERESPONSE] = tracing.traceresponse(span)
             status = response.status
             return response
         finally:

@@ -35,13 +35,14 @@ def new_traceparent() -> tuple[str, str]:
     return trace_id, f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
 
 
-async def post(stack, path: str, body: dict | None, traceparent: str | None = None) -> dict:
+async def post(stack, path: str, body: dict | None, traceparent: str | None = None) -> tuple[dict, str]:
+    """The 202's body and the id of the trace the gateway started for it (its traceresponse)."""
     headers = {"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": uuid.uuid4().hex}
     if traceparent is not None:
         headers["traceparent"] = traceparent
     async with stack.http.post(f"{stack.api_url}{path}", json=body, headers=headers) as resp:
         assert resp.status == 202, await resp.text()
-        return await resp.json()
+        return await resp.json(), resp.headers["traceresponse"].split("-")[1]
 
 
 async def event_of(stack, payment_id: str, event_type: str) -> tuple[dict, dict]:
@@ -88,9 +89,10 @@ async def eventually(check, timeout: float = 15.0):
 
 
 async def test_one_trace_from_the_request_to_the_completion_event_and_every_log_line(observed):
-    trace_id, traceparent = new_traceparent()
+    callers_trace, traceparent = new_traceparent()
     body = {"order_id": f"ord_{uuid.uuid4().hex[:12]}", "customer_id": "cus_trace", "amount": 4242, "currency": "USD"}
-    payment = await post(observed, "/v1/payments", {**body, "card": HAPPY}, traceparent)
+    payment, trace_id = await post(observed, "/v1/payments", {**body, "card": HAPPY}, traceparent)
+    assert trace_id != callers_trace  # linked, not adopted: the caller's ids never name ours
 
     event, headers = await event_of(observed, payment["id"], "payment.authorized")
     assert header_text(headers["traceparent"]).split("-")[1] == trace_id
@@ -120,18 +122,19 @@ async def test_one_trace_from_the_request_to_the_completion_event_and_every_log_
     assert event["event_id"] in {line["message_id"] for line in published}
 
     # The next request on the payment is a trace of its own, and its event carries it.
-    capture_trace, capture_parent = new_traceparent()
-    await post(observed, f"/v1/payments/{payment['id']}/capture", None, capture_parent)
+    _callers, capture_parent = new_traceparent()
+    _, capture_trace = await post(observed, f"/v1/payments/{payment['id']}/capture", None, capture_parent)
     _event, headers = await event_of(observed, payment["id"], "payment.captured")
-    assert header_text(headers["traceparent"]).split("-")[1] == capture_trace
+    assert header_text(headers["traceparent"]).split("-")[1] == capture_trace != trace_id
+    assert not observed.log_lines(callers_trace, limit=10)
 
 
 async def test_a_request_without_traceparent_starts_a_trace_that_the_event_carries(observed):
     body = {"order_id": f"ord_{uuid.uuid4().hex[:12]}", "customer_id": "cus_trace", "amount": 1717, "currency": "USD"}
-    payment = await post(observed, "/v1/payments", {**body, "card": HAPPY})
+    payment, started = await post(observed, "/v1/payments", {**body, "card": HAPPY})
     _event, headers = await event_of(observed, payment["id"], "payment.authorized")
     version, trace_id, parent_id, _flags = header_text(headers["traceparent"]).split("-")
-    assert version == "00" and len(trace_id) == 32 and int(trace_id, 16) and int(parent_id, 16)
+    assert version == "00" and trace_id == started and int(trace_id, 16) and int(parent_id, 16)
     settled = await eventually(
         lambda: [
             line for line in json_lines(observed, "worker", payment["id"]) if line.get("event") == "operation settled"
@@ -174,7 +177,7 @@ async def test_worker_and_relay_serve_metrics_with_live_values_and_health(observ
     await observed.bank.chaos(failure_rate=1.0)  # every call fails: the quick tries, then rung 1
     try:
         body = {"order_id": f"ord_{uuid.uuid4().hex[:12]}", "customer_id": "cus_m", "amount": 999, "currency": "USD"}
-        payment = await post(observed, "/v1/payments", {**body, "card": HAPPY})
+        payment, _trace = await post(observed, "/v1/payments", {**body, "card": HAPPY})
         await scrape_until(observed, worker_url, "gateway_operation_retries_total", rung="1")
     finally:
         await observed.bank.chaos(failure_rate=0)

@@ -14,7 +14,7 @@ from openapi_spec_validator import validate
 from gateway import db, views
 from gateway.api.app import create_app
 from gateway.domain import Verdict
-from tests.integration.conftest import API_KEY, captured, settle
+from tests.integration.conftest import API_KEY, auth_body, captured, settle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -176,6 +176,27 @@ async def test_access_line_names_the_route_template(api, pool, api_logs):
     await api.get(f"/v1/payments/{payment['id']}", headers={"X-Request-Id": rid})
     line = next(orjson.loads(x) for x in api_logs.getvalue().splitlines() if rid in x)
     assert line["route"] == "/v1/payments/{payment_id}" and line["payment_id"] == payment["id"]
+
+
+async def test_a_callers_trace_is_linked_not_adopted_and_its_tracestate_goes_nowhere(api, pool, api_logs):
+    """gateway-api.md: the gateway starts its own trace, linked to the caller's, and names it
+    in `traceresponse`. The caller's ids never name ours (they would land in our logs) and its
+    `tracestate` is not carried on (the worker would send it to the bank)."""
+    caller = uuid.uuid4().hex
+    headers = {"traceparent": f"00-{caller}-{uuid.uuid4().hex[:16]}-01", "tracestate": "merchant=chosen"}
+    rid = f"req-trace-{uuid.uuid4().hex[:8]}"
+    resp, payment = await api.post("/v1/payments", auth_body(), headers={**headers, "X-Request-Id": rid})
+    assert resp.status == 202, payment
+    version, ours, span_id, _flags = resp.headers["traceresponse"].split("-")
+    assert version == "00" and len(ours) == 32 and ours != caller and int(span_id, 16)
+    (command,) = await pool.fetch(
+        "SELECT o.headers FROM outbox o JOIN operations op"
+        " ON convert_from(o.body, 'UTF8')::jsonb->>'operation_id' = op.id WHERE op.payment_id = $1",
+        payment["id"],
+    )
+    assert set(command["headers"]) == {"traceparent"} and command["headers"]["traceparent"].split("-")[1] == ours
+    (access,) = [orjson.loads(x) for x in api_logs.getvalue().splitlines() if rid in x]
+    assert access["trace_id"] == ours and caller not in api_logs.getvalue()
 
 
 # ---- health, readiness, metrics ----

@@ -118,7 +118,8 @@ def _action(payment_id: str, action: Action, *, key: str | None = None, amount: 
 async def _act_together(pool, asked: list[tuple], traceparents: list[str] | None = None) -> list[object]:
     """payments.request_action for each (request, payment id, action, amount) at once: they go
     in one transaction, which must not fail (a failed batch is sent again one request at a time).
-    With `traceparents`, each request runs in the trace its traceparent names, as the API's do."""
+    With `traceparents`, each request runs in the trace its traceparent names (as each API request
+    runs in the trace it started)."""
 
     async def act(a: tuple, traceparent: str | None, submit):
         if traceparent is None:

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from aioresponses import aioresponses
 
-from gateway import domain
+from gateway import domain, tracing
 from gateway.domain import OperationKind, Verdict
 from worker.bank import BankClient
 
@@ -87,6 +87,18 @@ async def test_idempotency_key_and_json_body_are_sent(bank, mocked):
     assert sent["headers"]["Idempotency-Key"] == "gw-op_abc"
     assert sent["headers"]["Content-Type"] == "application/json"
     assert b'"card_number":"4111111111111111"' in sent["data"]
+
+
+async def test_the_trace_goes_to_the_bank_without_any_tracestate(bank, mocked):
+    """A command's headers could carry vendor data (anyone publishing on the broker): the bank
+    gets our traceparent alone."""
+    mocked.post(AUTH_URL, status=200, payload=APPROVED)
+    traceparent = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    headers = {"traceparent": traceparent, "tracestate": "merchant=chosen"}
+    with tracing.continued(headers, "process authorize", tracing.SpanKind.CONSUMER):
+        await _authorize(bank)
+    sent = _sent(mocked, "POST", AUTH_URL)["headers"]
+    assert sent["traceparent"] == traceparent and "tracestate" not in sent
 
 
 @pytest.mark.parametrize(

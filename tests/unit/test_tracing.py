@@ -79,13 +79,41 @@ def test_two_new_traces_differ_and_outside_any_there_is_none():
     assert first != second and tracing.trace_id() is None
 
 
-def test_a_child_span_stays_in_the_trace_and_tracestate_goes_along():
+def test_a_child_span_stays_in_the_trace_and_no_tracestate_goes_along():
     headers = {"traceparent": TRACEPARENT, "tracestate": "vendor=abc"}
     with tracing.continued(headers, "process", tracing.SpanKind.CONSUMER):
         with tracing.span("bank capture", tracing.SpanKind.CLIENT):
             assert tracing.trace_id() == TRACE
-            assert tracing.inject({"Idempotency-Key": "k"}) == {"Idempotency-Key": "k", **headers}
+            assert tracing.inject({"Idempotency-Key": "k"}) == {"Idempotency-Key": "k", "traceparent": TRACEPARENT}
         assert tracing.trace_id() == TRACE
+
+
+# ---- a request from outside -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [{"traceparent": TRACEPARENT, "tracestate": "vendor=abc"}, {}, None])
+def test_a_request_starts_a_trace_of_its_own_and_names_it_in_traceresponse(headers):
+    """The caller's ids are not adopted (they would name our payment's trace in our logs) and
+    its tracestate goes nowhere (not to the bank)."""
+    with tracing.started(headers, "POST /v1/payments", SERVER) as span:
+        trace_id = tracing.trace_id()
+        assert trace_id is not None and trace_id != TRACE
+        with tracing.span("bank authorize", tracing.SpanKind.CLIENT):
+            sent = tracing.inject({})
+        assert set(sent) == {"traceparent"} and parts(sent["traceparent"])[1] == trace_id
+        version, response_trace, response_span, flags = parts(tracing.traceresponse(span))
+        assert (version, response_trace) == ("00", trace_id) and int(response_span, 16)
+        assert not int(flags, 16) & 1  # not sampled: nothing is recorded
+    assert tracing.trace_id() is None
+
+
+def test_a_recorded_request_span_links_to_the_callers(recorded):
+    with tracing.started({"traceparent": TRACEPARENT}, "POST /v1/payments", SERVER) as span:
+        assert int(parts(tracing.traceresponse(span))[3], 16) & 1  # recorded here: sampled
+    (server,) = recorded.get_finished_spans()
+    assert format(server.context.trace_id, "032x") != TRACE and server.parent is None
+    (link,) = server.links
+    assert (format(link.context.trace_id, "032x"), format(link.context.span_id, "016x")) == (TRACE, PARENT)
 
 
 # ---- exporting ------------------------------------------------------------------------------
