@@ -14,6 +14,7 @@ This module also holds the settings every gateway process shares.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -24,6 +25,8 @@ from urllib.parse import urlparse
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.redact import hide_passwords
 
 T = TypeVar("T")
 
@@ -208,8 +211,25 @@ def nice_field(alias: str, description: str) -> Any:
 # ---- the gateway's shared settings -------------------------------------------------------
 
 
+def shown_url(url: str) -> str:
+    """`url` as messages show it: without its password (quoted, and not at all when it has no
+    scheme://, where a user:password@ could not be told apart)."""
+    if "://" in url:
+        return repr(hide_passwords(url))
+    return "a value with no scheme://" if "@" in url else repr(url)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
-    problem = f"{name} must be a {'/'.join(schemes)} URL with a host and a valid port, got {value!r}"
+    problem = f"{name} must be a {'/'.join(schemes)} URL with a host and a valid port, got {shown_url(value)}"
     try:
         parsed = urlparse(value)
         parsed.port  # noqa: B018 - raises ValueError on a port out of range or not a number
@@ -279,6 +299,18 @@ class Settings(EnvSettings):
     @classmethod
     def _bank_url(cls, value: str) -> str:
         return _url("BANK_URL", value, ("http", "https")).rstrip("/")
+
+    @model_validator(mode="after")
+    def _bank_url_is_private(self) -> Self:
+        """Card numbers and CVVs travel in the bank's requests: in clear only within this
+        machine, or anywhere in development mode (compose's mock bank)."""
+        parsed = urlparse(self.bank_url)
+        if parsed.scheme != "https" and not self.development and not _is_loopback(parsed.hostname or ""):
+            raise ConfigError(
+                "BANK_URL must be https (card numbers and CVVs travel to the bank) unless its host is a "
+                f"loopback address or GATEWAY_ENV=development, got {shown_url(self.bank_url)}"
+            )
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Card data out of text that came from outside, and that text cut to a size.
+"""Card data and passwords out of text that came from outside, and that text cut to a size.
 
 Used wherever such text is kept, logged or published: log lines, the bank's
 error messages and unknown codes, anything shown back to a client.
@@ -10,6 +10,9 @@ error messages and unknown codes, anything shown back to a client.
   whole: their hex holds a 13-digit run in about one id of 60, and a log
   line whose ids were cut no longer matches its payment.
 - A CVV is 3-4 digits next to its name (cvv, cvc, csc, security code).
+- A URL's password (`scheme://user:password@host`, libpq's `?password=`)
+  is shown as `***`: a DSN in a configuration error or a library's message
+  must not hand out the database's password.
 
 Text kept from another party (the bank's error messages) is also made
 `printable`: control and other unprintable characters are removed (NUL, which
@@ -34,6 +37,19 @@ _SECRETS = re.compile(f"(?P<id>{_ID})|{_PAN}|{_CVV}")
 _MARGIN = 64
 
 
+# Up to the last '@' of the token, as a URL parser reads the user part (a raw '@' or '/' in a
+# password is hidden too; a host after such a password may be hidden with it).
+_URL_PASSWORD = re.compile(r"(?P<user>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):\S*@")
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<name>[?&]password=)[^&#\s]*")
+
+
+def hide_passwords(text: str) -> str:
+    """`text` with the password of every URL in it shown as `***`."""
+    if "://" not in text:
+        return text
+    return _QUERY_PASSWORD.sub(r"\g<name>***", _URL_PASSWORD.sub(r"\g<user>:***@", text))
+
+
 def _replace(match: re.Match[str]) -> str:
     return match.group("id") or REDACTED
 
@@ -42,7 +58,8 @@ _DIGIT = re.compile(r"\d")
 
 
 def redact(text: str) -> str:
-    """`text` with card-like numbers and labelled CVVs replaced."""
+    """`text` with card-like numbers, labelled CVVs and URL passwords replaced."""
+    text = hide_passwords(text)
     if _DIGIT.search(text) is None:  # most text: nothing to find, and this is far cheaper
         return text
     return _SECRETS.sub(_replace, text)
@@ -51,6 +68,8 @@ def redact(text: str) -> str:
 def clean(text: str, limit: int, *, printable: bool = False) -> str:
     """Redacted and cut to `limit` characters (a marker says how much was cut); `printable`:
     unprintable characters removed first."""
+    if len(text) > limit:
+        text = hide_passwords(text)  # whole: a cut could leave half a password unrecognised
     head = text if len(text) <= limit else text[: limit + _MARGIN]
     if printable and not head.isprintable():
         head = "".join(c for c in head if c.isprintable())

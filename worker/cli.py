@@ -36,7 +36,6 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 import aio_pika
 import asyncpg
@@ -44,6 +43,7 @@ import orjson
 import structlog
 
 from gateway import config, db, domain, logs, payments, store
+from gateway.redact import hide_passwords
 from gateway.timefmt import iso
 from worker import reconcile, replay, topology
 from worker import settings as wsettings
@@ -61,15 +61,6 @@ BANK_TIMEOUT = 20.0
 
 class Unavailable(Exception):
     """PostgreSQL cannot be reached (exit 3, as is deadletters.BrokerUnavailable)."""
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlparse(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunparse(parts._replace(netloc=netloc))
 
 
 # ---- output -----------------------------------------------------------------------------
@@ -108,12 +99,12 @@ async def _pool(settings: config.Settings) -> asyncpg.Pool:
         return await db.create_pool(settings.database_url, min_size=1, max_size=10, timeout=CONNECT_TIMEOUT)
     except asyncpg.InvalidCatalogNameError:
         raise Unavailable(
-            f"the database of {_safe_url(settings.database_url)} does not exist: "
+            f"the database of {hide_passwords(settings.database_url)} does not exist: "
             "create it (createdb), then run `gatewayctl migrate`"
         ) from None
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise Unavailable(
-            f"cannot connect to PostgreSQL at {_safe_url(settings.database_url)}: {type(exc).__name__}: {exc}"
+            f"cannot connect to PostgreSQL at {hide_passwords(settings.database_url)}: {type(exc).__name__}: {exc}"
         ) from None
 
 
@@ -138,7 +129,7 @@ async def cmd_migrate(args, settings: config.Settings) -> int:
     totals: dict[str, int] = {}
     for kind, _ in after:
         totals[kind] = totals.get(kind, 0) + 1
-    target = _safe_url(settings.database_url)
+    target = hide_passwords(settings.database_url)
     if args.json:
         _emit_json(
             {
@@ -902,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gatewayctl: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except BrokerUnavailable as exc:
-        print(f"gatewayctl: cannot connect to RabbitMQ at {_safe_url(settings.amqp_url)}: {exc}", file=sys.stderr)
+        print(f"gatewayctl: cannot connect to RabbitMQ at {hide_passwords(settings.amqp_url)}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except asyncpg.UndefinedTableError as exc:
         print(f"gatewayctl: the schema is not applied ({exc}): run `gatewayctl migrate`", file=sys.stderr)

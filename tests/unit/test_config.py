@@ -112,6 +112,22 @@ def test_bank_url_good_and_trailing_slash_dropped(value, expected):
     assert config.parse({"BANK_URL": value}).bank_url == expected
 
 
+@pytest.mark.parametrize("value", ["http://bank.example.com", "http://mockbank:8787", "http://10.0.0.7:8787"])
+def test_a_plain_http_bank_off_this_machine_is_refused_outside_development(value):
+    """Card numbers and CVVs go to the bank: never in clear over a network, unless asked for."""
+    with pytest.raises(ConfigError) as info:
+        config.parse({"BANK_URL": value})
+    assert "BANK_URL must be https" in str(info.value) and "GATEWAY_ENV=development" in str(info.value)
+    assert config.parse({"BANK_URL": value, "GATEWAY_ENV": "development"}).bank_url == value
+
+
+@pytest.mark.parametrize(
+    "value", ["http://127.0.0.1:8787", "http://127.8.9.10", "http://localhost:1", "http://[::1]:8787"]
+)
+def test_a_plain_http_bank_on_a_loopback_address_is_accepted(value):
+    assert config.parse({"BANK_URL": value}).bank_url == value
+
+
 @pytest.mark.parametrize("value", ["debug", "info", "warning", "error", "DEBUG", "Info", "WARNING"])
 def test_log_level_good(value):
     assert config.parse({"LOG_LEVEL": value}).log_level == value.lower()
@@ -214,6 +230,23 @@ def test_unusable_url_raises_config_error_naming_the_variable(name, value):
 def test_bad_url_message_shows_the_value():
     with pytest.raises(ConfigError, match="BANK_URL.*ftp://x"):
         config.parse({"BANK_URL": "ftp://x"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DATABASE_URL", "postgresql://gateway:s3cretpw@db:notaport/gateway"),
+        ("DATABASE_URL", "mysql://gateway:s3cretpw@db/gateway"),
+        ("DATABASE_URL", "postgresql://db:bad/gateway?sslmode=require&password=s3cretpw"),
+        ("DATABASE_URL", "gateway:s3cretpw@db/gateway"),  # no scheme
+        ("AMQP_URL", "amqp://gateway:s3c/ret@pw@rabbit:99999/"),
+        ("BANK_URL", "http://user:s3cretpw@bank.example.com"),
+    ],
+)
+def test_url_errors_never_show_a_password(name, value):
+    with pytest.raises(ConfigError) as info:
+        config.parse({name: value})
+    assert name in str(info.value) and "s3c" not in str(info.value)
 
 
 def test_log_level_message_lists_the_choices():
@@ -322,12 +355,12 @@ def test_card_key_error_does_not_echo_the_value():
 
 # ------------------------------------------------------------------ load()
 def test_load_reads_os_environ(clean_env):
-    clean_env.setenv("BANK_URL", "http://bank.internal:9000/")
+    clean_env.setenv("BANK_URL", "https://bank.internal:9000/")
     clean_env.setenv("LOG_LEVEL", "DEBUG")
     clean_env.setenv("GATEWAY_API_KEYS", "shop:shop_key_1")
     clean_env.setenv("CARD_ENCRYPTION_KEY", base64.b64encode(b"q" * 32).decode())
     s = config.load(uses_card_key=True)
-    assert s.bank_url == "http://bank.internal:9000"
+    assert s.bank_url == "https://bank.internal:9000"
     assert s.log_level == "debug"
     assert s.api_keys == {"shop_key_1": "shop"}
     assert s.card_key == b"q" * 32

@@ -81,6 +81,17 @@ def test_a_form_token_allows_one_action_on_one_target_for_one_operator():
         assert auth.token_problem(alice, "replay", "op_1", broken) is not None, broken
 
 
+def test_a_form_token_time_is_ascii_digits_only():
+    """str.isdigit() also says yes to '²' (int() then raised: a 500) and to other scripts' digits
+    (int() reads '١٨٠٠٠٠٠٠٠٠' as 1800000000: a second spelling of one token)."""
+    alice = auth.Operator("alice", ALICE)
+    issued = 1_800_000_000
+    mac = auth.form_token(alice, "replay", "op_1", at=issued).split(".")[1]
+    arabic = str(issued).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+    for token in (f"²{issued}.{mac}", f"{arabic}.{mac}", f"{issued}\u0663.{mac}"):
+        assert auth.token_problem(alice, "replay", "op_1", token, at=issued) == "the form token is missing or malformed"
+
+
 def test_a_form_token_expires_and_cannot_come_from_the_future():
     alice = auth.Operator("alice", ALICE)
     issued = 1_800_000_000

@@ -97,3 +97,28 @@ def test_printable_removes_controls_before_it_redacts(limit):
     out = clean(text, limit, printable=True)
     assert out.isprintable() and "4111" not in out and out.startswith(f"card {REDACTED} ok")
     assert "4111\x001111" in clean(text, limit)  # without it, text is only redacted
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("connect postgresql://gateway:s3cret@db:5432/gateway failed", "postgresql://gateway:***@db:5432/gateway"),
+        ("amqp://gateway:s3c/ret@rabbit:5672/", "amqp://gateway:***@rabbit:5672/"),
+        ("postgresql://db/gateway?user=g&password=s3cret&sslmode=require", "password=***&sslmode=require"),
+        ("postgresql://a:s3cret@h1:5432,h2:5432/db", "postgresql://a:***@h1:5432,h2:5432/db"),
+    ],
+)
+def test_url_passwords_are_hidden_wherever_text_is_redacted(text, shown):
+    for out in (redact(text), clean(text, 10_000)):
+        assert "s3c" not in out
+    assert shown in redact(text)
+
+
+def test_a_long_password_at_the_cut_is_never_half_shown():
+    text = "x" * 80 + "postgresql://gateway:" + "s3c" * 100 + "@db/gateway"
+    assert "s3c" not in clean(text, 120)
+
+
+def test_urls_without_a_password_stay():
+    text = "postgresql://postgres@127.0.0.1:5432/gateway and http://127.0.0.1:8787/x and ops:alice:resolve:bob@bank"
+    assert redact(text) == text

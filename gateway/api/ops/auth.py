@@ -79,7 +79,7 @@ def form_token(operator: Operator, action: str, target: str, *, at: float | None
 def token_problem(operator: Operator, action: str, target: str, token: str, *, at: float | None = None) -> str | None:
     """Why `token` does not allow this action (None: it does)."""
     issued_text, _, mac = token.partition(".")
-    if not issued_text.isdigit() or not mac:
+    if not (issued_text.isascii() and issued_text.isdigit()) or not mac:
         return "the form token is missing or malformed"
     issued = int(issued_text)
     current = time.time() if at is None else at
