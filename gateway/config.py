@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, Self, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -240,6 +240,54 @@ def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
+# What target_session_attrs may ask for: the gateway writes, so it connects to the primary.
+_WRITABLE_SESSIONS = ("read-write", "primary")
+
+
+def _database_url_hosts(value: str) -> str:
+    """DATABASE_URL: one host, or a libpq multi-host URI (host1:port1,host2:port2) that names
+    how the primary is found (target_session_attrs=read-write or primary): without it, a
+    process could land on a standby and fail every write."""
+    problem = (
+        "DATABASE_URL must be a postgresql URL with a host (or comma-separated host:port pairs) "
+        f"and valid ports, got {shown_url(value)}"
+    )
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        raise ConfigError(problem)
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    hosts = authority.rpartition("@")[2].split(",")
+    for host in hosts:
+        try:
+            parsed = urlparse(f"{scheme}://{host}")
+            parsed.port  # noqa: B018 - raises ValueError on a port out of range or not a number
+        except ValueError:
+            raise ConfigError(problem) from None
+        if not parsed.hostname:
+            raise ConfigError(problem)
+    attrs = parse_qs(urlparse(f"{scheme}://x/{rest.partition('/')[2]}").query).get("target_session_attrs", [])
+    if attrs and (len(attrs) > 1 or attrs[0] not in _WRITABLE_SESSIONS):
+        raise ConfigError(
+            f"DATABASE_URL: target_session_attrs must be one of {', '.join(_WRITABLE_SESSIONS)} "
+            f"(the gateway writes), got {shown_url(value)}"
+        )
+    if len(hosts) > 1 and not attrs:
+        raise ConfigError(
+            f"DATABASE_URL names {len(hosts)} hosts: add ?target_session_attrs=read-write so every "
+            f"process finds the primary, got {shown_url(value)}"
+        )
+    return value
+
+
+def _amqp_urls(value: str) -> str:
+    """AMQP_URL: one broker URL, or several (the nodes of a cluster) separated by commas."""
+    nodes = value.split(",")
+    for number, node in enumerate(nodes, 1):
+        name = "AMQP_URL" if len(nodes) == 1 else f"AMQP_URL (node {number} of {len(nodes)})"
+        _url(name, node.strip(), ("amqp", "amqps"))
+    return value
+
+
 class Settings(EnvSettings):
     """GATEWAY_ENV, DATABASE_URL, AMQP_URL, BANK_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY, LOG_LEVEL."""
 
@@ -252,12 +300,13 @@ class Settings(EnvSettings):
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/gateway",
         validation_alias="DATABASE_URL",
-        description="PostgreSQL DSN",
+        description="PostgreSQL URL; for a failover formation a libpq multi-host URI "
+        "(postgresql://user@db1:5432,db2:5432/gateway?target_session_attrs=read-write)",
     )
     amqp_url: str = Field(
         default="amqp://guest:guest@127.0.0.1:5672/",
         validation_alias="AMQP_URL",
-        description="RabbitMQ URL (a vhost may be part of it)",
+        description="RabbitMQ URL (a vhost may be part of it); for a cluster, one URL per node, comma-separated",
     )
     bank_url: str = Field(
         default="http://127.0.0.1:8787", validation_alias="BANK_URL", description="base URL of the bank"
@@ -288,12 +337,12 @@ class Settings(EnvSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        return _url("DATABASE_URL", value, ("postgresql", "postgres"))
+        return _database_url_hosts(value)
 
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        return _url("AMQP_URL", value, ("amqp", "amqps"))
+        return _amqp_urls(value)
 
     @field_validator("bank_url")
     @classmethod

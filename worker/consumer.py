@@ -42,7 +42,21 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from gateway import config, db, domain, logs, messages, monitoring, payments, process, redact, store, timefmt, tracing
+from gateway import (
+    broker,
+    config,
+    db,
+    domain,
+    logs,
+    messages,
+    monitoring,
+    payments,
+    process,
+    redact,
+    store,
+    timefmt,
+    tracing,
+)
 from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import BankOutcome, OperationKind, Verdict
@@ -241,7 +255,7 @@ class Worker:
     async def _start(self) -> None:
         pool = self.pool = await db.create_pool(self.settings.database_url, min_size=2, max_size=self.cfg.db_pool_size)
         bank = self.bank = BankClient(self.settings.bank_url, timeout=self.cfg.bank_timeout, metrics=self.metrics.bank)
-        self.connection = await aio_pika.connect_robust(
+        self.connection = await broker.connect_robust(
             self.settings.amqp_url, client_properties={"connection_name": f"gateway-worker {self.worker_id}"}
         )
         self._publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -30,7 +30,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
-from gateway import messages
+from gateway import broker, messages
 from gateway.timefmt import parse
 from worker import topology
 
@@ -112,7 +112,7 @@ class DeadLetterQueue:
 
     async def __aenter__(self) -> DeadLetterQueue:
         try:
-            self._connection = await aio_pika.connect(
+            self._connection = await broker.connect(
                 self.amqp_url, timeout=CONNECT_TIMEOUT, client_properties={"connection_name": "gatewayctl"}
             )
         except Exception as exc:

@@ -40,7 +40,7 @@ import aio_pika.exceptions
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from gateway import config, db, logs, monitoring, process, store, tracing
+from gateway import broker, config, db, logs, monitoring, process, store, tracing
 from gateway.crashpoints import crash_point
 from gateway.messages import EVENTS_EXCHANGE
 from worker import settings as wsettings
@@ -50,6 +50,9 @@ from worker.metrics import REFRESH_SECONDS, RelayMetrics
 log = logs.get("relay")
 
 PUBLISH_TIMEOUT = 30.0
+# A host of DATABASE_URL that does not answer (a failed-over primary behind a dead route) must
+# not hold the relay for asyncpg's default minute before it tries the next one.
+LISTEN_CONNECT_TIMEOUT = 10.0
 BUSY_SECONDS = 2.0  # after publishing, poll every BUSY_POLL_SECONDS for this long
 BUSY_POLL_SECONDS = 0.01
 
@@ -100,7 +103,7 @@ class Relay:
 
     async def start(self) -> None:
         self.pool = await db.create_pool(self.database_url, min_size=1, max_size=4)
-        self.connection = await aio_pika.connect_robust(
+        self.connection = await broker.connect_robust(
             self.amqp_url, client_properties={"connection_name": "gateway-relay"}
         )
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -121,7 +124,7 @@ class Relay:
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
             return
-        self._listener = await asyncpg.connect(self.database_url)
+        self._listener = await asyncpg.connect(self.database_url, timeout=LISTEN_CONNECT_TIMEOUT)
         await self._listener.add_listener("outbox", lambda *_: self._wake.set())
 
     # ---- one batch ------------------------------------------------------------------------

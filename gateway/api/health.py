@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aio_pika
 import asyncpg
 
-from gateway import logs, monitoring
+from gateway import broker, logs, monitoring
 
 log = logs.get("gateway.api.health")
 
@@ -47,7 +46,7 @@ class Readiness:
 
     async def _connect_broker(self) -> bool:
         try:
-            connection = await asyncio.wait_for(aio_pika.connect(self._amqp_url, timeout=TIMEOUT), TIMEOUT + 0.5)
+            connection = await asyncio.wait_for(broker.connect(self._amqp_url, timeout=TIMEOUT), TIMEOUT + 0.5)
             await connection.close()
             ok = True
         except Exception as exc:  # noqa: BLE001

@@ -235,7 +235,7 @@ async def crash_run(
     )
     try:
         await stack.start()
-        return await _run(
+        return await run_on(
             stack,
             policy,
             payments=payments,
@@ -250,7 +250,7 @@ async def crash_run(
         await stack.close()
 
 
-async def _run(
+async def run_on(
     stack: Stack,
     policy,
     *,

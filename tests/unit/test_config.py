@@ -80,6 +80,9 @@ def test_config_error_is_a_value_error():
         "postgres://user:secret@db.example.com/gateway",
         "postgresql://u@localhost/g?sslmode=require",
         "postgresql://u@[::1]:5432/g",
+        # a failover formation: libpq's multi-host URI, the primary found by asking
+        "postgresql://gw:pw@db1:5441,db2:5442/gateway?target_session_attrs=read-write",
+        "postgresql://gw@db1,db2,[::1]:5433/gateway?target_session_attrs=primary&sslmode=require",
     ],
 )
 def test_database_url_good(value):
@@ -92,6 +95,8 @@ def test_database_url_good(value):
         "amqp://guest:guest@127.0.0.1:5672/",
         "amqp://guest:guest@rabbit:5672/vhost",
         "amqps://u:p@broker.example.com/%2Fprod",
+        # a cluster: one URL per node
+        "amqp://g:g@mq1:5672/gw,amqp://g:g@mq2:5673/gw,amqp://g:g@mq3:5674/gw",
     ],
 )
 def test_amqp_url_good(value):
@@ -211,6 +216,14 @@ BAD_URL_VALUES = [
     ("DATABASE_URL", "postgresql://[::1/gateway"),  # unbalanced IPv6 bracket
     ("DATABASE_URL", "postgresql://u@127.0.0.1:notaport/gateway"),
     ("DATABASE_URL", "postgresql://u@127.0.0.1:99999/gateway"),
+    ("DATABASE_URL", "postgresql://u@db1:5441,db2:99999/gateway?target_session_attrs=read-write"),
+    ("DATABASE_URL", "postgresql://u@db1:5441,/gateway?target_session_attrs=read-write"),  # an empty host
+    # several hosts and no way to tell the primary: a process could land on a standby
+    ("DATABASE_URL", "postgresql://u@db1:5441,db2:5442/gateway"),
+    ("DATABASE_URL", "postgresql://u@db1:5441,db2:5442/gateway?target_session_attrs=any"),
+    ("DATABASE_URL", "postgresql://u@db1/gateway?target_session_attrs=standby"),  # the gateway writes
+    ("AMQP_URL", "amqp://g:g@mq1:5672/,http://mq2:5672/"),  # the second node is no AMQP URL
+    ("AMQP_URL", "amqp://g:g@mq1:5672/,"),  # an empty node
     ("AMQP_URL", "amqp://guest:guest@[::1:5672/"),
     ("AMQP_URL", "amqp://guest:guest@127.0.0.1:port/"),
     ("AMQP_URL", "amqp://guest:guest@127.0.0.1:65536/"),

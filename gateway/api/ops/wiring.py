@@ -25,6 +25,7 @@ from typing import TypeVar
 import aio_pika
 import asyncpg
 
+from gateway import broker
 from gateway.api.ops import actions, port
 from worker import deadletters, replay, topology
 from worker import settings as wsettings
@@ -61,7 +62,7 @@ class WorkerDesk:
 
     async def depth(self) -> int:
         try:
-            connection = await aio_pika.connect(
+            connection = await broker.connect(
                 self.amqp_url,
                 timeout=deadletters.CONNECT_TIMEOUT,
                 client_properties={"connection_name": "gateway-api ops console"},
