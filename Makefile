@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 LOCKS      := requirements/runtime.txt requirements/dev.txt requirements/build.txt
 LOCK_FLAGS := --quiet --generate-hashes --universal --python-version 3.11 --custom-compile-command 'make lock'
 
-.PHONY: install lint format lock run test test-long bench container-check clean
+.PHONY: install lint format lock run test test-long ha-up ha-down bench container-check clean
 
 install: $(VENV)/.installed
 
@@ -60,9 +60,20 @@ test: install
 	bash scripts/services.sh --browser
 	$(PY) -m pytest -q
 
+# The long runs include the issue-22 drills (tests/ha): they bring up the RabbitMQ cluster and
+# the PostgreSQL formation of scripts/ha/ha.sh themselves and take them down after.
 test-long: install
 	bash scripts/services.sh
 	$(PY) -m pytest -q -m long
+
+# A 3-node RabbitMQ cluster (5681-5683) and a pg_auto_failover formation (monitor 5440, nodes
+# 5441-5442) as local processes, from Debian's packages (installed if missing); `make ha-up`
+# prints the DATABASE_URL and AMQP_URL that reach them. The default services are not touched.
+ha-up:
+	bash scripts/ha/ha.sh up
+
+ha-down:
+	bash scripts/ha/ha.sh down
 
 bench: install
 	$(PY) -m bench.run

@@ -35,6 +35,7 @@ import aiohttp
 import asyncpg
 import orjson
 
+from gateway import broker
 from tests.support.mockbank_client import api_card
 from tests.support.system import System
 
@@ -220,13 +221,14 @@ class EventLog:
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
 
     async def start(self) -> None:
-        self.connection = await aio_pika.connect_robust(
+        self.connection = await broker.connect_robust(
             self.amqp_url, client_properties={"connection_name": "e2e-events"}
         )
         channel = await self.connection.channel()
         exchange = await channel.declare_exchange("payments.events", aio_pika.ExchangeType.TOPIC, durable=True)
         if self.queue_name:
-            queue = await channel.declare_queue(self.queue_name, durable=True)
+            # quorum: FicMart's queue outlives a broker node's death, as the gateway's do
+            queue = await channel.declare_queue(self.queue_name, durable=True, arguments={"x-queue-type": "quorum"})
         else:
             queue = await channel.declare_queue(exclusive=True)
         await queue.bind(exchange, routing_key="#")

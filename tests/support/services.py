@@ -93,9 +93,12 @@ def _admin_db(url: str) -> str:
 
 
 def create_vhost(amqp_url: str) -> tuple[str, str | None]:
-    """(URL of a private vhost, its name) where rabbitmqctl is at hand; else the URL as given."""
-    parts = urlparse(amqp_url)
-    local = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    """(URL of a private vhost, its name) where rabbitmqctl is at hand; else the URL as given.
+    A cluster's AMQP_URL (comma-separated nodes) gives each node's URL the vhost; rabbitmqctl
+    talks to the node RABBITMQ_NODENAME names (scripts/ha/ha.sh env sets it)."""
+    nodes = [urlparse(node.strip()) for node in amqp_url.split(",")]
+    parts = nodes[0]
+    local = all(node.hostname in ("127.0.0.1", "localhost", "::1") for node in nodes)
     ctl = shutil.which("rabbitmqctl")
     if not (local and ctl):
         return amqp_url, None
@@ -105,7 +108,8 @@ def create_vhost(amqp_url: str) -> tuple[str, str | None]:
     subprocess.run(
         [ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"], check=True, capture_output=True, timeout=60
     )
-    return urlunparse(parts._replace(path="/" + quote(vhost, safe=""))), vhost
+    path = "/" + quote(vhost, safe="")
+    return ",".join(urlunparse(node._replace(path=path)) for node in nodes), vhost
 
 
 def delete_vhost(vhost: str | None) -> None:

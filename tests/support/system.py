@@ -53,7 +53,7 @@ from urllib.parse import urlparse
 import aio_pika
 import asyncpg
 
-from gateway import db
+from gateway import broker, db
 from gateway.config import DEV_API_KEYS
 from tests.support import services
 from tests.support.mockbank_client import MockBankClient
@@ -323,7 +323,7 @@ class System:
     def _consumers_at_least(self, count: int):
         async def check() -> bool:
             try:
-                connection = await aio_pika.connect(self.amqp_url, timeout=5)
+                connection = await broker.connect(self.amqp_url, timeout=5)
             except (OSError, aio_pika.exceptions.AMQPError):
                 return False
             try:

@@ -1,0 +1,192 @@
+"""Drills on a RabbitMQ cluster and a PostgreSQL failover formation (scripts/ha/ha.sh), under load.
+
+Two of every gateway process (API, relay, worker) run against the three broker nodes
+(AMQP_URL lists them) and the formation (a multi-host DATABASE_URL with
+target_session_attrs=read-write). FicMart's flows (authorize, then capture / void / refund)
+start at a steady rate while, one after the other:
+  - the broker node that leads payments.work is SIGKILLed, and brought back later;
+  - the database primary's postmaster is SIGKILLed (pg_auto_failover promotes the standby);
+  - a planned failover (`pg_autoctl perform failover`).
+No gateway process is restarted by hand: a process that dies fails the drill. At the end the
+crash audit (tests/crash, tests/e2e/flows.py) asserts nothing lost, doubled or stuck against the
+mock bank's books, and every flow done within 60 s of the last fault's end. For each fault the
+drill prints how long acceptance (202s from the API) and completion (flows finishing) stopped.
+
+The soak runs 10,000 lifecycles across repeated broker-node kills and database failovers
+with the mock bank's forgetful-key switch on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.crash.harness import BANK_CHAOS, FORGETFUL_BANK, _findings
+from tests.e2e.flows import Flow, audit, plans, run_flow, wait_for_events
+from tests.e2e.stack import Stack
+from tests.ha.engines import Engines
+
+pytestmark = [pytest.mark.long, pytest.mark.timeout(7200)]
+
+SETTLE_AFTER_FAULT = 60.0
+
+
+@dataclass
+class Fault:
+    name: str
+    started: float
+    ended: float = 0.0
+
+
+@dataclass
+class Timeline:
+    accepted: list[float] = field(default_factory=list)  # each flow's authorize answered 202
+    completed: list[float] = field(default_factory=list)  # each flow done
+
+    @staticmethod
+    def stopped(times: list[float], fault: Fault) -> float:
+        """The longest pause in `times` around the fault (from just before it to 60 s after its end)."""
+        ordered = sorted(times)
+        start = bisect.bisect_left(ordered, fault.started) - 1
+        window = ordered[max(start, 0) : bisect.bisect_right(ordered, fault.ended + SETTLE_AFTER_FAULT)]
+        return max((b - a for a, b in zip(window, window[1:], strict=False)), default=float("inf"))
+
+
+async def _paced_flows(stack: Stack, todo, rate: float, timeline: Timeline, cap: int) -> list[Flow]:
+    client = stack.client(patience=300)
+    original = client.authorize
+
+    async def authorize(**kwargs):
+        reply = await original(**kwargs)
+        if reply.status == 202:
+            timeline.accepted.append(time.monotonic())
+        return reply
+
+    client.authorize = authorize  # type: ignore[method-assign]
+    run_id = uuid.uuid4().hex[:8]
+    sem = asyncio.Semaphore(cap)
+    start = time.monotonic()
+
+    async def one(i: int, plan) -> Flow:
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        async with sem:
+            flow = await run_flow(client, plan, run_id, settle_timeout=300)
+        timeline.completed.append(time.monotonic())
+        return flow
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(todo))))
+
+
+async def _drill(
+    ha: Engines,
+    card_key: str,
+    *,
+    payments: int,
+    rate: float,
+    faults: list[str],
+    forgetful: bool,
+) -> None:
+    stack = Stack(
+        ha.server_urls,
+        card_key,
+        bank_env={**BANK_CHAOS, **(FORGETFUL_BANK if forgetful else {})},
+        gateway_env={"LOG_LEVEL": "info"},
+        event_queue="ha-drill.events",
+        scale={"api": 2, "relay": 2, "worker": 2},
+    )
+    timeline = Timeline()
+    done: list[Fault] = []
+    try:
+        await stack.start()
+        assert stack.vhost is not None
+        cards = await stack.extra_cards(40)
+        todo = plans(payments, cards, seed=22)
+        began = time.monotonic()
+        traffic = asyncio.create_task(_paced_flows(stack, todo, rate, timeline, cap=int(rate * 10)))
+        duration = payments / rate
+        for number, name in enumerate(faults, 1):  # spread over the traffic
+            await asyncio.sleep(max(0.0, began + duration * number / (len(faults) + 1) - time.monotonic()))
+            fault = Fault(name, time.monotonic())
+            if name == "broker-leader":
+                node = await asyncio.to_thread(ha.leader_of, stack.vhost)
+                ha.kill_rabbit(node)
+                await asyncio.sleep(20)  # the cluster works on two nodes meanwhile
+                await ha.start_rabbit(node)
+            elif name == "db-primary-killed":
+                await ha.kill_primary()
+                await ha.formation_healthy()
+            else:
+                await ha.planned_failover()
+                await ha.formation_healthy()
+            fault.ended = time.monotonic()
+            done.append(fault)
+            _check_no_deaths(stack)
+        flows = await traffic
+        last_fault_end = max(f.ended for f in done)
+        assert max(timeline.completed) <= max(last_fault_end + SETTLE_AFTER_FAULT, max(timeline.accepted) + 60), (
+            "flows still finishing more than 60 s after the last fault"
+        )
+        backlog = await stack.quiescent(timeout=SETTLE_AFTER_FAULT)
+        client = stack.client(patience=120)
+        await wait_for_events(stack.events, client, flows)
+        _check_no_deaths(stack)
+        ledger = await stack.bank.ledger()
+        findings = await _findings(stack)
+        result = await audit(
+            client,
+            flows,
+            ledger,
+            stack.events,
+            backlog.get("unsent", -1),
+            allow_parked=True,
+            bank_forgets_keys=forgetful,
+            findings=findings,
+        )
+        for fault in done:
+            print(
+                f"\n{fault.name}: lasted {fault.ended - fault.started:.1f}s; acceptance stopped "
+                f"{Timeline.stopped(timeline.accepted, fault):.2f}s, completion stopped "
+                f"{Timeline.stopped(timeline.completed, fault):.2f}s"
+            )
+        print(
+            f"payments={payments} rate={rate}/s statuses={dict(result.statuses)} lost={len(result.lost)} "
+            f"doubled={len(result.doubled)} stuck={len(result.stuck)} wrong={len(result.wrong)} "
+            f"unsent={result.unsent_outbox} slowest_flow={max(f.seconds for f in flows):.1f}s "
+            f"accepted/s={len(timeline.accepted) / (max(timeline.accepted) - min(timeline.accepted)):.1f}"
+        )
+        assert not result.failures, result.report()
+        assert not backlog or not any(backlog.values()), backlog
+    finally:
+        await stack.close()
+
+
+def _check_no_deaths(stack: Stack) -> None:
+    dead = [d for name in stack.gateway_names() if (d := stack.death(name)) is not None]
+    assert not dead, f"gateway processes died (none is restarted by hand): {[(d.name, d.stderr[-800:]) for d in dead]}"
+
+
+async def test_drills_broker_leader_killed_database_primary_killed_planned_failover(ha, card_key):
+    await _drill(
+        ha,
+        card_key,
+        payments=18000,
+        rate=100,
+        faults=["broker-leader", "db-primary-killed", "planned-failover"],
+        forgetful=False,
+    )
+
+
+async def test_soak_10000_lifecycles_across_repeated_faults_with_a_forgetful_bank(ha, card_key):
+    await _drill(
+        ha,
+        card_key,
+        payments=10000,
+        rate=50,
+        faults=["broker-leader", "db-primary-killed", "broker-leader", "planned-failover", "db-primary-killed"],
+        forgetful=True,
+    )
