@@ -62,7 +62,7 @@ class Engines:
     # ---- PostgreSQL
 
     async def primary_port(self) -> int:
-        conn = await asyncpg.connect(self.database_url.replace("/postgres?", "/postgres?"), timeout=10)
+        conn = await asyncpg.connect(self.database_url, timeout=10)
         try:
             return int(await conn.fetchval("SELECT inet_server_port()"))
         finally:
@@ -100,6 +100,21 @@ class Engines:
             timeout=120,
             cwd="/tmp",
         )
+
+    async def primary_moved_from(self, port: int, timeout: float = 120) -> int:
+        """Until another host serves as the primary (right after a fault the monitor still
+        shows the old states: waiting for them alone would end at once); its port."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                now = await self.primary_port()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                now = port
+            if now != port:
+                return now
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"no new primary within {timeout:.0f} s")
 
     async def formation_healthy(self, timeout: float = 120) -> None:
         """Until the formation has a primary and a secondary again."""

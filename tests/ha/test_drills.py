@@ -101,6 +101,7 @@ async def _drill(
     )
     timeline = Timeline()
     done: list[Fault] = []
+    traffic: asyncio.Task | None = None
     try:
         await stack.start()
         assert stack.vhost is not None
@@ -118,10 +119,12 @@ async def _drill(
                 await asyncio.sleep(20)  # the cluster works on two nodes meanwhile
                 await ha.start_rabbit(node)
             elif name == "db-primary-killed":
-                await ha.kill_primary()
+                await ha.primary_moved_from(await ha.kill_primary())
                 await ha.formation_healthy()
             else:
+                old = await ha.primary_port()
                 await ha.planned_failover()
+                await ha.primary_moved_from(old)
                 await ha.formation_healthy()
             fault.ended = time.monotonic()
             done.append(fault)
@@ -162,6 +165,8 @@ async def _drill(
         assert not result.failures, result.report()
         assert not backlog or not any(backlog.values()), backlog
     finally:
+        if traffic is not None and not traffic.done():
+            traffic.cancel()
         await stack.close()
 
 

@@ -8,6 +8,7 @@ in its own database and its own RabbitMQ vhost, so runs never collide.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -62,7 +63,25 @@ async def create_database(admin_url: str) -> str:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return with_database(admin_url, name)
+    url = with_database(admin_url, name)
+    await _wait_until_standbys_have(url)
+    return url
+
+
+async def _wait_until_standbys_have(url: str, timeout: float = 30.0) -> None:
+    """With a multi-host URL, asyncpg also opens the standbys it then turns down, and a
+    standby that has not replayed CREATE DATABASE yet fails the whole connect (it moves on
+    only after network errors): wait until a connection succeeds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await (await asyncpg.connect(url)).close()
+            return
+        except asyncpg.InvalidCatalogNameError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def drop_database(admin_url: str, url: str) -> None:
