@@ -4,6 +4,7 @@ database primary killed (pg_auto_failover promotes the standby) or switched over
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -143,6 +144,8 @@ class Engines:
             states = [line.split("|")[-2:] for line in out.stdout.splitlines() if "|" in line]
             settled = [tuple(s.strip() for s in pair) for pair in states]
             if ("primary", "primary") in settled and ("secondary", "secondary") in settled:
-                return
+                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    await self.primary_port()  # and a read-write connection is served
+                    return
             await asyncio.sleep(1)
         raise AssertionError(f"the formation did not recover in {timeout:.0f} s")
