@@ -8,6 +8,7 @@ exhaustively without a database, a broker or a bank.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -70,6 +71,34 @@ def request(status: Status, action: Action) -> tuple[Status, OperationKind]:
         return _REQUESTS[(status, action)]
     except KeyError:
         raise InvalidTransition(status, action.value) from None
+
+
+class ReferenceUnknown(Exception):
+    """A request the status allows, whose bank call needs a bank reference the gateway never
+    learnt (the bank did the earlier step but forgot our key, so it never named it)."""
+
+    def __init__(self, status: Status, action: str, reference: str):
+        super().__init__(
+            f"cannot {action} this {status.value} payment yet: the bank never gave us its {reference}, which the "
+            f"{action} is sent with. The money is safe: nothing was started and the payment keeps its status and "
+            f"its attention_required flag. An operator checks the bank and records the {reference} "
+            f"(gatewayctl payments set-reference); then send this request again"
+        )
+        self.status = status
+        self.action = action
+        self.reference = reference
+
+
+def start(status: Status, action: Action, references: Mapping[str, str | None]) -> tuple[Status, OperationKind]:
+    """What FicMart's request starts: request()'s status and operation, refused at once
+    (ReferenceUnknown) when `references` (the receipt's bank ids) lack the one its bank call
+    is sent with. Accepted, such a request could only be parked by the worker, with the
+    payment in progress until an operator acted."""
+    running, kind = request(status, action)
+    reference = SENT_WITH[kind]
+    if not references.get(reference):
+        raise ReferenceUnknown(status, action.value, reference)
+    return running, kind
 
 
 def expire(status: Status) -> tuple[Status, OperationKind]:
@@ -273,7 +302,8 @@ def unnamed_work(kind: OperationKind) -> Doubt:
     return Doubt(
         REFERENCE_UNKNOWN,
         f"the bank did the {kind.value} but forgot our key, so it never gave us the {reference}: "
-        f"check the bank, then record it with `gatewayctl resolve --set {reference}=...`",
+        f"check the bank, then record it with `gatewayctl payments set-reference PAYMENT_ID "
+        f"--{reference.replace('_', '-')} ...`",
         None,
     )
 
@@ -413,6 +443,13 @@ BANK_REFERENCES: dict[str, tuple[str, frozenset[Status]]] = {
     "refund_id": ("ref_", frozenset({Status.REFUNDED})),
 }
 
+
+def missing_references(status: Status, references: Mapping[str, str | None]) -> list[str]:
+    """The bank references a payment in `status` may carry and `references` (the receipt's) lack:
+    what an operator may record after finding them at the bank."""
+    return [name for name, (_, statuses) in BANK_REFERENCES.items() if status in statuses and not references.get(name)]
+
+
 # The reference a successful operation of each kind leaves on the receipt.
 REFERENCE_OF: dict[OperationKind, str] = {
     OperationKind.AUTHORIZE: "authorization_id",
@@ -420,6 +457,14 @@ REFERENCE_OF: dict[OperationKind, str] = {
     OperationKind.VOID: "void_id",
     OperationKind.RELEASE: "void_id",
     OperationKind.REFUND: "refund_id",
+}
+
+# The receipt's reference each operation's bank call is sent with (none for an authorization).
+SENT_WITH: dict[OperationKind, str] = {
+    OperationKind.CAPTURE: "authorization_id",
+    OperationKind.VOID: "authorization_id",
+    OperationKind.RELEASE: "authorization_id",
+    OperationKind.REFUND: "capture_id",
 }
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

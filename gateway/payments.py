@@ -5,8 +5,8 @@ Worker side: claim(), record_outcome(), park(), release()
 Many at once: submit_many(), claim_many(), record_many()   the same phases for several
              requests in one statement (gateway/batching.py sends them together)
 Sweepers:    expire_hold(), purge_old_cards()
-Ops:         settle_by_hand(), resolve(), abandon()   decisions a human took after
-                                                      checking the bank (gatewayctl)
+Ops:         settle_by_hand(), resolve(), set_reference(),   decisions a human took after
+             abandon()                                       checking the bank (gatewayctl, /ops)
 
 Each phase reads what it needs with the rows locked, asks the domain what
 may happen, and writes every consequence (payment, history, operation,
@@ -29,7 +29,7 @@ import orjson
 from gateway import domain, fingerprints, messages, store
 from gateway.cards import CardVault, brand
 from gateway.crashpoints import crash_point
-from gateway.domain import Action, InvalidTransition, OperationKind, Status, Verdict
+from gateway.domain import Action, InvalidTransition, OperationKind, ReferenceUnknown, Status, Verdict
 from gateway.redact import clean
 from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
@@ -232,7 +232,23 @@ class ActionRequest(NamedTuple):
 
 # What request_actions answers for each request: the response, or why it is refused.
 ActionOutcome: TypeAlias = (
-    Response | RequestInProgress | IdempotencyKeyReused | PaymentNotFound | AmountMismatch | InvalidTransition
+    Response
+    | RequestInProgress
+    | IdempotencyKeyReused
+    | PaymentNotFound
+    | AmountMismatch
+    | InvalidTransition
+    | ReferenceUnknown
+)
+# The refusals of ActionOutcome: nothing is recorded for them, the key included (a request
+# refused for a status or a missing bank reference is accepted once that has changed).
+_REFUSALS = (
+    RequestInProgress,
+    IdempotencyKeyReused,
+    PaymentNotFound,
+    AmountMismatch,
+    InvalidTransition,
+    ReferenceUnknown,
 )
 
 
@@ -282,7 +298,7 @@ async def request_actions(pool: asyncpg.Pool, asked: Sequence[ActionRequest]) ->
                     raise RequestInProgress()
                 keys_taken.add((a.request.merchant, a.request.key))
                 outcomes.append(_stored(row, a.request) or a.context.run(_start, a, row, moved, starts))
-            except (RequestInProgress, IdempotencyKeyReused, PaymentNotFound, AmountMismatch, InvalidTransition) as exc:
+            except _REFUSALS as exc:
                 outcomes.append(exc)
         if starts and len(await store.start_operations(conn, starts=starts)) != len(starts):
             raise RuntimeError("a locked payment was not moved")  # rolls the whole batch back
@@ -298,7 +314,8 @@ def _start(
         raise PaymentNotFound()
     if asked.amount is not None and asked.amount != row["amount"]:
         raise AmountMismatch(row["amount"], asked.amount)
-    running, kind = domain.request(moved.get(row["id"], Status(row["status"])), asked.action)
+    references = {name: row[name] for name in domain.BANK_REFERENCES}
+    running, kind = domain.start(moved.get(row["id"], Status(row["status"])), asked.action, references)
     payment, op_id, cmd = _begin(row, running, kind, at := now())
     body = orjson.dumps(payment)
     moved[row["id"]] = running
@@ -706,6 +723,7 @@ class OpsDecision:
     """What an ops phase did."""
 
     payment: dict  # the receipt afterwards
+    cause: str  # its history row's cause: who and why
     operation_id: str | None = None  # the operation it decided (settle, abandon)
     kind: OperationKind | None = None
     follow_up: str | None = None  # the operation it started: abandon's void of the hold
@@ -814,7 +832,7 @@ async def settle_by_hand(
         )
         if not finished:  # cannot happen under the row locks; never report a decision not recorded
             raise OpsRefused(f"operation {operation_id} changed meanwhile; look again")
-    return OpsDecision(payment, operation_id, kind)
+    return OpsDecision(payment, cause, operation_id, kind)
 
 
 async def resolve(
@@ -830,6 +848,46 @@ async def resolve(
     """
     cause = ops_cause(by, "resolve", reason)
     references = references or {}
+
+    def check(row: asyncpg.Record) -> None:
+        if not row["attention_required"] and not references:
+            raise OpsRefused(f"payment {payment_id} is not flagged and no bank id was given: nothing to resolve")
+
+    return await _record_references(pool, payment_id, references, cause, clear_flag=True, check=check)
+
+
+async def set_reference(
+    pool: asyncpg.Pool, payment_id: str, name: str, value: str, *, reason: str, by: str
+) -> OpsDecision:
+    """Ops records the bank reference `name` (authorization_id, capture_id, void_id, refund_id) found at
+    the bank, which the receipt lacks because the bank forgot our key: the steps sent with it
+    (domain.start) are accepted again. Written only where the receipt has none and its status has
+    one, with its shape checked (domain.reference_problem); the status and attention_required do
+    not move (`resolve` clears the flag once everything about the payment has been checked); a
+    history row `ops:<by>:set-reference:<name>=<value> <reason>`. Raises OpsRefused (unknown
+    payment, something in flight, the reference there already or not fitting) or ValueError (a bad
+    name or reason).
+    """
+    ops_cause(by, "set-reference", reason)  # a bad name or an empty reason
+    problem = domain.reference_problem(name, value)
+    if problem:
+        raise ValueError(problem)
+    cause = ops_cause(by, "set-reference", f"{name}={value} {reason}")
+    return await _record_references(pool, payment_id, {name: value}, cause, clear_flag=False)
+
+
+async def _record_references(
+    pool: asyncpg.Pool,
+    payment_id: str,
+    references: dict[str, str],
+    cause: str,
+    *,
+    clear_flag: bool,
+    check: Callable[[asyncpg.Record], None] | None = None,
+) -> OpsDecision:
+    """resolve's and set_reference's transaction: the payment locked, nothing in flight, each
+    reference fitting its status and never overwriting one; then the references (and the flag
+    cleared, with `clear_flag`) and the history row."""
     async with pool.acquire() as conn, conn.transaction():
         row = await store.reconcile_lock_payment(conn, payment_id=payment_id)
         if row is None:
@@ -844,15 +902,21 @@ async def resolve(
             if problem:
                 raise OpsRefused(problem)
             if row[name] is not None:
-                raise OpsRefused(f"the receipt already has {name} {row[name]}: resolve never overwrites a bank id")
-        if not row["attention_required"] and not references:
-            raise OpsRefused(f"payment {payment_id} is not flagged and no bank id was given: nothing to resolve")
+                raise OpsRefused(f"the receipt already has {name} {row[name]}: a bank id is never overwritten")
+        if check is not None:
+            check(row)
         at = now()
         if not await store.ops_resolve_payment(
-            conn, payment_id=payment_id, at=at, references=store.BankReferences(**references), cause=cause
+            conn,
+            payment_id=payment_id,
+            at=at,
+            references=store.BankReferences(**references),
+            clear_flag=clear_flag,
+            cause=cause,
         ):  # cannot happen under the row lock; never report a decision not recorded
             raise OpsRefused(f"payment {payment_id} changed meanwhile; look again")
-    return OpsDecision(payment_json({**row, **references, "attention_required": False, "updated_at": at}))
+    flag = row["attention_required"] and not clear_flag
+    return OpsDecision(payment_json({**row, **references, "attention_required": flag, "updated_at": at}), cause)
 
 
 async def abandon(
@@ -944,4 +1008,4 @@ async def abandon(
                 repaired=False,
                 found_at=at,
             )
-    return OpsDecision(payment, row["operation_id"], kind, follow_up)
+    return OpsDecision(payment, cause, row["operation_id"], kind, follow_up)

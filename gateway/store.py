@@ -714,11 +714,13 @@ async def ops_finish_operation(
 
 
 async def ops_resolve_payment(
-    db: Connection, *, payment_id: str, at: datetime, references: BankReferences, cause: str
+    db: Connection, *, payment_id: str, at: datetime, references: BankReferences, clear_flag: bool, cause: str
 ) -> bool:
-    """Clear attention_required and fill missing references, with a history row; False when an
-    operation is in flight (or there is no such payment)."""
-    status = await _ops.ops_resolve_payment(db, payment_id=payment_id, at=at, cause=cause, **references._asdict())
+    """Fill missing references (and clear attention_required, with `clear_flag`), with a history
+    row; False when an operation is in flight (or there is no such payment)."""
+    status = await _ops.ops_resolve_payment(
+        db, payment_id=payment_id, at=at, clear_flag=clear_flag, cause=cause, **references._asdict()
+    )
     return status == "INSERT 0 1"
 
 

@@ -8,6 +8,7 @@
     gatewayctl dlq drop HANDLE...|--unreadable   remove letters from the queue
     gatewayctl settle OPERATION_ID --outcome succeeded|failed --reason TEXT --by NAME [--bank-id ID]
     gatewayctl resolve PAYMENT_ID --reason TEXT --by NAME [--set FIELD=ID]...
+    gatewayctl payments set-reference PAYMENT_ID --capture-id ID|--authorization-id ID|... --reason TEXT --by NAME
     gatewayctl abandon PAYMENT_ID --reason TEXT --by NAME
     gatewayctl reconcile [--repair] [--rate N] [--limit N]
 
@@ -21,7 +22,7 @@ unreachable bank makes reconcile report `unverified` findings). Log lines
 This module parses arguments, prints and chooses the exit code. Reading and
 giving back payments.dead is worker/deadletters.py; what list, show, replay
 and drop decide about each operation and letter is worker/replay.py; settle,
-resolve and abandon are phases of gateway/payments.py.
+resolve, set-reference and abandon are phases of gateway/payments.py.
 """
 
 from __future__ import annotations
@@ -424,21 +425,23 @@ def _references(pairs: list[str]) -> dict[str, str]:
     return found
 
 
-async def _decide(args, settings: config.Settings, decide) -> int:
-    """Run one ops phase; OpsRefused is a human's matter (exit 1), ValueError bad usage (2)."""
+async def _decide(args, settings: config.Settings, decide, act: str | None = None) -> int:
+    """Run one ops phase (`act`, the history's name for it: the command's by default); OpsRefused
+    is a human's matter (exit 1), ValueError bad usage (2)."""
+    act = act or args.command
     try:
-        payments.ops_cause(args.by, args.command, args.reason)  # bad names and empty reasons, before connecting
+        payments.ops_cause(args.by, act, args.reason)  # bad names and empty reasons, before connecting
     except ValueError as exc:
-        print(f"gatewayctl {args.command}: {exc}", file=sys.stderr)
+        print(f"gatewayctl {act}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     pool = await _pool(settings)
     try:
         decision = await decide(pool)
     except payments.OpsRefused as exc:
-        print(f"gatewayctl {args.command}: refused: {exc}", file=sys.stderr)
+        print(f"gatewayctl {act}: refused: {exc}", file=sys.stderr)
         return EXIT_ATTENTION
     except ValueError as exc:
-        print(f"gatewayctl {args.command}: {exc}", file=sys.stderr)
+        print(f"gatewayctl {act}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         await pool.close()
@@ -453,7 +456,7 @@ async def _decide(args, settings: config.Settings, decide) -> int:
         )
         return EXIT_OK
     payment = decision.payment
-    print(_summary(args.command, decision))
+    print(_summary(act, decision))
     bank = payment["bank"]
     flag = ", attention_required" if payment["attention_required"] else ""
     print(f"  payment       {payment['id']}: {payment['status']}{flag}")
@@ -462,7 +465,7 @@ async def _decide(args, settings: config.Settings, decide) -> int:
             print(f"  {name:<14}{bank[name]}")
     if payment["last_error"]:
         print(f"  last error    {_error_text(payment['last_error'])}")
-    print(f"  history       {payments.ops_cause(args.by, args.command, args.reason)}")
+    print(f"  history       {decision.cause}")
     return EXIT_OK
 
 
@@ -480,6 +483,11 @@ def _summary(command: str, decision: payments.OpsDecision) -> str:
         text = f"abandoned the parked {kind.value} operation {decision.operation_id}; the card is purged"
         if decision.follow_up:
             text += f"; the hold is being voided (operation {decision.follow_up}): voided once the bank confirms"
+        return text
+    if command == "set-reference":
+        text = "recorded the bank reference: FicMart's requests sent with it are accepted again"
+        if decision.payment["attention_required"]:
+            text += "; the payment stays flagged until `gatewayctl resolve` (once its findings are checked too)"
         return text
     return "resolved: attention_required cleared"
 
@@ -512,6 +520,16 @@ async def cmd_resolve(args, settings: config.Settings) -> int:
         args,
         settings,
         lambda pool: payments.resolve(pool, args.payment_id, reason=args.reason, by=args.by, references=references),
+    )
+
+
+async def cmd_set_reference(args, settings: config.Settings) -> int:
+    name, value = args.reference
+    return await _decide(
+        args,
+        settings,
+        lambda pool: payments.set_reference(pool, args.payment_id, name, value, reason=args.reason, by=args.by),
+        act="set-reference",
     )
 
 
@@ -618,6 +636,18 @@ ENVIRONMENT = (
 )
 
 
+def _reference(name: str):
+    """An argparse type: a bank reference of this name, checked for its shape."""
+
+    def parse(text: str) -> tuple[str, str]:
+        problem = domain.reference_problem(name, text)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return name, text
+
+    return parse
+
+
 def _para(*paragraphs: str) -> str:
     """Help text wrapped here, so that RawDescriptionHelpFormatter keeps the paragraphs."""
     return "\n\n".join(textwrap.fill(p, 79) for p in paragraphs)
@@ -639,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_para(*ENVIRONMENT),
         description=_para(
             "Operate the payment gateway: the schema, dead-lettered operations, decisions a human "
-            "takes after checking the bank (settle, resolve, abandon) and reconciliation with the "
+            "takes after checking the bank (settle, resolve, payments set-reference, abandon) and "
+            "reconciliation with the "
             "bank. Every command has --help."
         ),
     )
@@ -805,6 +836,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("payment_id", metavar="PAYMENT_ID", help="pay_...")
     p.add_argument("--set", action="append", metavar="FIELD=ID", help="a missing bank reference (repeatable)")
     p.set_defaults(handler=cmd_resolve)
+
+    group = commands.add_parser(
+        "payments",
+        formatter_class=fmt,
+        help="one payment's bank references: set-reference",
+        description=_para(
+            "What an operator records on one payment after checking the bank by hand.",
+        ),
+        epilog=_para(*ENVIRONMENT),
+    )
+    payment_commands = group.add_subparsers(dest="payments_command", metavar="PAYMENTS_COMMAND", required=True)
+    p = payment_commands.add_parser(
+        "set-reference",
+        parents=[json_flag, who],
+        formatter_class=fmt,
+        help="record a bank reference the bank never gave us (found at the bank)",
+        description=_para(
+            "When the bank did a step but forgot our idempotency key, it never named what it did: the "
+            "receipt shows the step's reference as null (last_error `bank_reference_unknown`, "
+            "attention_required), and FicMart's next step that is sent with it (a refund needs the "
+            "capture_id; a capture or void the authorization_id) is refused with 409 "
+            "`bank_reference_unknown`. Find the reference at the bank (the payment's card, amount and "
+            "time; `gatewayctl dlq show` has the operation's bank key), then record it here: FicMart's "
+            "request is accepted from then on.",
+            "The reference must be the bank's shape (auth_, cap_, void_ or ref_ and a lowercase UUID), fit "
+            "the payment's status, and be missing from the receipt: a known reference is never "
+            "overwritten. The status and attention_required do not move (`gatewayctl resolve` clears the "
+            "flag once everything about the payment, its findings too, has been checked). History row "
+            "`ops:NAME:set-reference:FIELD=ID REASON`.",
+            "Refused (exit 1) when the payment is unknown, has an operation in flight, already has that "
+            "reference or its status has none.",
+        ),
+    )
+    p.add_argument("payment_id", metavar="PAYMENT_ID", help="pay_...")
+    which = p.add_mutually_exclusive_group(required=True)
+    for name in domain.BANK_REFERENCES:
+        which.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest="reference",
+            type=_reference(name),
+            metavar="ID",
+            help=f"the {name} ({domain.BANK_REFERENCES[name][0]}...)",
+        )
+    p.set_defaults(handler=cmd_set_reference)
 
     p = commands.add_parser(
         "abandon",

@@ -145,7 +145,13 @@ def build() -> dict:
                     **{str(k): v for k, v in post_errors.items()},
                     "404": _error(404, "`payment_not_found`: no such payment for this API key"),
                     "409": _error(
-                        409, "`invalid_state_transition` (the error names the current `status`), `request_in_progress`"
+                        409,
+                        "`invalid_state_transition` (the error names the current `status`), `request_in_progress`, "
+                        "`bank_reference_unknown`: the bank did the step before this one but never named it "
+                        "(`reference`, e.g. `capture_id`, is null on the receipt, which is flagged "
+                        "`attention_required`). The money is safe: nothing was started and the payment keeps its "
+                        "status; once ops have recorded the reference, the same request (same Idempotency-Key "
+                        "too: nothing was stored for it) is accepted",
                     ),
                     "422": _error(
                         422,

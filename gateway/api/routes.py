@@ -28,7 +28,7 @@ from gateway.api.longpoll import PaymentWatcher
 from gateway.api.middleware import ADMISSION, CALLER
 from gateway.batching import Batcher
 from gateway.cards import CardVault
-from gateway.domain import Action, InvalidTransition
+from gateway.domain import REFERENCE_UNKNOWN, Action, InvalidTransition, ReferenceUnknown
 from gateway.fingerprints import Fingerprinter
 
 
@@ -307,6 +307,8 @@ def action(kind: Action):
                 f"cannot {kind.value} a payment that is {exc.status.value}",
                 status=exc.status.value,
             ) from None
+        except ReferenceUnknown as exc:
+            raise ApiError(409, REFERENCE_UNKNOWN, str(exc), status=exc.status.value, reference=exc.reference) from None
         return _respond(response)
 
     handler.__name__ = f"{kind.value}_payment"

@@ -184,7 +184,12 @@ class ErrorInfo(BaseModel):
     message: str = Field(description="human text")
     details: list[ErrorDetail] | None = Field(default=None, description="validation_error: one entry per problem")
     payment_id: str | None = Field(default=None, description="order_already_paid: the live payment of the order")
-    status: Status | None = Field(default=None, description="invalid_state_transition: the payment's status")
+    status: Status | None = Field(
+        default=None, description="invalid_state_transition, bank_reference_unknown: the payment's status"
+    )
+    reference: Literal["authorization_id", "capture_id"] | None = Field(
+        default=None, description="bank_reference_unknown: the bank reference the gateway lacks"
+    )
     expected_amount: int | None = Field(default=None, description="amount_mismatch: the payment's full amount")
     param: str | None = Field(default=None, description="the query parameter at fault (unknown starting_after)")
 

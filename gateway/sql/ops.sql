@@ -179,12 +179,13 @@ WITH operation AS (
 SELECT count(*) FROM payment, LATERAL (SELECT pg_notify('payment_updated', payment.id)) AS n;
 
 -- name: ops_resolve_payment!
--- Ops clears attention_required on a payment with no operation in flight,
--- filling bank references the receipt lacks (never overwriting one), with a
--- history row naming who and why; the status does not move.
+-- Ops fills bank references the receipt lacks (never overwriting one) on a
+-- payment with no operation in flight, and with :clear_flag clears
+-- attention_required (resolve), with a history row naming who and why; the
+-- status does not move.
 WITH payment AS (
     UPDATE payments
-       SET attention_required = false, updated_at = :at,
+       SET attention_required = attention_required AND NOT :clear_flag, updated_at = :at,
            authorization_id = coalesce(authorization_id, :authorization_id),
            capture_id = coalesce(capture_id, :capture_id),
            void_id = coalesce(void_id, :void_id),

@@ -37,6 +37,7 @@ import orjson
 
 from gateway import broker
 from tests.support.mockbank_client import api_card
+from tests.support.procs import run_script
 from tests.support.system import System
 
 API_KEY = "sk_test_ficmart_dev"
@@ -331,6 +332,14 @@ class Stack(System):
     def client(self, patience: float = 120.0) -> Client:
         assert self.http is not None, "not started"
         return Client(self.api_url, self.http, patience=patience)
+
+    def gatewayctl(self, *args: str) -> str:
+        """Run gatewayctl against the stack's database and broker; its output (it must succeed)."""
+        result = run_script(
+            "gatewayctl", *args, timeout=60, env={"DATABASE_URL": self.database_url, "AMQP_URL": self.amqp_url}
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
 
     async def extra_cards(self, count: int) -> list[dict]:
         """Generated bank accounts ($100M each), as the gateway's API takes a card."""

@@ -23,7 +23,6 @@ import pytest
 from gateway.messages import COMMANDS_EXCHANGE
 from tests.e2e.flows import bank_entries
 from tests.e2e.stack import HAPPY
-from tests.support.procs import run_script
 from worker import topology
 
 pytestmark = pytest.mark.timeout(150)
@@ -43,14 +42,6 @@ async def dead_letters(stack) -> list[aio_pika.abc.AbstractIncomingMessage]:
         return found
     finally:
         await connection.close()
-
-
-def gatewayctl(stack, *args: str) -> str:
-    result = run_script(
-        "gatewayctl", *args, timeout=60, env={"DATABASE_URL": stack.database_url, "AMQP_URL": stack.amqp_url}
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 async def wait_until(client, payment_id: str, done, timeout: float) -> dict:
@@ -100,7 +91,7 @@ async def test_failures_past_the_ladder_park_then_replay_settles_once(e2e, clien
         async with e2e.http.delete(f"{e2e.bank_url}/_mock/faults") as resp:
             assert resp.status == 200
 
-    gatewayctl(e2e, "dlq", "replay", "--all")
+    e2e.gatewayctl("dlq", "replay", "--all")
     captured = await client.settled(first["id"], timeout=30)
     authorized = await client.settled(second_id, timeout=30)
     assert (captured["status"], captured["attention_required"]) == ("captured", False)
@@ -138,8 +129,8 @@ async def test_poisoned_commands_reach_the_dead_letter_queue_and_are_dropped(e2e
     while {m.message_id for m in await dead_letters(e2e)} < {"cmd_poison_nul", "cmd_poison_tired"}:
         assert time.monotonic() < deadline, "the poisoned commands never reached payments.dead"
         await asyncio.sleep(0.2)
-    listing = gatewayctl(e2e, "dlq", "list")
+    listing = e2e.gatewayctl("dlq", "list")
     assert "cmd_poison_nul" in listing and unknown in listing
-    dropped = gatewayctl(e2e, "dlq", "drop", "cmd_poison_nul", "cmd_poison_tired")
+    dropped = e2e.gatewayctl("dlq", "drop", "cmd_poison_nul", "cmd_poison_tired")
     assert "2 letter(s) dropped" in dropped
     assert not {m.message_id for m in await dead_letters(e2e)} & {"cmd_poison_nul", "cmd_poison_tired"}

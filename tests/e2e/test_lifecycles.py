@@ -90,6 +90,46 @@ async def test_authorize_capture_refund(e2e, client, amount):
     await assert_events(e2e, refunded, ["authorized", "captured", "refunded"])
 
 
+async def test_a_refund_of_a_capture_the_bank_never_named_waits_for_ops_then_completes(e2e, client, amount):
+    amt = amount()
+    payment = await authorized(client, amt)
+    # The bank captures, then drops the connection and forgets our key: the worker's retry is told
+    # "already used" and never learns the capture's id.
+    await e2e.bank.arm_fault(action="forget_key", path="/api/v1/captures", times=1)
+    reply = await client.act(payment["id"], "capture")
+    assert reply.status == 202
+    captured = await client.settled(payment["id"], timeout=30)
+    assert (captured["status"], captured["bank"]["capture_id"], captured["attention_required"]) == (
+        "captured",
+        None,
+        True,
+    ), captured
+    assert captured["last_error"]["code"] == "bank_reference_unknown"
+
+    refused = await client.act(payment["id"], "refund")
+    assert refused.status == 409, refused
+    assert (refused.body["error"]["code"], refused.body["error"]["reference"]) == (
+        "bank_reference_unknown",
+        "capture_id",
+    )
+    assert await client.payment(payment["id"]) == captured  # nothing started, nothing changed
+    (capture,) = bank_entries(await e2e.bank.ledger(), amt)["captures"]
+
+    out = e2e.gatewayctl(
+        "payments", "set-reference", payment["id"], "--capture-id", capture["capture_id"],
+        "--by", "alice", "--reason", "found at the bank",
+    )  # fmt: skip
+    assert "recorded the bank reference" in out
+    refunded = await act(client, payment, "refund", "refunding", "refunded")
+    assert refunded["bank"]["capture_id"] == capture["capture_id"] and refunded["bank"]["refund_id"]
+    (refund,) = bank_entries(await e2e.bank.ledger(), amt)["refunds"]
+    assert (refund["refund_id"], refund["capture_id"]) == (refunded["bank"]["refund_id"], capture["capture_id"])
+    want = Counter(f"payment.{s}" for s in ("authorized", "captured", "attention_required", "refunded"))
+    assert await e2e.events.wait_for(lambda: e2e.events.types(payment["id"]) == want, 15), e2e.events.types(
+        payment["id"]
+    )
+
+
 async def test_authorize_void(e2e, client, amount):
     amt = amount()
     payment = await authorized(client, amt)

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from gateway import payments
-from gateway.domain import Verdict
-from tests.integration.conftest import authorized, captured, settle
+from gateway import domain, payments
+from gateway.domain import BankOutcome, OperationKind, Verdict
+from tests.integration.conftest import authorized, captured, pending_operation, settle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -210,3 +210,93 @@ async def test_actions_need_an_idempotency_key(api, pool):
     payment = await authorized(api, pool)
     resp, err = await api.post(f"/v1/payments/{payment['id']}/capture", key=None)
     assert resp.status == 400 and err["error"]["code"] == "idempotency_key_missing"
+
+
+# ---- a step the bank did but never named (it forgot our key) --------------------------------------
+
+
+async def _captured_unnamed(api, pool) -> dict:
+    """A capture the bank did without ever naming it, recorded as the worker records such work
+    (worker/handling.py, proven by "already captured" after a lost answer): captured, the
+    capture_id unknown, flagged."""
+    payment = await authorized(api, pool)
+    resp, _ = await api.post(f"/v1/payments/{payment['id']}/capture")
+    assert resp.status == 202
+    claim = await payments.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
+    assert isinstance(claim, payments.Claim)
+    done = BankOutcome("ok", http_status=400)
+    recorded = await payments.record_outcome(
+        pool, claim, Verdict.SUCCEEDED, done, 3, domain.unnamed_work(OperationKind.CAPTURE)
+    )
+    assert recorded is not None and recorded["status"] == "captured" and recorded["bank"]["capture_id"] is None
+    return recorded
+
+
+async def _no_work_started(pool, payment_id: str, key: str) -> None:
+    assert (
+        await pool.fetchval("SELECT count(*) FROM operations WHERE payment_id = $1 AND status = 'pending'", payment_id)
+        == 0
+    )
+    assert await pool.fetchval("SELECT count(*) FROM idempotency_keys WHERE key = $1", key) == 0
+
+
+async def test_a_refund_of_a_capture_the_bank_never_named_is_refused_until_ops_record_it(api, pool):
+    payment = await _captured_unnamed(api, pool)
+    path, key = f"/v1/payments/{payment['id']}/refund", uuid.uuid4().hex
+    for _ in range(2):  # FicMart retries with the same key: refused again, nothing stored to replay
+        resp, err = await api.post(path, {"amount": payment["amount"]}, key=key)
+        assert resp.status == 409 and "Idempotent-Replayed" not in resp.headers, err
+        assert err["error"]["code"] == "bank_reference_unknown"
+        assert (err["error"]["reference"], err["error"]["status"]) == ("capture_id", "captured")
+        assert "money is safe" in err["error"]["message"]
+        await _no_work_started(pool, payment["id"], key)
+    _, after = await api.get(f"/v1/payments/{payment['id']}")
+    assert after == payment  # status, flag, last_error and history as they were
+    assert after["attention_required"] and after["last_error"]["code"] == "bank_reference_unknown"
+
+    capture_id = f"cap_{uuid.uuid4()}"
+    decision = await payments.set_reference(
+        pool, payment["id"], "capture_id", capture_id, reason="found in the bank's back office", by="alice"
+    )
+    assert decision.payment["bank"]["capture_id"] == capture_id and decision.payment["status"] == "captured"
+    cause = await pool.fetchval(
+        "SELECT cause FROM payment_history WHERE payment_id = $1 ORDER BY id DESC LIMIT 1", payment["id"]
+    )
+    assert cause == f"ops:alice:set-reference:capture_id={capture_id} found in the bank's back office"
+
+    resp, body = await api.post(path, {"amount": payment["amount"]}, key=key)  # the same request, accepted now
+    assert resp.status == 202 and body["status"] == "refunding", body
+    claim = await payments.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
+    assert isinstance(claim, payments.Claim) and claim.capture_id == capture_id  # what the bank call is sent with
+    refund = BankOutcome("ok", http_status=200, body={"refund_id": f"ref_{uuid.uuid4()}"})
+    done = await payments.record_outcome(pool, claim, Verdict.SUCCEEDED, refund, 3)
+    assert done is not None and done["status"] == "refunded" and done["bank"]["capture_id"] == capture_id
+    again, replayed = await api.post(path, {"amount": payment["amount"]}, key=key)
+    assert again.headers["Idempotent-Replayed"] == "true" and replayed == body
+
+
+async def test_a_capture_or_void_of_an_authorization_the_bank_never_named_is_refused(api, pool):
+    payment = await api.authorize()
+    claim = await payments.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
+    assert isinstance(claim, payments.Claim)
+    await payments.park(pool, claim.operation_id, {"code": "bank_timeout", "message": "m", "retryable": True})
+    await payments.settle_by_hand(pool, claim.operation_id, succeeded=True, reason="a hold at the bank", by="bob")
+    for action in ("capture", "void"):
+        key = uuid.uuid4().hex
+        resp, err = await api.post(f"/v1/payments/{payment['id']}/{action}", key=key)
+        assert resp.status == 409 and err["error"]["code"] == "bank_reference_unknown", err
+        assert (err["error"]["reference"], err["error"]["status"]) == ("authorization_id", "authorized")
+        await _no_work_started(pool, payment["id"], key)
+    _, after = await api.get(f"/v1/payments/{payment['id']}")
+    assert after["status"] == "authorized" and after["attention_required"]
+
+
+async def test_a_batch_refuses_the_request_without_its_reference_and_starts_the_others(api, pool):
+    unnamed = await _captured_unnamed(api, pool)
+    named = await captured(api, pool)
+    results = await asyncio.gather(
+        *(api.post(f"/v1/payments/{p['id']}/refund") for p in (unnamed, named, unnamed, named))
+    )
+    codes = [(r.status, b["error"]["code"] if r.status != 202 else b["status"]) for r, b in results]
+    assert sorted(codes[::2]) == [(409, "bank_reference_unknown")] * 2
+    assert sorted(codes[1::2]) == [(202, "refunding"), (409, "invalid_state_transition")]

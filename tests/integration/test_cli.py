@@ -135,6 +135,8 @@ async def test_help_everywhere(cli_env, capsys):
         ["dlq", "drop"],
         ["settle"],
         ["resolve"],
+        ["payments"],
+        ["payments", "set-reference"],
         ["abandon"],
         ["reconcile"],
     ):
@@ -446,6 +448,32 @@ async def test_settle_by_hand_then_resolve_the_unknown_reference(env):
         "ops:alice:settle:bank shows it",
         "ops:bob:resolve:bank statement",
     ]
+
+
+async def test_set_reference_records_the_capture_id_found_at_the_bank_and_never_overwrites(env):
+    pid, op = await env.parked("capture")
+    await env.cli("settle", op, "--outcome", "succeeded", "--reason", "bank shows it", "--by", "alice")
+    set_reference = ("payments", "set-reference", pid, "--by", "carol", "--reason", "ticket 7")
+    _, _, err = await env.cli(*set_reference, "--capture-id", "cap_x", expect=2)
+    assert "'cap_' followed by a lowercase UUID" in err
+    _, _, err = await env.cli(
+        *set_reference, "--capture-id", f"cap_{uuid.uuid4()}", "--void-id", f"void_{uuid.uuid4()}", expect=2
+    )
+    assert "not allowed with argument" in err
+    _, _, err = await env.cli(*set_reference, "--authorization-id", f"auth_{uuid.uuid4()}", expect=1)
+    assert "already has authorization_id" in err and "never overwritten" in err
+    _, _, err = await env.cli(*set_reference, "--refund-id", f"ref_{uuid.uuid4()}", expect=1)
+    assert "a captured payment has no refund_id" in err
+
+    cap = f"cap_{uuid.uuid4()}"
+    _, out, _ = await env.cli(*set_reference, "--capture-id", cap)
+    assert "recorded the bank reference" in out and "stays flagged" in out
+    assert f"ops:carol:set-reference:capture_id={cap} ticket 7" in out
+    row = await env.payment(pid)
+    assert (row["status"], row["capture_id"], row["attention_required"]) == ("captured", cap, True)
+    _, _, err = await env.cli(*set_reference, "--capture-id", f"cap_{uuid.uuid4()}", expect=1)
+    assert f"already has capture_id {cap}" in err
+    assert (await env.payment(pid))["capture_id"] == cap
 
 
 async def test_abandon_waits_for_the_configured_time_then_voids_the_hold(env):

@@ -21,7 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 
-from gateway import config, db, store
+from gateway import config, db, payments, store
 from gateway.api.app import create_app
 from gateway.api.ops import auth
 from gateway.cards import CardVault
@@ -452,6 +452,44 @@ async def test_replay_all_from_the_console(ops):
     assert (await ops.history(second_pid))[-1][1] == "ops:alice:replay"
     assert "ops:" not in " ".join(cause for _, cause in await ops.history(old_pid))
     assert len(await ops.drain(topology.WORK_QUEUE)) == 2
+
+
+# ---- actions: a bank reference found at the bank ------------------------------------------------
+
+
+async def test_record_a_capture_id_the_bank_never_gave_us(ops):
+    pid, op = await ops.parked()
+    status, text, _ = await ops.get(f"/ops/payments/{pid}")
+    assert "Record a bank reference" not in text  # the capture is in flight: nothing to record yet
+    await payments.settle_by_hand(ops.pool, op, succeeded=True, reason="bank shows it", by="bob")
+    action = f"/ops/payments/{pid}/reference"
+    token = await ops.token(f"/ops/payments/{pid}", action)
+    status, text, _ = await ops.get(f"/ops/payments/{pid}")
+    assert '<option value="capture_id">' in text and '<option value="authorization_id">' not in text
+
+    cap = f"cap_{uuid.uuid4()}"
+    form = {"token": token, "name": "capture_id", "value": cap, "reason": "bank back office"}
+    for refused, headers, why in (
+        ({**form, "token": "nonsense"}, {}, "missing or malformed"),
+        (form, {"Origin": "https://evil.example"}, "another origin"),
+    ):
+        status, text = await ops.post(action, refused, headers=headers)
+        assert status == 403 and why in text
+    status, text = await ops.post(action, {**form, "value": "cap_123"})
+    assert status == 400 and "Nothing was recorded" in text and "lowercase UUID" in text
+    status, text = await ops.post(action, {**form, "reason": " "})
+    assert status == 400 and "a reason is required" in text
+    assert (await ops.pool.fetchval("SELECT capture_id FROM payments WHERE id = $1", pid)) is None
+
+    status, text = await ops.post(action, form)
+    assert status == 303, text
+    row = await ops.pool.fetchrow("SELECT capture_id, attention_required, status FROM payments WHERE id = $1", pid)
+    assert (row["capture_id"], row["attention_required"], row["status"]) == (cap, True, "captured")
+    assert (await ops.history(pid))[-1] == ("captured", f"ops:alice:set-reference:capture_id={cap} bank back office")
+    status, text, _ = await ops.get(f"/ops/payments/{pid}")
+    assert cap in text and "Record a bank reference" not in text  # nothing left to record
+    status, text = await ops.post(action, {**form, "value": f"cap_{uuid.uuid4()}"})
+    assert status == 409 and f"already has capture_id {cap}" in text
 
 
 async def test_broker_down_the_dead_letter_pages_say_so(console_env, card_key):

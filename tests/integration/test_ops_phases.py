@@ -257,6 +257,48 @@ async def test_resolve_clears_a_flag_set_by_reconciliation(book):
     assert (await book.history(pid))[-1] == ("captured", "ops:hana:resolve:amounts agree after all")
 
 
+# ---- set a bank reference -------------------------------------------------------------------------
+
+
+async def test_set_reference_fills_what_the_receipt_lacks_and_leaves_status_and_flag(book):
+    pid, op = await book.parked("refund")
+    await payments.settle_by_hand(book.pool, op, succeeded=True, reason="bank says refunded", by="bob")
+    ref = f"ref_{uuid.uuid4()}"
+    decision = await payments.set_reference(book.pool, pid, "refund_id", ref, reason="back office", by="ida")
+    assert decision.cause == f"ops:ida:set-reference:refund_id={ref} back office"
+    assert decision.payment["bank"]["refund_id"] == ref and decision.payment["attention_required"]
+    row = await book.row("payments", pid)
+    assert (row["status"], row["refund_id"], row["attention_required"]) == ("refunded", ref, True)
+    assert (await book.history(pid))[-1] == ("refunded", decision.cause)
+    assert (await book.events(pid))[-1] == "payment.refunded"  # nothing announced: the status did not move
+
+
+async def test_set_reference_refuses_what_does_not_fit(book):
+    pid, op = await book.parked("capture")
+    with pytest.raises(payments.OpsRefused, match="in flight"):
+        await payments.set_reference(book.pool, pid, "capture_id", f"cap_{uuid.uuid4()}", reason="r", by="g")
+    await payments.settle_by_hand(book.pool, op, succeeded=True, reason="bank shows it", by="g")
+    refused = [
+        (("capture_id", "cap_NOT-A-UUID"), ValueError, "lowercase UUID"),
+        (("capture_id", f"ref_{uuid.uuid4()}"), ValueError, "'cap_' followed by"),
+        (("refund", f"ref_{uuid.uuid4()}"), ValueError, "not a bank reference"),
+        (("refund_id", f"ref_{uuid.uuid4()}"), payments.OpsRefused, "a captured payment has no refund_id"),
+        (("authorization_id", auth_id()), payments.OpsRefused, "already has authorization_id"),
+    ]
+    for (name, value), error, message in refused:
+        with pytest.raises(error, match=message):
+            await payments.set_reference(book.pool, pid, name, value, reason="r", by="g")
+    for by, reason in (("a b", "r"), ("g", " ")):
+        with pytest.raises(ValueError):
+            await payments.set_reference(book.pool, pid, "capture_id", f"cap_{uuid.uuid4()}", reason=reason, by=by)
+    with pytest.raises(payments.OpsRefused, match="no payment"):
+        await payments.set_reference(
+            book.pool, "pay_" + "0" * 32, "capture_id", f"cap_{uuid.uuid4()}", reason="r", by="g"
+        )
+    assert (await book.row("payments", pid))["capture_id"] is None
+    assert (await book.history(pid))[-1] == ("captured", "ops:g:settle:bank shows it")
+
+
 # ---- abandon ---------------------------------------------------------------------------------------
 
 

@@ -153,6 +153,41 @@ def test_request(status, action, expected):
         assert isinstance(result[1], OperationKind)
 
 
+# --------------------------------------------------------------------------
+# start(): what an API request starts. The bank contract sends a capture or a
+# void with the authorization_id and a refund with the capture_id: without it
+# the request is refused at once (409 bank_reference_unknown), never parked.
+# --------------------------------------------------------------------------
+NEEDED = {A.CAPTURE: "authorization_id", A.VOID: "authorization_id", A.REFUND: "capture_id"}
+ALL_KNOWN = {"authorization_id": "auth_x", "capture_id": "cap_x", "void_id": None, "refund_id": None}
+
+
+@pytest.mark.parametrize(
+    ("status", "action", "expected"),
+    [row for row in REQUEST_TABLE if row[2] is not None],
+    ids=[f"{s}-{a}" for s, a, e in REQUEST_TABLE if e is not None],
+)
+def test_start_needs_the_reference_the_bank_call_is_sent_with(status, action, expected):
+    assert domain.start(status, action, ALL_KNOWN) == expected
+    for missing in (None, ""):
+        with pytest.raises(domain.ReferenceUnknown) as info:
+            domain.start(status, action, {**ALL_KNOWN, NEEDED[action]: missing})
+        assert (info.value.status, info.value.action, info.value.reference) == (status, action.value, NEEDED[action])
+        assert "money is safe" in str(info.value) and "set-reference" in str(info.value)
+    other = "capture_id" if NEEDED[action] == "authorization_id" else "authorization_id"
+    assert domain.start(status, action, {**ALL_KNOWN, other: None}) == expected  # only the one it is sent with
+
+
+@pytest.mark.parametrize(
+    ("status", "action"),
+    [(s, a) for s, a, e in REQUEST_TABLE if e is None],
+    ids=[f"{s}-{a}" for s, a, e in REQUEST_TABLE if e is None],
+)
+def test_start_refuses_a_wrong_status_first_whatever_the_references(status, action):
+    with pytest.raises(InvalidTransition):
+        domain.start(status, action, {})
+
+
 def test_terminal_statuses_are_the_contract_ones():
     # The diagram has no edge out of declined, voided, refunded, expired.
     assert TERMINAL == {s for s in Status if not any(old == s for old, _ in LIFECYCLE_EDGES)}

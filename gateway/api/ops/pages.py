@@ -1,7 +1,8 @@
 """The console's handlers: thin, like gateway/api/routes.py, but answering HTML.
 
-Reads go through reads.py, dead letters through the desk (port.py), and the
-one action, a replay, through the desk as `gatewayctl dlq replay` does it.
+Reads go through reads.py, dead letters through the desk (port.py); a replay
+goes through the desk as `gatewayctl dlq replay` does it, and recording a bank
+reference through payments.set_reference as `gatewayctl payments set-reference`.
 The console's middleware (console_middleware) answers for every /ops request:
 not configured, not logged in, cross-site POST, errors, and the security
 headers of every response.
@@ -17,7 +18,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from gateway import logs
+from gateway import logs, payments
 from gateway.api import routes
 from gateway.api.ops import auth, reads, render
 from gateway.api.ops.port import BrokerUnavailable, DeadLetterDesk
@@ -45,6 +46,7 @@ _UNAVAILABLE = (
 REPLAY = "replay"
 FORCED_REPLAY = "replay:force"
 REPLAY_ALL = "replay-all"
+SET_REFERENCE = "set-reference"
 ALL = "*"
 CONFIRMATION = "checked-the-bank"
 
@@ -267,7 +269,28 @@ async def payment(request: web.Request) -> web.Response:
     found = await reads.timeline(_pool(request), payment_id)
     if found is None:
         return _notice(request, 404, "Unknown payment", f"No payment {payment_id}.")
-    return _html(request, "payment.html", timeline=found)
+    token = _token(request, SET_REFERENCE, payment_id) if found.recordable else None
+    return _html(request, "payment.html", timeline=found, reference_token=token)
+
+
+async def set_reference(request: web.Request) -> web.Response:
+    """Record a bank reference found at the bank (`gatewayctl payments set-reference`); back to the
+    payment's page, which shows it and the history row naming the operator."""
+    payment_id = request.match_info["payment_id"]
+    form = await _form(request, SET_REFERENCE, payment_id)
+    if isinstance(form, web.Response):
+        return form
+    name, value = form.get("name", ""), form.get("value", "").strip()
+    try:
+        await payments.set_reference(
+            _pool(request), payment_id, name, value, reason=form.get("reason", ""), by=_operator(request).name
+        )
+    except (payments.OpsRefused, ValueError) as exc:
+        status = 409 if isinstance(exc, payments.OpsRefused) else 400
+        return _notice(request, status, "Not recorded", f"Nothing was recorded: {exc}.")
+    log.info("ops recorded a bank reference", payment_id=payment_id, reference=name)  # ops_user: the middleware's
+    location = request.app.router["payment"].url_for(payment_id=payment_id)
+    return web.Response(status=303, headers={"Location": str(location)})
 
 
 async def stylesheet(_request: web.Request) -> web.Response:
@@ -291,5 +314,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/dead-letters/{operation_id}/replay", replay_one, name="replay")
     r.add_get("/payments", search, name="search")
     r.add_get("/payments/{payment_id}", payment, name="payment")
+    r.add_post("/payments/{payment_id}/reference", set_reference, name="set_reference")
     r.add_get("/console.css", stylesheet, name="stylesheet")
     r.add_route("*", "/{tail:.*}", not_found, name="not_found")

@@ -12,8 +12,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from gateway import store
+from gateway import domain, store
 from gateway.api.ops import port
+from gateway.domain import Status
 from gateway.messages import EVENTS_EXCHANGE
 from gateway.timefmt import now
 from gateway.views import payment_json
@@ -108,6 +109,9 @@ class Timeline:
     history: list[asyncpg.Record]  # status, cause, at
     operations: list[asyncpg.Record]
     messages: list[Message]
+    # Bank references an operator may record now (payments.set_reference): those the status
+    # implies and the receipt lacks, while no operation is in flight.
+    recordable: list[str]
 
 
 def _message(row: asyncpg.Record) -> Message:
@@ -142,9 +146,11 @@ async def timeline(pool: asyncpg.Pool, payment_id: str) -> Timeline | None:
     payment["merchant"] = row["merchant"]
     operations = await store.ops_timeline_operations(pool, payment_id=payment_id)
     needles = [payment_id, *(op["id"] for op in operations)]
+    busy = any(op["status"] == "pending" for op in operations)
     return Timeline(
         payment=payment,
         history=await store.ops_payment_history(pool, payment_id=payment_id),
         operations=operations,
         messages=[_message(m) for m in await store.ops_timeline_messages(pool, needles=needles)],
+        recordable=[] if busy else domain.missing_references(Status(row["status"]), payment["bank"]),
     )
