@@ -66,6 +66,12 @@ CREATE TABLE IF NOT EXISTS operations (
     -- of our own work and a fresh approval a possible second hold; two make even a
     -- replayed approval one (the other may have held money too).
     clean_attempts    integer NOT NULL DEFAULT 0 CHECK (clean_attempts >= 0),
+    -- The others, once reported (an attempt is reported when its handler next writes, or
+    -- by the claim that takes over from a handler that stopped): what is known of each,
+    -- for a finding to say which attempt may have done the work, when, and how it ended
+    -- ({"attempt", "at", "worker", "code", "message"}; null while there is none).
+    lost_answers      jsonb,
+    claimed_at        timestamptz,                          -- the latest attempt's claim
     last_error        jsonb,
     bank_response     jsonb,
     bank_ms           integer NOT NULL DEFAULT 0,           -- time spent waiting for the bank
@@ -78,6 +84,8 @@ ALTER TABLE operations ADD COLUMN IF NOT EXISTS clean_attempts integer NOT NULL 
     CHECK (clean_attempts >= 0);
 -- Operations parked before this column existed read false: their replay leaves the flag up.
 ALTER TABLE operations ADD COLUMN IF NOT EXISTS flagged_payment boolean NOT NULL DEFAULT false;
+ALTER TABLE operations ADD COLUMN IF NOT EXISTS lost_answers jsonb;
+ALTER TABLE operations ADD COLUMN IF NOT EXISTS claimed_at timestamptz;
 -- Room on each page for the updates a payment and its operations go through, so that
 -- those touching no indexed column (a claim, for one) stay on the page (HOT).
 ALTER TABLE payments SET (fillfactor = 80);

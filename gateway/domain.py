@@ -8,9 +8,10 @@ exhaustively without a database, a broker or a bank.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class Status(StrEnum):
@@ -275,12 +276,13 @@ POSSIBLE_DUPLICATE_HOLD = "possible_duplicate_hold"
 
 @dataclass(frozen=True)
 class Doubt:
-    """Why a recorded outcome needs a human: the payment's last_error, and the
-    reconciliation finding to keep (None: none)."""
+    """Why a recorded outcome needs a human: the payment's last_error, the reconciliation
+    finding to keep (None: none) and what is known, for the finding's detail."""
 
     code: str
     message: str
     finding: str | None
+    evidence: dict = field(default_factory=dict)
 
     def error(self) -> dict:
         return {"code": self.code, "message": self.message, "retryable": False}
@@ -308,17 +310,82 @@ def unnamed_work(kind: OperationKind) -> Doubt:
     )
 
 
-def doubt_of_approval(outcome: BankOutcome, *, unknown_before: int) -> Doubt | None:
+# ---- attempts whose outcome we never learnt ---------------------------------------------
+#
+# An attempt is claimed just before its request is written out (claim_operations), so each
+# one counted may have reached the bank, except those whose handler learnt that it did
+# nothing (may_have_acted). Of each of the others the worker keeps what it knows in
+# operations.lost_answers: {"attempt", "at", "worker", "code", "message"}, where `code` is
+# error_for()'s for how it ended (bank_timeout, bank_connection...), CANNOT_RECORD for an
+# answer that could not be stored, or WORKER_STOPPED for a handler that stopped (killed, or
+# cut off from the database) after the claim, before saying: the claim's time, sent or not.
+# These entries are what a possible second hold's finding tells ops.
+
+WORKER_STOPPED = "worker_stopped"
+CANNOT_RECORD = "cannot_record"
+
+
+def lost_answer(attempt: int, at: str, worker: str, error: Mapping[str, Any]) -> dict:
+    """The lost_answers entry of an attempt of `worker` sent at `at` that ended in `error`
+    (error_for()'s, or CANNOT_RECORD's)."""
+    return {"attempt": attempt, "at": at, "worker": worker, "code": error["code"], "message": error["message"]}
+
+
+def _how_it_ended(entry: Mapping[str, Any]) -> str:
+    if entry.get("code") == WORKER_STOPPED:
+        return (
+            "its worker stopped (killed, or cut off from the database) after claiming it, before saying what the "
+            "bank answered; the claim comes just before the request is written out, so it may have reached the bank"
+        )
+    return f"it may have reached the bank: {entry.get('message') or entry.get('code')}"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """The hold an approval names, and what ops look for at the bank beside it."""
+
+    amount: int  # cents
+    card: str  # brand and last four digits
+    authorization_id: str | None
+    approved_at: str
+
+
+def doubt_of_approval(
+    outcome: BankOutcome, *, unknown_before: int, lost: Sequence[Mapping[str, Any]] = (), hold: Hold | None = None
+) -> Doubt | None:
     """Maybe two holds: a fresh approval after one attempt whose outcome we never learnt (it
     may have placed a hold the bank then forgot), or even a replayed one after two (the
-    replay names one of their holds; the other may exist too)."""
+    replay names one of their holds; the other may exist too). `lost`: what is known of those
+    attempts (lost_answers); `hold`: the approved one. None when no earlier attempt can have
+    placed a hold the bank forgot: every attempt before is known to have done nothing, or (a
+    replay) only one may have acted and the replay names its hold."""
     if outcome.kind != "ok" or unknown_before < (2 if outcome.replayed else 1):
         return None
+    named = [f"attempt {e.get('attempt')} at {e.get('at') or 'an unknown time'}" for e in lost]
+    which = f" ({'; '.join(named)})" if named else ""
+    approval = (
+        "the bank replayed its answer for our key: the hold it names is one of the holds our attempts placed"
+        if outcome.replayed
+        else "a fresh approval: the bank did not remember our key, so it placed a new hold"
+    )
+    evidence: dict[str, Any] = {
+        "unknown_attempts": unknown_before,
+        "lost_attempts": [{**e, "how_it_ended": _how_it_ended(e)} for e in lost],
+        "approval": approval,
+    }
+    if hold is not None:
+        since = min((str(e["at"]) for e in lost if e.get("at")), default="the first attempt")
+        evidence["check_at_bank"] = (
+            f"the holds of {hold.amount} cents on card {hold.card} placed from {since} to {hold.approved_at}: "
+            f"any besides {hold.authorization_id} is a second hold the gateway has no id for; void it at the bank, "
+            "then resolve the payment"
+        )
     return Doubt(
         POSSIBLE_DUPLICATE_HOLD,
-        "an earlier attempt whose answer was lost may have placed a hold the bank did not remember "
-        "under our key: this approval may be a second hold; check the bank and void the extra one",
+        f"{unknown_before} earlier attempt(s) whose answer was lost{which} may have placed a hold the bank did "
+        "not remember under our key: this approval may be a second hold; ops check the bank and void the extra one",
         POSSIBLE_DUPLICATE_HOLD,
+        evidence,
     )
 
 

@@ -369,6 +369,7 @@ class Claim:
     card_expiry_year: int
     sealed_card: bytes | None
     unknown_outcomes: int = 0  # earlier attempts that may have done the work unbeknown to us
+    lost_answers: Sequence[Mapping[str, Any]] = ()  # what is known of each (operations.lost_answers)
     # The payment row (with `history`) as it stood when the lease was taken: nothing else
     # changes it while the lease is held, so the outcome is recorded from it.
     payment: Mapping[str, Any] = field(default_factory=dict)
@@ -426,6 +427,7 @@ def _claim(row: asyncpg.Record) -> Claim:
         card_expiry_year=row["card_expiry_year"],
         sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
         unknown_outcomes=row["unknown_outcomes"],
+        lost_answers=row["lost_answers"] or (),
         payment=dict(row),
     )
 
@@ -452,15 +454,19 @@ async def release(
     owner: str,
     error: dict | None,
     bank_ms: int,
-    *,
-    clean_attempts: int = 0,
+    report: store.AttemptReport,
 ) -> None:
-    """Give the lease back after attempts that settled nothing (transient failures);
-    `clean_attempts` of them are known to have done nothing at the bank (every other
-    attempt counts as one that may have done the work unbeknown to us)."""
-    await store.release_lease(
-        pool, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, clean_attempts=clean_attempts
-    )
+    """Give the lease back after attempts that settled nothing (transient failures), with the
+    `report` of those not reported yet (note_many): how many are known to have done nothing at
+    the bank, and what is known of the others, which may have done the work unbeknown to us."""
+    await store.release_lease(pool, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, report=report)
+
+
+async def note_many(pool: asyncpg.Pool, notes: Sequence[store.AttemptNote]) -> list[bool]:
+    """Lease holders' reports of their latest attempts, in one statement, the leases kept: whether
+    each was recorded (not when its lease is no longer its owner's)."""
+    noted = await store.note_attempts(pool, notes=notes)
+    return [n.operation_id in noted for n in notes]
 
 
 async def kinds_tried(pool: asyncpg.Pool, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
@@ -604,6 +610,7 @@ async def _record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlemen
                     "bank_key": claim.bank_key,
                     **settled.fields,
                     "note": doubt.message,
+                    **doubt.evidence,
                 },
             )
         if settled.follow_up is not None:

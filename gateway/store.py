@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple, Protocol, TypeAlias
 
 import aiosql
 import asyncpg
+import orjson
 from aiosql.adapters.asyncpg import AsyncPGAdapter
 from asyncpg.pool import PoolConnectionProxy
 
@@ -372,13 +373,48 @@ async def operation_state(db: Executor, *, operation_id: str) -> asyncpg.Record 
     return await _payments.operation_state(db, operation_id=operation_id)
 
 
+class AttemptReport(NamedTuple):
+    """What a lease holder learnt of its attempts not reported yet: how many are known to have
+    done nothing at the bank, and what is known of each of the others (operations.lost_answers)."""
+
+    clean_attempts: int = 0
+    lost_answers: Sequence[dict] = ()
+
+
 async def release_lease(
-    db: Executor, *, operation_id: str, owner: str, error: dict | None, bank_ms: int, clean_attempts: int
+    db: Executor, *, operation_id: str, owner: str, error: dict | None, bank_ms: int, report: AttemptReport
 ) -> None:
-    """Give the lease back; `clean_attempts`: attempts of this holder known to have done nothing."""
+    """Give the lease back, with the report of the holder's attempts."""
     await _payments.release_lease(
-        db, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, clean_attempts=clean_attempts
+        db,
+        operation_id=operation_id,
+        owner=owner,
+        error=error,
+        bank_ms=bank_ms,
+        clean_attempts=report.clean_attempts,
+        lost_answers=list(report.lost_answers),
     )
+
+
+class AttemptNote(NamedTuple):
+    operation_id: str
+    owner: str  # the lease holder reporting
+    report: AttemptReport
+
+
+async def note_attempts(db: Executor, *, notes: Sequence[AttemptNote]) -> set[str]:
+    """Record each holder's report, keeping the leases; the operations noted (one whose lease is
+    no longer its owner's is not)."""
+    rows = await _rows(
+        _payments.note_attempts,
+        db,
+        operation_ids=[n.operation_id for n in notes],
+        owners=[n.owner for n in notes],
+        clean_attempts=[n.report.clean_attempts for n in notes],
+        # JSON text: a list of lists would be read as one two-dimensional array
+        lost_answers=[orjson.dumps(list(n.report.lost_answers)).decode() for n in notes],
+    )
+    return {row["id"] for row in rows}
 
 
 async def operation_kinds_tried(db: Executor, *, payment_id: str, operation_id: str) -> frozenset[OperationKind]:

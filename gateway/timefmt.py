@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import overload
 
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+@overload
+def iso(dt: datetime) -> str: ...
+
+
+@overload
+def iso(dt: None) -> None: ...
 
 
 def iso(dt: datetime | None) -> str | None:

@@ -89,14 +89,23 @@ class PoolPayments:
         self.outcomes: Batcher[payments.Settlement, dict | None] = Batcher(
             lambda settlements: payments.record_many(pool, settlements)
         )
+        self.notes: Batcher[store.AttemptNote, bool] = Batcher(lambda notes: payments.note_many(pool, notes))
 
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
         return await payments.claim(self._pool, operation_id, owner, lease_seconds, take=self.claims.submit)
 
     async def release(
-        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, clean_attempts: int = 0
+        self,
+        operation_id: str,
+        owner: str,
+        error: dict | None,
+        bank_ms: int,
+        report: store.AttemptReport,
     ) -> None:
-        await payments.release(self._pool, operation_id, owner, error, bank_ms, clean_attempts=clean_attempts)
+        await payments.release(self._pool, operation_id, owner, error, bank_ms, report)
+
+    async def note(self, operation_id: str, owner: str, report: store.AttemptReport) -> None:
+        await self.notes.submit(store.AttemptNote(operation_id, owner, report))
 
     async def record_outcome(
         self,
@@ -321,7 +330,11 @@ class Worker:
         await self._close()
         batched = {}
         if self.payments is not None:
-            for name, batcher in (("claims", self.payments.claims), ("outcomes", self.payments.outcomes)):
+            for name, batcher in (
+                ("claims", self.payments.claims),
+                ("outcomes", self.payments.outcomes),
+                ("notes", self.payments.notes),
+            ):
                 batched[f"{name}_per_statement"] = round(batcher.requests / max(batcher.batches, 1), 2)
         log.info("worker stopped", worker_id=self.worker_id, **batched)
 

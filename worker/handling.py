@@ -39,8 +39,8 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -51,7 +51,8 @@ from gateway.cards import CardVault, VaultError
 from gateway.crashpoints import crash_point
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
-from gateway.timefmt import now
+from gateway.store import AttemptReport
+from gateway.timefmt import iso, now
 from worker import topology
 from worker.breaker import CircuitBreaker, Permit, Policy, State, judge
 from worker.settings import WorkerSettings
@@ -84,8 +85,12 @@ class Payments(Protocol):
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState: ...
 
     async def release(
-        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, clean_attempts: int = 0
+        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, report: AttemptReport
     ) -> None: ...
+
+    async def note(self, operation_id: str, owner: str, report: AttemptReport) -> None:
+        """Record what the lease holder learnt of its latest attempts, keeping the lease."""
+        ...
 
     async def record_outcome(
         self,
@@ -334,12 +339,25 @@ class _Run:
     attempts: int = 0  # the operation's attempt count after the last claim
     unknown_before: int = 0  # earlier attempts that may have done the work unbeknown to us
     unknown_new: int = 0  # ... of this handling
-    clean_new: int = 0  # attempts of this handling known to have done nothing (told when released)
     unknown_before_last: int = 0  # all that may have, before the latest try
+    # This handling's attempts not reported yet (note, release): how many are known to have
+    # done nothing, and the lost_answers entries of the others.
+    clean_new: int = 0
+    lost_new: list[dict] = field(default_factory=list)
+    lost_reported: Sequence[Mapping[str, Any]] = ()  # the lost_answers of the latest claim
+    lost_before_last: list[Mapping[str, Any]] = field(
+        default_factory=list
+    )  # ... and this handling's, before the latest try
 
     @property
     def unknown(self) -> int:
         return self.unknown_before + self.unknown_new
+
+    def report(self) -> AttemptReport:
+        """The attempts not reported yet, handed over (to note or release): none are left."""
+        report = AttemptReport(self.clean_new, self.lost_new)
+        self.clean_new, self.lost_new = 0, []
+        return report
 
     @property
     def error(self) -> dict | None:
@@ -478,7 +496,7 @@ class Handling:
             # Nothing settled, and no further call may start now: give the lease back. Stopping:
             # the command stays unacknowledged and goes back to the queue. The bank unavailable:
             # the failures were the outage, so no rung is taken; wait for the bank.
-            await self.payments.release(operation_id, owner, run.error, run.bank_ms, clean_attempts=run.clean_new)
+            await self.payments.release(operation_id, owner, run.error, run.bank_ms, run.report())
             if self.stopping.is_set():
                 log.info("stopping: operation left for the next worker")
                 return False
@@ -491,7 +509,12 @@ class Handling:
         if domain.is_final(run.verdict):
             doubt = None
             if claim.kind is OperationKind.AUTHORIZE:
-                doubt = domain.doubt_of_approval(run.outcome, unknown_before=run.unknown_before_last)
+                doubt = domain.doubt_of_approval(
+                    run.outcome,
+                    unknown_before=run.unknown_before_last,
+                    lost=run.lost_before_last,
+                    hold=_hold(claim, run.outcome),
+                )
             await self._record(delivery, claim, run, run.verdict, run.outcome, doubt)
             return False
         await self._retry_later(delivery, claim, domain.error_for(run.outcome), run)
@@ -513,8 +536,9 @@ class Handling:
             # Bounded like any other failure: the ladder, then parked with the reason. The
             # bank did its part; asking again with our key gets the same answer back.
             log.error("the bank's answer could not be recorded", problem=str(exc))
+            error = _error(domain.CANNOT_RECORD, f"the bank's answer could not be recorded: {exc}", retryable=True)
             run.unknown_new += 1
-            error = _error("cannot_record", f"the bank's answer could not be recorded: {exc}", retryable=True)
+            run.lost_new.append(domain.lost_answer(run.attempts, iso(now()), claim.owner, error))
             await self._retry_later(delivery, claim, error, run)
             return
         if doubt is not None:
@@ -576,10 +600,12 @@ class Handling:
 
     async def _tries(self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], permit: Permit) -> _Run:
         """Up to WORKER_QUICK_RETRIES sequential tries, each under a freshly renewed lease."""
-        run = _Run(attempts=claim.attempts, unknown_before=claim.unknown_outcomes)
+        run = _Run(attempts=claim.attempts, unknown_before=claim.unknown_outcomes, lost_reported=claim.lost_answers)
         for tries in range(1, self.cfg.quick_retries + 1):
             if tries > 1:
-                await process.wait(self.stopping, random.uniform(0, self.cfg.quick_retry_base * 2 ** (tries - 2)))
+                await self._note_while_waiting(
+                    claim, run, random.uniform(0, self.cfg.quick_retry_base * 2 ** (tries - 2))
+                )
                 next_permit = await self._renew(claim, run)
                 if next_permit is None:
                     return run
@@ -609,13 +635,26 @@ class Handling:
     ) -> None:
         """ "Already done": maybe our own earlier try whose answer was lost. Ask again, same key."""
         log.info("bank says already done; asking again with the same key", code=refusal.code)
-        await process.wait(self.stopping, self.cfg.confirm_delay)
+        await self._note_while_waiting(claim, run, self.cfg.confirm_delay)
         permit = await self._renew(claim, run)
         if permit is None:
             return
         await self._ask(claim, call, permit, run)
         if run.verdict is Verdict.CONFIRM:
             run.uncertain = True
+
+    async def _note_while_waiting(self, claim: Claim, run: _Run, seconds: float) -> None:
+        """Wait before the next try, meanwhile reporting what the tries so far taught us: a
+        handler that dies before its next write must not leave an attempt known to have done
+        nothing counted as one that may have (a possible second hold, for an authorization).
+        The report costs no time (it runs during the wait) and only follows a failed try."""
+        report = run.report()
+        if report.clean_attempts or report.lost_answers:
+            await asyncio.gather(
+                self.payments.note(claim.operation_id, claim.owner, report), process.wait(self.stopping, seconds)
+            )
+        else:
+            await process.wait(self.stopping, seconds)
 
     async def _renew(self, claim: Claim, run: _Run) -> Permit | None:
         """Permission for one more call: not stopping, the breaker lets it through, and the lease
@@ -632,13 +671,13 @@ class Handling:
             self.gate.cancel(permit)
             run.lost = got
             return None
-        run.attempts = got.attempts
+        run.attempts, run.lost_reported = got.attempts, got.lost_answers
         return permit
 
     async def _ask(
         self, claim: Claim, call: Callable[[], Awaitable[BankOutcome]], permit: Permit, run: _Run
     ) -> BankOutcome:
-        started = time.monotonic()
+        sent_at, started = iso(now()), time.monotonic()
         try:
             outcome = await call()
         finally:
@@ -647,10 +686,13 @@ class Handling:
         run.outcome = outcome
         run.verdict = domain.classify(claim.kind, outcome)
         run.unknown_before_last = run.unknown
+        run.lost_before_last = [*run.lost_reported, *run.lost_new]
         if outcome.kind == "ok":
             pass  # work we know of: recorded next (or, if that fails, counted as unknown then)
         elif domain.may_have_acted(outcome):
             run.unknown_new += 1
+            error = domain.error_for(outcome, claim.kind)
+            run.lost_new.append(domain.lost_answer(run.attempts, sent_at, claim.owner, error))
         else:
             run.clean_new += 1
         return outcome
@@ -688,7 +730,7 @@ class Handling:
         if retries >= len(self.cfg.retry_ladder):
             await self._park(delivery, claim, error, run=run)
             return
-        await self.payments.release(claim.operation_id, claim.owner, error, run.bank_ms, clean_attempts=run.clean_new)
+        await self.payments.release(claim.operation_id, claim.owner, error, run.bank_ms, run.report())
         delay = self.cfg.retry_ladder[retries]
         await delivery.retry_later(delay, retries + 1, claim.kind.value)
         log.info("bank attempts failed; retrying later", delay=delay, rung=retries + 1, error_code=error["code"])
@@ -696,10 +738,8 @@ class Handling:
 
     async def _park(self, delivery: Delivery, claim: Claim, error: dict, *, run: _Run | None = None) -> None:
         attempts = claim.attempts if run is None else run.attempts
-        if run is not None and (run.bank_ms or run.clean_new):
-            await self.payments.release(
-                claim.operation_id, claim.owner, error, run.bank_ms, clean_attempts=run.clean_new
-            )
+        if run is not None and (run.bank_ms or run.clean_new or run.lost_new):
+            await self.payments.release(claim.operation_id, claim.owner, error, run.bank_ms, run.report())
         payment = await self.payments.park(claim.operation_id, error)
         if payment is not None:
             await delivery.dead_letter(
@@ -707,6 +747,14 @@ class Handling:
             )
             log.error("operation parked for ops", error_code=error["code"], attempts=attempts)
         await delivery.ack()
+
+
+def _hold(claim: Claim, outcome: BankOutcome) -> domain.Hold:
+    """The hold an approval names, as ops would look for a twin of it at the bank."""
+    payment = claim.payment
+    card = f"{payment.get('card_brand', 'card')} ending {payment.get('card_last4', '????')}"
+    authorization_id = (outcome.body or {}).get("authorization_id")
+    return domain.Hold(claim.amount, card, authorization_id, iso(now()))
 
 
 def _dead_headers(

@@ -180,6 +180,11 @@ SELECT :command_exchange, :command_routing_key, :command_message_id, :command_bo
 -- row's `owner` says which.
 -- (updated_at, which is indexed, is left alone: the lease says the operation is
 -- being worked on, and an update touching no indexed column can stay on its page.)
+-- A claim is the last step before the bank request is written out, so an attempt
+-- counted here may have reached the bank. Its handler reports it (clean_attempts,
+-- lost_answers) when it next writes; one still unreported when the operation is
+-- claimed again belongs to a handler that stopped (killed, or cut off from the
+-- database) after claiming it: it goes into lost_answers as `worker_stopped`.
 WITH asked AS (
     SELECT * FROM unnest(:operation_ids::text[], :owners::text[], :lease_seconds::float8[])
                       AS a(operation_id, owner, lease_seconds)
@@ -188,7 +193,14 @@ WITH asked AS (
        SET attempts = o.attempts + 1,
            lease_owner = a.owner,
            lease_until = now() + make_interval(secs => a.lease_seconds),
-           first_attempt_at = coalesce(o.first_attempt_at, now())
+           first_attempt_at = coalesce(o.first_attempt_at, now()),
+           claimed_at = now(),
+           lost_answers = CASE
+               WHEN o.attempts > o.clean_attempts + coalesce(jsonb_array_length(o.lost_answers), 0)
+               THEN coalesce(o.lost_answers, '[]') || jsonb_build_array(jsonb_build_object(
+                        'attempt', o.attempts, 'at', o.claimed_at, 'worker', o.lease_owner,
+                        'code', 'worker_stopped'))
+               ELSE o.lost_answers END
       FROM asked a
      WHERE o.id = a.operation_id AND o.status = 'pending' AND NOT o.parked
        AND (o.lease_until IS NULL OR o.lease_until < now() OR o.lease_owner = a.owner)
@@ -200,7 +212,7 @@ WITH asked AS (
 -- else changes it (one operation in flight per payment), so the outcome is recorded
 -- from this snapshot without reading it again.
 SELECT c.lease_owner AS owner, c.id AS operation_id, c.kind AS operation_kind, c.bank_key, c.attempts,
-       c.first_attempt_at, c.attempts - 1 - c.clean_attempts AS unknown_outcomes,
+       c.first_attempt_at, c.attempts - 1 - c.clean_attempts AS unknown_outcomes, c.lost_answers,
        p.*, payment_history_json(p.id) AS history, v.sealed
   FROM claimed c
   JOIN payments p ON p.id = c.payment_id
@@ -213,11 +225,32 @@ SELECT o.id, o.kind, o.status, o.parked, o.attempts, o.first_attempt_at, o.payme
  WHERE o.id = :operation_id;
 
 -- name: release_lease!
+-- The lease given back, with the report of the holder's attempts not reported yet.
 UPDATE operations SET lease_owner = NULL, lease_until = NULL, last_error = :error,
                       bank_ms = bank_ms + :bank_ms,
                       clean_attempts = clean_attempts + :clean_attempts,
+                      lost_answers = nullif(coalesce(lost_answers, '[]') || :lost_answers::jsonb, '[]'),
                       updated_at = now()
  WHERE id = :operation_id AND lease_owner = :owner AND status = 'pending';
+
+-- name: note_attempts
+-- What the lease holders learnt of their latest attempts, reported at once (one row
+-- per holder: the worker sends those of its concurrent handlings together) rather
+-- than with the next claim or release, so that an attempt known to have done
+-- nothing is not counted as one that may have, should the handler die before then.
+-- Returns the operations noted (none when the lease is no longer the owner's).
+-- (updated_at is left alone, as by a claim.)
+WITH noted AS (
+    SELECT * FROM unnest(:operation_ids::text[], :owners::text[], :clean_attempts::integer[],
+                         :lost_answers::text[])
+                      AS n(operation_id, owner, clean_attempts, lost_answers)
+)
+UPDATE operations o
+   SET clean_attempts = o.clean_attempts + n.clean_attempts,
+       lost_answers = nullif(coalesce(o.lost_answers, '[]') || n.lost_answers::jsonb, '[]')
+  FROM noted n
+ WHERE o.id = n.operation_id AND o.lease_owner = n.owner AND o.status = 'pending'
+RETURNING o.id;
 
 -- name: lock_operation^
 -- The operation with its payment, both locked, while it is still pending.

@@ -194,6 +194,17 @@ async def test_a_second_hold_under_our_key_flagged_with_a_finding_is_reported_no
     assert "we have voided, attention_required=True" in case and "findings=['possible_duplicate_hold']" in case
 
 
+async def test_findings_are_counted_against_the_second_holds_the_bank_really_has():
+    payments, ledger, flows, events = good_run()
+    second_hold_of_pay_b(ledger)
+    flag(payments, events, "pay_b")
+    flag(payments, events, "pay_a")  # flagged for a second hold it does not have
+    found = {"pay_b": {"possible_duplicate_hold"}, "pay_a": {"possible_duplicate_hold"}}
+    result = await check_forgetful(payments, ledger, flows, events, found)
+    assert (result.duplicate_hold_findings, result.found_second_holds, result.second_holds) == (2, 1, 1)
+    assert result.findings_line() == "possible_duplicate_hold findings=2 on real second holds=1/1"
+
+
 async def test_a_second_hold_not_flagged_fails_the_run():
     payments, ledger, flows, events = good_run()
     second_hold_of_pay_b(ledger)

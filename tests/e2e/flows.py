@@ -94,7 +94,7 @@ class Flow:
     payment_id: str | None = None
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    unnamed_capture: bool = False  # captured without a capture id: no refund was asked for
+    unnamed_capture: bool = False  # captured without a capture id: the refund was refused (409)
 
     @property
     def expected(self) -> str:
@@ -136,12 +136,16 @@ async def run_flow(client: Client, plan: Plan, run_id: str, settle_timeout: floa
             return flow
         steps = {"capture": ["capture"], "capture_refund": ["capture", "refund"], "void": ["void"], "none": []}
         for action in steps[plan.action]:
-            if action == "refund" and payment["bank"]["capture_id"] is None:
-                # The bank took the money but never named the capture (it forgot our key): there
-                # is nothing to refund against, and the payment is flagged for ops. FicMart leaves it.
-                flow.unnamed_capture = True
-                return flow
             reply = await client.act(flow.payment_id, action)
+            if action == "refund" and payment["bank"]["capture_id"] is None:
+                # The bank took the money but never named the capture (it forgot our key): the
+                # refund is refused at once, nothing started, the payment stays captured and
+                # flagged until ops record the capture id. FicMart leaves it there.
+                flow.unnamed_capture = True
+                code = (reply.body.get("error") or {}).get("code") if isinstance(reply.body, dict) else None
+                if (reply.status, code) != (409, "bank_reference_unknown"):
+                    flow.problems.append(f"refund of an unnamed capture answered {reply.status} {reply.body}")
+                return flow
             if reply.status != 202:
                 flow.problems.append(f"{action} answered {reply.status} {reply.body}")
                 return flow
@@ -204,6 +208,9 @@ class Audit:
     unnamed: list[str] = field(default_factory=list)  # done, no bank id, true status, flagged
     unnamed_parked: list[str] = field(default_factory=list)  # done, receipt parked in progress
     unnamed_unflagged: list[str] = field(default_factory=list)  # done, no bank id, not flagged
+    duplicate_hold_findings: int = 0  # payments with a possible_duplicate_hold finding
+    second_holds: int = 0  # payments with more than one hold at the bank
+    found_second_holds: int = 0  # ... of which have the finding
 
     @property
     def failures(self) -> dict[str, list]:
@@ -228,6 +235,13 @@ class Audit:
 
     def report(self, limit: int = 8) -> str:
         return "; ".join(f"{k}={len(v)}: {v[:limit]}" for k, v in self.failures.items()) or "clean"
+
+    def findings_line(self) -> str:
+        """possible_duplicate_hold findings against the second holds the bank really has."""
+        return (
+            f"possible_duplicate_hold findings={self.duplicate_hold_findings} on real second holds="
+            f"{self.found_second_holds}/{self.second_holds}"
+        )
 
     def flagged_cases(self) -> list[str]:
         """The cases the gateway flagged as it should, each explained; they do not fail a run."""
@@ -338,6 +352,11 @@ def _check_bank_that_forgets(
 
     def explained(category: str) -> str:
         return f"{tag}: {category}; bank has {_bank_has(entries)}; we have {_we_have(payment, findings)}"
+
+    doubled_holds = len(entries["authorizations"]) > 1
+    result.second_holds += doubled_holds
+    result.duplicate_hold_findings += DUPLICATE_HOLD_FINDING in findings
+    result.found_second_holds += doubled_holds and DUPLICATE_HOLD_FINDING in findings
 
     for section, want in zip(SECTIONS, claims, strict=True):
         found = entries[section]

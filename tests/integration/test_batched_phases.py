@@ -10,7 +10,7 @@ import uuid
 import pytest
 from opentelemetry.trace import SpanKind
 
-from gateway import payments, store, tracing
+from gateway import domain, payments, store, tracing
 from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, InvalidTransition, Verdict
@@ -276,3 +276,41 @@ async def test_outcomes_recorded_together_each_settle_their_own_payment(pool, tw
     assert [r["status"] for r in rows] == ["authorized", "declined"]
     assert rows[0]["authorization_id"] == body["authorization_id"] and rows[1]["authorization_id"] is None
     assert [r["cards"] for r in rows] == [0, 0] and [r["history"] for r in rows] == [2, 2]
+
+
+async def test_attempts_are_reported_by_their_holder_or_by_the_claim_after_a_holder_that_stopped(pool, two_pending):
+    op, other = two_pending
+    first = await payments.claim(pool, op, "w/1", 30)
+    assert isinstance(first, payments.Claim) and (first.attempts, first.unknown_outcomes, first.lost_answers) == (
+        1,
+        0,
+        (),
+    )
+    timeout = domain.lost_answer(1, "2030-01-01T00:00:00Z", "w/1", domain.error_for(BankOutcome("timeout")))
+    noted = await payments.note_many(
+        pool,
+        [
+            store.AttemptNote(op, "w/1", store.AttemptReport(0, [timeout])),
+            store.AttemptNote(other, "w/nobody", store.AttemptReport(1, [])),  # holds no lease: nothing noted
+        ],
+    )
+    assert noted == [True, False]
+    renewed = await payments.claim(pool, op, "w/1", 0.01)  # the holder's next try: nothing unreported
+    assert isinstance(renewed, payments.Claim) and renewed.attempts == 2
+    assert renewed.unknown_outcomes == 1 and renewed.lost_answers == [timeout]
+
+    await asyncio.sleep(0.05)  # w/1 died during its second try, unreported; its lease runs out
+    taken = await payments.claim(pool, op, "w/2", 30)
+    assert isinstance(taken, payments.Claim) and (taken.attempts, taken.unknown_outcomes) == (3, 2)
+    stopped = taken.lost_answers[-1]
+    assert (stopped["attempt"], stopped["worker"], stopped["code"]) == (2, "w/1", domain.WORKER_STOPPED)
+    assert stopped["at"] is not None
+    await payments.release(pool, op, "w/2", {"code": "bank_internal_error"}, 5, store.AttemptReport(1, []))
+    row = await pool.fetchrow(
+        "SELECT attempts, clean_attempts, lost_answers, lease_owner FROM operations WHERE id = $1", op
+    )
+    assert (row["attempts"], row["clean_attempts"], len(row["lost_answers"]), row["lease_owner"]) == (3, 1, 2, None)
+    last = await payments.claim(pool, op, "w/3", 30)  # everything was reported: no entry added
+    assert isinstance(last, payments.Claim) and last.unknown_outcomes == 2 and len(last.lost_answers) == 2
+    untouched = await pool.fetchrow("SELECT clean_attempts, lost_answers FROM operations WHERE id = $1", other)
+    assert (untouched["clean_attempts"], untouched["lost_answers"]) == (0, None)

@@ -292,9 +292,19 @@ async def test_findings(ops):
             repaired=False,
             found_at=now(),
         )
+        await store.insert_finding(
+            conn,
+            run_id="worker:op_1",
+            payment_id=pid,
+            kind="possible_duplicate_hold",
+            detail={"lost_attempts": [{"attempt": 1, "code": "bank_timeout"}], "check_at_bank": f"holds {HOSTILE}"},
+            repaired=False,
+            found_at=now(),
+        )
     status, text, _ = await ops.get("/ops/findings")
     assert status == 200
     assert "amount_mismatch" in text and "rec_1" in text and f'href="/ops/payments/{pid}"' in text
+    assert "Check at the bank: holds" in text and "&#34;bank_timeout&#34;" in text  # the whole detail, readable
     assert CARD not in text and "<script>alert" not in text
 
 

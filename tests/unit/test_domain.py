@@ -878,6 +878,29 @@ def test_an_approval_is_doubtful_when_another_unknown_attempt_may_have_held_mone
         assert doubt.finding == domain.POSSIBLE_DUPLICATE_HOLD
 
 
+def test_a_doubtful_approval_tells_ops_which_attempts_were_lost_how_and_what_to_look_for_at_the_bank():
+    timeout = domain.lost_answer(1, "2030-01-01T10:00:00Z", "w1/a", domain.error_for(BankOutcome("timeout")))
+    stopped = {"attempt": 2, "at": "2030-01-01T10:00:05Z", "worker": "w2/b", "code": domain.WORKER_STOPPED}
+    hold = domain.Hold(1234, "visa ending 1111", "auth_x", "2030-01-01T10:00:09Z")
+    fresh = domain.doubt_of_approval(
+        BankOutcome("ok", 200, body={}), unknown_before=2, lost=[timeout, stopped], hold=hold
+    )
+    assert fresh is not None and fresh.finding == domain.POSSIBLE_DUPLICATE_HOLD
+    assert "attempt 1 at 2030-01-01T10:00:00Z; attempt 2 at 2030-01-01T10:00:05Z" in fresh.message
+    first, second = fresh.evidence["lost_attempts"]
+    assert first["code"] == "bank_timeout" and "did not answer in time" in first["how_it_ended"]
+    assert "stopped" in second["how_it_ended"] and "just before the request is written out" in second["how_it_ended"]
+    assert fresh.evidence["check_at_bank"] == (
+        "the holds of 1234 cents on card visa ending 1111 placed from 2030-01-01T10:00:00Z to 2030-01-01T10:00:09Z: "
+        "any besides auth_x is a second hold the gateway has no id for; void it at the bank, then resolve the payment"
+    )
+    replayed = domain.doubt_of_approval(
+        BankOutcome("ok", 200, body={}, replayed=True), unknown_before=2, lost=[timeout, stopped]
+    )
+    assert replayed is not None and replayed.evidence["approval"].startswith("the bank replayed its answer")
+    assert "check_at_bank" not in replayed.evidence  # no hold named: nothing to compare with
+
+
 @pytest.mark.parametrize(
     ("outcome", "acted"),
     [

@@ -15,6 +15,7 @@ from gateway import domain
 from gateway.cards import CardVault
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
+from gateway.store import AttemptReport
 from gateway.timefmt import now
 from worker import topology
 from worker.breaker import Failure, State
@@ -61,6 +62,7 @@ class Op:
     verdict: Verdict | None = None
     bank_ms: int = 0
     clean_attempts: int = 0
+    lost_answers: list[dict] = field(default_factory=list)
     doubt: domain.Doubt | None = None
 
 
@@ -102,6 +104,10 @@ class FakePayments:
             return OperationState(parked=True, last_error=op.last_error, **state)  # type: ignore[arg-type]
         if op.lease_owner not in (None, owner):
             return OperationState(lease_left=op.lease_left, **state)  # type: ignore[arg-type]
+        if op.attempts > op.clean_attempts + len(op.lost_answers):  # as claim_operations reports it
+            op.lost_answers.append(
+                {"attempt": op.attempts, "at": None, "worker": op.lease_owner, "code": "worker_stopped"}
+            )
         op.attempts += 1
         op.lease_owner = owner
         op.first_attempt_at = op.first_attempt_at or now()
@@ -120,17 +126,29 @@ class FakePayments:
             card_expiry_year=2030,
             sealed_card=op.sealed_card,
             unknown_outcomes=op.attempts - 1 - op.clean_attempts,
+            lost_answers=list(op.lost_answers),
+            payment={"card_brand": "visa", "card_last4": "1111"},
         )
 
+    def _report(self, op: Op, report: AttemptReport) -> None:
+        op.clean_attempts += report.clean_attempts
+        op.lost_answers.extend(report.lost_answers)
+
     async def release(
-        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, *, clean_attempts: int = 0
+        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, report: AttemptReport
     ) -> None:
         self._touch("release", operation_id, owner, error)
         op = self.ops[operation_id]
         if op.lease_owner == owner:
             op.lease_owner, op.last_error = None, error
             op.bank_ms += bank_ms
-            op.clean_attempts += clean_attempts
+            self._report(op, report)
+
+    async def note(self, operation_id: str, owner: str, report: AttemptReport) -> None:
+        self._touch("note", operation_id, owner, report)
+        op = self.ops[operation_id]
+        if op.lease_owner == owner:
+            self._report(op, report)
 
     async def record_outcome(self, claim: Claim, verdict: Verdict, outcome: BankOutcome, bank_ms: int, doubt=None):
         operation_id = claim.operation_id
@@ -517,6 +535,58 @@ async def test_lost_answers_are_counted_across_handlings(world):
     world.bank.answer("authorize", TIMEOUT, replayed)
     await world.handling.handle(command(op.id, retries=1))
     assert op.verdict is Verdict.SUCCEEDED and op.doubt is not None  # two unknowns before the replay
+
+
+async def test_a_possible_second_hold_says_which_attempt_was_lost_when_and_what_to_check(world):
+    op = world.authorize()
+    world.bank.answer("authorize", TIMEOUT, OK["authorize"])
+    await world.handling.handle(command(op.id))
+    evidence = op.doubt.evidence if op.doubt else {}
+    (lost,) = evidence["lost_attempts"]
+    assert (lost["attempt"], lost["code"], lost["worker"]) == (1, "bank_timeout", op.lost_answers[0]["worker"])
+    assert lost["at"] and "may have reached the bank" in lost["how_it_ended"]
+    assert "1500 cents on card visa ending 1111" in evidence["check_at_bank"] and "auth_1" in evidence["check_at_bank"]
+    assert evidence["approval"].startswith("a fresh approval") and evidence["unknown_attempts"] == 1
+    assert "attempt 1 at" in op.doubt.message  # type: ignore[union-attr]
+    assert [c[0] for c in world.payments.calls].count("note") == 1  # reported during the wait before the retry
+
+
+async def test_a_handler_that_stopped_after_its_claim_is_named_in_the_finding(world):
+    op = world.authorize(attempts=1)  # claimed, then its handler died: nothing was reported
+    world.bank.answer("authorize", OK["authorize"])
+    await world.handling.handle(command(op.id))
+    (lost,) = op.doubt.evidence["lost_attempts"] if op.doubt else []
+    assert (lost["attempt"], lost["code"]) == (1, domain.WORKER_STOPPED)
+    assert "stopped" in lost["how_it_ended"] and "may have reached the bank" in lost["how_it_ended"]
+
+
+async def test_a_clean_answer_is_reported_before_the_retry_so_a_handler_dying_then_raises_no_doubt(world):
+    """The first try gets the contract's 500 (nothing done) and the worker dies before its retry:
+    the next handling must not count that attempt as one that may have placed a hold."""
+    op = world.authorize()
+    world.bank.answer("authorize", E500)
+    report = world.payments.note
+
+    async def note_then_die(operation_id, owner, done):
+        await report(operation_id, owner, done)
+        raise DatabaseDown("the worker died here")
+
+    world.payments.note = note_then_die  # type: ignore[method-assign]
+    first = command(op.id)
+    await world.handling.handle(first)
+    assert first.actions == [("requeue",)] and op.clean_attempts == 1 and op.verdict is None
+    op.lease_owner = None  # its lease runs out
+    world.payments.note = report  # type: ignore[method-assign]
+    await world.handling.handle(command(op.id))
+    assert op.verdict is Verdict.SUCCEEDED and op.doubt is None and op.lost_answers == []
+
+
+async def test_every_lost_answer_is_reported_with_the_lease_given_back(world):
+    op = world.authorize()
+    world.bank.answer("authorize", TIMEOUT, E500, DOWN)
+    await world.handling.handle(command(op.id))
+    assert op.clean_attempts == 1 and [e["code"] for e in op.lost_answers] == ["bank_timeout", "bank_connection"]
+    assert [e["attempt"] for e in op.lost_answers] == [1, 3] and op.lease_owner is None
 
 
 async def test_a_fresh_approval_after_a_request_never_sent_is_simply_ours(world):
