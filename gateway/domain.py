@@ -243,7 +243,7 @@ def may_have_acted(outcome: BankOutcome) -> bool:
 # ---- outcomes the bank will not name -------------------------------------------------------
 #
 # The bank stores its answer for a key AFTER the money moved, tied to the client's
-# connection (bank-contract.md): a client that went away at that moment leaves the work
+# connection (docs/bank.md): a client that went away at that moment leaves the work
 # done and the key forgotten. A repeat then runs again: "already done" with no replayed
 # body for a capture, void or refund, a second hold for an authorization. Which of these
 # prove what happened, given that an earlier attempt of ours may have acted:
@@ -405,7 +405,7 @@ def event_type(status: Status) -> str:
 
 ATTENTION_EVENT = "payment.attention_required"
 
-# Every error code of bank-contract.md, and what it says in our own words: the message a
+# Every error code of docs/bank.md, and what it says in our own words: the message a
 # payment's last_error shows beside the code. The bank's own text is free text from outside
 # (it could say anything to a merchant); gateway.answers keeps it for ops only.
 BANK_ERRORS: dict[str, str] = {
@@ -425,7 +425,7 @@ BANK_ERRORS: dict[str, str] = {
     "not_found": "the bank does not know what was asked for",
     "internal_error": "the bank failed to handle the request",
 }
-UNKNOWN_BANK_ERROR = "unknown_bank_error"  # a code outside bank-contract.md (gateway.answers)
+UNKNOWN_BANK_ERROR = "unknown_bank_error"  # a code outside docs/bank.md (gateway.answers)
 _UNKNOWN_BANK_ERROR_TEXT = "the bank answered with an error code outside its contract"
 
 
@@ -498,7 +498,7 @@ def abandon(kind: OperationKind, status: Status) -> Abandonment:
     return _ABANDONMENTS[kind]
 
 
-# The receipt's bank references, the prefix of each (bank-contract.md: a prefix
+# The receipt's bank references, the prefix of each (docs/bank.md: a prefix
 # plus a lowercase UUID), and the statuses in which a payment may carry it.
 BANK_REFERENCES: dict[str, tuple[str, frozenset[Status]]] = {
     "authorization_id": (

@@ -12,7 +12,7 @@ from gateway.timefmt import iso
 
 
 def payment_json(row: Mapping[str, Any] | asyncpg.Record) -> dict:
-    """The payment (receipt) of gateway-api.md. `row` is a payments row plus `history`."""
+    """The payment (receipt) of docs/api.md. `row` is a payments row plus `history`."""
     return {
         "id": row["id"],
         "order_id": row["order_id"],

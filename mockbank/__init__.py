@@ -1,4 +1,4 @@
-"""Mock card bank for the payment gateway's tests (see bank-contract.md).
+"""Mock card bank for the payment gateway's tests (see docs/bank.md).
 
 * ``mockbank.server`` - the aiohttp app, the ``mockbank`` console script and the
   /_mock/* test endpoints (documented in its module docstring).

@@ -1,6 +1,6 @@
 """The upstream bank's database as a queue: a pool of connections and account row locks.
 
-bank-contract.md: under concurrent load the upstream bank answers much later
+docs/bank.md: under concurrent load the upstream bank answers much later
 than its injected latency, because "requests on the same card wait for each
 other (the account row is locked for the whole operation), and its database
 pool holds 25 connections". The mock's books are in memory and its operations

@@ -679,7 +679,7 @@ async def serve(host: str, port: int, config: Config, stop: asyncio.Event) -> No
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mockbank",
-        description="In-memory mock of the card bank (bank-contract.md) with chaos switches.",
+        description="In-memory mock of the card bank (docs/bank.md) with chaos switches.",
         epilog=epilog(Config) + " Test endpoints live under /_mock/ (see the mockbank.server "
         "module docstring). A bad environment value exits with code 2.",
     )

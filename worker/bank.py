@@ -1,4 +1,4 @@
-"""The bank's HTTP contract (bank-contract.md) as a client that returns domain.BankOutcome.
+"""The bank's HTTP contract (docs/bank.md) as a client that returns domain.BankOutcome.
 
 Every call ends in an outcome, never an exception, for anything the network
 or the bank can do: an answer we can read ("ok" / "error"), no answer in

@@ -17,7 +17,7 @@ from gateway.config import ConfigError, EnvSettings, nice_field
 DEFAULT_RETRY_LADDER = "1,5,30,120,600"
 # Housekeeping and ops decisions (the sweeper; gatewayctl abandon reads ABANDON_AFTER_HOURS).
 DEFAULT_KEY_RETENTION_HOURS = 48.0
-MIN_KEY_RETENTION_HOURS = 24.0  # gateway-api.md: "Keys are kept at least 24 hours"
+MIN_KEY_RETENTION_HOURS = 24.0  # docs/api.md: "Keys are kept at least 24 hours"
 DEFAULT_PRUNE_BATCH_SIZE = 500
 DEFAULT_ABANDON_AFTER_HOURS = 24.0
 

@@ -1,4 +1,4 @@
-"""The upstream bank's idempotency gaps (bank-contract.md, "Idempotency at the bank").
+"""The upstream bank's idempotency gaps (docs/bank.md, "Idempotency at the bank").
 
 The bank writes a remembered response after the commit, tied to the client's
 connection: a client gone at that moment leaves the work done and the key not

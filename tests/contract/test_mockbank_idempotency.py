@@ -1,4 +1,4 @@
-"""Idempotency at the bank and the requests it cannot parse (bank-contract.md)."""
+"""Idempotency at the bank and the requests it cannot parse (docs/bank.md)."""
 
 from __future__ import annotations
 

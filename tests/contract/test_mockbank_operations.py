@@ -1,4 +1,4 @@
-"""Contract rules of the four operations and the GETs (bank-contract.md).
+"""Contract rules of the four operations and the GETs (docs/bank.md).
 
 One test per rule, against a real zero-chaos mockbank process.
 """

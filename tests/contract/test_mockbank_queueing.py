@@ -1,4 +1,4 @@
-"""The upstream bank under load (bank-contract.md, "Chaos"): its queueing and its 15 s cut-off.
+"""The upstream bank under load (docs/bank.md, "Chaos"): its queueing and its 15 s cut-off.
 
 "Requests on the same card wait for each other (the account row is locked for
 the whole operation), and its database pool holds 25 connections" (the mock:

@@ -61,7 +61,7 @@ POINTS_OF = {
 # take up to 300 ms, long enough for a duplicate command (a relay republish, a sweeper
 # re-enqueue, a redelivery) to turn up while the first copy is still at the bank.
 BANK_CHAOS = {"MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "300", "FAILURE_RATE": "0.05", "RESPONSE_LOSS_RATE": "0.05"}
-# The upstream bank's idempotency gaps (bank-contract.md), far more often than upstream: of
+# The upstream bank's idempotency gaps (docs/bank.md), far more often than upstream: of
 # the POSTs whose client is gone when the work commits (a lost answer, a killed worker) most
 # leave the key forgotten, and a few key lookups fail (a remembered retry runs as new).
 FORGETFUL_BANK = {"KEY_FORGET_RATE": "0.7", "KEY_LOOKUP_FAILURE_RATE": "0.05"}

@@ -29,7 +29,7 @@ database cut (about 15-25 s). `make test-long`: 1000 payments, every crash point
 a probability in every process life (about a hundred kills), three broker cuts and three
 database cuts (about 2-3 minutes). Both print a summary line.
 
-Each runs again against a bank that forgets keys as the upstream bank can (bank-contract.md,
+Each runs again against a bank that forgets keys as the upstream bank can (docs/bank.md,
 "Idempotency at the bank"; harness.FORGETFUL_BANK): default 80 payments with each point armed
 once, long 1000 as above. Their audit tells lost, doubled (flagged or not) and done but
 unnamed apart and explains every flagged case after the summary line: work the bank did

@@ -4,7 +4,7 @@ The relay killed between the broker's confirm and marking the rows (crash point
 relay.after_publish) publishes those rows again, so a worker may receive a command
 while it is still handling the first copy. The second copy must not start a second
 bank call for the operation: the bank has no in-flight lock, and two concurrent
-authorizations with one key place two holds (bank-contract.md).
+authorizations with one key place two holds (docs/bank.md).
 
 Found by the long crash run (a payment with two holds, same idempotency key).
 """

@@ -11,7 +11,7 @@ one capture per captured, one void per voided or expired, one refund per refunde
 the receipt's bank ids with the ledger's, and the events received with the statuses
 the payment went through (one event per settled status in its history, by event_id).
 
-A bank that may forget keys (bank-contract.md, "Idempotency at the bank": the work done,
+A bank that may forget keys (docs/bank.md, "Idempotency at the bank": the work done,
 the key not remembered, so a repeat runs again) is audited with `bank_forgets_keys=True`
 and the reconciliation findings per payment. Each payment's books then fall into:
   lost      money moved at the bank that the receipt does not account for at all, or a

@@ -1,4 +1,4 @@
-"""Every lifecycle of gateway-api.md through the HTTP API, with the real processes.
+"""Every lifecycle of docs/api.md through the HTTP API, with the real processes.
 
 Each test checks three views of the same story: the receipt (GET, long poll),
 the bank's ledger (GET /_mock/ledger, the payment's entries found by its unique

@@ -179,7 +179,7 @@ async def test_access_line_names_the_route_template(api, pool, api_logs):
 
 
 async def test_a_callers_trace_is_linked_not_adopted_and_its_tracestate_goes_nowhere(api, pool, api_logs):
-    """gateway-api.md: the gateway starts its own trace, linked to the caller's, and names it
+    """docs/api.md: the gateway starts its own trace, linked to the caller's, and names it
     in `traceresponse`. The caller's ids never name ours (they would land in our logs) and its
     `tracestate` is not carried on (the worker would send it to the bank)."""
     caller = uuid.uuid4().hex

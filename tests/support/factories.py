@@ -10,7 +10,7 @@ from gateway import payments
 from gateway.cards import CardVault
 from gateway.fingerprints import Fingerprinter
 
-HAPPY = ("4111111111111111", "123", 12, 2030)  # bank-contract.md's happy-path card
+HAPPY = ("4111111111111111", "123", 12, 2030)  # docs/bank.md's happy-path card
 # Fingerprints under the tests' card key (tests/conftest.py DEV_CARD_KEY).
 FINGERPRINTER = Fingerprinter([b"k" * 32])
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from gateway import cards
 from gateway.cards import CardVault, VaultError
 
-# The four test accounts of bank-contract.md.
+# The four test accounts of docs/bank.md.
 CONTRACT_CARDS = {
     "4111111111111111": "visa",
     "4242424242424242": "visa",
@@ -131,7 +131,7 @@ def test_luhn_rejects_non_digits(number):
     ids=["fullwidth", "arabic-indic", "devanagari", "superscript-suffix", "superscript", "circled"],
 )
 def test_luhn_rejects_non_ascii_digits(number):
-    # A card number is ASCII digits (bank-contract.md: 13-19 digits). Other
+    # A card number is ASCII digits (docs/bank.md: 13-19 digits). Other
     # Unicode digits must be judged invalid, never accepted and never crash.
     assert cards.luhn_ok(number) is False
 

@@ -41,7 +41,7 @@ def clean_env(monkeypatch):
 
 # ---------------------------------------------------------------- defaults
 def test_defaults_are_the_documented_ones():
-    # gateway-api.md, "Processes and configuration".
+    # docs/api.md, "Processes and configuration".
     s = config.parse({})
     assert isinstance(s, Settings)
     assert s.database_url == "postgresql://postgres@127.0.0.1:5432/gateway"
@@ -612,7 +612,7 @@ NUMBER_RULES = {
     "RECONCILE_INTERVAL_SECONDS": (False, ["-1", "x"]),
     "RECONCILE_RATE": (False, ["0", "x"]),
     "RECONCILE_LIMIT": (True, ["0", "x"]),
-    # gateway-api.md promises keys for at least 24 hours.
+    # docs/api.md promises keys for at least 24 hours.
     "IDEMPOTENCY_KEY_RETENTION_HOURS": (False, ["23.9", "0", "two days", "inf"]),
     "IDEMPOTENCY_PRUNE_BATCH_SIZE": (True, ["0", "1.5", "x"]),
     "ABANDON_AFTER_HOURS": (False, ["0", "-1", "nan"]),

@@ -1,4 +1,4 @@
-"""Exhaustive tests of gateway.domain against gateway-api.md and bank-contract.md.
+"""Exhaustive tests of gateway.domain against docs/api.md and docs/bank.md.
 
 Every expectation below is written from the two contract documents, not
 copied from domain.py: the tables are the contract, the code must match them.
@@ -30,7 +30,7 @@ K = OperationKind
 V = Verdict
 
 # --------------------------------------------------------------------------
-# The lifecycle diagram of gateway-api.md, transcribed edge by edge.
+# The lifecycle diagram of docs/api.md, transcribed edge by edge.
 #
 # pending ──► authorized ──► capturing ──► captured ──► refunding ──► refunded
 #    │            │
@@ -279,7 +279,7 @@ def test_running_status():
 
 
 # --------------------------------------------------------------------------
-# Bank outcomes: every row of bank-contract.md's error list, plus the
+# Bank outcomes: every row of docs/bank.md's error list, plus the
 # failures a real network adds. (label, outcome)
 # --------------------------------------------------------------------------
 def err(status: int, code: str | None, message: str | None = "bank says no") -> BankOutcome:
@@ -324,7 +324,7 @@ OUTCOMES: dict[str, BankOutcome] = {
 SUCC, REF, EXP, RET, CONF = V.SUCCEEDED, V.REFUSED, V.EXPIRED, V.RETRY, V.CONFIRM
 
 # Rows: outcome. Columns: authorize, capture, void, refund, release.
-# Derived from the rules of bank-contract.md:
+# Derived from the rules of docs/bank.md:
 # - authorize refuses on invalid_card/invalid_cvv/invalid_amount/card_expired
 #   and 402 insufficient_funds (the payment is declined);
 # - capture: authorization_not_found, amount_mismatch, invalid_amount never go

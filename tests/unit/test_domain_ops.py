@@ -1,7 +1,7 @@
 """The decisions ops take by hand, in gateway.domain: abandoning a parked operation and the bank
 references a receipt may be given.
 
-Written from the brief of issue 11 row 13 and bank-contract.md (ids are a
+Written from the brief of issue 11 row 13 and docs/bank.md (ids are a
 prefix plus a lowercase UUID), not copied from domain.py.
 """
 
