@@ -34,7 +34,7 @@ from gateway.fingerprints import Fingerprinter
 from gateway.payments import IdempotentRequest, bank_key
 from gateway.timefmt import now
 from gateway.views import payment_json
-from tests.support import services
+from harness import services
 
 
 @dataclass

@@ -26,9 +26,9 @@ from collections import Counter, defaultdict
 
 import aiohttp
 
+from harness.mockbank_client import MockBankClient
+from harness.procs import ScriptProcess, free_port
 from mockbank.ledger import extra_card
-from tests.support.mockbank_client import MockBankClient
-from tests.support.procs import ScriptProcess, free_port
 
 CHAOS_VARS = ("MIN_LATENCY_MS", "MAX_LATENCY_MS", "FAILURE_RATE", "RESPONSE_LOSS_RATE", "AUTH_EXPIRY_HOURS")
 

@@ -7,7 +7,7 @@
     .venv/bin/python -m bench.run --profile worker     # ... on gateway-worker (zero bank latency)
 
 It builds the whole system itself through the system harness
-(tests/support/system.py, bench/system.py): a private PostgreSQL database (schema
+(harness/system.py, bench/system.py): a private PostgreSQL database (schema
 applied) and RabbitMQ vhost, `mockbank` (MOCKBANK_EXTRA_ACCOUNTS generated cards
 with big balances, FAILURE_RATE=0, latency 0 unless a scenario sets it through
 PUT /_mock/chaos), `gateway-api`, `gateway-relay` and `gateway-worker` as
@@ -63,7 +63,7 @@ from bench import ceilings, cost, load, measure, pinning
 from bench import profile as profiling
 from bench.report import Report
 from bench.system import ROLES, BenchSystem, Options
-from tests.support import services
+from harness import services
 
 OUT = Path(__file__).resolve().parent / "out"
 SCENARIOS = ("ceilings", "authorize", "e2e", "capture", "latency", "cost", "overload")

@@ -1,4 +1,4 @@
-"""The gateway as the bench runs it: the system harness (tests/support/system.py) plus
+"""The gateway as the bench runs it: the system harness (harness/system.py) plus
 what the bench reads off it.
 
     system = BenchSystem(opts)
@@ -27,7 +27,7 @@ from pathlib import Path
 import asyncpg
 
 from bench.util import cpu_seconds, memory_kb, pids_by_comm
-from tests.support.system import BANK, GATEWAY_KINDS, System
+from harness.system import BANK, GATEWAY_KINDS, System
 
 API_KEY = "sk_bench_0123456789"
 MERCHANT = "bench"

@@ -45,9 +45,8 @@ import aiohttp
 import yaml
 
 from gateway.config import DEV_API_KEYS
-from scripts.devstack import DEV_KEY, demo
-from tests.support.procs import free_port
-from tests.support.services import (
+from harness.procs import free_port
+from harness.services import (
     LOCAL_AMQP_URL,
     LOCAL_DATABASE_URL,
     create_database,
@@ -55,6 +54,7 @@ from tests.support.services import (
     delete_vhost,
     drop_database,
 )
+from scripts.devstack import DEV_KEY, demo
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

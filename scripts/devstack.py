@@ -2,7 +2,7 @@
 
 Creates the database and a dev card key (in .env) if missing, applies the schema,
 starts mockbank, gateway-api, gateway-relay and gateway-worker through the system
-harness (tests/support/system.py; logs in .run/<process>.log), walks one payment
+harness (harness/system.py; logs in .run/<process>.log), walks one payment
 through authorize -> capture -> refund and shows a decline, then keeps everything
 running until Ctrl-C.
 """
@@ -20,9 +20,9 @@ from urllib.parse import urlparse
 import aiohttp
 
 from gateway.config import DEV_API_KEYS, Settings
-from tests.support import services
-from tests.support.procs import ProcessError
-from tests.support.system import System
+from harness import services
+from harness.procs import ProcessError
+from harness.system import System
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"

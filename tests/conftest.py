@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import pytest
 
 from gateway import db
-from tests.support import services
+from harness import services
 
 DEV_CARD_KEY = base64.b64encode(b"k" * 32).decode()
 

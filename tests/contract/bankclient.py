@@ -16,8 +16,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.support.mockbank_client import MockBankClient
-from tests.support.procs import ScriptProcess, free_port
+from harness.mockbank_client import MockBankClient
+from harness.procs import ScriptProcess, free_port
 
 ZERO_CHAOS = {
     "MIN_LATENCY_MS": "0",

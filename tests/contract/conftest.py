@@ -2,7 +2,7 @@
 
 ``bank`` is the shared zero-chaos bank (MIN/MAX_LATENCY_MS=0, FAILURE_RATE=0,
 LOG_LEVEL=debug), reset before every test (the shared mock-bank client's reset(),
-tests/support/mockbank_client.py). Tests that need other start-up settings use
+harness/mockbank_client.py). Tests that need other start-up settings use
 ``running_bank(env)`` from bankclient.py.
 """
 

@@ -8,9 +8,9 @@ from datetime import datetime
 import aiohttp
 import pytest
 
+from harness.procs import ScriptProcess, free_port, run_script
 from mockbank.ledger import extra_card, luhn_valid
 from tests.contract.bankclient import CARDS, HAPPY, running_bank
-from tests.support.procs import ScriptProcess, free_port, run_script
 
 
 async def test_failure_rate_1_gives_500_without_side_effects():

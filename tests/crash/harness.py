@@ -38,6 +38,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
+from harness.system import Death
 from tests.e2e.flows import (
     DUPLICATE_HOLD_FINDING,
     UNFLAGGED_HOLD,
@@ -50,7 +51,6 @@ from tests.e2e.flows import (
     wait_for_events,
 )
 from tests.e2e.stack import Stack
-from tests.support.system import Death
 
 POINTS_OF = {
     "api": ("api.after_commit",),

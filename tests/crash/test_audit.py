@@ -19,10 +19,10 @@ from collections import Counter
 
 import pytest
 
+from harness.system import Death
 from tests.crash.harness import MissingGatewayBehaviour, Summary
 from tests.e2e.flows import Audit, Flow, Plan, audit
 from tests.e2e.stack import HAPPY, EventLog
-from tests.support.system import Death
 
 
 class FakeClient:

@@ -20,9 +20,9 @@ from urllib.parse import urlparse
 
 import pytest
 
+from harness.procs import free_port
 from tests.crash.harness import BANK_CHAOS, ProbabilityPolicy, run_on
 from tests.e2e.stack import Stack
-from tests.support.procs import free_port
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(300)

@@ -22,9 +22,9 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
+from harness import services
 from tests.e2e.browser import browser
 from tests.e2e.stack import NO_FUNDS, Client, Stack
-from tests.support import services
 
 OPS_KEY = "ops_screenshot_key_0c1d2e3f"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "ops-overview.png"

@@ -1,4 +1,4 @@
-"""The running system (tests/support/system.py) as FicMart sees it: tests/e2e and tests/crash.
+"""The running system (harness/system.py) as FicMart sees it: tests/e2e and tests/crash.
 
     stack = Stack(server_urls, card_key, bank_env={...}, gateway_env={...})   # over BANK_ENV, GATEWAY_ENV
     await stack.start()          # System.start(): private database + vhost, mockbank, gateway-api,
@@ -36,9 +36,9 @@ import asyncpg
 import orjson
 
 from gateway import broker
-from tests.support.mockbank_client import api_card
-from tests.support.procs import run_script
-from tests.support.system import System
+from harness.mockbank_client import api_card
+from harness.procs import run_script
+from harness.system import System
 
 API_KEY = "sk_test_ficmart_dev"
 MERCHANT = "ficmart"

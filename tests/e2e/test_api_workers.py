@@ -16,8 +16,8 @@ import aiohttp
 import orjson
 
 from gateway.config import DEV_API_KEYS
+from harness.system import System
 from tests.integration.conftest import auth_body
-from tests.support.system import System
 
 API_KEY = DEV_API_KEYS.split(",")[0].split(":", 1)[1]
 

@@ -22,8 +22,8 @@ import uuid
 
 import pytest
 
+from harness.procs import ScriptProcess, free_port
 from tests.e2e.stack import GATEWAY_ENV, Stack
-from tests.support.procs import ScriptProcess, free_port
 from worker.bank import BankClient
 from worker.breaker import CircuitBreaker, judge
 from worker.handling import policy

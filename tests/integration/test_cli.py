@@ -23,10 +23,11 @@ import pytest
 from gateway import config, db, domain, payments
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, Verdict
-from tests.support import factories, services
-from tests.support.mockbank_client import MockBankClient
+from harness import services
+from harness.mockbank_client import MockBankClient
+from harness.procs import ScriptProcess, free_port, script_path
+from tests.support import factories
 from tests.support.parked import QUORUM, ParkedWork
-from tests.support.procs import ScriptProcess, free_port, script_path
 from worker import cli, topology
 from worker import settings as wsettings
 from worker.consumer import Worker

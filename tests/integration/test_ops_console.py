@@ -26,9 +26,10 @@ from gateway.api.app import create_app
 from gateway.api.ops import auth
 from gateway.cards import CardVault
 from gateway.timefmt import now
-from tests.support import factories, services
+from harness import services
+from harness.procs import free_port
+from tests.support import factories
 from tests.support.parked import ParkedWork
-from tests.support.procs import free_port
 from worker import settings as wsettings
 from worker import topology
 

@@ -24,9 +24,10 @@ from gateway import db, domain, payments, store
 from gateway.cards import CardVault
 from gateway.domain import Action, OperationKind, Verdict
 from gateway.timefmt import parse
-from tests.support import factories, services
-from tests.support.mockbank_client import MockBankClient
-from tests.support.procs import ScriptProcess, free_port, script_path
+from harness import services
+from harness.mockbank_client import MockBankClient
+from harness.procs import ScriptProcess, free_port, script_path
+from tests.support import factories
 from worker.bank import BankClient
 from worker.reconcile import run_reconciliation
 

@@ -15,7 +15,7 @@ import aio_pika
 import pytest
 
 from gateway import db
-from tests.support import services
+from harness import services
 from worker import relay as relay_module
 from worker import settings as wsettings
 from worker.relay import Relay

@@ -5,8 +5,8 @@
 
 The relay and the worker run in this process (short retry ladder 1,2,3 s);
 the bank is the `mockbank` console script, driven through its /_mock API
-(tests/support/mockbank_client.py). The module has its own database, vhost and
-bank, from the system harness (tests/support/system.py) with no gateway
+(harness/mockbank_client.py). The module has its own database, vhost and
+bank, from the system harness (harness/system.py) with no gateway
 process; one test starts gateway-relay and gateway-worker through it.
 """
 
@@ -31,9 +31,9 @@ from gateway import config, db, payments
 from gateway.cards import CardVault
 from gateway.domain import Action
 from gateway.messages import COMMANDS_EXCHANGE
+from harness.procs import ScriptProcess
+from harness.system import System
 from tests.support import factories
-from tests.support.procs import ScriptProcess
-from tests.support.system import System
 from worker import settings as wsettings
 from worker import topology
 from worker.breaker import State
@@ -726,7 +726,7 @@ async def test_sigterm_after_a_failed_try_starts_no_other_call(pipe):
 
 
 def test_bad_worker_setting_exits_2():
-    from tests.support.procs import run_script
+    from harness.procs import run_script
 
     result = run_script(
         "gateway-worker",
@@ -742,7 +742,7 @@ def test_bad_worker_setting_exits_2():
 def test_a_taken_metrics_port_stops_the_process_with_a_message(script, variable):
     import socket
 
-    from tests.support.procs import run_script
+    from harness.procs import run_script
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

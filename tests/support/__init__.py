@@ -1,1 +1,1 @@
-"""Helpers shared by the test suites (see tests/support/procs.py)."""
+"""Test-only helpers: request and payment factories, parked operations, a TCP proxy that cuts connections."""

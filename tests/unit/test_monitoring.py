@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway import monitoring
-from tests.support.procs import free_port
+from harness.procs import free_port
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Small and generic: works for ``mockbank``, ``gateway-api``, ``gateway-worker``...
 
-    from tests.support.procs import ScriptProcess, free_port
+    from harness.procs import ScriptProcess, free_port
 
     port = free_port()
     async with ScriptProcess("mockbank", "--port", str(port),

@@ -55,9 +55,9 @@ import asyncpg
 
 from gateway import broker, db
 from gateway.config import DEV_API_KEYS
-from tests.support import services
-from tests.support.mockbank_client import MockBankClient
-from tests.support.procs import ProcessError, ScriptProcess, free_port
+from harness import services
+from harness.mockbank_client import MockBankClient
+from harness.procs import ProcessError, ScriptProcess, free_port
 
 __all__ = ["BANK", "GATEWAY_KINDS", "HARNESS_APP", "Death", "System"]
 
