@@ -863,6 +863,20 @@ async def resolve(
     return await _record_references(pool, payment_id, references, cause, clear_flag=True, check=check)
 
 
+async def close_lapsed_doubt(pool: asyncpg.Pool, payment_id: str, *, reason: str) -> OpsDecision:
+    """Clear a possible-second-hold flag because that hold has lapsed at the bank: nothing is left
+    for an operator to void. Refused (OpsRefused) when the flag is gone or stands for something
+    else by now, or an operation is in flight; the history row says `ops:sweeper:lapsed:<reason>`."""
+    cause = ops_cause("sweeper", "lapsed", reason)
+
+    def check(row: asyncpg.Record) -> None:
+        error = row["last_error"] or {}
+        if not row["attention_required"] or error.get("code") != domain.POSSIBLE_DUPLICATE_HOLD:
+            raise OpsRefused(f"payment {payment_id} is no longer flagged for a possible second hold")
+
+    return await _record_references(pool, payment_id, {}, cause, clear_flag=True, check=check)
+
+
 async def set_reference(
     pool: asyncpg.Pool, payment_id: str, name: str, value: str, *, reason: str, by: str
 ) -> OpsDecision:

@@ -588,6 +588,12 @@ async def lapsed_holds(db: Executor, *, limit: int) -> list[str]:
     return [r["id"] for r in await _rows(_worker.lapsed_holds, db, limit=limit)]
 
 
+async def lapsed_doubts(db: Executor, *, margin_seconds: float, limit: int) -> list[asyncpg.Record]:
+    """Payments flagged with a possible second hold whose own hold expired over `margin_seconds` ago:
+    id, authorization_id, authorization_expires_at."""
+    return await _rows(_worker.lapsed_doubts, db, margin_seconds=margin_seconds, limit=limit)
+
+
 async def lock_old_cards(db: Connection, *, max_age_seconds: float, limit: int) -> list[asyncpg.Record]:
     """Cards sealed longer ago than `max_age_seconds`: payment_id, the pending authorize's
     operation_id and parked (null when there is none), the payment row and history; locked."""

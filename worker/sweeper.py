@@ -20,6 +20,11 @@
 
 (e) Reconciliation, every RECONCILE_INTERVAL_SECONDS: receipts against the
     bank's books (worker.reconcile), repairing only what moves no money.
+(f) Lapsed doubts: a payment flagged possible_duplicate_hold (an attempt's answer lost
+    before the approval) whose own hold expired over BANK_CLOCK_MARGIN ago has its
+    flag cleared with that reason: the second hold, placed earlier, lapsed too, so
+    nothing is left for ops to void (payments.close_lapsed_doubt re-checks under the
+    payment's lock).
 
 Several workers may sweep at once: (a), (c) and (d) lock with SKIP LOCKED;
 (a) bumps updated_at in the same transaction; (b) re-checks each payment under
@@ -36,6 +41,7 @@ from datetime import timedelta
 import asyncpg
 
 from gateway import logs, messages, payments, store
+from gateway.timefmt import iso
 from worker import reconcile
 from worker.settings import (
     DEFAULT_ABANDON_AFTER_HOURS,
@@ -49,6 +55,9 @@ log = logs.get("sweeper")
 # Bounds one pass of (d): a backlog (a first start on a years-old table) is worked off over
 # several passes rather than in one long burst.
 PRUNE_BATCHES_PER_PASS = 100
+
+# The hold's expiry is the bank's clock; ours may run behind it.
+BANK_CLOCK_MARGIN = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class Sweep:
     expired: int = 0
     cards_purged: int = 0
     keys_pruned: int = 0
+    doubts_closed: int = 0
 
 
 async def requeue_stuck(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> int:
@@ -99,6 +109,24 @@ async def expire_lapsed_holds(pool: asyncpg.Pool, limit: int) -> int:
             moved += 1
             log.info("hold expired", payment_id=payment_id)
     return moved
+
+
+async def close_lapsed_doubts(pool: asyncpg.Pool, limit: int) -> int:
+    """Close every possible-second-hold flag whose hold has lapsed at the bank; returns how many."""
+    closed = 0
+    for row in await store.lapsed_doubts(pool, margin_seconds=BANK_CLOCK_MARGIN.total_seconds(), limit=limit):
+        reason = (
+            f"any second hold has lapsed at the bank: it was placed before {row['authorization_id']}, "
+            f"whose hold expired at {iso(row['authorization_expires_at'])}"
+        )
+        try:
+            await payments.close_lapsed_doubt(pool, row["id"], reason=reason)
+        except payments.OpsRefused as exc:  # in flight or changed meanwhile: a later pass looks again
+            log.info("possible second hold left flagged", payment_id=row["id"], why=str(exc))
+            continue
+        closed += 1
+        log.warning("possible second hold closed: lapsed at the bank", payment_id=row["id"])
+    return closed
 
 
 async def purge_old_cards(pool: asyncpg.Pool, max_age: timedelta, limit: int) -> int:
@@ -135,6 +163,7 @@ async def sweep_once(
         expired=await expire_lapsed_holds(pool, limit),
         cards_purged=await purge_old_cards(pool, housekeeping.card_max_age, limit),
         keys_pruned=await prune_idempotency_keys(pool, housekeeping.key_retention, housekeeping.prune_batch),
+        doubts_closed=await close_lapsed_doubts(pool, limit),
     )
 
 

@@ -40,6 +40,18 @@ SELECT id
  ORDER BY authorization_expires_at
  LIMIT :limit;
 
+-- name: lapsed_doubts
+-- Payments flagged because an attempt's answer was lost before the approval (a
+-- possible second hold) whose own hold expired more than margin_seconds ago. A
+-- second hold was placed before ours, so it has lapsed at the bank too.
+SELECT id, authorization_id, authorization_expires_at
+  FROM payments
+ WHERE attention_required
+   AND last_error->>'code' = 'possible_duplicate_hold'
+   AND authorization_expires_at < now() - make_interval(secs => :margin_seconds)
+ ORDER BY authorization_expires_at
+ LIMIT :limit;
+
 -- name: lock_old_cards
 -- Sealed cards kept longer than max_age_seconds, with their payment (locked)
 -- and the authorize operation still pending for it, if any. A card whose

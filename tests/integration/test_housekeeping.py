@@ -12,13 +12,15 @@ import asyncio
 import base64
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 
-from gateway import payments, store
+from gateway import domain, payments, store
 from gateway.cards import CardVault
+from gateway.domain import BankOutcome, Verdict
+from gateway.timefmt import iso
 from tests.integration.conftest import auth_body
 from tests.support import factories
 from worker import sweeper
@@ -176,3 +178,33 @@ async def test_the_vault_keeps_no_card_past_its_time_and_the_authorization_parks
     decision = await payments.abandon(pool, parked_pid, reason="card gone", by="ops", parked_at_least=CARD_MAX_AGE)
     assert decision.payment["status"] == "declined"
     assert await sweeper.purge_old_cards(pool, CARD_MAX_AGE, limit=500) == 0
+
+
+async def flagged_approval(pool, vault, *, expired_hours_ago: float, code: str = "possible_duplicate_hold") -> str:
+    """An authorization approved with a doubt (an earlier attempt's answer lost), its hold expiring
+    `expired_hours_ago` hours ago at the bank."""
+    pid = await factories.authorize(pool, vault, 700)
+    op = await pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
+    claim = await payments.claim(pool, op, "test-worker", 30)
+    assert isinstance(claim, payments.Claim)
+    expires = datetime.now(UTC) - timedelta(hours=expired_hours_ago)
+    approval = BankOutcome("ok", 200, body={"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": iso(expires)})
+    doubt = domain.Doubt(code, "maybe a second hold", code)
+    assert await payments.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
+    return pid
+
+
+async def test_a_possible_second_hold_closes_itself_once_the_hold_has_lapsed_at_the_bank(pool, vault):
+    lapsed = await flagged_approval(pool, vault, expired_hours_ago=3)
+    recent = await flagged_approval(pool, vault, expired_hours_ago=0.25)  # within the bank-clock margin
+    other = await flagged_approval(pool, vault, expired_hours_ago=3, code="bank_answer_invalid")
+
+    assert await sweeper.close_lapsed_doubts(pool, 100) >= 1
+
+    flags = dict(
+        await pool.fetch("SELECT id, attention_required FROM payments WHERE id = ANY($1)", [lapsed, recent, other])
+    )
+    assert flags == {lapsed: False, recent: True, other: True}
+    causes = await pool.fetch("SELECT cause FROM payment_history WHERE payment_id = $1 ORDER BY id", lapsed)
+    assert "ops:sweeper:lapsed:any second hold has lapsed at the bank" in causes[-1]["cause"]
+    assert sum("ops:sweeper:lapsed" in c["cause"] for c in causes) == 1
