@@ -20,8 +20,8 @@ unreachable bank makes reconcile report `unverified` findings). Log lines
 (LOG_LEVEL; only errors unless it is set) go to stderr, never into the output.
 
 This module parses arguments, prints and chooses the exit code. Reading and
-giving back payments.dead is worker/deadletters.py; what list, show, replay
-and drop decide about each operation and letter is worker/replay.py; settle,
+giving back payments.dead is gateway/ops/deadletters.py; what list, show, replay
+and drop decide about each operation and letter is gateway/ops/replay.py; settle,
 resolve, set-reference and abandon are phases of gateway/payments.py.
 """
 
@@ -43,13 +43,13 @@ import asyncpg
 import orjson
 import structlog
 
-from gateway import config, db, domain, logs, payments, store
+from gateway import config, db, domain, logs, payments, store, topology
+from gateway.ops import reconcile, replay
+from gateway.ops.deadletters import MAX_DEAD_LETTERS, BrokerUnavailable, DeadLetterQueue
+from gateway.ops.rules import OpsRules
 from gateway.redact import hide_passwords
 from gateway.timefmt import iso
-from worker import reconcile, replay, topology
-from worker import settings as wsettings
 from worker.bank import BankClient
-from worker.deadletters import MAX_DEAD_LETTERS, BrokerUnavailable, DeadLetterQueue
 
 EXIT_OK = 0
 EXIT_ATTENTION = 1
@@ -955,12 +955,12 @@ def _setup_logs(settings: config.Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = config.Settings.load()  # a bad value: message on stderr, exit 2 (no secrets needed)
-    if args.command == "dlq":  # the worker's settings that the dead-letter commands share
-        worker_cfg = wsettings.WorkerSettings.load()
-        args.ladder = worker_cfg.retry_ladder
-        args.key_age_limit = timedelta(hours=worker_cfg.authorize_key_max_age_hours)
+    if args.command == "dlq":  # decided with the worker's values (ops.rules)
+        rules = OpsRules.load()
+        args.ladder = rules.retry_ladder
+        args.key_age_limit = timedelta(hours=rules.authorize_key_max_age_hours)
     if args.command == "abandon":
-        args.abandon_after = timedelta(hours=wsettings.WorkerSettings.load().abandon_after_hours)
+        args.abandon_after = timedelta(hours=OpsRules.load().abandon_after_hours)
     _setup_logs(settings)
     try:
         return asyncio.run(args.handler(args, settings))

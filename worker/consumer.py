@@ -55,13 +55,14 @@ from gateway import (
     redact,
     store,
     timefmt,
+    topology,
     tracing,
 )
 from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
-from worker import sweeper, topology
+from worker import sweeper
 from worker.bank import OPERATION, BankClient
 from worker.breaker import CircuitBreaker
 from worker.handling import CannotRecord, Handling

@@ -46,14 +46,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway import domain, logs, messages, process
+from gateway import domain, logs, messages, process, topology
 from gateway.cards import CardVault, VaultError
 from gateway.crashpoints import crash_point
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
 from gateway.store import AttemptReport
 from gateway.timefmt import iso, now
-from worker import topology
 from worker.breaker import CircuitBreaker, Permit, Policy, State, judge
 from worker.settings import WorkerSettings
 

@@ -40,11 +40,11 @@ import aio_pika.exceptions
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from gateway import broker, config, db, logs, monitoring, process, store, tracing
+from gateway import broker, config, db, logs, monitoring, process, store, topology, tracing
 from gateway.crashpoints import crash_point
 from gateway.messages import EVENTS_EXCHANGE
+from gateway.ops import rules
 from worker import settings as wsettings
-from worker import topology
 from worker.metrics import REFRESH_SECONDS, RelayMetrics
 
 log = logs.get("relay")
@@ -84,7 +84,7 @@ class Relay:
         self.database_url = database_url
         self.amqp_url = amqp_url
         self.cfg = cfg or wsettings.RelaySettings()
-        self.ladder = ladder or wsettings.parse_ladder(wsettings.DEFAULT_RETRY_LADDER)
+        self.ladder = ladder or rules.parse_ladder(rules.DEFAULT_RETRY_LADDER)
         self.metrics = RelayMetrics()
         self.pool: asyncpg.Pool | None = None
         monitoring.pool_gauges(self.metrics.registry, lambda: self.pool)

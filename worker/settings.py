@@ -8,35 +8,16 @@ with a message naming the variable on a bad value.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 
-from gateway.config import ConfigError, EnvSettings, nice_field
+from gateway.config import EnvSettings, nice_field
+from gateway.ops.rules import OpsRules, RetryLadder, retry_ladder_field
 
-DEFAULT_RETRY_LADDER = "1,5,30,120,600"
-# Housekeeping and ops decisions (the sweeper; gatewayctl abandon reads ABANDON_AFTER_HOURS).
 DEFAULT_KEY_RETENTION_HOURS = 48.0
 MIN_KEY_RETENTION_HOURS = 24.0  # docs/api.md: "Keys are kept at least 24 hours"
 DEFAULT_PRUNE_BATCH_SIZE = 500
-DEFAULT_ABANDON_AFTER_HOURS = 24.0
-
-
-def parse_ladder(raw: str | tuple[int, ...]) -> tuple[int, ...]:
-    """'1,5,30' -> (1, 5, 30): whole seconds, strictly increasing, at least one rung."""
-    if isinstance(raw, str):
-        try:
-            ladder = tuple(int(part.strip()) for part in raw.split(",") if part.strip())
-        except ValueError:
-            raise ConfigError(f"WORKER_RETRY_LADDER must be comma-separated whole seconds, got {raw!r}") from None
-    else:
-        ladder = tuple(raw)
-    if not ladder or any(d < 1 for d in ladder) or list(ladder) != sorted(set(ladder)):
-        raise ConfigError(f"WORKER_RETRY_LADDER must list increasing delays >= 1 s, got {raw!r}")
-    return ladder
-
-
-RetryLadder = Annotated[tuple[int, ...], BeforeValidator(parse_ladder)]
 
 
 def _seconds(default: float, alias: str, description: str, *, gt: float | None = 0, ge: float | None = None) -> Any:
@@ -58,28 +39,27 @@ def _metrics_port(default: int, alias: str) -> Any:
     )
 
 
-class _PipelineSettings(EnvSettings):
-    """What the relay (declaring the topology) and the worker (using it) must agree on."""
-
-    retry_ladder: RetryLadder = Field(
-        default=parse_ladder(DEFAULT_RETRY_LADDER),
-        validation_alias="WORKER_RETRY_LADDER",
-        description="delays (seconds) of the retry queues, in order",
-    )
-    nice: int = nice_field(
+def _pipeline_nice() -> Any:
+    return nice_field(
         "PIPELINE_NICE",
         "CPU priority of relay and worker (0-19): on a shared machine the API and the database go "
         "first, so that answers stay quick while the pipeline runs flat out; 0: as started",
     )
 
 
-class RelaySettings(_PipelineSettings):
+class RelaySettings(EnvSettings):
+    retry_ladder: RetryLadder = retry_ladder_field()
+    nice: int = _pipeline_nice()
     batch_size: int = _count(200, "RELAY_BATCH_SIZE", "outbox rows claimed and published per transaction")
     poll_seconds: float = _seconds(1.0, "RELAY_POLL_SECONDS", "poll interval when no NOTIFY arrives")
     metrics_port: int = _metrics_port(9102, "RELAY_METRICS_PORT")
 
 
-class WorkerSettings(_PipelineSettings):
+class WorkerSettings(OpsRules):
+    """The ladder, the authorize-key age and the abandon delay are ops.rules.OpsRules: gatewayctl
+    and the console decide with the same values."""
+
+    nice: int = _pipeline_nice()
     metrics_port: int = _metrics_port(9101, "WORKER_METRICS_PORT")
     bank_timeout: float = _seconds(
         20.0, "BANK_TIMEOUT_SECONDS", "total timeout of one bank call (the bank may take 15 s)"
@@ -104,9 +84,6 @@ class WorkerSettings(_PipelineSettings):
         "WORKER_MAX_DELIVERIES",
         "a command the broker delivered more often than this without its operation settling is parked for ops",
         ge=2,
-    )
-    authorize_key_max_age_hours: float = _seconds(
-        23.0, "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS", "an authorize first tried longer ago is parked, not re-sent"
     )
     outage_hold: float = _seconds(
         300.0,
@@ -169,11 +146,6 @@ class WorkerSettings(_PipelineSettings):
     )
     prune_batch: int = _count(
         DEFAULT_PRUNE_BATCH_SIZE, "IDEMPOTENCY_PRUNE_BATCH_SIZE", "stored API responses deleted per transaction"
-    )
-    abandon_after_hours: float = _seconds(
-        DEFAULT_ABANDON_AFTER_HOURS,
-        "ABANDON_AFTER_HOURS",
-        "ops may abandon a payment parked this long (gatewayctl abandon); the card vault keeps no card longer",
     )
 
     @property

@@ -19,7 +19,7 @@
     never holds up a request.
 
 (e) Reconciliation, every RECONCILE_INTERVAL_SECONDS: receipts against the
-    bank's books (worker.reconcile), repairing only what moves no money.
+    bank's books (gateway.ops.reconcile), repairing only what moves no money.
 (f) Lapsed doubts: a payment flagged possible_duplicate_hold (an attempt's answer lost
     before the approval) whose own hold expired over BANK_CLOCK_MARGIN ago has its
     flag cleared with that reason: the second hold, placed earlier, lapsed too, so
@@ -41,10 +41,10 @@ from datetime import timedelta
 import asyncpg
 
 from gateway import logs, messages, payments, store
+from gateway.ops import reconcile
+from gateway.ops.rules import DEFAULT_ABANDON_AFTER_HOURS
 from gateway.timefmt import iso
-from worker import reconcile
 from worker.settings import (
-    DEFAULT_ABANDON_AFTER_HOURS,
     DEFAULT_KEY_RETENTION_HOURS,
     DEFAULT_PRUNE_BATCH_SIZE,
     WorkerSettings,

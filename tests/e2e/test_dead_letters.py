@@ -20,10 +20,10 @@ import uuid
 import aio_pika
 import pytest
 
+from gateway import topology
 from gateway.messages import COMMANDS_EXCHANGE
 from tests.e2e.flows import bank_entries
 from tests.e2e.stack import HAPPY
-from worker import topology
 
 pytestmark = pytest.mark.timeout(150)
 

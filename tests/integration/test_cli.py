@@ -20,15 +20,16 @@ import aio_pika
 import orjson
 import pytest
 
-from gateway import config, db, domain, payments
+from gateway import config, db, domain, payments, topology
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, Verdict
+from gateway.ops import rules
 from harness import services
 from harness.mockbank_client import MockBankClient
 from harness.procs import ScriptProcess, free_port, script_path
 from tests.support import factories
 from tests.support.parked import QUORUM, ParkedWork
-from worker import cli, topology
+from worker import cli
 from worker import settings as wsettings
 from worker.consumer import Worker
 from worker.relay import Relay
@@ -102,7 +103,7 @@ async def cli_env(server_urls, card_key):
             pool = await db.create_pool(database_url, min_size=1, max_size=10)
             broker = await aio_pika.connect_robust(amqp_url)
             channel = await broker.channel()
-            await topology.declare(channel, wsettings.parse_ladder(wsettings.DEFAULT_RETRY_LADDER))
+            await topology.declare(channel, rules.parse_ladder(rules.DEFAULT_RETRY_LADDER))
             await channel.close()
             try:
                 yield Env(database_url, amqp_url, pool, broker, CardVault(base64.b64decode(card_key)))

@@ -21,17 +21,16 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 
-from gateway import config, db, payments, store
+from gateway import config, db, payments, store, topology
 from gateway.api.app import create_app
 from gateway.api.ops import auth
 from gateway.cards import CardVault
+from gateway.ops import rules
 from gateway.timefmt import now
 from harness import services
 from harness.procs import free_port
 from tests.support import factories
 from tests.support.parked import ParkedWork
-from worker import settings as wsettings
-from worker import topology
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(120)]
 
@@ -106,7 +105,7 @@ async def console_env(server_urls, card_key):
             pool = await db.create_pool(database_url, min_size=1, max_size=10)
             broker = await aio_pika.connect_robust(amqp_url)
             channel = await broker.channel()
-            await topology.declare(channel, wsettings.parse_ladder(wsettings.DEFAULT_RETRY_LADDER))
+            await topology.declare(channel, rules.parse_ladder(rules.DEFAULT_RETRY_LADDER))
             await channel.close()
             app = create_app(settings_for(database_url, amqp_url, card_key), pool)
             try:

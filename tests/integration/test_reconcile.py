@@ -23,13 +23,13 @@ import pytest
 from gateway import db, domain, payments, store
 from gateway.cards import CardVault
 from gateway.domain import Action, OperationKind, Verdict
+from gateway.ops.reconcile import run_reconciliation
 from gateway.timefmt import parse
 from harness import services
 from harness.mockbank_client import MockBankClient
 from harness.procs import ScriptProcess, free_port, script_path
 from tests.support import factories
 from worker.bank import BankClient
-from worker.reconcile import run_reconciliation
 
 pytestmark = pytest.mark.timeout(120)
 

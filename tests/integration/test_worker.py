@@ -27,7 +27,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway import config, db, payments
+from gateway import config, db, payments, topology
 from gateway.cards import CardVault
 from gateway.domain import Action
 from gateway.messages import COMMANDS_EXCHANGE
@@ -35,7 +35,6 @@ from harness.procs import ScriptProcess
 from harness.system import System
 from tests.support import factories
 from worker import settings as wsettings
-from worker import topology
 from worker.breaker import State
 from worker.consumer import Worker
 from worker.relay import Relay

@@ -8,11 +8,10 @@ import uuid
 import aio_pika
 import orjson
 
-from gateway import payments
+from gateway import payments, topology
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, Verdict
 from tests.support import factories
-from worker import topology
 from worker.handling import _dead_headers
 
 QUORUM = {"x-queue-type": "quorum"}

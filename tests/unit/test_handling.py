@@ -11,13 +11,12 @@ from datetime import datetime, timedelta
 import orjson
 import pytest
 
-from gateway import domain
+from gateway import domain, topology
 from gateway.cards import CardVault
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
 from gateway.store import AttemptReport
 from gateway.timefmt import now
-from worker import topology
 from worker.breaker import Failure, State
 from worker.handling import CannotRecord, DatabasePause, Handling
 from worker.settings import WorkerSettings

@@ -1,4 +1,4 @@
-"""The dead-letter policy of gatewayctl (worker/replay.py), against fakes of the queue and the database.
+"""The dead-letter policy of gatewayctl (gateway/ops/replay.py), against fakes of the queue and the database.
 
 Every path of a replay: unknown, already final, refused (key horizon) and
 forced, replayed (parked, not parked, message gone), finished before the
@@ -14,10 +14,10 @@ from datetime import timedelta
 import orjson
 import pytest
 
+from gateway.ops import replay
+from gateway.ops.deadletters import DeadLetter, read_letter
+from gateway.ops.replay import Details, Operation
 from gateway.timefmt import iso, now
-from worker import replay
-from worker.deadletters import DeadLetter, read_letter
-from worker.replay import Details, Operation
 
 LIMIT = timedelta(hours=23)
 ERROR = {"code": "bank_connection", "message": "connection refused"}

@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from gateway.domain import CARD_PURGED
+from gateway.ops import replay
+from gateway.ops.deadletters import DeadLetter, read_letter
 from tests.unit.test_replay import LIMIT, FakeOperations, Log, letter, operation, run
-from worker import replay
-from worker.deadletters import DeadLetter, read_letter
 
 CARD = "4111 1111 1111 1111"
 

@@ -6,7 +6,7 @@
 
 auth.py      Basic login with an ops key, form tokens, the same-origin check
 port.py      what the console asks of the dead-letter desk
-wiring.py    the desk on worker/replay.py and worker/deadletters.py (the only
+wiring.py    the desk on gateway/ops/replay.py and gateway/ops/deadletters.py (the only
              import of the worker in the gateway package)
 actions.py   what the console changes, each with its history row
 reads.py     what the pages show

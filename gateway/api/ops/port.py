@@ -1,7 +1,7 @@
 """What the console asks of the dead-letter desk, and what it reads in the answers.
 
 The decisions about dead letters (what a replay does, the 24 h guard) are
-worker/replay.py's, the queue worker/deadletters.py's: `gatewayctl dlq` and
+gateway/ops/replay.py's, the queue gateway/ops/deadletters.py's: `gatewayctl dlq` and
 the console must apply the same rules. The gateway does not import the
 worker, except in gateway/api/ops/wiring.py, which builds the one
 DeadLetterDesk the API uses from those modules. The pages depend on this
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 
 class ListedOperation(Protocol):
-    """One line of the dead-letter listing (worker.replay.Entry)."""
+    """One line of the dead-letter listing (gateway.ops.replay.Entry)."""
 
     @property
     def operation_id(self) -> str | None: ...  # None: a letter that names no operation
@@ -41,7 +41,7 @@ class ListedOperation(Protocol):
 
 
 class Letter(Protocol):
-    """One message of payments.dead (worker.deadletters.DeadLetter)."""
+    """One message of payments.dead (gateway.ops.deadletters.DeadLetter)."""
 
     @property
     def headers(self) -> Mapping[str, Any]: ...
@@ -54,7 +54,7 @@ class Letter(Protocol):
 
 
 class OperationDetails(Protocol):
-    """The operation's row, its payment's receipt, history and operations (worker.replay.Details)."""
+    """The operation's row, its payment's receipt, history and operations (gateway.ops.replay.Details)."""
 
     @property
     def operation(self) -> Mapping[str, Any]: ...
@@ -67,7 +67,7 @@ class OperationDetails(Protocol):
 
 
 class ShownOperation(Protocol):
-    """Everything about one operation (worker.replay.Shown)."""
+    """Everything about one operation (gateway.ops.replay.Shown)."""
 
     @property
     def operation_id(self) -> str: ...
@@ -84,7 +84,7 @@ class ShownOperation(Protocol):
 
 
 class ReplayOutcome(Protocol):
-    """What a replay did to one operation (worker.replay.Replayed)."""
+    """What a replay did to one operation (gateway.ops.replay.Replayed)."""
 
     @property
     def operation_id(self) -> str | None: ...

@@ -1,11 +1,10 @@
-"""The console's dead-letter desk, built from the worker's own modules.
+"""The console's dead-letter desk, built from gateway.ops.
 
-The one module of the gateway package that imports the worker (a unit test
-holds that line): `gatewayctl dlq` and the console must decide by the same
-rules, so both run worker/replay.py (the policy) over worker/deadletters.py
-(payments.dead). Like gatewayctl, the desk reads the worker's
-WORKER_RETRY_LADDER (the topology it declares) and
-WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS (the 24 h guard) from the environment.
+`gatewayctl dlq` and the console must decide by the same rules, so both run
+gateway/ops/replay.py (the policy) over gateway/ops/deadletters.py
+(payments.dead), with the worker's WORKER_RETRY_LADDER (the topology it
+declares) and WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS (the 24 h guard) read from
+the environment (gateway/ops/rules.py).
 
 Every call reads payments.dead the way gatewayctl does: all messages taken
 unacknowledged, then given back in order. One call at a time per process, so
@@ -25,10 +24,10 @@ from typing import TypeVar
 import aio_pika
 import asyncpg
 
-from gateway import broker
+from gateway import broker, topology
 from gateway.api.ops import actions, port
-from worker import deadletters, replay, topology
-from worker import settings as wsettings
+from gateway.ops import deadletters, replay
+from gateway.ops.rules import OpsRules
 
 T = TypeVar("T")
 
@@ -49,7 +48,7 @@ class _RecordedOperations(replay.StoreOperations):
 
 
 class WorkerDesk:
-    """port.DeadLetterDesk on worker.replay and worker.deadletters."""
+    """port.DeadLetterDesk on gateway.ops.replay and gateway.ops.deadletters."""
 
     def __init__(
         self, pool: Callable[[], asyncpg.Pool], amqp_url: str, ladder: tuple[int, ...], key_age_limit: timedelta
@@ -127,5 +126,5 @@ class WorkerDesk:
 def worker_desk(pool: Callable[[], asyncpg.Pool], amqp_url: str) -> WorkerDesk:
     """The desk with the worker's ladder and key-age limit from the environment (a bad value: the
     process exits 2 with a message naming the variable, as gatewayctl does)."""
-    cfg = wsettings.WorkerSettings.load()
+    cfg = OpsRules.load()
     return WorkerDesk(pool, amqp_url, cfg.retry_ladder, timedelta(hours=cfg.authorize_key_max_age_hours))

@@ -11,7 +11,7 @@ towards a quorum queue's delivery limit, a nack does not. If this process
 dies while holding them, the broker returns them all by itself when the
 connection drops: nothing is acked before its work is done.
 
-The policy (worker/replay.py) sees DeadLetter values only; the AMQP
+The policy (gateway/ops/replay.py) sees DeadLetter values only; the AMQP
 messages stay here. Every letter has a handle that stays the same from one
 read to the next (its message id, or a hash of its body and headers), so a
 letter that names no operation can still be shown and dropped by name.
@@ -30,9 +30,8 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
-from gateway import broker, messages
+from gateway import broker, messages, topology
 from gateway.timefmt import parse
-from worker import topology
 
 MAX_DEAD_LETTERS = 10_000  # held at once by one command; more are left in the queue untouched
 CONNECT_TIMEOUT = 10.0

@@ -26,7 +26,7 @@ outside.
 This module runs against two small interfaces, DeadLetterSink (what a replay
 does to the queue) and Operations (what it reads and changes in the
 database), so that the decisions are tested with fakes; the real ones are
-worker.deadletters.DeadLetterQueue and StoreOperations below.
+gateway.ops.deadletters.DeadLetterQueue and StoreOperations below.
 """
 
 from __future__ import annotations
@@ -39,13 +39,12 @@ from typing import Any, Literal, Protocol
 import asyncpg
 import orjson
 
-from gateway import messages, payments, store
+from gateway import messages, payments, store, topology
 from gateway.domain import CARD_PURGED, OperationKind
+from gateway.ops.deadletters import MAX_DEAD_LETTERS, DeadLetter
 from gateway.redact import clean
 from gateway.timefmt import iso, now
 from gateway.views import payment_json
-from worker import topology
-from worker.deadletters import MAX_DEAD_LETTERS, DeadLetter
 
 # ---- what the policy runs against --------------------------------------------------------
 

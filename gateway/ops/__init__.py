@@ -1,0 +1,4 @@
+"""What operators do, in one place: the dead-letter queue (deadletters.py), what a replay of a
+parked operation decides (replay.py) and reconciliation of receipts against the bank's books
+(reconcile.py). gatewayctl and the /ops console are thin front-ends over these; the human
+decisions on a payment (settle, resolve, abandon, set-reference) are phases of gateway.payments."""
