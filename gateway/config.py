@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import math
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -334,6 +335,14 @@ class Settings(EnvSettings):
         description="comma-separated name:key pairs for the /ops console (HTTP Basic, key as password); unset: off",
     )
 
+    # caller name -> POSTs per second it may send to each API process (gateway-api --post-rate otherwise)
+    post_rates: dict[str, float] = Field(
+        default_factory=dict,
+        validation_alias="GATEWAY_POST_RATES",
+        description="comma-separated name:rate pairs: POSTs per second a caller of GATEWAY_API_KEYS may send "
+        "to each API process before 429, where it differs from gateway-api --post-rate",
+    )
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
@@ -380,6 +389,32 @@ class Settings(EnvSettings):
                 raise ConfigError("GATEWAY_API_KEYS lists the same key twice")
             keys[key] = name
         return keys
+
+    @field_validator("post_rates", mode="before")
+    @classmethod
+    def _post_rates(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        rates: dict[str, float] = {}
+        for pair in value.split(","):
+            name, sep, rate = (part.strip() for part in pair.partition(":"))
+            try:
+                number = float(rate)
+            except ValueError:
+                number = math.nan
+            if not sep or not MERCHANT_NAME.fullmatch(name) or not 0 < number < math.inf:
+                raise ConfigError(
+                    f"GATEWAY_POST_RATES must be comma-separated name:rate pairs, rates above 0, got {pair.strip()!r}"
+                )
+            rates[name] = number
+        return rates
+
+    @model_validator(mode="after")
+    def _post_rates_name_callers(self) -> Self:
+        unknown = sorted(set(self.post_rates) - set(self.api_keys.values()))
+        if unknown:
+            raise ConfigError(f"GATEWAY_POST_RATES names callers GATEWAY_API_KEYS lacks: {', '.join(unknown)}")
+        return self
 
     @field_validator("ops_keys", mode="before")
     @classmethod

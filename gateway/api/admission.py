@@ -1,36 +1,34 @@
-"""Load shedding: past what it can serve with good latency, the API refuses at once.
+"""Admission: take every payment the gateway can finish, refuse at once what it cannot.
 
-A request under /v1 is admitted only while fewer than `max_in_flight` requests
-are being worked on in this process and its event loop is keeping up: the lag
-of a timer that should fire every LAG_PROBE_SECONDS, smoothed so that one
-garbage collection or one large batch does not shed, stays under `max_lag`.
-Otherwise it gets 503 service_unavailable with Retry-After, before its body is
-read and before anything is done, so the same request with the same
-Idempotency-Key may simply be sent again. When several callers share the API,
-one holding its share of the work in flight already gets 429 instead, and the
-others keep their room.
+Accepting a payment means recording the intent durably; the operations waiting
+for a worker are the design's buffer, and a POST simply waits for the group
+commit that records it (batches grow with load). So new work (a POST) is
+refused with 503 and Retry-After only when:
 
-New work (a POST) needs one of `max_new_work` slots as well, because each POST
-waits for a database commit: by Little's law an accepted POST waits about
-(POSTs in flight) / (POSTs committed per second), so bounding the first bounds
-that wait on any machine. A POST finding every slot taken waits for one in a
-short queue, after the idea of CoDel (Nichols and Jacobson; Facebook's "Fail
-at Scale" applies it to server queues): a queue that drains is a burst and is
-waited out, a standing one is overload and is cut short. Here a waiter waits
-up to BURST_WAIT, but none at all while new work was refused for load in the
-last OVERLOAD_MEMORY (a waiter went unserved, the backlog bound refused):
-then the surplus is refused at once instead of queueing, and what is accepted
-is not delayed. (CoDel proper calls a queue standing when it has not been
-empty for an interval; the database commits POSTs in batches, which empty the
-queue at every commit even in overload.)
+- the backlog would take longer than `max_time_to_final` to finish: the
+  operations waiting for a worker, divided by the rate at which payments are
+  finished (the long polls' wake-ups, counted over the last WINDOW seconds in
+  which there was work). Below `max_in_flight` waiting operations nothing is
+  refused for the backlog (the bound while no rate is known): a closed population of clients that size (each
+  with one checkout outstanding) cannot overload a durable queue. A backlog
+  held by an open bank circuit counts as none (the query says 0): taking
+  payments while the bank is away is the point;
+- `max_in_flight` requests are being worked on in this process (a memory
+  bound, in thousands). A caller already holding its share then gets 429 and
+  the others keep their room;
+- the caller's token bucket is empty: POSTs per second per API key (429);
+- the database cannot take the commit (the handler fails: 503, see middleware).
 
-New work is also refused with 503 while more than `max_backlog`
-operations wait for a worker: accepting faster than the workers and the bank
-finish only lengthens every payment's wait, and on shared machines takes CPU
-from the workers themselves. Reads are still served then.
+Reads are refused only by the memory bound. A long poll counts while it
+reads, not while it waits for a wake-up (it costs nothing then); waiting long
+polls have a cap of their own, which one caller cannot fill while others wait
+(429 past its share), and a long poll whose client went away frees its place
+(server.py cancels it).
 
-A long poll counts while it reads, not while it waits for a wake-up (it costs
-nothing then); waiting long polls have a cap of their own.
+Every refusal is decided before the body is read, from counters and the last
+probe: one query every PROBE_SECONDS counts the backlog (up to what matters),
+and the rate comes from wake-ups the process receives anyway. Retry-After says
+when there should be room: the excess divided by the rate of completion.
 """
 
 from __future__ import annotations
@@ -49,37 +47,25 @@ from gateway import logs
 
 log = logs.get("gateway.api")
 
-LAG_PROBE_SECONDS = 0.05
-BACKLOG_PROBE_SECONDS = 0.25
-LAG_SMOOTHING = 0.2  # weight of the newest sample: about a quarter second of memory
-RETRY_AFTER_SECONDS = 1
-# The new-work queue: the longest wait for a slot, none while overloaded, that is while new
-# work was refused for load (a waiter went unserved, the backlog was full) in the last
-# OVERLOAD_MEMORY seconds.
-BURST_WAIT = 0.015
-OVERLOAD_MEMORY = 0.5
+PROBE_SECONDS = 0.25
+WINDOW = 5.0  # seconds of work over which the completion rate is measured
+MIN_RETRY_AFTER = 1
+BURST_SECONDS = 5.0  # a caller's bucket holds this many seconds of its rate
 
 
 @dataclass(frozen=True)
 class Refusal:
-    status: int  # 503, or 429 for a caller over its share
+    status: int  # 503, or 429 for a caller over its share or rate
     code: str
     message: str
-    reason: str  # metric label: overload, new_work, loop_lag, caller_share, long_polls, backlog
+    reason: str  # metric label: overload, caller_share, rate, backlog, long_polls
+    retry_after: int = MIN_RETRY_AFTER  # seconds
 
 
 class Refused(Exception):
     def __init__(self, refusal: Refusal):
         super().__init__(refusal.reason)
         self.refusal = refusal
-
-
-OVER_SHARE = Refusal(
-    429, "too_many_requests", "this API key has more than its share of requests in flight", "caller_share"
-)
-
-
-NO_SLOT = Refusal(503, "service_unavailable", "the gateway is taking all the new work it can; retry later", "new_work")
 
 
 class Holders:
@@ -101,203 +87,238 @@ class Holders:
     def callers_with(self, caller: str, others: Collection[str] = ()) -> int:
         return len(self._by_caller.keys() | {caller, *others})
 
-    def holds_share(self, caller: str, limit: int, others: Collection[str] = ()) -> bool:
-        """Whether `caller` holds its share, `others` (callers waiting) counted among the callers."""
-        callers = self.callers_with(caller, others)
+    def holds_share(self, caller: str, limit: int) -> bool:
+        callers = self.callers_with(caller)
         return callers > 1 and self._by_caller[caller] * callers >= limit
 
 
-class WorkSlots:
-    """`limit` POSTs at once, and the CoDel queue in front of them (see the module's docstring).
-    A slot given back goes straight to the longest waiter, so a waiter is never overtaken."""
+class CompletionRate:
+    """Payments finished per second over the last `window` seconds in which there was work:
+    idle time does not count, so the first seconds of a burst after a quiet spell are not
+    mistaken for a slow gateway. None until there was work for a probe period."""
 
-    def __init__(self, limit: int, *, clock: Callable[[], float] = time.monotonic):
-        self.limit = limit
-        self.holders = Holders()
-        self._queued_by: Counter[str] = Counter()  # waiters still waiting, by caller
-        self._clock = clock
-        self._queue: deque[tuple[str, asyncio.Future[bool]]] = deque()  # may hold expired waiters
-        self._refused_at = -math.inf  # when new work was last refused for load
+    def __init__(self, window: float = WINDOW):
+        self._window = window
+        self._periods: deque[tuple[float, int]] = deque()  # (busy seconds, finished), oldest first
+        self._busy = 0.0
+        self._finished = 0
+        self._last: tuple[float, int] | None = None  # (when, finished so far) at the last sample
 
-    @property
-    def used(self) -> int:
-        return self.holders.count
-
-    async def take(self, caller: str) -> Refusal | None:
-        """A slot for `caller` (None), or why not; the slot is to be given back with give_back()."""
-        if self.used < self.limit:  # then nobody is waiting either: see give_back()
-            self.holders.add(caller, 1)
-            return None
-        if self.holders.holds_share(caller, self.limit, self._queued_by.keys()):
-            return OVER_SHARE
-        if self.overloaded:
-            self.refused()
-            return NO_SLOT
-        loop = asyncio.get_running_loop()
-        turn: asyncio.Future[bool] = loop.create_future()
-        self._queue.append((caller, turn))
-        self._queued_by[caller] += 1
-        expiry = loop.call_later(BURST_WAIT, self._answer, caller, turn, False)
-        try:
-            granted = await turn
-        except asyncio.CancelledError:
-            if turn.cancelled():
-                self._left(caller)
-            elif turn.result():
-                self.give_back(caller)  # handed a slot as the caller went away
-            raise
-        finally:
-            expiry.cancel()
-        if granted:
-            return None
-        self.refused()
-        return NO_SLOT
-
-    @property
-    def overloaded(self) -> bool:
-        """New work was refused for load (a waiter went unserved, the backlog was full) lately."""
-        return self._clock() - self._refused_at < OVERLOAD_MEMORY
-
-    def refused(self) -> None:
-        self._refused_at = self._clock()
-
-    @property
-    def queued(self) -> int:
-        """Waiters still waiting."""
-        return self._queued_by.total()
-
-    def _left(self, caller: str) -> None:
-        self._queued_by[caller] -= 1
-        if not self._queued_by[caller]:
-            del self._queued_by[caller]
-
-    def _answer(self, caller: str, turn: asyncio.Future[bool], granted: bool) -> None:
-        if turn.done():  # answered already, or its caller went away
+    def sample(self, now: float, finished_so_far: int, busy: bool) -> None:
+        """`finished_so_far`: a count that only grows; `busy`: work was waiting since the last sample."""
+        last, self._last = self._last, (now, finished_so_far)
+        if last is None:
             return
-        turn.set_result(granted)
-        self._left(caller)
-        if granted:
-            self.holders.add(caller, 1)
+        seconds, finished = now - last[0], max(0, finished_so_far - last[1])
+        if not (busy or finished) or seconds <= 0:
+            return
+        self._periods.append((seconds, finished))
+        self._busy += seconds
+        self._finished += finished
+        while self._busy - self._periods[0][0] >= self._window:
+            old_seconds, old_finished = self._periods.popleft()
+            self._busy -= old_seconds
+            self._finished -= old_finished
 
-    def give_back(self, caller: str) -> None:
-        self.holders.add(caller, -1)
-        while self._queue:
-            waiter, turn = self._queue.popleft()
-            if not turn.done():  # not expired, not gone
-                self._answer(waiter, turn, True)
-                return
+    def forget(self) -> None:
+        """The count is not to be trusted (the wake-ups were not received for a while)."""
+        self._periods.clear()
+        self._busy, self._finished, self._last = 0.0, 0, None
+
+    @property
+    def per_second(self) -> float | None:
+        return self._finished / self._busy if self._busy > 0 else None
+
+
+class TokenBucket:
+    def __init__(self, rate: float, now: float):
+        self.rate = rate
+        self.capacity = rate * BURST_SECONDS
+        self.tokens = self.capacity
+        self._at = now
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else the seconds until there is one."""
+        self.tokens = min(self.capacity, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
 
 
 class Admission:
-    def __init__(self, *, max_in_flight: int, max_new_work: int, max_lag: float, max_waiting: int, max_backlog: int):
-        if min(max_in_flight, max_new_work, max_waiting, max_backlog) < 1 or max_lag <= 0:
+    def __init__(
+        self,
+        *,
+        max_in_flight: int,
+        max_long_polls: int,
+        max_time_to_final: float,
+        post_rate: float,
+        post_rates: dict[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        rates = post_rates or {}
+        if min(max_in_flight, max_long_polls) < 1 or min(max_time_to_final, post_rate, *rates.values()) <= 0:
             raise ValueError("admission limits must be positive")
         self.max_in_flight = max_in_flight
-        self.requests = Holders()
-        self.new_work = WorkSlots(max_new_work)
-        self.max_lag = max_lag
-        self.max_waiting = max_waiting
-        self.max_backlog = max_backlog
-        self.waiting = 0
-        self.lag = 0.0  # the event loop's smoothed lag, seconds
-        self.backlog = 0  # operations waiting for a worker, counted up to max_backlog
-        self._probes: list[asyncio.Task] = []
+        self.max_long_polls = max_long_polls
+        self.max_time_to_final = max_time_to_final
+        self._post_rate = post_rate
+        self._post_rates = rates
+        self._buckets: dict[str, TokenBucket] = {}
+        self._clock = clock
+        self.requests = Holders()  # worked on now
+        self.long_polls = Holders()  # waiting for a wake-up
+        self.backlog = 0  # operations waiting for a worker, as the last probe counted them
+        self.rate = CompletionRate()
+        self._probe: asyncio.Task | None = None
 
     @property
     def in_flight(self) -> int:
         return self.requests.count
 
-    def start(self, count_backlog: Callable[[int], Awaitable[int]]) -> None:
-        """Start measuring: the loop's lag, and the backlog with count_backlog(max_backlog)."""
-        self._probes = [
-            asyncio.create_task(self._measure_lag(), name="loop-lag-probe"),
-            asyncio.create_task(self._measure_backlog(count_backlog), name="backlog-probe"),
-        ]
+    @property
+    def waiting(self) -> int:
+        return self.long_polls.count
+
+    # ---- the backlog signal ----
+
+    def observe(self, backlog: int, finished_so_far: int | None) -> None:
+        """A probe's findings: operations waiting, and the count of payments finished so far
+        (None: not known, the wake-ups are not being received)."""
+        busy = self.backlog > 0 or backlog > 0
+        self.backlog = backlog
+        if finished_so_far is None:
+            self.rate.forget()
+        else:
+            self.rate.sample(self._clock(), finished_so_far, busy)
+
+    def backlog_bound(self) -> int:
+        """Waiting operations past which new work is refused: what finishes within
+        max_time_to_final at the measured rate, and never fewer than max_in_flight."""
+        return max(self.max_in_flight, int((self.rate.per_second or 0) * self.max_time_to_final))
+
+    def start(self, count_backlog: Callable[[int], Awaitable[int]], finished_so_far: Callable[[], int | None]) -> None:
+        """Probe every PROBE_SECONDS: count_backlog(most) counts waiting operations up to `most`."""
+        self._probe = asyncio.create_task(self._measure(count_backlog, finished_so_far), name="backlog-probe")
 
     async def close(self) -> None:
-        for probe in self._probes:
-            probe.cancel()
-        for probe in self._probes:
+        if self._probe is not None:
+            self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await probe
+                await self._probe
 
-    async def _measure_lag(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + LAG_PROBE_SECONDS
-            await asyncio.sleep(LAG_PROBE_SECONDS)
-            sample = max(0.0, loop.time() - due)
-            self.lag += LAG_SMOOTHING * (sample - self.lag)
-
-    async def _measure_backlog(self, count_backlog: Callable[[int], Awaitable[int]]) -> None:
+    async def _measure(
+        self, count_backlog: Callable[[int], Awaitable[int]], finished_so_far: Callable[[], int | None]
+    ) -> None:
         while True:
             try:
-                self.backlog = await count_backlog(self.max_backlog)
+                self.observe(await count_backlog(self.backlog_bound() + 1), finished_so_far())
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # The database is unreachable: requests fail on their own (503); keep the last count.
                 log.debug("backlog unknown", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(BACKLOG_PROBE_SECONDS)
+            await asyncio.sleep(PROBE_SECONDS)
+
+    def _seconds_for(self, operations: float) -> int:
+        """Retry-After for room that `operations` finished will make."""
+        rate = self.rate.per_second
+        if rate is None:  # nothing measured: no work lately, or the wake-ups are not received
+            return MIN_RETRY_AFTER
+        seconds = operations / rate if rate else self.max_time_to_final
+        return max(MIN_RETRY_AFTER, min(math.ceil(seconds), math.ceil(self.max_time_to_final)))
+
+    # ---- decisions ----
 
     def refusal(self, caller: str, *, adds_work: bool) -> Refusal | None:
-        """Why a new request of `caller` is refused right now, or None to admit it (a POST still
-        needs a slot: see admitted()). `adds_work`: it may start a bank operation (a POST)."""
-        if adds_work and self.backlog >= self.max_backlog:
+        """Why a new request of `caller` is refused right now, or None to admit it.
+        `adds_work`: it may start a bank operation (a POST)."""
+        if self.in_flight >= self.max_in_flight:
+            # At the memory bound: whoever holds its share already is told it is its own doing
+            # (429); a caller below its share keeps its room, so in_flight may pass
+            # max_in_flight by at most max_in_flight.
+            if self.requests.holds_share(caller, self.max_in_flight):
+                return Refusal(
+                    429,
+                    "too_many_requests",
+                    "this API key has more than its share of requests in flight",
+                    "caller_share",
+                    self._seconds_for(self.requests.count - self.max_in_flight + 1),
+                )
+            if self.requests.callers_with(caller) == 1:
+                return Refusal(
+                    503,
+                    "service_unavailable",
+                    "the gateway is at capacity; retry later",
+                    "overload",
+                    self._seconds_for(self.in_flight - self.max_in_flight + 1),
+                )
+        if not adds_work:
+            return None
+        now = self._clock()
+        bucket = self._buckets.get(caller)
+        if bucket is None:
+            bucket = self._buckets[caller] = TokenBucket(self._post_rates.get(caller, self._post_rate), now)
+        wait = bucket.take(now)
+        if wait:
             return Refusal(
-                503, "service_unavailable", "the gateway has more work waiting than it takes; retry later", "backlog"
+                429,
+                "too_many_requests",
+                "this API key is over its rate of new requests",
+                "rate",
+                max(MIN_RETRY_AFTER, math.ceil(wait)),
             )
-        lagging = self.lag >= self.max_lag
-        if self.in_flight < self.max_in_flight and not lagging:
-            return None
-        # At capacity: whoever holds its share already is told it is its own doing (429); a
-        # caller below its share keeps its room unless the loop itself is behind. That lets
-        # in_flight pass max_in_flight, by at most max_in_flight, since only callers below their
-        # share are let in.
-        if self.requests.holds_share(caller, self.max_in_flight):
-            return OVER_SHARE
-        if self.requests.callers_with(caller) > 1 and not lagging:
-            return None
-        reason = "loop_lag" if lagging else "overload"
-        return Refusal(503, "service_unavailable", "the gateway is at capacity; retry later", reason)
+        excess = self.backlog - self.backlog_bound()
+        if excess >= 0:
+            bucket.tokens += 1  # not taken after all
+            return Refusal(
+                503,
+                "service_unavailable",
+                "the gateway has more work waiting than it can finish soon; retry later",
+                "backlog",
+                self._seconds_for(excess + 1),
+            )
+        return None
 
     @contextlib.asynccontextmanager
     async def admitted(self, caller: str, *, adds_work: bool) -> AsyncIterator[None]:
         """Hold room for a request for the duration of the block, or raise Refused before it."""
         refusal = self.refusal(caller, adds_work=adds_work)
         if refusal is not None:
-            if adds_work and refusal.status == 503:
-                self.new_work.refused()  # new work turned away: overload, no waiting for slots either
             raise Refused(refusal)
-        if adds_work:
-            refusal = await self.new_work.take(caller)
-            if refusal is not None:
-                raise Refused(refusal)
-        try:
-            with self.working(caller):
-                yield
-        finally:
-            if adds_work:
-                self.new_work.give_back(caller)
-
-    @contextlib.contextmanager
-    def working(self, caller: str) -> Iterator[None]:
         self.requests.add(caller, 1)
         try:
             yield
         finally:
             self.requests.add(caller, -1)
 
-    def wait_refusal(self) -> Refusal | None:
-        if self.waiting < self.max_waiting:
-            return None
-        return Refusal(503, "service_unavailable", "too many long polls are waiting; retry later", "long_polls")
+    def wait_refusal(self, caller: str) -> Refusal | None:
+        """Why `caller` may not start waiting for a wake-up now, or None."""
+        if self.long_polls.holds_share(caller, self.max_long_polls):
+            return Refusal(
+                429,
+                "too_many_requests",
+                "this API key holds its share of the long polls",
+                "long_polls",
+                self._seconds_for(self.backlog),
+            )
+        if self.waiting >= self.max_long_polls:
+            return Refusal(
+                503,
+                "service_unavailable",
+                "too many long polls are waiting; retry later",
+                "long_polls",
+                self._seconds_for(self.backlog),
+            )
+        return None
 
     @contextlib.contextmanager
     def parked(self, caller: str) -> Iterator[None]:
         """A long poll waiting for a wake-up: not work in flight while it waits."""
         self.requests.add(caller, -1)
-        self.waiting += 1
+        self.long_polls.add(caller, 1)
         try:
             yield
         finally:
-            self.waiting -= 1
+            self.long_polls.add(caller, -1)
             self.requests.add(caller, 1)

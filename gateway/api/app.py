@@ -2,7 +2,7 @@
 
 create_app() wires everything once: settings, the Postgres pool (given, as
 in tests, or owned by the app), the card vault, the long-poll watcher, the
-readiness probe, load shedding, metrics and the OpenAPI document. main() also
+readiness probe, admission, metrics and the OpenAPI document. main() also
 sets up tracing (gateway.tracing: exported only when an OTLP endpoint variable
 is set) and, with --workers N, runs N processes sharing the port (SO_REUSEPORT:
 the kernel spreads the connections), under a parent that only supervises them.
@@ -11,6 +11,8 @@ the kernel spreads the connections), under a parent that only supervises them.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import AsyncIterator
 
@@ -41,14 +43,13 @@ log = logs.get("gateway.api")
 
 MAX_BODY = 64 * 1024
 DEFAULT_POOL_SIZE = 12
-# Load shedding (gateway/api/admission.py): requests, and POSTs among them, worked on at once
-# per process, and the event loop's lag past which new ones are refused; long polls waiting for
-# a wake-up.
-DEFAULT_MAX_IN_FLIGHT = 256
-DEFAULT_MAX_NEW_WORK = 16
-DEFAULT_MAX_LAG_MS = 50.0
-DEFAULT_MAX_LONG_POLLS = 10_000
-DEFAULT_MAX_BACKLOG = 1_000  # operations waiting for a worker, across the gateway
+# Admission (gateway/api/admission.py), per process; the memory bounds scale with the cores, as
+# the requests a process can carry do.
+_CORES = os.cpu_count() or 1
+DEFAULT_MAX_IN_FLIGHT = 2000 * _CORES
+DEFAULT_MAX_LONG_POLLS = 5000 * _CORES
+DEFAULT_MAX_TIME_TO_FINAL = 30.0  # seconds: the long-poll window
+DEFAULT_POST_RATE = 1000.0 * _CORES  # POSTs per second per API key: stops a runaway client only
 _CONNECT_ATTEMPTS = 8
 
 
@@ -73,10 +74,10 @@ def create_app(
     refusals = app[REFUSALS] = RefusalLog()
     shedding = app[ADMISSION] = admission or Admission(
         max_in_flight=DEFAULT_MAX_IN_FLIGHT,
-        max_new_work=DEFAULT_MAX_NEW_WORK,
-        max_lag=DEFAULT_MAX_LAG_MS / 1000,
-        max_waiting=DEFAULT_MAX_LONG_POLLS,
-        max_backlog=DEFAULT_MAX_BACKLOG,
+        max_long_polls=DEFAULT_MAX_LONG_POLLS,
+        max_time_to_final=DEFAULT_MAX_TIME_TO_FINAL,
+        post_rate=DEFAULT_POST_RATE,
+        post_rates=settings.post_rates,
     )
     Gauge("gateway_http_requests_in_flight", "Requests under /v1 being worked on", registry=registry).set_function(
         lambda: shedding.in_flight
@@ -85,8 +86,11 @@ def create_app(
     document = openapi.build()
     watcher = PaymentWatcher(settings.database_url)
     Gauge(
-        "gateway_api_work_waiting", "Operations waiting for a worker as load shedding last saw them", registry=registry
+        "gateway_api_work_waiting", "Operations waiting for a worker as admission last saw them", registry=registry
     ).set_function(lambda: shedding.backlog)
+    Gauge(
+        "gateway_api_completion_rate", "Payments finished per second, as admission measures it", registry=registry
+    ).set_function(lambda: shedding.rate.per_second or 0.0)
     Gauge("gateway_longpoll_waiters", "Requests waiting for a payment to settle", registry=registry).set_function(
         lambda: watcher.waiting
     )
@@ -114,7 +118,7 @@ def create_app(
         opened = pool if pool is not None else await _create_pool(settings.database_url, pool_size)
         state.connect(opened, Readiness(opened, settings.amqp_url))
         await watcher.start()
-        shedding.start(lambda most: store.work_waiting(opened, most=most))
+        shedding.start(lambda most: store.work_waiting(opened, most=most), watcher.finished_so_far)
         try:
             yield
         finally:
@@ -172,40 +176,38 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-in-flight",
         type=int,
         default=DEFAULT_MAX_IN_FLIGHT,
-        help="requests worked on at once per process before new ones get 503 (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-new-work",
-        type=int,
-        default=DEFAULT_MAX_NEW_WORK,
-        help="POSTs worked on at once per process; more wait briefly for a turn or get 503 (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-loop-lag-ms",
-        type=float,
-        default=DEFAULT_MAX_LAG_MS,
-        help="event loop lag past which new requests get 503 (default %(default)s ms)",
-    )
-    parser.add_argument(
-        "--max-backlog",
-        type=int,
-        default=DEFAULT_MAX_BACKLOG,
-        help="operations waiting for a worker past which new POSTs get 503 (default %(default)s)",
+        help="requests worked on at once per process before new ones get 503: a memory bound "
+        "(default 2000 per core: %(default)s)",
     )
     parser.add_argument(
         "--max-long-polls",
         type=int,
         default=DEFAULT_MAX_LONG_POLLS,
-        help="long polls waiting at once per process (default %(default)s)",
+        help="long polls waiting at once per process, shared among API keys (default 5000 per core: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-time-to-final",
+        type=float,
+        default=DEFAULT_MAX_TIME_TO_FINAL,
+        help="new payments get 503 while the work waiting would take longer than this to finish "
+        "at the measured rate (default %(default)g s)",
+    )
+    parser.add_argument(
+        "--post-rate",
+        type=float,
+        default=DEFAULT_POST_RATE,
+        help="POSTs per second per API key and process before 429, in bursts of up to 5 s of it; "
+        "GATEWAY_POST_RATES sets it per merchant (default 1000 per core: %(default)g)",
     )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0-65535")
-    for name in ("db_pool_size", "workers", "max_in_flight", "max_new_work", "max_long_polls", "max_backlog"):
+    for name in ("db_pool_size", "workers", "max_in_flight", "max_long_polls"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_loop_lag_ms <= 0:
-        parser.error("--max-loop-lag-ms must be above 0")
+    for name in ("max_time_to_final", "post_rate"):
+        if not 0 < getattr(args, name) < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be above 0")
     if args.workers > 1 and args.port == 0:
         parser.error("--workers above 1 needs a --port: the processes share it")
     return args
@@ -225,10 +227,10 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> None:
     tracing.setup("gateway-api")
     admission = Admission(
         max_in_flight=args.max_in_flight,
-        max_new_work=args.max_new_work,
-        max_lag=args.max_loop_lag_ms / 1000,
-        max_waiting=args.max_long_polls,
-        max_backlog=args.max_backlog,
+        max_long_polls=args.max_long_polls,
+        max_time_to_final=args.max_time_to_final,
+        post_rate=args.post_rate,
+        post_rates=settings.post_rates,
     )
     app = create_app(settings, pool_size=args.db_pool_size, admission=admission)
     try:

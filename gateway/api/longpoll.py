@@ -72,6 +72,12 @@ class PaymentWatcher:
         # ids of the last wake-ups: one may come in before the handler that accepted the
         # payment gets to say so (a busy event loop), and then it is not pending any more
         self._woken: OrderedDict[str, None] = OrderedDict()
+        self._finished = 0  # wake-ups received: payments out of an in-progress status
+
+    def finished_so_far(self) -> int | None:
+        """Payments that left an in-progress status since start, as their wake-ups said (a count
+        that only grows); None while not listening, when wake-ups may be missed."""
+        return self._finished if self.listening else None
 
     def accepted(self, payment_id: str, merchant: str) -> None:
         """This process has just accepted the payment (pending): a long poll on it need not read it."""
@@ -155,6 +161,7 @@ class PaymentWatcher:
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         payment_id, _, text = str(payload).partition(" ")
+        self._finished += 1
         body = text.encode() if text else None
         self._accepted.pop(payment_id, None)
         _remember(self._woken, payment_id, None)

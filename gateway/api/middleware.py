@@ -24,7 +24,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from gateway import logs, tracing
-from gateway.api.admission import RETRY_AFTER_SECONDS, Admission, Refusal, Refused
+from gateway.api.admission import Admission, Refusal, Refused
 from gateway.api.errors import ApiError, error_response, from_http_exception
 
 log = logs.get("gateway.api")
@@ -32,6 +32,8 @@ log = logs.get("gateway.api")
 MERCHANT = web.AppKey("merchant_by_key_digest", dict)
 # The caller's name (scope of payments and idempotency keys), set once the API key checks out.
 CALLER = web.RequestKey("caller", str) if hasattr(web, "RequestKey") else "caller"
+# Set while the request only waits (a long poll parked): its client going away ends it (server.py).
+ENDS_WITH_CLIENT = web.RequestKey("ends_with_client", bool) if hasattr(web, "RequestKey") else "ends_with_client"
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -147,7 +149,7 @@ def refused(request: web.Request, refusal: Refusal) -> web.Response:
     request.app[METRICS].refused.labels(refusal.reason).inc()
     request.app[REFUSALS].add(refusal.reason)
     return error_response(
-        refusal.status, refusal.code, refusal.message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+        refusal.status, refusal.code, refusal.message, headers={"Retry-After": str(refusal.retry_after)}
     )
 
 

@@ -7,9 +7,11 @@ read through gateway/views.py. Nothing here touches SQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,11 +27,13 @@ from gateway.api.admission import Refused
 from gateway.api.errors import JSON, ApiError
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
-from gateway.api.middleware import ADMISSION, CALLER
+from gateway.api.middleware import ADMISSION, CALLER, ENDS_WITH_CLIENT
 from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import REFERENCE_UNKNOWN, Action, InvalidTransition, ReferenceUnknown
 from gateway.fingerprints import Fingerprinter
+
+SUBMIT_BATCH = 512
 
 
 @dataclass
@@ -51,7 +55,8 @@ class State:
 
     def connect(self, pool: asyncpg.Pool, readiness: Readiness) -> None:
         self._pool, self._readiness = pool, readiness
-        self._submits = Batcher(lambda submissions: payments.submit_many(pool, submissions))
+        # Up to SUBMIT_BATCH authorizations a commit: under load the batches grow rather than queue.
+        self._submits = Batcher(lambda submissions: payments.submit_many(pool, submissions), max_size=SUBMIT_BATCH)
         self._actions = Batcher(lambda asked: payments.request_actions(pool, asked))
 
     @property
@@ -325,12 +330,20 @@ async def get_payment(request: web.Request) -> web.Response:
 
     if query.wait > 0:
         admission = request.app[ADMISSION]
-        no_room = admission.wait_refusal()
+        no_room = admission.wait_refusal(merchant)
         if no_room is not None:
             raise Refused(no_room)
-        payment = await state.watcher.wait_settled(
-            payment_id, merchant, read, query.wait, parked=lambda: admission.parked(merchant)
-        )
+
+        @contextlib.contextmanager
+        def parked() -> Iterator[None]:
+            with admission.parked(merchant):
+                request[ENDS_WITH_CLIENT] = True
+                try:
+                    yield
+                finally:
+                    request[ENDS_WITH_CLIENT] = False
+
+        payment = await state.watcher.wait_settled(payment_id, merchant, read, query.wait, parked=parked)
     else:
         payment = await read()
     if payment is None:

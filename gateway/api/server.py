@@ -22,7 +22,7 @@ from aiohttp.web_request import BaseRequest
 
 from gateway import logs
 from gateway.api.errors import HTTP_CODES, error_response
-from gateway.api.middleware import new_request_id
+from gateway.api.middleware import ENDS_WITH_CLIENT, new_request_id
 
 log = logs.get("gateway.api")
 
@@ -53,6 +53,14 @@ class _JsonErrorsHandler(web_protocol.RequestHandler):
         response = error_response(status, code, text, headers={"X-Request-Id": request_id})
         response.force_close()
         return response
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # A long poll whose client went away frees its place now rather than at its timeout
+        # (only a parked one: anything else runs to its end, as aiohttp does by default).
+        request, task = self._current_request, self._task_handler
+        super().connection_lost(exc)
+        if request is not None and task is not None and request.get(ENDS_WITH_CLIENT):
+            task.cancel()
 
 
 class _JsonErrorsServer(web.Server):

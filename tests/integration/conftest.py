@@ -8,7 +8,6 @@ payments.expire_hold), the same phases the worker calls.
 from __future__ import annotations
 
 import io
-import math
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -18,8 +17,7 @@ import structlog
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import config, logs, payments
-from gateway.api.admission import Admission
-from gateway.api.app import DEFAULT_MAX_BACKLOG, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_LONG_POLLS, create_app
+from gateway.api.app import create_app
 from gateway.domain import BankOutcome, Verdict
 
 API_KEY = "sk_test_ficmart_dev"
@@ -55,15 +53,7 @@ def api_logs() -> io.StringIO:
 
 @pytest.fixture(scope="session")
 async def api_client(api_settings, pool, api_logs):
-    # The test client shares the server's event loop: its own work would read as server lag.
-    admission = Admission(
-        max_in_flight=DEFAULT_MAX_IN_FLIGHT,
-        max_new_work=DEFAULT_MAX_IN_FLIGHT,
-        max_lag=math.inf,
-        max_waiting=DEFAULT_MAX_LONG_POLLS,
-        max_backlog=DEFAULT_MAX_BACKLOG,
-    )
-    async with TestClient(TestServer(create_app(api_settings, pool, admission=admission))) as c:
+    async with TestClient(TestServer(create_app(api_settings, pool))) as c:
         yield c
 
 

@@ -1,149 +1,16 @@
-"""Load shedding decisions (gateway/api/admission.py) and the refusal log line, without a server."""
+"""Admission decisions (gateway/api/admission.py) on a fake clock, and the refusal log line,
+without a server."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 
 import pytest
 
-from gateway.api import admission as admission_module
 from gateway.api import middleware
-from gateway.api.admission import Admission, Refused, WorkSlots
-
-
-def admission(max_in_flight: int = 4, max_waiting: int = 2, max_new_work: int = 100) -> Admission:
-    return Admission(
-        max_in_flight=max_in_flight, max_new_work=max_new_work, max_lag=0.05, max_waiting=max_waiting, max_backlog=100
-    )
-
-
-def test_admits_below_capacity_and_refuses_a_lone_caller_at_it():
-    gate = admission(max_in_flight=2)
-    with contextlib.ExitStack() as held:
-        assert gate.refusal("a", adds_work=True) is None
-        held.enter_context(gate.working("a"))
-        assert gate.refusal("a", adds_work=True) is None
-        held.enter_context(gate.working("a"))
-        refusal = gate.refusal("a", adds_work=True)
-        assert refusal is not None and (refusal.status, refusal.code, refusal.reason) == (
-            503,
-            "service_unavailable",
-            "overload",
-        )
-    assert gate.in_flight == 0 and gate.refusal("a", adds_work=True) is None
-
-
-def test_at_capacity_the_caller_holding_its_share_gets_429_and_the_other_keeps_its_room():
-    gate = admission(max_in_flight=4)
-    with contextlib.ExitStack() as held:
-        for _ in range(4):
-            held.enter_context(gate.working("greedy"))
-        alone = gate.refusal("greedy", adds_work=True)
-        assert alone is not None and alone.status == 503  # nobody else wants room: the gateway is full
-        assert gate.refusal("quiet", adds_work=True) is None  # its share is 2 of the 4
-        held.enter_context(gate.working("quiet"))
-        greedy = gate.refusal("greedy", adds_work=True)
-        assert greedy is not None and (greedy.status, greedy.reason) == (429, "caller_share")
-        assert gate.refusal("quiet", adds_work=True) is None
-        held.enter_context(gate.working("quiet"))
-        quiet = gate.refusal("quiet", adds_work=True)
-        assert quiet is not None and quiet.status == 429
-        assert gate.in_flight == 6  # past max_in_flight by less than max_in_flight
-
-
-def test_a_lagging_loop_refuses_everyone_but_still_tells_the_greedy_caller_apart():
-    gate = admission(max_in_flight=10)
-    gate.lag = 0.2
-    lone = gate.refusal("a", adds_work=True)
-    assert lone is not None and (lone.status, lone.reason) == (503, "loop_lag")
-    with contextlib.ExitStack() as held:
-        for _ in range(5):
-            held.enter_context(gate.working("a"))
-        held.enter_context(gate.working("b"))
-        other = gate.refusal("b", adds_work=True)
-        assert other is not None and (other.status, other.reason) == (503, "loop_lag")
-        greedy = gate.refusal("a", adds_work=True)
-        assert greedy is not None and greedy.status == 429
-
-
-def test_a_parked_long_poll_is_not_in_flight_while_it_waits_and_is_again_after():
-    gate = admission(max_in_flight=1, max_waiting=1)
-    with gate.working("a"):
-        with gate.parked("a"):
-            assert gate.in_flight == 0 and gate.waiting == 1
-            assert gate.refusal("a", adds_work=True) is None
-            refusal = gate.wait_refusal()
-            assert refusal is not None and (refusal.status, refusal.reason) == (503, "long_polls")
-        assert gate.in_flight == 1 and gate.waiting == 0
-        assert gate.wait_refusal() is None
-    assert gate.in_flight == 0
-
-
-async def idle_backlog(most: int) -> int:
-    return 0
-
-
-def test_past_the_backlog_bound_new_work_is_refused_and_reads_are_not():
-    gate = admission()
-    gate.backlog = 100
-    refusal = gate.refusal("a", adds_work=True)
-    assert refusal is not None and (refusal.status, refusal.reason) == (503, "backlog")
-    assert gate.refusal("a", adds_work=False) is None
-    gate.backlog = 99
-    assert gate.refusal("a", adds_work=True) is None
-
-
-async def test_the_backlog_probe_asks_up_to_the_bound_and_keeps_the_last_count_when_the_database_fails():
-    asked = []
-    answers = iter([7, OSError("down")])
-
-    async def count(most: int) -> int:
-        asked.append(most)
-        answer = next(answers, 9)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    gate = admission()
-    gate.start(count)
-    try:
-        await asyncio.sleep(0.01)
-        assert gate.backlog == 7
-        await asyncio.sleep(0.3)  # the second probe failed: still 7
-        assert gate.backlog == 7 and len(asked) == 2
-        await asyncio.sleep(0.3)
-        assert gate.backlog == 9
-    finally:
-        await gate.close()
-    assert set(asked) == {100}
-
-
-async def test_the_probe_measures_a_blocked_loop_and_forgets_it_gradually():
-    gate = admission()
-    gate.start(idle_backlog)
-    try:
-        await asyncio.sleep(0.06)
-        busy_until = asyncio.get_running_loop().time() + 0.3
-        while asyncio.get_running_loop().time() < busy_until:
-            pass  # the loop is blocked: the probe's timer fires late
-        await asyncio.sleep(0.01)
-        assert gate.lag >= gate.max_lag
-        peak = gate.lag
-        await asyncio.sleep(0.5)
-        assert gate.lag < peak / 2
-    finally:
-        await gate.close()
-
-
-@pytest.mark.parametrize("n", [0, -1])
-def test_refuses_nonsense_limits(n):
-    with pytest.raises(ValueError):
-        Admission(max_in_flight=n, max_new_work=1, max_lag=0.05, max_waiting=1, max_backlog=1)
-    with pytest.raises(ValueError):
-        Admission(max_in_flight=1, max_new_work=n, max_lag=0.05, max_waiting=1, max_backlog=1)
-    with pytest.raises(ValueError):
-        Admission(max_in_flight=1, max_new_work=1, max_lag=0.05, max_waiting=1, max_backlog=n)
+from gateway.api.admission import Admission, CompletionRate, Refused
 
 
 class Clock:
@@ -154,118 +21,278 @@ class Clock:
         return self.now
 
 
-async def waiter(slots: WorkSlots, caller: str) -> asyncio.Task:
-    task = asyncio.create_task(slots.take(caller))
-    await asyncio.sleep(0)  # it queues
-    return task
+def admission(
+    max_in_flight: int = 4,
+    max_long_polls: int = 2,
+    *,
+    post_rate: float = 10**6,
+    post_rates: dict[str, float] | None = None,
+    clock: Clock | None = None,
+) -> Admission:
+    return Admission(
+        max_in_flight=max_in_flight,
+        max_long_polls=max_long_polls,
+        max_time_to_final=30.0,
+        post_rate=post_rate,
+        post_rates=post_rates,
+        clock=clock or Clock(),
+    )
 
 
-async def test_a_slot_given_back_goes_to_the_longest_waiter_and_nobody_overtakes(monkeypatch):
-    monkeypatch.setattr(admission_module, "BURST_WAIT", 10.0)
-    slots = WorkSlots(2)
-    assert await slots.take("a") is None and await slots.take("a") is None
-    first, second = await waiter(slots, "a"), await waiter(slots, "a")
-    assert slots.queued == 2 and not first.done()
-    slots.give_back("a")
-    assert await first is None and not second.done()
-    assert slots.used == 2 and slots.queued == 1
-    slots.give_back("a")
-    assert await second is None
-    slots.give_back("a")
-    slots.give_back("a")
-    assert slots.used == 0 and slots.queued == 0
-    assert await slots.take("a") is None  # free again at once
+@contextlib.contextmanager
+def working(gate: Admission, caller: str) -> Iterator[None]:
+    gate.requests.add(caller, 1)
+    try:
+        yield
+    finally:
+        gate.requests.add(caller, -1)
 
 
-async def test_a_waiter_waits_out_a_burst_but_in_overload_the_surplus_is_refused_at_once(monkeypatch):
+def run_at(gate: Admission, clock: Clock, rate: float, backlog: int, seconds: float) -> int:
+    """Probes every 0.25 s for `seconds` while the gateway finishes `rate` payments a second
+    and `backlog` operations wait; returns the finished count it reached."""
+    finished = getattr(gate, "_test_finished", 0)
+    for _ in range(int(seconds / 0.25)):
+        clock.now += 0.25
+        finished += int(rate * 0.25)
+        gate.observe(backlog, finished)
+    gate._test_finished = finished  # type: ignore[attr-defined]
+    return finished
+
+
+def test_admits_below_the_memory_bound_and_refuses_a_lone_caller_at_it():
+    gate = admission(max_in_flight=2)
+    with contextlib.ExitStack() as held:
+        assert gate.refusal("a", adds_work=True) is None
+        held.enter_context(working(gate, "a"))
+        assert gate.refusal("a", adds_work=False) is None
+        held.enter_context(working(gate, "a"))
+        refusal = gate.refusal("a", adds_work=False)
+        assert refusal is not None and (refusal.status, refusal.code, refusal.reason) == (
+            503,
+            "service_unavailable",
+            "overload",
+        )
+    assert gate.in_flight == 0 and gate.refusal("a", adds_work=True) is None
+
+
+def test_at_the_memory_bound_the_caller_holding_its_share_gets_429_and_the_other_keeps_its_room():
+    gate = admission(max_in_flight=4)
+    with contextlib.ExitStack() as held:
+        for _ in range(4):
+            held.enter_context(working(gate, "greedy"))
+        alone = gate.refusal("greedy", adds_work=True)
+        assert alone is not None and alone.status == 503  # nobody else wants room: the gateway is full
+        assert gate.refusal("quiet", adds_work=True) is None  # its share is 2 of the 4
+        held.enter_context(working(gate, "quiet"))
+        greedy = gate.refusal("greedy", adds_work=True)
+        assert greedy is not None and (greedy.status, greedy.reason) == (429, "caller_share")
+        assert gate.refusal("quiet", adds_work=True) is None
+        held.enter_context(working(gate, "quiet"))
+        quiet = gate.refusal("quiet", adds_work=True)
+        assert quiet is not None and quiet.status == 429
+        assert gate.in_flight == 6  # past max_in_flight by less than max_in_flight
+
+
+def test_a_burst_on_an_idle_gateway_is_absorbed_up_to_the_in_flight_bound_before_any_rate_is_known():
     clock = Clock()
-    slots = WorkSlots(1, clock=clock)
-    assert await slots.take("a") is None
-    # No overload yet: a POST finding no slot waits up to BURST_WAIT for one, and gets it.
-    monkeypatch.setattr(admission_module, "BURST_WAIT", 3600.0)
-    task = await waiter(slots, "a")
-    slots.give_back("a")
-    assert await task is None and not slots.overloaded
-    # Unserved for BURST_WAIT: refused, and that is overload ...
-    monkeypatch.setattr(admission_module, "BURST_WAIT", 0.01)
-    refusal = await asyncio.wait_for(slots.take("a"), 5)
-    assert refusal is not None and (refusal.status, refusal.code, refusal.reason) == (
+    gate = admission(max_in_flight=2000, clock=clock)
+    gate.observe(1999, 0)  # 1999 operations accepted at once: nothing finished yet, no rate
+    assert gate.rate.per_second is None
+    assert gate.refusal("a", adds_work=True) is None
+    gate.observe(2000, 0)
+    refused = gate.refusal("a", adds_work=True)
+    assert refused is not None and refused.reason == "backlog"
+
+
+def test_a_burst_the_gateway_finishes_within_the_bound_is_absorbed():
+    clock = Clock()
+    gate = admission(max_in_flight=100, clock=clock)
+    run_at(gate, clock, rate=200, backlog=50, seconds=5)
+    assert gate.rate.per_second == pytest.approx(200)
+    # 5000 waiting at 200/s: 25 s to final, within 30 s.
+    gate.observe(5000, run_at(gate, clock, rate=200, backlog=5000, seconds=0.25))
+    assert gate.refusal("a", adds_work=True) is None
+
+
+def test_idle_time_does_not_dilute_the_completion_rate():
+    clock = Clock()
+    gate = admission(max_in_flight=100, clock=clock)
+    run_at(gate, clock, rate=200, backlog=10, seconds=2)
+    run_at(gate, clock, rate=200, backlog=0, seconds=0.25)  # the last of it finishes
+    before = gate.rate.per_second
+    assert before == pytest.approx(200)
+    run_at(gate, clock, rate=0, backlog=0, seconds=60)  # a quiet minute
+    assert gate.rate.per_second == before
+
+
+def test_standing_overload_is_shed_with_a_retry_after_that_says_when_there_is_room():
+    clock = Clock()
+    gate = admission(max_in_flight=100, clock=clock)
+    run_at(gate, clock, rate=200, backlog=7000, seconds=5)  # 35 s to final at 200/s
+    refused = gate.refusal("a", adds_work=True)
+    assert refused is not None and (refused.status, refused.code, refused.reason) == (
         503,
         "service_unavailable",
-        "new_work",
+        "backlog",
     )
-    assert slots.overloaded
-    # ... in which a POST finding no slot is refused without waiting, and each refusal keeps it on.
-    monkeypatch.setattr(admission_module, "BURST_WAIT", 3600.0)
-    for _ in range(3):
-        clock.now += admission_module.OVERLOAD_MEMORY * 0.9
-        refusal = await asyncio.wait_for(slots.take("a"), 5)
-        assert refusal is not None and refusal.reason == "new_work" and slots.queued == 0
-    # A free slot is taken whatever the state; OVERLOAD_MEMORY without a refusal ends overload.
-    slots.give_back("a")
-    assert await slots.take("a") is None
-    clock.now += admission_module.OVERLOAD_MEMORY
-    assert not slots.overloaded
-    task = await waiter(slots, "a")
-    await asyncio.sleep(0.05)
-    assert not task.done()
-    slots.give_back("a")
-    assert await task is None
+    assert refused.retry_after == 6  # (7000 - 6000 + 1) / 200, rounded up
+    assert gate.refusal("a", adds_work=False) is None  # reads are served
+    run_at(gate, clock, rate=200, backlog=6400, seconds=0.25)
+    refused = gate.refusal("a", adds_work=True)
+    assert refused is not None and refused.retry_after == 3  # less to wait for now
 
 
-async def test_a_caller_holding_its_share_of_the_slots_gets_429_at_once_and_the_other_waits(monkeypatch):
-    monkeypatch.setattr(admission_module, "BURST_WAIT", 10.0)
-    slots = WorkSlots(2)
-    assert await slots.take("greedy") is None and await slots.take("greedy") is None
-    quiet = await waiter(slots, "quiet")  # its share is 1 of the 2
-    greedy = await slots.take("greedy")
-    assert greedy is not None and (greedy.status, greedy.reason) == (429, "caller_share")
-    slots.give_back("greedy")
-    assert await quiet is None and slots.holders.holds_share("greedy", 2)
+def test_recovery_once_the_backlog_drains_below_the_bound():
+    clock = Clock()
+    gate = admission(max_in_flight=100, clock=clock)
+    run_at(gate, clock, rate=200, backlog=7000, seconds=5)
+    assert gate.refusal("a", adds_work=True) is not None
+    run_at(gate, clock, rate=200, backlog=5999, seconds=0.25)
+    assert gate.refusal("a", adds_work=True) is None
 
 
-async def test_a_waiter_that_goes_away_takes_no_slot_with_it(monkeypatch):
-    monkeypatch.setattr(admission_module, "BURST_WAIT", 10.0)
-    slots = WorkSlots(1)
-    assert await slots.take("a") is None
-    gone, handed = await waiter(slots, "a"), await waiter(slots, "a")
-    gone.cancel()
-    await asyncio.sleep(0)
-    assert slots.queued == 1
-    slots.give_back("a")  # skips the one gone, hands the slot to the next
-    handed.cancel()  # ... which is cancelled before it runs again: it gives the slot back
-    with pytest.raises(asyncio.CancelledError):
-        await handed
-    assert slots.used == 0 and slots.queued == 0
-    assert await slots.take("a") is None
+def test_a_stalled_pipeline_is_bounded_by_the_in_flight_floor_and_a_slower_one_by_its_rate():
+    clock = Clock()
+    gate = admission(max_in_flight=100, clock=clock)
+    run_at(gate, clock, rate=0, backlog=99, seconds=2)  # work waits, nothing finishes
+    assert gate.rate.per_second == 0 and gate.refusal("a", adds_work=True) is None
+    gate.observe(100, 0)
+    assert gate.refusal("a", adds_work=True) is not None
+    run_at(gate, clock, rate=4, backlog=100, seconds=10)  # 4/s: 120 waiting would take 30 s
+    assert gate.backlog_bound() == 120
 
 
-async def test_admitted_holds_a_slot_for_a_post_only_and_raises_refused_for_what_it_refuses(monkeypatch):
-    monkeypatch.setattr(admission_module, "BURST_WAIT", 0.01)
-    gate = admission(max_in_flight=10, max_new_work=1)
+def test_without_wake_ups_the_rate_is_forgotten_and_the_floor_applies():
+    clock = Clock()
+    gate = admission(max_in_flight=100, clock=clock)
+    run_at(gate, clock, rate=200, backlog=3000, seconds=5)
+    assert gate.refusal("a", adds_work=True) is None
+    gate.observe(3000, None)  # the LISTEN connection is down: wake-ups may be missed
+    assert gate.rate.per_second is None
+    assert gate.refusal("a", adds_work=True) is not None
+
+
+def test_the_completion_rate_covers_the_last_window_of_work_only():
+    rate = CompletionRate(window=2.0)
+    rate.sample(0.0, 0, busy=True)
+    for second in range(1, 11):
+        rate.sample(float(second), second * 100, busy=True)  # 100/s for 10 s
+    for second in range(11, 13):
+        rate.sample(float(second), 1000 + (second - 10) * 10, busy=True)  # then 10/s for 2 s
+    assert rate.per_second == pytest.approx(10)
+
+
+def test_the_token_bucket_takes_a_burst_of_five_seconds_then_refuses_with_429_and_refills():
+    clock = Clock()
+    gate = admission(max_in_flight=100, post_rate=2, post_rates={"big": 100}, clock=clock)
+    for _ in range(10):  # 5 s of 2/s
+        assert gate.refusal("a", adds_work=True) is None
+    refused = gate.refusal("a", adds_work=True)
+    assert refused is not None and (refused.status, refused.code, refused.reason) == (
+        429,
+        "too_many_requests",
+        "rate",
+    )
+    assert refused.retry_after == 1
+    assert gate.refusal("a", adds_work=False) is None  # reads are not counted
+    assert gate.refusal("b", adds_work=True) is None  # another caller has its own bucket
+    for _ in range(500):
+        assert gate.refusal("big", adds_work=True) is None  # its own, larger rate
+    clock.now += 0.5
+    assert gate.refusal("a", adds_work=True) is None
+    assert gate.refusal("a", adds_work=True) is not None
+
+
+def test_new_work_refused_for_the_backlog_does_not_spend_a_token():
+    clock = Clock()
+    gate = admission(max_in_flight=100, post_rate=1, clock=clock)
+    gate.observe(100, None)
+    for _ in range(20):
+        refused = gate.refusal("a", adds_work=True)
+        assert refused is not None and refused.reason == "backlog"
+    gate.observe(0, None)
+    for _ in range(5):
+        assert gate.refusal("a", adds_work=True) is None
+
+
+def test_a_parked_long_poll_is_not_in_flight_while_it_waits_and_is_again_after():
+    gate = admission(max_in_flight=1, max_long_polls=1)
+    with working(gate, "a"):
+        with gate.parked("a"):
+            assert gate.in_flight == 0 and gate.waiting == 1
+            assert gate.refusal("a", adds_work=True) is None
+            refusal = gate.wait_refusal("a")
+            assert refusal is not None and (refusal.status, refusal.reason) == (503, "long_polls")
+        assert gate.in_flight == 1 and gate.waiting == 0
+        assert gate.wait_refusal("a") is None
+    assert gate.in_flight == 0
+
+
+def test_one_caller_cannot_take_another_callers_room_among_the_long_polls():
+    gate = admission(max_in_flight=10, max_long_polls=4)
+    with contextlib.ExitStack() as held:
+        for _ in range(3):
+            assert gate.wait_refusal("greedy") is None
+            held.enter_context(working(gate, "greedy"))
+            held.enter_context(gate.parked("greedy"))
+        assert gate.wait_refusal("greedy") is None  # alone, it may use all of them
+        assert gate.wait_refusal("quiet") is None
+        held.enter_context(working(gate, "quiet"))
+        held.enter_context(gate.parked("quiet"))
+        greedy = gate.wait_refusal("greedy")  # 3 of 4 held among 2 callers: past its share
+        assert greedy is not None and (greedy.status, greedy.reason) == (429, "long_polls")
+
+
+async def test_a_refused_request_holds_no_room():
+    gate = admission(max_in_flight=1)
     async with gate.admitted("a", adds_work=True):
-        assert gate.in_flight == 1 and gate.new_work.used == 1
-        async with gate.admitted("a", adds_work=False):  # a read needs no slot
-            assert gate.in_flight == 2 and gate.new_work.used == 1
+        assert gate.in_flight == 1
         with pytest.raises(Refused) as refused:
             async with gate.admitted("a", adds_work=True):
-                raise AssertionError("admitted past max_new_work")
-        assert refused.value.refusal.reason == "new_work"
-    assert gate.in_flight == 0 and gate.new_work.used == 0
-    gate.backlog = 100
-    with pytest.raises(Refused) as refused:
-        async with gate.admitted("a", adds_work=True):
-            raise AssertionError("admitted past max_backlog")
-    assert refused.value.refusal.reason == "backlog" and gate.new_work.used == 0
-    assert gate.new_work.overloaded  # new work refused for the backlog: no waiting for slots either
+                raise AssertionError("admitted past max_in_flight")
+        assert refused.value.refusal.reason == "overload"
+    assert gate.in_flight == 0
 
 
-async def test_a_refused_read_is_not_overload_of_new_work():
-    gate = admission(max_in_flight=1)
-    with gate.working("a"), pytest.raises(Refused):
-        async with gate.admitted("a", adds_work=False):
-            raise AssertionError("admitted past max_in_flight")
-    assert not gate.new_work.overloaded
+async def test_the_probe_asks_up_to_the_bound_and_keeps_the_last_count_when_the_database_fails():
+    asked = []
+    answers = iter([7, OSError("down")])
+
+    async def count(most: int) -> int:
+        asked.append(most)
+        answer = next(answers, 9)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    gate = Admission(max_in_flight=100, max_long_polls=1, max_time_to_final=30, post_rate=1)
+    gate.start(count, lambda: 0)
+    try:
+        await asyncio.sleep(0.01)
+        assert gate.backlog == 7
+        await asyncio.sleep(0.3)  # the second probe failed: still 7
+        assert gate.backlog == 7 and len(asked) == 2
+        await asyncio.sleep(0.3)
+        assert gate.backlog == 9
+    finally:
+        await gate.close()
+    assert set(asked) == {101}  # nothing finished: the bound is the in-flight floor
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_in_flight": 0},
+        {"max_long_polls": 0},
+        {"max_time_to_final": 0},
+        {"post_rate": -1},
+        {"post_rates": {"a": 0}},
+    ],
+)
+def test_refuses_nonsense_limits(limits):
+    with pytest.raises(ValueError):
+        Admission(**{"max_in_flight": 1, "max_long_polls": 1, "max_time_to_final": 30, "post_rate": 1, **limits})
 
 
 class Recorder:
@@ -281,11 +308,11 @@ async def test_refusals_are_logged_as_one_line_a_second_with_counts_by_reason(mo
     monkeypatch.setattr(middleware, "log", recorder)
     monkeypatch.setattr(middleware, "REFUSAL_LOG_SECONDS", 0.05)
     refusals = middleware.RefusalLog()
-    for reason in ("new_work", "new_work", "backlog"):
+    for reason in ("rate", "rate", "backlog"):
         refusals.add(reason)
     assert recorder.lines == []  # nothing yet: one line when the period is over
     await asyncio.sleep(0.1)
-    assert recorder.lines == [("requests refused for load", {"seconds": 0.05, "new_work": 2, "backlog": 1})]
+    assert recorder.lines == [("requests refused for load", {"seconds": 0.05, "rate": 2, "backlog": 1})]
     refusals.add("overload")
     refusals.flush()  # at shutdown: at once, and the pending line is not written twice
     await asyncio.sleep(0.1)

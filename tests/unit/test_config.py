@@ -195,6 +195,13 @@ BAD_VALUES = [
     ("CARD_ENCRYPTION_KEY", GOOD_KEY.rstrip("=")),  # padding removed
     ("CARD_ENCRYPTION_KEY", GOOD_KEY + "\n" + "x"),
     ("CARD_ENCRYPTION_KEY", b"k".hex() * 32),  # hex, not base64: 64 chars
+    # GATEWAY_POST_RATES
+    ("GATEWAY_POST_RATES", "ficmart"),  # no rate
+    ("GATEWAY_POST_RATES", "ficmart:0"),
+    ("GATEWAY_POST_RATES", "ficmart:-5"),
+    ("GATEWAY_POST_RATES", "ficmart:inf"),
+    ("GATEWAY_POST_RATES", "ficmart:many"),
+    ("GATEWAY_POST_RATES", "nobody:100"),  # not a caller of GATEWAY_API_KEYS
 ]
 
 
@@ -231,6 +238,12 @@ BAD_URL_VALUES = [
     ("BANK_URL", "http://127.0.0.1:notaport"),
     ("BANK_URL", "http://127.0.0.1:99999"),
 ]
+
+
+def test_post_rates_are_read_per_caller():
+    settings = config.parse({"GATEWAY_POST_RATES": " ficmart: 2.5 ", **DEV})
+    assert settings.post_rates == {"ficmart": 2.5}
+    assert config.parse(DEV).post_rates == {}
 
 
 @pytest.mark.parametrize(("name", "value"), BAD_URL_VALUES, ids=[f"{n}={v!r}" for n, v in BAD_URL_VALUES])
