@@ -9,9 +9,10 @@ backends and the server's own), RabbitMQ (beam.smp), and apart from the gateway'
 total, the mock bank and this load generator. This is the headline figure.
 
 overload: submits only, offered open loop at `factor` times the rate the gateway
-completed in a closed-loop measurement just before (see capacity()), for `seconds`.
-Every answer must be a 202 or a quick 503/429 with Retry-After; the accepted
-must all settle afterwards.
+completed in a closed-loop measurement just before (the c=256 checkouts, or
+capacity()), for `seconds`. Every answer must be a 202 or a quick 503/429 with
+Retry-After; the accepted must all settle afterwards. Goodput: the accepted,
+divided by the time from the window's start until the last of them was final.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ async def census(
     count: int,
     warmup: int,
     scale: dict[str, int],
+    wait: int = 10,
 ) -> Census:
-    """Closed loop of submit + long poll to final; the first `warmup` completions are not measured."""
+    """Closed loop of submit + long poll (?wait=`wait`) to final; the first `warmup` completions
+    are not measured."""
     urls = system.api_urls
     source = load.authorize_source("census", cards)
     numbers = itertools.count()
@@ -102,10 +105,10 @@ async def census(
         while done < total:
             req = source(next(numbers))
             started = time.perf_counter()
-            pid = await _submit(http, base, req, refusals)
+            pid = await submit(http, base, req, refusals)
             if pid is None:
                 continue
-            while (await _poll(http, base, pid)) in IN_PROGRESS:
+            while (await poll(http, base, pid, wait)) in IN_PROGRESS:
                 pass
             done += 1
             if done == warmup:
@@ -122,7 +125,9 @@ async def census(
     return Census(count, after.at - before.at, per, pcts(finals, (50, 99)), scale, sum(refusals.values()))
 
 
-async def _submit(http: aiohttp.ClientSession, base: str, req: load.Request, refusals: Counter[int]) -> str | None:
+async def submit(http: aiohttp.ClientSession, base: str, req: load.Request, refusals: Counter[int]) -> str | None:
+    """The payment's id once accepted (429/503 counted in `refusals`, and the same request sent
+    again after Retry-After, as FicMart would); None for any other answer."""
     headers = {**load.HEADERS, "Idempotency-Key": req.key}
     while True:
         async with http.post(base + req.path, data=req.body, headers=headers) as resp:
@@ -136,8 +141,9 @@ async def _submit(http: aiohttp.ClientSession, base: str, req: load.Request, ref
             return None
 
 
-async def _poll(http: aiohttp.ClientSession, base: str, payment_id: str) -> str:
-    async with http.get(f"{base}/v1/payments/{payment_id}", params={"wait": "10"}, headers=load.HEADERS) as resp:
+async def poll(http: aiohttp.ClientSession, base: str, payment_id: str, wait: int = 10) -> str:
+    """The payment's status after a long poll of up to `wait` seconds."""
+    async with http.get(f"{base}/v1/payments/{payment_id}", params={"wait": str(wait)}, headers=load.HEADERS) as resp:
         body = await resp.read()
         if resp.status != 200:
             await asyncio.sleep(0.1)
@@ -157,6 +163,9 @@ class Overload:
     settled: int = 0
     accepted: int = 0
     generator_late_ms: float = 0.0  # p99 of how late the load generator sent: part of every latency
+    # accepted / seconds from the window's start until the last of them was final
+    goodput: float = float("nan")
+    last_final_after_s: float = float("nan")  # seconds after the window's end the last accepted was final
 
     def table(self) -> str:
         answers = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items(), key=str))
@@ -169,8 +178,10 @@ class Overload:
                 f"accepted p50 {self.accepted_ms.get(50, float('nan')):.1f} / p99 "
                 f"{self.accepted_ms.get(99, float('nan')):.1f} ms; refused p50 "
                 f"{self.refused_ms.get(50, float('nan')):.1f} / p99 {self.refused_ms.get(99, float('nan')):.1f} ms",
-                f"accepted {self.accepted}, settled afterwards {self.settled}; the load generator sent "
-                f"p99 {self.generator_late_ms:.1f} ms late (counted in the latencies)",
+                f"accepted {self.accepted}, settled afterwards {self.settled}, the last "
+                f"{self.last_final_after_s:.1f} s after the window; goodput {self.goodput:,.0f}/s = "
+                f"{self.goodput / self.capacity:.2f}x capacity",
+                f"the load generator sent p99 {self.generator_late_ms:.1f} ms late (counted in the latencies)",
             ]
         )
 
@@ -244,7 +255,7 @@ async def overload(
     await pool.connect()
     rate = capacity * factor
     with collector_paused():
-        started = time.perf_counter()
+        started, started_wall = time.perf_counter(), time.time()
         tasks = []
         for i in range(int(rate * seconds)):
             due = started + i / rate
@@ -272,4 +283,11 @@ async def overload(
             break
         await asyncio.sleep(0.5)
     result.settled = len(accepted) - left
+    last_final = await system.conn.fetchval(
+        "SELECT extract(epoch FROM max(updated_at))::float8 FROM payments WHERE id = ANY($1) AND status <> 'pending'",
+        accepted,
+    )
+    if last_final is not None and accepted:
+        result.goodput = len(accepted) / (last_final - started_wall)
+        result.last_final_after_s = last_final - started_wall - sent_seconds
     return result

@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.run                      # everything, < 5 minutes
     .venv/bin/python -m bench.run --quick              # shorter runs, ~1 minute
     .venv/bin/python -m bench.run --scenarios ceilings,authorize
+    .venv/bin/python -m bench.run --scenario closed-256   # one scenario
     .venv/bin/python -m bench.run --profile api        # py-spy on gateway-api during its load
     .venv/bin/python -m bench.run --profile worker     # ... on gateway-worker (zero bank latency)
 
@@ -36,6 +37,15 @@ Scenarios, in the order they run:
   latency    bank latency 100-2000 ms (the contract's default): authorizations at
              --latency-rate for one worker; completed auths/s, bank calls in flight,
              errors, timeouts (worker log), RSS growth.
+  cost       CPU per completed authorization, 64 clients to final (bench/cost.py).
+  closed-64, closed-256, closed-1000
+             admission as shipped: N FicMart-like aiohttp clients, each submits and
+             long-polls (?wait=30) to final, over and over; refused (target 0),
+             completed/s, CPU per completed authorization (bench/checkouts.py).
+  flash-sale 1000 clients submit 5000 payments at once, then long-poll them: refused
+             (target 0), time until the last is final.
+  overload   open loop at 3x the closed-256 rate (or a capacity measured first) for
+             20 s from a lean client: goodput, accepted and refusal p99, answers.
 
 Always: peak RSS (VmHWM) per process, CPU ms per request/payment per process
 (api, relay, worker, mockbank, the database's backends, RabbitMQ, this load
@@ -59,14 +69,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import ceilings, cost, load, measure, pinning
+from bench import ceilings, checkouts, cost, load, measure, pinning
 from bench import profile as profiling
 from bench.report import Report
 from bench.system import ROLES, BenchSystem, Options
 from harness import services
 
 OUT = Path(__file__).resolve().parent / "out"
-SCENARIOS = ("ceilings", "authorize", "e2e", "capture", "latency", "cost", "overload")
+CLOSED = {"closed-64": 64, "closed-256": 256, "closed-1000": 1000}  # scenario -> clients
+SCENARIOS = ("ceilings", "authorize", "e2e", "capture", "latency", "cost", *CLOSED, "flash-sale", "overload")
+# Those that need the pipeline (relay and worker) running.
+PIPELINE = ("e2e", "capture", "latency", "cost", *CLOSED, "flash-sale", "overload")
 PROFILE_PHASE = {"api": "authorize", "worker": "e2e", "relay": "e2e", "mockbank": "e2e"}
 # --profile during the cost scenario instead: --profile worker --scenarios cost
 
@@ -83,6 +96,8 @@ class Plan:
     probe_seconds: float
     latency_seconds: float
     final_timeout: float
+    closed_counts: tuple[int, int, int]  # payments measured at c=64, 256, 1000
+    overload_seconds: float
 
 
 FULL = Plan(
@@ -96,6 +111,8 @@ FULL = Plan(
     probe_seconds=5,
     latency_seconds=12,
     final_timeout=45,
+    closed_counts=(3000, 3000, 4000),
+    overload_seconds=20,
 )
 QUICK = Plan(
     ceiling_warmup=0.5,
@@ -108,6 +125,8 @@ QUICK = Plan(
     probe_seconds=3,
     latency_seconds=5,
     final_timeout=30,
+    closed_counts=(1000, 1000, 2000),
+    overload_seconds=8,
 )
 
 
@@ -139,6 +158,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--scenarios",
+        "--scenario",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all; capture implies e2e)",
     )
@@ -238,6 +258,8 @@ class Bench:
         self.cards: list[dict] = []
         self.api_xacts: float | None = None
         self.profiles: list[str] = []
+        self.shipped = False  # the API restarted with its admission as shipped
+        self.capacity: float | None = None  # completed/s of the c=256 checkouts, when they ran
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -305,7 +327,7 @@ class Bench:
                 if "authorize" in self.args.chosen:
                     await self.authorize()
                     self.report.memory_mark("authorize", self.system.memory())
-                if any(s in self.args.chosen for s in ("e2e", "capture", "latency", "cost", "overload")):
+                if any(s in self.args.chosen for s in PIPELINE):
                     await self.system.clear_data()
                     await self.system.start("relay", "worker")
                     await self._authorize_e2e("warmup", 100, 100)  # every process warm, every pool connected
@@ -323,6 +345,11 @@ class Bench:
                     if "latency" in self.args.chosen:
                         await self.latency()
                         self.report.memory_mark("latency", self.system.memory())
+                    for scenario, clients in CLOSED.items():
+                        if scenario in self.args.chosen:
+                            await self.closed(clients)
+                    if "flash-sale" in self.args.chosen:
+                        await self.flash_sale()
                     if "overload" in self.args.chosen:
                         await self.overload()
             self.report.memory(self.system.memory())
@@ -379,23 +406,67 @@ class Bench:
             print(f"  pinned: {pinned}")
             yield pinned
 
+    async def _shipped_admission(self) -> None:
+        """The API restarted (once) with every admission bound at its default, and warmed up."""
+        if not self.shipped:
+            await self.system.shipped_admission()
+            await cost.warm_up(self.system, self.http, self.cards)
+            self.shipped = True
+
+    async def closed(self, clients: int) -> None:
+        count = self.plan.closed_counts[list(CLOSED.values()).index(clients)]
+        print(f"closed-{clients}: {clients} checkout clients (submit, long-poll to final), {count} payments ...")
+        await self._shipped_admission()
+        async with load.session(total_timeout=checkouts.WAIT + 30) as http:
+            result = await checkouts.closed(
+                self.system, http, self.cards, clients=clients, count=count, scale=self.args.scale
+            )
+        if clients == 256:
+            self.capacity = result.census.rate
+        self.report.sections.append((f"CHECKOUTS, CLOSED LOOP OF {clients} (admission as shipped)", result.table()))
+        self.report.data[f"closed-{clients}"] = {
+            "completed": result.census.completed,
+            "per_second": result.census.rate,
+            "refused": result.census.refused,
+            "gateway_cpu_ms_per_payment": result.census.gateway_ms,
+            "submit_to_final_ms": result.census.submit_to_final_ms,
+        }
+        print("  " + result.table())
+        self.system.check_alive()
+
+    async def flash_sale(self) -> None:
+        print("flash-sale: 1000 clients submit 5 payments each at once, then long-poll them to final ...")
+        await self._shipped_admission()
+        async with load.session(total_timeout=checkouts.WAIT + 30) as http:
+            result = await checkouts.flash_sale(self.system, http, self.cards, clients=1000, per_client=5)
+        self.report.sections.append(("FLASH SALE (admission as shipped)", result.table()))
+        self.report.data["flash-sale"] = result.__dict__ | {
+            "refused": dict(result.refused),
+            "other": dict(result.other),
+        }
+        print("  " + result.table())
+        self.system.check_alive()
+
     async def overload(self) -> None:
-        print("overload: capacity of one API process, then 3x that, open loop, for 20 s ...")
-        with self._pinned_if_asked():
-            capacity = await cost.capacity(self.system, self.http, self.cards)
-        await self.system.shipped_admission()
-        await cost.warm_up(self.system, self.http, self.cards)
+        seconds = self.plan.overload_seconds
+        capacity = self.capacity
+        if capacity is None:
+            print("overload: capacity (64 clients to final), then 3x that, open loop ...")
+            with self._pinned_if_asked():
+                capacity = await cost.capacity(self.system, self.http, self.cards)
+        print(f"overload: 3x the capacity of {capacity:,.0f}/s, open loop, for {seconds:g} s ...")
+        await self._shipped_admission()
         with self._pinned_if_asked() as pinned:
             result = await cost.overload(
                 self.system,
                 self.cards,
                 capacity=capacity,
                 factor=3.0,
-                seconds=8.0 if self.args.quick else 20.0,
+                seconds=seconds,
                 settle_timeout=120,
                 connections=self.args.max_in_flight,
             )
-        title = "OVERLOAD (3x one API process's capacity, open loop)" + (f"; {pinned}" if pinned else "")
+        title = "OVERLOAD (3x the c=256 capacity, open loop, lean client)" + (f"; {pinned}" if pinned else "")
         self.report.sections.append((title, result.table()))
         self.report.data["overload"] = result.__dict__ | {"statuses": dict(result.statuses)}
         print("  " + result.table().replace("\n", "\n  "))

@@ -1,0 +1,118 @@
+"""FicMart's checkouts against the gateway's admission as shipped (issue 20).
+
+A FicMart-like client (aiohttp) submits POST /v1/payments and then long-polls
+GET /v1/payments/{id}?wait=30 until the payment is final. A refusal (429/503)
+is counted, and the same request is sent again after Retry-After, as FicMart
+would: the figure that matters is how many there were (none is the target).
+
+closed(n): n such clients, over and over, for a number of payments (cost.census:
+completed/s, CPU per completed authorization). A closed population cannot
+overload a durable queue, each client having one checkout outstanding: the
+gateway must take all of it.
+
+flash_sale: `clients` clients each submit `per_client` payments as fast as they
+are answered (5000 from 1000 clients in a couple of seconds), then long-poll
+each to final: refusals, how long the submits took, and the time until the last
+one was final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import aiohttp
+
+from bench import cost, load
+from bench.system import BenchSystem
+
+WAIT = 30  # the long poll's ?wait=, seconds: FicMart's
+
+
+@dataclass
+class Closed:
+    clients: int
+    census: cost.Census
+
+    def table(self) -> str:
+        c = self.census
+        return (
+            f"c={self.clients:<5} {c.completed:>5} final  {c.rate:7,.0f}/s  refused {c.refused:<5} "
+            f"submit to final p50 {c.submit_to_final_ms[50]:7.1f} / p99 {c.submit_to_final_ms[99]:8.1f} ms  "
+            f"gateway CPU {c.gateway_ms:5.2f} ms/payment"
+        )
+
+
+async def closed(
+    system: BenchSystem, http: aiohttp.ClientSession, cards: list[dict], *, clients: int, count: int, scale: int
+) -> Closed:
+    result = await cost.census(
+        system,
+        http,
+        cards,
+        clients=clients,
+        count=count,
+        warmup=max(300, clients),
+        scale={"api": scale, "relay": scale, "worker": scale},
+        wait=WAIT,
+    )
+    return Closed(clients, result)
+
+
+@dataclass
+class FlashSale:
+    clients: int
+    submits: int
+    submit_seconds: float  # from the first submit until the last was accepted
+    last_final_seconds: float  # from the first submit until the last payment was final
+    refused: Counter
+    other: Counter  # answers that were neither 202 nor a refusal
+    final: int
+
+    def table(self) -> str:
+        refused = sum(self.refused.values())
+        return (
+            f"{self.submits} submits from {self.clients} clients in {self.submit_seconds:.1f} s; refused {refused} "
+            f"{dict(self.refused) if refused else ''}; other answers {dict(self.other) or 0}; "
+            f"final {self.final}/{self.submits}, the last {self.last_final_seconds:.1f} s after the first submit"
+        )
+
+
+async def flash_sale(
+    system: BenchSystem, http: aiohttp.ClientSession, cards: list[dict], *, clients: int, per_client: int
+) -> FlashSale:
+    source = load.authorize_source("flash", cards)
+    urls = system.api_urls
+    refused: Counter[int] = Counter()
+    other: Counter[int] = Counter()
+    accepted_at: list[float] = []
+    final_at: list[float] = []
+
+    async def client(n: int) -> None:
+        base = urls[n % len(urls)]
+        ids = []
+        for j in range(per_client):
+            payment_id = await cost.submit(http, base, source(n * per_client + j), refused)
+            if payment_id is None:
+                other["not accepted"] += 1
+                continue
+            accepted_at.append(time.perf_counter())
+            ids.append(payment_id)
+        for payment_id in ids:
+            while (await cost.poll(http, base, payment_id, WAIT)) in cost.IN_PROGRESS:
+                pass
+            final_at.append(time.perf_counter())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return FlashSale(
+        clients=clients,
+        submits=clients * per_client,
+        submit_seconds=max(accepted_at, default=started) - started,
+        last_final_seconds=max(final_at, default=started) - started,
+        refused=refused,
+        other=other,
+        final=len(final_at),
+    )
