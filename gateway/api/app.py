@@ -207,7 +207,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("max_time_to_final", "post_rate"):
         if not 0 < getattr(args, name) < math.inf:
-            parser.error(f"--{name.replace('_', '-')} must be above 0")
+            parser.error(f"--{name.replace('_', '-')} must be a number above 0")
     if args.workers > 1 and args.port == 0:
         parser.error("--workers above 1 needs a --port: the processes share it")
     return args

@@ -43,10 +43,11 @@ The payment gateway between FicMart's order service and its card bank.
   non-empty body sent with a Content-Type other than JSON gets 415.
 * Every response carries `X-Request-Id` (the request's own, if it sent a sane one:
   1-128 characters of `A-Z a-z 0-9 . _ : -`).
-* 503 `service_unavailable` (with `Retry-After`) means the database could not be reached
-  or the API is at capacity (it refuses at once rather than queueing), and 429
-  `too_many_requests` that this API key holds its share of the capacity already. Nothing
-  was done: repeating the request with the same Idempotency-Key is safe.
+* 503 `service_unavailable` (with `Retry-After`, the seconds until there should be room)
+  means the database could not take the request, or the gateway could not finish more work
+  soon (it refuses at once rather than queueing), and 429 `too_many_requests` that this API
+  key holds its share of the capacity or is over its rate of new requests. Nothing was done:
+  repeating the request with the same Idempotency-Key is safe.
 
 Payment lifecycle: `pending -> authorized -> capturing -> captured -> refunding -> refunded`;
 `authorized -> voiding -> voided`; `authorized -> expired`; `pending -> declined`.
@@ -61,7 +62,7 @@ _ERROR_CODES = {
     413: "`payload_too_large`: body over 64 KiB",
     415: "`unsupported_media_type`: the body must be application/json",
     422: "",
-    429: "`too_many_requests`: this API key holds its share of the API's capacity; retry later",
+    429: "`too_many_requests`: this API key holds its share of the API's capacity, or is over its rate; retry later",
     500: "`internal_error`: a bug; logged with the request id",
     503: "`service_unavailable`: at capacity, or the database is unreachable; retry with the same Idempotency-Key",
 }
