@@ -8,9 +8,10 @@ refused with 503 and Retry-After only when:
 - the backlog would take longer than `max_time_to_final` to finish: the
   operations waiting for a worker, divided by the rate at which payments are
   finished (the long polls' wake-ups, counted over the last WINDOW seconds in
-  which there was work). Below `max_in_flight` waiting operations nothing is
-  refused for the backlog (the bound while no rate is known): a closed population of clients that size (each
-  with one checkout outstanding) cannot overload a durable queue. A backlog
+  which there was work). Below `max_in_flight` waiting operations (also the
+  bound while no rate is known) nothing is refused for the backlog: a closed
+  population of clients that size, each with one checkout outstanding, cannot
+  overload a durable queue. A backlog
   held by an open bank circuit counts as none (the query says 0): taking
   payments while the bank is away is the point;
 - `max_in_flight` requests are being worked on in this process (a memory

@@ -10,6 +10,8 @@ names the error's type only.
 Connections are bounded in time: one that has not sent a complete request
 head within IDLE_SECONDS is closed (idle keep-alive and half-sent headers
 alike); a stalled body is cut by the handlers (routes.BODY_READ_SECONDS).
+A handler runs to its end when its client goes away, except a long poll
+waiting for a wake-up: it is cancelled, so that it frees its place at once.
 """
 
 from __future__ import annotations
