@@ -36,3 +36,13 @@ def test_a_payment_too_large_for_a_notify_wakes_with_its_id_alone():
     large = {**PAYMENT, "history": [{"status": "pending", "at": "x" * 100}] * 100}
     payload = payments.wake_up(large)
     assert payload == PAYMENT["id"] and _woken(payload) is None
+
+
+def test_wake_ups_count_the_payments_finished_while_listening_only():
+    """Admission's completion rate comes from this count: unknown while wake-ups may be missed."""
+    watcher = PaymentWatcher("postgresql://unused")
+    watcher._notified(None, 0, CHANNEL, payments.wake_up(PAYMENT))
+    assert watcher.finished_so_far() is None  # not listening
+    watcher._connected.set()
+    watcher._notified(None, 0, CHANNEL, PAYMENT["id"])
+    assert watcher.finished_so_far() == 2
