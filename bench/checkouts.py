@@ -14,6 +14,11 @@ flash_sale: `clients` clients each submit `per_client` payments as fast as they
 are answered (5000 from 1000 clients in a couple of seconds), then long-poll
 each to final: refusals, how long the submits took, and the time until the last
 one was final.
+
+refusal_cost: the API's CPU per refused POST, from /proc, with every POST refused
+(a rate of new requests so low that the caller's bucket never holds a token),
+sent by the lean client over 64 connections: HTTP parsing, the middleware, the
+decision and the 429 answer, all of it.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from bench import cost, load
+from bench import cost, load, rawhttp
 from bench.system import BenchSystem
+from bench.util import cpu_seconds
 
 WAIT = 30  # the long poll's ?wait=, seconds: FicMart's
 
@@ -116,3 +123,49 @@ async def flash_sale(
         other=other,
         final=len(final_at),
     )
+
+
+@dataclass
+class RefusalCost:
+    refused: int
+    statuses: Counter
+    api_cpu_ms: float  # per refused POST
+    per_second: float
+
+    def table(self) -> str:
+        return (
+            f"{self.refused} POSTs refused at {self.per_second:,.0f}/s ({dict(self.statuses)}); "
+            f"API CPU per refusal {self.api_cpu_ms:.3f} ms"
+        )
+
+
+async def refusal_cost(system: BenchSystem, cards: list[dict], *, count: int) -> RefusalCost:
+    starving = ["--post-rate", "0.01"]  # a bucket of 0.05 tokens: every POST is refused
+    system.api_args += starving
+    for name in system.names("api"):
+        await system.restart(name)
+    try:
+        api = urlsplit(system.api_url)
+        pool = rawhttp.Pool(api.hostname or "127.0.0.1", api.port or 80, 64)
+        await pool.connect()
+        source = load.authorize_source("refused", cards)
+        statuses: Counter[int] = Counter()
+        connections = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            req = source(i)
+            async with connections:
+                answer = await pool.post(req.path, req.body, {**load.HEADERS, "Idempotency-Key": req.key})
+            statuses[answer.status] += 1
+
+        await asyncio.gather(*(one(i) for i in range(count // 10)))  # warm
+        pid = system.pid(system.names("api")[0])
+        cpu0, started = cpu_seconds(pid) or 0.0, time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(count // 10, count // 10 + count)))
+        cpu1, seconds = cpu_seconds(pid) or 0.0, time.perf_counter() - started
+        await pool.close()
+    finally:
+        system.api_args = system.api_args[: -len(starving)]
+        for name in system.names("api"):
+            await system.restart(name)
+    return RefusalCost(count, statuses, (cpu1 - cpu0) * 1000 / count, count / seconds)

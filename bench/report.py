@@ -19,6 +19,7 @@ TARGET_COST_MS = 3.0  # gateway CPU per completed authorization (issue 9)
 TARGET_OVERLOAD_ACCEPTED_P99 = 250.0  # ms, at 3x capacity (issue 20)
 TARGET_OVERLOAD_REFUSED_P99 = 50.0  # ms, at 3x capacity
 TARGET_OVERLOAD_GOODPUT = 0.8  # accepted / time until the last is final, in capacities
+TARGET_REFUSAL_CPU_MS = 0.1  # the API's CPU per refused POST, HTTP included
 ROLE_ORDER = ("api", "relay", "worker", "mockbank", "postgres", "rabbitmq", "loadgen")
 
 
@@ -494,6 +495,16 @@ class Report:
         for scenario, run in checkouts.items():
             refused = run["refused"] if isinstance(run["refused"], int) else sum(run["refused"].values())
             self._row(f"  {scenario}: refused", str(refused), "", "0", _verdict(refused == 0))
+        refusal = self.data.get("refusal-cost")
+        if refusal:
+            self.rows.append("REFUSALS")
+            self._row(
+                "  API CPU per refused POST",
+                f"{refusal['api_cpu_ms']:.3f} ms",
+                f"{_r(refusal['per_second'])}/s refused",
+                f"< {TARGET_REFUSAL_CPU_MS:g} ms",
+                _verdict(refusal["api_cpu_ms"] < TARGET_REFUSAL_CPU_MS),
+            )
         over = self.data.get("overload")
         if over:
             self.rows.append(f"OVERLOAD (open loop, {over['offered'] / over['capacity']:.1f}x capacity)")

@@ -46,6 +46,7 @@ Scenarios, in the order they run:
              (target 0), time until the last is final.
   overload   open loop at 3x the closed-256 rate (or a capacity measured first) for
              20 s from a lean client: goodput, accepted and refusal p99, answers.
+  refusal-cost  the API's CPU per refused POST (all refused by a starved rate).
 
 Always: peak RSS (VmHWM) per process, CPU ms per request/payment per process
 (api, relay, worker, mockbank, the database's backends, RabbitMQ, this load
@@ -77,9 +78,20 @@ from harness import services
 
 OUT = Path(__file__).resolve().parent / "out"
 CLOSED = {"closed-64": 64, "closed-256": 256, "closed-1000": 1000}  # scenario -> clients
-SCENARIOS = ("ceilings", "authorize", "e2e", "capture", "latency", "cost", *CLOSED, "flash-sale", "overload")
+SCENARIOS = (
+    "ceilings",
+    "authorize",
+    "e2e",
+    "capture",
+    "latency",
+    "cost",
+    *CLOSED,
+    "flash-sale",
+    "overload",
+    "refusal-cost",
+)
 # Those that need the pipeline (relay and worker) running.
-PIPELINE = ("e2e", "capture", "latency", "cost", *CLOSED, "flash-sale", "overload")
+PIPELINE = ("e2e", "capture", "latency", "cost", *CLOSED, "flash-sale", "overload", "refusal-cost")
 PROFILE_PHASE = {"api": "authorize", "worker": "e2e", "relay": "e2e", "mockbank": "e2e"}
 # --profile during the cost scenario instead: --profile worker --scenarios cost
 
@@ -352,6 +364,8 @@ class Bench:
                         await self.flash_sale()
                     if "overload" in self.args.chosen:
                         await self.overload()
+                    if "refusal-cost" in self.args.chosen:
+                        await self.refusal_cost()
             self.report.memory(self.system.memory())
             self.report.tables(await self.system.table_stats())
         finally:
@@ -444,6 +458,15 @@ class Bench:
             "refused": dict(result.refused),
             "other": dict(result.other),
         }
+        print("  " + result.table())
+        self.system.check_alive()
+
+    async def refusal_cost(self) -> None:
+        print("refusal-cost: every POST refused (429), lean client, API CPU per refusal ...")
+        result = await checkouts.refusal_cost(self.system, self.cards, count=5000 if self.args.quick else 20000)
+        self.shipped = False  # restarted with the bounds it had before
+        self.report.sections.append(("THE COST OF A REFUSAL (API CPU, from /proc)", result.table()))
+        self.report.data["refusal-cost"] = {"api_cpu_ms": result.api_cpu_ms, "per_second": result.per_second}
         print("  " + result.table())
         self.system.check_alive()
 
