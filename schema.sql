@@ -101,8 +101,12 @@ CREATE INDEX IF NOT EXISTS operations_pending ON operations (updated_at) WHERE s
 CREATE TABLE IF NOT EXISTS card_vault (
     payment_id  text PRIMARY KEY REFERENCES payments (id),
     sealed      bytea NOT NULL,
+    key_id      text NOT NULL,                           -- the card key it is sealed under (gateway/cards.py)
     created_at  timestamptz NOT NULL
 );
+-- Cards sealed before keys had ids were sealed under CARD_ENCRYPTION_KEY, whose id is "default".
+ALTER TABLE card_vault ADD COLUMN IF NOT EXISTS key_id text NOT NULL DEFAULT 'default';
+ALTER TABLE card_vault ALTER COLUMN key_id DROP DEFAULT;
 
 -- Responses to the gateway's own POSTs. A row is only ever committed together
 -- with the work it answers, so a key either has its final response or nothing;

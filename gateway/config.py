@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.cards import KEY_ID, KEY_ID_RULE, SINGLE_KEY_ID, CardKey
 from gateway.redact import hide_passwords
 
 T = TypeVar("T")
@@ -290,7 +291,7 @@ def _amqp_urls(value: str) -> str:
 
 
 class Settings(EnvSettings):
-    """GATEWAY_ENV, DATABASE_URL, AMQP_URL, BANK_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY, LOG_LEVEL."""
+    """GATEWAY_ENV, DATABASE_URL, AMQP_URL, BANK_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY(S), LOG_LEVEL."""
 
     environment: str = Field(
         default="production",
@@ -325,7 +326,13 @@ class Settings(EnvSettings):
         default=None,
         validation_alias="CARD_ENCRYPTION_KEY",
         description="32 random bytes, base64 (required by gateway-api, gateway-worker and, in production, "
-        "gateway-relay)",
+        f"gateway-relay, unless CARD_ENCRYPTION_KEYS is set); the same as CARD_ENCRYPTION_KEYS={SINGLE_KEY_ID}:<key>",
+    )
+    card_keys: tuple[CardKey, ...] = Field(
+        default=(),
+        validation_alias="CARD_ENCRYPTION_KEYS",
+        description="comma-separated id:key pairs, newest first, for rotating card keys: the newest seals new "
+        f"cards, every one opens the cards sealed under it (ids: {KEY_ID_RULE}; keys as CARD_ENCRYPTION_KEY)",
     )
     log_level: str = Field(default="info", validation_alias="LOG_LEVEL", description=", ".join(LOG_LEVELS))
     # key -> operator name; empty: no ops console
@@ -445,15 +452,42 @@ class Settings(EnvSettings):
     @field_validator("card_key", mode="before")
     @classmethod
     def _card_key(cls, value: object) -> object:
+        return _card_secret("CARD_ENCRYPTION_KEY", value) if isinstance(value, str) else value
+
+    @field_validator("card_keys", mode="before")
+    @classmethod
+    def _card_keys(cls, value: object) -> object:
         if not isinstance(value, str):
             return value
-        try:
-            key = base64.b64decode(value, validate=True)
-        except ValueError:
-            raise ConfigError("CARD_ENCRYPTION_KEY is not valid base64") from None
-        if len(key) != 32:
-            raise ConfigError(f"CARD_ENCRYPTION_KEY must decode to 32 bytes, got {len(key)}")
-        return key
+        keys: list[CardKey] = []
+        for number, pair in enumerate(value.split(","), 1):
+            key_id, sep, secret = (part.strip() for part in pair.partition(":"))
+            where = f"CARD_ENCRYPTION_KEYS (pair {number})"  # ids not echoed: a pair written backwards shows its key
+            if not sep or not KEY_ID.fullmatch(key_id):
+                raise ConfigError(f"{where} must be id:key, the id {KEY_ID_RULE}")
+            keys.append(CardKey(key_id, _card_secret(where, secret)))
+        if len({key.id for key in keys}) < len(keys):
+            raise ConfigError("CARD_ENCRYPTION_KEYS names the same key id twice")
+        if len({key.secret for key in keys}) < len(keys):
+            raise ConfigError("CARD_ENCRYPTION_KEYS lists the same key twice")
+        return tuple(keys)
+
+    @model_validator(mode="after")
+    def _one_way_to_give_card_keys(self) -> Self:
+        if self.card_key is not None and self.card_keys:
+            raise ConfigError(
+                f"set CARD_ENCRYPTION_KEYS or CARD_ENCRYPTION_KEY, not both (CARD_ENCRYPTION_KEY=<key> is "
+                f"CARD_ENCRYPTION_KEYS={SINGLE_KEY_ID}:<key>)"
+            )
+        return self
+
+    @property
+    def card_keyring(self) -> tuple[CardKey, ...]:
+        """The card keys, newest first: CARD_ENCRYPTION_KEYS, or CARD_ENCRYPTION_KEY as the one
+        key with id "default"; empty when neither is set."""
+        if self.card_keys:
+            return self.card_keys
+        return (CardKey(SINGLE_KEY_ID, self.card_key),) if self.card_key is not None else ()
 
     @field_validator("log_level")
     @classmethod
@@ -490,18 +524,30 @@ class Settings(EnvSettings):
                     f"GATEWAY_API_KEYS holds a development key ({DEV_API_KEY_PREFIX}...): refused unless "
                     "GATEWAY_ENV=development"
                 )
-        if self.card_key is None and (uses_card_key or not self.development):
+        if not self.card_keyring and (uses_card_key or not self.development):
             problems.append(
                 "CARD_ENCRYPTION_KEY is required: 32 random bytes, base64 "
-                "(make one with: python -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())')"
+                "(make one with: python -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())'), "
+                "or CARD_ENCRYPTION_KEYS=id:key,... to rotate keys"
             )
-        elif self.card_key in PUBLISHED_CARD_KEYS and not self.development:
-            problems.append(
-                "CARD_ENCRYPTION_KEY is a published development key: refused unless GATEWAY_ENV=development"
-            )
+        elif not self.development:
+            for key in self.card_keyring:
+                if key.secret in PUBLISHED_CARD_KEYS:
+                    where = f"CARD_ENCRYPTION_KEYS (key {key.id!r})" if self.card_keys else "CARD_ENCRYPTION_KEY"
+                    problems.append(f"{where} is a published development key: refused unless GATEWAY_ENV=development")
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+
+def _card_secret(where: str, value: str) -> bytes:
+    try:
+        key = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ConfigError(f"{where} is not valid base64") from None
+    if len(key) != 32:
+        raise ConfigError(f"{where} must decode to 32 bytes, got {len(key)}")
+    return key
 
 
 def parse(env: Mapping[str, str], *, uses_card_key: bool | None = None) -> Settings:

@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 
 from gateway import domain, fingerprints, messages, store
-from gateway.cards import CardVault, brand
+from gateway.cards import CardVault, SealedCard, brand
 from gateway.crashpoints import crash_point
 from gateway.domain import Action, InvalidTransition, OperationKind, ReferenceUnknown, Status, Verdict
 from gateway.redact import clean
@@ -367,7 +367,7 @@ class Claim:
     capture_id: str | None
     card_expiry_month: int
     card_expiry_year: int
-    sealed_card: bytes | None
+    sealed_card: SealedCard | None
     unknown_outcomes: int = 0  # earlier attempts that may have done the work unbeknown to us
     lost_answers: Sequence[Mapping[str, Any]] = ()  # what is known of each (operations.lost_answers)
     # The payment row (with `history`) as it stood when the lease was taken: nothing else
@@ -425,7 +425,7 @@ def _claim(row: asyncpg.Record) -> Claim:
         capture_id=row["capture_id"],
         card_expiry_month=row["card_expiry_month"],
         card_expiry_year=row["card_expiry_year"],
-        sealed_card=bytes(row["sealed"]) if row["sealed"] is not None else None,
+        sealed_card=SealedCard(row["card_key_id"], bytes(row["sealed"])) if row["sealed"] is not None else None,
         unknown_outcomes=row["unknown_outcomes"],
         lost_answers=row["lost_answers"] or (),
         payment=dict(row),

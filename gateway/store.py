@@ -29,6 +29,7 @@ import orjson
 from aiosql.adapters.asyncpg import AsyncPGAdapter
 from asyncpg.pool import PoolConnectionProxy
 
+from gateway.cards import SealedCard
 from gateway.domain import OperationKind, Status
 from gateway.messages import OutboxMessage
 
@@ -236,7 +237,7 @@ class Submission(NamedTuple):
     at: datetime
     operation_id: str
     bank_key: str
-    sealed_card: bytes
+    sealed_card: SealedCard
     command: OutboxMessage
     reply: StoredReply
 
@@ -257,7 +258,8 @@ async def submit_authorizations(db: Executor, *, submissions: Sequence[Submissio
         ats=[s.at for s in submissions],
         operation_ids=[s.operation_id for s in submissions],
         bank_keys=[s.bank_key for s in submissions],
-        sealed_cards=[s.sealed_card for s in submissions],
+        sealed_cards=[s.sealed_card.blob for s in submissions],
+        card_key_ids=[s.sealed_card.key_id for s in submissions],
         **_commands([s.command for s in submissions]),
         **_replies([s.reply for s in submissions]),
         locations=[s.reply.location for s in submissions],

@@ -228,7 +228,7 @@ class Worker:
         self.metrics = WorkerMetrics()
         self.metrics.watch_breaker(lambda: self.breaker is not None and self.breaker.is_open)
         monitoring.pool_gauges(self.metrics.registry, lambda: self.pool)
-        self.vault = CardVault(settings.card_key) if settings.card_key else None
+        self.vault = CardVault(settings.card_keyring) if settings.card_keyring else None
         self.pool: asyncpg.Pool | None = None
         self.bank: BankClient | None = None
         self.connection: AbstractRobustConnection | None = None

@@ -577,7 +577,7 @@ class Handling:
         bank, key, kind, amount = self.bank, claim.bank_key, claim.kind, claim.amount
         if kind is OperationKind.AUTHORIZE:
             if claim.sealed_card is None or self.vault is None:
-                raise ValueError("the card of this authorization is not in the vault (or no CARD_ENCRYPTION_KEY)")
+                raise ValueError("the card of this authorization is not in the vault (or no card key)")
             number, cvv = self.vault.open(claim.payment_id, claim.sealed_card)
             month, year = claim.card_expiry_month, claim.card_expiry_year
             return lambda: bank.authorize(

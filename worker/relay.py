@@ -331,7 +331,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="gateway-relay",
         description="Publish the gateway's outbox (commands and events) to RabbitMQ, at least once.",
         epilog=config.epilog(
-            config.Settings, wsettings.RelaySettings, unused=("BANK_URL", "GATEWAY_API_KEYS", "CARD_ENCRYPTION_KEY")
+            config.Settings,
+            wsettings.RelaySettings,
+            unused=("BANK_URL", "GATEWAY_API_KEYS", "CARD_ENCRYPTION_KEY", "CARD_ENCRYPTION_KEYS"),
         ),
     )
     monitoring.add_host_argument(parser)

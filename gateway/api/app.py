@@ -65,8 +65,8 @@ def create_app(
     admission: Admission | None = None,
 ) -> web.Application:
     """The aiohttp application. With `pool` given the app uses it and leaves closing it to the caller."""
-    if settings.card_key is None:
-        raise ValueError("the API needs settings.card_key (CARD_ENCRYPTION_KEY) to seal cards")
+    if not settings.card_keyring:
+        raise ValueError("the API needs card keys (CARD_ENCRYPTION_KEYS or CARD_ENCRYPTION_KEY) to seal cards")
     app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BODY)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
@@ -95,8 +95,8 @@ def create_app(
         lambda: watcher.waiting
     )
     state = routes.State(
-        vault=CardVault(settings.card_key),
-        fingerprinter=Fingerprinter([settings.card_key]),
+        vault=CardVault(settings.card_keyring),
+        fingerprinter=Fingerprinter([key.secret for key in settings.card_keyring]),
         watcher=watcher,
         registry=registry,
         openapi=orjson.dumps(document),

@@ -24,15 +24,16 @@ WITH asked AS (
       FROM unnest(:payment_ids::text[], :merchants::text[], :order_ids::text[], :customer_ids::text[],
                   :amounts::bigint[], :card_brands::text[], :card_last4s::text[], :card_expiry_months::smallint[],
                   :card_expiry_years::smallint[], :ats::timestamptz[], :operation_ids::text[], :bank_keys::text[],
-                  :sealed_cards::bytea[], :command_exchanges::text[], :command_routing_keys::text[],
-                  :command_message_ids::text[], :command_bodies::bytea[], :command_headers::jsonb[],
+                  :sealed_cards::bytea[], :card_key_ids::text[], :command_exchanges::text[],
+                  :command_routing_keys::text[], :command_message_ids::text[], :command_bodies::bytea[],
+                  :command_headers::jsonb[],
                   :keys::text[], :methods::text[], :paths::text[], :fingerprints::text[],
                   :response_bodies::bytea[], :locations::text[])
            WITH ORDINALITY
         AS a(payment_id, merchant, order_id, customer_id, amount, card_brand, card_last4, card_expiry_month,
-             card_expiry_year, at, operation_id, bank_key, sealed_card, command_exchange, command_routing_key,
-             command_message_id, command_body, command_headers, key, method, path, fingerprint, response_body,
-             location, n)
+             card_expiry_year, at, operation_id, bank_key, sealed_card, card_key_id, command_exchange,
+             command_routing_key, command_message_id, command_body, command_headers, key, method, path, fingerprint,
+             response_body, location, n)
 ), k AS MATERIALIZED (
     SELECT a.n, pg_try_advisory_xact_lock(idempotency_lock_key(a.merchant, a.key)) AS locked,
            (SELECT i.fingerprint FROM idempotency_keys i WHERE i.merchant = a.merchant AND i.key = a.key) AS fingerprint
@@ -55,8 +56,8 @@ WITH asked AS (
     SELECT n.operation_id, n.payment_id, 'authorize', n.bank_key, n.at, n.at
       FROM new n JOIN payment p ON p.id = n.payment_id
 ), vault AS (
-    INSERT INTO card_vault (payment_id, sealed, created_at)
-    SELECT n.payment_id, n.sealed_card, n.at FROM new n JOIN payment p ON p.id = n.payment_id
+    INSERT INTO card_vault (payment_id, sealed, key_id, created_at)
+    SELECT n.payment_id, n.sealed_card, n.card_key_id, n.at FROM new n JOIN payment p ON p.id = n.payment_id
 ), command AS (
     INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
     SELECT n.command_exchange, n.command_routing_key, n.command_message_id, n.command_body, n.command_headers
@@ -213,7 +214,7 @@ WITH asked AS (
 -- from this snapshot without reading it again.
 SELECT c.lease_owner AS owner, c.id AS operation_id, c.kind AS operation_kind, c.bank_key, c.attempts,
        c.first_attempt_at, c.attempts - 1 - c.clean_attempts AS unknown_outcomes, c.lost_answers,
-       p.*, payment_history_json(p.id) AS history, v.sealed
+       p.*, payment_history_json(p.id) AS history, v.sealed, v.key_id AS card_key_id
   FROM claimed c
   JOIN payments p ON p.id = c.payment_id
   LEFT JOIN card_vault v ON v.payment_id = c.payment_id;

@@ -46,9 +46,9 @@ async def _sent_together(run_batch, callers) -> tuple[list[object], list[int]]:
     return await asyncio.gather(*tasks, return_exceptions=True), sizes
 
 
-async def _authorize_together(pool, card_key: bytes, asked: list[tuple[str, str]]) -> list[object]:
+async def _authorize_together(pool, card_keys, asked: list[tuple[str, str]]) -> list[object]:
     """payments.authorize for each (key, order_id) at once: they go in one statement."""
-    vault, card = CardVault(card_key), payments.CardInput(CARD_NUMBER, CVV, 12, 2030)
+    vault, card = CardVault(card_keys), payments.CardInput(CARD_NUMBER, CVV, 12, 2030)
 
     def caller(key: str, order_id: str):
         req, fields = _request(key, order_id)
@@ -67,7 +67,7 @@ async def _payments_of(pool, order_ids: list[str]) -> int:
 
 async def test_authorizations_sent_together_are_each_recorded_once(pool, api_settings):
     asked = [(uuid.uuid4().hex, f"ord_{uuid.uuid4().hex[:10]}") for _ in range(5)]
-    results = await _authorize_together(pool, api_settings.card_key, asked)
+    results = await _authorize_together(pool, api_settings.card_keyring, asked)
     assert all(isinstance(r, payments.Response) and r.status == 202 and not r.replayed for r in results), results
     orders = [o for _, o in asked]
     assert await _payments_of(pool, orders) == 5
@@ -86,7 +86,7 @@ async def test_a_conflict_in_a_batch_is_the_conflicting_request_s_alone(pool, ap
     same_order = f"ord_{uuid.uuid4().hex[:10]}"
     others = [(uuid.uuid4().hex, f"ord_{uuid.uuid4().hex[:10]}") for _ in range(3)]
     asked = [(uuid.uuid4().hex, same_order), *others, (uuid.uuid4().hex, same_order)]
-    results = await _authorize_together(pool, api_settings.card_key, asked)
+    results = await _authorize_together(pool, api_settings.card_keyring, asked)
     accepted = [r for r in results if isinstance(r, payments.Response) and r.status == 202]
     refused = [r for r in results if isinstance(r, payments.OrderAlreadyPaid)]
     assert len(accepted) == 4 and len(refused) == 1, results
@@ -96,7 +96,7 @@ async def test_a_conflict_in_a_batch_is_the_conflicting_request_s_alone(pool, ap
 
 async def test_one_key_twice_in_a_batch_makes_one_payment(pool, api_settings):
     key, order = uuid.uuid4().hex, f"ord_{uuid.uuid4().hex[:10]}"
-    results = await _authorize_together(pool, api_settings.card_key, [(key, order), (key, order)])
+    results = await _authorize_together(pool, api_settings.card_keyring, [(key, order), (key, order)])
     assert await _payments_of(pool, [order]) == 1
     answered = [r for r in results if isinstance(r, payments.Response)]
     busy = [r for r in results if isinstance(r, payments.RequestInProgress)]

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from gateway import config, db, domain, payments, topology
-from gateway.cards import CardVault
+from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action, BankOutcome, Verdict
 from gateway.ops import rules
 from harness import services
@@ -106,7 +106,13 @@ async def cli_env(server_urls, card_key):
             await topology.declare(channel, rules.parse_ladder(rules.DEFAULT_RETRY_LADDER))
             await channel.close()
             try:
-                yield Env(database_url, amqp_url, pool, broker, CardVault(base64.b64decode(card_key)))
+                yield Env(
+                    database_url,
+                    amqp_url,
+                    pool,
+                    broker,
+                    CardVault([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))]),
+                )
             finally:
                 await broker.close()
                 await pool.close()

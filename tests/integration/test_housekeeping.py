@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from gateway import domain, payments, store
-from gateway.cards import CardVault
+from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import BankOutcome, Verdict
 from gateway.timefmt import iso
 from tests.integration.conftest import auth_body
@@ -121,7 +121,7 @@ async def test_the_apis_keys_older_than_the_retention_are_forgotten_and_younger_
 
 @pytest.fixture(scope="module")
 def vault(card_key) -> CardVault:
-    return CardVault(base64.b64decode(card_key))
+    return CardVault([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))])
 
 
 async def aged_card(pool, vault, hours: float) -> tuple[str, str]:

@@ -24,7 +24,7 @@ from multidict import CIMultiDictProxy
 from gateway import config, db, payments, store, topology
 from gateway.api.app import create_app
 from gateway.api.ops import auth
-from gateway.cards import CardVault
+from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.ops import rules
 from gateway.timefmt import now
 from harness import services
@@ -110,7 +110,7 @@ async def console_env(server_urls, card_key):
             app = create_app(settings_for(database_url, amqp_url, card_key), pool)
             try:
                 async with TestClient(TestServer(app)) as client:
-                    yield Console(client, pool, broker, CardVault(base64.b64decode(card_key)))
+                    yield Console(client, pool, broker, CardVault([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))]))
             finally:
                 await broker.close()
                 await pool.close()

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from gateway import payments
-from gateway.cards import CardVault
+from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action, BankOutcome, Verdict
 from tests.support import factories
 
@@ -115,7 +115,7 @@ class Payments:
 
 @pytest.fixture(scope="module")
 def vault(card_key) -> CardVault:
-    return CardVault(base64.b64decode(card_key))
+    return CardVault([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))])
 
 
 @pytest.fixture

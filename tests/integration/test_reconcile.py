@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from gateway import db, domain, payments, store
-from gateway.cards import CardVault
+from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action, OperationKind, Verdict
 from gateway.ops.reconcile import run_reconciliation
 from gateway.timefmt import parse
@@ -140,7 +140,9 @@ async def books_env(server_urls, card_key):
         try:
             await proc.wait_http(f"{bank_url}/health")
             async with BankClient(bank_url, timeout=10) as bank:
-                books = Books(database_url, bank_url, pool, CardVault(base64.b64decode(card_key)), bank)
+                books = Books(
+                    database_url, bank_url, pool, CardVault([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))]), bank
+                )
                 async with books.mock:
                     yield books
         finally:

@@ -28,7 +28,7 @@ import orjson
 import pytest
 
 from gateway import config, db, payments, topology
-from gateway.cards import CardVault
+from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action
 from gateway.messages import COMMANDS_EXCHANGE
 from harness.procs import ScriptProcess
@@ -82,7 +82,7 @@ class Pipeline:
             },
             uses_card_key=True,
         )
-        self.vault = CardVault(base64.b64decode(card_key))
+        self.vault = CardVault([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))])
         self.http = aiohttp.ClientSession()
         self.worker: Worker | None = None
         self.relay: Relay | None = None

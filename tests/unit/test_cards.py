@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import cards
-from gateway.cards import CardVault, VaultError
+from gateway.cards import CardKey, CardVault, SealedCard, VaultError
 
 # The four test accounts of docs/bank.md.
 CONTRACT_CARDS = {
@@ -205,19 +205,19 @@ def key() -> bytes:
 
 @pytest.fixture
 def vault(key) -> CardVault:
-    return CardVault(key)
+    return CardVault([CardKey("k1", key)])
 
 
 @pytest.mark.parametrize(("number", "cvv"), list(zip(CONTRACT_CARDS, ["123", "456", "789", "321"], strict=True)))
 def test_vault_round_trip(vault, number, cvv):
     sealed = vault.seal("pay_1", number, cvv)
-    assert isinstance(sealed, bytes)
+    assert sealed.key_id == "k1" and isinstance(sealed.blob, bytes)
     assert vault.open("pay_1", sealed) == (number, cvv)
 
 
 def test_vault_round_trip_with_a_new_vault_on_the_same_key(key):
-    sealed = CardVault(key).seal("pay_abc", "4111111111111111", "1234")
-    assert CardVault(key).open("pay_abc", sealed) == ("4111111111111111", "1234")
+    sealed = CardVault([CardKey("k1", key)]).seal("pay_abc", "4111111111111111", "1234")
+    assert CardVault([CardKey("k1", key)]).open("pay_abc", sealed) == ("4111111111111111", "1234")
 
 
 @settings(max_examples=100, deadline=None)
@@ -227,14 +227,14 @@ def test_vault_round_trip_with_a_new_vault_on_the_same_key(key):
     cvv=st.text(alphabet="0123456789", min_size=3, max_size=4),
 )
 def test_vault_round_trip_property(payment_id, number, cvv):
-    vault = CardVault(b"\x01" * 32)
+    vault = CardVault([CardKey("k1", b"\x01" * 32)])
     assert vault.open(payment_id, vault.seal(payment_id, number, cvv)) == (number, cvv)
 
 
 def test_ciphertext_contains_neither_number_nor_cvv(vault):
     number, cvv = "4111111111111111", "9876"
     for _ in range(50):
-        sealed = vault.seal("pay_1", number, cvv)
+        sealed = vault.seal("pay_1", number, cvv).blob
         for needle in (number, number[-4:] * 2, number[:6] + number[-4:]):
             assert needle.encode() not in sealed
             assert needle.encode("utf-16-le") not in sealed
@@ -243,14 +243,14 @@ def test_ciphertext_contains_neither_number_nor_cvv(vault):
 
 
 def test_each_seal_uses_a_fresh_nonce(vault):
-    sealed = {vault.seal("pay_1", "4111111111111111", "123") for _ in range(100)}
+    sealed = {vault.seal("pay_1", "4111111111111111", "123").blob for _ in range(100)}
     assert len(sealed) == 100
     assert len({s[:12] for s in sealed}) == 100
 
 
 def test_wrong_key_raises_vault_error(vault):
     sealed = vault.seal("pay_1", "4111111111111111", "123")
-    other = CardVault(os.urandom(32))
+    other = CardVault([CardKey("k1", os.urandom(32))])  # same id, another key
     with pytest.raises(VaultError):
         other.open("pay_1", sealed)
 
@@ -274,29 +274,29 @@ def test_swapped_rows_raise_vault_error(vault):
 
 
 def test_every_flipped_bit_raises_vault_error(vault):
-    sealed = vault.seal("pay_1", "4111111111111111", "123")
+    sealed = vault.seal("pay_1", "4111111111111111", "123").blob
     for i in range(len(sealed)):
         for bit in (0x01, 0x80):
             tampered = bytearray(sealed)
             tampered[i] ^= bit
             with pytest.raises(VaultError):
-                vault.open("pay_1", bytes(tampered))
+                vault.open("pay_1", SealedCard("k1", bytes(tampered)))
 
 
 def test_appended_bytes_raise_vault_error(vault):
-    sealed = vault.seal("pay_1", "4111111111111111", "123")
+    sealed = vault.seal("pay_1", "4111111111111111", "123").blob
     for extra in (b"\x00", b"x" * 16):
         with pytest.raises(VaultError):
-            vault.open("pay_1", sealed + extra)
+            vault.open("pay_1", SealedCard("k1", sealed + extra))
 
 
 def test_every_truncation_raises_vault_error(vault):
     # A truncated row is tampered data: it must be a VaultError, whatever its length.
-    sealed = vault.seal("pay_1", "4111111111111111", "123")
+    sealed = vault.seal("pay_1", "4111111111111111", "123").blob
     failures = []
     for n in range(len(sealed)):
         try:
-            vault.open("pay_1", sealed[:n])
+            vault.open("pay_1", SealedCard("k1", sealed[:n]))
         except VaultError:
             continue
         except Exception as exc:  # noqa: BLE001 - collected to report all lengths at once
@@ -309,6 +309,40 @@ def test_every_truncation_raises_vault_error(vault):
 def test_vault_error_does_not_carry_the_card(vault):
     sealed = vault.seal("pay_1", "4111111111111111", "123")
     with pytest.raises(VaultError) as info:
-        CardVault(os.urandom(32)).open("pay_1", sealed)
+        CardVault([CardKey("k1", os.urandom(32))]).open("pay_1", sealed)
     assert "4111111111111111" not in str(info.value)
     assert "4111111111111111" not in repr(info.value)
+
+
+# ------------------------------------------------------------------ key rotation
+def test_the_newest_key_seals_and_every_key_opens_what_it_sealed():
+    old, new = CardKey("old", os.urandom(32)), CardKey("new", os.urandom(32))
+    sealed_before = CardVault([old]).seal("pay_1", "4111111111111111", "123")
+    rotated = CardVault([new, old])
+    sealed_after = rotated.seal("pay_2", "4242424242424242", "456")
+    assert (sealed_before.key_id, sealed_after.key_id) == ("old", "new")
+    assert rotated.open("pay_1", sealed_before) == ("4111111111111111", "123")
+    assert rotated.open("pay_2", sealed_after) == ("4242424242424242", "456")
+    # the id says which key: the new key is not tried on a card the old one sealed
+    with pytest.raises(VaultError):
+        rotated.open("pay_1", SealedCard("new", sealed_before.blob))
+
+
+def test_reseal_moves_a_card_to_the_newest_key():
+    old, new = CardKey("old", os.urandom(32)), CardKey("new", os.urandom(32))
+    sealed = CardVault([old]).seal("pay_1", "4111111111111111", "123")
+    moved = CardVault([new, old]).reseal("pay_1", sealed)
+    assert moved.key_id == "new"
+    assert CardVault([new]).open("pay_1", moved) == ("4111111111111111", "123")
+
+
+def test_a_card_under_a_key_no_longer_configured_names_the_key_not_the_card():
+    sealed = CardVault([CardKey("old", os.urandom(32))]).seal("pay_1", "4111111111111111", "123")
+    with pytest.raises(VaultError, match="'old'.*CARD_ENCRYPTION_KEYS") as info:
+        CardVault([CardKey("new", os.urandom(32))]).open("pay_1", sealed)
+    assert "4111111111111111" not in str(info.value)
+
+
+def test_a_vault_needs_a_key():
+    with pytest.raises(ValueError):
+        CardVault([])

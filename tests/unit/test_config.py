@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway import config
+from gateway.cards import SINGLE_KEY_ID, CardKey
 from gateway.config import ConfigError, Settings
 from mockbank.config import Config as BankConfig
 from worker.settings import RelaySettings, WorkerSettings
@@ -25,6 +26,7 @@ VARIABLES = (
     "BANK_URL",
     "GATEWAY_API_KEYS",
     "CARD_ENCRYPTION_KEY",
+    "CARD_ENCRYPTION_KEYS",
     "LOG_LEVEL",
     "GATEWAY_ENV",
 )
@@ -55,7 +57,7 @@ def test_defaults_are_the_documented_ones():
 
 
 def test_empty_values_fall_back_to_defaults():
-    assert config.parse({name: "" for name in VARIABLES if name != "CARD_ENCRYPTION_KEY"}) == config.parse({})
+    assert config.parse({name: "" for name in VARIABLES if not name.startswith("CARD_")}) == config.parse({})
 
 
 def test_unrelated_variables_are_ignored():
@@ -202,6 +204,15 @@ BAD_VALUES = [
     ("GATEWAY_POST_RATES", "ficmart:inf"),
     ("GATEWAY_POST_RATES", "ficmart:many"),
     ("GATEWAY_POST_RATES", "nobody:100"),  # not a caller of GATEWAY_API_KEYS
+    # CARD_ENCRYPTION_KEYS
+    ("CARD_ENCRYPTION_KEYS", GOOD_KEY),  # no id
+    ("CARD_ENCRYPTION_KEYS", f":{GOOD_KEY}"),
+    ("CARD_ENCRYPTION_KEYS", f"new key:{GOOD_KEY}"),  # a space in the id
+    ("CARD_ENCRYPTION_KEYS", f"{'x' * 33}:{GOOD_KEY}"),
+    ("CARD_ENCRYPTION_KEYS", "k1:" + base64.b64encode(b"k" * 31).decode()),
+    ("CARD_ENCRYPTION_KEYS", f"k1:{GOOD_KEY},"),
+    ("CARD_ENCRYPTION_KEYS", f"k1:{GOOD_KEY},k1:" + base64.b64encode(b"j" * 32).decode()),  # one id twice
+    ("CARD_ENCRYPTION_KEYS", f"k1:{GOOD_KEY},k2:{GOOD_KEY}"),  # one key twice
 ]
 
 
@@ -209,7 +220,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize("uses_card_key", [None, False, True], ids=["unchecked", "no-card-key", "card-key"])
 def test_bad_value_raises_config_error_naming_the_variable(name, value, uses_card_key):
     env = {name: value, **DEV}
-    if uses_card_key and name != "CARD_ENCRYPTION_KEY":
+    if uses_card_key and not name.startswith("CARD_ENCRYPTION_KEY"):
         env["CARD_ENCRYPTION_KEY"] = GOOD_KEY
     with pytest.raises(ConfigError) as info:
         config.parse(env, uses_card_key=uses_card_key)
@@ -377,6 +388,48 @@ def test_card_key_error_does_not_echo_the_value():
     with pytest.raises(ConfigError) as info:
         config.parse({"CARD_ENCRYPTION_KEY": value})
     assert value not in str(info.value)
+
+
+# --------------------------------------------------- CARD_ENCRYPTION_KEYS (rotation)
+def test_card_keys_are_id_key_pairs_newest_first():
+    new, old = os.urandom(32), os.urandom(32)
+    value = f" 2026-12:{base64.b64encode(new).decode()} , 2026-06:{base64.b64encode(old).decode()}"
+    s = config.parse({"CARD_ENCRYPTION_KEYS": value})
+    assert s.card_keyring == (CardKey("2026-12", new), CardKey("2026-06", old))
+
+
+def test_a_single_card_key_is_the_key_named_default():
+    raw = os.urandom(32)
+    s = config.parse({"CARD_ENCRYPTION_KEY": base64.b64encode(raw).decode()})
+    assert s.card_keyring == (CardKey(SINGLE_KEY_ID, raw),) and SINGLE_KEY_ID == "default"
+    assert config.parse({}).card_keyring == ()
+
+
+def test_card_keys_and_a_single_card_key_are_not_both_taken():
+    env = {"CARD_ENCRYPTION_KEY": GOOD_KEY, "CARD_ENCRYPTION_KEYS": f"new:{PRODUCTION_KEY}"}
+    with pytest.raises(ConfigError, match="CARD_ENCRYPTION_KEYS or CARD_ENCRYPTION_KEY, not both"):
+        config.parse(env)
+
+
+def test_card_keys_satisfy_the_card_key_requirement():
+    env = {"GATEWAY_API_KEYS": "shop:live_key_1", "CARD_ENCRYPTION_KEYS": f"new:{PRODUCTION_KEY}"}
+    assert config.parse(env, uses_card_key=True).card_keyring[0].id == "new"
+
+
+@pytest.mark.parametrize("published", sorted(config.PUBLISHED_CARD_KEYS))
+def test_production_refuses_a_published_key_among_the_card_keys(published):
+    keys = f"new:{PRODUCTION_KEY},old:{base64.b64encode(published).decode()}"
+    env = {"GATEWAY_API_KEYS": "shop:live_key_1", "CARD_ENCRYPTION_KEYS": keys}
+    with pytest.raises(ConfigError, match="CARD_ENCRYPTION_KEYS \\(key 'old'\\) is a published development key"):
+        config.parse(env, uses_card_key=False)
+    assert len(config.parse({**env, **DEV}, uses_card_key=True).card_keyring) == 2
+
+
+def test_card_keys_errors_do_not_echo_keys_or_ids():
+    backwards = f"{base64.b64encode(b'secretsecretsecretsecretsecretse').decode()}:k1"
+    with pytest.raises(ConfigError) as info:
+        config.parse({"CARD_ENCRYPTION_KEYS": backwards})
+    assert "c2VjcmV0" not in str(info.value) and "pair 1" in str(info.value)
 
 
 # ------------------------------------------------------------------ load()
