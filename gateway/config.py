@@ -17,6 +17,7 @@ import base64
 import ipaddress
 import math
 import re
+import string
 import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -47,6 +48,10 @@ PUBLISHED_CARD_KEYS = frozenset(
 ENVIRONMENTS = ("production", "development")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _OPS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Outside development an ops key must hold this much randomness by ops_key_bits' estimate
+# (`gatewayctl ops-key` makes keys of 256 bits).
+OPS_KEY_MIN_BITS = 128
+_OPS_KEY_MIN_DISTINCT = 10  # fewer different characters: a repeated pattern, whatever its length
 # A caller's name is written into every row of its payments and names its broker exchange
 # (payments.events.<name>) and account: nothing there may be ambiguous (a '.', a space,
 # the \x1f that separates it from an idempotency key, letters in two cases).
@@ -433,7 +438,7 @@ class Settings(EnvSettings):
             if not pair.strip():
                 continue
             name, sep, key = (part.strip() for part in pair.partition(":"))
-            if not sep or not _OPS_NAME.fullmatch(name) or len(key) < 16 or not key.isprintable():
+            if not sep or ops_name_problem(name) or len(key) < 16 or not key.isprintable():
                 raise ConfigError(
                     "GATEWAY_OPS_KEYS must be comma-separated name:key pairs: names of letters, digits, '.', '_' "
                     "or '-' (they are written into payment histories), keys of at least 16 printable characters"
@@ -509,9 +514,9 @@ class Settings(EnvSettings):
         In production (the default) every gateway process insists on GATEWAY_API_KEYS and
         CARD_ENCRYPTION_KEY, whether or not it reads them itself: one configuration is checked
         the same way everywhere, so a deployment that forgot a secret stops at its first process.
-        Development keys (sk_test_..., the card keys this repository published) are refused
-        there. In development mode the documented key opens /v1 and only a process that seals
-        or opens cards needs a card key."""
+        Development keys (sk_test_..., the card keys this repository published) and ops keys
+        too weak to be random (ops_key_bits) are refused there. In development mode the
+        documented key opens /v1 and only a process that seals or opens cards needs a card key."""
         problems = []
         if not self.development:
             if "api_keys" not in self.model_fields_set:
@@ -523,6 +528,12 @@ class Settings(EnvSettings):
                 problems.append(
                     f"GATEWAY_API_KEYS holds a development key ({DEV_API_KEY_PREFIX}...): refused unless "
                     "GATEWAY_ENV=development"
+                )
+            weak = sorted(name for key, name in self.ops_keys.items() if ops_key_bits(key) < OPS_KEY_MIN_BITS)
+            if weak:
+                problems.append(
+                    f"GATEWAY_OPS_KEYS: the key of {', '.join(weak)} is too weak (under {OPS_KEY_MIN_BITS} random "
+                    "bits by its length and alphabet, or a repeated pattern); make keys with `gatewayctl ops-key NAME`"
                 )
         if not self.card_keyring and (uses_card_key or not self.development):
             problems.append(
@@ -538,6 +549,29 @@ class Settings(EnvSettings):
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+
+def ops_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an operator (None: it can)."""
+    if _OPS_NAME.fullmatch(name):
+        return None
+    return "an ops name is 1-64 letters, digits, '.', '_' or '-' (it is written into payment histories)"
+
+
+def ops_key_bits(key: str) -> float:
+    """An upper estimate of the randomness of `key`: its length times log2 of the alphabet it
+    is drawn from (hex digits: 16; otherwise the classes it uses: digits 10, lower and upper
+    case letters 26 each, anything else 33), and 0 for a repeated pattern. A typed password
+    can pass it; a key too short or too plain to hold 128 random bits cannot."""
+    if len(set(key)) < _OPS_KEY_MIN_DISTINCT:
+        return 0.0
+    if all(c in string.hexdigits for c in key) and (key.islower() or key.isupper() or key.isdigit()):
+        alphabet = 16
+    else:
+        classes = (string.digits, string.ascii_lowercase, string.ascii_uppercase)
+        alphabet = sum(len(chars) for chars in classes if any(c in chars for c in key))
+        alphabet += 33 if any(not c.isascii() or not c.isalnum() for c in key) else 0
+    return len(key) * math.log2(alphabet)
 
 
 def _card_secret(where: str, value: str) -> bytes:

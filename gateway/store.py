@@ -94,7 +94,8 @@ _worker = load(SQL_DIR / "worker.sql")
 _outbox = load(SQL_DIR / "outbox.sql")
 _ops = load(SQL_DIR / "ops.sql")
 _metrics = load(SQL_DIR / "metrics.sql")
-_FILES = (_payments, _views, _worker, _outbox, _ops, _metrics)
+_vault = load(SQL_DIR / "vault.sql")
+_FILES = (_payments, _views, _worker, _outbox, _ops, _metrics, _vault)
 
 
 def statements() -> dict[str, str]:
@@ -820,6 +821,25 @@ async def record_circuit_state(
 async def circuit_states(db: Executor) -> list[asyncpg.Record]:
     """worker_id, open, changed_at, detail of every worker that reported, by worker id."""
     return await _rows(_ops.circuit_states, db)
+
+
+# ---- the card vault's key rotation (gateway/cardkeys.py) ---------------------------------
+
+
+async def lock_cards_to_reseal(db: Connection, *, key_id: str, after: str, limit: int) -> list[asyncpg.Record]:
+    """payment_id, key_id and sealed of up to `limit` cards not under `key_id`, payment ids
+    after `after`, locked (SKIP LOCKED)."""
+    return await _rows(_vault.lock_cards_to_reseal, db, key_id=key_id, after=after, limit=limit)
+
+
+async def reseal_cards(db: Connection, *, key_id: str, sealed: Mapping[str, bytes]) -> None:
+    """The cards (payment id -> sealed) stored again, under `key_id`."""
+    await _vault.reseal_cards(db, key_id=key_id, payment_ids=list(sealed), sealed=list(sealed.values()))
+
+
+async def cards_by_key(db: Executor) -> dict[str, int]:
+    """Key id -> how many cards are sealed under it."""
+    return {r["key_id"]: r["cards"] for r in await _rows(_vault.cards_by_key, db)}
 
 
 # ---- gauges of gateway-relay and gateway-worker (worker/metrics.py); the API's backlog ---------

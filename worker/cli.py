@@ -11,6 +11,8 @@
     gatewayctl payments set-reference PAYMENT_ID --capture-id ID|--authorization-id ID|... --reason TEXT --by NAME
     gatewayctl abandon PAYMENT_ID --reason TEXT --by NAME
     gatewayctl reconcile [--repair] [--rate N] [--limit N]
+    gatewayctl rekey-cards [--batch N]       seal every vaulted card under the newest card key
+    gatewayctl ops-key NAME                  a new /ops key (worker/keycommands.py)
 
 Every command takes --json (machine output on stdout). Exit codes: 0 done /
 nothing to report, 1 something needs a human (findings, a refused or failed
@@ -49,6 +51,7 @@ from gateway.ops.deadletters import MAX_DEAD_LETTERS, BrokerUnavailable, DeadLet
 from gateway.ops.rules import OpsRules
 from gateway.redact import hide_passwords
 from gateway.timefmt import iso
+from worker import keycommands
 from worker.bank import BankClient
 
 EXIT_OK = 0
@@ -627,7 +630,7 @@ def _positive(number: type[int] | type[float]):
 
 
 ENVIRONMENT = (
-    "Environment: DATABASE_URL, AMQP_URL, BANK_URL (reconcile), LOG_LEVEL (log lines go to stderr; only "
+    "Environment: DATABASE_URL, AMQP_URL, BANK_URL (reconcile), CARD_ENCRYPTION_KEYS (rekey-cards), LOG_LEVEL (log lines go to stderr; only "
     "errors unless it is set), WORKER_RETRY_LADDER (the topology it declares), "
     "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS (default 23, as the worker) and ABANDON_AFTER_HOURS (abandon; "
     "default 24, as the worker's card vault).",
@@ -936,6 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"payments to check, newest first (default {reconcile.DEFAULT_LIMIT})",
     )
     p.set_defaults(handler=cmd_reconcile)
+    keycommands.add_commands(commands, parents=[json_flag], formatter_class=fmt, open_pool=_pool)
     return parser
 
 
