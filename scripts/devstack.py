@@ -35,7 +35,7 @@ DEFAULTS = {name: default for name, default, _ in Settings.variables()}  # varia
 
 def dev_environment() -> dict[str, str]:
     """.env's settings that the environment does not override; `make run` keeps the
-    generated dev card key there (compose reads the same file)."""
+    generated dev card key there (compose reads the same file), readable by the owner alone."""
     if not ENV_FILE.exists():
         key = base64.b64encode(os.urandom(32)).decode()
         # Secrets: readable by the owner alone, from the moment the file exists.
@@ -45,6 +45,8 @@ def dev_environment() -> dict[str, str]:
                 "# made by make run: development mode, the documented API key and a card key of this machine\n"
                 f"GATEWAY_ENV=development\nGATEWAY_API_KEYS={DEV_API_KEYS}\nCARD_ENCRYPTION_KEY={key}\n"
             )
+    elif ENV_FILE.stat().st_mode & 0o077:
+        ENV_FILE.chmod(0o600)  # one written before make run did this, or by hand
     settings = {}
     for line in ENV_FILE.read_text().splitlines():
         name, sep, value = line.partition("=")
