@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import secrets
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from gateway import config
 from gateway.api.ops import auth, render
 from gateway.timefmt import now
+from tests.support.procs import run_script
 
 ALICE = "ops_key_alice_0123456789"
 BOB = "ops_key_bob_9876543210xyz"
@@ -47,6 +49,45 @@ def test_bad_ops_keys_stop_the_process_without_echoing_a_key(value):
         config.parse(env)
     assert "GATEWAY_OPS_KEYS" in str(error.value)
     assert ALICE not in str(error.value) and "sk_test_ficmart_dev_longer" not in str(error.value)
+
+
+PRODUCTION = {"GATEWAY_API_KEYS": "ficmart:live_key_1", "CARD_ENCRYPTION_KEY": base64.b64encode(b"\x07" * 32).decode()}
+
+
+@pytest.mark.parametrize(
+    "weak",
+    [ALICE, "correct horse battery staple", "a1" * 40, "qwertyuiop" * 3, secrets.token_urlsafe(12)],
+    ids=["typed", "passphrase", "repeated", "pattern", "short-random"],
+)
+def test_production_refuses_weak_ops_keys_naming_the_operator_not_the_key(weak):
+    env = {**PRODUCTION, "GATEWAY_OPS_KEYS": f"alice:{weak},bob:{ops_key()}"}
+    with pytest.raises(config.ConfigError, match="GATEWAY_OPS_KEYS: the key of alice is too weak") as error:
+        config.parse(env, uses_card_key=True)
+    assert weak not in str(error.value) and "bob" not in str(error.value)
+    assert config.parse({**env, "GATEWAY_ENV": "development"}, uses_card_key=True).ops_keys[weak] == "alice"
+
+
+def ops_key(name: str = "bob") -> str:
+    """A key from `gatewayctl ops-key` (the installed console script), as NAME:KEY."""
+    result = run_script("gatewayctl", "ops-key", name, env={"DATABASE_URL": None})
+    assert result.returncode == 0, result.stderr
+    pair_name, _, key = result.stdout.strip().partition(":")
+    assert pair_name == name
+    return key
+
+
+def test_gatewayctl_ops_key_makes_keys_production_takes():
+    keys = {ops_key("carol") for _ in range(3)}
+    assert len(keys) == 3 and all(key.startswith("ops_") for key in keys)
+    env = {**PRODUCTION, "GATEWAY_OPS_KEYS": ",".join(f"op{i}:{key}" for i, key in enumerate(keys))}
+    assert len(config.parse(env, uses_card_key=True).ops_keys) == 3
+    # 256 random bits score 190-260: far from the refusal, whatever the draw
+    assert all(config.ops_key_bits(key) > 180 for key in keys)
+
+
+def test_gatewayctl_ops_key_refuses_a_name_histories_cannot_hold():
+    result = run_script("gatewayctl", "ops-key", "al ice")
+    assert result.returncode == 2 and "ops name" in result.stderr and result.stdout == ""
 
 
 # ---- login --------------------------------------------------------------------------------------
