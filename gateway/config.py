@@ -17,8 +17,8 @@ import base64
 import ipaddress
 import math
 import re
-from collections import Counter
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, Self, TypeVar
