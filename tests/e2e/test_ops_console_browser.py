@@ -73,7 +73,7 @@ async def test_log_in_find_the_parked_operation_replay_it_and_see_the_payment_ca
         async with browser(username="ops", password=password) as stranger:
             assert await shut_out(await stranger.new_page(), console), password
 
-    async with browser(username="ops", password=OPS_KEY) as context:
+    async with browser(username=OPS_NAME, password=OPS_KEY) as context:
         page = await context.new_page()
         response = await page.goto(console)
         assert response is not None and response.status == 200

@@ -16,14 +16,17 @@ import uuid
 from datetime import timedelta
 
 import aio_pika
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 
 from gateway import config, db, payments, store, topology
+from gateway.api import routes
 from gateway.api.app import create_app
 from gateway.api.ops import auth
+from gateway.api.ops.throttle import FREE_FAILURES
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.ops import rules
 from gateway.timefmt import now
@@ -44,7 +47,9 @@ HOSTILE = f"<script>alert(1)</script> card {CARD}"
 ERROR = {"code": "bank_connection", "message": HOSTILE, "retryable": True}
 
 
-def basic(key: str, user: str = "ops") -> dict[str, str]:
+def basic(key: str, user: str | None = None) -> dict[str, str]:
+    """Basic credentials: `key` under `user`, by default the name of the key's operator."""
+    user = {ALICE: "alice", BOB: "bob"}.get(key, "alice") if user is None else user
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}
 
 
@@ -118,6 +123,7 @@ async def console_env(server_urls, card_key):
 
 @pytest.fixture
 async def ops(console_env):
+    assert (await console_env.get("/ops/"))[0] == 200  # a good login: earlier tests' failed ones forgotten
     await console_env.pool.execute(
         "TRUNCATE payments, payment_history, operations, card_vault, outbox, idempotency_keys, "
         "reconciliation_findings, bank_circuit"
@@ -153,11 +159,47 @@ async def test_ops_needs_an_ops_key(ops, headers):
         assert resp.headers["X-Frame-Options"] == "DENY"
 
 
-async def test_any_user_name_with_an_ops_key_logs_in_as_the_keys_name(ops):
-    for user, key, name in (("alice", ALICE, "alice"), ("someone", ALICE, "alice"), ("", BOB, "bob")):
+async def test_an_operator_logs_in_with_their_name_and_key(ops):
+    for user, key in (("alice", ALICE), ("bob", BOB)):
         resp = await ops.client.get("/ops/", headers=basic(key, user))
         assert resp.status == 200
-        assert f'<span class="who" title="signed in with this ops key">{name}</span>' in await resp.text()
+        assert f'<span class="who" title="signed in with this ops key">{user}</span>' in await resp.text()
+    for user, key in (("someone", ALICE), ("", BOB), ("bob", ALICE)):
+        resp = await ops.client.get("/ops/", headers=basic(key, user))
+        assert resp.status == 401, user
+
+
+def failures(client: TestClient, reason: str) -> float:
+    registry = client.app[routes.STATE].registry
+    return registry.get_sample_value("gateway_ops_login_failures_total", {"reason": reason}) or 0.0
+
+
+async def login_from(client: TestClient, address: str, key: str, user: str | None = None) -> aiohttp.ClientResponse:
+    """An /ops page from another loopback address (Linux routes all of 127.0.0.0/8 to lo): another source."""
+    connector = aiohttp.TCPConnector(local_addr=(address, 0), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(client.make_url("/ops/console.css"), headers=basic(key, user)) as resp:
+            await resp.read()
+            return resp
+
+
+async def test_failed_logins_are_counted_and_locked_out_per_source_and_per_name(console_env, card_key):
+    # An app of its own: the names it locks out stay out of the other tests' way.
+    settings = settings_for("postgresql://postgres@127.0.0.1:1/none", "amqp://guest:guest@127.0.0.1:1/", card_key)
+    async with TestClient(TestServer(create_app(settings, console_env.pool))) as client:
+        wrong = "ops_key_wrong_0123456789"
+        for _ in range(FREE_FAILURES):
+            assert (await login_from(client, "127.0.0.2", wrong)).status == 401
+        resp = await login_from(client, "127.0.0.2", wrong)  # one failure too many: 127.0.0.2 and alice locked out
+        assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+        assert failures(client, "bad_credentials") == FREE_FAILURES + 1
+        # the name is locked out from any source: a further guess is refused, or locks it out again
+        resp = await login_from(client, "127.0.0.3", wrong, "alice")
+        assert resp.status == 429 and "Retry-After" in resp.headers
+        # another operator from another source is not held up
+        assert (await login_from(client, "127.0.0.4", BOB)).status == 200
+        assert failures(client, "bad_credentials") + failures(client, "locked_out") == FREE_FAILURES + 2
+        assert "ops_key_wrong" not in repr(list(client.app[routes.STATE].registry.collect()))
 
 
 async def test_an_ops_key_never_opens_v1(ops):

@@ -97,13 +97,31 @@ def _basic(text: str) -> str:
     return "Basic " + base64.b64encode(text.encode()).decode()
 
 
-def test_basic_login_takes_the_password_and_ignores_the_user_name():
-    operators = auth.operators_by_digest({ALICE: "alice"})
-    assert auth.authenticate(_basic(f"anyone:{ALICE}"), operators) == auth.Operator("alice", ALICE)
-    assert auth.authenticate(_basic(f":{ALICE}"), operators) == auth.Operator("alice", ALICE)
-    assert auth.authenticate(_basic(f"alice:{ALICE}:more"), operators) is None  # the password is "ALICE:more"
-    for header in ("", f"Bearer {ALICE}", _basic(ALICE), _basic("alice:"), "Basic !!!", "Basic", _basic(f"x:{BOB}")):
-        assert auth.authenticate(header, operators) is None, header
+def test_basic_login_takes_the_operators_name_and_key():
+    operators = auth.operators_by_digest({ALICE: "alice", BOB: "bob"})
+
+    def login(header: str) -> auth.Operator | None:
+        credentials = auth.basic_credentials(header)
+        return auth.authenticate(credentials, operators) if credentials is not None else None
+
+    assert login(_basic(f"alice:{ALICE}")) == auth.Operator("alice", ALICE)
+    assert login(_basic(f"bob:{BOB}")) == auth.Operator("bob", BOB)
+    assert auth.basic_credentials(_basic(f"alice:{ALICE}:more")) == ("alice", f"{ALICE}:more")
+    for header in (
+        _basic(f"anyone:{ALICE}"),  # another name with alice's key
+        _basic(f":{ALICE}"),
+        _basic(f"bob:{ALICE}"),
+        _basic(f"Alice:{ALICE}"),
+        _basic(f"alice:{ALICE}:more"),
+        _basic(f"alice:{BOB}"),
+        "",
+        f"Bearer {ALICE}",
+        _basic(ALICE),
+        _basic("alice:"),
+        "Basic !!!",
+        "Basic",
+    ):
+        assert login(header) is None, header
 
 
 # ---- form tokens --------------------------------------------------------------------------------

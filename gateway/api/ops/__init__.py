@@ -5,6 +5,7 @@
                              "not configured"
 
 auth.py      Basic login with an ops key, form tokens, the same-origin check
+throttle.py  failed logins slowed per source and per name
 port.py      what the console asks of the dead-letter desk
 wiring.py    the desk on gateway/ops/replay.py and gateway/ops/deadletters.py (the only
              import of the worker in the gateway package)
@@ -17,11 +18,13 @@ pages.py     the handlers and the console's middleware
 from __future__ import annotations
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from gateway import config
 from gateway.api import routes
 from gateway.api.ops import auth, pages, wiring
 from gateway.api.ops.port import DeadLetterDesk
+from gateway.api.ops.throttle import LoginThrottle
 
 
 def setup(app: web.Application, settings: config.Settings, *, desk: DeadLetterDesk | None = None) -> None:
@@ -32,6 +35,12 @@ def setup(app: web.Application, settings: config.Settings, *, desk: DeadLetterDe
         state = app[routes.STATE]
         desk = wiring.worker_desk(lambda: state.pool, settings.amqp_url)
     console = web.Application(middlewares=[pages.console_middleware])
-    console[pages.CONSOLE] = pages.Console(operators, desk)
+    failures = Counter(
+        "gateway_ops_login_failures",
+        "Failed logins to /ops: bad_credentials (counted against the source and name), locked_out (refused unread)",
+        ("reason",),
+        registry=app[routes.STATE].registry,
+    )
+    console[pages.CONSOLE] = pages.Console(operators, desk, LoginThrottle(), failures)
     pages.add_routes(console)
     app.add_subapp("/ops", console)

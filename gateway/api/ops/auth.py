@@ -1,9 +1,10 @@
 """Who may use the console, and which POSTs are really theirs.
 
-Login: HTTP Basic with an ops key (GATEWAY_OPS_KEYS) as the password. The
-user name is not checked: the key alone says who it is, and the key's name
-is what the history records. FicMart's API keys are a different set (the
-configuration refuses a key in both), and /v1 only reads Bearer keys.
+Login: HTTP Basic, the operator's name in GATEWAY_OPS_KEYS as the user name
+and their key as the password; the name is what the history records. Failed
+logins are counted and slowed per source and per name (throttle.py).
+FicMart's API keys are a different set (the configuration refuses a key in
+both), and /v1 only reads Bearer keys.
 
 A browser sends Basic credentials with every request to the site, a form
 POST from another site included. So every action also needs:
@@ -44,8 +45,8 @@ def operators_by_digest(ops_keys: dict[str, str]) -> dict[bytes, Operator]:
     return {key_digest(key): Operator(name, key) for key, name in ops_keys.items()}
 
 
-def basic_password(header: str) -> str | None:
-    """The password of an `Authorization: Basic` header; None when there is none to read."""
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """(user name, password) of an `Authorization: Basic` header; None when there are none to read."""
     scheme, _, encoded = header.partition(" ")
     if scheme.lower() != "basic" or not encoded.strip():
         return None
@@ -53,13 +54,17 @@ def basic_password(header: str) -> str | None:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
-    _user, sep, password = decoded.partition(":")
-    return password if sep and password else None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep and password else None
 
 
-def authenticate(header: str, operators: dict[bytes, Operator]) -> Operator | None:
-    password = basic_password(header)
-    return operators.get(key_digest(password)) if password is not None else None
+def authenticate(credentials: tuple[str, str], operators: dict[bytes, Operator]) -> Operator | None:
+    """The operator whose key is the password, if the user name is theirs."""
+    user, password = credentials
+    operator = operators.get(key_digest(password))
+    if operator is None or not hmac.compare_digest(operator.name.encode(), user.encode("utf-8", "surrogateescape")):
+        return None
+    return operator
 
 
 # ---- form tokens ----------------------------------------------------------------------------

@@ -11,17 +11,20 @@ headers of every response.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from aiohttp import web
+from prometheus_client import Counter
 
 from gateway import logs, payments
 from gateway.api import routes
-from gateway.api.ops import auth, reads, render
+from gateway.api.ops import auth, reads, render, throttle
 from gateway.api.ops.port import BrokerUnavailable, DeadLetterDesk
+from gateway.api.ops.throttle import LoginThrottle
 
 log = logs.get("gateway.ops")
 
@@ -57,6 +60,12 @@ class Console:
 
     operators: dict[bytes, auth.Operator]  # empty: the console is not configured
     desk: DeadLetterDesk | None
+    throttle: LoginThrottle
+    login_failures: Counter  # by reason: bad_credentials, locked_out
+
+    @property
+    def names(self) -> set[str]:
+        return {operator.name for operator in self.operators.values()}
 
 
 CONSOLE = web.AppKey("ops_console", Console)
@@ -108,16 +117,50 @@ async def _answer(request: web.Request, handler) -> web.StreamResponse:
             "The ops console is not configured",
             "Set GATEWAY_OPS_KEYS (comma-separated name:key pairs) on gateway-api to open /ops.",
         )
-    operator = auth.authenticate(request.headers.get("Authorization", ""), console.operators)
-    if operator is None:
-        response = _notice(
-            request, 401, "Log in", "The ops console needs an ops key: any user name, the key as the password."
-        )
-        response.headers["WWW-Authenticate"] = REALM
-        return response
+    operator = _login(request, console)
+    if not isinstance(operator, auth.Operator):
+        return operator
     request[OPERATOR] = operator
     with logs.bound(ops_user=operator.name):
         return await _handle(request, handler)
+
+
+def _login(request: web.Request, console: Console) -> auth.Operator | web.Response:
+    """The operator of the request's Basic credentials, or the answer: 401 (log in, or the
+    login failed) or 429 with Retry-After (too many failures from this source or for this
+    name: throttle.py)."""
+    credentials = auth.basic_credentials(request.headers.get("Authorization", ""))
+    if credentials is not None:
+        source = throttle.source_of(request.remote)
+        # Any name that is not an operator's is one name: the table holds no guessed strings.
+        name = credentials[0] if credentials[0] in console.names else ""
+        wait = console.throttle.wait(source, name)
+        if wait > 0:
+            console.login_failures.labels("locked_out").inc()
+            return _locked_out(request, wait)
+        operator = auth.authenticate(credentials, console.operators)
+        if operator is not None:
+            console.throttle.succeeded(source, name)
+            return operator
+        console.login_failures.labels("bad_credentials").inc()
+        log.warning("ops login failed", source=source)
+        wait = console.throttle.failed(source, name)
+        if wait > 0:
+            return _locked_out(request, wait)
+    response = _notice(
+        request,
+        401,
+        "Log in",
+        "The ops console needs an ops key: your name in GATEWAY_OPS_KEYS as the user name, your key as the password.",
+    )
+    response.headers["WWW-Authenticate"] = REALM
+    return response
+
+
+def _locked_out(request: web.Request, wait: float) -> web.Response:
+    response = _notice(request, 429, "Too many failed logins", "Too many failed logins: try again later.")
+    response.headers["Retry-After"] = str(math.ceil(wait))
+    return response
 
 
 async def _handle(request: web.Request, handler) -> web.StreamResponse:
