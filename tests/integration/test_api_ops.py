@@ -321,3 +321,36 @@ async def test_docs_page_serves_swagger_ui_without_remote_assets(api_client):
         assert len(await asset.read()) > 10, source
     init = await (await api_client.get("/docs/init.js")).text()
     assert '"/openapi.json"' in init
+
+
+async def test_docs_serves_only_the_files_its_page_loads_under_a_content_security_policy(api_client):
+    page = await (await api_client.get("/docs")).text()
+    loaded = ["/docs", *re.findall(r'(?:src|href)="([^"]+)"', page)]
+    assert sorted(loaded) == [
+        "/docs",
+        "/docs/assets/swagger-ui-bundle.js",
+        "/docs/assets/swagger-ui.css",
+        "/docs/init.js",
+    ]
+    for path in loaded:
+        resp = await api_client.get(path)
+        assert resp.status == 200, path
+        policy = dict(part.strip().split(" ", 1) for part in resp.headers["Content-Security-Policy"].split(";"))
+        assert policy["default-src"] == "'none'" and policy["script-src"] == "'self'", path
+        assert policy["connect-src"] == "'self'" and policy["frame-ancestors"] == "'none'", path
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", path
+    # the rest of swagger-ui's folder is not served: its index.html loads a demo spec from the internet
+    for name in (
+        "index.html",
+        "swagger-initializer.js",
+        "oauth2-redirect.html",
+        "swagger-ui-bundle.js.map",
+        "swagger-ui.js",
+        "favicon-32x32.png",
+        "",
+        "../index.html",
+    ):
+        resp = await api_client.get(f"/docs/assets/{name}")
+        assert resp.status == 404, name
+    init = await (await api_client.get("/docs/init.js")).text()
+    assert "validatorUrl: null" in init  # no badge from swagger's public validator
