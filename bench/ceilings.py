@@ -29,7 +29,7 @@ import orjson
 
 from bench.util import pcts
 from gateway import db, messages, store
-from gateway.cards import CardVault
+from gateway.cards import CardKey, CardVault
 from gateway.fingerprints import Fingerprinter
 from gateway.payments import IdempotentRequest, bank_key
 from gateway.timefmt import now
@@ -66,7 +66,7 @@ class _Template:
     """Realistic parameter values (sizes as the API writes them); only the ids vary per call."""
 
     def __init__(self) -> None:
-        vault = CardVault(os.urandom(32))
+        vault = CardVault([CardKey("bench", os.urandom(32))])
         self.sealed = vault.seal("pay_" + "0" * 32, "4000000000000002", "123")
         at = now()
         row = {
