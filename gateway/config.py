@@ -133,7 +133,7 @@ class EnvSettings(BaseSettings):
         for field in cls.model_fields.values():
             default = field.get_default(call_default_factory=True)
             if isinstance(default, tuple):
-                shown = ",".join(map(str, default))
+                shown = ",".join(map(str, default)) or "none"
             else:
                 shown = "none" if default is None else _g(default)
             out.append((str(field.validation_alias), shown, field.description or ""))

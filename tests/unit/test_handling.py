@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from gateway import domain, topology
-from gateway.cards import CardVault
+from gateway.cards import CardKey, CardVault, SealedCard
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
 from gateway.store import AttemptReport
@@ -50,7 +50,7 @@ class Op:
     amount: int = 1500
     authorization_id: str | None = "auth_1"
     capture_id: str | None = "cap_1"
-    sealed_card: bytes | None = None
+    sealed_card: SealedCard | None = None
     status: str = "pending"
     parked: bool = False
     lease_owner: str | None = None
@@ -248,7 +248,7 @@ class World:
     def __init__(self, **cfg) -> None:
         self.payments = FakePayments()
         self.bank = FakeBank()
-        self.vault = CardVault(KEY)
+        self.vault = CardVault([CardKey("k1", KEY)])
         self.probes = 0
         settings = {
             "retry_ladder": LADDER,
@@ -709,6 +709,14 @@ async def test_a_card_sealed_for_another_payment_is_parked(world):
     op = world.op("op_a", OperationKind.AUTHORIZE, sealed_card=world.vault.seal("pay_other", *CARD))
     await world.handling.handle(command(op.id))
     assert world.bank.made() == 0 and op.parked and op.last_error["code"] == "cannot_build_request"
+
+
+async def test_a_card_sealed_under_a_key_the_worker_no_longer_holds_is_parked_naming_the_key(world):
+    dropped = CardVault([CardKey("k0", b"0" * 32)]).seal("pay_a", *CARD)
+    op = world.op("op_a", OperationKind.AUTHORIZE, sealed_card=dropped)
+    await world.handling.handle(command(op.id))
+    assert world.bank.made() == 0 and op.parked and op.last_error["code"] == "cannot_build_request"
+    assert "'k0'" in op.last_error["message"] and CARD[0] not in op.last_error["message"]
 
 
 async def test_refund_without_a_capture_id_is_parked(world):
