@@ -823,7 +823,7 @@ async def circuit_states(db: Executor) -> list[asyncpg.Record]:
     return await _rows(_ops.circuit_states, db)
 
 
-# ---- the card vault's key rotation (gateway/cardkeys.py) ---------------------------------
+# ---- the card vault's key rotation (gateway/ops/cardkeys.py) ---------------------------------
 
 
 async def lock_cards_to_reseal(db: Connection, *, key_id: str, after: str, limit: int) -> list[asyncpg.Record]:

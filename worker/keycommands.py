@@ -19,8 +19,9 @@ from functools import partial
 import asyncpg
 import orjson
 
-from gateway import cardkeys, config
+from gateway import config
 from gateway.cards import CardVault
+from gateway.ops import cardkeys
 
 EXIT_OK = 0
 EXIT_ATTENTION = 1

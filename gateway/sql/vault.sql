@@ -1,4 +1,4 @@
--- The card vault's key rotation (gateway/cardkeys.py, `gatewayctl rekey-cards`).
+-- The card vault's key rotation (gateway/ops/cardkeys.py, `gatewayctl rekey-cards`).
 
 -- name: lock_cards_to_reseal
 -- The next batch of cards sealed under another key than :key_id, in payment id

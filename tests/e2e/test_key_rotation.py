@@ -18,8 +18,8 @@ import uuid
 import orjson
 import pytest
 
+from harness.procs import run_script
 from tests.e2e.stack import Stack
-from tests.support.procs import run_script
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -1,4 +1,4 @@
-"""Moving the vault to the newest card key (gateway/cardkeys.py, `gatewayctl rekey-cards`)
+"""Moving the vault to the newest card key (gateway/ops/cardkeys.py, `gatewayctl rekey-cards`)
 on a database of its own: it reseals every card there."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ import os
 import orjson
 import pytest
 
-from gateway import cardkeys, db
+from gateway import db
 from gateway.cards import CardKey, CardVault, SealedCard
-from tests.support import factories, services
-from tests.support.procs import run_script
+from gateway.ops import cardkeys
+from harness import services
+from harness.procs import run_script
+from tests.support import factories
 
 pytestmark = pytest.mark.timeout(120)
 

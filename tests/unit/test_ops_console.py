@@ -14,7 +14,7 @@ import pytest
 from gateway import config
 from gateway.api.ops import auth, render
 from gateway.timefmt import now
-from tests.support.procs import run_script
+from harness.procs import run_script
 
 ALICE = "ops_key_alice_0123456789"
 BOB = "ops_key_bob_9876543210xyz"
