@@ -10,7 +10,9 @@ against many names. A login that succeeds clears its source and its name; failur
 forgotten FORGET_AFTER after the last one.
 
 The price of the per-name lockout: someone who knows an operator's name can keep them
-out of the console (not out of gatewayctl) for MAX_LOCKOUT at a time. With keys of 128
+out of the console (not out of gatewayctl) for MAX_LOCKOUT at a time. The source is the
+connection's address (forwarding headers are not believed): behind a proxy, or through a
+tunnel to a loopback listener, every operator shares one source and its lockouts. With keys of 128
 random bits the lockouts do not protect the keys, they make guessing loud and slow.
 
 Memory is bounded: the names are the operators' (and one for the rest), and the sources
