@@ -153,6 +153,14 @@ BEGIN
 END $$;
 DROP INDEX IF EXISTS outbox_unsent;
 DROP INDEX IF EXISTS outbox_sent_age;
+-- Events went to one exchange, payments.events, shared by every merchant, before each
+-- merchant had its own (payments.events.<merchant>, which only its broker account reads):
+-- an event still unsent from then goes to its merchant's exchange.
+UPDATE outbox
+   SET exchange = 'payments.events.' || coalesce(headers ->> 'merchant',
+                                                 convert_from(body, 'UTF8')::jsonb ->> 'merchant')
+ WHERE exchange = 'payments.events'
+   AND coalesce(headers ->> 'merchant', convert_from(body, 'UTF8')::jsonb ->> 'merchant') IS NOT NULL;
 
 -- What reconciliation found where our receipts and the bank disagree.
 CREATE TABLE IF NOT EXISTS reconciliation_findings (

@@ -18,7 +18,12 @@ from gateway import tracing
 from gateway.timefmt import iso
 
 COMMANDS_EXCHANGE = "payments.commands"
-EVENTS_EXCHANGE = "payments.events"
+# Each merchant's events go to a topic exchange of its own, payments.events.<merchant>, which
+# its broker account alone may read (README: events by merchant; worker/brokeraccount.py).
+EVENTS_EXCHANGE_PREFIX = "payments.events."
+# The exchange every merchant's events shared before: rows an earlier version wrote may still
+# name it (schema.sql moves those it finds to their merchant's exchange).
+SHARED_EVENTS_EXCHANGE = "payments.events"
 MERCHANT_HEADER = "merchant"
 
 
@@ -29,6 +34,14 @@ class OutboxMessage:
     message_id: str
     body: bytes
     headers: dict[str, str] | None = None  # AMQP headers the relay publishes with
+
+
+def events_exchange(merchant: str) -> str:
+    return EVENTS_EXCHANGE_PREFIX + merchant
+
+
+def is_events_exchange(name: str) -> bool:
+    return name.startswith(EVENTS_EXCHANGE_PREFIX) or name == SHARED_EVENTS_EXCHANGE
 
 
 def new_id(prefix: str) -> str:
@@ -60,9 +73,8 @@ def command(operation_id: str, kind: str) -> OutboxMessage:
 
 
 def event(event_type: str, payment: dict, occurred_at: datetime, *, merchant: str) -> OutboxMessage:
-    """A payment event for FicMart. The merchant (the API key's caller the payment belongs to)
-    is in the body and in a header, so a consumer can tell two callers' payments apart and
-    bind to its own (README: events by merchant)."""
+    """A payment event for the merchant (the API key's caller) the payment belongs to: to its
+    own exchange, and named in the body and in a header (README: events by merchant)."""
     event_id = new_id("evt")
     body = {
         "event_id": event_id,
@@ -72,4 +84,4 @@ def event(event_type: str, payment: dict, occurred_at: datetime, *, merchant: st
         "payment": payment,
     }
     headers = tracing.inject({MERCHANT_HEADER: merchant})
-    return OutboxMessage(EVENTS_EXCHANGE, event_type, event_id, orjson.dumps(body), headers)
+    return OutboxMessage(events_exchange(merchant), event_type, event_id, orjson.dumps(body), headers)

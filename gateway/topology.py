@@ -6,8 +6,14 @@
     payments.retry.Ns  classic   x-message-ttl N s, dead-letters back to
                                  payments.commands with the original routing key
     payments.dead      quorum    operations that exhausted their retries (ops replays)
-    payments.events    topic     payment.<status> for FicMart (published without
-                                 `mandatory`: with nobody bound, the broker drops them)
+    payments.events.<merchant>
+                       topic     payment.<status> of that merchant's payments, read with
+                                 its own broker account (worker/brokeraccount.py); declared
+                                 by the relay before it publishes the merchant's first event
+                                 and by `gatewayctl broker-account`. Published without
+                                 `mandatory`: with nobody bound, the broker drops them
+
+Only the gateway's own broker user may use the rest: payments.commands is internal.
 
 A rung's name carries its delay, so two ladders (a test's short one and the
 default) can share a vhost without conflicting queue arguments.
@@ -19,7 +25,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from gateway.domain import OperationKind
-from gateway.messages import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
+from gateway.messages import COMMANDS_EXCHANGE
 
 WORK_QUEUE = "payments.work"
 RETRY_EXCHANGE = "payments.retry"
@@ -43,6 +49,11 @@ def retry_queue_name(delay_seconds: int) -> str:
     return f"payments.retry.{delay_seconds}s"
 
 
+async def declare_events_exchange(channel: AbstractChannel, merchant_exchange: str) -> AbstractExchange:
+    """A merchant's events exchange (payments.events.<merchant>); safe to repeat."""
+    return await channel.declare_exchange(merchant_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
 def rung_for(ladder: tuple[int, ...], at_least: float) -> int:
     """The shortest delay of the ladder that is >= at_least seconds (else the longest)."""
     for delay in ladder:
@@ -54,7 +65,6 @@ def rung_for(ladder: tuple[int, ...], at_least: float) -> int:
 async def declare(channel: AbstractChannel, ladder: tuple[int, ...]) -> dict[str, AbstractExchange]:
     """Declare everything; safe to repeat. Returns the exchanges by name."""
     commands = await channel.declare_exchange(COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     retry = await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True)
 
     work = await channel.declare_queue(WORK_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
@@ -72,4 +82,4 @@ async def declare(channel: AbstractChannel, ladder: tuple[int, ...]) -> dict[str
 
     await channel.declare_queue(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
     await channel.queue_delete(OBSOLETE_EVENTS_ARCHIVE)
-    return {COMMANDS_EXCHANGE: commands, EVENTS_EXCHANGE: events, RETRY_EXCHANGE: retry}
+    return {COMMANDS_EXCHANGE: commands, RETRY_EXCHANGE: retry}

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 
 from gateway import domain
 from gateway.domain import BankOutcome, OperationKind, Verdict
-from gateway.messages import EVENTS_EXCHANGE
+from gateway.messages import is_events_exchange
 from gateway.timefmt import parse
 
 REFRESH_SECONDS = 5.0  # gauges read from the database or the broker, at most this old
@@ -180,7 +180,7 @@ class RelayMetrics:
         if counters is None:
             counters = self._counters[key] = (
                 self._published.labels(exchange),
-                self._events.labels(routing_key) if exchange == EVENTS_EXCHANGE else None,
+                self._events.labels(routing_key) if is_events_exchange(exchange) else None,
             )
         counters[0].inc()
         if counters[1] is not None:

@@ -14,8 +14,9 @@ put back and retried later: that row alone waits (with a growing delay), the
 rows behind it go on. The relay wakes on NOTIFY 'outbox' (the insert trigger)
 and polls as a fallback.
 
-Events are published without `mandatory`: with no queue bound (FicMart not
-listening) the broker drops them, which loses nothing, since every event is
+Events go to their merchant's exchange (payments.events.<merchant>, declared before the
+first one) without `mandatory`: with no queue bound (the merchant not listening) the broker
+drops them, which loses nothing, since every event is
 also visible by polling. A command must reach payments.work, so its publish is
 mandatory and an unroutable command is an error.
 
@@ -40,9 +41,8 @@ import aio_pika.exceptions
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from gateway import broker, config, db, logs, monitoring, process, store, topology, tracing
+from gateway import broker, config, db, logs, messages, monitoring, process, store, topology, tracing
 from gateway.crashpoints import crash_point
-from gateway.messages import EVENTS_EXCHANGE
 from gateway.ops import rules
 from worker import settings as wsettings
 from worker.metrics import REFRESH_SECONDS, RelayMetrics
@@ -130,14 +130,18 @@ class Relay:
     # ---- one batch ------------------------------------------------------------------------
 
     async def _exchange(self, name: str) -> AbstractExchange:
-        """The exchange to publish to. One we did not declare is first checked on a throwaway
-        channel: publishing to a missing exchange would close the shared channel and fail
-        every other publish of the batch with it."""
+        """The exchange to publish to. A merchant's events exchange is declared the first time
+        (it may be the merchant's first event); any other we did not declare is checked. Both on
+        a throwaway channel: publishing to a missing exchange would close the shared channel
+        and fail every other publish of the batch with it."""
         connection, channel = self._broker
         if name not in self._known_exchanges:
             probe = await connection.channel()
             try:
-                await probe.declare_exchange(name, passive=True)
+                if name.startswith(messages.EVENTS_EXCHANGE_PREFIX):
+                    await topology.declare_events_exchange(probe, name)
+                else:
+                    await probe.declare_exchange(name, passive=True)
             finally:
                 with contextlib.suppress(Exception):
                     await probe.close()  # also stops a robust channel from reopening itself
@@ -165,7 +169,7 @@ class Relay:
             await exchange.publish(
                 message,
                 routing_key=row["routing_key"],
-                mandatory=row["exchange"] != EVENTS_EXCHANGE,
+                mandatory=not messages.is_events_exchange(row["exchange"]),
                 timeout=PUBLISH_TIMEOUT,
             )
             self.metrics.published(row["exchange"], row["routing_key"], time.perf_counter() - started)

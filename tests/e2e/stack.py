@@ -5,7 +5,7 @@
                                  # gateway-relay, gateway-worker; then the test's event consumer
     client = stack.client()      # FicMart: Bearer key, Idempotency-Key, retries
     stack.bank                   # MockBankClient: the mock's /_mock endpoints (ledger, chaos, faults...)
-    stack.events                 # test consumer of payments.events ('#'), deduped by event_id
+    stack.events                 # test consumer of payments.events.ficmart ('#'), deduped by event_id
     await stack.kill("worker"); await stack.restart("worker")   # and all else System offers
     await stack.restart_bank(AUTH_EXPIRY_HOURS="0.001")         # same port, env over BANK_ENV
     await stack.quiescent()      # nothing in flight, nothing unsent
@@ -36,6 +36,7 @@ import asyncpg
 import orjson
 
 from gateway import broker
+from gateway.messages import events_exchange
 from harness.mockbank_client import api_card
 from harness.procs import run_script
 from harness.system import System
@@ -202,15 +203,16 @@ class Client:
 
 
 class EventLog:
-    """Every message on payments.events ('#'), deduplicated by event_id.
+    """Every message on the merchant's payments.events.<merchant> ('#'), deduplicated by event_id.
 
     exclusive=True: an exclusive queue, gone with the connection (enough when the broker is
     left alone). The crash tests pass a queue name instead: a durable queue in the private
     vhost survives the connection drops they cause, so no event is missed for that reason.
     """
 
-    def __init__(self, amqp_url: str, queue_name: str | None = None):
+    def __init__(self, amqp_url: str, queue_name: str | None = None, merchant: str = MERCHANT):
         self.amqp_url = amqp_url
+        self.merchant = merchant
         self.queue_name = queue_name
         self.events: dict[str, dict] = {}
         self._by_payment: dict[str, list[dict]] = {}
@@ -226,7 +228,9 @@ class EventLog:
             self.amqp_url, client_properties={"connection_name": "e2e-events"}
         )
         channel = await self.connection.channel()
-        exchange = await channel.declare_exchange("payments.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        exchange = await channel.declare_exchange(
+            events_exchange(self.merchant), aio_pika.ExchangeType.TOPIC, durable=True
+        )
         if self.queue_name:
             # quorum: FicMart's queue outlives a broker node's death, as the gateway's do
             queue = await channel.declare_queue(self.queue_name, durable=True, arguments={"x-queue-type": "quorum"})

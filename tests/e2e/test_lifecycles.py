@@ -2,7 +2,7 @@
 
 Each test checks three views of the same story: the receipt (GET, long poll),
 the bank's ledger (GET /_mock/ledger, the payment's entries found by its unique
-amount) and the events on payments.events (the test's own queue bound '#').
+amount) and the events on payments.events.ficmart (the test's own queue bound '#').
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ async def post(stack, path: str, body: dict | None, traceparent: str | None = No
 
 
 async def event_of(stack, payment_id: str, event_type: str) -> tuple[dict, dict]:
-    """The event (body) and its AMQP headers, once it has arrived on payments.events."""
+    """The event (body) and its AMQP headers, once it has arrived on payments.events.ficmart."""
 
     def find():
         return next((e for e in stack.events.of(payment_id) if e["type"] == event_type), None)
@@ -115,7 +115,7 @@ async def test_one_trace_from_the_request_to_the_completion_event_and_every_log_
             line for line in json_lines(observed, "relay", trace_id) if line.get("event") == "outbox row published"
         ]
         # The event may reach our consumer before the relay has its confirm and logs the line.
-        return lines if {line["exchange"] for line in lines} >= {"payments.commands", "payments.events"} else []
+        return lines if {line["exchange"] for line in lines} >= {"payments.commands", "payments.events.ficmart"} else []
 
     published = await eventually(relay_lines)
     assert all(line["trace_id"] == trace_id for line in published)
@@ -196,7 +196,7 @@ async def test_worker_and_relay_serve_metrics_with_live_values_and_health(observ
 
     relay = await scrape(observed, relay_url)
     assert value(relay, "gateway_relay_published_total", exchange="payments.commands") >= 1
-    assert value(relay, "gateway_relay_published_total", exchange="payments.events") >= 1
+    assert value(relay, "gateway_relay_published_total", exchange="payments.events.ficmart") >= 1
     assert value(relay, "gateway_payment_events_total", type="payment.authorized") >= 1
     assert value(relay, "gateway_relay_confirm_seconds_count") >= 2
     assert value(relay, "gateway_outbox_unsent") is not None

@@ -96,7 +96,7 @@ class Payments:
 
     async def events(self, pid: str) -> list[str]:
         rows = await self.pool.fetch(
-            "SELECT routing_key, body FROM outbox WHERE exchange = 'payments.events' ORDER BY id"
+            "SELECT routing_key, body FROM outbox WHERE exchange LIKE 'payments.events.%' ORDER BY id"
         )
         return [r["routing_key"] for r in rows if orjson.loads(r["body"])["payment"]["id"] == pid]
 

@@ -15,6 +15,7 @@ import aio_pika
 import pytest
 
 from gateway import db
+from gateway.messages import events_exchange
 from harness import services
 from worker import relay as relay_module
 from worker import settings as wsettings
@@ -367,9 +368,9 @@ async def test_events_with_nobody_listening_are_published_and_dropped(env):
     (every event is also visible by polling), while a command must reach a queue."""
     database_url, amqp_url, pool, broker = env
     relay = make_relay(database_url, amqp_url)
-    await relay.start()  # declares the topology: payments.events, no queue bound to it
+    await relay.start()
     try:
-        await insert_rows(pool, "payments.events", 3)
+        await insert_rows(pool, events_exchange("nobody-listens"), 3)  # declared by the relay, nothing bound
         assert await relay.drain() == (3, 0)
     finally:
         await relay.close()

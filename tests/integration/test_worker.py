@@ -30,7 +30,7 @@ import pytest
 from gateway import config, db, payments, topology
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action
-from gateway.messages import COMMANDS_EXCHANGE
+from gateway.messages import COMMANDS_EXCHANGE, events_exchange
 from harness.procs import ScriptProcess
 from harness.system import System
 from tests.support import factories
@@ -93,7 +93,7 @@ class Pipeline:
     async def start(self) -> None:
         # Every event the relay publishes (it deletes the outbox rows once confirmed).
         channel = await self.broker.channel()
-        events = await channel.declare_exchange("payments.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        events = await channel.declare_exchange(events_exchange("ficmart"), aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue(exclusive=True)
         await queue.bind(events, routing_key="#")
 
@@ -179,10 +179,10 @@ class Pipeline:
         )
 
     async def events(self, payment_id: str) -> list[str]:
-        """Routing keys of the payment's events: published (received from payments.events) and
+        """Routing keys of the payment's events: published (received from payments.events.ficmart) and
         still in the outbox, oldest first."""
         rows = await self.pool.fetch(
-            "SELECT routing_key, message_id FROM outbox WHERE exchange = 'payments.events'"
+            "SELECT routing_key, message_id FROM outbox WHERE exchange LIKE 'payments.events.%'"
             " AND convert_from(body, 'UTF8')::jsonb #>> '{payment,id}' = $1 ORDER BY id",
             payment_id,
         )

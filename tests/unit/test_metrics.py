@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway import tracing
 from gateway.domain import BankOutcome, OperationKind
-from gateway.messages import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
+from gateway.messages import COMMANDS_EXCHANGE, events_exchange
 from gateway.timefmt import iso
 from tests.unit.test_bank_client import APPROVED, AUTH_URL, BANK, _Mock
 from worker.bank import OPERATION, BankClient
@@ -185,12 +185,12 @@ def test_retries_by_rung_and_the_breaker_gauge():
 def test_relay_counts_by_exchange_and_events_by_type():
     metrics = RelayMetrics()
     metrics.published(COMMANDS_EXCHANGE, "capture", 0.002)
-    metrics.published(EVENTS_EXCHANGE, "payment.captured", 0.003)
-    metrics.published(EVENTS_EXCHANGE, "payment.captured", 0.001)
+    metrics.published(events_exchange("ficmart"), "payment.captured", 0.003)
+    metrics.published(events_exchange("ficmart"), "payment.captured", 0.001)
     metrics.backlog(7, 12.5)
     registry = metrics.registry
     assert sample(registry, "gateway_relay_published_total", exchange=COMMANDS_EXCHANGE) == 1
-    assert sample(registry, "gateway_relay_published_total", exchange=EVENTS_EXCHANGE) == 2
+    assert sample(registry, "gateway_relay_published_total", exchange="payments.events.ficmart") == 2
     assert sample(registry, "gateway_payment_events_total", type="payment.captured") == 2
     assert sample(registry, "gateway_payment_events_total", type="capture") is None  # commands are not events
     assert sample(registry, "gateway_relay_confirm_seconds_count") == 3

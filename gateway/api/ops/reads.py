@@ -15,7 +15,7 @@ import orjson
 from gateway import domain, store
 from gateway.api.ops import port
 from gateway.domain import Status
-from gateway.messages import EVENTS_EXCHANGE
+from gateway.messages import is_events_exchange
 from gateway.timefmt import now
 from gateway.views import payment_json
 
@@ -119,7 +119,7 @@ def _message(row: asyncpg.Record) -> Message:
         body = orjson.loads(row["body"])
     except orjson.JSONDecodeError:
         body = None
-    is_event = row["exchange"] == EVENTS_EXCHANGE
+    is_event = is_events_exchange(row["exchange"])
     summary = ""
     if isinstance(body, dict):
         if is_event and isinstance(body.get("payment"), dict):
