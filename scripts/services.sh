@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What `make run` and `make test` need from the machine, made true or named:
-# PostgreSQL on 127.0.0.1:5432 and RabbitMQ on 127.0.0.1:5672 (unless DATABASE_URL / AMQP_URL
-# point elsewhere), and, with --browser, Debian's Chromium for the ops console's browser test.
+# PostgreSQL on 127.0.0.1:5432 and RabbitMQ on 127.0.0.1:5672, its management API on 15672
+# (unless DATABASE_URL / AMQP_URL point elsewhere), and, with --browser, Debian's Chromium for the ops console's browser test.
 #
 # Each service answering is left alone. One installed but stopped is started. One missing is
 # installed from Debian's packages when we are root (apt-get), with PostgreSQL's loopback
@@ -83,11 +83,23 @@ ensure_rabbitmq() {
     fi
 }
 
+# gatewayctl broker-account (and its test) use RabbitMQ's management HTTP API (port 15672).
+ensure_rabbitmq_management() {
+    port_open 15672 && return 0
+    if [ "$(id -u)" != 0 ] || ! command -v rabbitmq-plugins >/dev/null; then
+        say "RabbitMQ's management plugin is off; run: sudo rabbitmq-plugins enable rabbitmq_management"
+        exit 1
+    fi
+    say "enabling RabbitMQ's management plugin"
+    rabbitmq-plugins -q enable rabbitmq_management
+    wait_port "RabbitMQ's management API" 15672
+}
+
 ensure_chromium() {
     [ -x /usr/bin/chromium ] || install chromium
 }
 
 local_url "${DATABASE_URL:-}" && ensure_postgres
-local_url "${AMQP_URL:-}" && ensure_rabbitmq
+local_url "${AMQP_URL:-}" && ensure_rabbitmq && ensure_rabbitmq_management
 [ "$browser" = 1 ] && ensure_chromium
 exit 0

@@ -13,6 +13,7 @@
     gatewayctl reconcile [--repair] [--rate N] [--limit N]
     gatewayctl rekey-cards [--batch N]       seal every vaulted card under the newest card key
     gatewayctl ops-key NAME                  a new /ops key (worker/keycommands.py)
+    gatewayctl broker-account --merchant NAME   a merchant's own RabbitMQ account (worker/brokeraccount.py)
 
 Every command takes --json (machine output on stdout). Exit codes: 0 done /
 nothing to report, 1 something needs a human (findings, a refused or failed
@@ -51,7 +52,7 @@ from gateway.ops.deadletters import MAX_DEAD_LETTERS, BrokerUnavailable, DeadLet
 from gateway.ops.rules import OpsRules
 from gateway.redact import hide_passwords
 from gateway.timefmt import iso
-from worker import keycommands
+from worker import brokeraccount, keycommands
 from worker.bank import BankClient
 
 EXIT_OK = 0
@@ -634,7 +635,7 @@ ENVIRONMENT = (
     "LOG_LEVEL (log lines go to stderr; only "
     "errors unless it is set), WORKER_RETRY_LADDER (the topology it declares), "
     "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS (default 23, as the worker) and ABANDON_AFTER_HOURS (abandon; "
-    "default 24, as the worker's card vault).",
+    "default 24, as the worker's card vault), GATEWAY_API_KEYS and RABBITMQ_MANAGEMENT_URL (broker-account).",
     "Exit codes: 0 done, 1 needs a human (findings, a refused or failed replay, an unknown id, a decision "
     "that does not fit the payment), 2 bad usage or configuration, 3 PostgreSQL or RabbitMQ cannot be reached.",
 )
@@ -941,6 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_reconcile)
     keycommands.add_commands(commands, parents=[json_flag], formatter_class=fmt, open_pool=_pool)
+    brokeraccount.add_parser(commands, parents=[json_flag], formatter_class=fmt)
     return parser
 
 
