@@ -76,6 +76,12 @@ CREATE TABLE IF NOT EXISTS operations (
     bank_response     jsonb,
     bank_ms           integer NOT NULL DEFAULT 0,           -- time spent waiting for the bank
     first_attempt_at  timestamptz,
+    -- What decides a worker's next step is kept here, never in a message header (anyone who
+    -- can publish could set one): retry-ladder rungs taken since the operation started or
+    -- ops last replayed it, and whether that replay was forced (an authorization older than
+    -- the bank's key horizon is sent anyway: ops checked the bank for a hold).
+    rungs             integer NOT NULL DEFAULT 0 CHECK (rungs >= 0),
+    forced_replay     boolean NOT NULL DEFAULT false,
     created_at        timestamptz NOT NULL,
     updated_at        timestamptz NOT NULL,
     finished_at       timestamptz
@@ -86,6 +92,11 @@ ALTER TABLE operations ADD COLUMN IF NOT EXISTS clean_attempts integer NOT NULL 
 ALTER TABLE operations ADD COLUMN IF NOT EXISTS flagged_payment boolean NOT NULL DEFAULT false;
 ALTER TABLE operations ADD COLUMN IF NOT EXISTS lost_answers jsonb;
 ALTER TABLE operations ADD COLUMN IF NOT EXISTS claimed_at timestamptz;
+-- Before these, the rungs and a forced replay travelled in the command's headers (x-retries,
+-- x-force), now ignored: an operation on the ladder at the upgrade starts it again, and an old
+-- authorization forced then parks again (bank_key_expired) until ops force it once more.
+ALTER TABLE operations ADD COLUMN IF NOT EXISTS rungs integer NOT NULL DEFAULT 0 CHECK (rungs >= 0);
+ALTER TABLE operations ADD COLUMN IF NOT EXISTS forced_replay boolean NOT NULL DEFAULT false;
 -- Room on each page for the updates a payment and its operations go through, so that
 -- those touching no indexed column (a claim, for one) stay on the page (HOT).
 ALTER TABLE payments SET (fillfactor = 80);

@@ -370,6 +370,8 @@ class Claim:
     sealed_card: SealedCard | None
     unknown_outcomes: int = 0  # earlier attempts that may have done the work unbeknown to us
     lost_answers: Sequence[Mapping[str, Any]] = ()  # what is known of each (operations.lost_answers)
+    rungs: int = 0  # retry-ladder rungs taken since it started or ops last replayed it
+    forced: bool = False  # ops replayed it with --force: send an old authorization anyway
     # The payment row (with `history`) as it stood when the lease was taken: nothing else
     # changes it while the lease is held, so the outcome is recorded from it.
     payment: Mapping[str, Any] = field(default_factory=dict)
@@ -428,6 +430,8 @@ def _claim(row: asyncpg.Record) -> Claim:
         sealed_card=SealedCard(row["card_key_id"], bytes(row["sealed"])) if row["sealed"] is not None else None,
         unknown_outcomes=row["unknown_outcomes"],
         lost_answers=row["lost_answers"] or (),
+        rungs=row["rungs"],
+        forced=row["forced_replay"],
         payment=dict(row),
     )
 
@@ -455,11 +459,22 @@ async def release(
     error: dict | None,
     bank_ms: int,
     report: store.AttemptReport,
+    *,
+    rung_taken: bool = False,
 ) -> None:
     """Give the lease back after attempts that settled nothing (transient failures), with the
     `report` of those not reported yet (note_many): how many are known to have done nothing at
-    the bank, and what is known of the others, which may have done the work unbeknown to us."""
-    await store.release_lease(pool, operation_id=operation_id, owner=owner, error=error, bank_ms=bank_ms, report=report)
+    the bank, and what is known of the others, which may have done the work unbeknown to us.
+    `rung_taken`: the operation goes to the next rung of the retry ladder (Claim.rungs)."""
+    await store.release_lease(
+        pool,
+        operation_id=operation_id,
+        owner=owner,
+        error=error,
+        bank_ms=bank_ms,
+        report=report,
+        rung_taken=rung_taken,
+    )
 
 
 async def note_many(pool: asyncpg.Pool, notes: Sequence[store.AttemptNote]) -> list[bool]:
@@ -656,9 +671,10 @@ async def park(pool: asyncpg.Pool, operation_id: str, error: dict) -> dict | Non
     return payment
 
 
-async def unpark(pool: asyncpg.Pool, operation_id: str) -> bool:
-    """Back from the dead-letter queue: False when the operation has meanwhile finished."""
-    return await store.unpark_operation(pool, operation_id=operation_id)
+async def unpark(pool: asyncpg.Pool, operation_id: str, *, forced: bool) -> bool:
+    """Back from the dead-letter queue (forced: an authorization past the key horizon is sent
+    anyway): False when the operation has meanwhile finished."""
+    return await store.unpark_operation(pool, operation_id=operation_id, forced=forced)
 
 
 async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:

@@ -385,15 +385,23 @@ class AttemptReport(NamedTuple):
 
 
 async def release_lease(
-    db: Executor, *, operation_id: str, owner: str, error: dict | None, bank_ms: int, report: AttemptReport
+    db: Executor,
+    *,
+    operation_id: str,
+    owner: str,
+    error: dict | None,
+    bank_ms: int,
+    report: AttemptReport,
+    rung_taken: bool = False,
 ) -> None:
-    """Give the lease back, with the report of the holder's attempts."""
+    """Give the lease back, with the report of the holder's attempts (and a rung counted)."""
     await _payments.release_lease(
         db,
         operation_id=operation_id,
         owner=owner,
         error=error,
         bank_ms=bank_ms,
+        rung_taken=rung_taken,
         clean_attempts=report.clean_attempts,
         lost_answers=list(report.lost_answers),
     )
@@ -513,9 +521,9 @@ async def park_operation(db: Connection, *, operation_id: str, at: datetime, err
     await _payments.park_operation(db, operation_id=operation_id, at=at, error=error, **_event(event))
 
 
-async def unpark_operation(db: Executor, *, operation_id: str) -> bool:
+async def unpark_operation(db: Executor, *, operation_id: str, forced: bool) -> bool:
     """False when the operation is no longer pending."""
-    return await _payments.unpark_operation(db, operation_id=operation_id) is not None
+    return await _payments.unpark_operation(db, operation_id=operation_id, forced=forced) is not None
 
 
 # ---- the read side (gateway/views.py) ---------------------------------------------------

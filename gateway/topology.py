@@ -34,9 +34,9 @@ DEAD_QUEUE = "payments.dead"
 # an event always found a queue: nobody read it. Deleted where it still exists.
 OBSOLETE_EVENTS_ARCHIVE = "payments.events.archive"
 
-# Message headers.
-RETRIES_HEADER = "x-retries"  # ladder rungs already taken by this command
-FORCE_HEADER = "x-force"  # ops replay --force: send an old authorize anyway
+# The one header of ours on a command: where the retry exchange routes it. What a worker does
+# with a command is decided from the operation's row (rungs taken, a forced replay), never
+# from a header a publisher could set.
 RETRY_QUEUE_HEADER = "retry-queue"  # headers-exchange match key (x-* headers are not matched)
 
 

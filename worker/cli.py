@@ -252,8 +252,8 @@ async def cmd_dlq_show(args, settings: config.Settings) -> int:
     print(f"\n{topology.DEAD_QUEUE}: {len(shown.dead_letters)} message(s) for this operation")
     for v in map(replay.view, shown.dead_letters):
         print(
-            f"  {v.handle}  parked_at {v.headers.get('parked_at', '-')}  {topology.RETRIES_HEADER} "
-            f"{v.headers.get(topology.RETRIES_HEADER, '-')}  error {_error_text(v.headers.get('last_error'))}"
+            f"  {v.handle}  parked_at {v.headers.get('parked_at', '-')}  attempts "
+            f"{v.headers.get('attempts', '-')}  error {_error_text(v.headers.get('last_error'))}"
         )
     print(f"\nreplay: {shown.advice}")
     return EXIT_OK
@@ -753,7 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=_para(
             'For each operation: finished meanwhile -> its dead letters are dropped ("already final, nothing '
             'to do"); still pending -> unparked, its command published to payments.commands (persistent, '
-            f"publisher confirm, {topology.RETRIES_HEADER} 0, {topology.FORCE_HEADER} with --force) and only "
+            "publisher confirm; the row back at the foot of the retry ladder, and marked forced with --force) "
+            "and only "
             "then its dead letters acknowledged. An operation parked in the database whose message is gone "
             "is re-enqueued from its row. --all: every dead letter and every parked operation.",
             "An authorization first sent to the bank more than WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS (23) hours "

@@ -102,8 +102,10 @@ class PoolPayments:
         error: dict | None,
         bank_ms: int,
         report: store.AttemptReport,
+        *,
+        rung_taken: bool = False,
     ) -> None:
-        await payments.release(self._pool, operation_id, owner, error, bank_ms, report)
+        await payments.release(self._pool, operation_id, owner, error, bank_ms, report, rung_taken=rung_taken)
 
     async def note(self, operation_id: str, owner: str, report: store.AttemptReport) -> None:
         await self.notes.submit(store.AttemptNote(operation_id, owner, report))
@@ -145,7 +147,7 @@ _UNRECORDABLE = (
 
 class AmqpDelivery:
     """handling.Delivery for one aio-pika message. A command leaving for a retry rung or
-    payments.dead keeps its body (and x-force) and carries the current trace."""
+    payments.dead keeps its body and carries the current trace."""
 
     def __init__(
         self,
@@ -157,10 +159,10 @@ class AmqpDelivery:
         headers = message.headers or {}
         self.body = message.body
         self.message_id = message.message_id
-        self.retries = _int(headers.get(topology.RETRIES_HEADER))
-        self.force = headers.get(topology.FORCE_HEADER) in (True, "true", "1", 1)
-        # A quorum queue counts the times it handed a message out again (x-delivery-count).
-        self.deliveries = 1 + _int(headers.get("x-delivery-count"))
+        # A quorum queue counts the times it handed a message out again in x-delivery-count,
+        # which it writes on every redelivery; on a first delivery the header, if any, is the
+        # publisher's (RabbitMQ leaves it as it came), so it counts only on a redelivery.
+        self.deliveries = 1 + _int(headers.get("x-delivery-count")) if message.redelivered else 1
         self._message = message
         self._retry = retry
         self._default = default
@@ -172,21 +174,17 @@ class AmqpDelivery:
     async def requeue(self) -> None:
         await self._message.nack(requeue=True)
 
-    async def retry_later(self, delay: int, retries: int, kind: str | None) -> None:
-        headers: dict[str, Any] = {
-            topology.RETRIES_HEADER: retries,
-            topology.RETRY_QUEUE_HEADER: topology.retry_queue_name(delay),
-        }
-        if self.force:
-            headers[topology.FORCE_HEADER] = True
+    async def retry_later(self, delay: int, kind: str | None, rung: int | None) -> None:
+        # Only where it goes: the headers exchange routes on it to the rung of that delay.
+        headers: dict[str, Any] = {topology.RETRY_QUEUE_HEADER: topology.retry_queue_name(delay)}
         await self._retry.publish(
             self._again(headers),
             routing_key=kind or self._message.routing_key or "",
             mandatory=True,
             timeout=PUBLISH_TIMEOUT,
         )
-        if retries > self.retries:  # a rung taken (not a wait for a lease or for the bank)
-            self._metrics.retried(retries)
+        if rung is not None:  # a rung taken (not a wait for a lease or for the bank)
+            self._metrics.retried(rung)
 
     async def dead_letter(self, headers: dict[str, Any]) -> None:
         await self._default.publish(

@@ -11,14 +11,15 @@ Per message (body {"operation_id"}), with the operation's ids bound to every log
                                               leased elsewhere -> retry queue >= lease left, ack
                                               (not an attempt)
     authorize first tried > 23 h ago          park (the bank may have forgotten the key), unless
-                                              ops replayed it with --force
+                                              ops replayed it with --force (on its row)
     call the bank with the operation's own key, a few quick tries (backoff), re-claiming the
     lease before each one; a try starts only after the previous one is over
     SUCCEEDED / REFUSED / EXPIRED             payments.record_outcome, ack
     CONFIRM ("already done")                  wait, same request + same key again: a replayed
                                               2xx is our own work; still refused -> park
-    RETRY after the quick tries               payments.release, next retry queue, ack; after the
-                                              last rung -> payments.park + payments.dead.
+    RETRY after the quick tries               payments.release (a rung counted on the row), next
+                                              retry queue, ack; after the last rung ->
+                                              payments.park + payments.dead.
                                               If the breaker opened meanwhile, or the bank's
                                               health check fails before parking, the failures
                                               were the outage: release and wait, no rung taken.
@@ -30,6 +31,10 @@ A handling that fails on the database or the broker gives its command back (nack
 and no handling starts until a probe of the database answers: the pause doubles up to
 WORKER_DB_BACKOFF_MAX_SECONDS while handlings keep failing, instead of every command
 spinning through the queue.
+
+Nothing that decides a step is read from the message but the operation id: the rungs taken and
+a forced replay are on the operation's row (a header could be set by whoever can publish), and
+how often the broker delivered the message comes from the broker (Delivery.deliveries).
 """
 
 from __future__ import annotations
@@ -84,7 +89,14 @@ class Payments(Protocol):
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState: ...
 
     async def release(
-        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, report: AttemptReport
+        self,
+        operation_id: str,
+        owner: str,
+        error: dict | None,
+        bank_ms: int,
+        report: AttemptReport,
+        *,
+        rung_taken: bool = False,
     ) -> None: ...
 
     async def note(self, operation_id: str, owner: str, report: AttemptReport) -> None:
@@ -124,27 +136,19 @@ class Delivery(Protocol):
     def message_id(self) -> str | None: ...
 
     @property
-    def retries(self) -> int:
-        """Retry-ladder rungs this command has already taken."""
-        ...
-
-    @property
-    def force(self) -> bool:
-        """Ops replayed it with --force (send an old authorize anyway)."""
-        ...
-
-    @property
     def deliveries(self) -> int:
-        """How often the broker has delivered this very message (1 the first time)."""
+        """How often the broker has delivered this very message (1 the first time), as the
+        broker counts it."""
         ...
 
     async def ack(self) -> None: ...
 
     async def requeue(self) -> None: ...
 
-    async def retry_later(self, delay: int, retries: int, kind: str | None) -> None:
-        """The same command into the retry queue of `delay` seconds, carrying `retries`; it comes
-        back with the routing key `kind` (None: the one it was delivered with)."""
+    async def retry_later(self, delay: int, kind: str | None, rung: int | None) -> None:
+        """The same command into the retry queue of `delay` seconds; it comes back with the
+        routing key `kind` (None: the one it was delivered with). `rung`: the ladder's rung this
+        is (counted in the metrics), None for a wait that is not one."""
         ...
 
     async def dead_letter(self, headers: dict[str, Any]) -> None:
@@ -424,16 +428,7 @@ class Handling:
         )
         log.error("command delivered too often; parked for ops", deliveries=delivery.deliveries)
         payment = await self.payments.park(operation_id, error)
-        await delivery.dead_letter(
-            _dead_headers(
-                operation_id,
-                payment["id"] if payment else None,
-                None,
-                0,
-                error,
-                delivery.retries,
-            )
-        )
+        await delivery.dead_letter(_dead_headers(operation_id, payment["id"] if payment else None, None, 0, error))
         await delivery.ack()
 
     async def _operation(self, delivery: Delivery, operation_id: str) -> None:
@@ -444,7 +439,7 @@ class Handling:
                     return
                 delay = self.cfg.retry_ladder[0]
                 log.info("bank still unavailable; the command goes round a retry queue, no rung taken", delay=delay)
-                await delivery.retry_later(delay, delivery.retries, None)
+                await delivery.retry_later(delay, None, None)
                 await delivery.ack()
                 return
             if not await self._claim_and_try(delivery, operation_id, permit):
@@ -464,7 +459,7 @@ class Handling:
         claim = got
         logs.bind(payment_id=claim.payment_id, operation_kind=claim.kind.value)
 
-        if claim.kind is OperationKind.AUTHORIZE and not delivery.force and self._key_too_old(claim):
+        if claim.kind is OperationKind.AUTHORIZE and not claim.forced and self._key_too_old(claim):
             self.gate.cancel(permit)
             await self._park(
                 delivery,
@@ -488,8 +483,7 @@ class Handling:
             await self._not_claimed(delivery, run.lost)
             return False
         outage = run.verdict is Verdict.RETRY and (
-            self.gate.breaker.is_open
-            or (delivery.retries >= len(self.cfg.retry_ladder) and await self.gate.bank_down())
+            self.gate.breaker.is_open or (claim.rungs >= len(self.cfg.retry_ladder) and await self.gate.bank_down())
         )
         if run.interrupted or outage:
             # Nothing settled, and no further call may start now: give the lease back. Stopping:
@@ -713,7 +707,6 @@ class Handling:
                     state.kind,
                     state.attempts,
                     state.last_error,
-                    delivery.retries,
                 )
             )
         else:
@@ -721,18 +714,18 @@ class Handling:
             # the lease can have run out. Not an attempt, so the rung count stays.
             delay = topology.rung_for(self.cfg.retry_ladder, state.lease_left)
             log.info("operation leased by another worker; retrying later", lease_left=state.lease_left, delay=delay)
-            await delivery.retry_later(delay, delivery.retries, state.kind)
+            await delivery.retry_later(delay, state.kind, None)
         await delivery.ack()
 
     async def _retry_later(self, delivery: Delivery, claim: Claim, error: dict, run: _Run) -> None:
-        retries = delivery.retries
-        if retries >= len(self.cfg.retry_ladder):
+        rungs = claim.rungs
+        if rungs >= len(self.cfg.retry_ladder):
             await self._park(delivery, claim, error, run=run)
             return
-        await self.payments.release(claim.operation_id, claim.owner, error, run.bank_ms, run.report())
-        delay = self.cfg.retry_ladder[retries]
-        await delivery.retry_later(delay, retries + 1, claim.kind.value)
-        log.info("bank attempts failed; retrying later", delay=delay, rung=retries + 1, error_code=error["code"])
+        await self.payments.release(claim.operation_id, claim.owner, error, run.bank_ms, run.report(), rung_taken=True)
+        delay = self.cfg.retry_ladder[rungs]
+        await delivery.retry_later(delay, claim.kind.value, rungs + 1)
+        log.info("bank attempts failed; retrying later", delay=delay, rung=rungs + 1, error_code=error["code"])
         await delivery.ack()
 
     async def _park(self, delivery: Delivery, claim: Claim, error: dict, *, run: _Run | None = None) -> None:
@@ -742,7 +735,7 @@ class Handling:
         payment = await self.payments.park(claim.operation_id, error)
         if payment is not None:
             await delivery.dead_letter(
-                _dead_headers(claim.operation_id, claim.payment_id, claim.kind.value, attempts, error, delivery.retries)
+                _dead_headers(claim.operation_id, claim.payment_id, claim.kind.value, attempts, error)
             )
             log.error("operation parked for ops", error_code=error["code"], attempts=attempts)
         await delivery.ack()
@@ -762,7 +755,6 @@ def _dead_headers(
     kind: str | None,
     attempts: int,
     error: dict | None,
-    retries: int,
 ) -> dict[str, Any]:
     return {
         "operation_id": operation_id,
@@ -770,6 +762,5 @@ def _dead_headers(
         "kind": kind,
         "attempts": attempts,
         "last_error": orjson.dumps(error).decode(),
-        topology.RETRIES_HEADER: retries,
         "parked_at": now().isoformat(),
     }

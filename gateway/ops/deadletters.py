@@ -159,13 +159,12 @@ class DeadLetterQueue:
             if message is not None and not message.processed:
                 await message.ack()
 
-    async def send_command(self, operation_id: str, kind: str, *, force: bool) -> None:
-        """The operation's command, as the relay sends it, with the ladder count reset;
-        returns once the broker has confirmed it (persistent, mandatory)."""
+    async def send_command(self, operation_id: str, kind: str) -> None:
+        """The operation's command, as the relay sends it (the unpark reset its ladder and said
+        whether it is forced, on its row); returns once the broker has confirmed it (persistent,
+        mandatory)."""
         cmd = messages.command(operation_id, kind)
-        headers: dict[str, Any] = {topology.RETRIES_HEADER: 0}
-        if force:
-            headers[topology.FORCE_HEADER] = True
+        headers: dict[str, Any] = dict(cmd.headers or {})  # the current trace, nothing else
         message = aio_pika.Message(
             body=cmd.body,
             headers=headers,

@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol
 import asyncpg
 import orjson
 
-from gateway import messages, payments, store, topology
+from gateway import messages, payments, store
 from gateway.domain import CARD_PURGED, OperationKind
 from gateway.ops.deadletters import MAX_DEAD_LETTERS, DeadLetter
 from gateway.redact import clean
@@ -91,7 +91,7 @@ class Details:
 class DeadLetterSink(Protocol):
     async def drop(self, letters: Iterable[DeadLetter]) -> None: ...
 
-    async def send_command(self, operation_id: str, kind: str, *, force: bool) -> None: ...
+    async def send_command(self, operation_id: str, kind: str) -> None: ...
 
 
 class Operations(Protocol):
@@ -103,8 +103,9 @@ class Operations(Protocol):
         """Parked operations, longest parked first."""
         ...
 
-    async def unpark(self, operation_id: str) -> bool:
-        """Back in the normal flow; False when it is no longer pending."""
+    async def unpark(self, operation_id: str, *, forced: bool) -> bool:
+        """Back in the normal flow, at the foot of the retry ladder, forced or not (on its row:
+        the worker reads it there); False when it is no longer pending."""
         ...
 
     async def details(self, operation_id: str) -> Details | None: ...
@@ -125,8 +126,8 @@ class StoreOperations:
     async def parked(self, limit: int) -> list[Operation]:
         return [Operation.from_row(r) for r in await store.ops_parked_operations(self.pool, limit=limit)]
 
-    async def unpark(self, operation_id: str) -> bool:
-        return await payments.unpark(self.pool, operation_id)
+    async def unpark(self, operation_id: str, *, forced: bool) -> bool:
+        return await payments.unpark(self.pool, operation_id, forced=forced)
 
     async def details(self, operation_id: str) -> Details | None:
         op = await store.ops_operation(self.pool, operation_id=operation_id)
@@ -501,11 +502,11 @@ async def _replay_one(
             "placed a hold whose answer was lost, a resend could place a second hold. Check the bank for a "
             f"hold on payment {op.payment_id}, then replay with --force (or resolve it by hand).",
         )
-    if not await operations.unpark(op_id):
+    if not await operations.unpark(op_id, forced=force):
         await sink.drop(letters)  # it finished between our read and the unpark
         return result("already_final", "finished meanwhile, nothing to do", len(letters))
     try:
-        await sink.send_command(op_id, op.kind, force=force)
+        await sink.send_command(op_id, op.kind)
     except Exception as exc:
         return result(
             "failed",
@@ -519,7 +520,7 @@ async def _replay_one(
     )
     return result(
         "replayed",
-        f"{how}; command sent to {messages.COMMANDS_EXCHANGE} ({topology.RETRIES_HEADER} 0"
-        f"{', ' + topology.FORCE_HEADER if force else ''}); {source}",
+        f"{how}; command sent to {messages.COMMANDS_EXCHANGE} (retry ladder from its foot"
+        f"{', forced' if force else ''}); {source}",
         len(letters),
     )

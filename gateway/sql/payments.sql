@@ -214,6 +214,7 @@ WITH asked AS (
 -- from this snapshot without reading it again.
 SELECT c.lease_owner AS owner, c.id AS operation_id, c.kind AS operation_kind, c.bank_key, c.attempts,
        c.first_attempt_at, c.attempts - 1 - c.clean_attempts AS unknown_outcomes, c.lost_answers,
+       c.rungs, c.forced_replay,
        p.*, payment_history_json(p.id) AS history, v.sealed, v.key_id AS card_key_id
   FROM claimed c
   JOIN payments p ON p.id = c.payment_id
@@ -226,8 +227,10 @@ SELECT o.id, o.kind, o.status, o.parked, o.attempts, o.first_attempt_at, o.payme
  WHERE o.id = :operation_id;
 
 -- name: release_lease!
--- The lease given back, with the report of the holder's attempts not reported yet.
+-- The lease given back, with the report of the holder's attempts not reported yet, and one
+-- more rung counted when the operation goes to the next rung of the retry ladder.
 UPDATE operations SET lease_owner = NULL, lease_until = NULL, last_error = :error,
+                      rungs = rungs + CASE WHEN :rung_taken::boolean THEN 1 ELSE 0 END,
                       bank_ms = bank_ms + :bank_ms,
                       clean_attempts = clean_attempts + :clean_attempts,
                       lost_answers = nullif(coalesce(lost_answers, '[]') || :lost_answers::jsonb, '[]'),
@@ -345,7 +348,8 @@ INSERT INTO outbox (exchange, routing_key, message_id, body, headers)
 SELECT :event_exchange, :event_routing_key, :event_message_id, :event_body, :event_headers FROM payment;
 
 -- name: unpark_operation$
--- Ops replays a dead-lettered operation: it is back in the normal flow. The
+-- Ops replays a dead-lettered operation: it is back in the normal flow, at the
+-- foot of the retry ladder, forced or not as ops said. The
 -- payment's attention_required goes down only if this operation's park put it
 -- up: a flag that was up before (a possible second hold) stays for a human.
 WITH operation AS (
@@ -354,7 +358,8 @@ WITH operation AS (
      WHERE id = :operation_id AND status = 'pending'
        FOR UPDATE
 ), unparked AS (
-    UPDATE operations o SET parked = false, flagged_payment = false, updated_at = now()
+    UPDATE operations o SET parked = false, flagged_payment = false, rungs = 0, forced_replay = :forced,
+                            updated_at = now()
       FROM operation WHERE o.id = operation.id
 ), payment AS (
     UPDATE payments SET attention_required = false, updated_at = now()

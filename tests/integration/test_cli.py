@@ -247,15 +247,17 @@ async def test_show_has_operation_receipt_history_and_dead_letters(env):
 
 async def test_replay_unparks_and_sends_the_command_with_retries_reset(env):
     pid, op = await env.parked("capture", dead_letters=2)
+    await env.pool.execute("UPDATE operations SET rungs = 3 WHERE id = $1", op)  # the ladder taken
     _, out, _ = await env.cli("dlq", "replay", op)
     assert "was parked" in out and "2 dead letter(s) removed" in out
     assert await env.count(topology.DEAD_QUEUE) == 0
     row = await env.operation(op)
     assert not row["parked"] and row["status"] == "pending"
+    assert row["rungs"] == 0 and not row["forced_replay"]  # the ladder from its foot, on the row
     assert not (await env.payment(pid))["attention_required"]
     (cmd,) = await env.drain(topology.WORK_QUEUE)
     assert orjson.loads(cmd.body) == {"operation_id": op}
-    assert cmd.headers[topology.RETRIES_HEADER] == 0 and topology.FORCE_HEADER not in cmd.headers
+    assert not {"x-retries", "x-force"} & set(cmd.headers or {})
     assert cmd.delivery_mode == aio_pika.DeliveryMode.PERSISTENT and cmd.routing_key == "capture"
 
 
@@ -283,7 +285,7 @@ async def test_replay_lowers_only_the_flag_its_park_raised(env):
 async def test_replay_of_a_finished_operation_drops_the_message_and_does_nothing(env):
     pid, op = await env.parked("capture")
     # Finished meanwhile, e.g. an earlier replay whose worker succeeded while a duplicate dead letter stayed.
-    assert await payments.unpark(env.pool, op)
+    assert await payments.unpark(env.pool, op, forced=False)
     await env.settle(op, {"capture_id": f"cap_{uuid.uuid4()}"})
     doc = await env.cli_json("dlq", "replay", op)
     (result,) = doc["results"]
@@ -299,7 +301,7 @@ async def test_replay_when_the_message_is_gone_re_enqueues_from_the_database(env
     _, out, _ = await env.cli("dlq", "replay", op)
     assert "re-enqueued from the database" in out
     (cmd,) = await env.drain(topology.WORK_QUEUE)
-    assert orjson.loads(cmd.body) == {"operation_id": op} and cmd.headers[topology.RETRIES_HEADER] == 0
+    assert orjson.loads(cmd.body) == {"operation_id": op}
     assert not (await env.operation(op))["parked"]
 
 
@@ -321,17 +323,17 @@ async def test_old_authorization_is_refused_without_force(env):
     await env.dead_letter(op, pid, "authorize")  # put it back for the forced replay
 
     _, out, _ = await env.cli("dlq", "replay", op, "--force")
-    assert "x-force" in out
+    assert "forced" in out
     cmds = {orjson.loads(m.body)["operation_id"]: m for m in await env.drain(topology.WORK_QUEUE)}
-    assert cmds[op].headers[topology.FORCE_HEADER] is True and cmds[op].headers[topology.RETRIES_HEADER] == 0
-    assert topology.FORCE_HEADER not in cmds[young_op].headers
+    assert set(cmds) == {op, young_op} and not any("x-force" in (m.headers or {}) for m in cmds.values())
+    assert (await env.operation(op))["forced_replay"] and not (await env.operation(young_op))["forced_replay"]
     assert not (await env.operation(op))["parked"] and await env.count(topology.DEAD_QUEUE) == 0
 
 
 async def test_replay_all_handles_each_case(env):
     parked = [await env.parked("capture") for _ in range(2)]
     done_pid, done_op = await env.parked("capture")
-    assert await payments.unpark(env.pool, done_op)
+    assert await payments.unpark(env.pool, done_op, forced=False)
     await env.settle(done_op, {"capture_id": f"cap_{uuid.uuid4()}"})
     db_only = await env.parked("capture", dead_letters=0)
     await env.dead_letter("", "", "", headers={}, body=b"{}")

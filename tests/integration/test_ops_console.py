@@ -456,7 +456,7 @@ async def test_replay_through_the_console(ops):
     assert (await ops.history(pid))[-1] == ("capturing", "ops:alice:replay")
     (command,) = await ops.drain(topology.WORK_QUEUE)
     assert orjson.loads(command.body) == {"operation_id": op}
-    assert command.routing_key == "capture" and topology.FORCE_HEADER not in (command.headers or {})
+    assert command.routing_key == "capture" and not (await ops.operation(op))["forced_replay"]
     assert await ops.drain(topology.DEAD_QUEUE) == []
     # again: already back in the flow, no new history entry for nothing done
     token = await ops.token(f"/ops/dead-letters/{op}", f"/ops/dead-letters/{op}/replay")
@@ -488,7 +488,7 @@ async def test_the_key_horizon_needs_an_explicit_confirmation(ops):
     assert not (await ops.operation(op))["parked"]
     assert (await ops.history(pid))[-1] == ("pending", "ops:alice:replay:force")
     (command,) = await ops.drain(topology.WORK_QUEUE)
-    assert command.headers[topology.FORCE_HEADER] is True and command.routing_key == "authorize"
+    assert (await ops.operation(op))["forced_replay"] and command.routing_key == "authorize"
 
 
 async def test_replay_all_from_the_console(ops):

@@ -224,10 +224,9 @@ class Pipeline:
         return found
 
     async def replay(self, operation_id: str, kind: str, *, force: bool = False) -> None:
-        """What ops replay does: unpark, then send the command again (with x-force if asked)."""
-        assert await payments.unpark(self.pool, operation_id)
-        headers = {topology.FORCE_HEADER: True} if force else {}
-        await self.send_command(orjson.dumps({"operation_id": operation_id}), kind, headers)
+        """What ops replay does: unpark (forced if asked), then send the command again."""
+        assert await payments.unpark(self.pool, operation_id, forced=force)
+        await self.send_command(orjson.dumps({"operation_id": operation_id}), kind)
 
     async def send_command(self, body: bytes, kind: str, headers: dict | None = None) -> None:
         channel = await self.broker.channel(publisher_confirms=True)
@@ -371,7 +370,7 @@ async def test_failures_past_the_ladder_park_for_ops_then_replay_works(pipe):
     (dead,) = await pipe.dead_letters(op["id"])
     headers = dead.headers
     assert headers["payment_id"] == pid and headers["kind"] == "authorize"
-    assert headers["attempts"] == op["attempts"] and headers[topology.RETRIES_HEADER] == 3
+    assert headers["attempts"] == op["attempts"] and op["rungs"] == 3
     assert orjson.loads(headers["last_error"])["code"] == "internal_error"
     assert orjson.loads(dead.body) == {"operation_id": op["id"]}
     assert not pipe.worker.breaker.is_open  # one operation's failures say nothing about the bank
@@ -498,6 +497,49 @@ async def test_authorize_first_tried_over_23_hours_ago_is_parked_unless_forced(p
     await pipe.replay(op["id"], "authorize", force=True)  # ops checked the bank: no hold
     await pipe.wait_status(pid, "authorized")
     assert len(await pipe.bank_entries("authorizations", op["bank_key"])) == 1
+
+
+async def forged_command(pipe, headers: dict, *, first_tried_hours_ago: float | None = None) -> str:
+    """A new authorization whose one command is published by a stranger with `headers`
+    (the relay's is deleted unsent); returns the payment id."""
+    async with pipe.relay_paused():
+        pid = await pipe.authorize()
+        op = await pipe.operation(pid, "authorize")
+        await pipe.pool.execute(
+            "DELETE FROM outbox WHERE message_id LIKE 'cmd_%' AND body = $1", orjson.dumps({"operation_id": op["id"]})
+        )
+        if first_tried_hours_ago is not None:
+            await pipe.pool.execute(
+                "UPDATE operations SET first_attempt_at = now() - make_interval(hours => $2), attempts = 1"
+                " WHERE id = $1",
+                op["id"],
+                first_tried_hours_ago,
+            )
+    await pipe.send_command(orjson.dumps({"operation_id": op["id"]}), "authorize", headers)
+    return pid
+
+
+async def test_a_forged_x_force_does_not_send_an_old_authorization(pipe):
+    """Only ops force a replay, on the operation's row: the header decides nothing."""
+    pid = await forged_command(pipe, {"x-force": True}, first_tried_hours_ago=25)
+    row = await pipe.wait(pid, lambda r: r["attention_required"] or r["status"] != "pending")
+    assert row["status"] == "pending" and row["last_error"]["code"] == "bank_key_expired"
+    assert (await pipe.bank.ledger())["authorizations"] == []  # the bank was never called
+
+
+async def test_forged_retry_and_delivery_counts_do_not_park_an_operation(pipe):
+    """x-retries past the ladder and x-delivery-count past WORKER_MAX_DELIVERIES, on a first
+    delivery: the rungs come from the operation's row, the delivery count from the broker."""
+    await pipe.bank.arm_fault(action="error", path="/api/v1/authorizations", method="POST", status=500, times=3)
+    past_the_ladder = await forged_command(pipe, {"x-retries": 99})
+    row = await pipe.wait(past_the_ladder, lambda r: r["attention_required"] or r["status"] != "pending")
+    assert (row["status"], row["attention_required"]) == ("authorized", False)
+    op = await pipe.operation(past_the_ladder, "authorize")
+    assert (op["rungs"], op["attempts"], op["parked"]) == (1, 4, False)  # one rung after the 3 failed tries
+
+    tired = await forged_command(pipe, {"x-delivery-count": 999})
+    row = await pipe.wait(tired, lambda r: r["attention_required"] or r["status"] != "pending")
+    assert (row["status"], row["attention_required"]) == ("authorized", False)
 
 
 async def test_sweeper_reenqueues_an_operation_whose_command_was_lost(pipe):

@@ -66,7 +66,7 @@ class ParkedWork:
         await channel.default_exchange.publish(
             aio_pika.Message(
                 body if body is not None else orjson.dumps({"operation_id": op}),
-                headers=headers if headers is not None else _dead_headers(op, pid, kind, attempts, self.error, 3),
+                headers=headers if headers is not None else _dead_headers(op, pid, kind, attempts, self.error),
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
             routing_key=topology.DEAD_QUEUE,

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import orjson
 import pytest
 
-from gateway import domain, topology
+from gateway import domain
 from gateway.cards import CardKey, CardVault, SealedCard
 from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
@@ -63,6 +63,8 @@ class Op:
     clean_attempts: int = 0
     lost_answers: list[dict] = field(default_factory=list)
     doubt: domain.Doubt | None = None
+    rungs: int = 0
+    forced: bool = False
 
 
 class DatabaseDown(ConnectionError):
@@ -126,6 +128,8 @@ class FakePayments:
             sealed_card=op.sealed_card,
             unknown_outcomes=op.attempts - 1 - op.clean_attempts,
             lost_answers=list(op.lost_answers),
+            rungs=op.rungs,
+            forced=op.forced,
             payment={"card_brand": "visa", "card_last4": "1111"},
         )
 
@@ -134,13 +138,21 @@ class FakePayments:
         op.lost_answers.extend(report.lost_answers)
 
     async def release(
-        self, operation_id: str, owner: str, error: dict | None, bank_ms: int, report: AttemptReport
+        self,
+        operation_id: str,
+        owner: str,
+        error: dict | None,
+        bank_ms: int,
+        report: AttemptReport,
+        *,
+        rung_taken: bool = False,
     ) -> None:
         self._touch("release", operation_id, owner, error)
         op = self.ops[operation_id]
         if op.lease_owner == owner:
             op.lease_owner, op.last_error = None, error
             op.bank_ms += bank_ms
+            op.rungs += rung_taken
             self._report(op, report)
 
     async def note(self, operation_id: str, owner: str, report: AttemptReport) -> None:
@@ -216,8 +228,6 @@ class FakeBank:
 @dataclass
 class FakeDelivery:
     body: bytes
-    retries: int = 0
-    force: bool = False
     message_id: str | None = "cmd_1"
     deliveries: int = 1
     actions: list[tuple] = field(default_factory=list)
@@ -228,8 +238,8 @@ class FakeDelivery:
     async def requeue(self) -> None:
         self.actions.append(("requeue",))
 
-    async def retry_later(self, delay: int, retries: int, kind: str | None) -> None:
-        self.actions.append(("retry", delay, retries, kind))
+    async def retry_later(self, delay: int, kind: str | None, rung: int | None) -> None:
+        self.actions.append(("retry", delay, rung, kind))
 
     async def dead_letter(self, headers: dict) -> None:
         self.actions.append(("dead", headers))
@@ -374,21 +384,21 @@ async def test_finished_operation_is_dropped(world):
 
 async def test_parked_operation_is_made_sure_to_be_in_the_dead_letter_queue(world):
     world.authorize(parked=True, attempts=4, last_error={"code": "bank_connection"})
-    delivery = command("op_a", retries=3)
+    delivery = command("op_a")
     await world.handling.handle(delivery)
     assert [a[0] for a in delivery.actions] == ["dead", "ack"] and world.bank.made() == 0
     headers = delivery.dead_headers
     assert (headers["operation_id"], headers["payment_id"], headers["kind"]) == ("op_a", "pay_1", "authorize")
-    assert headers["attempts"] == 4 and headers[topology.RETRIES_HEADER] == 3
+    assert headers["attempts"] == 4
     assert orjson.loads(headers["last_error"]) == {"code": "bank_connection"}
 
 
 async def test_operation_leased_elsewhere_waits_without_an_attempt_or_a_rung(world):
-    op = world.authorize(lease_owner="w2/other", lease_left=1.5, attempts=1)
-    delivery = command(op.id, retries=1)
+    op = world.authorize(lease_owner="w2/other", lease_left=1.5, attempts=1, rungs=1)
+    delivery = command(op.id)
     await world.handling.handle(delivery)
-    assert delivery.actions == [("retry", 2, 1, "authorize"), ("ack",)]  # the rung >= 1.5 s; retries unchanged
-    assert op.attempts == 1 and world.bank.made() == 0
+    assert delivery.actions == [("retry", 2, None, "authorize"), ("ack",)]  # the rung >= 1.5 s; not a rung
+    assert op.attempts == 1 and op.rungs == 1 and world.bank.made() == 0
 
 
 async def test_unreadable_command_goes_to_the_dead_letter_queue(world):
@@ -409,7 +419,7 @@ async def test_lease_lost_mid_call_hands_over_to_the_new_holder(world):
     delivery = command(op.id)
     await world.handling.handle(delivery)
     assert world.bank.made() == 1  # no second try: the other holder's call may be running
-    assert delivery.actions == [("retry", 3, 0, "authorize"), ("ack",)]
+    assert delivery.actions == [("retry", 3, None, "authorize"), ("ack",)]
     assert op.lease_owner == "w2/thief" and world.payments.count("release") == 0
 
 
@@ -532,7 +542,7 @@ async def test_lost_answers_are_counted_across_handlings(world):
     assert op.clean_attempts == 2 and first.actions == [("retry", 1, 1, "authorize"), ("ack",)]
     replayed = BankOutcome("ok", 200, body=OK["authorize"].body, replayed=True)
     world.bank.answer("authorize", TIMEOUT, replayed)
-    await world.handling.handle(command(op.id, retries=1))
+    await world.handling.handle(command(op.id))
     assert op.verdict is Verdict.SUCCEEDED and op.doubt is not None  # two unknowns before the replay
 
 
@@ -601,8 +611,9 @@ async def test_an_answer_that_cannot_be_recorded_takes_the_ladder_then_parks(wor
     delivery = command(op.id)
     await world.handling.handle(delivery)
     assert op.last_error["code"] == "cannot_record" and op.clean_attempts == 0 and not op.parked
-    assert delivery.actions == [("retry", 1, 1, "authorize"), ("ack",)]
-    last = command(op.id, retries=len(LADDER))
+    assert delivery.actions == [("retry", 1, 1, "authorize"), ("ack",)] and op.rungs == 1
+    op.rungs = len(LADDER)
+    last = command(op.id)
     await world.handling.handle(last)
     assert op.parked and op.last_error["code"] == "cannot_record"
     assert [a[0] for a in last.actions] == ["dead", "ack"]
@@ -629,32 +640,31 @@ async def test_a_command_naming_no_valid_operation_id_never_reaches_the_store(wo
 
 
 async def test_transient_after_the_quick_tries_takes_the_next_rung(world):
-    op = world.authorize()
+    op = world.authorize(rungs=1)
     world.bank.answer("authorize", E500, E500, E500)
-    delivery = command(op.id, retries=1)
+    delivery = command(op.id)
     await world.handling.handle(delivery)
     assert world.bank.made() == 3 and op.lease_owner is None and op.last_error["code"] == "internal_error"
-    assert delivery.actions == [("retry", 2, 2, "authorize"), ("ack",)]
+    assert delivery.actions == [("retry", 2, 2, "authorize"), ("ack",)] and op.rungs == 2
 
 
 async def test_ladder_exhausted_parks_for_ops(world):
-    op = world.authorize()
+    op = world.authorize(rungs=len(LADDER))
     world.bank.answer("authorize", E500, E500, E500)
-    delivery = command(op.id, retries=len(LADDER))
+    delivery = command(op.id)
     await world.handling.handle(delivery)
     assert op.parked and op.last_error["code"] == "internal_error" and op.last_error["retryable"]
     assert [a[0] for a in delivery.actions] == ["dead", "ack"]
-    headers = delivery.dead_headers
-    assert headers["attempts"] == 3 and headers[topology.RETRIES_HEADER] == len(LADDER)
+    assert delivery.dead_headers["attempts"] == 3
 
 
 async def test_a_bank_found_down_before_parking_holds_the_operation_instead(world):
     # Too few operations to open the breaker (low traffic), but the bank's health check fails:
     # parking now would be for the outage. The breaker opens and the operation waits for the bank.
-    op = world.authorize()
+    op = world.authorize(rungs=len(LADDER))
     world.bank.answer("authorize", DOWN, DOWN, DOWN)
     world.bank.healthy = False
-    delivery = command(op.id, retries=len(LADDER))
+    delivery = command(op.id)
     task = asyncio.create_task(world.handling.handle(delivery))
     await eventually(lambda: world.bank.health_calls >= 3)
     assert not op.parked and op.lease_owner is None and world.handling.gate.breaker.is_open
@@ -665,12 +675,14 @@ async def test_a_bank_found_down_before_parking_holds_the_operation_instead(worl
 
 
 async def test_forced_replay_keeps_its_force_through_the_ladder(world):
-    # (the Delivery republishes with its own x-force; the policy only passes the rung)
-    op = world.authorize()
+    # (on the operation's row: each command of its journey is read against it)
+    op = world.authorize(first_attempt_at=now() - timedelta(hours=25), attempts=1, forced=True)
     world.bank.answer("authorize", E500, E500, E500)
-    delivery = command(op.id, force=True)
+    delivery = command(op.id)
     await world.handling.handle(delivery)
     assert delivery.actions == [("retry", 1, 1, "authorize"), ("ack",)]
+    await world.handling.handle(command(op.id))
+    assert world.bank.made() == 4 and op.verdict is Verdict.SUCCEEDED
 
 
 # ---- what cannot be sent ---------------------------------------------------------------------------------
@@ -685,8 +697,8 @@ async def test_authorize_older_than_the_key_horizon_is_parked_unsent(world):
 
 
 async def test_forced_replay_sends_an_old_authorize(world):
-    op = world.authorize(first_attempt_at=now() - timedelta(hours=25), attempts=1)
-    delivery = command(op.id, force=True)
+    op = world.authorize(first_attempt_at=now() - timedelta(hours=25), attempts=1, forced=True)
+    delivery = command(op.id)
     await world.handling.handle(delivery)
     assert world.bank.made() == 1 and op.verdict is Verdict.SUCCEEDED
 
@@ -731,23 +743,23 @@ async def test_refund_without_a_capture_id_is_parked(world):
 async def test_breaker_open_holds_the_command_unclaimed_and_uncharged(world):
     hold = World(outage_hold=0.2)
     hold.bank.healthy = False
-    op = hold.authorize(attempts=2)
+    op = hold.authorize(attempts=2, rungs=2)
     hold.open_breaker()
-    delivery = command(op.id, retries=2)
+    delivery = command(op.id)
     started = time.monotonic()
     await hold.handling.handle(delivery)
     assert time.monotonic() - started >= 0.2
     assert hold.payments.count("claim") == 0 and op.attempts == 2 and hold.bank.made() == 0
-    # round the shortest retry queue, same rung count, back under the routing key it came with
-    assert delivery.actions == [("retry", LADDER[0], 2, None), ("ack",)]
+    # round the shortest retry queue, not a rung, back under the routing key it came with
+    assert delivery.actions == [("retry", LADDER[0], None, None), ("ack",)] and op.rungs == 2
     assert hold.bank.health_calls >= 2  # probed while it waited
 
 
 async def test_breaker_open_then_bank_back_resumes_within_moments(world):
     world.bank.healthy = False
     world.open_breaker()
-    ops = [world.authorize(f"op_{i}") for i in range(10)]
-    deliveries = [command(op.id, retries=len(LADDER)) for op in ops]  # even on the last rung
+    ops = [world.authorize(f"op_{i}", rungs=len(LADDER)) for i in range(10)]  # even on the last rung
+    deliveries = [command(op.id) for op in ops]
     tasks = [asyncio.create_task(world.handling.handle(d)) for d in deliveries]
     await asyncio.sleep(0.1)
     assert world.bank.made() == 0 and world.payments.count("claim") == 0
@@ -763,10 +775,10 @@ async def test_breaker_open_then_bank_back_resumes_within_moments(world):
 @pytest.mark.parametrize("quick_retries", [1, 3], ids=["on-the-last-try", "between-tries"])
 async def test_outage_starting_mid_tries_waits_instead_of_taking_a_rung_or_parking(quick_retries):
     world = World(breaker_unreachable_operations=1, quick_retries=quick_retries)
-    op = world.authorize()
+    op = world.authorize(rungs=len(LADDER))  # a rung would park it
     world.bank.answer("authorize", DOWN)  # the first try finds the bank gone: the breaker opens
     world.bank.healthy = False
-    delivery = command(op.id, retries=len(LADDER))  # a rung would park it
+    delivery = command(op.id)
     task = asyncio.create_task(world.handling.handle(delivery))
     await eventually(lambda: world.bank.health_calls >= 3)
     assert world.bank.made() == 1 and op.lease_owner is None and not op.parked  # lease given back
@@ -779,9 +791,9 @@ async def test_outage_starting_mid_tries_waits_instead_of_taking_a_rung_or_parki
 
 async def test_a_failing_trial_reopens_and_the_operation_keeps_waiting():
     world = World(breaker_unreachable_operations=1, breaker_trial_calls=1)
-    op = world.authorize()
+    op = world.authorize(rungs=len(LADDER))
     world.bank.answer("authorize", DOWN, DOWN)  # the first call, then the first trial
-    delivery = command(op.id, retries=len(LADDER))
+    delivery = command(op.id)
     await world.handling.handle(delivery)
     assert world.bank.made() == 3 and op.verdict is Verdict.SUCCEEDED and not op.parked
     assert world.handling.gate.breaker.times_opened == 2

@@ -74,10 +74,10 @@ class FakeQueue:
         if letters:
             self.log.append(("drop", [lt.operation_id for lt in letters]))
 
-    async def send_command(self, operation_id: str, kind: str, *, force: bool) -> None:
+    async def send_command(self, operation_id: str, kind: str) -> None:
         if self.publish_fails:
             raise ConnectionResetError("broker went away")
-        self.log.append(("send", operation_id, kind, force))
+        self.log.append(("send", operation_id, kind))
 
 
 class FakeOperations:
@@ -95,10 +95,10 @@ class FakeOperations:
         waiting = [op for op in self.rows.values() if op.status == "pending" and op.parked]
         return sorted(waiting, key=lambda op: op.updated_at)[:limit]
 
-    async def unpark(self, operation_id: str) -> bool:
+    async def unpark(self, operation_id: str, *, forced: bool) -> bool:
         if operation_id in self.finish_before_unpark:
             return False
-        self.log.append(("unpark", operation_id))
+        self.log.append(("unpark", operation_id, forced))
         return True
 
     async def details(self, operation_id: str):
@@ -123,7 +123,7 @@ async def run(letters, ops, *, operation_id=None, force=False, publish_fails=Fal
 async def test_a_parked_operation_is_unparked_then_published_then_its_letters_dropped():
     letters = [letter("op_a"), letter("op_a")]  # the consumer may dead-letter one twice
     (result,), log, _ = await run(letters, [operation("op_a")], operation_id="op_a")
-    assert log == [("unpark", "op_a"), ("send", "op_a", "capture", False), ("drop", ["op_a", "op_a"])]
+    assert log == [("unpark", "op_a", False), ("send", "op_a", "capture"), ("drop", ["op_a", "op_a"])]
     assert result.result == "replayed" and result.done and result.dead_letters_dropped == 2
     assert not result.forced and result.payment_id == "pay_of_op_a" and result.kind == "capture"
     assert "was parked" in result.message and "2 dead letter(s) removed" in result.message
@@ -159,8 +159,8 @@ async def test_an_authorization_past_the_key_horizon_is_refused_without_force():
 async def test_force_sends_an_old_authorization_with_the_force_flag():
     old = operation("op_a", kind="authorize", first_attempt_hours_ago=30)
     (result,), log, _ = await run([letter("op_a")], [old], operation_id="op_a", force=True)
-    assert log == [("unpark", "op_a"), ("send", "op_a", "authorize", True), ("drop", ["op_a"])]
-    assert result.result == "replayed" and result.forced and "x-force" in result.message
+    assert log == [("unpark", "op_a", True), ("send", "op_a", "authorize"), ("drop", ["op_a"])]
+    assert result.result == "replayed" and result.forced and "forced" in result.message
 
 
 @pytest.mark.parametrize(
@@ -178,7 +178,7 @@ async def test_only_old_authorizations_need_force(op):
 
 async def test_a_publish_failure_after_the_unpark_is_reported_and_the_letters_stay():
     (result,), log, queue = await run([letter("op_a")], [operation("op_a")], operation_id="op_a", publish_fails=True)
-    assert log == [("unpark", "op_a")] and queue.dropped == []
+    assert log == [("unpark", "op_a", False)] and queue.dropped == []
     assert result.result == "failed" and not result.done
     assert "ConnectionResetError" in result.message and "sweeper re-enqueues" in result.message
 
@@ -193,13 +193,13 @@ async def test_an_operation_finished_before_the_unpark_is_final_and_its_letters_
 
 async def test_a_parked_operation_without_a_message_is_re_enqueued_from_its_row():
     (result,), log, _ = await run([], [operation("op_a")], operation_id="op_a")
-    assert log == [("unpark", "op_a"), ("send", "op_a", "capture", False)]
+    assert log == [("unpark", "op_a", False), ("send", "op_a", "capture")]
     assert result.result == "replayed" and "re-enqueued from the database" in result.message
 
 
 async def test_a_pending_operation_not_parked_is_sent_again_harmlessly():
     (result,), log, _ = await run([letter("op_a")], [operation("op_a", parked=False)], operation_id="op_a")
-    assert log == [("unpark", "op_a"), ("send", "op_a", "capture", False), ("drop", ["op_a"])]
+    assert log == [("unpark", "op_a", False), ("send", "op_a", "capture"), ("drop", ["op_a"])]
     assert "was not parked" in result.message
 
 
@@ -207,7 +207,7 @@ async def test_replaying_one_operation_leaves_the_others_letters_alone():
     letters = [letter("op_a"), letter("op_b"), letter(None)]
     (result,), log, queue = await run(letters, [operation("op_a"), operation("op_b")], operation_id="op_b")
     assert result.operation_id == "op_b" and [lt.operation_id for lt in queue.dropped] == ["op_b"]
-    assert ("unpark", "op_a") not in log
+    assert ("unpark", "op_a", False) not in log
 
 
 # ---- replay --all -----------------------------------------------------------------------------------

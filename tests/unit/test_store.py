@@ -232,8 +232,8 @@ async def test_requeue_operations_sends_parallel_arrays_in_one_order():
 async def test_results_come_back_typed():
     taken = await store.take_outbox_batch(Recorder([{"id": 9}, {"id": 2}, {"id": 5}]), limit=10, held_back=[])
     assert [r["id"] for r in taken] == [2, 5, 9]  # oldest first, whatever order DELETE returned them in
-    assert await store.unpark_operation(Recorder("pay_1"), operation_id="op_1") is True
-    assert await store.unpark_operation(Recorder(None), operation_id="op_1") is False
+    assert await store.unpark_operation(Recorder("pay_1"), operation_id="op_1", forced=False) is True
+    assert await store.unpark_operation(Recorder(None), operation_id="op_1", forced=False) is False
     assert await store.lapsed_holds(Recorder([{"id": "pay_1"}, {"id": "pay_2"}]), limit=5) == ["pay_1", "pay_2"]
     assert await store.ping(Recorder(1)) is True
     cursor = await store.payment_cursor(Recorder({"created_at": AT, "id": "pay_1"}), payment_id="pay_1", merchant="m")

@@ -22,7 +22,7 @@ async def unpark(pool: asyncpg.Pool, operation_id: str, *, actor: str, forced: b
     """payments.unpark as ops does it from the console: back in the normal flow, with a history row
     naming the operator. False (and nothing written) when the operation is no longer pending."""
     async with pool.acquire() as conn, conn.transaction():
-        if not await store.unpark_operation(conn, operation_id=operation_id):
+        if not await store.unpark_operation(conn, operation_id=operation_id, forced=forced):
             return False
         action = "replay:force" if forced else "replay"
         await store.record_ops_action(conn, operation_id=operation_id, cause=cause(actor, action), at=now())

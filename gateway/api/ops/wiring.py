@@ -39,12 +39,12 @@ class _RecordedOperations(replay.StoreOperations):
     """The policy's operations in PostgreSQL, with the console's unpark: it writes the history
     row naming the operator in the same transaction."""
 
-    def __init__(self, pool: asyncpg.Pool, actor: str, forced: bool):
+    def __init__(self, pool: asyncpg.Pool, actor: str):
         super().__init__(pool)
-        self.actor, self.forced = actor, forced
+        self.actor = actor
 
-    async def unpark(self, operation_id: str) -> bool:
-        return await actions.unpark(self.pool, operation_id, actor=self.actor, forced=self.forced)
+    async def unpark(self, operation_id: str, *, forced: bool) -> bool:
+        return await actions.unpark(self.pool, operation_id, actor=self.actor, forced=forced)
 
 
 class WorkerDesk:
@@ -89,7 +89,7 @@ class WorkerDesk:
         return await replay.show(operation_id, letters, replay.StoreOperations(self._pool()), self.key_age_limit)
 
     async def replay(self, operation_id: str | None, *, force: bool, actor: str) -> Sequence[port.ReplayOutcome]:
-        operations = _RecordedOperations(self._pool(), actor, force)
+        operations = _RecordedOperations(self._pool(), actor)
 
         async def run() -> list[replay.Replayed]:
             async with deadletters.DeadLetterQueue(self.amqp_url, self.ladder) as dlq:
