@@ -43,6 +43,8 @@ from harness.system import System
 
 API_KEY = "sk_test_ficmart_dev"
 MERCHANT = "ficmart"
+OTHER_API_KEY = "sk_test_other_e2e"  # a second caller, to tell two merchants' events apart
+OTHER_MERCHANT = "other"
 IN_PROGRESS = frozenset({"pending", "capturing", "voiding", "refunding"})
 EVENT_STATUSES = frozenset({"authorized", "declined", "captured", "voided", "refunded", "expired"})
 
@@ -106,12 +108,12 @@ class Client:
     answer did not arrive (connection error, timeout, 5xx, 429, 409 request_in_progress) is sent again
     with the SAME key until it gets an answer or `patience` seconds pass."""
 
-    def __init__(self, api_url: str, http: aiohttp.ClientSession, *, patience: float = 120.0):
+    def __init__(self, api_url: str, http: aiohttp.ClientSession, *, patience: float = 120.0, api_key: str = API_KEY):
         self.api_url = api_url
         self.http = http
         self.patience = patience
         self.stats = ClientStats()
-        self.auth = {"Authorization": f"Bearer {API_KEY}"}
+        self.auth = {"Authorization": f"Bearer {api_key}"}
 
     async def request(
         self,
@@ -305,7 +307,7 @@ class Stack(System):
             card_key,
             bank_env={**BANK_ENV, **(bank_env or {})},
             gateway_env={**GATEWAY_ENV, **(gateway_env or {})},
-            api_keys=f"{MERCHANT}:{API_KEY}",
+            api_keys=f"{MERCHANT}:{API_KEY},{OTHER_MERCHANT}:{OTHER_API_KEY}",
             api_args=("--db-pool-size", "10"),
             **options,
         )
@@ -333,15 +335,14 @@ class Stack(System):
         start empty (the mock keeps them in memory)."""
         await self.restart("mockbank", env=env)
 
-    def client(self, patience: float = 120.0) -> Client:
+    def client(self, patience: float = 120.0, api_key: str = API_KEY) -> Client:
         assert self.http is not None, "not started"
-        return Client(self.api_url, self.http, patience=patience)
+        return Client(self.api_url, self.http, patience=patience, api_key=api_key)
 
     def gatewayctl(self, *args: str) -> str:
         """Run gatewayctl against the stack's database and broker; its output (it must succeed)."""
-        result = run_script(
-            "gatewayctl", *args, timeout=60, env={"DATABASE_URL": self.database_url, "AMQP_URL": self.amqp_url}
-        )
+        env = {"DATABASE_URL": self.database_url, "AMQP_URL": self.amqp_url, "GATEWAY_API_KEYS": self.api_keys}
+        result = run_script("gatewayctl", *args, timeout=60, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 

@@ -6,26 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import quote, urlparse
 
 import aio_pika
-import aiohttp
 import orjson
 import pytest
-from aiormq.exceptions import ChannelAccessRefused
 
 from gateway import messages, topology
 from harness.procs import run_script
+from tests.support.brokeraccounts import MANAGEMENT_URL, account_url, delete_users, refused
 from worker import settings as wsettings
 from worker.relay import Relay
 
 pytestmark = pytest.mark.timeout(120)
 
-MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672/")
 KEYS = "alpha:sk_test_alpha_merchant,beta:sk_test_beta_merchant"
 
 
@@ -43,14 +39,6 @@ def gatewayctl(amqp_url: str, *args: str):
     )
 
 
-async def delete_user(user: str) -> None:
-    parsed = urlparse(MANAGEMENT_URL)
-    base = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/")
-    headers = {"Authorization": aiohttp.encode_basic_auth(parsed.username or "", parsed.password or "")}
-    async with aiohttp.ClientSession(headers=headers) as session, session.delete(f"{base}/api/users/{quote(user)}"):
-        pass
-
-
 @pytest.fixture
 async def accounts(amqp_url) -> AsyncIterator[dict[str, str]]:
     """alpha's and beta's accounts (users of this run only): merchant -> its AMQP URL."""
@@ -64,13 +52,10 @@ async def accounts(amqp_url) -> AsyncIterator[dict[str, str]]:
             account = orjson.loads(result.stdout)
             users.append(account["user"])
             assert account["exchange"] == f"payments.events.{merchant}" and account["created"] is True
-            node = urlparse(amqp_url)
-            netloc = f"{account['user']}:{account['password']}@{node.hostname}:{node.port}"
-            urls[merchant] = node._replace(netloc=netloc).geturl()
+            urls[merchant] = account_url(amqp_url, account)
         yield urls
     finally:
-        for user in users:
-            await delete_user(user)
+        await delete_users(users)
 
 
 @pytest.fixture
@@ -96,16 +81,6 @@ async def write_event(pool, merchant: str, payment_id: str) -> str:
         event.headers,
     )
     return event.message_id
-
-
-async def refused(attempt) -> bool:
-    """True when the broker refuses `attempt(channel)` with ACCESS_REFUSED (on a channel of its own:
-    a refusal closes the channel)."""
-    try:
-        await attempt()
-    except ChannelAccessRefused:
-        return True
-    return False
 
 
 async def test_a_merchant_reads_its_own_events_and_nothing_else(accounts, relay, pool, amqp_url):
