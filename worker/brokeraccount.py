@@ -28,6 +28,7 @@ import argparse
 import re
 import secrets
 import sys
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
@@ -144,11 +145,13 @@ class Management:
             ) as resp:
                 text = await resp.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ManagementError(f"cannot reach RabbitMQ's management API at {self.shown}: {exc!r}") from None
+            raise ManagementError(
+                f"cannot reach RabbitMQ's management API at {self.shown}: {type(exc).__name__}: {exc}"
+            ) from None
         if resp.status in (401, 403):
             raise ManagementError(
-                f"RabbitMQ's management API at {self.shown} refused us ({resp.status}): its user needs the "
-                "administrator tag"
+                f"RabbitMQ's management API at {self.shown} refused us ({resp.status}): a wrong user or "
+                "password, or a user without the administrator tag"
             )
         if resp.status >= 400 and resp.status != 404:
             raise ManagementError(f"RabbitMQ's management API: {method} {path} answered {resp.status} {text[:200]}")
@@ -210,6 +213,11 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser], formatter_
         formatter_class=formatter_class,
         help="a merchant's own RabbitMQ account, to read its events",
         description=__doc__.split("\n\n", 1)[1],
+        epilog=textwrap.fill(
+            config.epilog(BrokerAdminSettings)
+            + " Also AMQP_URL (its vhost and host), GATEWAY_API_KEYS (the merchants) and GATEWAY_ENV.",
+            79,
+        ),
     )
     p.add_argument("--merchant", required=True, metavar="NAME", help="a caller's name in GATEWAY_API_KEYS")
     p.add_argument(
