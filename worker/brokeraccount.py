@@ -15,7 +15,9 @@ exchange), bind anything to payments.commands, or read another merchant's exchan
 A merchant's name is lowercase letters, digits, '_' and '-' (gateway.config), so the prefix
 `<merchant>.` is nobody else's; `payments` and `amq` are refused, their prefixes being the
 gateway's and RabbitMQ's own names. Topic permissions are not needed: the exchange is the
-merchant's alone.
+merchant's alone. The account's connections and channels are limited, and an operator policy
+bounds each of its queues (the oldest events dropped past it), so that a merchant cannot
+exhaust the broker the gateway's commands go through.
 
 The account is made through the management HTTP API (RABBITMQ_MANAGEMENT_URL, a user with the
 `administrator` tag); running the command again gives the user a new password (rotation) and
@@ -43,6 +45,13 @@ from gateway.config import ConfigError, EnvSettings, _is_loopback, _url, shown_u
 # Names whose `<name>.` prefix is someone else's: the gateway's exchanges and queues, RabbitMQ's.
 RESERVED_NAMES = ("payments", "amq")
 REQUEST_TIMEOUT = 15.0
+# What one merchant may take of the broker that carries the gateway's own commands: one that
+# stops reading must not fill its disk, one that leaks connections must not exhaust it. An
+# operator policy (which a user's own queue arguments cannot raise) bounds each of its queues;
+# past the bound the oldest events are dropped: each is also readable by polling the payment.
+MAX_QUEUED_EVENTS = 100_000
+MAX_CONNECTIONS = 20
+MAX_CHANNELS = 100
 EXIT_USAGE, EXIT_UNAVAILABLE = 2, 3  # gatewayctl's exit codes
 
 
@@ -168,6 +177,15 @@ class Management:
         if await self._call("PUT", f"permissions/{_part(vhost)}/{_part(user)}", asdict(allowed)) == 404:
             raise ManagementError(f"RabbitMQ has no vhost {vhost!r} (AMQP_URL)")
 
+    async def set_user_limits(self, user: str, limits: dict[str, int]) -> None:
+        for name, value in limits.items():
+            await self._call("PUT", f"user-limits/{_part(user)}/{name}", {"value": value})
+
+    async def set_queue_bound(self, vhost: str, name: str, pattern: str, max_length: int) -> None:
+        body = {"pattern": pattern, "definition": {"max-length": max_length}, "apply-to": "queues", "priority": 0}
+        if await self._call("PUT", f"operator-policies/{_part(vhost)}/{_part(name)}", body) == 404:
+            raise ManagementError(f"RabbitMQ has no vhost {vhost!r} (AMQP_URL)")
+
     async def declare_topic_exchange(self, vhost: str, name: str) -> None:
         """As the relay declares it (durable topic), so the merchant can bind before its first event."""
         body = {"type": "topic", "durable": True, "auto_delete": False, "internal": False, "arguments": {}}
@@ -192,10 +210,16 @@ class Account:
     exchange: str
     queue_prefix: str
     permissions: Permissions
+    limits: dict[str, int]
+
+
+def queue_policy(merchant: str) -> str:
+    """The name of the operator policy that bounds the merchant's queues."""
+    return f"gateway-merchant-{merchant}"
 
 
 async def make_account(management: Management, merchant: str, user: str, vhost: str) -> Account:
-    """The merchant's user with a new password and its permissions, and its events exchange."""
+    """The merchant's user with a new password, its permissions and limits, its events exchange."""
     exchange = messages.events_exchange(merchant)
     await management.declare_topic_exchange(vhost, exchange)
     created = not await management.user_exists(user)
@@ -203,7 +227,11 @@ async def make_account(management: Management, merchant: str, user: str, vhost: 
     await management.put_user(user, password)
     allowed = permissions(merchant)
     await management.set_permissions(vhost, user, allowed)
-    return Account(merchant, user, password, created, vhost, exchange, queue_prefix(merchant), allowed)
+    user_limits = {"max-connections": MAX_CONNECTIONS, "max-channels": MAX_CHANNELS}
+    await management.set_user_limits(user, user_limits)
+    await management.set_queue_bound(vhost, queue_policy(merchant), allowed.configure, MAX_QUEUED_EVENTS)
+    limits = {**user_limits, "max-length": MAX_QUEUED_EVENTS}
+    return Account(merchant, user, password, created, vhost, exchange, queue_prefix(merchant), allowed, limits)
 
 
 def add_parser(commands: Any, parents: list[argparse.ArgumentParser], formatter_class: type) -> None:
@@ -270,6 +298,8 @@ def _instructions(account: Account, amqp_url: str) -> str:
             f"  vhost     {account.vhost}",
             f"  events    topic exchange {account.exchange}, routing keys payment.<status>",
             f"  queues    named {account.queue_prefix}<anything>; nothing else on this vhost",
+            f"  limits    {MAX_CONNECTIONS} connections, {MAX_CHANNELS} channels, {MAX_QUEUED_EVENTS} events "
+            "per queue (then the oldest are dropped; every event is also readable by polling)",
             "",
             "Give the merchant (as this gateway reaches the broker):",
             f"  {url}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,8 +17,9 @@ import pytest
 
 from gateway import messages, topology
 from harness.procs import run_script
-from tests.support.brokeraccounts import MANAGEMENT_URL, account_url, delete_users, refused
+from tests.support.brokeraccounts import MANAGEMENT_URL, account_url, delete_users, management, refused
 from worker import settings as wsettings
+from worker.brokeraccount import vhost_of
 from worker.relay import Relay
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,10 +42,11 @@ def gatewayctl(amqp_url: str, *args: str):
 
 
 @pytest.fixture
-async def accounts(amqp_url) -> AsyncIterator[dict[str, str]]:
-    """alpha's and beta's accounts (users of this run only): merchant -> its AMQP URL."""
+async def accounts(amqp_url) -> AsyncIterator[dict[str, dict]]:
+    """alpha's and beta's accounts (users of this run only), as the command prints them, with
+    the merchant's AMQP URL (`url`)."""
     run = uuid.uuid4().hex[:8]
-    urls, users = {}, []
+    accounts, users = {}, []
     try:
         for merchant in ("alpha", "beta"):
             user = f"{merchant}-{run}"
@@ -52,8 +55,8 @@ async def accounts(amqp_url) -> AsyncIterator[dict[str, str]]:
             account = orjson.loads(result.stdout)
             users.append(account["user"])
             assert account["exchange"] == f"payments.events.{merchant}" and account["created"] is True
-            urls[merchant] = account_url(amqp_url, account)
-        yield urls
+            accounts[merchant] = {**account, "url": account_url(amqp_url, account)}
+        yield accounts
     finally:
         await delete_users(users)
 
@@ -84,8 +87,8 @@ async def write_event(pool, merchant: str, payment_id: str) -> str:
 
 
 async def test_a_merchant_reads_its_own_events_and_nothing_else(accounts, relay, pool, amqp_url):
-    alpha = await aio_pika.connect(accounts["alpha"])
-    beta = await aio_pika.connect(accounts["beta"])
+    alpha = await aio_pika.connect(accounts["alpha"]["url"])
+    beta = await aio_pika.connect(accounts["beta"]["url"])
     try:
         # Each merchant binds a queue of its own (named with its prefix) to its own exchange.
         received: list[aio_pika.abc.AbstractIncomingMessage] = []
@@ -161,6 +164,15 @@ async def test_a_merchant_reads_its_own_events_and_nothing_else(accounts, relay,
     finally:
         await alpha.close()
         await beta.close()
+    # What one merchant may take of the broker is bounded: its connections, channels and queues.
+    (limits,) = await management("GET", "user-limits", accounts["alpha"]["user"])
+    assert limits["value"] == {"max-connections": 20, "max-channels": 100}
+    deadline = time.monotonic() + 60
+    while "operator_policy" not in (queue := await management("GET", "queues", vhost_of(amqp_url), "alpha.payments")):
+        assert time.monotonic() < deadline, queue  # the management API shows it once it has the queue's stats
+        await asyncio.sleep(0.5)
+    assert queue["operator_policy"] == "gateway-merchant-alpha"
+    assert queue["effective_policy_definition"]["max-length"] == 100_000
     # Nothing of alpha's reached the workers' queue.
     gateway = await aio_pika.connect(amqp_url)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote, urlparse
 
 import aiohttp
@@ -20,15 +21,20 @@ def account_url(amqp_url: str, account: dict) -> str:
     return node._replace(netloc=f"{quote(account['user'])}:{account['password']}@{node.hostname}:{node.port}").geturl()
 
 
-async def delete_users(users: list[str]) -> None:
-    """Users outlive the test's vhost: removed by the test that made them."""
+async def management(method: str, *path: str) -> Any:
+    """A call of the management API (path parts quoted); its JSON answer, None when it has none."""
     parsed = urlparse(MANAGEMENT_URL)
     base = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/")
     headers = {"Authorization": aiohttp.encode_basic_auth(parsed.username or "", parsed.password or "")}
-    async with aiohttp.ClientSession(headers=headers) as session:
-        for user in users:
-            async with session.delete(f"{base}/api/users/{quote(user, safe='')}"):
-                pass
+    url = "/".join([f"{base}/api", *(quote(part, safe="") for part in path)])
+    async with aiohttp.ClientSession(headers=headers) as session, session.request(method, url) as resp:
+        return await resp.json() if resp.content_type == "application/json" else None
+
+
+async def delete_users(users: list[str]) -> None:
+    """Users outlive the test's vhost: removed by the test that made them."""
+    for user in users:
+        await management("DELETE", "users", user)
 
 
 async def refused(attempt: Callable[[], Awaitable[object]]) -> bool:
