@@ -377,6 +377,29 @@ async def test_events_with_nobody_listening_are_published_and_dropped(env):
     assert await unsent(pool) == 0
 
 
+async def test_events_left_for_the_shared_exchange_go_to_their_merchants_after_migrate(env):
+    """An earlier version sent every merchant's events to payments.events: rows it left unsent
+    move to their merchant's exchange (named by the header, else the body) when schema.sql runs."""
+    database_url, amqp_url, pool, broker = env
+    await pool.executemany(
+        "INSERT INTO outbox (exchange, routing_key, message_id, body, headers)"
+        " VALUES ('payments.events', 'payment.captured', $1, $2, $3)",
+        [
+            ("evt_old_1", b'{"merchant": "ficmart", "payment": {}}', {"merchant": "ficmart"}),
+            ("evt_old_2", b'{"merchant": "other", "payment": {}}', None),
+        ],
+    )
+    await db.migrate(database_url)
+    rows = {r["message_id"]: r["exchange"] for r in await pool.fetch("SELECT message_id, exchange FROM outbox")}
+    assert rows == {"evt_old_1": "payments.events.ficmart", "evt_old_2": "payments.events.other"}
+    relay = make_relay(database_url, amqp_url)
+    await relay.start()
+    try:
+        assert await relay.drain() == (2, 0)
+    finally:
+        await relay.close()
+
+
 async def test_backlog_gauges_and_readiness(env):
     database_url, amqp_url, pool, broker = env
     exchange, queue = await bound_queue(broker)
