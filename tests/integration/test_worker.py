@@ -21,6 +21,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 
 import aio_pika
 import aiohttp
@@ -31,7 +32,6 @@ from gateway import config, db, payments, topology
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action
 from gateway.messages import COMMANDS_EXCHANGE, events_exchange
-from harness.procs import ScriptProcess
 from harness.system import System
 from tests.support import factories
 from worker import settings as wsettings
@@ -641,11 +641,9 @@ async def test_console_scripts_run_the_pipeline_and_stop_gracefully_on_sigterm(p
         await pipe.wait_status(pid, "authorized", timeout=30)
 
         await pipe.bank.chaos(min_latency_ms=1500, max_latency_ms=1500)
+        before = await bank_requests(pipe)
         slow = await pipe.authorize()
-        deadline = time.monotonic() + 10
-        while (await pipe.operation(slow, "authorize"))["lease_owner"] is None:
-            assert time.monotonic() < deadline, system.procs[worker].stdout_tail()
-            await asyncio.sleep(0.02)
+        await in_bank_call(pipe, before, system.procs[worker].stdout_tail)
         assert await system.terminate(worker, timeout=15) == 0, system.procs[worker].stderr_tail()
         assert (await pipe.pool.fetchrow("SELECT status FROM payments WHERE id = $1", slow))["status"] == "authorized"
         output = system.procs[worker].stdout_tail(1_000_000) + system.procs[worker].stderr_tail(1_000_000)
@@ -711,10 +709,16 @@ async def console_worker(pipe, **env: str):
         await pipe.start_worker()
 
 
-async def in_bank_call(pipe, payment_id: str, worker: ScriptProcess) -> None:
+async def bank_requests(pipe) -> int:
+    return (await pipe.bank.ledger())["stats"]["api_requests"]
+
+
+async def in_bank_call(pipe, requests_before: int, output: Callable[[], str]) -> None:
+    """Until the bank has received a request beyond `requests_before`. A claimed operation is not
+    yet a call: a SIGTERM between the claim and the request rightly starts no call at all."""
     deadline = time.monotonic() + 10
-    while (await pipe.operation(payment_id, "authorize"))["lease_owner"] is None:
-        assert time.monotonic() < deadline, worker.stdout_tail()
+    while await bank_requests(pipe) <= requests_before:
+        assert time.monotonic() < deadline, output()
         await asyncio.sleep(0.02)
 
 
@@ -725,8 +729,9 @@ async def test_sigterm_finishes_the_call_under_way_records_it_and_leaves_waiting
     to the queue and the next worker settles it."""
     await pipe.bank.chaos(min_latency_ms=3000, max_latency_ms=3000)
     async with console_worker(pipe, WORKER_CONCURRENCY="1", BANK_TIMEOUT_SECONDS="10") as worker:
+        before = await bank_requests(pipe)
         slow = await pipe.authorize(amount=3100)
-        await in_bank_call(pipe, slow, worker)
+        await in_bank_call(pipe, before, worker.stdout_tail)
         waiting = await pipe.authorize(amount=3200)
         await asyncio.sleep(0.5)  # delivered to the worker, waiting for the one slot
         signalled = time.monotonic()
@@ -753,8 +758,9 @@ async def test_sigterm_after_a_failed_try_starts_no_other_call(pipe):
         action="error", path="/api/v1/authorizations", method="POST", status=500, delay_ms=2000, times=1
     )
     async with console_worker(pipe) as worker:
+        before = await bank_requests(pipe)
         pid = await pipe.authorize(amount=3300)
-        await in_bank_call(pipe, pid, worker)
+        await in_bank_call(pipe, before, worker.stdout_tail)
         worker.popen.send_signal(signal.SIGTERM)
         assert await worker.wait_exit(timeout=20) == 0, worker.stderr_tail()
         op = await pipe.operation(pid, "authorize")
