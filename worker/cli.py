@@ -101,7 +101,9 @@ def _error_text(error: Any) -> str | None:
 
 async def _pool(settings: config.Settings) -> asyncpg.Pool:
     try:
-        return await db.create_pool(settings.database_url, min_size=1, max_size=10, timeout=CONNECT_TIMEOUT)
+        return await db.create_pool(
+            settings.database_url, min_size=1, max_size=10, timeouts=settings.db_timeouts, timeout=CONNECT_TIMEOUT
+        )
     except asyncpg.InvalidCatalogNameError:
         raise Unavailable(
             f"the database of {hide_passwords(settings.database_url)} does not exist: "

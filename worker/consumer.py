@@ -261,7 +261,9 @@ class Worker:
             raise
 
     async def _start(self) -> None:
-        pool = self.pool = await db.create_pool(self.settings.database_url, min_size=2, max_size=self.cfg.db_pool_size)
+        pool = self.pool = await db.create_pool(
+            self.settings.database_url, min_size=2, max_size=self.cfg.db_pool_size, timeouts=self.settings.db_timeouts
+        )
         bank = self.bank = BankClient(self.settings.bank_url, timeout=self.cfg.bank_timeout, metrics=self.metrics.bank)
         self.connection = await broker.connect_robust(
             self.settings.amqp_url, client_properties={"connection_name": f"gateway-worker {self.worker_id}"}

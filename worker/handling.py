@@ -27,7 +27,9 @@ Per message (body {"operation_id"}), with the operation's ids bound to every log
 Stopping (SIGTERM): no bank call starts any more; a call under way finishes and its outcome
 is recorded; any other command is left unacknowledged, so it goes back to the queue.
 
-A handling that fails on the database or the broker gives its command back (nack, requeue),
+A statement the database gave up on (a row lock held elsewhere past DB_LOCK_TIMEOUT_SECONDS)
+sends the command round the shortest retry queue, no rung taken, no pause. Any other handling
+that fails on the database or the broker gives its command back (nack, requeue),
 and no handling starts until a probe of the database answers: the pause doubles up to
 WORKER_DB_BACKOFF_MAX_SECONDS while handlings keep failing, instead of every command
 spinning through the queue.
@@ -51,7 +53,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway import domain, logs, messages, process, topology
+from gateway import db, domain, logs, messages, process, topology
 from gateway.cards import CardVault, VaultError
 from gateway.crashpoints import crash_point
 from gateway.domain import BankOutcome, OperationKind, Verdict
@@ -408,6 +410,15 @@ class Handling:
                     await self._delivered_too_often(delivery, operation_id)
                 else:
                     await self._operation(delivery, operation_id)
+            except db.TIMED_OUT as exc:
+                # A row another session holds (an ops tool, a stuck transaction): the database
+                # answers, so no pause, and no rung is charged for what is not the operation's
+                # fault; the command comes back after the shortest retry queue.
+                delay = self.cfg.retry_ladder[0]
+                log.warning("the database timed out on the operation; retrying later", error=type(exc).__name__)
+                with contextlib.suppress(Exception):
+                    await delivery.retry_later(delay, None, None)
+                    await delivery.ack()
             except Exception:
                 # The database or the broker failed us mid-way: nothing was acked, so the command
                 # comes back (a lease we hold runs out; the bank key makes a second call harmless).

@@ -80,8 +80,11 @@ class Relay:
         amqp_url: str,
         cfg: wsettings.RelaySettings | None = None,
         ladder: tuple[int, ...] | None = None,
+        *,
+        db_timeouts: config.DbTimeouts = config.DEFAULT_DB_TIMEOUTS,
     ):
         self.database_url = database_url
+        self.db_timeouts = db_timeouts
         self.amqp_url = amqp_url
         self.cfg = cfg or wsettings.RelaySettings()
         self.ladder = ladder or rules.parse_ladder(rules.DEFAULT_RETRY_LADDER)
@@ -102,7 +105,7 @@ class Relay:
     # ---- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.pool = await db.create_pool(self.database_url, min_size=1, max_size=4)
+        self.pool = await db.create_pool(self.database_url, min_size=1, max_size=4, timeouts=self.db_timeouts)
         self.connection = await broker.connect_robust(
             self.amqp_url, client_properties={"connection_name": "gateway-relay"}
         )
@@ -124,7 +127,7 @@ class Relay:
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
             return
-        self._listener = await asyncpg.connect(self.database_url, timeout=LISTEN_CONNECT_TIMEOUT)
+        self._listener = await db.listen_connection(self.database_url, timeout=LISTEN_CONNECT_TIMEOUT)
         await self._listener.add_listener("outbox", lambda *_: self._wake.set())
 
     # ---- one batch ------------------------------------------------------------------------
@@ -314,7 +317,7 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) ->
 async def serve(
     settings: config.Settings, cfg: wsettings.RelaySettings, stop: asyncio.Event, metrics_host: str
 ) -> None:
-    relay = Relay(settings.database_url, settings.amqp_url, cfg, cfg.retry_ladder)
+    relay = Relay(settings.database_url, settings.amqp_url, cfg, cfg.retry_ladder, db_timeouts=settings.db_timeouts)
     endpoint = monitoring.Endpoint(relay.metrics.registry, relay.readiness)
     if cfg.metrics_port:
         await endpoint.start(metrics_host, cfg.metrics_port)

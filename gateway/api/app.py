@@ -115,7 +115,7 @@ def create_app(
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_pool = pool is None
-        opened = pool if pool is not None else await _create_pool(settings.database_url, pool_size)
+        opened = pool if pool is not None else await _create_pool(settings, pool_size)
         state.connect(opened, Readiness(opened, settings.amqp_url))
         await watcher.start()
         shedding.start(lambda most: store.work_waiting(opened, most=most), watcher.finished_so_far)
@@ -136,10 +136,12 @@ def create_app(
     return app
 
 
-async def _create_pool(dsn: str, size: int) -> asyncpg.Pool:
+async def _create_pool(settings: config.Settings, size: int) -> asyncpg.Pool:
     try:
         pool = await process.start_with_retries(
-            lambda: db.create_pool(dsn, min_size=min(4, size), max_size=size),
+            lambda: db.create_pool(
+                settings.database_url, min_size=min(4, size), max_size=size, timeouts=settings.db_timeouts
+            ),
             what="gateway-api",
             attempts=_CONNECT_ATTEMPTS,
             retry_on=(OSError, asyncpg.PostgresError),

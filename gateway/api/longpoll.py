@@ -25,10 +25,9 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 
-import asyncpg
 import orjson
 
-from gateway import logs, store
+from gateway import db, logs, store
 from gateway.domain import IN_PROGRESS
 
 log = logs.get("gateway.api.longpoll")
@@ -182,9 +181,7 @@ class PaymentWatcher:
         while not self._closing:
             conn = None
             try:
-                conn = await asyncpg.connect(
-                    self._dsn, timeout=5, server_settings={"application_name": APPLICATION_NAME}
-                )
+                conn = await db.listen_connection(self._dsn, timeout=5, application_name=APPLICATION_NAME)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._notified)

@@ -23,7 +23,7 @@ from aiohttp import web
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from gateway import logs, tracing
+from gateway import db, logs, tracing
 from gateway.api.admission import Admission, Refusal, Refused
 from gateway.api.errors import ApiError, error_response, from_http_exception
 
@@ -189,6 +189,15 @@ async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
                     503,
                     "service_unavailable",
                     "a dependency of the gateway is unavailable; retry later",
+                    headers={"Retry-After": "1"},
+                )
+            except db.TIMED_OUT as exc:  # the request's transaction was rolled back: nothing done
+                log.warning("database timed out", error=type(exc).__name__)
+                response = error_response(
+                    503,
+                    "service_unavailable",
+                    "the payment is busy or the database is slow: nothing was done; retry shortly with the same "
+                    "Idempotency-Key",
                     headers={"Retry-After": "1"},
                 )
             except asyncio.CancelledError:

@@ -56,6 +56,22 @@ def test_defaults_are_the_documented_ones():
     assert ("GATEWAY_API_KEYS", config.DEV_API_KEYS) in [(n, d) for n, d, _ in Settings.variables()]
 
 
+def test_database_timeouts_default_and_parse():
+    assert config.parse({}).db_timeouts == config.DbTimeouts(
+        acquire=10.0, command=35.0, statement=30.0, lock=3.0, idle_in_transaction=60.0
+    )
+    env = {
+        "DB_ACQUIRE_TIMEOUT_SECONDS": "2",
+        "DB_COMMAND_TIMEOUT_SECONDS": "12",
+        "DB_STATEMENT_TIMEOUT_SECONDS": "10",
+        "DB_LOCK_TIMEOUT_SECONDS": "0.5",
+        "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": "20",
+    }
+    assert config.parse(env).db_timeouts == config.DbTimeouts(
+        acquire=2.0, command=12.0, statement=10.0, lock=0.5, idle_in_transaction=20.0
+    )
+
+
 def test_empty_values_fall_back_to_defaults():
     assert config.parse({name: "" for name in VARIABLES if not name.startswith("CARD_")}) == config.parse({})
 
@@ -213,6 +229,16 @@ BAD_VALUES = [
     ("CARD_ENCRYPTION_KEYS", f"k1:{GOOD_KEY},"),
     ("CARD_ENCRYPTION_KEYS", f"k1:{GOOD_KEY},k1:" + base64.b64encode(b"j" * 32).decode()),  # one id twice
     ("CARD_ENCRYPTION_KEYS", f"k1:{GOOD_KEY},k2:{GOOD_KEY}"),  # one key twice
+    # database timeouts: positive, finite, and lock < statement < command
+    ("DB_ACQUIRE_TIMEOUT_SECONDS", "0"),
+    ("DB_ACQUIRE_TIMEOUT_SECONDS", "inf"),
+    ("DB_COMMAND_TIMEOUT_SECONDS", "-1"),
+    ("DB_COMMAND_TIMEOUT_SECONDS", "30"),  # not above the statement timeout: the client would cancel first
+    ("DB_STATEMENT_TIMEOUT_SECONDS", "nan"),
+    ("DB_STATEMENT_TIMEOUT_SECONDS", "2"),  # below the lock timeout
+    ("DB_LOCK_TIMEOUT_SECONDS", "ten"),
+    ("DB_LOCK_TIMEOUT_SECONDS", "30"),
+    ("DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "0"),
 ]
 
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import asyncpg
 import orjson
 import pytest
 
@@ -78,6 +79,7 @@ class FakePayments:
         self.down = False
         self.calls_while_down = 0
         self.failing_records = 0
+        self.locked_records = 0
         self.unrecordable = False
 
     def add(self, op: Op) -> Op:
@@ -167,6 +169,9 @@ class FakePayments:
         if self.failing_records:
             self.failing_records -= 1
             raise DatabaseDown("connection reset while recording")
+        if self.locked_records:
+            self.locked_records -= 1
+            raise asyncpg.LockNotAvailableError("canceling statement due to lock timeout")
         if self.unrecordable:
             raise CannotRecord("DataError: the answer does not fit the receipt")
         op = self.ops[operation_id]
@@ -826,6 +831,20 @@ async def test_recording_failure_gives_the_command_back_and_pauses_handling(worl
     await world.handling.handle(again)  # the redelivery: probe, then the same key again
     assert world.probes == 1 and again.actions == [("ack",)] and op.verdict is Verdict.SUCCEEDED
     assert [c[1] for c in world.bank.calls] == ["gw-op_a", "gw-op_a"]
+
+
+async def test_a_row_lock_held_elsewhere_sends_the_command_round_the_shortest_queue_uncharged(world):
+    op = world.authorize()
+    world.payments.locked_records = 1  # an ops session holds the payment's row past the lock timeout
+    delivery = command(op.id)
+    await world.handling.handle(delivery)
+    assert delivery.actions == [("retry", LADDER[0], None, None), ("ack",)]  # no rung: not the operation's fault
+    assert not world.handling.pause.paused and not op.parked and world.payments.count("park") == 0
+
+    op.lease_owner = None  # the lease ran out
+    again = command(op.id)
+    await world.handling.handle(again)  # the lock is gone: the same key again, recorded
+    assert again.actions == [("ack",)] and op.verdict is Verdict.SUCCEEDED and world.probes == 0
 
 
 async def test_a_database_outage_does_not_spin_messages(world):
