@@ -73,7 +73,9 @@ RUN python -m compileall -q gateway worker mockbank \
 USER 10001:10001
 
 # 8080: gateway-api, 8787: mockbank. Both listen on 127.0.0.1 unless told
-# --host 0.0.0.0, as below and in compose.yaml.
+# --host 0.0.0.0, as below and in compose.yaml. The API's admin listener
+# (/metrics, /healthz, /readyz, /ops; API_ADMIN_PORT 9100) stays on 127.0.0.1
+# unless told --admin-host: compose.yaml opens it to the project's network only.
 EXPOSE 8080 8787
 
 # No HEALTHCHECK here: the relay and the worker serve no HTTP, so each

@@ -55,7 +55,8 @@ async def create_pool(
 ) -> asyncpg.Pool:
     """A pool bounded in time by `timeouts` (config.DbTimeouts): a statement or lock wait past
     its bound fails on the server (QueryCanceledError, LockNotAvailableError) and its
-    transaction rolls back. `connect_kwargs` go to asyncpg as they are (e.g. `timeout`)."""
+    transaction rolls back. `connect_kwargs` go to asyncpg as they are (e.g. `timeout`; any
+    `server_settings` are added to those timeouts)."""
     pool = _Pool(
         dsn,
         min_size=min_size,
@@ -72,6 +73,7 @@ async def create_pool(
             "statement_timeout": _ms(timeouts.statement),
             "lock_timeout": _ms(timeouts.lock),
             "idle_in_transaction_session_timeout": _ms(timeouts.idle_in_transaction),
+            **connect_kwargs.pop("server_settings", {}),
         },
         **connect_kwargs,
     )

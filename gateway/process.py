@@ -7,7 +7,7 @@
                              `stop` is set, or the attempts run out
     process.give_way(nice)   lower this process's CPU priority (relay, worker, mock bank)
     process.supervise(n, serve_one)
-                             fork n processes that each run serve_one(); pass SIGTERM/SIGINT on,
+                             fork n processes that each run serve_one(index); pass SIGTERM/SIGINT on,
                              and stop them all when one of them ends (gateway-api --workers)
 
 Used by gateway-api, gateway-relay, gateway-worker and mockbank.
@@ -45,21 +45,22 @@ def run(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         runner.run(main())
 
 
-def supervise(workers: int, serve_one: Callable[[], None]) -> int:
-    """Fork `workers` processes running serve_one() and wait for them; returns the exit code.
+def supervise(workers: int, serve_one: Callable[[int], None]) -> int:
+    """Fork `workers` processes running serve_one(index), index 0 to workers - 1, and wait for
+    them; returns the exit code.
 
     The parent only supervises: a SIGTERM or SIGINT it gets is passed to every child, and when
     one child ends (by itself, or killed) the others are stopped too, so that whatever runs
     the parent (a container, systemd, a test harness) sees the service as down and restarts it.
     """
     children: list[int] = []
-    for _ in range(workers):
+    for index in range(workers):
         pid = os.fork()
         if pid == 0:  # the child: serve, and never return into the parent's code
             logs.bind(pid=os.getpid())
             code = 0
             try:
-                serve_one()
+                serve_one(index)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:  # noqa: BLE001 - reported, and this child ends

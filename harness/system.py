@@ -8,7 +8,8 @@ integration tests, bench/ and `make run`.
     await system.start()        # private database (schema applied) and vhost, mockbank, then
                                 # every gateway process, each waited for until it is ready
     system.api_url, system.bank_url, system.database_url, system.amqp_url
-    system.metrics_url("worker")                      # a worker's or relay's /metrics, /healthz, /readyz
+    system.metrics_url("worker")                      # a process's /metrics, /healthz, /readyz (an
+                                                      # API's admin listener: also /ops)
     system.bank                 # MockBankClient: /_mock ledger, chaos, faults, expire, reset
     system.pool                 # asyncpg pool on the database (application_name HARNESS_APP)
     await system.kill("worker")                       # SIGKILL
@@ -30,11 +31,13 @@ AMQP_URL, BANK_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY and GATEWAY_ENV=develo
 then `gateway_env`
 (`bank_env` for the bank), then `env_for(kind, name)` (gateway processes, called at
 every start: crash tests arm each start differently), then a restart's `env`; a None
-value removes a variable. Readiness: mockbank answers /health, an API /readyz; a worker
-shows as a consumer of payments.work, a relay as a LISTEN "outbox" connection.
+value removes a variable. Readiness: mockbank answers /health, an API /readyz on its
+admin port (each of its processes', with --workers N); a worker shows as a consumer of
+payments.work, a relay as a LISTEN "outbox" connection.
 
-Each worker and relay serves its metrics on a port of its own (WORKER_METRICS_PORT,
-RELAY_METRICS_PORT): free ones, or `metrics_ports` for the first of a kind.
+Each process serves its metrics on a port of its own (API_ADMIN_PORT, a run of N ports
+for an API with --workers N; WORKER_METRICS_PORT, RELAY_METRICS_PORT): free ones, or
+`metrics_ports` for the first of a kind.
 
 For `make run`: `database_url=` a persistent database (created if missing, schema
 applied, kept), `private_vhost=False`, fixed `api_port` / `bank_port` / `metrics_ports`,
@@ -57,14 +60,14 @@ from gateway import broker, db
 from gateway.config import DEV_API_KEYS
 from harness import services
 from harness.mockbank_client import MockBankClient
-from harness.procs import ProcessError, ScriptProcess, free_port
+from harness.procs import ProcessError, ScriptProcess, free_port, free_ports
 
 __all__ = ["BANK", "GATEWAY_KINDS", "HARNESS_APP", "Death", "System"]
 
 GATEWAY_KINDS = ("api", "relay", "worker")
 BANK = "mockbank"
 SCRIPTS = {"api": "gateway-api", "relay": "gateway-relay", "worker": "gateway-worker", BANK: "mockbank"}
-METRICS_PORT_VARIABLES = {"relay": "RELAY_METRICS_PORT", "worker": "WORKER_METRICS_PORT"}
+METRICS_PORT_VARIABLES = {"api": "API_ADMIN_PORT", "relay": "RELAY_METRICS_PORT", "worker": "WORKER_METRICS_PORT"}
 HARNESS_APP = "gateway-harness"  # application_name of the harness's own database connections
 READY_TIMEOUT = 60.0
 WORK_QUEUE = "payments.work"
@@ -108,7 +111,8 @@ class System:
         there unless ``database_url`` names one to use and keep) and RabbitMQ (a private vhost
         is made unless ``private_vhost`` is False). ``scale``: processes per gateway kind
         (default one each). ``api_port`` is the first API's (others get free ports), and
-        ``metrics_ports`` the first relay's and worker's metrics ports (``{"worker": 9101}``).
+        ``metrics_ports`` the first API's admin port and the first relay's and worker's
+        metrics ports (``{"api": 9100, "worker": 9101}``).
         ``log_dir``: each process's stdout and stderr appended to ``<name>.log`` there (else
         temporary files). ``launcher``: argv put before each gateway console script (bench's
         census runs ``python -m bench.census gateway-api ...``), run in ``cwd``."""
@@ -134,7 +138,10 @@ class System:
         self.bank = MockBankClient(self.bank_url)
         self.procs: dict[str, ScriptProcess] = {}  # the running (or last) incarnation of each name
         self.kind: dict[str, str] = {}
-        self.ports: dict[str, int] = {"api": api_port or free_port(), **(metrics_ports or {})}
+        self.ports: dict[str, int] = {"api": api_port or free_port()}
+        # name -> its metrics port: an API's admin port (the first of its processes'), a
+        # relay's or a worker's only port.
+        self.metrics_ports: dict[str, int] = dict(metrics_ports or {})
         self.retired: list[ScriptProcess] = []  # dead or replaced incarnations, kept for their output
         self._prepared = False
 
@@ -149,9 +156,16 @@ class System:
     def api_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{self.ports[name]}" for name in self.names("api") or ["api"]]
 
-    def metrics_url(self, name: str) -> str:
-        """Where worker or relay ``name`` serves /metrics, /healthz and /readyz."""
-        return f"http://127.0.0.1:{self.ports[name]}"
+    @property
+    def api_processes(self) -> int:
+        """Processes per API (--workers N), each with its own admin port."""
+        args = self.api_args
+        return int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+
+    def metrics_url(self, name: str, process: int = 0) -> str:
+        """Where ``name`` serves /metrics, /healthz and /readyz (an API: its admin listener, also
+        /ops; with --workers N, that of its process number ``process``, 0 to N - 1)."""
+        return f"http://127.0.0.1:{self.metrics_ports[name] + process}"
 
     @property
     def database_name(self) -> str:
@@ -288,10 +302,10 @@ class System:
             proc = ScriptProcess(script, "--port", str(self.bank_port), env={**self.bank_env, **(extra or {})}, log=log)
         else:
             args = []
-            port = self.ports.setdefault(name, free_port())
             if kind == "api":
-                args = ["--port", str(port), *self.api_args]
-            metrics_port = {METRICS_PORT_VARIABLES[kind]: str(port)} if kind in METRICS_PORT_VARIABLES else {}
+                args = ["--port", str(self.ports.setdefault(name, free_port())), *self.api_args]
+            run = self.api_processes if kind == "api" else 1
+            metrics_port = {METRICS_PORT_VARIABLES[kind]: str(self.metrics_ports.setdefault(name, free_ports(run)))}
             env = {
                 **self.gateway_base_env(),
                 **metrics_port,
@@ -311,7 +325,8 @@ class System:
         if kind == BANK:
             await proc.wait_http(f"{self.bank_url}/health", timeout=timeout)
         elif kind == "api":
-            await proc.wait_http(f"http://127.0.0.1:{self.ports[name]}/readyz", timeout=timeout)
+            for process in range(self.api_processes):
+                await proc.wait_http(f"{self.metrics_url(name, process)}/readyz", timeout=timeout)
         elif kind == "worker":
             await proc.wait_for(self._consumers_at_least(self.running("worker")), f"consume {WORK_QUEUE}", timeout)
         else:

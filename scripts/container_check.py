@@ -14,7 +14,7 @@ Not part of `make test`. Each step is safe to repeat:
    network: `gatewayctl migrate`, then mockbank, gateway-api, gateway-relay
    and gateway-worker, each the program compose.yaml names with the
    environment compose.yaml gives it. Only the addresses (PostgreSQL,
-   RabbitMQ, the bank, two free ports) are this machine's, and the bank's
+   RabbitMQ, the bank, free ports) are this machine's, and the bank's
    FAILURE_RATE is 0 so that the demo's outcome does not depend on chance;
 5. compose.yaml's healthchecks of mockbank and the API, run in their
    containers; the `make run` demo (scripts/devstack.py) against the
@@ -54,7 +54,7 @@ from harness.services import (
     delete_vhost,
     drop_database,
 )
-from scripts.devstack import DEV_KEY, demo
+from scripts.devstack import API_ADMIN_PORT, DEV_KEY, demo
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -265,13 +265,15 @@ class Containers:
         run(["podman", "run", "--detach", *argv])
         return argv[1]
 
-    def healthcheck(self, service: str, port: int) -> None:
-        """compose.yaml's healthcheck of the service, run in its container, aimed at the port it was given."""
+    def healthcheck(self, service: str, port: int, compose_port: int | None = None) -> None:
+        """compose.yaml's healthcheck of the service, run in its container, aimed at the port it was
+        given instead of `compose_port` (by default the service's --port)."""
         spec = self.services[service]
         kind, *test = spec["healthcheck"]["test"]
         if kind != "CMD":
             raise CheckFailed(f"compose.yaml: {service}'s healthcheck is {kind}, expected CMD")
-        compose_port = spec["command"][spec["command"].index("--port") + 1]
+        if compose_port is None:
+            compose_port = int(spec["command"][spec["command"].index("--port") + 1])
         run(["podman", "exec", self.name(service), *(arg.replace(f":{compose_port}/", f":{port}/") for arg in test)])
 
     def running(self, name: str) -> bool:
@@ -363,7 +365,7 @@ def private_vhost() -> Iterator[tuple[str, str]]:
 async def run_system(services: dict[str, dict[str, Any]]) -> None:
     check_id = uuid.uuid4().hex[:8]
     admin_url = os.environ.get("DATABASE_URL", LOCAL_DATABASE_URL)
-    bank_port, api_port = free_port(), free_port()
+    bank_port, api_port, admin_port = free_port(), free_port(), free_port()
     bank, api = f"http://127.0.0.1:{bank_port}", f"http://127.0.0.1:{api_port}"
     database_url = await create_database(admin_url)
     try:
@@ -379,14 +381,14 @@ async def run_system(services: dict[str, dict[str, Any]]) -> None:
                     # Host network: their metrics ports too must be free ones.
                     containers.start("relay", {**gateway, "RELAY_METRICS_PORT": str(free_port())}),
                     containers.start("worker", {**gateway, "WORKER_METRICS_PORT": str(free_port())}),
-                    containers.start("api", gateway, port=api_port),
+                    containers.start("api", {**gateway, "API_ADMIN_PORT": str(admin_port)}, port=api_port),
                 ]
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40)) as session:
                     await wait_ready(session, containers, started, f"{bank}/health")
-                    await wait_ready(session, containers, started, f"{api}/readyz")
+                    await wait_ready(session, containers, started, f"http://127.0.0.1:{admin_port}/readyz")
                     wait_consumer(containers, started[2], vhost)
                     containers.healthcheck("mockbank", bank_port)
-                    containers.healthcheck("api", api_port)
+                    containers.healthcheck("api", admin_port, compose_port=API_ADMIN_PORT)
                     print("compose.yaml's healthchecks of mockbank and api pass")
                     step(f"the demo (scripts/devstack.py) against {api}")
                     await demo(session, api)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 ENV_FILE = ROOT / ".env"
 API_PORT = 8080
-WORKER_METRICS_PORT, RELAY_METRICS_PORT = 9101, 9102  # the processes' defaults
+API_ADMIN_PORT, WORKER_METRICS_PORT, RELAY_METRICS_PORT = 9100, 9101, 9102  # the processes' defaults
 DEV_KEY = DEV_API_KEYS.split(":", 1)[1]
 DEFAULTS = {name: default for name, default, _ in Settings.variables()}  # variable -> default as written
 
@@ -117,7 +117,7 @@ async def main() -> None:
         api_keys=setting("GATEWAY_API_KEYS"),
         api_port=API_PORT,
         bank_port=urlparse(setting("BANK_URL")).port,
-        metrics_ports={"worker": WORKER_METRICS_PORT, "relay": RELAY_METRICS_PORT},
+        metrics_ports={"api": API_ADMIN_PORT, "worker": WORKER_METRICS_PORT, "relay": RELAY_METRICS_PORT},
         log_dir=RUN_DIR,
     )
     try:
@@ -131,7 +131,9 @@ async def main() -> None:
         print(
             f"\nThe gateway is running. Try it:\n"
             f"  curl -H 'Authorization: Bearer {DEV_KEY}' '{system.api_url}/v1/payments?customer_id=cus_demo'\n"
-            f"  API docs: {system.api_url}/docs\nCtrl-C stops everything."
+            f"  API docs: {system.api_url}/docs\n"
+            f"  metrics, health and the ops console (GATEWAY_OPS_KEYS): {system.metrics_url('api')}/metrics, "
+            f"/readyz, /ops/\nCtrl-C stops everything."
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

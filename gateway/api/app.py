@@ -4,8 +4,10 @@ create_app() wires everything once: settings, the Postgres pool (given, as
 in tests, or owned by the app), the card vault, the long-poll watcher, the
 readiness probe, admission, metrics and the OpenAPI document. main() also
 sets up tracing (gateway.tracing: exported only when an OTLP endpoint variable
-is set) and, with --workers N, runs N processes sharing the port (SO_REUSEPORT:
-the kernel spreads the connections), under a parent that only supervises them.
+is set), serves the admin listener (gateway.api.admin: /metrics, /healthz,
+/readyz, /ops) beside the public port and, with --workers N, runs N processes
+sharing the public port (SO_REUSEPORT: the kernel spreads the connections),
+each with an admin port of its own, under a parent that only supervises them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 
 from gateway import config, db, logs, monitoring, process, store, tracing
-from gateway.api import openapi, ops, routes, server
+from gateway.api import admin, openapi, routes, server
 from gateway.api.admission import Admission
 from gateway.api.health import Readiness
 from gateway.api.longpoll import PaymentWatcher
@@ -111,7 +113,6 @@ def create_app(
 
     monitoring.pool_gauges(registry, current_pool)
     routes.setup(app)
-    ops.setup(app, settings)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_pool = pool is None
@@ -158,9 +159,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="gateway-api",
         description="FicMart payment gateway HTTP API.",
-        epilog=config.epilog(config.Settings, unused=("BANK_URL",)),
+        epilog=config.epilog(config.Settings, admin.AdminSettings, unused=("BANK_URL",)),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument(
+        "--admin-host",
+        default="127.0.0.1",
+        help="address of /metrics, /healthz, /readyz and /ops (API_ADMIN_PORT; default 127.0.0.1, "
+        "0.0.0.0 in a container whose network only the monitoring shares)",
+    )
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     parser.add_argument(
         "--db-pool-size",
@@ -218,14 +225,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     settings = config.load(uses_card_key=True)
+    admin_port = admin.AdminSettings.load().port
+    if admin_port and admin_port + args.workers - 1 > 65535:
+        config.exit_on_error(lambda: _no_room(admin_port, args.workers))
     logs.setup(settings.log_level, "gateway-api")
     if args.workers > 1:
-        raise SystemExit(process.supervise(args.workers, lambda: _serve(args, settings)))
-    _serve(args, settings)
+        raise SystemExit(
+            process.supervise(args.workers, lambda index: _serve(args, settings, admin_port and admin_port + index))
+        )
+    _serve(args, settings, admin_port)
 
 
-def _serve(args: argparse.Namespace, settings: config.Settings) -> None:
-    """One process serving the port until SIGTERM/SIGINT."""
+def _no_room(port: int, workers: int) -> None:
+    raise config.ConfigError(f"API_ADMIN_PORT {port} leaves no room for the admin ports of {workers} processes")
+
+
+def _serve(args: argparse.Namespace, settings: config.Settings, admin_port: int) -> None:
+    """One process serving the port (and its admin port, unless 0) until SIGTERM/SIGINT."""
     tracing.setup("gateway-api")
     admission = Admission(
         max_in_flight=args.max_in_flight,
@@ -235,10 +251,16 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> None:
         post_rates=settings.post_rates,
     )
     app = create_app(settings, pool_size=args.db_pool_size, admission=admission)
+    internal = server.Listener(admin.create_app(app, settings), args.admin_host, admin_port) if admin_port else None
     try:
-        process.run(lambda stop: server.serve(app, args.host, args.port, stop, reuse_port=args.workers > 1))
+        process.run(
+            lambda stop: server.serve(app, args.host, args.port, stop, reuse_port=args.workers > 1, admin=internal)
+        )
     except StartupError as exc:
         log.error("gateway-api cannot start", error=str(exc))
+        print(f"gateway-api: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except server.AdminListenError as exc:
         print(f"gateway-api: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except OSError as exc:  # the address is taken or cannot be bound

@@ -22,8 +22,6 @@ _MODELS: list[type[BaseModel]] = [
     schemas.Payment,
     schemas.PaymentList,
     schemas.ErrorResponse,
-    schemas.Health,
-    schemas.Readiness,
 ]
 
 DESCRIPTION = """\
@@ -250,42 +248,6 @@ def build() -> dict:
         "/v1/payments/{payment_id}/refund": action(
             "refund", "refunding", "Only a `captured` payment can be refunded, once (409 otherwise)."
         ),
-        "/healthz": {
-            "get": {
-                "operationId": "healthz",
-                "summary": "Liveness",
-                "tags": ["operations"],
-                "security": [],
-                "responses": {"200": _ok("the process is up", "Health")},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "operationId": "readyz",
-                "summary": "Readiness: database and broker reachable",
-                "tags": ["operations"],
-                "security": [],
-                "responses": {
-                    "200": _ok("ready", "Readiness"),
-                    "503": _ok("not ready: `checks` says which dependency failed", "Readiness"),
-                },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "operationId": "metrics",
-                "summary": "Prometheus metrics (text exposition format)",
-                "tags": ["operations"],
-                "security": [],
-                "responses": {
-                    "200": {
-                        "description": "request counts and latency histograms by route template and status",
-                        "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}},
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        },
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",
@@ -325,7 +287,7 @@ def build() -> dict:
         "info": {"title": "FicMart payment gateway", "version": "1.0.0", "description": DESCRIPTION},
         "tags": [
             {"name": "payments", "description": "authorize, capture, void, refund, read"},
-            {"name": "operations", "description": "health, readiness, metrics, this document"},
+            {"name": "operations", "description": "this document"},
         ],
         "paths": paths,
         "components": {

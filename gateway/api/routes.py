@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
 from gateway import logs, payments, store, views
@@ -88,7 +88,6 @@ STATE = web.AppKey("state", State)
 
 M = TypeVar("M", bound=BaseModel)
 
-_HEALTHY = orjson.dumps({"status": "ok"})
 BODY_READ_SECONDS = 10.0
 
 
@@ -370,21 +369,6 @@ async def list_payments(request: web.Request) -> web.Response:
 # ---- operations -------------------------------------------------------------------------
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    return _json(200, _HEALTHY)
-
-
-async def readyz(request: web.Request) -> web.Response:
-    checks = await request.app[STATE].readiness.check()
-    ready = all(v == "ok" for v in checks.values())
-    return _json(200 if ready else 503, {"status": "ok" if ready else "unavailable", "checks": checks})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[STATE].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 async def openapi_json(request: web.Request) -> web.Response:
     return _json(200, request.app[STATE].openapi)
 
@@ -396,8 +380,5 @@ def setup(app: web.Application) -> None:
     r.add_get("/v1/payments/{payment_id}", get_payment, name="get_payment")
     for kind in Action:
         r.add_post(f"/v1/payments/{{payment_id}}/{kind.value}", action(kind), name=f"{kind.value}_payment")
-    r.add_get("/healthz", healthz, name="healthz")
-    r.add_get("/readyz", readyz, name="readyz")
-    r.add_get("/metrics", metrics, name="metrics")
     r.add_get("/openapi.json", openapi_json, name="openapi")
     docs.setup(app)

@@ -198,15 +198,6 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-class Readiness(BaseModel):
-    status: Literal["ok", "unavailable"]
-    checks: dict[str, Literal["ok", "failed"]] = Field(description="database and broker")
-
-
 # ---- turning validation errors into the API's error details -----------------------------
 
 _MAX_FIELD_NAME = 200

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from dataclasses import dataclass
 
 from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.web_request import BaseRequest
@@ -90,14 +91,48 @@ class Runner(web.AppRunner):
         return server
 
 
-async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
+@dataclass(frozen=True)
+class Listener:
+    """A second application on an address of its own (gateway.api.admin's)."""
+
+    app: web.Application
+    host: str
+    port: int
+
+
+class AdminListenError(OSError):
+    """The admin listener's address cannot be bound."""
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    *,
+    reuse_port: bool = False,
+    admin: Listener | None = None,
+) -> None:
     """Listen until `stop` is set, then finish in-flight requests (up to SHUTDOWN_SECONDS) and close.
-    With `reuse_port`, other processes may listen on the same port (the kernel spreads connections)."""
+    With `reuse_port`, other processes may listen on the same port (the kernel spreads connections).
+    `admin` is served too, started after `app` (whose start-up opens what both use)."""
     runner = Runner(app)
     await runner.setup()
+    admin_runner: Runner | None = None
     try:
         await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None).start()
         log.info("gateway-api listening", host=host, port=port)
+        if admin is not None:
+            admin_runner = Runner(admin.app)
+            await admin_runner.setup()
+            try:
+                await web.TCPSite(admin_runner, admin.host, admin.port).start()
+            except OSError as exc:
+                raise AdminListenError(
+                    f"cannot serve /metrics, /healthz, /readyz and /ops on {admin.host}:{admin.port} "
+                    f"(API_ADMIN_PORT): {exc.strerror or exc}"
+                ) from None
+            log.info("gateway-api admin listening", host=admin.host, port=admin.port)
         # What start-up made (modules, the app, the OpenAPI document) lives as long as the process:
         # out of the collector's sight, a full collection no longer walks it, and the pauses it
         # makes every answer wait (about 100 ms under load here) shrink to what requests allocate.
@@ -105,4 +140,6 @@ async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event,
         gc.freeze()
         await stop.wait()
     finally:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await runner.cleanup()

@@ -80,7 +80,7 @@ async def take(out: Path) -> None:
                 await asyncio.sleep(3)
                 async with browser(username="ops", password=OPS_KEY, viewport=(1360, 600)) as context:
                     page = await context.new_page()
-                    response = await page.goto(f"{stack.api_url}/ops/")
+                    response = await page.goto(f"{stack.metrics_url('api')}/ops/")
                     assert response is not None and response.status == 200, response
                     out.parent.mkdir(parents=True, exist_ok=True)
                     await page.screenshot(path=str(out), full_page=True)

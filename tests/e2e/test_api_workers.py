@@ -26,6 +26,24 @@ def children_of(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (its sockets, found in /proc/net/tcp)."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            sockets.add(target[len("socket:[") : -1])
+    ports = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in sockets:  # 0A: LISTEN
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -71,6 +89,28 @@ async def test_two_processes_share_the_port_and_go_down_together(server_urls, ca
         await authorize_on_fresh_connections(system.api_url, 60)
         assert pids_that_served(system) == set(children)
         assert await system.pool.fetchval("SELECT count(*) FROM payments") == 60
+
+        # Each process has an admin listener of its own (API_ADMIN_PORT + its index), so every
+        # process's metrics can be scraped; the shared port serves none of them.
+        public = system.ports["api"]
+        admin_ports = {int(system.metrics_url("api", i).rsplit(":", 1)[1]) for i in range(2)}
+        assert sorted(tuple(listening_ports(child) - {public}) for child in children) == sorted(
+            (port,) for port in admin_ports
+        )
+        async with aiohttp.ClientSession() as session:
+            served = 0.0
+            for i in range(2):
+                async with session.get(f"{system.metrics_url('api', i)}/metrics") as resp:
+                    assert resp.status == 200
+                    text = await resp.text()
+                served += sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith('gateway_http_requests_total{method="POST",route="/v1/payments",status="202"}')
+                )
+            assert served == 60  # between them, the two processes counted every request
+            async with session.get(f"{system.api_url}/metrics") as resp:
+                assert resp.status == 404
 
         # One child dies: the parent stops the other and exits, so whatever runs it sees the
         # service down (and restarts it) instead of a half-served port.

@@ -81,7 +81,7 @@ async def test_no_card_data_after_authorize_capture_and_refund(e2e, client, amou
     assert payment_id in published
     assert not [what for what, needle in needles.items() if needle in published]
 
-    for url in (e2e.api_url, e2e.metrics_url("worker"), e2e.metrics_url("relay")):
+    for url in (e2e.metrics_url("api"), e2e.metrics_url("worker"), e2e.metrics_url("relay")):
         async with e2e.http.get(f"{url}/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()

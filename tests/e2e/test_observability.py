@@ -202,7 +202,7 @@ async def test_worker_and_relay_serve_metrics_with_live_values_and_health(observ
     assert value(relay, "gateway_outbox_unsent") is not None
     assert value(relay, "gateway_outbox_oldest_unsent_seconds") is not None
 
-    api = await scrape(observed, observed.api_url)
+    api = await scrape(observed, observed.metrics_url("api"))
     assert value(api, "gateway_db_pool_in_use") is not None and value(api, "gateway_db_pool_waiting") == 0
 
     for url, checks in ((worker_url, {"database", "broker", "consuming"}), (relay_url, {"database", "broker"})):

@@ -67,7 +67,7 @@ async def shut_out(page: Page, url: str) -> bool:
 
 async def test_log_in_find_the_parked_operation_replay_it_and_see_the_payment_captured(ops_stack):
     payment_id = await parked_capture(ops_stack)
-    console = f"{ops_stack.api_url}/ops/"
+    console = f"{ops_stack.metrics_url('api')}/ops/"
 
     for password in (None, "ops_e2e_key_wrong_000000", "sk_test_ficmart_dev"):  # none, wrong, FicMart's key
         async with browser(username="ops", password=password) as stranger:

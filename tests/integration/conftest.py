@@ -7,16 +7,20 @@ payments.expire_hold), the same phases the worker calls.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 import structlog
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import generate_latest
 
 from gateway import config, logs, payments
+from gateway.api import admin, routes
 from gateway.api.app import create_app
 from gateway.domain import BankOutcome, Verdict
 
@@ -55,6 +59,26 @@ def api_logs() -> io.StringIO:
 async def api_client(api_settings, pool, api_logs):
     async with TestClient(TestServer(create_app(api_settings, pool))) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+async def admin_client(api_client, api_settings):
+    """The admin listener (gateway.api.admin) of api_client's app: /metrics, /healthz, /readyz, /ops."""
+    async with TestClient(TestServer(admin.create_app(api_client.app, api_settings))) as c:
+        yield c
+
+
+def metrics_text(client: TestClient) -> str:
+    """What the admin listener's /metrics would show for the app under `client`."""
+    return generate_latest(client.server.app[routes.STATE].registry).decode()
+
+
+@contextlib.asynccontextmanager
+async def api_and_admin(settings: config.Settings, pool) -> AsyncIterator[tuple[TestClient, TestClient]]:
+    """An API of its own on `pool` (the public app started first: it opens what both use)."""
+    async with TestClient(TestServer(create_app(settings, pool))) as public:
+        async with TestClient(TestServer(admin.create_app(public.app, settings))) as internal:
+            yield public, internal
 
 
 @pytest.fixture(scope="session")

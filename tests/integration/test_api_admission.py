@@ -22,7 +22,7 @@ from gateway.api import server
 from gateway.api.admission import Admission
 from gateway.api.app import _parse_args, create_app
 from gateway.api.middleware import ADMISSION, REFUSALS
-from tests.integration.conftest import API_KEY, OTHER_KEY, Api, auth_body, settle
+from tests.integration.conftest import API_KEY, OTHER_KEY, Api, auth_body, metrics_text, settle
 
 
 class _ServedAsInProduction(TestServer):
@@ -123,7 +123,7 @@ async def test_at_the_memory_bound_a_request_gets_503_with_retry_after_and_nothi
         # The same request with the same key, once there is room, is simply accepted.
         resp, accepted = await api.post("/v1/payments", body, key="shed-once")
         assert resp.status == 202, accepted
-        metrics = await (await client.get("/metrics")).text()
+        metrics = metrics_text(client)
         assert 'gateway_http_requests_refused_total{reason="overload"} 1.0' in metrics
 
 
@@ -156,7 +156,7 @@ async def test_a_caller_over_its_rate_gets_429_and_another_caller_does_not(api_s
         assert retry_after(resp) >= 4  # about 5 s until the next token
         assert await pool.fetchval("SELECT count(*) FROM payments WHERE order_id = $1", body["order_id"]) == 0
         await other.authorize()
-        metrics = await (await client.get("/metrics")).text()
+        metrics = metrics_text(client)
         assert 'gateway_http_requests_refused_total{reason="rate"} 1.0' in metrics
 
 
@@ -219,7 +219,7 @@ async def test_past_the_backlog_bound_new_work_gets_503_and_reads_are_still_serv
         resp, accepted = await api.post("/v1/payments", body, key="over-backlog")
         assert resp.status == 202, accepted
         await settle(pool, accepted["id"])
-        metrics = await (await client.get("/metrics")).text()
+        metrics = metrics_text(client)
         assert 'gateway_http_requests_refused_total{reason="backlog"} 1.0' in metrics
 
 

@@ -7,14 +7,12 @@ import uuid
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
 from gateway import db, views
-from gateway.api.app import create_app
 from gateway.domain import Verdict
-from tests.integration.conftest import API_KEY, auth_body, captured, settle
+from tests.integration.conftest import API_KEY, api_and_admin, auth_body, captured, settle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -58,10 +56,36 @@ async def test_bearer_scheme_is_case_insensitive(api_client):
     assert resp.status == 200
 
 
-async def test_operational_endpoints_need_no_key(api_client):
-    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
-        resp = await api_client.get(path)
+async def test_operational_endpoints_need_no_key(api_client, admin_client):
+    for client, path in (
+        (api_client, "/openapi.json"),
+        (api_client, "/docs"),
+        (admin_client, "/healthz"),
+        (admin_client, "/readyz"),
+        (admin_client, "/metrics"),
+    ):
+        resp = await client.get(path)
         assert resp.status == 200, path
+
+
+async def test_the_public_port_serves_v1_docs_and_openapi_only(api_client):
+    # Probes, metrics and the ops console are on the admin listener (gateway.api.admin): from the
+    # public port nobody reaches the database unauthenticated, reads the metrics or tries ops keys.
+    for path in ("/healthz", "/readyz", "/metrics", "/ops", "/ops/", "/ops/dead-letters", "/ops/console.css"):
+        resp = await api_client.get(path)
+        assert resp.status == 404, path
+        assert (await resp.json())["error"]["code"] == "not_found"
+
+
+async def test_the_admin_listener_serves_no_v1(admin_client):
+    for method, path, status in (
+        ("GET", "/v1/payments?order_id=x", 401),  # no API key opens /v1 there
+        ("POST", "/v1/payments", 401),
+        ("GET", "/openapi.json", 404),
+        ("GET", "/docs", 404),
+    ):
+        resp = await admin_client.request(method, path, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert resp.status == status, path
 
 
 # ---- request ids and the error format ----
@@ -81,7 +105,7 @@ async def test_insane_request_ids_are_replaced(api, given):
 async def test_request_id_is_generated_and_unique(api_client):
     ids = set()
     for _ in range(5):
-        resp = await api_client.get("/healthz")
+        resp = await api_client.get("/openapi.json")
         ids.add(resp.headers["X-Request-Id"])
     assert len(ids) == 5
 
@@ -91,7 +115,7 @@ async def test_request_id_is_generated_and_unique(api_client):
     [
         ("GET", "/nothing", 404, "not_found"),
         ("GET", "/", 404, "not_found"),
-        ("DELETE", "/healthz", 405, "method_not_allowed"),
+        ("DELETE", "/openapi.json", 405, "method_not_allowed"),
         ("PUT", "/v1/payments", 405, "method_not_allowed"),
         ("GET", "/v1/payments/pay_x/capture", 405, "method_not_allowed"),
         ("POST", "/v1/payments/pay_x/explode", 404, "not_found"),
@@ -202,20 +226,20 @@ async def test_a_callers_trace_is_linked_not_adopted_and_its_tracestate_goes_now
 # ---- health, readiness, metrics ----
 
 
-async def test_healthz(api_client):
-    resp = await api_client.get("/healthz")
+async def test_healthz(admin_client):
+    resp = await admin_client.get("/healthz")
     assert resp.status == 200 and await resp.json() == {"status": "ok"}
 
 
-async def test_readyz_ok(api_client):
-    resp = await api_client.get("/readyz")
+async def test_readyz_ok(admin_client):
+    resp = await admin_client.get("/readyz")
     assert resp.status == 200
     assert await resp.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
 
 
 async def test_readyz_names_the_broken_broker(api_settings, pool):
     broken = api_settings.model_copy(update={"amqp_url": "amqp://guest:guest@127.0.0.1:1/"})
-    async with TestClient(TestServer(create_app(broken, pool))) as client:
+    async with api_and_admin(broken, pool) as (_, client):
         resp = await client.get("/readyz")
         assert resp.status == 503
         assert await resp.json() == {"status": "unavailable", "checks": {"database": "ok", "broker": "failed"}}
@@ -223,18 +247,18 @@ async def test_readyz_names_the_broken_broker(api_settings, pool):
 
 async def test_readyz_names_the_broken_database(api_settings, database_url):
     own = await db.create_pool(database_url, min_size=1, max_size=2)
-    async with TestClient(TestServer(create_app(api_settings, own))) as client:
+    async with api_and_admin(api_settings, own) as (_, client):
         await own.close()
         resp = await client.get("/readyz")
         assert resp.status == 503
         assert (await resp.json())["checks"] == {"database": "failed", "broker": "ok"}
 
 
-async def test_metrics_count_by_route_template_and_status(api):
+async def test_metrics_count_by_route_template_and_status(api, admin_client):
     payment = await api.authorize()
     await api.get(f"/v1/payments/{payment['id']}")
     await api.get(f"/v1/payments/pay_{uuid.uuid4().hex}")
-    resp = await api.client.get("/metrics")
+    resp = await admin_client.get("/metrics")
     assert resp.status == 200 and resp.content_type == "text/plain"
     text = await resp.text()
     assert 'gateway_http_requests_total{method="POST",route="/v1/payments",status="202"}' in text
@@ -263,9 +287,6 @@ async def test_openapi_document_is_valid_and_complete(api_client):
         "/v1/payments/{payment_id}/capture",
         "/v1/payments/{payment_id}/void",
         "/v1/payments/{payment_id}/refund",
-        "/healthz",
-        "/readyz",
-        "/metrics",
         "/openapi.json",
         "/docs",
     }

@@ -1,4 +1,4 @@
-"""The ops console (/ops on gateway-api) against real PostgreSQL and RabbitMQ.
+"""The ops console (/ops on gateway-api's admin listener) against real PostgreSQL and RabbitMQ.
 
 The module has its own database and vhost, like test_cli: the dead-letter
 pages and "replay all" see everything parked. Parked operations are made the
@@ -19,12 +19,11 @@ import aio_pika
 import aiohttp
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from multidict import CIMultiDictProxy
 
 from gateway import config, db, payments, store, topology
 from gateway.api import routes
-from gateway.api.app import create_app
 from gateway.api.ops import auth
 from gateway.api.ops.throttle import FREE_FAILURES
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
@@ -32,6 +31,7 @@ from gateway.ops import rules
 from gateway.timefmt import now
 from harness import services
 from harness.procs import free_port
+from tests.integration.conftest import api_and_admin
 from tests.support import factories
 from tests.support.parked import ParkedWork
 
@@ -72,6 +72,7 @@ class Console(ParkedWork):
     def __init__(self, client: TestClient, pool, broker, vault: CardVault, key: str = ALICE):
         super().__init__(pool, broker, vault, ERROR)
         self.client, self.key = client, key
+        self.public: TestClient | None = None
 
     @property
     def origin(self) -> str:
@@ -112,10 +113,13 @@ async def console_env(server_urls, card_key):
             channel = await broker.channel()
             await topology.declare(channel, rules.parse_ladder(rules.DEFAULT_RETRY_LADDER))
             await channel.close()
-            app = create_app(settings_for(database_url, amqp_url, card_key), pool)
             try:
-                async with TestClient(TestServer(app)) as client:
-                    yield Console(client, pool, broker, CardVault([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))]))
+                async with api_and_admin(settings_for(database_url, amqp_url, card_key), pool) as (public, internal):
+                    console = Console(
+                        internal, pool, broker, CardVault([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))])
+                    )
+                    console.public = public  # the API's public port, where /v1 is
+                    yield console
             finally:
                 await broker.close()
                 await pool.close()
@@ -187,7 +191,7 @@ async def login_from(client: TestClient, address: str, key: str, user: str | Non
 async def test_failed_logins_are_counted_and_locked_out_per_source_and_per_name(console_env, card_key):
     # An app of its own: the names it locks out stay out of the other tests' way.
     settings = settings_for("postgresql://postgres@127.0.0.1:1/none", "amqp://guest:guest@127.0.0.1:1/", card_key)
-    async with TestClient(TestServer(create_app(settings, console_env.pool))) as client:
+    async with api_and_admin(settings, console_env.pool) as (_, client):
         wrong = "ops_key_wrong_0123456789"
         for _ in range(FREE_FAILURES):
             assert (await login_from(client, "127.0.0.2", wrong)).status == 401
@@ -204,19 +208,28 @@ async def test_failed_logins_are_counted_and_locked_out_per_source_and_per_name(
 
 
 async def test_an_ops_key_never_opens_v1(ops):
-    for headers in ({"Authorization": f"Bearer {ALICE}"}, basic(ALICE)):
-        for method, path in (("GET", "/v1/payments?order_id=x"), ("POST", "/v1/payments")):
-            resp = await ops.client.request(method, path, headers={**headers, "Idempotency-Key": "k"})
-            assert resp.status == 401, (headers, path)
-            assert (await resp.json())["error"]["code"] == "unauthorized"
-    resp = await ops.client.get("/v1/payments?order_id=x", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert ops.public is not None
+    for client in (ops.public, ops.client):
+        for headers in ({"Authorization": f"Bearer {ALICE}"}, basic(ALICE)):
+            for method, path in (("GET", "/v1/payments?order_id=x"), ("POST", "/v1/payments")):
+                resp = await client.request(method, path, headers={**headers, "Idempotency-Key": "k"})
+                assert resp.status == 401, (headers, path)
+                assert (await resp.json())["error"]["code"] == "unauthorized"
+    resp = await ops.public.get("/v1/payments?order_id=x", headers={"Authorization": f"Bearer {API_KEY}"})
     assert resp.status == 200  # the FicMart key still works there
+
+
+async def test_the_console_is_not_on_the_public_port(ops):
+    assert ops.public is not None
+    for path in ("/ops", "/ops/", "/ops/dead-letters"):
+        resp = await ops.public.get(path, headers=basic(ALICE))
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
 
 
 async def test_without_ops_keys_the_console_says_it_is_not_configured(console_env, card_key):
     settings = settings_for("postgresql://postgres@127.0.0.1:1/none", "amqp://guest:guest@127.0.0.1:1/", card_key, None)
     assert settings.ops_keys == {}
-    async with TestClient(TestServer(create_app(settings, console_env.pool))) as client:
+    async with api_and_admin(settings, console_env.pool) as (_, client):
         for path, headers in (("/ops/", {}), ("/ops/dead-letters", basic(ALICE)), ("/ops/x", basic(API_KEY))):
             resp = await client.get(path, headers=headers)
             assert resp.status == 404
@@ -549,7 +562,7 @@ async def test_broker_down_the_dead_letter_pages_say_so(console_env, card_key):
     ops = console_env
     dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
     settings = settings_for("postgresql://postgres@127.0.0.1:1/unused", dead_broker, card_key)
-    async with TestClient(TestServer(create_app(settings, ops.pool))) as client:
+    async with api_and_admin(settings, ops.pool) as (_, client):
         resp = await client.get("/ops/", headers=basic(ALICE))
         text = await resp.text()
         assert resp.status == 200 and "payments.dead: unavailable" in text and "could not be asked" in text

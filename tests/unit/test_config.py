@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway import config
+from gateway.api.admin import AdminSettings
 from gateway.cards import SINGLE_KEY_ID, CardKey
 from gateway.config import ConfigError, Settings
 from mockbank.config import Config as BankConfig
@@ -611,6 +612,29 @@ def test_processes_refuse_to_start_without_their_secrets(script, env, variable):
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("configuration error:") and variable in result.stderr
+
+
+def test_the_api_admin_port_defaults_to_9100_and_0_turns_it_off():
+    assert AdminSettings.parse({}).port == 9100
+    assert AdminSettings.parse({"API_ADMIN_PORT": "0"}).port == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "65536", "x", "9100.5"])
+def test_a_bad_api_admin_port_is_refused_naming_it(value):
+    with pytest.raises(ConfigError, match="API_ADMIN_PORT"):
+        AdminSettings.parse({"API_ADMIN_PORT": value})
+
+
+def test_gateway_api_refuses_admin_ports_past_65535_for_its_processes():
+    env = {"PATH": os.environ.get("PATH", ""), **DEV, "CARD_ENCRYPTION_KEY": GOOD_KEY, "API_ADMIN_PORT": "65535"}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "gateway-api"), "--workers", "2", "--port", "8080"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "API_ADMIN_PORT 65535" in result.stderr, result.stderr
 
 
 # ---------------------------------------- worker, relay and mock bank settings

@@ -13,6 +13,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway import config
+from gateway.api.admin import AdminSettings
 from gateway.api.app import create_app
 from gateway.api.routes import STATE
 from worker.consumer import Worker
@@ -110,7 +111,7 @@ def test_every_panel_uses_the_provisioned_datasource(path):
 def test_prometheus_scrapes_each_process_on_its_default_port():
     jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
     ports = {
-        "gateway-api": 8080,
+        "gateway-api": AdminSettings.model_fields["port"].default,
         "gateway-relay": RelaySettings.model_fields["metrics_port"].default,
         "gateway-worker": WorkerSettings.model_fields["metrics_port"].default,
     }
