@@ -11,7 +11,7 @@
     await database_answers(pool)                 the database one alone (the API's too)
 
 gateway-worker and gateway-relay serve an Endpoint on WORKER_METRICS_PORT / RELAY_METRICS_PORT;
-gateway-api serves the same three paths on its own port (gateway.api.routes).
+gateway-api serves the same three paths, with /ops, on its admin listener (gateway.api.admin).
 """
 
 from __future__ import annotations
