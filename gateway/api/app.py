@@ -162,13 +162,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=config.epilog(config.Settings, admin.AdminSettings, unused=("BANK_URL",)),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     parser.add_argument(
         "--admin-host",
         default="127.0.0.1",
         help="address of /metrics, /healthz, /readyz and /ops (API_ADMIN_PORT; default 127.0.0.1, "
         "0.0.0.0 in a container whose network only the monitoring shares)",
     )
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     parser.add_argument(
         "--db-pool-size",
         type=int,
@@ -225,9 +225,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     settings = config.load(uses_card_key=True)
-    admin_port = admin.AdminSettings.load().port
-    if admin_port and admin_port + args.workers - 1 > 65535:
-        config.exit_on_error(lambda: _no_room(admin_port, args.workers))
+    admin_port = config.exit_on_error(lambda: _admin_port(args.workers))
     logs.setup(settings.log_level, "gateway-api")
     if args.workers > 1:
         raise SystemExit(
@@ -236,8 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     _serve(args, settings, admin_port)
 
 
-def _no_room(port: int, workers: int) -> None:
-    raise config.ConfigError(f"API_ADMIN_PORT {port} leaves no room for the admin ports of {workers} processes")
+def _admin_port(workers: int) -> int:
+    """API_ADMIN_PORT (0: no admin listener), with room for one port per process."""
+    port = admin.AdminSettings.from_environment().port
+    if port and port + workers - 1 > 65535:
+        raise config.ConfigError(f"API_ADMIN_PORT {port} leaves no room for the admin ports of {workers} processes")
+    return port
 
 
 def _serve(args: argparse.Namespace, settings: config.Settings, admin_port: int) -> None:
