@@ -339,7 +339,8 @@ class DatabaseTimeouts(EnvSettings):
     db_idle_in_transaction_timeout: float = _db_seconds(
         DbTimeouts.idle_in_transaction,
         "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS",
-        "the server ends a session whose transaction stays idle this long (its locks are released)",
+        "the server ends a session whose transaction stays idle this long (its locks are released); keep it "
+        "above 30 s, the relay's wait for the broker's confirms inside its transaction",
     )
 
     @model_validator(mode="after")
