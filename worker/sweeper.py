@@ -29,6 +29,8 @@
 Several workers may sweep at once: (a), (c) and (d) lock with SKIP LOCKED;
 (a) bumps updated_at in the same transaction; (b) re-checks each payment under
 its lock; (e) runs in one worker at a time, under a session advisory lock.
+A payment that (b), (e) or (f) finds locked by another session past
+DB_LOCK_TIMEOUT_SECONDS is left for the next pass; the others are done.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from datetime import timedelta
 
 import asyncpg
 
-from gateway import logs, messages, payments, store
+from gateway import db, logs, messages, payments, store
 from gateway.ops import reconcile
 from gateway.ops.rules import DEFAULT_ABANDON_AFTER_HOURS
 from gateway.timefmt import iso
@@ -105,10 +107,21 @@ async def expire_lapsed_holds(pool: asyncpg.Pool, limit: int) -> int:
     """Expire every authorized payment whose hold has lapsed; returns how many moved."""
     moved = 0
     for payment_id in await store.lapsed_holds(pool, limit=limit):
-        if await payments.expire_hold(pool, payment_id) is not None:
+        try:
+            expired = await payments.expire_hold(pool, payment_id)
+        except db.TIMED_OUT as exc:
+            _held_elsewhere(payment_id, exc)
+            continue
+        if expired is not None:
             moved += 1
             log.info("hold expired", payment_id=payment_id)
     return moved
+
+
+def _held_elsewhere(payment_id: str, exc: Exception) -> None:
+    """One payment whose row another session holds past the lock timeout: the pass goes on with
+    the others, and a later pass looks again."""
+    log.warning("payment locked elsewhere; left for the next pass", payment_id=payment_id, error=type(exc).__name__)
 
 
 async def close_lapsed_doubts(pool: asyncpg.Pool, limit: int) -> int:
@@ -123,6 +136,9 @@ async def close_lapsed_doubts(pool: asyncpg.Pool, limit: int) -> int:
             await payments.close_lapsed_doubt(pool, row["id"], reason=reason)
         except payments.OpsRefused as exc:  # in flight or changed meanwhile: a later pass looks again
             log.info("possible second hold left flagged", payment_id=row["id"], why=str(exc))
+            continue
+        except db.TIMED_OUT as exc:
+            _held_elsewhere(row["id"], exc)
             continue
         closed += 1
         log.warning("possible second hold closed: lapsed at the bank", payment_id=row["id"])

@@ -46,7 +46,7 @@ from typing import Any
 import asyncpg
 import backoff
 
-from gateway import domain, logs, messages, payments, store
+from gateway import db, domain, logs, messages, payments, store
 from gateway.domain import BankOutcome, Status
 from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
@@ -298,8 +298,18 @@ class _Pass:
     async def settle(self, snapshot: asyncpg.Record, found: list[Finding], repair: bool) -> bool:
         """Store the findings (and act on them with repair): one transaction per payment.
 
-        Returns False when the payment moved while it was checked: nothing is stored.
+        Returns False when the payment moved while it was checked, or another session held it
+        past the lock timeout: nothing is stored, and a later pass checks it again.
         """
+        try:
+            return await self._settle(snapshot, found, repair)
+        except db.TIMED_OUT as exc:
+            log.warning(
+                "payment locked elsewhere; left for the next pass", payment_id=snapshot["id"], error=type(exc).__name__
+            )
+            return False
+
+    async def _settle(self, snapshot: asyncpg.Record, found: list[Finding], repair: bool) -> bool:
         expire_after = False
         async with self.pool.acquire() as conn, conn.transaction():
             row = await store.reconcile_lock_payment(conn, payment_id=snapshot["id"])

@@ -14,6 +14,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import orjson
 import pytest
 
@@ -208,3 +209,32 @@ async def test_a_possible_second_hold_closes_itself_once_the_hold_has_lapsed_at_
     causes = await pool.fetch("SELECT cause FROM payment_history WHERE payment_id = $1 ORDER BY id", lapsed)
     assert "ops:sweeper:lapsed:any second hold has lapsed at the bank" in causes[-1]["cause"]
     assert sum("ops:sweeper:lapsed" in c["cause"] for c in causes) == 1
+
+
+async def lapsed_hold(pool, vault) -> str:
+    """An authorized payment whose hold lapsed at the bank an hour ago."""
+    pid = await factories.authorize(pool, vault, 800)
+    op = await pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
+    claim = await payments.claim(pool, op, "test-worker", 30)
+    assert isinstance(claim, payments.Claim)
+    expired = iso(datetime.now(UTC) - timedelta(hours=1))
+    approval = BankOutcome("ok", 200, body={"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": expired})
+    assert await payments.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1)
+    return pid
+
+
+async def test_a_payment_locked_elsewhere_waits_for_the_next_pass_and_the_others_expire(pool, vault, database_url):
+    held, free = await lapsed_hold(pool, vault), await lapsed_hold(pool, vault)
+    other = await asyncpg.connect(database_url)  # a stuck session holding one payment's row
+    try:
+        locking = other.transaction()
+        await locking.start()
+        await other.execute("SELECT 1 FROM payments WHERE id = $1 FOR UPDATE", held)
+        await sweeper.expire_lapsed_holds(pool, 100)  # no error: past the lock timeout, the next one
+        await locking.rollback()
+    finally:
+        await other.close()
+    statuses = dict(await pool.fetch("SELECT id, status FROM payments WHERE id = ANY($1)", [held, free]))
+    assert statuses == {held: "authorized", free: "expired"}
+    await sweeper.expire_lapsed_holds(pool, 100)  # the next pass
+    assert await pool.fetchval("SELECT status FROM payments WHERE id = $1", held) == "expired"

@@ -17,6 +17,7 @@ import time
 import uuid
 from datetime import timedelta
 
+import asyncpg
 import orjson
 import pytest
 
@@ -340,3 +341,22 @@ async def test_the_worker_reconciles_periodically_one_worker_at_a_time(books):
     assert row["amount"] == paid["amount"] + 1
     # Its lock was released: the next tick runs again.
     assert await sweeper.reconcile_once(books.pool, books.bank, rate=50, limit=20) is not None
+
+
+async def test_a_payment_locked_elsewhere_is_left_for_the_next_pass(books):
+    held, free = await books.payment(upto="authorized"), await books.payment(upto="authorized")
+    for row in (held, free):
+        await books.corrupt(row["id"], amount=row["amount"] + 1)
+    other = await asyncpg.connect(books.database_url)  # a stuck session holding one payment's row
+    try:
+        locking = other.transaction()
+        await locking.start()
+        await other.execute("SELECT 1 FROM payments WHERE id = $1 FOR UPDATE", held["id"])
+        report = await run_reconciliation(books.pool, books.bank, rate_per_second=50, limit=10)
+        await locking.rollback()
+    finally:
+        await other.close()
+    assert (report.checked, report.moved) == (1, 1)
+    assert {f.payment_id for f in report.findings} == {free["id"]}
+    report = await run_reconciliation(books.pool, books.bank, rate_per_second=50, limit=10)
+    assert {f.payment_id for f in report.findings} == {held["id"], free["id"]}
