@@ -258,3 +258,36 @@ BEGIN
          WHERE h.before IS DISTINCT FROM h.status);
 END
 $$;
+
+-- The events feed (GET /v1/events) and the webhooks' source: every payment event written
+-- to the outbox, kept EVENT_RETENTION_DAYS (30) after the relay has deleted its outbox row.
+-- `txid` is the writing transaction's id. A reader orders by (txid, id) and shows only
+-- events of transactions older than every transaction still running
+-- (pg_snapshot_xmin): an event committed late belongs to a transaction that was running
+-- when a reader looked, so the reader had not gone past it, and a cursor never skips it.
+-- No counter row serialises the payment transactions (docs/api.md, TRADEOFFS.md).
+CREATE TABLE IF NOT EXISTS events (
+    id          bigserial PRIMARY KEY,
+    merchant    text NOT NULL,
+    event_id    text NOT NULL UNIQUE,                   -- evt_..., the body's event_id
+    body        bytea NOT NULL,                         -- exactly the RabbitMQ message's body
+    txid        bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS events_feed ON events (merchant, txid, id);
+CREATE INDEX IF NOT EXISTS events_age ON events (created_at);
+
+-- Every event row of the outbox is recorded as it is written, in its transaction, whatever
+-- statement writes it. The relay putting back a row it could not publish records nothing twice.
+CREATE OR REPLACE FUNCTION record_events() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO events (merchant, event_id, body, created_at)
+    SELECT i.headers ->> 'merchant', i.message_id, i.body, i.created_at
+      FROM inserted i
+     WHERE i.exchange LIKE 'payments.events%' AND i.headers ? 'merchant'
+    ON CONFLICT (event_id) DO NOTHING;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER outbox_events AFTER INSERT ON outbox REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION record_events();

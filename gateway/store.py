@@ -95,7 +95,8 @@ _outbox = load(SQL_DIR / "outbox.sql")
 _ops = load(SQL_DIR / "ops.sql")
 _metrics = load(SQL_DIR / "metrics.sql")
 _vault = load(SQL_DIR / "vault.sql")
-_FILES = (_payments, _views, _worker, _outbox, _ops, _metrics, _vault)
+_feed = load(SQL_DIR / "events.sql")
+_FILES = (_payments, _views, _worker, _outbox, _ops, _metrics, _vault, _feed)
 
 
 def statements() -> dict[str, str]:
@@ -637,6 +638,35 @@ async def try_lock_reconciliation(db: Connection) -> bool:
 
 async def unlock_reconciliation(db: Connection) -> None:
     await _ops.unlock_reconciliation(db, lock=RECONCILIATION_LOCK)
+
+
+# ---- the events feed (gateway/feed.py) ------------------------------------------------
+
+
+class FeedPosition(NamedTuple):
+    """An event's place in its merchant's feed: (writing transaction, row id)."""
+
+    txid: int
+    id: int
+
+
+FEED_START = FeedPosition(0, 0)
+
+
+async def event_position(db: Executor, *, merchant: str, event_id: str) -> FeedPosition | None:
+    row = await _feed.event_position(db, merchant=merchant, event_id=event_id)
+    return FeedPosition(row["txid"], row["id"]) if row else None
+
+
+async def events_after(db: Executor, *, merchant: str, after: FeedPosition, limit: int) -> list[asyncpg.Record]:
+    """Up to `limit` events (id, event_id, body) of the merchant after `after`, in feed order."""
+    return await _rows(_feed.events_after, db, merchant=merchant, txid=after.txid, id=after.id, limit=limit)
+
+
+async def prune_events(db: Executor, *, retention_seconds: float, limit: int) -> int:
+    """Delete up to `limit` events older than `retention_seconds`; returns how many."""
+    status = await _feed.prune_events(db, retention_seconds=retention_seconds, limit=limit)
+    return int(status.split()[-1])
 
 
 # ---- the relay (worker/relay.py) --------------------------------------------------------

@@ -18,6 +18,7 @@ from gateway.ops.rules import OpsRules, RetryLadder, retry_ladder_field
 DEFAULT_KEY_RETENTION_HOURS = 48.0
 MIN_KEY_RETENTION_HOURS = 24.0  # docs/api.md: "Keys are kept at least 24 hours"
 DEFAULT_PRUNE_BATCH_SIZE = 500
+DEFAULT_EVENT_RETENTION_DAYS = 30.0  # docs/api.md: the events feed keeps events 30 days
 
 
 def _seconds(default: float, alias: str, description: str, *, gt: float | None = 0, ge: float | None = None) -> Any:
@@ -146,6 +147,13 @@ class WorkerSettings(OpsRules):
     )
     prune_batch: int = _count(
         DEFAULT_PRUNE_BATCH_SIZE, "IDEMPOTENCY_PRUNE_BATCH_SIZE", "stored API responses deleted per transaction"
+    )
+    event_retention_days: float = _seconds(
+        DEFAULT_EVENT_RETENTION_DAYS,
+        "EVENT_RETENTION_DAYS",
+        "events older than this leave the events feed (at least 30: the API promises it)",
+        gt=None,
+        ge=DEFAULT_EVENT_RETENTION_DAYS,
     )
 
     @property

@@ -18,6 +18,9 @@
     PRUNE_BATCHES_PER_PASS per pass). The API only inserts keys, so a batch
     never holds up a request.
 
+(d') Old events: the events feed's rows older than EVENT_RETENTION_DAYS, the same
+    way, in batches of IDEMPOTENCY_PRUNE_BATCH_SIZE.
+
 (e) Reconciliation, every RECONCILE_INTERVAL_SECONDS: receipts against the
     bank's books (gateway.ops.reconcile), repairing only what moves no money.
 (f) Lapsed doubts: a payment flagged possible_duplicate_hold (an attempt's answer lost
@@ -36,7 +39,7 @@ DB_LOCK_TIMEOUT_SECONDS is left for the next pass; the others are done.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -47,6 +50,7 @@ from gateway.ops import reconcile
 from gateway.ops.rules import DEFAULT_ABANDON_AFTER_HOURS
 from gateway.timefmt import iso
 from worker.settings import (
+    DEFAULT_EVENT_RETENTION_DAYS,
     DEFAULT_KEY_RETENTION_HOURS,
     DEFAULT_PRUNE_BATCH_SIZE,
     WorkerSettings,
@@ -69,14 +73,16 @@ class Housekeeping:
     card_max_age: timedelta = timedelta(hours=DEFAULT_ABANDON_AFTER_HOURS)
     key_retention: timedelta = timedelta(hours=DEFAULT_KEY_RETENTION_HOURS)
     prune_batch: int = DEFAULT_PRUNE_BATCH_SIZE
+    event_retention: timedelta = timedelta(days=DEFAULT_EVENT_RETENTION_DAYS)
 
     @classmethod
     def of(cls, cfg: WorkerSettings) -> Housekeeping:
-        """ABANDON_AFTER_HOURS, IDEMPOTENCY_KEY_RETENTION_HOURS and IDEMPOTENCY_PRUNE_BATCH_SIZE."""
+        """ABANDON_AFTER_HOURS, IDEMPOTENCY_KEY_RETENTION_HOURS, IDEMPOTENCY_PRUNE_BATCH_SIZE, EVENT_RETENTION_DAYS."""
         return cls(
             card_max_age=timedelta(hours=cfg.abandon_after_hours),
             key_retention=timedelta(hours=cfg.key_retention_hours),
             prune_batch=cfg.prune_batch,
+            event_retention=timedelta(days=cfg.event_retention_days),
         )
 
 
@@ -89,6 +95,7 @@ class Sweep:
     cards_purged: int = 0
     keys_pruned: int = 0
     doubts_closed: int = 0
+    events_pruned: int = 0
 
 
 async def requeue_stuck(pool: asyncpg.Pool, idle_seconds: float, limit: int) -> int:
@@ -153,16 +160,30 @@ async def purge_old_cards(pool: asyncpg.Pool, max_age: timedelta, limit: int) ->
     return len(purged)
 
 
-async def prune_idempotency_keys(pool: asyncpg.Pool, retention: timedelta, batch: int) -> int:
-    """Delete stored API responses older than `retention`, `batch` rows per transaction; returns how many."""
+async def _prune(prune: Callable[..., Awaitable[int]], pool: asyncpg.Pool, retention: timedelta, batch: int) -> int:
+    """`prune` (a store statement) `batch` rows per transaction until a batch comes back short."""
     total = 0
     for _ in range(PRUNE_BATCHES_PER_PASS):
-        deleted = await store.prune_idempotency_keys(pool, retention_seconds=retention.total_seconds(), limit=batch)
+        deleted = await prune(pool, retention_seconds=retention.total_seconds(), limit=batch)
         total += deleted
         if deleted < batch:
             break
+    return total
+
+
+async def prune_idempotency_keys(pool: asyncpg.Pool, retention: timedelta, batch: int) -> int:
+    """Delete stored API responses older than `retention`, `batch` rows per transaction; returns how many."""
+    total = await _prune(store.prune_idempotency_keys, pool, retention, batch)
     if total:
         log.info("idempotency keys pruned", deleted=total, retention_hours=retention.total_seconds() / 3600)
+    return total
+
+
+async def prune_events(pool: asyncpg.Pool, retention: timedelta, batch: int) -> int:
+    """Delete events older than `retention` from the events feed, `batch` rows per transaction."""
+    total = await _prune(store.prune_events, pool, retention, batch)
+    if total:
+        log.info("events pruned", deleted=total, retention_days=retention.total_seconds() / 86400)
     return total
 
 
@@ -180,6 +201,7 @@ async def sweep_once(
         cards_purged=await purge_old_cards(pool, housekeeping.card_max_age, limit),
         keys_pruned=await prune_idempotency_keys(pool, housekeeping.key_retention, housekeeping.prune_batch),
         doubts_closed=await close_lapsed_doubts(pool, limit),
+        events_pruned=await prune_events(pool, housekeeping.event_retention, housekeeping.prune_batch),
     )
 
 

@@ -21,6 +21,7 @@ _MODELS: list[type[BaseModel]] = [
     schemas.ActionIn,
     schemas.Payment,
     schemas.PaymentList,
+    schemas.EventList,
     schemas.ErrorResponse,
 ]
 
@@ -248,6 +249,33 @@ def build() -> dict:
         "/v1/payments/{payment_id}/refund": action(
             "refund", "refunding", "Only a `captured` payment can be refunded, once (409 otherwise)."
         ),
+        "/v1/events": {
+            "get": {
+                "operationId": "list_events",
+                "summary": "The events feed: this API key's payment events since a cursor",
+                "description": (
+                    "Every event published on RabbitMQ for this API key's payments, with the same body, "
+                    "oldest first, kept 30 days. Pass the last event id you processed as `after` "
+                    "(`next_after` of the previous page; none: from the start of what is kept) and ask "
+                    "again while `has_more` is true. Events appear in the order their transactions "
+                    "committed, once no earlier transaction can still commit, so a cursor never skips "
+                    "an event that was committed late; the events of one payment are always in order. "
+                    "With `wait=N` (0-30 seconds) and nothing after the cursor, the request is held "
+                    "until an event arrives or N seconds pass, then answers (possibly an empty page). "
+                    "Delivery is at least once: dedupe on `event_id`. An unknown `after` (another "
+                    "key's event, or one pruned after 30 days) gets 404 `event_not_found`."
+                ),
+                "tags": ["events"],
+                "security": auth,
+                "parameters": [*_query_params(schemas.EventsQuery), request_id],
+                "responses": {
+                    "200": _ok("a page of events", "EventList"),
+                    "404": _error(404, "`event_not_found`: `after` names no event of this API key"),
+                    "422": _error(422, "`validation_error` (with `details`): bad `after`, `limit` or `wait`"),
+                    **{str(k): v for k, v in v1_errors.items()},
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",
@@ -287,6 +315,7 @@ def build() -> dict:
         "info": {"title": "FicMart payment gateway", "version": "1.0.0", "description": DESCRIPTION},
         "tags": [
             {"name": "payments", "description": "authorize, capture, void, refund, read"},
+            {"name": "events", "description": "the events feed: every payment event since a cursor"},
             {"name": "operations", "description": "this document"},
         ],
         "paths": paths,

@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
-from gateway import logs, payments, store, views
+from gateway import feed, logs, payments, store, views
 from gateway.api import docs, schemas
 from gateway.api.admission import Refused
 from gateway.api.errors import JSON, ApiError
@@ -332,22 +332,25 @@ async def get_payment(request: web.Request) -> web.Response:
         no_room = admission.wait_refusal(merchant)
         if no_room is not None:
             raise Refused(no_room)
-
-        @contextlib.contextmanager
-        def parked() -> Iterator[None]:
-            with admission.parked(merchant):
-                request[ENDS_WITH_CLIENT] = True
-                try:
-                    yield
-                finally:
-                    request[ENDS_WITH_CLIENT] = False
-
-        payment = await state.watcher.wait_settled(payment_id, merchant, read, query.wait, parked=parked)
+        payment = await state.watcher.wait_settled(
+            payment_id, merchant, read, query.wait, parked=lambda: _parked(request, merchant)
+        )
     else:
         payment = await read()
     if payment is None:
         raise ApiError(404, "payment_not_found", "no such payment")
     return _json(200, payment)
+
+
+@contextlib.contextmanager
+def _parked(request: web.Request, merchant: str) -> Iterator[None]:
+    """A long poll waiting: not work in flight (admission), and ended when its client goes."""
+    with request.app[ADMISSION].parked(merchant):
+        request[ENDS_WITH_CLIENT] = True
+        try:
+            yield
+        finally:
+            request[ENDS_WITH_CLIENT] = False
 
 
 async def list_payments(request: web.Request) -> web.Response:
@@ -366,6 +369,28 @@ async def list_payments(request: web.Request) -> web.Response:
     return _json(200, {"data": data, "has_more": has_more})
 
 
+# ---- /v1/events --------------------------------------------------------------------------
+
+
+async def list_events(request: web.Request) -> web.Response:
+    query = _query(schemas.EventsQuery, request)
+    pool, merchant = request.app[STATE].pool, request[CALLER]
+    try:
+        if query.wait > 0:
+            no_room = request.app[ADMISSION].wait_refusal(merchant)
+            if no_room is not None:
+                raise Refused(no_room)
+            with _parked(request, merchant):
+                page = await feed.wait(pool, merchant, after=query.after, limit=query.limit, seconds=query.wait)
+        else:
+            page = await feed.read(pool, merchant, after=query.after, limit=query.limit)
+    except feed.UnknownCursor:
+        raise ApiError(
+            404, "event_not_found", "after names no event (or one older than 30 days)", param="after"
+        ) from None
+    return _json(200, page.json())
+
+
 # ---- operations -------------------------------------------------------------------------
 
 
@@ -378,6 +403,7 @@ def setup(app: web.Application) -> None:
     r.add_post("/v1/payments", authorize, name="authorize")
     r.add_get("/v1/payments", list_payments, name="list_payments")
     r.add_get("/v1/payments/{payment_id}", get_payment, name="get_payment")
+    r.add_get("/v1/events", list_events, name="list_events")
     for kind in Action:
         r.add_post(f"/v1/payments/{{payment_id}}/{kind.value}", action(kind), name=f"{kind.value}_payment")
     r.add_get("/openapi.json", openapi_json, name="openapi")

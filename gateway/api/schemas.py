@@ -28,6 +28,7 @@ MAX_WAIT = 30
 REF_PATTERN = r"^[\x21-\x7e]+$"
 PAYMENT_ID_PATTERN = r"^pay_[0-9a-f]{32}$"
 PAYMENT_ID = re.compile(PAYMENT_ID_PATTERN)
+EVENT_ID_PATTERN = r"^evt_[0-9a-f]{32}$"
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"
 IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
@@ -119,6 +120,23 @@ class ListQuery(_Query):
         return self
 
 
+class EventsQuery(_Query):
+    after: Annotated[str, Field(pattern=EVENT_ID_PATTERN)] | None = Field(
+        default=None,
+        description="the last event id processed (`next_after` of the previous page); none: from the start",
+    )
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = 10
+    wait: Annotated[
+        float,
+        Field(
+            default=0,
+            ge=0,
+            le=MAX_WAIT,
+            description="seconds to hold the request while there is no event after the cursor (long poll)",
+        ),
+    ]
+
+
 # ---- responses (documentation) --------------------------------------------------------
 
 
@@ -169,6 +187,32 @@ class Payment(BaseModel):
 class PaymentList(BaseModel):
     data: list[Payment]
     has_more: bool
+
+
+class Event(BaseModel):
+    """A payment event: the same body as the RabbitMQ message."""
+
+    event_id: Annotated[str, Field(pattern=EVENT_ID_PATTERN)]
+    type: Literal[
+        "payment.authorized",
+        "payment.declined",
+        "payment.captured",
+        "payment.voided",
+        "payment.refunded",
+        "payment.expired",
+        "payment.attention_required",
+    ]
+    occurred_at: datetime
+    merchant: str
+    payment: Payment
+
+
+class EventList(BaseModel):
+    data: list[Event] = Field(description="oldest first, in feed order")
+    has_more: bool = Field(description="more events follow now: ask again with `after` = `next_after`")
+    next_after: str | None = Field(
+        description="the cursor for the next page: the last event of this page (the request's own when it is empty)"
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -287,6 +287,7 @@ async def test_openapi_document_is_valid_and_complete(api_client):
         "/v1/payments/{payment_id}/capture",
         "/v1/payments/{payment_id}/void",
         "/v1/payments/{payment_id}/refund",
+        "/v1/events",
         "/openapi.json",
         "/docs",
     }
