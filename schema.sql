@@ -277,15 +277,53 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_feed ON events (merchant, txid, id);
 CREATE INDEX IF NOT EXISTS events_age ON events (created_at);
 
+-- A merchant's webhook endpoint (gatewayctl webhooks, /ops): every event of the merchant is
+-- POSTed to it, signed (gateway/webhook_rules.py). Secrets are sealed with AES-GCM under a key
+-- derived from CARD_ENCRYPTION_KEY, so a reader of the database cannot sign a request.
+CREATE TABLE IF NOT EXISTS webhook_endpoints (
+    merchant          text PRIMARY KEY,
+    url               text NOT NULL,
+    enabled           boolean NOT NULL DEFAULT true,
+    secret            bytea NOT NULL,
+    -- The secret before the last rotation, still signed with until old_secret_until.
+    old_secret        bytea,
+    old_secret_until  timestamptz,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    updated_at        timestamptz NOT NULL DEFAULT now()
+);
+
+-- One delivery per event of a merchant with an enabled endpoint (gateway-webhooks), written
+-- with the event. Pending until a 2xx (delivered) or until the retries run out (failed: shown
+-- by gatewayctl webhooks failed and /ops, from where it is resent). A claimed delivery's
+-- next_attempt_at is pushed past the attempt (a lease): a deliverer that dies leaves it due again.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    event_id         bigint PRIMARY KEY REFERENCES events (id) ON DELETE CASCADE,
+    merchant         text NOT NULL,
+    status           text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts         integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    retry_since      timestamptz NOT NULL DEFAULT now(),  -- the retry window (3 days) starts here
+    last_error       text,
+    finished_at      timestamptz
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_failed ON webhook_deliveries (merchant, finished_at) WHERE status = 'failed';
+
 -- Every event row of the outbox is recorded as it is written, in its transaction, whatever
--- statement writes it. The relay putting back a row it could not publish records nothing twice.
+-- statement writes it, with a delivery when its merchant has an enabled webhook endpoint.
+-- The relay putting back a row it could not publish records nothing twice.
 CREATE OR REPLACE FUNCTION record_events() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO events (merchant, event_id, body, created_at)
-    SELECT i.headers ->> 'merchant', i.message_id, i.body, i.created_at
-      FROM inserted i
-     WHERE i.exchange LIKE 'payments.events%' AND i.headers ? 'merchant'
-    ON CONFLICT (event_id) DO NOTHING;
+    WITH recorded AS (
+        INSERT INTO events (merchant, event_id, body, created_at)
+        SELECT i.headers ->> 'merchant', i.message_id, i.body, i.created_at
+          FROM inserted i
+         WHERE i.exchange LIKE 'payments.events%' AND i.headers ? 'merchant'
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING id, merchant)
+    INSERT INTO webhook_deliveries (event_id, merchant)
+    SELECT r.id, r.merchant
+      FROM recorded r JOIN webhook_endpoints w ON w.merchant = r.merchant AND w.enabled;
     RETURN NULL;
 END $$;
 

@@ -96,7 +96,8 @@ _ops = load(SQL_DIR / "ops.sql")
 _metrics = load(SQL_DIR / "metrics.sql")
 _vault = load(SQL_DIR / "vault.sql")
 _feed = load(SQL_DIR / "events.sql")
-_FILES = (_payments, _views, _worker, _outbox, _ops, _metrics, _vault, _feed)
+_webhooks = load(SQL_DIR / "webhooks.sql")
+_FILES = (_payments, _views, _worker, _outbox, _ops, _metrics, _vault, _feed, _webhooks)
 
 
 def statements() -> dict[str, str]:
@@ -667,6 +668,74 @@ async def prune_events(db: Executor, *, retention_seconds: float, limit: int) ->
     """Delete up to `limit` events older than `retention_seconds`; returns how many."""
     status = await _feed.prune_events(db, retention_seconds=retention_seconds, limit=limit)
     return int(status.split()[-1])
+
+
+# ---- webhooks (gateway/webhooks.py, worker/webhook_delivery.py) -------------------------
+
+
+async def upsert_webhook_endpoint(db: Executor, *, merchant: str, url: str, secret: bytes) -> asyncpg.Record:
+    """merchant, url, secret (the stored one: `secret` only for a new endpoint), created."""
+    return await _webhooks.upsert_webhook_endpoint(db, merchant=merchant, url=url, secret=secret)
+
+
+async def rotate_webhook_secret(
+    db: Executor, *, merchant: str, secret: bytes, overlap_seconds: float
+) -> asyncpg.Record | None:
+    """merchant, old_secret_until; None when the merchant has no endpoint."""
+    return await _webhooks.rotate_webhook_secret(db, merchant=merchant, secret=secret, overlap_seconds=overlap_seconds)
+
+
+async def disable_webhook_endpoint(db: Executor, *, merchant: str) -> bool:
+    return await _webhooks.disable_webhook_endpoint(db, merchant=merchant) is not None
+
+
+async def webhook_endpoints(db: Executor) -> list[asyncpg.Record]:
+    return await _rows(_webhooks.webhook_endpoints, db)
+
+
+async def webhook_endpoint(db: Executor, *, merchant: str) -> asyncpg.Record | None:
+    return await _webhooks.webhook_endpoint(db, merchant=merchant)
+
+
+async def failed_webhook_deliveries(db: Executor, *, merchant: str | None, limit: int) -> list[asyncpg.Record]:
+    return await _rows(_webhooks.failed_webhook_deliveries, db, merchant=merchant, limit=limit)
+
+
+async def resend_webhook_events(db: Executor, *, event_ids: Sequence[str]) -> list[str]:
+    """The event ids queued again (unknown ones, pending ones and those without an endpoint are not)."""
+    return [r["event_id"] for r in await _rows(_webhooks.resend_webhook_events, db, event_ids=list(event_ids))]
+
+
+async def resend_failed_webhook_deliveries(db: Executor, *, merchant: str | None) -> int:
+    status = await _webhooks.resend_failed_webhook_deliveries(db, merchant=merchant)
+    return int(status.split()[-1])
+
+
+async def claim_webhook_deliveries(
+    db: Executor, *, limit: int, busy: Sequence[str], lease_seconds: float
+) -> list[asyncpg.Record]:
+    return await _rows(
+        _webhooks.claim_webhook_deliveries, db, limit=limit, busy=list(busy), lease_seconds=lease_seconds
+    )
+
+
+class WebhookAttempt(NamedTuple):
+    """How one attempt ended: status delivered, failed, or pending with `next_at`."""
+
+    id: int
+    status: Literal["delivered", "failed", "pending"]
+    next_at: datetime | None
+    error: str | None
+
+
+async def record_webhook_attempts(db: Executor, *, attempts: Sequence[WebhookAttempt]) -> None:
+    await _webhooks.record_webhook_attempts(
+        db,
+        ids=[a.id for a in attempts],
+        statuses=[a.status for a in attempts],
+        next_at=[a.next_at for a in attempts],
+        errors=[a.error for a in attempts],
+    )
 
 
 # ---- the relay (worker/relay.py) --------------------------------------------------------

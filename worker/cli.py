@@ -14,6 +14,7 @@
     gatewayctl rekey-cards [--batch N]       seal every vaulted card under the newest card key
     gatewayctl ops-key NAME                  a new /ops key (worker/keycommands.py)
     gatewayctl broker-account --merchant NAME   a merchant's own RabbitMQ account (worker/brokeraccount.py)
+    gatewayctl webhooks set|rotate-secret|list|disable|failed|resend   (worker/webhooks_cli.py)
 
 Every command takes --json (machine output on stdout). Exit codes: 0 done /
 nothing to report, 1 something needs a human (findings, a refused or failed
@@ -36,7 +37,6 @@ import logging
 import os
 import sys
 import textwrap
-from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
@@ -52,35 +52,23 @@ from gateway.ops.deadletters import MAX_DEAD_LETTERS, BrokerUnavailable, DeadLet
 from gateway.ops.rules import OpsRules
 from gateway.redact import hide_passwords
 from gateway.timefmt import iso
-from worker import brokeraccount, keycommands
+from worker import brokeraccount, keycommands, webhooks_cli
 from worker.bank import BankClient
+from worker.ctlkit import (
+    EXIT_ATTENTION,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Unavailable,
+)
+from worker.ctlkit import connect as _pool
+from worker.ctlkit import emit_json as _emit_json
+from worker.ctlkit import table as _table
 
-EXIT_OK = 0
-EXIT_ATTENTION = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-
-CONNECT_TIMEOUT = 10.0
 BANK_TIMEOUT = 20.0
 
 
-class Unavailable(Exception):
-    """PostgreSQL cannot be reached (exit 3, as is deadletters.BrokerUnavailable)."""
-
-
 # ---- output -----------------------------------------------------------------------------
-
-
-def _emit_json(doc: Any) -> None:
-    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
-
-
-def _table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
-    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join(lines)
 
 
 def _error_text(error: Any) -> str | None:
@@ -94,25 +82,6 @@ def _error_text(error: Any) -> str | None:
     if isinstance(error, dict):
         return f"{error.get('code')}: {error.get('message')}"
     return str(error)
-
-
-# ---- connections and settings -----------------------------------------------------------
-
-
-async def _pool(settings: config.Settings) -> asyncpg.Pool:
-    try:
-        return await db.create_pool(
-            settings.database_url, min_size=1, max_size=10, timeouts=settings.db_timeouts, timeout=CONNECT_TIMEOUT
-        )
-    except asyncpg.InvalidCatalogNameError:
-        raise Unavailable(
-            f"the database of {hide_passwords(settings.database_url)} does not exist: "
-            "create it (createdb), then run `gatewayctl migrate`"
-        ) from None
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise Unavailable(
-            f"cannot connect to PostgreSQL at {hide_passwords(settings.database_url)}: {type(exc).__name__}: {exc}"
-        ) from None
 
 
 # ---- migrate ----------------------------------------------------------------------------
@@ -946,6 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_reconcile)
     keycommands.add_commands(commands, parents=[json_flag], formatter_class=fmt, open_pool=_pool)
     brokeraccount.add_parser(commands, parents=[json_flag], formatter_class=fmt)
+    webhooks_cli.add_parser(commands, json_flag, fmt)
     return parser
 
 

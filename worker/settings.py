@@ -160,3 +160,22 @@ class WorkerSettings(OpsRules):
     def lease_seconds(self) -> float:
         """Longer than any bank call can last, so a lease never ends while its call may run."""
         return self.bank_timeout + self.lease_margin
+
+
+class WebhookSettings(EnvSettings):
+    """gateway-webhooks: delivering events to the merchants' webhook endpoints."""
+
+    concurrency: int = _count(256, "WEBHOOK_CONCURRENCY", "deliveries in flight at once, all endpoints together")
+    endpoint_concurrency: int = _count(
+        16, "WEBHOOK_ENDPOINT_CONCURRENCY", "deliveries in flight at once to one endpoint"
+    )
+    retry_base: float = _seconds(
+        10.0, "WEBHOOK_RETRY_BASE_SECONDS", "delay after a delivery's first failure; it doubles with each failure"
+    )
+    retry_max: float = _seconds(3600.0, "WEBHOOK_RETRY_MAX_SECONDS", "longest delay between two tries of a delivery")
+    retry_window_hours: float = _seconds(
+        72.0, "WEBHOOK_RETRY_WINDOW_HOURS", "a delivery not delivered this long after its first try is failed"
+    )
+    poll_seconds: float = _seconds(0.5, "WEBHOOK_POLL_SECONDS", "how often due deliveries are looked for when idle")
+    metrics_port: int = _metrics_port(9103, "WEBHOOK_METRICS_PORT")
+    nice: int = nice_field("PIPELINE_NICE", "CPU priority of the deliverer (0-19): the API and the database go first")

@@ -1,0 +1,218 @@
+"""gatewayctl webhooks: the merchants' webhook endpoints and their failed deliveries.
+
+    gatewayctl webhooks set --merchant NAME --url URL     register or change; prints secret=<value>
+    gatewayctl webhooks rotate-secret --merchant NAME     a new secret; the old one signs 24 h more
+    gatewayctl webhooks list                              endpoints, deliveries pending and failed
+    gatewayctl webhooks disable --merchant NAME           stop delivering (set enables it again)
+    gatewayctl webhooks failed [--merchant NAME]          deliveries that ran out of retries
+    gatewayctl webhooks resend EVENT_ID... | --all-failed [--merchant NAME]
+
+What each does is gateway/webhooks.py (the /ops console calls the same); this module parses,
+prints and picks the exit code (worker/ctlkit.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from gateway import config, webhooks
+from gateway.config import PUBLISHED_CARD_KEYS
+from gateway.timefmt import iso
+from gateway.webhook_rules import SecretBox, UrlRefused
+from worker.ctlkit import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, connect, emit_json, table
+
+
+class _Usage(Exception):
+    """Bad input or configuration for this command (exit 2)."""
+
+
+def _box(settings: config.Settings) -> SecretBox:
+    """Secrets are sealed under CARD_ENCRYPTION_KEY: the deliverer must be given the same key."""
+    if settings.card_key is None:
+        raise _Usage("CARD_ENCRYPTION_KEY is required: webhook secrets are sealed with it (give the deliverer's)")
+    if settings.card_key in PUBLISHED_CARD_KEYS and not settings.development:
+        raise _Usage("CARD_ENCRYPTION_KEY is a published development key: refused unless GATEWAY_ENV=development")
+    return SecretBox(settings.card_key)
+
+
+async def cmd_set(args, settings: config.Settings) -> int:
+    box = _box(settings)
+    pool = await connect(settings)
+    try:
+        done = await webhooks.register(pool, box, args.merchant, args.url, development=settings.development)
+    finally:
+        await pool.close()
+    if args.json:
+        emit_json({"merchant": done.merchant, "url": done.url, "created": done.created, "secret": done.secret})
+        return EXIT_OK
+    print(f"{'registered' if done.created else 'changed'} the webhook endpoint of {done.merchant}: {done.url}")
+    print("give the shop its signing secret (it verifies Gateway-Signature with it):")
+    print(f"secret={done.secret}")
+    return EXIT_OK
+
+
+async def cmd_rotate(args, settings: config.Settings) -> int:
+    box = _box(settings)
+    pool = await connect(settings)
+    try:
+        done = await webhooks.rotate(pool, box, args.merchant)
+    finally:
+        await pool.close()
+    if args.json:
+        emit_json({"merchant": done.merchant, "secret": done.secret, "old_secret_until": iso(done.old_secret_until)})
+        return EXIT_OK
+    print(f"new signing secret of {done.merchant}; the old one still signs until {iso(done.old_secret_until)}")
+    print(f"secret={done.secret}")
+    return EXIT_OK
+
+
+async def cmd_list(args, settings: config.Settings) -> int:
+    pool = await connect(settings)
+    try:
+        rows = await webhooks.endpoints(pool)
+    finally:
+        await pool.close()
+    if args.json:
+        emit_json([{**r, "old_secret_until": iso(r["old_secret_until"])} for r in rows])
+        return EXIT_OK
+    if not rows:
+        print("no webhook endpoints (gatewayctl webhooks set --merchant NAME --url URL)")
+        return EXIT_OK
+    print(
+        table(
+            ["MERCHANT", "URL", "ENABLED", "PENDING", "FAILED", "OLD SECRET UNTIL"],
+            (
+                (r["merchant"], r["url"], "yes" if r["enabled"] else "no", r["pending"], r["failed"])
+                + (iso(r["old_secret_until"]),)
+                for r in rows
+            ),
+        )
+    )
+    return EXIT_OK
+
+
+async def cmd_disable(args, settings: config.Settings) -> int:
+    pool = await connect(settings)
+    try:
+        await webhooks.disable(pool, args.merchant)
+    finally:
+        await pool.close()
+    if args.json:
+        emit_json({"merchant": args.merchant, "enabled": False})
+    else:
+        print(f"webhook endpoint of {args.merchant} disabled; `webhooks set` enables it again")
+    return EXIT_OK
+
+
+def _failed_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: iso(v) if k in ("retry_since", "finished_at", "created_at") else v for k, v in row.items()}
+
+
+async def cmd_failed(args, settings: config.Settings) -> int:
+    pool = await connect(settings)
+    try:
+        rows = await webhooks.failed(pool, args.merchant, args.limit)
+    finally:
+        await pool.close()
+    if args.json:
+        emit_json([_failed_json(r) for r in rows])
+        return EXIT_OK
+    if not rows:
+        print("no failed webhook deliveries")
+        return EXIT_OK
+    print(
+        table(
+            ["EVENT", "MERCHANT", "ATTEMPTS", "FAILED AT", "LAST ERROR"],
+            ((r["event_id"], r["merchant"], r["attempts"], iso(r["finished_at"]), r["last_error"]) for r in rows),
+        )
+    )
+    print(f"\n{len(rows)} failed; resend with: gatewayctl webhooks resend EVENT_ID... (or --all-failed)")
+    return EXIT_OK
+
+
+async def cmd_resend(args, settings: config.Settings) -> int:
+    if bool(args.event_ids) == args.all_failed:
+        raise _Usage("name the events to resend, or --all-failed (not both)")
+    pool = await connect(settings)
+    try:
+        if args.all_failed:
+            count = await webhooks.resend_failed(pool, args.merchant)
+            queued, missing = count, []
+        else:
+            done = await webhooks.resend(pool, args.event_ids)
+            queued, missing = len(done), [e for e in args.event_ids if e not in set(done)]
+    finally:
+        await pool.close()
+    if args.json:
+        emit_json({"queued": queued, "not_queued": missing})
+    else:
+        print(f"{queued} delivery(ies) queued again")
+        for event_id in missing:
+            print(f"  not queued: {event_id} (unknown, already pending, or its merchant has no endpoint)")
+    return EXIT_ATTENTION if missing else EXIT_OK
+
+
+def _guarded(handler):
+    """Bad input to this group (a refused URL, no such endpoint) is exit 2 or 1 with a message."""
+
+    async def run(args, settings: config.Settings) -> int:
+        try:
+            return await handler(args, settings)
+        except (_Usage, UrlRefused, ValueError) as exc:
+            print(f"gatewayctl webhooks: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except webhooks.NoEndpoint as exc:
+            print(f"gatewayctl webhooks: {exc} has no webhook endpoint", file=sys.stderr)
+            return EXIT_ATTENTION
+
+    return run
+
+
+def add_parser(commands: Any, json_flag: argparse.ArgumentParser, fmt: type[argparse.HelpFormatter]) -> None:
+    group = commands.add_parser(
+        "webhooks",
+        formatter_class=fmt,
+        help="merchants' webhook endpoints: set, rotate-secret, list, disable, failed, resend",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    sub = group.add_subparsers(dest="webhooks_command", metavar="WEBHOOKS_COMMAND", required=True)
+
+    def merchant(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--merchant", required=required, metavar="NAME", help="the caller name (GATEWAY_API_KEYS)")
+
+    p = sub.add_parser(
+        "set",
+        parents=[json_flag],
+        help="register or change an endpoint; prints its signing secret as secret=<value>",
+        description="Register the merchant's endpoint, or point it at URL and enable it (secret kept). "
+        "https only (a loopback http URL in development mode); private addresses are refused.",
+    )
+    merchant(p)
+    p.add_argument("--url", required=True, help="https://... the shop's receiver")
+    p.set_defaults(handler=_guarded(cmd_set))
+
+    p = sub.add_parser(
+        "rotate-secret", parents=[json_flag], help="new secret; the old one keeps signing beside it for 24 h"
+    )
+    merchant(p)
+    p.set_defaults(handler=_guarded(cmd_rotate))
+
+    p = sub.add_parser("list", parents=[json_flag], help="endpoints, with deliveries pending and failed")
+    p.set_defaults(handler=_guarded(cmd_list))
+
+    p = sub.add_parser("disable", parents=[json_flag], help="stop delivering to the merchant's endpoint")
+    merchant(p)
+    p.set_defaults(handler=_guarded(cmd_disable))
+
+    p = sub.add_parser("failed", parents=[json_flag], help="deliveries that ran out of retries (3 days)")
+    merchant(p, required=False)
+    p.add_argument("--limit", type=int, default=webhooks.FAILED_LIST_LIMIT, metavar="N", help="newest N (100)")
+    p.set_defaults(handler=_guarded(cmd_failed))
+
+    p = sub.add_parser("resend", parents=[json_flag], help="deliver events again, by id or every failed one")
+    p.add_argument("event_ids", nargs="*", metavar="EVENT_ID", help="evt_... ids")
+    p.add_argument("--all-failed", action="store_true", help="every failed delivery (of --merchant, or all)")
+    merchant(p, required=False)
+    p.set_defaults(handler=_guarded(cmd_resend))
