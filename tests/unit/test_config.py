@@ -18,7 +18,7 @@ from gateway.api.admin import AdminSettings
 from gateway.cards import SINGLE_KEY_ID, CardKey
 from gateway.config import ConfigError, Settings
 from mockbank.config import Config as BankConfig
-from worker.settings import RelaySettings, WorkerSettings
+from worker.settings import RelaySettings, WebhookSettings, WorkerSettings
 from worker.sweeper import Housekeeping
 
 VARIABLES = (
@@ -667,6 +667,7 @@ WORKER_DEFAULTS = {
     "reconcile_limit": 500,
     "max_deliveries": 20,
     "key_retention_hours": 48.0,
+    "event_retention_days": 30.0,
     "prune_batch": 500,
     "abandon_after_hours": 24.0,
 }
@@ -731,6 +732,15 @@ NUMBER_RULES = {
     # docs/api.md promises keys for at least 24 hours.
     "IDEMPOTENCY_KEY_RETENTION_HOURS": (False, ["23.9", "0", "two days", "inf"]),
     "IDEMPOTENCY_PRUNE_BATCH_SIZE": (True, ["0", "1.5", "x"]),
+    # gateway-api.md: the events feed keeps events 30 days.
+    "EVENT_RETENTION_DAYS": (False, ["29.9", "0", "x", "inf"]),
+    "WEBHOOK_CONCURRENCY": (True, ["0", "x", "1.5"]),
+    "WEBHOOK_ENDPOINT_CONCURRENCY": (True, ["0", "-2", "x"]),
+    "WEBHOOK_RETRY_BASE_SECONDS": (False, ["0", "x", "inf"]),
+    "WEBHOOK_RETRY_MAX_SECONDS": (False, ["0", "-1", "x"]),
+    "WEBHOOK_RETRY_WINDOW_HOURS": (False, ["0", "-1", "nan"]),
+    "WEBHOOK_POLL_SECONDS": (False, ["0", "x"]),
+    "WEBHOOK_METRICS_PORT": (True, ["-1", "65536", "x"]),
     "ABANDON_AFTER_HOURS": (False, ["0", "-1", "nan"]),
     "WORKER_MAX_DELIVERIES": (True, ["1", "0", "x", "2.5"]),
     "RELAY_BATCH_SIZE": (True, ["0", "x", "2.5"]),
@@ -751,7 +761,9 @@ NUMBER_RULES = {
     "MOCKBANK_EXTRA_ACCOUNTS": (True, ["-1", "1.5", "x", "1000001"]),
     "MOCKBANK_NICE": (True, ["-1", "20", "x", "0.5"]),
 }
-MODELS = {name: model for model in (WorkerSettings, RelaySettings, BankConfig) for name in _names(model)}
+MODELS = {
+    name: model for model in (WorkerSettings, RelaySettings, WebhookSettings, BankConfig) for name in _names(model)
+}
 BAD_NUMBERS = [(name, value) for name, (_, values) in NUMBER_RULES.items() for value in values]
 
 
