@@ -25,6 +25,7 @@ integration tests, bench/ and `make run`.
 Names: the mock bank is "mockbank"; the first gateway process of a kind is named after
 it ("api", "relay", "worker"), further ones "worker-2", "worker-3"... `start(*kinds)` may
 be called again for kinds not started yet (the bench starts the API alone first).
+gateway-webhooks ("webhooks") is started only when named: `start("webhooks")`.
 
 Each process's environment: this process's own, then for the gateway DATABASE_URL,
 AMQP_URL, BANK_URL, GATEWAY_API_KEYS, CARD_ENCRYPTION_KEY and GATEWAY_ENV=development,
@@ -62,12 +63,25 @@ from harness import services
 from harness.mockbank_client import MockBankClient
 from harness.procs import ProcessError, ScriptProcess, free_port, free_ports
 
-__all__ = ["BANK", "GATEWAY_KINDS", "HARNESS_APP", "Death", "System"]
+__all__ = ["BANK", "GATEWAY_KINDS", "HARNESS_APP", "OPTIONAL_KINDS", "Death", "System"]
 
 GATEWAY_KINDS = ("api", "relay", "worker")
+# Started only when asked for by name: start("webhooks").
+OPTIONAL_KINDS = ("webhooks",)
 BANK = "mockbank"
-SCRIPTS = {"api": "gateway-api", "relay": "gateway-relay", "worker": "gateway-worker", BANK: "mockbank"}
-METRICS_PORT_VARIABLES = {"api": "API_ADMIN_PORT", "relay": "RELAY_METRICS_PORT", "worker": "WORKER_METRICS_PORT"}
+SCRIPTS = {
+    "api": "gateway-api",
+    "relay": "gateway-relay",
+    "worker": "gateway-worker",
+    "webhooks": "gateway-webhooks",
+    BANK: "mockbank",
+}
+METRICS_PORT_VARIABLES = {
+    "api": "API_ADMIN_PORT",
+    "relay": "RELAY_METRICS_PORT",
+    "worker": "WORKER_METRICS_PORT",
+    "webhooks": "WEBHOOK_METRICS_PORT",
+}
 HARNESS_APP = "gateway-harness"  # application_name of the harness's own database connections
 READY_TIMEOUT = 60.0
 WORK_QUEUE = "payments.work"
@@ -121,7 +135,7 @@ class System:
         self.keep_database = database_url is not None
         self.database_url = database_url
         self.private_vhost = private_vhost
-        self.scale = {kind: 1 for kind in GATEWAY_KINDS} | dict(scale or {})
+        self.scale = {kind: 1 for kind in (*GATEWAY_KINDS, *OPTIONAL_KINDS)} | dict(scale or {})
         self.bank_env = dict(bank_env or {})
         self.gateway_env = dict(gateway_env or {})
         self.env_for = env_for
@@ -278,8 +292,9 @@ class System:
     # ---- processes
 
     def _next_name(self, kind: str) -> str:
-        if kind not in GATEWAY_KINDS:
-            raise ValueError(f"unknown process kind {kind!r}; one of {', '.join(GATEWAY_KINDS)}")
+        if kind not in (*GATEWAY_KINDS, *OPTIONAL_KINDS):
+            kinds = ", ".join((*GATEWAY_KINDS, *OPTIONAL_KINDS))
+            raise ValueError(f"unknown process kind {kind!r}; one of {kinds}")
         count = len(self.names(kind))
         return kind if count == 0 else f"{kind}-{count + 1}"
 
@@ -327,6 +342,8 @@ class System:
         elif kind == "api":
             for process in range(self.api_processes):
                 await proc.wait_http(f"{self.metrics_url(name, process)}/readyz", timeout=timeout)
+        elif kind == "webhooks":
+            await proc.wait_http(f"{self.metrics_url(name)}/readyz", timeout=timeout)
         elif kind == "worker":
             await proc.wait_for(self._consumers_at_least(self.running("worker")), f"consume {WORK_QUEUE}", timeout)
         else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from tests.support.procs import free_port
+from harness.procs import free_port
 
 
 @dataclass(frozen=True)
