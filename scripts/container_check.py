@@ -77,7 +77,7 @@ STAND_IN_PACKAGES = ("python3.11", "python3.11-venv", "ca-certificates")
 # bundle trusts; pip in the build (Debian's, which reads the system bundle)
 # sees it through a read-only mount. Elsewhere the bundle is the usual one.
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-APP_SERVICES = ("mockbank", "migrate", "api", "relay", "worker")
+APP_SERVICES = ("mockbank", "migrate", "api", "relay", "worker", "webhooks")
 # What scripts/devstack.py's demo leaves behind: one payment authorized,
 # captured and refunded, one declined, both for this customer.
 DEMO_CUSTOMER = "cus_demo"
@@ -374,7 +374,9 @@ async def run_system(services: dict[str, dict[str, Any]]) -> None:
             containers = Containers(check_id, services, Path(tmp))
             gateway = {"DATABASE_URL": database_url, "AMQP_URL": amqp_url, "BANK_URL": bank}
             try:
-                step("gatewayctl migrate, then mockbank, gateway-relay, gateway-worker and gateway-api")
+                step(
+                    "gatewayctl migrate, then mockbank, gateway-relay, gateway-worker, gateway-api and gateway-webhooks"
+                )
                 containers.run_once("migrate", gateway)
                 started = [
                     containers.start("mockbank", {"FAILURE_RATE": "0"}, port=bank_port),
@@ -382,6 +384,7 @@ async def run_system(services: dict[str, dict[str, Any]]) -> None:
                     containers.start("relay", {**gateway, "RELAY_METRICS_PORT": str(free_port())}),
                     containers.start("worker", {**gateway, "WORKER_METRICS_PORT": str(free_port())}),
                     containers.start("api", {**gateway, "API_ADMIN_PORT": str(admin_port)}, port=api_port),
+                    containers.start("webhooks", {**gateway, "WEBHOOK_METRICS_PORT": str(free_port())}),
                 ]
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40)) as session:
                     await wait_ready(session, containers, started, f"{bank}/health")

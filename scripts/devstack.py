@@ -1,8 +1,8 @@
 """`make run`: the whole system on this machine, a short demo, then it stays up.
 
 Creates the database and a dev card key (in .env) if missing, applies the schema,
-starts mockbank, gateway-api, gateway-relay and gateway-worker through the system
-harness (harness/system.py; logs in .run/<process>.log), walks one payment
+starts mockbank, gateway-api, gateway-relay, gateway-worker and gateway-webhooks through the
+system harness (harness/system.py; logs in .run/<process>.log), walks one payment
 through authorize -> capture -> refund and shows a decline, then keeps everything
 running until Ctrl-C.
 """
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 ENV_FILE = ROOT / ".env"
 API_PORT = 8080
-API_ADMIN_PORT, WORKER_METRICS_PORT, RELAY_METRICS_PORT = 9100, 9101, 9102  # the processes' defaults
+API_ADMIN_PORT, WORKER_METRICS_PORT, RELAY_METRICS_PORT, WEBHOOK_METRICS_PORT = 9100, 9101, 9102, 9103  # the processes' defaults
 DEV_KEY = DEV_API_KEYS.split(":", 1)[1]
 DEFAULTS = {name: default for name, default, _ in Settings.variables()}  # variable -> default as written
 
@@ -117,12 +117,18 @@ async def main() -> None:
         api_keys=setting("GATEWAY_API_KEYS"),
         api_port=API_PORT,
         bank_port=urlparse(setting("BANK_URL")).port,
-        metrics_ports={"api": API_ADMIN_PORT, "worker": WORKER_METRICS_PORT, "relay": RELAY_METRICS_PORT},
+        metrics_ports={
+            "api": API_ADMIN_PORT,
+            "worker": WORKER_METRICS_PORT,
+            "relay": RELAY_METRICS_PORT,
+            "webhooks": WEBHOOK_METRICS_PORT,
+        },
         log_dir=RUN_DIR,
     )
     try:
         try:
             await system.start()
+            await system.start("webhooks")
         except ProcessError as exc:
             raise SystemExit(f"{exc}\n(logs in {RUN_DIR}/)") from None
         print(f"system up: mockbank {system.bank_url}, API {system.api_url} (logs in .run/)")

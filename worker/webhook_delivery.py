@@ -300,7 +300,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway-webhooks",
         description="Deliver every payment event to its merchant's webhook endpoint, signed, at least once.",
-        epilog=config.epilog(config.Settings, WebhookSettings, unused=("AMQP_URL", "BANK_URL", "GATEWAY_API_KEYS")),
+        epilog=config.epilog(
+            config.Settings, WebhookSettings, unused=("AMQP_URL", "BANK_URL", "GATEWAY_API_KEYS", "GATEWAY_OPS_KEYS")
+        ),
     )
     monitoring.add_host_argument(parser)
     return parser
