@@ -22,13 +22,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDictProxy
 
-from gateway import config, db, payments, store, topology
+from gateway import config, db, messages, payments, store, topology, webhooks
 from gateway.api import routes
 from gateway.api.ops import auth
 from gateway.api.ops.throttle import FREE_FAILURES
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.ops import rules
 from gateway.timefmt import now
+from gateway.webhook_rules import SecretBox
 from harness import services
 from harness.procs import free_port
 from tests.integration.conftest import api_and_admin
@@ -129,7 +130,7 @@ async def console_env(server_urls, card_key):
 async def ops(console_env):
     await console_env.pool.execute(
         "TRUNCATE payments, payment_history, operations, card_vault, outbox, idempotency_keys, "
-        "reconciliation_findings, bank_circuit"
+        "reconciliation_findings, bank_circuit, events, webhook_deliveries, webhook_endpoints"
     )
     for name in (topology.DEAD_QUEUE, topology.WORK_QUEUE):
         await console_env.drain(name)
@@ -249,6 +250,7 @@ async def test_every_page_has_the_security_headers_and_no_outside_asset(ops):
         f"/ops/dead-letters/{op}",
         f"/ops/dead-letters/{op}/force",
         "/ops/findings",
+        "/ops/webhooks",
         "/ops/payments",
         f"/ops/payments/{pid}",
         "/ops/nothing-here",
@@ -575,3 +577,46 @@ async def test_ops_without_the_slash_is_the_overview(ops):
     assert resp.status == 308 and resp.headers["Location"] == "/ops/"
     status, text, _ = await ops.get("/ops")  # followed
     assert status == 200 and "<h1>Overview</h1>" in text
+
+
+# ---- webhooks ---------------------------------------------------------------------------------
+
+
+async def test_webhook_endpoints_and_failed_deliveries_disable_and_resend(ops, card_key):
+    box = SecretBox(base64.b64decode(card_key))
+    await webhooks.register(ops.pool, box, "ficmart", "http://127.0.0.1:9/<hooks>", development=True)
+    for n in range(2):
+        event = messages.event("payment.captured", {"id": f"pay_{n}"}, now(), merchant="ficmart")
+        await ops.pool.execute(
+            "INSERT INTO outbox (exchange, routing_key, message_id, body, headers) VALUES ($1, $2, $3, $4, $5)",
+            event.exchange,
+            event.routing_key,
+            event.message_id,
+            event.body,
+            event.headers,
+        )
+    await ops.pool.execute(
+        "UPDATE webhook_deliveries SET status = 'failed', attempts = 40, last_error = $1, finished_at = now()",
+        HOSTILE,
+    )
+    failed = [f["event_id"] for f in await webhooks.failed(ops.pool)]
+    status, text, _ = await ops.get("/ops/webhooks")
+    assert status == 200 and "http://127.0.0.1:9/&lt;hooks&gt;" in text and "<script>" not in text
+    assert all(event_id in text for event_id in failed) and CARD not in text
+
+    # A resend needs its token, as every console action does.
+    action = f"/ops/webhooks/events/{failed[0]}/resend"
+    assert (await ops.post(action, {"token": "forged"}))[0] == 403
+    token = await ops.token("/ops/webhooks", action)
+    status, _ = await ops.post(action, {"token": token})
+    assert status == 303
+    assert [f["event_id"] for f in await webhooks.failed(ops.pool)] == failed[1:]
+
+    token = await ops.token("/ops/webhooks", "/ops/webhooks/resend-failed")
+    assert (await ops.post("/ops/webhooks/resend-failed", {"token": token}))[0] == 303
+    assert await webhooks.failed(ops.pool) == []
+
+    token = await ops.token("/ops/webhooks", "/ops/webhooks/ficmart/disable")
+    assert (await ops.post("/ops/webhooks/ficmart/disable", {"token": token}))[0] == 303
+    (endpoint,) = await webhooks.endpoints(ops.pool)
+    assert not endpoint["enabled"] and endpoint["pending"] == 2

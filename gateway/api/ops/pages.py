@@ -20,7 +20,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import Counter
 
-from gateway import logs, payments
+from gateway import logs, payments, webhooks
 from gateway.api import routes
 from gateway.api.ops import auth, reads, render, throttle
 from gateway.api.ops.port import BrokerUnavailable, DeadLetterDesk
@@ -50,6 +50,9 @@ REPLAY = "replay"
 FORCED_REPLAY = "replay:force"
 REPLAY_ALL = "replay-all"
 SET_REFERENCE = "set-reference"
+DISABLE_WEBHOOK = "webhook-disable"
+RESEND_WEBHOOK = "webhook-resend"
+RESEND_FAILED_WEBHOOKS = "webhook-resend-failed"
 ALL = "*"
 CONFIRMATION = "checked-the-bank"
 
@@ -336,6 +339,60 @@ async def set_reference(request: web.Request) -> web.Response:
     return web.Response(status=303, headers={"Location": str(location)})
 
 
+async def webhook_endpoints(request: web.Request) -> web.Response:
+    """`gatewayctl webhooks list` and `failed`, with the console's disable and resend."""
+    pool = _pool(request)
+    endpoints = await webhooks.endpoints(pool)
+    failed = await webhooks.failed(pool, None, reads.LIST_LIMIT)
+    return _html(
+        request,
+        "webhooks.html",
+        endpoints=endpoints,
+        failed=failed,
+        limit=reads.LIST_LIMIT,
+        disable_tokens={e["merchant"]: _token(request, DISABLE_WEBHOOK, e["merchant"]) for e in endpoints},
+        resend_tokens={f["event_id"]: _token(request, RESEND_WEBHOOK, f["event_id"]) for f in failed},
+        resend_all=_token(request, RESEND_FAILED_WEBHOOKS, ALL),
+    )
+
+
+async def disable_webhook(request: web.Request) -> web.Response:
+    merchant = request.match_info["merchant"]
+    form = await _form(request, DISABLE_WEBHOOK, merchant)
+    if isinstance(form, web.Response):
+        return form
+    try:
+        await webhooks.disable(_pool(request), merchant)
+    except webhooks.NoEndpoint:
+        return _notice(request, 404, "Unknown endpoint", f"{merchant} has no webhook endpoint.")
+    log.info("ops disabled a webhook endpoint", merchant=merchant)
+    return _back_to_webhooks(request)
+
+
+async def resend_webhook(request: web.Request) -> web.Response:
+    event_id = request.match_info["event_id"]
+    form = await _form(request, RESEND_WEBHOOK, event_id)
+    if isinstance(form, web.Response):
+        return form
+    if not await webhooks.resend(_pool(request), [event_id]):
+        return _notice(request, 409, "Not resent", f"{event_id} is unknown, already pending, or has no endpoint.")
+    log.info("ops resent a webhook delivery", event_id=event_id)
+    return _back_to_webhooks(request)
+
+
+async def resend_failed_webhooks(request: web.Request) -> web.Response:
+    form = await _form(request, RESEND_FAILED_WEBHOOKS, ALL)
+    if isinstance(form, web.Response):
+        return form
+    count = await webhooks.resend_failed(_pool(request))
+    log.info("ops resent every failed webhook delivery", count=count)
+    return _back_to_webhooks(request)
+
+
+def _back_to_webhooks(request: web.Request) -> web.Response:
+    return web.Response(status=303, headers={"Location": str(request.app.router["webhooks"].url_for())})
+
+
 async def stylesheet(_request: web.Request) -> web.Response:
     return web.Response(body=STYLESHEET, content_type="text/css", charset="utf-8")
 
@@ -358,5 +415,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/payments", search, name="search")
     r.add_get("/payments/{payment_id}", payment, name="payment")
     r.add_post("/payments/{payment_id}/reference", set_reference, name="set_reference")
+    r.add_get("/webhooks", webhook_endpoints, name="webhooks")
+    r.add_post("/webhooks/resend-failed", resend_failed_webhooks, name="resend_failed_webhooks")
+    r.add_post("/webhooks/{merchant}/disable", disable_webhook, name="disable_webhook")
+    r.add_post("/webhooks/events/{event_id}/resend", resend_webhook, name="resend_webhook")
     r.add_get("/console.css", stylesheet, name="stylesheet")
     r.add_route("*", "/{tail:.*}", not_found, name="not_found")
