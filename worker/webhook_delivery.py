@@ -59,7 +59,7 @@ RESPONSE_BODY_LIMIT = 4096  # what is read of an answer (its body is not used): 
 CLAIM_ROUNDS = 4
 LEASE_SECONDS = DELIVERY_TIMEOUT_SECONDS * (CLAIM_ROUNDS + 1) + 30
 # After a delivery ends, outcomes are gathered this long before they are recorded together.
-GATHER_SECONDS = 0.02
+GATHER_SECONDS = 0.05
 USER_AGENT = "FicMart-Gateway-Webhooks/1"
 
 
@@ -126,6 +126,7 @@ class Deliverer:
         self._outcomes: list[store.WebhookAttempt] = []
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
+        self._opened: dict[tuple[str, bytes], str] = {}  # (merchant, sealed) -> secret: opened once
         self.metrics.in_flight.set_function(lambda: sum(self._in_flight.values()))
 
     async def start(self) -> None:
@@ -153,10 +154,10 @@ class Deliverer:
         merchant = delivery["merchant"]
         try:
             check_url(url, development=self.development)  # the rules as they are now, address literals too
-            old = bytes(delivery["old_secret"]) if delivery["old_secret"] is not None else None
+            old = delivery["old_secret"]
             secrets_ = signing_secrets(
-                self.box.open(merchant, bytes(delivery["secret"])),
-                self.box.open(merchant, old) if old is not None else None,
+                self._secret(merchant, delivery["secret"]),
+                self._secret(merchant, old) if old is not None else None,
                 delivery["old_secret_until"],
                 delivery["now"],
             )
@@ -178,6 +179,15 @@ class Deliverer:
             return f"no answer within {DELIVERY_TIMEOUT_SECONDS:g} s"
         except (aiohttp.ClientError, OSError) as exc:
             return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+    def _secret(self, merchant: str, sealed: bytes) -> str:
+        key = (merchant, bytes(sealed))
+        secret = self._opened.get(key)
+        if secret is None:
+            if len(self._opened) > 10_000:  # rotations pile up sealed values: start over
+                self._opened.clear()
+            secret = self._opened[key] = self.box.open(merchant, key[1])
+        return secret
 
     def _outcome(self, delivery: Any, error: str | None) -> store.WebhookAttempt:
         if error is None:
@@ -222,22 +232,22 @@ class Deliverer:
                 raise
         return len(outcomes)
 
-    async def claim(self) -> int:
-        """Claim what there is room for and start delivering it; returns how many."""
+    async def claim(self) -> bool:
+        """Claim what there is room for and start delivering it; True when the claim came back
+        full (more may be due)."""
         room = self.cfg.concurrency - sum(self._in_flight.values())
         per_claim = self.cfg.endpoint_concurrency * CLAIM_ROUNDS
         busy = [m for m, n in self._in_flight.items() if n >= per_claim]
         if room <= 0:
-            return 0
-        claimed = await store.claim_webhook_deliveries(
-            self.pool, limit=min(room, per_claim), busy=busy, lease_seconds=LEASE_SECONDS
-        )
+            return False
+        limit = min(room, per_claim)
+        claimed = await store.claim_webhook_deliveries(self.pool, limit=limit, busy=busy, lease_seconds=LEASE_SECONDS)
         for delivery in claimed:
             self._in_flight[delivery["merchant"]] = self._in_flight.get(delivery["merchant"], 0) + 1
             task = asyncio.create_task(self._deliver(delivery))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return len(claimed)
+        return len(claimed) == limit
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set, then let the deliveries under way end and record them."""
@@ -249,15 +259,15 @@ class Deliverer:
                 self._wake.clear()
                 try:
                     await self.record()
-                    claimed = await self.claim()
+                    more = await self.claim()
                     failures = 0
                 except Exception as exc:  # the database is away: back off, try again
                     failures += 1
                     log.warning("webhook pass failed", error=type(exc).__name__, detail=str(exc)[:200])
                     await process.wait(stop, process.backoff_delay(failures, first=0.5, cap=30.0))
                     continue
-                if claimed:
-                    continue  # there may be more due: claim until there is no room or nothing
+                if more:
+                    continue  # a full claim: there may be more due
                 if await process.wait(self._wake, self.cfg.poll_seconds) and not stop.is_set():
                     await asyncio.sleep(GATHER_SECONDS)  # let a few more deliveries end first
         finally:
