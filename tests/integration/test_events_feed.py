@@ -125,6 +125,12 @@ async def _feed_has(merchant: str, after: str | None, pool):
         {"after": "pay_" + "0" * 32},
         {"after": "evt_short"},
         {"before": "evt_" + "0" * 32},
+        {"wait": "nan"},
+        {"wait": "inf"},
+        {"limit": "1e3"},
+        {"limit": "99999999999999999999999"},
+        {"after": "evt_" + "g" * 32},
+        {"after": "evt_" + "0" * 32 + "\u00e9"},
     ],
 )
 async def test_bad_query_is_refused(api, params):
