@@ -306,7 +306,10 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     last_error       text,
     finished_at      timestamptz
 );
-CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+-- Per endpoint, so that a claim reads only what each enabled endpoint with room may take: a
+-- backlog behind a slow or disabled endpoint is never scanned for the others.
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (merchant, next_attempt_at)
+    WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS webhook_deliveries_failed ON webhook_deliveries (merchant, finished_at) WHERE status = 'failed';
 
 -- Every event row of the outbox is recorded as it is written, in its transaction, whatever

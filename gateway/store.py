@@ -712,10 +712,15 @@ async def resend_failed_webhook_deliveries(db: Executor, *, merchant: str | None
 
 
 async def claim_webhook_deliveries(
-    db: Executor, *, limit: int, busy: Sequence[str], lease_seconds: float
+    db: Executor, *, limit: int, per_endpoint: int, busy: Sequence[str], lease_seconds: float
 ) -> list[asyncpg.Record]:
     return await _rows(
-        _webhooks.claim_webhook_deliveries, db, limit=limit, busy=list(busy), lease_seconds=lease_seconds
+        _webhooks.claim_webhook_deliveries,
+        db,
+        limit=limit,
+        per_endpoint=per_endpoint,
+        busy=list(busy),
+        lease_seconds=lease_seconds,
     )
 
 

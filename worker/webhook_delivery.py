@@ -54,10 +54,11 @@ from worker.settings import WebhookSettings
 log = logs.get("webhooks")
 
 RESPONSE_BODY_LIMIT = 4096  # what is read of an answer (its body is not used): no more
-# One claim takes at most this many rounds of an endpoint's concurrency, so a claimed delivery
-# waits at most that many timeouts for its turn: the lease outlasts them all.
+# One claim takes at most this many rounds of an endpoint's concurrency, and an endpoint with
+# that many in flight here is not claimed for: a claimed delivery waits at most twice that many
+# timeouts for its turn, and the lease outlasts them all.
 CLAIM_ROUNDS = 4
-LEASE_SECONDS = DELIVERY_TIMEOUT_SECONDS * (CLAIM_ROUNDS + 1) + 30
+LEASE_SECONDS = DELIVERY_TIMEOUT_SECONDS * (2 * CLAIM_ROUNDS + 1) + 30
 # After a delivery ends, outcomes are gathered this long before they are recorded together.
 GATHER_SECONDS = 0.05
 USER_AGENT = "FicMart-Gateway-Webhooks/1"
@@ -240,8 +241,10 @@ class Deliverer:
         busy = [m for m, n in self._in_flight.items() if n >= per_claim]
         if room <= 0:
             return False
-        limit = min(room, per_claim)
-        claimed = await store.claim_webhook_deliveries(self.pool, limit=limit, busy=busy, lease_seconds=LEASE_SECONDS)
+        limit = room
+        claimed = await store.claim_webhook_deliveries(
+            self.pool, limit=limit, per_endpoint=per_claim, busy=busy, lease_seconds=LEASE_SECONDS
+        )
         for delivery in claimed:
             self._in_flight[delivery["merchant"]] = self._in_flight.get(delivery["merchant"], 0) + 1
             task = asyncio.create_task(self._deliver(delivery))

@@ -75,19 +75,23 @@ UPDATE webhook_deliveries
  WHERE status = 'failed' AND (:merchant::text IS NULL OR merchant = :merchant);
 
 -- name: claim_webhook_deliveries
--- Due deliveries to enabled endpoints, oldest due first, leased: next_attempt_at moves past
--- the attempt, so a deliverer that dies leaves them due again after :lease_seconds. SKIP
--- LOCKED: several deliverers share the work. Merchants in :busy (their endpoint has all it
--- may take in flight here) are left for later.
+-- Due deliveries, up to :per_endpoint of each enabled endpoint not in :busy (its endpoint
+-- has all it may take in flight here), oldest due first, at most :limit, leased:
+-- next_attempt_at moves past the attempt, so a deliverer that dies leaves them due again
+-- after :lease_seconds. SKIP LOCKED: several deliverers share the work.
 WITH due AS (
     SELECT d.event_id
-      FROM webhook_deliveries d
-     WHERE d.status = 'pending' AND d.next_attempt_at <= now()
-       AND NOT (d.merchant = ANY(:busy::text[]))
-       AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.merchant = d.merchant AND w.enabled)
+      FROM webhook_endpoints w
+     CROSS JOIN LATERAL (
+           SELECT p.event_id, p.next_attempt_at
+             FROM webhook_deliveries p
+            WHERE p.merchant = w.merchant AND p.status = 'pending' AND p.next_attempt_at <= now()
+            ORDER BY p.next_attempt_at
+            LIMIT :per_endpoint
+              FOR UPDATE SKIP LOCKED) d
+     WHERE w.enabled AND NOT (w.merchant = ANY(:busy::text[]))
      ORDER BY d.next_attempt_at
      LIMIT :limit
-       FOR UPDATE OF d SKIP LOCKED
 )
 UPDATE webhook_deliveries d
    SET next_attempt_at = now() + make_interval(secs => :lease_seconds), attempts = d.attempts + 1

@@ -24,7 +24,7 @@ from gateway.webhook_rules import EVENT_ID_HEADER, SIGNATURE_HEADER, SecretBox
 from harness.procs import run_script
 from tests.support.webhook_receiver import Receiver, verify
 from worker.settings import WebhookSettings
-from worker.webhook_delivery import AddressRefused, Deliverer, GuardedResolver
+from worker.webhook_delivery import CLAIM_ROUNDS, AddressRefused, Deliverer, GuardedResolver
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(90)]
 
@@ -178,6 +178,34 @@ async def test_while_a_secret_rotates_both_sign(pool, box):
         header = receiver.received[1].headers[SIGNATURE_HEADER]
         assert header.count("v1=") == 1
         verify(header, rotated.secret, receiver.received[1].body)
+
+
+async def test_a_slow_endpoint_with_a_backlog_does_not_hold_up_another(pool, box):
+    slow, fast = merchant_name(), merchant_name()
+    async with receiving() as quick:
+        receiver = Receiver(delay=1.0)
+        await receiver.start()
+        try:
+            await webhooks.register(pool, box, slow, receiver.url, development=True)
+            await webhooks.register(pool, box, fast, quick.url, development=True)
+            backlog = await events(pool, slow, 40)
+            async with delivering(pool, box, WEBHOOK_ENDPOINT_CONCURRENCY="2"):
+                await until(lambda: _started(receiver))
+                started = time.monotonic()
+                mine = await events(pool, fast, 3)
+                await until(lambda: _all(pool, mine, "delivered"))
+                assert time.monotonic() - started < 5  # not behind 40 s of the slow one's backlog
+                claimed = await pool.fetchval(
+                    "SELECT count(*) FROM webhook_deliveries WHERE merchant = $1 AND attempts > 0", slow
+                )
+                assert claimed <= 2 * 2 * CLAIM_ROUNDS  # what the slow one may hold: bounded, not its backlog
+            assert len(receiver.received) < len(backlog)
+        finally:
+            await receiver.stop()
+
+
+async def _started(receiver: Receiver) -> bool:
+    return bool(receiver.received)
 
 
 async def test_redirects_are_not_followed(pool, box):

@@ -9,6 +9,7 @@ checks signatures the way docs/webhooks.md tells a shop to (its own code, not th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -37,8 +38,9 @@ def verify(header: str, secret: str, body: bytes) -> int:
 
 
 class Receiver:
-    def __init__(self, answer: Callable[[int, web.Request], int] = lambda n, request: 200):
+    def __init__(self, answer: Callable[[int, web.Request], int] = lambda n, request: 200, *, delay: float = 0.0):
         self.answer = answer
+        self.delay = delay  # seconds before each answer: a slow shop
         self.port = free_port()
         self.received: list[Received] = []
         self.other_paths: list[str] = []
@@ -50,6 +52,7 @@ class Receiver:
 
     async def _hook(self, request: web.Request) -> web.Response:
         body = await request.read()
+        await asyncio.sleep(self.delay)
         status = self.answer(len(self.received), request)
         self.received.append(Received(dict(request.headers), body, status))
         if 300 <= status < 400:

@@ -53,6 +53,7 @@ def test_public_https_urls_are_accepted_everywhere(url):
         ("https://[::1]/hook", "not a public address"),
         ("https://[fd00::1]/hook", "not a public address"),
         ("https://[::ffff:10.0.0.1]/hook", "not a public address"),
+        ("https://[fe80::1%25eth0]/hook", "not a public address"),
         ("https://0.0.0.0/hook", "not a public address"),
         ("https://user:pw@shop.example.com/hook", "credentials"),
         ("https://shop.example.com/hook#frag", "fragment"),
