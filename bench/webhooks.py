@@ -27,6 +27,7 @@ from aiohttp import web
 
 from bench.util import cpu_seconds, sleep_until
 from gateway import db, messages, webhooks
+from gateway.cards import SINGLE_KEY_ID, CardKey
 from gateway.timefmt import now
 from gateway.webhook_rules import SecretBox
 from harness import services
@@ -126,7 +127,7 @@ async def main(rate: int, seconds: float) -> None:
             without = await bench.phase("no endpoint", writers, delivered=False)
             await webhooks.register(
                 writers,
-                SecretBox(base64.b64decode(card_key)),
+                SecretBox([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))]),
                 MERCHANT,
                 f"http://127.0.0.1:{receiver_port}/hooks",
                 development=True,

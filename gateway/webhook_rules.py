@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from gateway.cards import CardKey
+
 SIGNATURE_HEADER = "Gateway-Signature"
 EVENT_ID_HEADER = "Gateway-Event-Id"
 DELIVERY_TIMEOUT_SECONDS = 10.0  # gateway-api.md: a 2xx within 10 s is delivered
@@ -119,24 +121,37 @@ def gives_up(retry_since: datetime, next_try: datetime, window: timedelta = RETR
 
 
 class SecretBox:
-    """Seals signing secrets with AES-GCM under a key derived (HKDF) from CARD_ENCRYPTION_KEY,
-    bound to the merchant: a reader of the database (or a backup) cannot sign a request, and
-    a sealed secret copied to another merchant's row does not open."""
+    """Seals signing secrets with AES-GCM under keys derived (HKDF) from the card keys
+    (CARD_ENCRYPTION_KEYS, newest first), bound to the merchant: a reader of the database (or
+    a backup) cannot sign a request, and a sealed secret copied to another merchant's row does
+    not open. A secret is sealed under the newest key and names it (`<key id>:<nonce><ct>`);
+    it opens while its key is in the keyring (`webhooks rotate-secret` seals under the newest)."""
 
-    def __init__(self, card_key: bytes):
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"gateway webhook secrets").derive(card_key)
-        self._aead = AESGCM(key)
+    def __init__(self, keys: Sequence[CardKey]):
+        if not keys:
+            raise ValueError("no card key to seal webhook secrets with")
+        self._newest = keys[0].id
+        self._aeads = {key.id: AESGCM(_derive(key.secret)) for key in keys}
 
     def seal(self, merchant: str, secret: str) -> bytes:
         nonce = secrets.token_bytes(12)
-        return nonce + self._aead.encrypt(nonce, secret.encode(), merchant.encode())
+        sealed = self._aeads[self._newest].encrypt(nonce, secret.encode(), merchant.encode())
+        return self._newest.encode() + b":" + nonce + sealed
 
     def open(self, merchant: str, sealed: bytes) -> str:
+        key_id, _, blob = sealed.partition(b":")
+        aead = self._aeads.get(key_id.decode("ascii", "replace"))
+        if aead is None:
+            raise SecretUnreadable(merchant)
         try:
-            return self._aead.decrypt(sealed[:12], sealed[12:], merchant.encode()).decode()
+            return aead.decrypt(blob[:12], blob[12:], merchant.encode()).decode()
         except (InvalidTag, ValueError):
             raise SecretUnreadable(merchant) from None
 
 
+def _derive(card_key: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"gateway webhook secrets").derive(card_key)
+
+
 class SecretUnreadable(Exception):
-    """A sealed secret does not open with this CARD_ENCRYPTION_KEY (another key, or tampered)."""
+    """A sealed secret does not open with these card keys (its key is gone, or it was tampered with)."""

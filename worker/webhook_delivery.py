@@ -285,9 +285,7 @@ class Deliverer:
 
 
 async def serve(settings: config.Settings, cfg: WebhookSettings, stop: asyncio.Event, metrics_host: str) -> None:
-    if settings.card_key is None:
-        raise RuntimeError("gateway-webhooks needs CARD_ENCRYPTION_KEY (config.load checks it)")
-    box = SecretBox(settings.card_key)
+    box = SecretBox(settings.card_keyring)  # config.load(uses_card_key=True) made sure there is one
     pool = await process.start_with_retries(
         lambda: db.create_pool(settings.database_url, min_size=1, max_size=4), what="webhook deliverer", stop=stop
     )

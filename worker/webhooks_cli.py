@@ -29,12 +29,13 @@ class _Usage(Exception):
 
 
 def _box(settings: config.Settings) -> SecretBox:
-    """Secrets are sealed under CARD_ENCRYPTION_KEY: the deliverer must be given the same key."""
-    if settings.card_key is None:
-        raise _Usage("CARD_ENCRYPTION_KEY is required: webhook secrets are sealed with it (give the deliverer's)")
-    if settings.card_key in PUBLISHED_CARD_KEYS and not settings.development:
-        raise _Usage("CARD_ENCRYPTION_KEY is a published development key: refused unless GATEWAY_ENV=development")
-    return SecretBox(settings.card_key)
+    """Secrets are sealed under the card keys: the deliverer must be given the same ones."""
+    keys = settings.card_keyring
+    if not keys:
+        raise _Usage("CARD_ENCRYPTION_KEY (or CARD_ENCRYPTION_KEYS) is required: webhook secrets are sealed with it")
+    if not settings.development and any(key.secret in PUBLISHED_CARD_KEYS for key in keys):
+        raise _Usage("the card key is a published development key: refused unless GATEWAY_ENV=development")
+    return SecretBox(keys)
 
 
 async def cmd_set(args, settings: config.Settings) -> int:

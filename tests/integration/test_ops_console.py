@@ -583,7 +583,7 @@ async def test_ops_without_the_slash_is_the_overview(ops):
 
 
 async def test_webhook_endpoints_and_failed_deliveries_disable_and_resend(ops, card_key):
-    box = SecretBox(base64.b64decode(card_key))
+    box = SecretBox([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))])
     await webhooks.register(ops.pool, box, "ficmart", "http://127.0.0.1:9/<hooks>", development=True)
     for n in range(2):
         event = messages.event("payment.captured", {"id": f"pay_{n}"}, now(), merchant="ficmart")

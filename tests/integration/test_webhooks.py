@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from gateway import messages, webhooks
+from gateway.cards import SINGLE_KEY_ID, CardKey
 from gateway.timefmt import now
 from gateway.webhook_rules import EVENT_ID_HEADER, SIGNATURE_HEADER, SecretBox
 from harness.procs import run_script
@@ -33,7 +34,7 @@ FAST = {"WEBHOOK_RETRY_BASE_SECONDS": "0.05", "WEBHOOK_RETRY_MAX_SECONDS": "0.2"
 
 @pytest.fixture(scope="module")
 def box(card_key) -> SecretBox:
-    return SecretBox(base64.b64decode(card_key))
+    return SecretBox([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))])
 
 
 @contextlib.asynccontextmanager

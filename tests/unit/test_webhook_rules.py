@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from gateway.cards import CardKey
 from gateway.webhook_rules import (
     SecretBox,
     SecretUnreadable,
@@ -122,11 +123,21 @@ def test_a_delivery_gives_up_when_the_next_try_falls_past_three_days():
 
 
 def test_sealed_secrets_open_only_with_the_key_and_for_the_merchant():
-    key = os.urandom(32)
-    sealed = SecretBox(key).seal("ficmart", "whsec_abc")
-    assert b"whsec_abc" not in sealed
-    assert SecretBox(key).open("ficmart", sealed) == "whsec_abc"
+    key = CardKey("k1", os.urandom(32))
+    sealed = SecretBox([key]).seal("ficmart", "whsec_abc")
+    assert b"whsec_abc" not in sealed and sealed.startswith(b"k1:")
+    assert SecretBox([key]).open("ficmart", sealed) == "whsec_abc"
     with pytest.raises(SecretUnreadable):
-        SecretBox(key).open("other", sealed)
+        SecretBox([key]).open("other", sealed)
     with pytest.raises(SecretUnreadable):
-        SecretBox(os.urandom(32)).open("ficmart", sealed)
+        SecretBox([CardKey("k1", os.urandom(32))]).open("ficmart", sealed)  # same id, another key
+
+
+def test_after_a_card_key_rotation_old_secrets_open_and_new_ones_use_the_newest_key():
+    old, new = CardKey("2025", os.urandom(32)), CardKey("2026", os.urandom(32))
+    sealed_before = SecretBox([old]).seal("ficmart", "whsec_before")
+    rotated = SecretBox([new, old])
+    assert rotated.open("ficmart", sealed_before) == "whsec_before"
+    assert rotated.seal("ficmart", "whsec_after").startswith(b"2026:")
+    with pytest.raises(SecretUnreadable):
+        SecretBox([new]).open("ficmart", sealed_before)  # its key left the keyring
