@@ -602,7 +602,8 @@ def _positive(number: type[int] | type[float]):
 
 
 ENVIRONMENT = (
-    "Environment: DATABASE_URL, AMQP_URL, BANK_URL (reconcile), CARD_ENCRYPTION_KEYS (rekey-cards), "
+    "Environment: DATABASE_URL, AMQP_URL, BANK_URL (reconcile), CARD_ENCRYPTION_KEYS (rekey-cards; webhooks "
+    "set and rotate-secret seal secrets with it), "
     "LOG_LEVEL (log lines go to stderr; only "
     "errors unless it is set), WORKER_RETRY_LADDER (the topology it declares), "
     "WORKER_AUTHORIZE_KEY_MAX_AGE_HOURS (default 23, as the worker) and ABANDON_AFTER_HOURS (abandon; "
