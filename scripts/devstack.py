@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 ENV_FILE = ROOT / ".env"
 API_PORT = 8080
-API_ADMIN_PORT, WORKER_METRICS_PORT, RELAY_METRICS_PORT, WEBHOOK_METRICS_PORT = 9100, 9101, 9102, 9103  # the processes' defaults
+# The processes' defaults.
+API_ADMIN_PORT, WORKER_METRICS_PORT, RELAY_METRICS_PORT, WEBHOOK_METRICS_PORT = 9100, 9101, 9102, 9103
 DEV_KEY = DEV_API_KEYS.split(":", 1)[1]
 DEFAULTS = {name: default for name, default, _ in Settings.variables()}  # variable -> default as written
 
