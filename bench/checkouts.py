@@ -6,7 +6,7 @@ is counted, and the same request is sent again after Retry-After, as FicMart
 would: the figure that matters is how many there were (none is the target).
 
 closed(n): n such clients, over and over, for a number of payments (cost.census:
-completed/s, CPU per completed authorization). A closed population cannot
+completed/s, CPU per completed authorization per part and summed). A closed population cannot
 overload a durable queue, each client having one checkout outstanding: the
 gateway must take all of it.
 
@@ -35,8 +35,6 @@ from bench import cost, load, rawhttp
 from bench.system import BenchSystem
 from bench.util import cpu_seconds
 
-WAIT = 30  # the long poll's ?wait=, seconds: FicMart's
-
 
 @dataclass
 class Closed:
@@ -44,12 +42,7 @@ class Closed:
     census: cost.Census
 
     def table(self) -> str:
-        c = self.census
-        return (
-            f"c={self.clients:<5} {c.completed:>5} final  {c.rate:7,.0f}/s  refused {c.refused:<5} "
-            f"submit to final p50 {c.submit_to_final_ms[50]:7.1f} / p99 {c.submit_to_final_ms[99]:8.1f} ms  "
-            f"gateway CPU {c.gateway_ms:5.2f} ms/payment"
-        )
+        return f"{self.clients} clients; " + self.census.table()
 
 
 async def closed(
@@ -63,7 +56,6 @@ async def closed(
         count=count,
         warmup=max(300, clients),
         scale={"api": scale, "relay": scale, "worker": scale},
-        wait=WAIT,
     )
     return Closed(clients, result)
 
@@ -108,7 +100,7 @@ async def flash_sale(
             accepted_at.append(time.perf_counter())
             ids.append(payment_id)
         for payment_id in ids:
-            while (await cost.poll(http, base, payment_id, WAIT)) in cost.IN_PROGRESS:
+            while (await cost.poll(http, base, payment_id, cost.WAIT)) in cost.IN_PROGRESS:
                 pass
             final_at.append(time.perf_counter())
 

@@ -1,12 +1,13 @@
 """The cost of a payment, and what the API does when offered more than it can take.
 
-census: `clients` FicMart-like clients, each submitting an authorization and then
-long-polling it (GET ?wait=10) until it is final, over and over; the mock bank at
-zero latency, no injected failures. CPU seconds of every process are read from
-/proc before and after the measured part and divided by the payments completed in
-it: each gateway process kind, PostgreSQL (every `postgres` process: the gateway's
-backends and the server's own), RabbitMQ (beam.smp), and apart from the gateway's
-total, the mock bank and this load generator. This is the headline figure.
+census: `clients` FicMart-like clients (aiohttp), each submitting an authorization
+and then long-polling it (GET ?wait=) until it is final, over and over; the mock
+bank at zero latency, no injected failures. CPU seconds of every part are read
+from /proc before and after the measured part (bench/system.py, Snapshot) and
+divided by the payments completed in it: each gateway process kind, PostgreSQL
+(the private database's backends and the server's own processes), RabbitMQ (the
+node serving the vhost), and apart from the gateway's total, the mock bank and
+this load generator. The checkout scenarios (bench/checkouts.py) run it.
 
 overload: submits only, offered open loop at `factor` times the rate the gateway
 completed in a closed-loop measurement just before (the c=256 checkouts, or
@@ -37,6 +38,7 @@ from bench.util import pcts
 GATEWAY_PARTS = ("api", "relay", "worker", "postgres", "rabbitmq")
 OTHER_PARTS = ("mockbank", "loadgen")
 IN_PROGRESS = {"pending", "capturing", "voiding", "refunding"}
+WAIT = 30  # the long poll's ?wait=, seconds: FicMart's
 
 
 @dataclass
@@ -69,14 +71,6 @@ class Census:
         return "\n".join([head, "CPU ms per completed authorization:", *rows])
 
 
-def _cpu_seconds(before: Snapshot, after: Snapshot) -> dict[str, float]:
-    """CPU seconds per part between two snapshots: each kind of process, the whole PostgreSQL server."""
-    parts = ("api", "relay", "worker", "mockbank", "rabbitmq", "loadgen")
-    cpu = {part: after.cpu.get(part, 0.0) - before.cpu.get(part, 0.0) for part in parts}
-    cpu["postgres"] = after.pg_server_delta(before)
-    return cpu
-
-
 async def census(
     system: BenchSystem,
     http: aiohttp.ClientSession,
@@ -86,7 +80,7 @@ async def census(
     count: int,
     warmup: int,
     scale: dict[str, int],
-    wait: int = 10,
+    wait: int = WAIT,
 ) -> Census:
     """Closed loop of submit + long poll (?wait=`wait`) to final; the first `warmup` completions
     are not measured."""
@@ -121,7 +115,7 @@ async def census(
     await asyncio.gather(*(client(n) for n in range(clients)))
     before, after = marks["before"], marks["after"]
     assert isinstance(before, Snapshot) and isinstance(after, Snapshot)
-    per = {part: seconds * 1000 / count for part, seconds in _cpu_seconds(before, after).items()}
+    per = {part: seconds * 1000 / count for part, seconds in after.cpu_delta(before).items()}
     return Census(count, after.at - before.at, per, pcts(finals, (50, 99)), scale, sum(refusals.values()))
 
 
@@ -141,7 +135,7 @@ async def submit(http: aiohttp.ClientSession, base: str, req: load.Request, refu
             return None
 
 
-async def poll(http: aiohttp.ClientSession, base: str, payment_id: str, wait: int = 10) -> str:
+async def poll(http: aiohttp.ClientSession, base: str, payment_id: str, wait: int = WAIT) -> str:
     """The payment's status after a long poll of up to `wait` seconds."""
     async with http.get(f"{base}/v1/payments/{payment_id}", params={"wait": str(wait)}, headers=load.HEADERS) as resp:
         body = await resp.read()

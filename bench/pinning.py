@@ -34,7 +34,7 @@ def _pin(pids: Iterable[int | None], cpus: set[int]) -> None:
 def _back_end(system: BenchSystem) -> list[int | None]:
     """Every process but the API's and ours: read afresh (PostgreSQL starts backends as it goes)."""
     gateway = [system.pid(name) for name in system.names() if system.kind[name] != "api"]
-    return [*gateway, *pids_by_comm("postgres"), *system.rabbit_pids]
+    return [*gateway, *pids_by_comm("postgres"), system.broker_pid]
 
 
 @contextlib.contextmanager

@@ -477,24 +477,23 @@ class Report:
 
     def _issue9_rows(self) -> None:
         """The cost headline and the overload scenario against their targets."""
-        paid = self.data.get("cost")
-        if paid:
-            self.rows.append("THE COST OF A PAYMENT (mock bank at zero latency, submit and long-poll to final)")
-            ms = paid["gateway_cpu_ms_per_payment"]
-            self._row(
-                "  gateway CPU per completed authorization",
-                f"{ms:.2f} ms",
-                f"{_r(paid['per_second'])}/s completed",
-                f"<= {TARGET_COST_MS:g} ms",
-                _verdict(ms <= TARGET_COST_MS),
-            )
         names = ("closed-64", "closed-256", "closed-1000", "flash-sale")
         checkouts = {s: self.data[s] for s in names if s in self.data}
         if checkouts:
-            self.rows.append("CHECKOUTS (admission as shipped)")
+            self.rows.append("CHECKOUTS (admission as shipped; bank at zero latency; submit, long-poll to final)")
         for scenario, run in checkouts.items():
             refused = run["refused"] if isinstance(run["refused"], int) else sum(run["refused"].values())
             self._row(f"  {scenario}: refused", str(refused), "", "0", _verdict(refused == 0))
+            if "gateway_cpu_ms_per_payment" in run:
+                ms = run["gateway_cpu_ms_per_payment"]
+                headline = scenario == "closed-64"
+                self._row(
+                    f"  {scenario}: gateway CPU per completed authorization",
+                    f"{ms:.2f} ms",
+                    f"{_r(run['per_second'])}/s completed",
+                    f"<= {TARGET_COST_MS:g} ms" if headline else "",
+                    _verdict(ms <= TARGET_COST_MS) if headline else "",
+                )
         refusal = self.data.get("refusal-cost")
         if refusal:
             self.rows.append("REFUSALS")

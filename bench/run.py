@@ -16,7 +16,8 @@ subprocesses, and drives the load from this process with aiohttp, spreading
 authorizations round-robin over the generated cards (the upstream bank
 serialises per card). Everything it made is removed at the end.
 
-Scenarios, in the order they run:
+Scenarios (those with the pipeline run in the order: closed-*, e2e, capture, latency,
+flash-sale, overload, refusal-cost):
   ceilings   PostgreSQL: the API's submit transaction run directly with asyncpg
              (same SQL, same pool size and concurrency), a naive four-INSERT version,
              and two what-ifs: the same work as one statement, the same SQL without the
@@ -37,11 +38,12 @@ Scenarios, in the order they run:
   latency    bank latency 100-2000 ms (the contract's default): authorizations at
              --latency-rate for one worker; completed auths/s, bank calls in flight,
              errors, timeouts (worker log), RSS growth.
-  cost       CPU per completed authorization, 64 clients to final (bench/cost.py).
   closed-64, closed-256, closed-1000
              admission as shipped: N FicMart-like aiohttp clients, each submits and
              long-polls (?wait=30) to final, over and over; refused (target 0),
-             completed/s, CPU per completed authorization (bench/checkouts.py).
+             completed/s, CPU per completed authorization per part and summed
+             (bench/checkouts.py, bench/cost.py). They run first among the scenarios
+             with the pipeline, on fresh tables; c=64 is the headline.
   flash-sale 1000 clients submit 5000 payments at once, then long-poll them: refused
              (target 0), time until the last is final.
   overload   open loop at 3x the closed-256 rate (or a capacity measured first) for
@@ -84,16 +86,15 @@ SCENARIOS = (
     "e2e",
     "capture",
     "latency",
-    "cost",
     *CLOSED,
     "flash-sale",
     "overload",
     "refusal-cost",
 )
 # Those that need the pipeline (relay and worker) running.
-PIPELINE = ("e2e", "capture", "latency", "cost", *CLOSED, "flash-sale", "overload", "refusal-cost")
+PIPELINE = ("e2e", "capture", "latency", *CLOSED, "flash-sale", "overload", "refusal-cost")
 PROFILE_PHASE = {"api": "authorize", "worker": "e2e", "relay": "e2e", "mockbank": "e2e"}
-# --profile during the cost scenario instead: --profile worker --scenarios cost
+# --profile during a checkout scenario instead: --profile worker --scenario closed-64
 
 
 @dataclass
@@ -161,12 +162,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="overload: the API and the load generator on one CPU, every other process (PostgreSQL and "
         "RabbitMQ included) on the others, as if the API had a host of its own (bench/pinning.py)",
-    )
-    p.add_argument(
-        "--census-count",
-        type=int,
-        default=3000,
-        help="cost: completed authorizations measured (after 300 of warm-up; default 3000)",
     )
     p.add_argument(
         "--scenarios",
@@ -270,7 +265,7 @@ class Bench:
         self.cards: list[dict] = []
         self.api_xacts: float | None = None
         self.profiles: list[str] = []
-        self.shipped = False  # the API restarted with its admission as shipped
+        self.shipped: bool | None = False  # the API's admission as shipped (True), lifted, None: restart it
         self.capacity: float | None = None  # completed/s of the c=256 checkouts, when they ran
 
     # ---- helpers --------------------------------------------------------------------------
@@ -278,7 +273,8 @@ class Bench:
     def _profiling(self, phase: str) -> bool:
         if self.args.profile is None:
             return False
-        return phase == ("cost" if "cost" in self.args.chosen else PROFILE_PHASE[self.args.profile])
+        checkouts = [s for s in self.args.chosen if s in CLOSED]
+        return phase == (checkouts[0] if checkouts else PROFILE_PHASE[self.args.profile])
 
     def _start_profile(self, phase: str):
         if not self._profiling(phase):
@@ -343,11 +339,14 @@ class Bench:
                     await self.system.clear_data()
                     await self.system.start("relay", "worker")
                     await self._authorize_e2e("warmup", 100, 100)  # every process warm, every pool connected
-                    # The headline first, on tables as fresh as when it runs alone: autovacuum is
-                    # off on the CI machine (conf.d/90-ci.conf), so what the other scenarios leave
-                    # behind would be counted in it (3.5 against 2.4 ms when it ran last).
-                    if "cost" in self.args.chosen:
-                        await self.cost()
+                    # The checkouts (c=64 the headline) first, on tables as fresh as when they run
+                    # alone: autovacuum is off on the CI machine (conf.d/90-ci.conf), so what the
+                    # other scenarios leave behind would be counted in them (3.5 against 2.4 ms).
+                    for scenario, clients in CLOSED.items():
+                        if scenario in self.args.chosen:
+                            await self.closed(clients)
+                    if any(s in self.args.chosen for s in ("e2e", "capture", "latency")):
+                        await self._admission(shipped=False)  # they measure capacity: bounds lifted
                     if "e2e" in self.args.chosen:
                         await self.e2e()
                         self.report.memory_mark("e2e", self.system.memory())
@@ -357,9 +356,6 @@ class Bench:
                     if "latency" in self.args.chosen:
                         await self.latency()
                         self.report.memory_mark("latency", self.system.memory())
-                    for scenario, clients in CLOSED.items():
-                        if scenario in self.args.chosen:
-                            await self.closed(clients)
                     if "flash-sale" in self.args.chosen:
                         await self.flash_sale()
                     if "overload" in self.args.chosen:
@@ -381,35 +377,6 @@ class Bench:
         out.write_text(json.dumps(self.report.data, indent=1, default=str))
         print(f"\nresults: {out}   total {self.report.meta['seconds']:.0f}s")
 
-    async def cost(self) -> None:
-        n = self.args.scale
-        print(
-            f"cost: {self.args.clients} clients, each submits and long-polls to final; "
-            f"{self.args.census_count} measured; bank latency 0; {n} of each gateway process ..."
-        )
-        recorder = self._start_profile("cost")
-        result = await cost.census(
-            self.system,
-            self.http,
-            self.cards,
-            clients=self.args.clients,
-            count=self.args.census_count,
-            warmup=300,
-            scale={"api": n, "relay": n, "worker": n},
-        )
-        await self._stop_profile(recorder, "submit + long poll to final")
-        self.report.sections.append(("THE COST OF A PAYMENT (headline)", result.table()))
-        self.report.data["cost"] = {
-            "completed": result.completed,
-            "per_second": result.rate,
-            "cpu_ms_per_payment": result.cpu_ms,
-            "gateway_cpu_ms_per_payment": result.gateway_ms,
-            "submit_to_final_ms": result.submit_to_final_ms,
-            "scale": result.scale,
-        }
-        print(f"  {result.rate:,.0f}/s; {result.gateway_ms:.2f} ms of gateway CPU per payment")
-        self.system.check_alive()
-
     @contextlib.contextmanager
     def _pinned_if_asked(self) -> Iterator[str]:
         """--pin-api: the API processes running now and the load generator on a CPU of their own."""
@@ -420,21 +387,24 @@ class Bench:
             print(f"  pinned: {pinned}")
             yield pinned
 
-    async def _shipped_admission(self) -> None:
-        """The API restarted (once) with every admission bound at its default, and warmed up."""
-        if not self.shipped:
-            await self.system.shipped_admission()
+    async def _admission(self, *, shipped: bool) -> None:
+        """The API restarted with every admission bound at its default (or lifted) and warmed
+        up, unless it runs so already."""
+        if self.shipped is not shipped:
+            await self.system.admission(shipped=shipped)
             await cost.warm_up(self.system, self.http, self.cards)
-            self.shipped = True
+            self.shipped = shipped
 
     async def closed(self, clients: int) -> None:
         count = self.plan.closed_counts[list(CLOSED.values()).index(clients)]
         print(f"closed-{clients}: {clients} checkout clients (submit, long-poll to final), {count} payments ...")
-        await self._shipped_admission()
-        async with load.session(total_timeout=checkouts.WAIT + 30) as http:
+        await self._admission(shipped=True)
+        recorder = self._start_profile(f"closed-{clients}")
+        async with load.session(total_timeout=cost.WAIT + 30) as http:
             result = await checkouts.closed(
                 self.system, http, self.cards, clients=clients, count=count, scale=self.args.scale
             )
+        await self._stop_profile(recorder, f"{clients} checkout clients, submit + long poll to final")
         if clients == 256:
             self.capacity = result.census.rate
         self.report.sections.append((f"CHECKOUTS, CLOSED LOOP OF {clients} (admission as shipped)", result.table()))
@@ -443,15 +413,17 @@ class Bench:
             "per_second": result.census.rate,
             "refused": result.census.refused,
             "gateway_cpu_ms_per_payment": result.census.gateway_ms,
+            "cpu_ms_per_payment": result.census.cpu_ms,
             "submit_to_final_ms": result.census.submit_to_final_ms,
+            "scale": result.census.scale,
         }
-        print("  " + result.table())
+        print("  " + result.table().replace("\n", "\n  "))
         self.system.check_alive()
 
     async def flash_sale(self) -> None:
         print("flash-sale: 1000 clients submit 5 payments each at once, then long-poll them to final ...")
-        await self._shipped_admission()
-        async with load.session(total_timeout=checkouts.WAIT + 30) as http:
+        await self._admission(shipped=True)
+        async with load.session(total_timeout=cost.WAIT + 30) as http:
             result = await checkouts.flash_sale(self.system, http, self.cards, clients=1000, per_client=5)
         self.report.sections.append(("FLASH SALE (admission as shipped)", result.table()))
         self.report.data["flash-sale"] = result.__dict__ | {
@@ -464,7 +436,7 @@ class Bench:
     async def refusal_cost(self) -> None:
         print("refusal-cost: every POST refused (429), lean client, API CPU per refusal ...")
         result = await checkouts.refusal_cost(self.system, self.cards, count=5000 if self.args.quick else 20000)
-        self.shipped = False  # restarted with the bounds it had before
+        self.shipped = None  # restarted cold
         self.report.sections.append(("THE COST OF A REFUSAL (API CPU, from /proc)", result.table()))
         self.report.data["refusal-cost"] = {"api_cpu_ms": result.api_cpu_ms, "per_second": result.per_second}
         print("  " + result.table())
@@ -478,7 +450,7 @@ class Bench:
             with self._pinned_if_asked():
                 capacity = await cost.capacity(self.system, self.http, self.cards)
         print(f"overload: 3x the capacity of {capacity:,.0f}/s, open loop, for {seconds:g} s ...")
-        await self._shipped_admission()
+        await self._admission(shipped=True)
         with self._pinned_if_asked() as pinned:
             result = await cost.overload(
                 self.system,

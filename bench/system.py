@@ -23,11 +23,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
-from bench.util import cpu_seconds, memory_kb, pids_by_comm
-from harness.system import BANK, GATEWAY_KINDS, System
+from bench.util import ProcStat, listening_pid, memory_kb, proc_stat
+from harness.system import BANK, GATEWAY_KINDS, HARNESS_APP, System
 
 API_KEY = "sk_bench_0123456789"
 MERCHANT = "bench"
@@ -35,38 +36,64 @@ ROLES = (BANK, *GATEWAY_KINDS)
 ROOT = Path(__file__).resolve().parent.parent
 # The API-alone scenarios measure what the API can do, not its admission: with no worker running
 # nothing finishes, and the backlog bound (at least --max-in-flight operations) would refuse
-# all after the first few thousand. The admission scenarios restart the API as shipped.
+# all after the first few thousand. The checkout scenarios restart the API as shipped.
 LIFTED_BOUNDS = ("--max-in-flight", str(10**6))
+
+
+class CostUnknown(RuntimeError):
+    """A process whose CPU counts ended or was replaced between two readings: its CPU since the
+    first is unknown, and a figure without it would be wrong."""
+
+
+Process = tuple[int, int]  # (pid, start time): a pid alone may be reused
 
 
 @dataclass
 class Snapshot:
-    """Counters at one instant; two of them make a phase's deltas."""
+    """Counters at one instant; two of them make a phase's deltas.
+
+    CPU is read from /proc per part: each kind of gateway process (and the mock bank), the
+    load generator, "postgres" (the backends connected to the private database, but the
+    harness's and the bench's own, plus the server's own processes: postmaster, walwriter,
+    checkpointer, background writer, launchers; these are shared with whatever else the
+    server runs) and "rabbitmq" (the beam.smp listening on the AMQP URL's port; shared too).
+    """
 
     at: float
-    cpu: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds so far (user + system)
-    sys_cpu: dict[str, float] = field(default_factory=dict)  # role -> system (kernel) CPU seconds so far
+    cpu_of: dict[str, dict[Process, tuple[float, float]]] = field(default_factory=dict)  # part -> (user, system)
+    may_end: set[Process] = field(default_factory=set)  # autovacuum workers: their last moments go uncounted
     xact_commit: int = 0
     xact_rollback: int = 0
-    pg: dict[int, float] = field(default_factory=dict)  # backend pid -> CPU seconds so far
-    # every postgres process of the server (the gateway's backends and the server's own
-    # walwriter, checkpointer, autovacuum...) -> CPU seconds so far
-    pg_server: dict[int, float] = field(default_factory=dict)
+
+    def add(self, part: str, stat: ProcStat | None, *, may_end: bool = False) -> None:
+        if stat is None:
+            return
+        key = (stat.pid, stat.started)
+        self.cpu_of.setdefault(part, {})[key] = (stat.user, stat.system)
+        if may_end:
+            self.may_end.add(key)
+
+    def _delta(self, earlier: Snapshot, kernel: bool) -> dict[str, float]:
+        def seconds(reading: tuple[float, float]) -> float:
+            return reading[1] if kernel else reading[0] + reading[1]
+
+        out = {}
+        for part in self.cpu_of.keys() | earlier.cpu_of.keys():
+            now, before = self.cpu_of.get(part, {}), earlier.cpu_of.get(part, {})
+            gone = [key[0] for key in before if key not in now and key not in earlier.may_end]
+            if gone:
+                raise CostUnknown(f"{part}: process {gone} ended or was replaced during the measurement")
+            out[part] = sum(seconds(r) - (seconds(before[key]) if key in before else 0.0) for key, r in now.items())
+        return out
 
     def cpu_delta(self, earlier: Snapshot) -> dict[str, float]:
-        """CPU seconds per role between `earlier` and this snapshot."""
-        delta = {name: value - earlier.cpu[name] for name, value in self.cpu.items() if name in earlier.cpu}
-        delta["postgres"] = sum(v - earlier.pg.get(pid, 0.0) for pid, v in self.pg.items())
-        return delta
-
-    def pg_server_delta(self, earlier: Snapshot) -> float:
-        """CPU seconds of the whole PostgreSQL server between `earlier` and this snapshot (a
-        process started meanwhile counts in full; one gone meanwhile loses its last moments)."""
-        return sum(v - earlier.pg_server.get(pid, 0.0) for pid, v in self.pg_server.items())
+        """CPU seconds (user + system) per part between `earlier` and this snapshot; a process
+        started meanwhile counts in full."""
+        return self._delta(earlier, kernel=False)
 
     def sys_delta(self, earlier: Snapshot) -> dict[str, float]:
-        """Kernel CPU seconds per gateway process between `earlier` and this snapshot."""
-        return {n: v - earlier.sys_cpu[n] for n, v in self.sys_cpu.items() if n in earlier.sys_cpu}
+        """Kernel CPU seconds per part between `earlier` and this snapshot."""
+        return self._delta(earlier, kernel=True)
 
 
 @dataclass
@@ -110,11 +137,13 @@ class BenchSystem(System):
         )
         self.stats: asyncpg.Connection | None = None  # on the admin database: its reads do not count
         self.conn: asyncpg.Connection | None = None  # on the private database, for the bench's own queries
-        self.rabbit_pids = pids_by_comm("beam.smp")  # shared broker: other vhosts' work shows too
+        self.broker_pid: int | None = None  # the RabbitMQ node serving amqp_url: other vhosts' work shows too
 
-    async def shipped_admission(self) -> None:
-        """Restart the API processes with every admission bound at its default."""
-        self.api_args = [a for a in self.api_args if a not in LIFTED_BOUNDS]
+    async def admission(self, *, shipped: bool) -> None:
+        """Restart the API processes with every admission bound at its default (shipped) or with
+        the bounds lifted (as they start)."""
+        args = [a for a in self.api_args if a not in LIFTED_BOUNDS]
+        self.api_args = args if shipped else [*args, *LIFTED_BOUNDS]
         for name in self.names("api"):
             await self.restart(name)
 
@@ -132,8 +161,9 @@ class BenchSystem(System):
         if self.conn is not None:
             return
         await super().prepare()
+        self.broker_pid = listening_pid(urlsplit(self.opts.amqp_url).port or 5672)
         self.stats = await asyncpg.connect(self.opts.admin_url)
-        self.conn = await asyncpg.connect(self.database_url)
+        self.conn = await asyncpg.connect(self.database_url, server_settings={"application_name": HARNESS_APP})
         if self.opts.without_outbox_notify:
             await self.conn.execute("DROP TRIGGER outbox_inserted ON outbox")
 
@@ -185,37 +215,40 @@ class BenchSystem(System):
         return proc.pid if proc is not None and proc.popen is not None else None
 
     async def snapshot(self) -> Snapshot:
-        """CPU seconds of every kind of process and the private database's transaction counters.
+        """CPU seconds of every part (see Snapshot) and the private database's transaction counters.
 
         pg_stat_database is flushed by each backend at most once a second (and an idle one
         only after 10 s), so xact_commit deltas are trustworthy over windows taken while the
         load is running, not between idle moments.
         """
-        assert self.stats is not None, "not started"
+        assert self.stats is not None and self.broker_pid is not None, "not started"
         row = await self.stats.fetchrow(
-            "SELECT xact_commit, xact_rollback, "
-            "       (SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = $1) AS pids "
-            "  FROM pg_stat_database WHERE datname = $1",
-            self.database_name,
+            "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = $1", self.database_name
         )
         assert row is not None
+        backends = await self.stats.fetch(
+            "SELECT pid, backend_type FROM pg_stat_activity "
+            " WHERE (datname = $1 AND application_name IS DISTINCT FROM $2) OR datname IS NULL",
+            self.database_name,
+            HARNESS_APP,
+        )
         snap = Snapshot(at=time.perf_counter(), xact_commit=row["xact_commit"], xact_rollback=row["xact_rollback"])
-        for pid in row["pids"] or ():
-            value = cpu_seconds(pid)
-            if value is not None:
-                snap.pg[pid] = value
         for name in self.procs:
-            value = cpu_seconds(self.pid(name), split=True)
-            if value is not None:
-                kind = self.kind[name]
-                snap.cpu[kind] = snap.cpu.get(kind, 0.0) + value[0] + value[1]
-                snap.sys_cpu[kind] = snap.sys_cpu.get(kind, 0.0) + value[1]
-        for pid in pids_by_comm("postgres"):
-            value = cpu_seconds(pid)
-            if value is not None:
-                snap.pg_server[pid] = value
-        snap.cpu["rabbitmq"] = sum(filter(None, (cpu_seconds(p) for p in self.rabbit_pids)))
-        snap.cpu["loadgen"] = cpu_seconds(os.getpid()) or 0.0
+            snap.add(self.kind[name], proc_stat(self.pid(name)))
+        postmaster = set()
+        for backend in backends:
+            stat = proc_stat(backend["pid"])
+            snap.add("postgres", stat, may_end=backend["backend_type"] == "autovacuum worker")
+            if stat is not None and backend["backend_type"] == "checkpointer":
+                postmaster.add(stat.ppid)
+        if len(postmaster) != 1:
+            raise CostUnknown("PostgreSQL's postmaster not found (no checkpointer in pg_stat_activity?)")
+        snap.add("postgres", proc_stat(postmaster.pop()))
+        broker = proc_stat(self.broker_pid)
+        if broker is None:
+            raise CostUnknown(f"RabbitMQ (pid {self.broker_pid}) cannot be read")
+        snap.add("rabbitmq", broker)
+        snap.add("loadgen", proc_stat(os.getpid()))
         return snap
 
     async def table_stats(self) -> list[dict]:

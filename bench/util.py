@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -25,13 +27,30 @@ def pcts(values: Iterable[float], qs: Sequence[float] = (50, 99, 99.9)) -> dict[
 
 def cpu_seconds(pid: int | None, split: bool = False):
     """user + system CPU seconds of a process so far (or (user, system) with split), None if gone."""
+    stat = proc_stat(pid)
+    if stat is None:
+        return None
+    return (stat.user, stat.system) if split else stat.user + stat.system
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """What /proc/<pid>/stat says of a process (all its threads, the ended ones included)."""
+
+    pid: int
+    started: int  # clock ticks after boot: with the pid, names the process (pids are reused)
+    ppid: int
+    user: float  # CPU seconds so far
+    system: float
+
+
+def proc_stat(pid: int | None) -> ProcStat | None:
     if pid is None:
         return None
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        user, system = int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-        return (user, system) if split else user + system
+        return ProcStat(pid, int(fields[19]), int(fields[1]), int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK)
     except (OSError, ValueError, IndexError):
         return None
 
@@ -53,8 +72,33 @@ def memory_kb(pid: int | None) -> tuple[int | None, int | None]:
     return rss, hwm
 
 
+def listening_pid(port: int) -> int:
+    """The process listening on TCP `port` (found by its socket's inode, as ss -p does); the
+    bench reads RabbitMQ's CPU off the broker its URL names, not off every beam.smp (rabbitmqctl
+    runs one for a moment, and other nodes may run on the machine)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    owners = set()
+    for entry in os.listdir("/proc") if inodes else ():
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                            owners.add(int(entry))
+                            break
+    if len(owners) != 1:
+        raise RuntimeError(f"cannot tell which process listens on port {port} (found {sorted(owners)})")
+    return owners.pop()
+
+
 def pids_by_comm(name: str) -> list[int]:
-    """Processes whose /proc/<pid>/comm is `name` (read only: used to watch RabbitMQ's CPU)."""
+    """Processes whose /proc/<pid>/comm is `name` (read only: --pin-api pins every postgres)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
