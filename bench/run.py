@@ -166,7 +166,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--scenarios",
         "--scenario",
-        default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all; capture implies e2e)",
     )
     p.add_argument(
@@ -223,8 +222,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="also write the results here (default bench/out/results-<time>.json)")
     args = p.parse_args(argv)
-    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    if args.profile and "--scenarios" not in " ".join(argv or sys.argv[1:]):
+    chosen = [s.strip() for s in (args.scenarios or ",".join(SCENARIOS)).split(",") if s.strip()]
+    if args.profile and args.scenarios is None:
         chosen = [PROFILE_PHASE[args.profile]]
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
