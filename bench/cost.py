@@ -34,9 +34,15 @@ import orjson
 from bench import load, rawhttp
 from bench.system import BenchSystem, Snapshot
 from bench.util import pcts
+from worker.relay import BUSY_SECONDS
 
 GATEWAY_PARTS = ("api", "relay", "worker", "postgres", "rabbitmq")
 OTHER_PARTS = ("mockbank", "loadgen")
+# Shared with whatever else uses the server and the broker: their CPU while the gateway idles
+# (other users' work, their own ticking) is measured before the load and shown beside them;
+# the figure itself keeps it all.
+SHARED_PARTS = ("postgres", "rabbitmq")
+IDLE_SECONDS = 2.0
 IN_PROGRESS = {"pending", "capturing", "voiding", "refunding"}
 WAIT = 30  # the long poll's ?wait=, seconds: FicMart's
 
@@ -49,6 +55,8 @@ class Census:
     submit_to_final_ms: dict[float, float]
     scale: dict[str, int]
     refused: int  # submits answered 429/503 (each sent again after Retry-After)
+    # shared part -> its CPU ms per second with the gateway idle, just before: others' work
+    idle_ms_per_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -58,9 +66,22 @@ class Census:
     def gateway_ms(self) -> float:
         return sum(self.cpu_ms.get(p, 0.0) for p in GATEWAY_PARTS)
 
+    @property
+    def idle_ms(self) -> dict[str, float]:
+        """shared part -> what its idle rate makes per completed payment over the window."""
+        return {p: rate * self.seconds / self.completed for p, rate in self.idle_ms_per_s.items()}
+
     def table(self) -> str:
-        rows = [f"{p:<10} {self.cpu_ms.get(p, 0.0):7.2f}" for p in GATEWAY_PARTS]
+        idle = self.idle_ms
+        rows = [
+            f"{p:<10} {self.cpu_ms.get(p, 0.0):7.2f}"
+            + (f"   (of which {idle[p]:.2f} at its rate with the gateway idle)" if p in idle else "")
+            for p in GATEWAY_PARTS
+        ]
         rows.append(f"{'= gateway':<10} {self.gateway_ms:7.2f}")
+        if idle:
+            less = self.gateway_ms - sum(idle.values())
+            rows.append(f"{'  less idle':<10} {less:7.2f}   (less the shared parts' idle rate)")
         rows += [f"{p:<10} {self.cpu_ms.get(p, 0.0):7.2f}   (not counted)" for p in OTHER_PARTS]
         scale = ", ".join(f"{k} x{v}" for k, v in self.scale.items())
         head = (
@@ -92,6 +113,7 @@ async def census(
     marks: dict[str, object] = {}
     total = warmup + count
     refusals: Counter[int] = Counter()
+    idle_ms_per_s = await _idle_rates(system)
 
     async def client(n: int) -> None:
         nonlocal done
@@ -116,7 +138,22 @@ async def census(
     before, after = marks["before"], marks["after"]
     assert isinstance(before, Snapshot) and isinstance(after, Snapshot)
     per = {part: seconds * 1000 / count for part, seconds in after.cpu_delta(before).items()}
-    return Census(count, after.at - before.at, per, pcts(finals, (50, 99)), scale, sum(refusals.values()))
+    return Census(
+        count, after.at - before.at, per, pcts(finals, (50, 99)), scale, sum(refusals.values()), idle_ms_per_s
+    )
+
+
+async def _idle_rates(system: BenchSystem) -> dict[str, float]:
+    """CPU ms per second of the shared parts while the gateway idles: nothing in progress, and
+    the relay back to its slow poll (worker.relay.BUSY_SECONDS after its last publish)."""
+    assert system.conn is not None
+    while await system.conn.fetchval("SELECT EXISTS (SELECT FROM payments WHERE status = ANY($1))", list(IN_PROGRESS)):
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(BUSY_SECONDS)
+    quiet = await system.snapshot()
+    await asyncio.sleep(IDLE_SECONDS)
+    idle = (await system.snapshot()).cpu_delta(quiet)
+    return {p: idle[p] * 1000 / IDLE_SECONDS for p in SHARED_PARTS}
 
 
 async def submit(http: aiohttp.ClientSession, base: str, req: load.Request, refusals: Counter[int]) -> str | None:

@@ -413,6 +413,7 @@ class Bench:
             "refused": result.census.refused,
             "gateway_cpu_ms_per_payment": result.census.gateway_ms,
             "cpu_ms_per_payment": result.census.cpu_ms,
+            "idle_cpu_ms_per_payment": result.census.idle_ms,
             "submit_to_final_ms": result.census.submit_to_final_ms,
             "scale": result.census.scale,
         }
