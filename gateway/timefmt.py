@@ -21,7 +21,9 @@ def iso(dt: None) -> None: ...
 def iso(dt: datetime | None) -> str | None:
     if dt is None:
         return None
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, not strftime: a third of the cost (py-spy put iso at 3% of the worker's CPU);
+    # "+00:00" (6 characters, always so in UTC) becomes "Z".
+    return dt.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse(value: str) -> datetime:
