@@ -351,8 +351,8 @@ class Bench:
                         await self.overload()
                     if "refusal-cost" in self.args.chosen:
                         await self.refusal_cost()
-                    # The capacity scenarios last: the latency scenario's backlog (bank at 100-2000
-                    # ms) would still be in the admission's estimate of the time to final.
+                    # The capacity scenarios last: a backlog the latency scenario (bank at 100-2000
+                    # ms) leaves would count in the admission's estimate of the time to final.
                     if any(s in self.args.chosen for s in ("e2e", "capture", "latency")):
                         await self._admission(shipped=False)  # they measure capacity: bounds lifted
                     if "e2e" in self.args.chosen:
