@@ -3,8 +3,9 @@
     payments.commands  topic     routing key = operation kind -> payments.work
     payments.work      quorum    the workers' queue, bound to every kind
     payments.retry     headers   header retry-queue=<name> -> that rung
-    payments.retry.Ns  classic   x-message-ttl N s, dead-letters back to
-                                 payments.commands with the original routing key
+    payments.retry.quorum.Ns
+                       quorum    x-message-ttl N s, dead-letters back to payments.commands
+                                 with the original routing key, at least once
     payments.dead      quorum    operations that exhausted their retries (ops replays)
     payments.events.<merchant>
                        topic     payment.<status> of that merchant's payments, read with
@@ -17,6 +18,13 @@ Only the gateway's own broker user may use the rest: payments.commands is intern
 
 A rung's name carries its delay, so two ladders (a test's short one and the
 default) can share a vhost without conflicting queue arguments.
+
+Every queue that holds a command is a quorum queue: on a cluster it lives on every node, so a
+node's death neither loses the commands waiting in it nor stops a process declaring it when it
+reconnects to another node (a classic queue whose home node is down refuses the declaration,
+and with it the whole reconnection). The rungs were classic queues named payments.retry.Ns
+before: a queue's type cannot change, hence the new names. The old ones take nothing new and
+empty themselves into payments.commands within their delay; ops delete them after.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from gateway.messages import COMMANDS_EXCHANGE
 
 WORK_QUEUE = "payments.work"
 RETRY_EXCHANGE = "payments.retry"
+RETRY_QUEUE_PREFIX = "payments.retry.quorum."
 DEAD_QUEUE = "payments.dead"
 # An earlier version kept every event in this queue only so that a mandatory publish of
 # an event always found a queue: nobody read it. Deleted where it still exists.
@@ -41,12 +50,12 @@ RETRY_QUEUE_HEADER = "retry-queue"  # headers-exchange match key (x-* headers ar
 
 
 def retry_queue_name(delay_seconds: int) -> str:
-    """payments.retry.1s, payments.retry.30s, payments.retry.2m, payments.retry.1h..."""
+    """payments.retry.quorum.1s, ....30s, ....2m, ....1h..."""
     if delay_seconds % 3600 == 0:
-        return f"payments.retry.{delay_seconds // 3600}h"
+        return f"{RETRY_QUEUE_PREFIX}{delay_seconds // 3600}h"
     if delay_seconds % 60 == 0:
-        return f"payments.retry.{delay_seconds // 60}m"
-    return f"payments.retry.{delay_seconds}s"
+        return f"{RETRY_QUEUE_PREFIX}{delay_seconds // 60}m"
+    return f"{RETRY_QUEUE_PREFIX}{delay_seconds}s"
 
 
 async def declare_events_exchange(channel: AbstractChannel, merchant_exchange: str) -> AbstractExchange:
@@ -76,7 +85,16 @@ async def declare(channel: AbstractChannel, ladder: tuple[int, ...]) -> dict[str
         rung = await channel.declare_queue(
             name,
             durable=True,
-            arguments={"x-message-ttl": delay * 1000, "x-dead-letter-exchange": COMMANDS_EXCHANGE},
+            arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": COMMANDS_EXCHANGE,
+                # A quorum queue dead-letters at most once unless told otherwise: a command
+                # would be lost if payments.commands could not take it at that moment.
+                # At least once needs reject-publish overflow (the rungs have no length limit).
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
         )
         await rung.bind(retry, routing_key="", arguments={"x-match": "all", RETRY_QUEUE_HEADER: name})
 

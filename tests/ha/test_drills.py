@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +36,11 @@ from tests.ha.engines import Engines
 pytestmark = [pytest.mark.long, pytest.mark.timeout(7200)]
 
 SETTLE_AFTER_FAULT = 60.0
+
+# The issue asks for 100 authorizations/s; a shared or small machine may not sustain that with
+# two of every process, so the rate and the count can be lowered (the figures printed say which).
+DRILL_RATE = float(os.environ.get("HA_DRILL_RATE", "100"))
+DRILL_PAYMENTS = int(os.environ.get("HA_DRILL_PAYMENTS", "18000"))
 
 
 @dataclass
@@ -90,6 +97,7 @@ async def _drill(
     rate: float,
     faults: list[str],
     forgetful: bool,
+    log_dir: Path,
 ) -> None:
     stack = Stack(
         ha.server_urls,
@@ -98,7 +106,9 @@ async def _drill(
         gateway_env={"LOG_LEVEL": "info"},
         event_queue="ha-drill.events",
         scale={"api": 2, "relay": 2, "worker": 2},
+        log_dir=log_dir,
     )
+    print(f"\nthe processes' logs: {log_dir}")
     timeline = Timeline()
     done: list[Fault] = []
     traffic: asyncio.Task | None = None
@@ -153,6 +163,7 @@ async def _drill(
             bank_forgets_keys=forgetful,
             findings=findings,
         )
+        _write_timeline(log_dir / "timeline.txt", began, timeline, done)
         for fault in done:
             print(
                 f"\n{fault.name}: lasted {fault.ended - fault.started:.1f}s; acceptance stopped "
@@ -173,23 +184,37 @@ async def _drill(
         await stack.close()
 
 
+def _write_timeline(path: Path, began: float, timeline: Timeline, faults: list[Fault]) -> None:
+    """Per second of the run: authorizations accepted and flows done, and the faults."""
+    seconds = int(max([*timeline.completed, *timeline.accepted, began]) - began) + 1
+    accepted, completed = [0] * seconds, [0] * seconds
+    for t in timeline.accepted:
+        accepted[int(t - began)] += 1
+    for t in timeline.completed:
+        completed[int(t - began)] += 1
+    lines = [f"{f.name}: {f.started - began:.1f}s to {f.ended - began:.1f}s" for f in faults]
+    lines += [f"{s:5d} accepted {a:4d} done {c:4d}" for s, (a, c) in enumerate(zip(accepted, completed, strict=True))]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def _check_no_deaths(stack: Stack) -> None:
     dead = [d for name in stack.gateway_names() if (d := stack.death(name)) is not None]
     assert not dead, f"gateway processes died (none is restarted by hand): {[(d.name, d.stderr[-800:]) for d in dead]}"
 
 
-async def test_drills_broker_leader_killed_database_primary_killed_planned_failover(ha, card_key):
+async def test_drills_broker_leader_killed_database_primary_killed_planned_failover(ha, card_key, tmp_path):
     await _drill(
         ha,
         card_key,
-        payments=18000,
-        rate=100,
+        payments=DRILL_PAYMENTS,
+        rate=DRILL_RATE,
         faults=["broker-leader", "db-primary-killed", "planned-failover"],
         forgetful=False,
+        log_dir=tmp_path,
     )
 
 
-async def test_soak_10000_lifecycles_across_repeated_faults_with_a_forgetful_bank(ha, card_key):
+async def test_soak_10000_lifecycles_across_repeated_faults_with_a_forgetful_bank(ha, card_key, tmp_path):
     await _drill(
         ha,
         card_key,
@@ -197,4 +222,5 @@ async def test_soak_10000_lifecycles_across_repeated_faults_with_a_forgetful_ban
         rate=50,
         faults=["broker-leader", "db-primary-killed", "broker-leader", "planned-failover", "db-primary-killed"],
         forgetful=True,
+        log_dir=tmp_path,
     )

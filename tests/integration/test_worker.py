@@ -609,7 +609,7 @@ async def test_many_authorizations_at_once(pipe):
     assert len((await pipe.bank.ledger())["authorizations"]) == 100
 
 
-async def test_topology_is_quorum_work_and_dead_with_a_ttl_ladder(pipe):
+async def test_topology_is_quorum_work_dead_and_ttl_ladder(pipe):
     ctl = shutil.which("rabbitmqctl")
     if not ctl or not pipe.vhost:
         pytest.skip("needs rabbitmqctl and a private vhost")
@@ -622,12 +622,13 @@ async def test_topology_is_quorum_work_and_dead_with_a_ttl_ladder(pipe):
     ).stdout
     queues = {q["name"]: q for q in json.loads(out)}
     assert queues["payments.work"]["type"] == "quorum" and queues["payments.dead"]["type"] == "quorum"
-    for delay, name in ((1, "payments.retry.1s"), (2, "payments.retry.2s"), (3, "payments.retry.3s")):
-        q = queues[name]
-        assert q["type"] == "classic" and q["durable"]
+    for delay in (1, 2, 3):
+        q = queues[f"payments.retry.quorum.{delay}s"]
+        assert q["type"] == "quorum" and q["durable"]
         args = {entry[0]: entry[-1] for entry in q["arguments"]}  # [name, type, value]
         assert args["x-message-ttl"] == delay * 1000
         assert args["x-dead-letter-exchange"] == COMMANDS_EXCHANGE
+        assert args["x-dead-letter-strategy"] == "at-least-once" and args["x-overflow"] == "reject-publish"
 
 
 async def test_console_scripts_run_the_pipeline_and_stop_gracefully_on_sigterm(pipe):
