@@ -46,6 +46,11 @@ _UNAVAILABLE = (
     asyncpg.OperatorInterventionError,  # a restart or pg_terminate_backend cut the connection
     asyncpg.InterfaceError,  # the connection was closed under the request
     asyncpg.TooManyConnectionsError,
+    # asyncpg's own state machine refusing a pooled connection whose server sent a fatal error
+    # and went away before the pool noticed ("cannot switch to state 12; another operation (2)
+    # is in progress"): seen when a database primary dies under load. The next request gets
+    # a fresh connection; the same request (same key) again is safe.
+    asyncpg.InternalClientError,
 )
 
 BEARER = 'Bearer realm="gateway"'

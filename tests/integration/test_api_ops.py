@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
+import asyncpg
 import orjson
 import pytest
 from jsonschema import Draft202012Validator
@@ -149,9 +150,18 @@ async def test_unexpected_exception_is_a_json_500_logged_with_traceback(api, mon
     assert access["status"] == 500
 
 
-async def test_database_unreachable_is_503(api, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError("connection refused"),
+        # what a pooled connection raises when its primary died under it (the failover drills)
+        asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
+    ],
+    ids=["refused", "connection-broken-mid-error"],
+)
+async def test_database_unreachable_is_503(api, monkeypatch, error):
     async def refused(*_args, **_kwargs):
-        raise ConnectionRefusedError("connection refused")
+        raise error
 
     monkeypatch.setattr(views, "get_payment", refused)
     resp, body = await api.get(f"/v1/payments/pay_{uuid.uuid4().hex}")
