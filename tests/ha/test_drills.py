@@ -57,10 +57,12 @@ class Timeline:
 
     @staticmethod
     def stopped(times: list[float], fault: Fault) -> float:
-        """The longest pause in `times` around the fault (from just before it to 60 s after its end)."""
+        """The longest pause in `times` that overlaps the fault or the 60 s after it: from the
+        last time before the fault to the first time after that window, gaps between them."""
         ordered = sorted(times)
         start = bisect.bisect_left(ordered, fault.started) - 1
-        window = ordered[max(start, 0) : bisect.bisect_right(ordered, fault.ended + SETTLE_AFTER_FAULT)]
+        end = bisect.bisect_right(ordered, fault.ended + SETTLE_AFTER_FAULT) + 1
+        window = ordered[max(start, 0) : end]
         return max((b - a for a, b in zip(window, window[1:], strict=False)), default=float("inf"))
 
 
