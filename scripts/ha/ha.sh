@@ -5,13 +5,15 @@
 #   scripts/ha/ha.sh up      install what is missing (Debian packages), start, wait, print the env
 #   scripts/ha/ha.sh down    stop everything it started and remove its data
 #   scripts/ha/ha.sh env     the client settings (DATABASE_URL, AMQP_URL, ...) as shell exports
+#   scripts/ha/ha.sh start-rabbit N / start-pg nodeN   one node again, after a drill killed it
 #
 # RabbitMQ: three rabbitmq-server nodes gwha1..3@localhost on 127.0.0.1:5681-5683 (Erlang
 # distribution on 25681-25683), each with its own data and log directory, joined with
 # rabbitmqctl join_cluster. The node on 5672 (rabbit@localhost) is not touched.
 # PostgreSQL: pg_auto_failover (postgresql-15-auto-failover, pg-auto-failover-cli): a monitor
 # on 5440 and two data nodes on 5441 and 5442, synchronous replication while the standby is
-# healthy; shared_buffers lowered to 64MB each (pg_autoctl sizes it to 25% of RAM per instance).
+# healthy; shared_buffers lowered to 64MB each (pg_autoctl sizes it to 25% of RAM per instance);
+# the monitor's failover timeouts shortened (pg_fast_failover).
 # Everything lives under HA_DIR (default /tmp/gateway-ha), owned by the services' users.
 set -euo pipefail
 
@@ -107,6 +109,20 @@ pg_run() {
 
 pg_low_memory() { echo "shared_buffers = '64MB'" >>"$HA_DIR/pg/$1/postgresql.auto.conf"; }
 
+# The monitor's defaults take ~50 s to fail over from a lost primary (20 s before a silent node
+# is unhealthy, then 30 s for it to demote itself). A test bed whose lost host is really dead
+# can use shorter ones (~10 s). In production keep primary_demote_timeout above the keepers'
+# network_partition_timeout (20 s): a primary cut off from the monitor demotes itself in that
+# time, and promoting the standby before then risks two primaries.
+pg_fast_failover() {
+    local setting
+    for setting in "health_check_period = 1000" "health_check_timeout = 2000" "health_check_max_retries = 1" \
+        "health_check_retry_delay = 1000" "node_considered_unhealthy_timeout = 5000" "primary_demote_timeout = 5000"; do
+        as_postgres psql -q -h 127.0.0.1 -p "$MONITOR_PORT" -d pg_auto_failover -c "ALTER SYSTEM SET pgautofailover.$setting"
+    done
+    as_postgres psql -q -h 127.0.0.1 -p "$MONITOR_PORT" -d pg_auto_failover -c "SELECT pg_reload_conf()" >/dev/null
+}
+
 pg_wait_state() {  # until `pg_autoctl show state` has the primary and a secondary
     for _ in $(seq 240); do
         local state
@@ -132,6 +148,7 @@ pg_up() {
     for port in "${PG_PORTS[@]}"; do
         i=$((i + 1))
         for _ in $(seq 60); do as_postgres pg_isready -q -h 127.0.0.1 -p "$MONITOR_PORT" && break; sleep 0.5; done
+        [ "$i" = 1 ] && (cd /tmp && pg_fast_failover)
         (cd /tmp && as_postgres pg_autoctl create postgres --pgdata "$HA_DIR/pg/node$i" --pgport "$port" \
             --hostname 127.0.0.1 --name "node$i" --auth trust --no-ssl --monitor "$MONITOR_URI" \
             >"$HA_DIR/pg/create-node$i.log" 2>&1)
@@ -174,6 +191,7 @@ up)
     print_env | tee "$HA_DIR/env"
     ;;
 start-rabbit) rabbit_start_one "$2" ;;
+start-pg) pg_run "$2" ;;  # a data node's keeper again (after a drill killed its host): it rejoins
 down)
     rabbit_down
     pg_down
@@ -181,7 +199,7 @@ down)
     ;;
 env) print_env ;;
 *)
-    echo "usage: $0 up|down|env|start-rabbit N" >&2
+    echo "usage: $0 up|down|env|start-rabbit N|start-pg nodeN" >&2
     exit 2
     ;;
 esac

@@ -1,5 +1,7 @@
 """Faults on the engines of scripts/ha/ha.sh: a broker node killed and brought back, the
-database primary killed (pg_auto_failover promotes the standby) or switched over by plan."""
+database primary's postmaster killed (its keeper restarts it), the primary's whole host lost
+(pg_auto_failover promotes the standby; the host comes back as the standby), or a switchover
+by plan."""
 
 from __future__ import annotations
 
@@ -77,6 +79,20 @@ class Engines:
         pid = int((self.home / "pg" / node / "postmaster.pid").read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
         return port
+
+    async def lose_primary(self) -> str:
+        """SIGKILL the primary's keeper with everything it started (its process group: the
+        postmaster and its backends), as if the host died: nothing restarts it, the monitor
+        fails over to the standby. The node's name, for `start_node`."""
+        port = await self.primary_port()
+        node = "node1" if port == 5441 else "node2"
+        keeper = Path("/tmp/pg_autoctl") / str(self.home).lstrip("/") / "pg" / node / "pg_autoctl.pid"
+        os.killpg(int(keeper.read_text().split()[0]), signal.SIGKILL)
+        return node
+
+    async def start_node(self, node: str) -> None:
+        """A data node's keeper again, after its host was lost: it rejoins as the standby."""
+        await asyncio.to_thread(subprocess.run, ["bash", str(self.script), "start-pg", node], check=True, timeout=60)
 
     async def planned_failover(self) -> None:
         """`pg_autoctl perform failover`: the monitor switches primary and standby over by plan."""

@@ -5,12 +5,15 @@ Two of every gateway process (API, relay, worker) run against the three broker n
 target_session_attrs=read-write). FicMart's flows (authorize, then capture / void / refund)
 start at a steady rate while, one after the other:
   - the broker node that leads payments.work is SIGKILLed, and brought back later;
-  - the database primary's postmaster is SIGKILLed (pg_auto_failover promotes the standby);
+  - the database primary's postmaster is SIGKILLed (its keeper restarts it: crash recovery);
+  - the database primary's host is lost: its keeper, postmaster and backends SIGKILLed
+    (pg_auto_failover promotes the standby), then the host comes back as the new standby;
   - a planned failover (`pg_autoctl perform failover`).
 No gateway process is restarted by hand: a process that dies fails the drill. At the end the
 crash audit (tests/crash, tests/e2e/flows.py) asserts nothing lost, doubled or stuck against the
-mock bank's books, and every flow done within 60 s of the last fault's end. For each fault the
-drill prints how long acceptance (202s from the API) and completion (flows finishing) stopped.
+mock bank's books, that flows never stopped completing for more than 60 s after a fault's end,
+and every flow done within 60 s of the last fault's end. For each fault the drill prints how
+long acceptance (202s from the API) and completion (flows finishing) stopped.
 
 The soak runs 10,000 lifecycles across repeated broker-node kills and database failovers
 with the mock bank's forgetful-key switch on.
@@ -56,12 +59,13 @@ class Timeline:
     completed: list[float] = field(default_factory=list)  # each flow done
 
     @staticmethod
-    def stopped(times: list[float], fault: Fault) -> float:
-        """The longest pause in `times` that overlaps the fault or the 60 s after it: from the
-        last time before the fault to the first time after that window, gaps between them."""
+    def stopped(times: list[float], fault: Fault, next_fault: float = float("inf")) -> float:
+        """The longest pause in `times` that overlaps the fault or the 60 s after it (cut at
+        the next fault's start): from the last time before the fault to the first time after
+        that window, the gaps between them."""
         ordered = sorted(times)
         start = bisect.bisect_left(ordered, fault.started) - 1
-        end = bisect.bisect_right(ordered, fault.ended + SETTLE_AFTER_FAULT) + 1
+        end = bisect.bisect_right(ordered, min(fault.ended + SETTLE_AFTER_FAULT, next_fault)) + 1
         window = ordered[max(start, 0) : end]
         return max((b - a for a, b in zip(window, window[1:], strict=False)), default=float("inf"))
 
@@ -125,22 +129,7 @@ async def _drill(
         for number, name in enumerate(faults, 1):  # spread over the traffic
             await asyncio.sleep(max(0.0, began + duration * number / (len(faults) + 1) - time.monotonic()))
             fault = Fault(name, time.monotonic())
-            if name == "broker-leader":
-                node = await asyncio.to_thread(ha.leader_of, stack.vhost)
-                ha.kill_rabbit(node)
-                await asyncio.sleep(20)  # the cluster works on two nodes meanwhile
-                await ha.start_rabbit(node)
-            elif name == "db-primary-killed":
-                # The keeper may restart the killed postmaster before the monitor fails over:
-                # either way, a primary must serve again and the formation be whole.
-                await ha.kill_primary()
-                await asyncio.sleep(1)
-                await ha.formation_healthy()
-            else:
-                old = await ha.primary_port()
-                await ha.planned_failover()
-                await ha.primary_moved_from(old)
-                await ha.formation_healthy()
+            await _inflict(ha, stack, name)
             fault.ended = time.monotonic()
             done.append(fault)
             _check_no_deaths(stack)
@@ -166,11 +155,14 @@ async def _drill(
             findings=findings,
         )
         _write_timeline(log_dir / "timeline.txt", began, timeline, done)
-        for fault in done:
+        pauses = []
+        for fault, after in zip(done, [f.started for f in done[1:]] + [float("inf")], strict=True):
+            accepting = Timeline.stopped(timeline.accepted, fault, after)
+            completing = Timeline.stopped(timeline.completed, fault, after)
+            pauses.append((fault, completing))
             print(
                 f"\n{fault.name}: lasted {fault.ended - fault.started:.1f}s; acceptance stopped "
-                f"{Timeline.stopped(timeline.accepted, fault):.2f}s, completion stopped "
-                f"{Timeline.stopped(timeline.completed, fault):.2f}s"
+                f"{accepting:.2f}s, completion stopped {completing:.2f}s"
             )
         print(
             f"payments={payments} rate={rate}/s statuses={dict(result.statuses)} lost={len(result.lost)} "
@@ -179,11 +171,45 @@ async def _drill(
             f"accepted/s={len(timeline.accepted) / (max(timeline.accepted) - min(timeline.accepted)):.1f}"
         )
         assert not result.failures, result.report()
+        for fault, completing in pauses:
+            assert completing <= fault.ended - fault.started + SETTLE_AFTER_FAULT, (
+                f"{fault.name}: flows stopped completing for {completing:.1f} s"
+            )
         assert not backlog or not any(backlog.values()), backlog
     finally:
         if traffic is not None and not traffic.done():
             traffic.cancel()
         await stack.close()
+
+
+async def _inflict(ha: Engines, stack: Stack, name: str) -> None:
+    """One fault, until the engines are whole again."""
+    if name == "broker-leader":
+        assert stack.vhost is not None
+        node = await asyncio.to_thread(ha.leader_of, stack.vhost)
+        ha.kill_rabbit(node)
+        await asyncio.sleep(20)  # the cluster works on two nodes meanwhile
+        await ha.start_rabbit(node)
+    elif name == "db-postmaster-killed":
+        # The keeper restarts the killed postmaster (crash recovery) before the monitor would
+        # fail over: either way, a primary must serve again and the formation be whole.
+        await ha.kill_primary()
+        await asyncio.sleep(1)
+        await ha.formation_healthy()
+    elif name == "db-primary-lost":
+        old = await ha.primary_port()
+        host = await ha.lose_primary()
+        await ha.primary_moved_from(old)
+        await asyncio.sleep(5)  # the lost host stays away a little after the failover
+        await ha.start_node(host)
+        await ha.formation_healthy()
+    elif name == "planned-failover":
+        old = await ha.primary_port()
+        await ha.planned_failover()
+        await ha.primary_moved_from(old)
+        await ha.formation_healthy()
+    else:
+        raise ValueError(f"unknown fault {name!r}")
 
 
 def _write_timeline(path: Path, began: float, timeline: Timeline, faults: list[Fault]) -> None:
@@ -204,13 +230,13 @@ def _check_no_deaths(stack: Stack) -> None:
     assert not dead, f"gateway processes died (none is restarted by hand): {[(d.name, d.stderr[-800:]) for d in dead]}"
 
 
-async def test_drills_broker_leader_killed_database_primary_killed_planned_failover(ha, card_key, tmp_path):
+async def test_drills_broker_leader_killed_postmaster_killed_primary_lost_planned_failover(ha, card_key, tmp_path):
     await _drill(
         ha,
         card_key,
         payments=DRILL_PAYMENTS,
         rate=DRILL_RATE,
-        faults=["broker-leader", "db-primary-killed", "planned-failover"],
+        faults=["broker-leader", "db-postmaster-killed", "db-primary-lost", "planned-failover"],
         forgetful=False,
         log_dir=tmp_path,
     )
@@ -222,7 +248,14 @@ async def test_soak_10000_lifecycles_across_repeated_faults_with_a_forgetful_ban
         card_key,
         payments=10000,
         rate=50,
-        faults=["broker-leader", "db-primary-killed", "broker-leader", "planned-failover", "db-primary-killed"],
+        faults=[
+            "broker-leader",
+            "db-primary-lost",
+            "broker-leader",
+            "planned-failover",
+            "db-postmaster-killed",
+            "db-primary-lost",
+        ],
         forgetful=True,
         log_dir=tmp_path,
     )
