@@ -8,6 +8,14 @@ under its payment id BEFORE it looks at the payment, so a change committed in
 between still wakes it (no lost wake-up). A wake-up that carries the payment is
 the answer, with no second read; one with the id alone makes the waiter read.
 
+Wake-ups are passed on only once the LISTEN connection has answered a ping sent
+after them. A primary shutting down for a failover ends the commits still waiting
+for the standby's confirmation "locally committed", and its listening backends
+deliver their notifications in that last moment: commits the new primary never
+had (seen in the failover drills, tests/ha: merchants were told "authorized", then
+"pending"). The backend dies before it can answer the ping; the waiters then read
+again, from whichever primary serves. One ping per batch of notifications.
+
 The usual long poll follows this process's own 202 for the payment (FicMart
 submits, then waits), so the process remembers, for a little while, the
 payments it accepted (pending, whose merchant) until their first wake-up: a
@@ -71,6 +79,9 @@ class PaymentWatcher:
         # ids of the last wake-ups: one may come in before the handler that accepted the
         # payment gets to say so (a busy event loop), and then it is not pending any more
         self._woken: OrderedDict[str, None] = OrderedDict()
+        # wake-ups heard and not yet passed on (see the module docstring): payment id, body
+        self._heard: list[tuple[str, bytes | None]] = []
+        self._news = asyncio.Event()
         self._finished = 0  # wake-ups received: payments out of an in-progress status
 
     def finished_so_far(self) -> int | None:
@@ -164,13 +175,24 @@ class PaymentWatcher:
         body = text.encode() if text else None
         self._accepted.pop(payment_id, None)
         _remember(self._woken, payment_id, None)
-        for waiter in self._waiters.get(payment_id, ()):
-            waiter.body = body
-            waiter.event.set()
+        self._heard.append((payment_id, body))
+        self._news.set()
+
+    def _pass_on(self) -> None:
+        """The wake-ups heard so far, to their waiters (the server has answered since)."""
+        heard, self._heard = self._heard, []
+        self._news.clear()
+        for payment_id, body in heard:
+            for waiter in self._waiters.get(payment_id, ()):
+                waiter.body = body
+                waiter.event.set()
 
     def _wake_all(self) -> None:
-        # Wake-ups may have been missed: nothing remembered can be trusted any more.
+        # Wake-ups may have been missed: nothing remembered (or heard unconfirmed) can be
+        # trusted any more.
         self._accepted.clear()
+        self._heard.clear()
+        self._news.clear()
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.body = None
@@ -190,10 +212,12 @@ class PaymentWatcher:
                 log.info("listening for payment updates")
                 backoff = 0.1
                 while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), _HEARTBEAT)
+                    await _first_of(lost, self._news, timeout=_HEARTBEAT)
                     if not lost.is_set():
+                        news = self._news.is_set()
                         await asyncio.wait_for(store.ping(conn), 5)
+                        if news and not lost.is_set():
+                            self._pass_on()
                 log.warning("payment listener connection lost", retry_in=backoff)
             except asyncio.CancelledError:
                 raise
@@ -207,3 +231,13 @@ class PaymentWatcher:
             if not self._closing:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+async def _first_of(*events: asyncio.Event, timeout: float) -> None:
+    """Until one of `events` is set, or `timeout` seconds."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -2,7 +2,8 @@
 
 Its payload is "<id> <json>": a payment id holds no space, so the first space ends it, whatever
 the payment says (a merchant's name once stood between them and broke the split when it held
-a space).
+a space). A wake-up reaches its waiter only once the LISTEN connection has answered after it
+(a primary shutting down delivers notifications of commits the new primary never had).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def _woken(payload: str) -> bytes | None:
     watcher = PaymentWatcher("postgresql://unused")
     with watcher.watch(PAYMENT["id"]) as waiter:
         watcher._notified(None, 0, CHANNEL, payload)
+        assert not waiter.event.is_set()
+        watcher._pass_on()  # what the listener does once its ping is answered
         assert waiter.event.is_set()
         return waiter.body
 
@@ -46,3 +49,15 @@ def test_wake_ups_count_the_payments_finished_while_listening_only():
     watcher._connected.set()
     watcher._notified(None, 0, CHANNEL, PAYMENT["id"])
     assert watcher.finished_so_far() == 2
+
+
+def test_a_wake_up_heard_just_before_the_listen_connection_died_makes_the_waiter_read():
+    watcher = PaymentWatcher("postgresql://unused")
+    with watcher.watch(PAYMENT["id"]) as waiter:
+        watcher._notified(None, 0, CHANNEL, payments.wake_up(PAYMENT))
+        assert not waiter.event.is_set()
+        watcher._wake_all()  # the connection was lost before the ping came back
+        assert waiter.event.is_set() and waiter.body is None
+        waiter.event.clear()
+        watcher._pass_on()  # nothing left over to pass on after a reconnection
+        assert not waiter.event.is_set()
