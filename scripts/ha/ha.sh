@@ -26,6 +26,9 @@ AMQP_PORTS=(5681 5682 5683)
 MONITOR_URI="postgres://autoctl_node@127.0.0.1:${MONITOR_PORT}/pg_auto_failover?sslmode=disable"
 
 as_postgres() { runuser -u postgres -- env PATH="$PG_BIN:$PATH" "$@"; }
+# The services are started with runuser in a session of its own (setsid): runuser kills what it
+# runs when a signal reaches it, and a caller's process group (a test run, a shell job) ending
+# would take a node it restarted down with it.
 rabbitmqctl_on() { runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq "$RABBIT_BIN/rabbitmqctl" -n "$1" "${@:2}"; }
 node_name() { echo "gwha$1@localhost"; }
 
@@ -52,7 +55,7 @@ rabbit_start_node() {
     printf 'listeners.tcp.local = 127.0.0.1:%s\nloopback_users = none\n' "$port" >"$dir/rabbitmq.conf"
     echo '[].' >"$dir/enabled_plugins"
     chown -R rabbitmq:rabbitmq "$dir"
-    runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq RABBITMQ_NODENAME="$(node_name "$i")" \
+    setsid runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq RABBITMQ_NODENAME="$(node_name "$i")" \
         RABBITMQ_DIST_PORT=$((20000 + port)) RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
         RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_MNESIA_BASE="$dir/mnesia" \
         RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_PID_FILE="$dir/pid" \
@@ -104,7 +107,7 @@ rabbit_down() {
 
 pg_run() {
     local name=$1
-    as_postgres setsid pg_autoctl run --pgdata "$HA_DIR/pg/$name" >>"$HA_DIR/pg/$name.log" 2>&1 </dev/null &
+    setsid runuser -u postgres -- env PATH="$PG_BIN:$PATH" setsid pg_autoctl run --pgdata "$HA_DIR/pg/$name" >>"$HA_DIR/pg/$name.log" 2>&1 </dev/null &
 }
 
 pg_low_memory() { echo "shared_buffers = '64MB'" >>"$HA_DIR/pg/$1/postgresql.auto.conf"; }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -53,6 +54,22 @@ class Engines:
                 if "leader" in line:
                     return int(line.split("gwha", 1)[1][0])
         raise AssertionError(f"no node answers for the leader of {queue}")
+
+    def running_rabbits(self) -> set[int]:
+        """The nodes (1-3) that the cluster counts as running, as the first node that answers sees it."""
+        for node in (1, 2, 3):
+            try:
+                out = subprocess.run(
+                    ["rabbitmqctl", "-q", "-n", f"gwha{node}@localhost", "cluster_status", "--formatter", "json"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                ).stdout
+            except subprocess.CalledProcessError:
+                continue
+            return {int(name.split("@")[0].removeprefix("gwha")) for name in json.loads(out)["running_nodes"]}
+        return set()
 
     def kill_rabbit(self, node: int) -> None:
         os.kill(int((self.home / "rabbit" / f"n{node}" / "pid").read_text()), signal.SIGKILL)
