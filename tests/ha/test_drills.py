@@ -44,6 +44,7 @@ SETTLE_AFTER_FAULT = 60.0
 # two of every process, so the rate and the count can be lowered (the figures printed say which).
 DRILL_RATE = float(os.environ.get("HA_DRILL_RATE", "100"))
 DRILL_PAYMENTS = int(os.environ.get("HA_DRILL_PAYMENTS", "18000"))
+SOAK_RATE = float(os.environ.get("HA_SOAK_RATE", "50"))
 
 
 @dataclass
@@ -251,7 +252,7 @@ async def test_soak_10000_lifecycles_across_repeated_faults_with_a_forgetful_ban
         ha,
         card_key,
         payments=10000,
-        rate=50,
+        rate=SOAK_RATE,
         faults=[
             "broker-leader",
             "db-primary-lost",
