@@ -34,6 +34,7 @@ import pytest
 from tests.crash.harness import BANK_CHAOS, FORGETFUL_BANK, _findings
 from tests.e2e.flows import Flow, audit, plans, run_flow, wait_for_events
 from tests.e2e.stack import Stack
+from tests.ha import census
 from tests.ha.engines import Engines
 
 pytestmark = [pytest.mark.long, pytest.mark.timeout(7200)]
@@ -160,6 +161,7 @@ async def _drill(
             findings=findings,
         )
         _write_timeline(log_dir / "timeline.txt", began, timeline, done)
+        print("\n" + census.report(stack, payments))
         pauses = []
         for fault, after in zip(done, [f.started for f in done[1:]] + [float("inf")], strict=True):
             accepting = Timeline.stopped(timeline.accepted, fault, after)
