@@ -33,7 +33,7 @@ import pytest
 
 from tests.crash.harness import BANK_CHAOS, FORGETFUL_BANK, _findings
 from tests.e2e.flows import Flow, audit, plans, run_flow, wait_for_events
-from tests.e2e.stack import Stack
+from tests.e2e.stack import Client, Stack
 from tests.ha import census
 from tests.ha.engines import Engines
 
@@ -73,16 +73,12 @@ class Timeline:
 
 
 async def _paced_flows(stack: Stack, todo, rate: float, timeline: Timeline, cap: int) -> list[Flow]:
-    client = stack.client(patience=300)
-    original = client.authorize
-
-    async def authorize(**kwargs):
-        reply = await original(**kwargs)
-        if reply.status == 202:
-            timeline.accepted.append(time.monotonic())
-        return reply
-
-    client.authorize = authorize  # type: ignore[method-assign]
+    """FicMart's flows, started `rate` a second, spread over every API process in turn (as a
+    load balancer would), at most `cap` at once."""
+    assert stack.http is not None
+    clients = [Client(url, stack.http, patience=300) for url in stack.api_urls]
+    for client in clients:
+        client.authorize = _timed(client.authorize, timeline)  # type: ignore[method-assign]
     run_id = uuid.uuid4().hex[:8]
     sem = asyncio.Semaphore(cap)
     start = time.monotonic()
@@ -90,11 +86,23 @@ async def _paced_flows(stack: Stack, todo, rate: float, timeline: Timeline, cap:
     async def one(i: int, plan) -> Flow:
         await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
         async with sem:
-            flow = await run_flow(client, plan, run_id, settle_timeout=300)
+            flow = await run_flow(clients[i % len(clients)], plan, run_id, settle_timeout=300)
         timeline.completed.append(time.monotonic())
         return flow
 
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(todo))))
+
+
+def _timed(authorize, timeline: Timeline):
+    """`authorize` noting in the timeline when it was answered 202."""
+
+    async def timed(**kwargs):
+        reply = await authorize(**kwargs)
+        if reply.status == 202:
+            timeline.accepted.append(time.monotonic())
+        return reply
+
+    return timed
 
 
 async def _drill(
