@@ -51,6 +51,9 @@ _UNAVAILABLE = (
     # is in progress"): seen when a database primary dies under load. The next request gets
     # a fresh connection; the same request (same key) again is safe.
     asyncpg.InternalClientError,
+    # a pooled connection to a primary being switched over, read-only until it is stopped
+    # ("cannot execute ... in a read-only transaction"): nothing was written
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 BEARER = 'Bearer realm="gateway"'

@@ -156,8 +156,10 @@ async def test_unexpected_exception_is_a_json_500_logged_with_traceback(api, mon
         ConnectionRefusedError("connection refused"),
         # what a pooled connection raises when its primary died under it (the failover drills)
         asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
+        # a switchover's old primary, read-only until it is stopped (the drills' sweeper met it)
+        asyncpg.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
     ],
-    ids=["refused", "connection-broken-mid-error"],
+    ids=["refused", "connection-broken-mid-error", "primary-turned-read-only"],
 )
 async def test_database_unreachable_is_503(api, monkeypatch, error):
     async def refused(*_args, **_kwargs):
