@@ -150,8 +150,9 @@ class Engines:
             await asyncio.sleep(0.2)
         raise AssertionError(f"no new primary within {timeout:.0f} s")
 
-    async def formation_healthy(self, timeout: float = 120) -> None:
-        """Until the formation has a primary and a secondary again."""
+    async def formation_healthy(self, timeout: float = 300) -> None:
+        """Until the formation has a primary and a secondary again. A lost host rejoining under
+        100 payments/s on a busy machine took over two minutes to catch up (pg_rewind, WAL)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
