@@ -21,6 +21,8 @@ import os
 import signal
 import sys
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 COUNTS: Counter = Counter()
 
@@ -37,6 +39,14 @@ def _name(query: str, names: dict[str, str]) -> str:
     return " ".join(text.split())[:60]
 
 
+Method = Callable[..., Any]
+
+
+def _patch(cls: type, name: str, wrap: Callable[[Method], Method]) -> None:
+    """Replace the method `name` of `cls` by `wrap` of the original (a census-only monkeypatch)."""
+    setattr(cls, name, wrap(getattr(cls, name)))
+
+
 def install() -> None:
     import aio_pika
     import asyncpg.connection as apc
@@ -44,9 +54,8 @@ def install() -> None:
     from gateway import store
 
     names = {text.strip(): f"store.{name}" for name, text in store.statements().items()}
-    execute, _execute = apc.Connection.execute, apc.Connection._execute
 
-    def note(conn, query: str) -> None:
+    def note(conn: apc.Connection, query: str) -> None:
         name = _name(query, names)
         COUNTS[f"pg stmt: {name}"] += 1
         COUNTS["pg round trips"] += 1
@@ -56,38 +65,49 @@ def install() -> None:
             COUNTS["pg transactions"] += 1
             COUNTS["pg autocommit statements"] += 1
 
-    async def counted_execute(self, query, *args, timeout=None):
-        if not args:
+    def count_execute(execute: Method) -> Method:
+        # execute() with arguments goes through _execute, counted there: count only the plain form here.
+        async def counted(self: apc.Connection, query: str, *args: Any, timeout: float | None = None) -> Any:
+            if not args:
+                note(self, query)
+            return await execute(self, query, *args, timeout=timeout)
+
+        return counted
+
+    def count_private_execute(execute: Method) -> Method:
+        async def counted(self: apc.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
             note(self, query)
-        return await execute(self, query, *args, timeout=timeout)
+            return await execute(self, query, *args, **kwargs)
 
-    async def counted__execute(self, query, *args, **kwargs):
-        note(self, query)
-        return await _execute(self, query, *args, **kwargs)
+        return counted
 
-    apc.Connection.execute = counted_execute
-    apc.Connection._execute = counted__execute
+    def count_publish(publish: Method) -> Method:
+        async def counted(self: aio_pika.Exchange, message: Any, routing_key: str, *args: Any, **kwargs: Any) -> Any:
+            COUNTS[f"amqp publish: {self.name or '(default)'}"] += 1
+            return await publish(self, message, routing_key, *args, **kwargs)
 
-    publish = aio_pika.Exchange.publish
+        return counted
 
-    async def counted_publish(self, message, routing_key, *args, **kwargs):
-        COUNTS[f"amqp publish: {self.name or '(default)'}"] += 1
-        return await publish(self, message, routing_key, *args, **kwargs)
+    def count_ack(ack: Method) -> Method:
+        # aio-pika's ack is a coroutine in some versions and a plain method in others.
+        if inspect.iscoroutinefunction(ack):
 
-    aio_pika.Exchange.publish = counted_publish
-    ack = aio_pika.IncomingMessage.ack
-    if inspect.iscoroutinefunction(ack):
+            async def counted_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+                COUNTS["amqp ack"] += 1
+                return await ack(self, *args, **kwargs)
 
-        async def counted_ack(self, *args, **kwargs):
-            COUNTS["amqp ack"] += 1
-            return await ack(self, *args, **kwargs)
-    else:
+            return counted_async
 
-        def counted_ack(self, *args, **kwargs):
+        def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
             COUNTS["amqp ack"] += 1
             return ack(self, *args, **kwargs)
 
-    aio_pika.IncomingMessage.ack = counted_ack
+        return counted
+
+    _patch(apc.Connection, "execute", count_execute)
+    _patch(apc.Connection, "_execute", count_private_execute)
+    _patch(aio_pika.Exchange, "publish", count_publish)
+    _patch(aio_pika.IncomingMessage, "ack", count_ack)
 
 
 def dump(*_args) -> None:

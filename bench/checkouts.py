@@ -85,7 +85,7 @@ async def flash_sale(
     source = load.authorize_source("flash", cards)
     urls = system.api_urls
     refused: Counter[int] = Counter()
-    other: Counter[int] = Counter()
+    other: Counter[str] = Counter()
     accepted_at: list[float] = []
     final_at: list[float] = []
 

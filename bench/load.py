@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
-from bench.system import API_KEY
+from bench.system import API_KEY, Snapshot
 from bench.util import pcts, sleep_until
 
 MAX_IN_FLIGHT = 512  # open loop: requests open at once at most (bench.run --max-in-flight)
@@ -56,8 +56,8 @@ class Sample:
 class LoadResult:
     samples: list[Sample] = field(default_factory=list)
     window: tuple[float, float] = (0.0, 0.0)
-    before: object = None  # system.Snapshot at the window's start
-    after: object = None  # ... and end
+    before: Snapshot | None = None  # at the window's start
+    after: Snapshot | None = None  # ... and end
     peak_in_flight: int = 0
     offered_rate: float | None = None
     by_start: bool = False  # open loop: a request belongs to the window it was due in
@@ -147,7 +147,7 @@ def session(total_timeout: float = 30.0, connections: int = 0) -> aiohttp.Client
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=total_timeout))
 
 
-Snap = Callable[[], Awaitable[object]]
+Snap = Callable[[], Awaitable[Snapshot]]
 
 
 async def closed_loop(

@@ -75,7 +75,7 @@ class Monitor:
         self._task: asyncio.Task | None = None
 
     async def _count(self) -> int:
-        conn = self.system.conn
+        conn = self.system.db
         self.result.polls += 1
         if self.ids is not None:
             return await conn.fetchval(
@@ -93,13 +93,14 @@ class Monitor:
 
     async def tick(self) -> Tick:
         finals = await self._count()
+        assert self.system.stats is not None, "not started"
         xact = await self.system.stats.fetchval(
             "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", self.system.database_name
         )
         leased = None
         if self.leased:
             self.result.polls += 1
-            leased = await self.system.conn.fetchval(
+            leased = await self.system.db.fetchval(
                 "SELECT count(*) FROM operations WHERE status = 'pending' AND lease_until > now()"
             )
         t = Tick(time.perf_counter(), finals, self.accepted, xact, leased)
@@ -159,7 +160,7 @@ class Steps:
 async def steps(system: BenchSystem, kind: str, *, customer: str | None = None, ids: list[str] | None = None) -> Steps:
     start = "p.created_at" if kind == "authorize" else "o.created_at"
     where = "p.id = ANY($2::text[])" if ids is not None else "p.merchant = 'bench' AND p.customer_id = $2"
-    rows = await system.conn.fetch(
+    rows = await system.db.fetch(
         f"""
         SELECT p.status, p.attention_required, o.status AS op_status, o.attempts, o.bank_ms,
                extract(epoch FROM {start}) AS t_start,

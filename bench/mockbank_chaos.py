@@ -55,7 +55,7 @@ async def run_load(base: str, requests: int, concurrency: int, cards: int) -> in
     card_data = [extra_card(i) for i in range(cards)]
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
-    by_status: Counter = Counter()
+    by_status: Counter[int | str] = Counter()  # HTTP status, or the client error's name
     approved_amounts: dict[str, int] = defaultdict(int)  # account_id -> sum of held amounts
 
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -76,6 +76,7 @@ async def run_load(base: str, requests: int, concurrency: int, cards: int) -> in
             headers = {"Idempotency-Key": f"bench-{uuid.uuid4()}"}
             async with sem:
                 t0 = time.perf_counter()
+                status: int | str
                 try:
                     async with session.post(f"{base}/api/v1/authorizations", json=body, headers=headers) as resp:
                         await resp.read()

@@ -72,6 +72,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+
 from bench import ceilings, checkouts, cost, load, measure, pinning
 from bench import profile as profiling
 from bench.report import Report
@@ -260,12 +262,18 @@ class Bench:
             )
         )
         self.report = Report(quick=args.quick, profile=args.profile)
-        self.http = None
+        self._http: aiohttp.ClientSession | None = None
         self.cards: list[dict] = []
         self.api_xacts: float | None = None
         self.profiles: list[str] = []
         self.shipped: bool | None = False  # the API's admission as shipped (True), lifted, None: restart it
         self.capacity: float | None = None  # completed/s of the c=256 checkouts, when they ran
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The load generator's session: open while run() runs the scenarios."""
+        assert self._http is not None, "no load session: scenarios run inside run()"
+        return self._http
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -281,10 +289,10 @@ class Bench:
         name = f"{self.args.profile}-{phase}{'-quick' if self.args.quick else ''}"
         out = OUT / f"{name}.txt"
         out.unlink(missing_ok=True)
-        print(f"  py-spy attached to {self.args.profile} (pid {self.system.pid(self.args.profile)}) -> {out}")
-        return profiling.Recorder(
-            self.system.pid(self.args.profile), out, rate=self.args.profile_rate, native=self.args.profile_native
-        )
+        pid = self.system.pid(self.args.profile)
+        assert pid is not None, f"{self.args.profile} is not running"
+        print(f"  py-spy attached to {self.args.profile} (pid {pid}) -> {out}")
+        return profiling.Recorder(pid, out, rate=self.args.profile_rate, native=self.args.profile_native)
 
     async def _stop_profile(self, recorder, title: str) -> None:
         if recorder is None:
@@ -327,7 +335,7 @@ class Bench:
             )
             self.cards = await self.system.bank.extra_accounts(self.args.cards)
             self.report.memory_mark("start", self.system.memory())
-            async with load.session() as self.http:
+            async with load.session() as self._http:
                 if "ceilings" in self.args.chosen:
                     await self.ceilings()
                     self.report.memory_mark("ceilings", self.system.memory())
@@ -562,7 +570,7 @@ class Bench:
         p = self.plan
         ids = [
             r["id"]
-            for r in await self.system.conn.fetch(
+            for r in await self.system.db.fetch(
                 "SELECT id FROM payments WHERE customer_id IN ('cus_e2e', 'cus_probe') AND status = 'authorized' "
                 "ORDER BY created_at"
             )

@@ -139,6 +139,12 @@ class BenchSystem(System):
         self.conn: asyncpg.Connection | None = None  # on the private database, for the bench's own queries
         self.broker_pid: int | None = None  # the RabbitMQ node serving amqp_url: other vhosts' work shows too
 
+    @property
+    def db(self) -> asyncpg.Connection:
+        """The bench's own connection to the private database, once started."""
+        assert self.conn is not None, "not started"
+        return self.conn
+
     async def admission(self, *, shipped: bool) -> None:
         """Restart the API processes with every admission bound at its default (shipped) or with
         the bounds lifted (as they start)."""
