@@ -1,59 +1,48 @@
-"""The one table `make bench` prints: figures, their ceilings, targets, MET / NOT MET."""
+"""The one table `make bench` prints: figures, their ceilings, targets, MET / NOT MET.
+
+Report collects each scenario's figures (into `data`, written as the results JSON);
+render() hands them, as the subjects of bench/table.py's sections, to its one renderer.
+"""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
+from typing import Any
 
-from bench import measure
+from bench import measure, table
+from bench.ceilings import Ceiling
 from bench.load import LoadResult
 from bench.system import Snapshot
+from bench.table import View
 
-TARGET_E2E = 500.0  # auths/s end to end at zero bank latency
-TARGET_LATENCY = 400.0  # auths/s per worker at the default bank latency
-TARGET_OPEN_P99 = 50.0  # ms, accept latency at half the closed-loop rate
-PG_STAT_MIN_WINDOW = 2.0  # s: a window shorter than two pg_stat flushes gives no commit count
-TARGET_OVERHEAD_P99 = 25.0  # ms, the gateway's own time per step
-TARGET_RSS_MB = 150.0
-TARGET_COST_MS = 3.0  # gateway CPU per completed authorization (issue 9)
-TARGET_OVERLOAD_ACCEPTED_P99 = 250.0  # ms, at 3x capacity (issue 20)
-TARGET_OVERLOAD_REFUSED_P99 = 50.0  # ms, at 3x capacity
-TARGET_OVERLOAD_GOODPUT = 0.8  # accepted / time until the last is final, in capacities
-TARGET_REFUSAL_CPU_MS = 0.1  # the API's CPU per refused POST, HTTP included
 ROLE_ORDER = ("api", "relay", "worker", "mockbank", "postgres", "rabbitmq", "loadgen")
-
-
-def _nan(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _r(v) -> str:
-    return "-" if _nan(v) else f"{v:,.0f}"
-
-
-def _ms(d: dict | None) -> str:
-    if not d:
-        return "-"
-    return " / ".join("-" if _nan(d.get(q)) else f"{d[q]:,.1f}" for q in (50, 99, 99.9) if q in d)
-
-
-def _verdict(ok: bool | None) -> str:
-    return "-" if ok is None else ("MET" if ok else "NOT MET")
+CHECKOUTS = ("closed-64", "closed-256", "closed-1000", "flash-sale")
+CEILING_LABELS = {
+    "pg_same_sql": "PG submit, SAME SQL as authorize() (one statement)",
+    "pg_naive_4rt": "PG submit txn, naive 4 INSERTs (reference)",
+    "pg_same_sql_no_notify": "PG same SQL, outbox NOTIFY trigger dropped (diag.)",
+    "rabbit_publish_confirm": "RabbitMQ publish + confirm, persistent, quorum queue",
+    "rabbit_consume_ack": "RabbitMQ consume + ack",
+}
+PATHS = {"authorize": "POST /v1/payments", "capture": "POST /v1/payments/{id}/capture"}
+CpuPerItem = dict[str, tuple[float, float | None]]  # role -> (CPU ms per item, kernel share)
+Memory = dict[str, tuple[int | None, int | None]]  # process -> (VmRSS kB, VmHWM kB)
+Census = dict[str, dict[str, int]]  # role -> counter -> count (bench.census)
 
 
 class Report:
     def __init__(self, *, quick: bool, profile: str | None):
-        self.meta: dict = {"quick": quick, "profile": profile}
-        self.ceilings: dict = {}
-        self.rows: list[tuple[str, str, str, str, str] | str] = []
-        self.data: dict = {"meta": self.meta, "ceilings": {}, "results": {}}
-        self._accept: dict[str, dict] = {}
-        self._sections: dict[str, list] = {}
-        self._mem: dict = {}
-        self._mem_marks: list[tuple[str, dict]] = []
-        self._cpu: dict[str, dict[str, tuple]] = {}
+        self.meta: dict[str, Any] = {"quick": quick, "profile": profile}
+        self.ceilings: dict[str, Ceiling] = {}
+        self.rows: list[table.Line] = []
+        self.data: dict[str, Any] = {"meta": self.meta, "ceilings": {}, "results": {}}  # the results JSON
+        self._accept: dict[str, View] = {}
+        self._sections: dict[str, View] = {}
+        self._mem: Memory = {}
+        self._mem_marks: list[tuple[str, Memory]] = []
+        self._cpu: dict[str, CpuPerItem] = {}
         self._census: dict[str, dict[str, dict[str, float]]] = {}
-        self._probes: dict[str, dict] = {}
+        self._probes: dict[str, View] = {}
         self.sections: list[tuple[str, str]] = []  # (title, text): printed before the table
 
     # ---- collecting ---------------------------------------------------------------------------
@@ -62,7 +51,7 @@ class Report:
         """Accept figures of one action; returns PostgreSQL commits per accepted request."""
         accepted = len(closed.accepted())
         xacts = None
-        if accepted and closed.before is not None:
+        if accepted and closed.before is not None and closed.after is not None:
             xacts = (closed.after.xact_commit - closed.before.xact_commit) / accepted
             self._cpu[f"{kind} accept (closed loop)"] = measure.cpu_per_item(closed.before, closed.after, accepted)
         d = {
@@ -93,7 +82,7 @@ class Report:
         st: measure.Steps,
         before: Snapshot,
         after: Snapshot,
-        drain: tuple | None = None,
+        drain: tuple[int, float, bool] | None = None,  # captures drained, seconds, timed out
     ) -> None:
         d = {
             "offered_rate": res.offered_rate,
@@ -130,9 +119,9 @@ class Report:
         st: measure.Steps,
         before: Snapshot,
         after: Snapshot,
-        mem0: dict,
-        mem1: dict,
-        events: Counter,
+        mem0: Memory,
+        mem1: Memory,
+        events: Counter[str],
     ) -> None:
         leased = [t.leased for t in completion.ticks if t.leased is not None]
         d = {
@@ -199,7 +188,7 @@ class Report:
         self._probes.setdefault(kind, {})["xacts"] = d
         self.data["results"][f"{kind}_overhead_probe"]["xacts"] = d
 
-    def census(self, label: str, before: dict, after: dict, items: int) -> None:
+    def census(self, label: str, before: Census, after: Census, items: int) -> None:
         """Round trips and messages per payment by process (bench --census)."""
         if not items or not after:
             return
@@ -210,13 +199,13 @@ class Report:
         self._census[label] = per
         self.data["results"].setdefault("census", {})[label] = per
 
-    def memory_mark(self, after: str, mem: dict) -> None:
+    def memory_mark(self, after: str, mem: Memory) -> None:
         self._mem_marks.append((after, mem))
         self.data["results"].setdefault("memory_marks_kb", {})[after] = {
             k: {"rss": v[0], "peak": v[1]} for k, v in mem.items()
         }
 
-    def tables(self, rows: list[dict]) -> None:
+    def tables(self, rows: list[dict[str, Any]]) -> None:
         self.data["results"]["tables"] = rows
         vac = [
             f"{r['relname']} {r['autovacuum_count']}/{r['autoanalyze_count']}"
@@ -225,323 +214,87 @@ class Report:
         ]
         self.meta["autovacuum"] = ", ".join(vac) if vac else "none"
 
-    def memory(self, mem: dict) -> None:
+    def memory(self, mem: Memory) -> None:
         self._mem = mem
         self.data["results"]["memory_kb"] = {k: {"rss": v[0], "peak": v[1]} for k, v in mem.items()}
 
     # ---- rendering ----------------------------------------------------------------------------
 
-    def _row(self, metric: str, figure: str, ceiling: str = "", target: str = "", verdict: str = "") -> None:
-        self.rows.append((metric, figure, ceiling, target, verdict))
-
     def _ceil(self, name: str) -> float | None:
         c = self.ceilings.get(name)
         return c.rate if c is not None else None
 
+    def _pipeline(self, kind: str) -> list[View]:
+        a, e = self._accept.get(kind), self._sections.get(kind)
+        if not a and not e:
+            return []
+        probe = self._probes.get(kind)
+        return [
+            {
+                "kind": kind,
+                "path": PATHS[kind],
+                "alone": "API alone" if kind == "authorize" else "API alone, relay paused",
+                "quick": self.meta.get("quick"),
+                "accept": a or None,
+                "e2e": e or None,
+                "probe": probe or None,
+                "xacts": (probe or {}).get("xacts"),
+                "cpu": self._cpu.get(f"{kind} e2e (per payment, whole phase)", {}),
+                "same": self._ceil("pg_same_sql"),
+                "naive": self._ceil("pg_naive_4rt"),
+                "publish": self._ceil("rabbit_publish_confirm"),
+                "consume": self._ceil("rabbit_consume_ack"),
+            }
+        ]
+
+    def _memory(self) -> list[View]:
+        return [
+            {
+                "name": name,
+                "hwm": hwm,
+                "marks": " ".join(
+                    f"{label} {peak / 1024:.0f}"
+                    for label, m in self._mem_marks
+                    if (peak := m.get(name, (None, None))[1])
+                ),
+            }
+            for name, (_rss, hwm) in self._mem.items()
+            if hwm is not None
+        ]
+
+    def _subjects(self) -> list[tuple[table.Section, list[View]]]:
+        lat = self._sections.get("latency")
+        cpu = self._cpu.get("latency (per payment, whole phase)", {})
+        return [
+            (
+                table.CEILINGS,
+                [
+                    {
+                        "label": CEILING_LABELS.get(name, name),
+                        "rate": c.rate,
+                        "latency_ms": c.latency_ms,
+                        "note": c.note,
+                    }
+                    for name, c in self.ceilings.items()
+                ],
+            ),
+            (table.PIPELINE, self._pipeline("authorize")),
+            (table.PIPELINE, self._pipeline("capture")),
+            (table.LATENCY, [lat | {"cpu": cpu}] if lat else []),
+            (table.CHECKOUTS, [self.data[s] | {"scenario": s} for s in CHECKOUTS if s in self.data]),
+            (table.REFUSALS, [self.data["refusal-cost"]] if self.data.get("refusal-cost") else []),
+            (table.OVERLOAD, [self.data["overload"]] if self.data.get("overload") else []),
+            (table.MEMORY, self._memory()),
+        ]
+
     def render(self) -> str:
-        self.rows = []
         self.data["ceilings"] = {
             k: {"rate": c.rate, "ops": c.ops, "seconds": c.seconds, "latency_ms": c.latency_ms, "note": c.note}
             for k, c in self.ceilings.items()
         }
-        same, naive = self._ceil("pg_same_sql"), self._ceil("pg_naive_4rt")
-        pub, con = self._ceil("rabbit_publish_confirm"), self._ceil("rabbit_consume_ack")
-
-        if self.ceilings:
-            self.rows.append("CEILINGS (this machine, this run)")
-            labels = {
-                "pg_same_sql": "PG submit, SAME SQL as authorize() (one statement)",
-                "pg_naive_4rt": "PG submit txn, naive 4 INSERTs (reference)",
-                "pg_same_sql_no_notify": "PG same SQL, outbox NOTIFY trigger dropped (diag.)",
-                "rabbit_publish_confirm": "RabbitMQ publish + confirm, persistent, quorum queue",
-                "rabbit_consume_ack": "RabbitMQ consume + ack",
-            }
-            for name, c in self.ceilings.items():
-                lat = f"p50/p99/p99.9 {_ms(c.latency_ms)} ms" if c.latency_ms else ""
-                self._row(labels.get(name, name), f"{_r(c.rate)}/s", lat, c.note)
-
-        for kind in ("authorize", "capture"):
-            a = self._accept.get(kind)
-            e = self._sections.get(kind)
-            if not a and not e:
-                continue
-            path = "POST /v1/payments" if kind == "authorize" else "POST /v1/payments/{id}/capture"
-            self.rows.append(f"{kind.upper()}  ({path})")
-            if a:
-                rate = a["closed_rate"]
-                frac = []
-                if same:
-                    frac.append(f"{rate / same:.2f} of same-SQL")
-                if naive:
-                    frac.append(f"{rate / naive:.2f} of naive-4RT")
-                ok = rate >= naive if naive else None
-                alone = "API alone" if kind == "authorize" else "API alone, relay paused"
-                self._row(
-                    f"accepted/s, closed loop {a['closed_clients']} clients ({alone})",
-                    f"{_r(rate)}/s",
-                    ", ".join(frac),
-                    f">= naive 4RT ({_r(naive)}/s)" if naive else ">= naive 4RT (not run)",
-                    _verdict(ok),
-                )
-                self._row("  accept latency p50/p99/p99.9 ms, closed loop", _ms(a["closed_latency_ms"]))
-                if "open_latency_ms" in a:
-                    p99 = a["open_latency_ms"].get(99)
-                    self._row(
-                        f"  accept latency p50/p99/p99.9 ms, open loop {_r(a['open_rate'])}/s",
-                        _ms(a["open_latency_ms"]),
-                        "",
-                        f"p99 < {TARGET_OPEN_P99:g} ms",
-                        _verdict(None if _nan(p99) else p99 < TARGET_OPEN_P99),
-                    )
-                bad = {k: v for k, v in a["closed_statuses"].items() if k != 202}
-                bad_open = {k: v for k, v in a.get("open_statuses", {}).items() if k != 202}
-                if bad or bad_open:
-                    self._row("  non-202 answers / client errors", f"closed {bad} open {bad_open}")
-                if a["xacts_per_request"] is not None:
-                    approx = kind == "capture" and self.meta.get("quick")
-                    # A backend sends its pg_stat counters at most once a second: a shorter
-                    # window (captures run out of authorized payments) may have seen none yet.
-                    short = a["closed_window_s"] < PG_STAT_MIN_WINDOW
-                    self._row(
-                        "  PG commits per accepted request (pg_stat_database)",
-                        "n/a" if short else f"{a['xacts_per_request']:.2f}",
-                        f"window {a['closed_window_s']:.1f}s"
-                        + (f"; under {PG_STAT_MIN_WINDOW:g} s pg_stat may not have flushed" if short else "")
-                        + ("; approx.: earlier work may still flush (quick run has no quiet period)" if approx else ""),
-                    )
-            if e:
-                rate = e["rate_makespan"]
-                what = "auths" if kind == "authorize" else "captures"
-                target = TARGET_E2E if kind == "authorize" else None
-                self._row(
-                    f"end-to-end {what}/s, bank 0 ms ({e['count']} at {_r(e['offered_rate'])}/s offered, saturated)",
-                    f"{_r(rate)}/s",
-                    f"steady {_r(e['steady_rate'])}/s",
-                    f">= {TARGET_E2E:g}/s" if target else "",
-                    _verdict(rate >= target if target and rate else None),
-                )
-                if e.get("timed_out"):
-                    self._row("  NOT ALL FINAL before the timeout", str(e["final_statuses"]))
-                pr = self._probes.get(kind)
-                if pr:
-                    p99 = pr["overhead_ms"].get(99)
-                    self._row(
-                        f"  gateway overhead per step p50/p99/p99.9 ms, {_r(pr['offered_rate'])}/s offered",
-                        _ms(pr["overhead_ms"]),
-                        "half the e2e rate: not saturated",
-                        f"p99 < {TARGET_OVERHEAD_P99:g} ms",
-                        _verdict(None if _nan(p99) else p99 < TARGET_OVERHEAD_P99),
-                    )
-                    self._row("    dispatch: API commit -> relay -> broker -> worker claim", _ms(pr["dispatch_ms"]))
-                    self._row("    settle: claim -> record_outcome commit, less bank_ms", _ms(pr["settle_ms"]))
-                    self._row("    bank_ms (mock bank at 0 ms chaos; includes the HTTP client)", _ms(pr["bank_ms"]))
-                self._row(
-                    f"  overhead p50/p99/p99.9 ms at {_r(e['offered_rate'])}/s offered (saturated)",
-                    _ms(e["overhead_ms"]),
-                    f"dispatch {_ms(e['dispatch_ms'])}",
-                )
-                self._row(
-                    "  accept latency p50/p99/p99.9 ms, pipeline running (saturated)",
-                    _ms(e["accept_latency_ms"]),
-                    f"client: {e['client_peak_open']} open at most, {e['client_waited']} waited",
-                )
-                x = (pr or {}).get("xacts")
-                if x:
-                    fig = f"{x['total_per_payment']:.2f}"
-                    if "pipeline_per_payment" in x:
-                        fig += f" ({x['api_per_request']:.2f} API + {x['pipeline_per_payment']:.2f} relay/worker)"
-                    self._row(
-                        "  PG commits per payment, whole pipeline (quiesced pg_stat)",
-                        fig,
-                        "incl. LISTEN wake-up reads (see --census)",
-                    )
-                elif kind == "authorize":
-                    self._row("  PG commits per payment, whole pipeline", "(full run only: needs quiesced pg_stat)")
-                msgs = 2  # one command + one completion event published per step
-                if pub and rate:
-                    self._row(
-                        "  broker: publishes (command+event) per s / publish ceiling",
-                        f"{_r(rate * msgs)}/s",
-                        f"{rate * msgs / pub:.2f} of publish ceiling",
-                    )
-                if con and rate:
-                    self._row(
-                        "  broker: consumes per s / consume ceiling",
-                        f"{_r(rate)}/s",
-                        f"{rate / con:.2f} of consume ceiling",
-                    )
-                cpu = self._cpu.get(f"{kind} e2e (per payment, whole phase)", {})
-                bounds = [
-                    f"{role} {1000 / cpu[role][0]:,.0f}/s"
-                    for role in ("api", "relay", "worker")
-                    if role in cpu and cpu[role][0] > 0
-                ]
-                if bounds:
-                    self._row(
-                        "  one-core bound per process (1000 / its CPU ms per payment)",
-                        ", ".join(bounds),
-                        "where a process would saturate with a core to itself",
-                    )
-                if "drain" in e:
-                    dr = e["drain"]
-                    self._row(
-                        f"  backlog drain after the relay resumed ({dr['count']} captures)",
-                        f"{_r(dr['rate'])}/s",
-                        "timed out" if dr["timed_out"] else f"{dr['seconds']:.1f}s",
-                    )
-                non_final = {k: v for k, v in e["final_statuses"].items() if k not in ("authorized", "captured")}
-                if non_final or e["attempts_over_1"]:
-                    self._row("  other outcomes / operations retried", f"{non_final} / {e['attempts_over_1']}")
-
-        lat = self._sections.get("latency")
-        if lat:
-            self.rows.append("DEFAULT BANK LATENCY 100-2000 ms (one worker)")
-            rate = lat["steady_rate"]
-            self._row(
-                f"completed auths/s ({lat['count']} at {_r(lat['offered_rate'])}/s offered)",
-                f"{_r(rate)}/s",
-                f"overall {_r(lat['rate_makespan'])}/s",
-                f">= {TARGET_LATENCY:g}/s per worker",
-                _verdict(None if _nan(rate) else rate >= TARGET_LATENCY),
-            )
-            self._row(
-                "  accept latency p50/p99/p99.9 ms at this offered rate",
-                _ms(lat["accept_latency_ms"]),
-                f"client: {lat['client_peak_open']} open at most, {lat['client_waited']} waited",
-            )
-            self._row(
-                "  bank calls in flight (max sampled leases / Little's law)",
-                f"{_r(lat['in_flight_max_sampled'])} / {_r(lat['in_flight_little'])}",
-            )
-            p99 = lat["overhead_ms"].get(99)
-            self._row(
-                "  gateway overhead per step p50/p99/p99.9 ms",
-                _ms(lat["overhead_ms"]),
-                "",
-                f"p99 < {TARGET_OVERHEAD_P99:g} ms",
-                _verdict(None if _nan(p99) else p99 < TARGET_OVERHEAD_P99),
-            )
-            self._row(
-                "    dispatch p50/p99/p99.9 ms (includes waiting for a free worker slot)", _ms(lat["dispatch_ms"])
-            )
-            self._row("    settle p50/p99/p99.9 ms", _ms(lat["settle_ms"]))
-            self._row("    bank_ms p50/p99/p99.9", _ms(lat["bank_ms"]))
-            errors = {k: v for k, v in lat["statuses"].items() if k != 202}
-            others = {k: v for k, v in lat["final_statuses"].items() if k != "authorized"}
-            self._row(
-                "  errors: API non-202 / non-authorized / retried ops",
-                f"{errors or 0} / {others or 0} / {lat['attempts_over_1']}",
-                "NOT ALL FINAL" if lat["timed_out"] else "",
-            )
-            timeouts = sum(v for k, v in lat["worker_log"].items() if "timeout" in k)
-            self._row(
-                "  worker log: bank timeouts / warnings+errors",
-                f"{timeouts} / {sum(lat['worker_log'].values()) - timeouts}",
-                ", ".join(f"{k}: {v}" for k, v in sorted(lat["worker_log"].items()))[:60],
-            )
-            cpu = self._cpu.get("latency (per payment, whole phase)", {})
-            if "worker" in cpu and cpu["worker"][0] > 0:
-                self._row(
-                    "  worker one-core bound (1000 / worker CPU ms per payment)",
-                    f"{1000 / cpu['worker'][0]:,.0f}/s",
-                    f"worker CPU {cpu['worker'][0]:.2f} ms per auth",
-                )
-            rss = lat["worker_rss_kb"]
-            if rss["before"] and rss["after"]:
-                self._row(
-                    "  worker RSS before -> after (growth)",
-                    f"{rss['before'] / 1024:.0f} -> {rss['after'] / 1024:.0f} MB",
-                    f"{(rss['after'] - rss['before']) / 1024:+.0f} MB",
-                )
-
-        self._issue9_rows()
-
-        if self._mem:
-            self.rows.append("PEAK RSS (VmHWM) per process")
-            for name, (_rss, hwm) in self._mem.items():
-                if hwm is None:
-                    continue
-                marks = " ".join(
-                    f"{label} {m[name][1] / 1024:.0f}" for label, m in self._mem_marks if m.get(name, (None, None))[1]
-                )
-                self._row(
-                    f"  {name}",
-                    f"{hwm / 1024:.0f} MB",
-                    f"peak after: {marks}" if marks else "",
-                    f"< {TARGET_RSS_MB:g} MB" if name != "mockbank" else "(test double)",
-                    _verdict(hwm / 1024 < TARGET_RSS_MB) if name != "mockbank" else "",
-                )
-
+        self.rows = table.rows(self._subjects())
         headline = [f"{title}\n{text}" for title, text in self.sections]
         return "\n\n".join(filter(None, [*headline, self._format(), self._format_cpu(), self._format_census()]))
-
-    def _issue9_rows(self) -> None:
-        """The cost headline and the overload scenario against their targets."""
-        names = ("closed-64", "closed-256", "closed-1000", "flash-sale")
-        checkouts = {s: self.data[s] for s in names if s in self.data}
-        if checkouts:
-            self.rows.append("CHECKOUTS (admission as shipped; bank at zero latency; submit, long-poll to final)")
-        for scenario, run in checkouts.items():
-            refused = run["refused"] if isinstance(run["refused"], int) else sum(run["refused"].values())
-            self._row(f"  {scenario}: refused", str(refused), "", "0", _verdict(refused == 0))
-            if "gateway_cpu_ms_per_payment" in run:
-                ms = run["gateway_cpu_ms_per_payment"]
-                headline = scenario == "closed-64"
-                self._row(
-                    f"  {scenario}: gateway CPU per completed authorization",
-                    f"{ms:.2f} ms",
-                    f"{_r(run['per_second'])}/s completed",
-                    f"<= {TARGET_COST_MS:g} ms" if headline else "",
-                    _verdict(ms <= TARGET_COST_MS) if headline else "",
-                )
-        refusal = self.data.get("refusal-cost")
-        if refusal:
-            self.rows.append("REFUSALS")
-            self._row(
-                "  API CPU per refused POST",
-                f"{refusal['api_cpu_ms']:.3f} ms",
-                f"{_r(refusal['per_second'])}/s refused",
-                f"< {TARGET_REFUSAL_CPU_MS:g} ms",
-                _verdict(refusal["api_cpu_ms"] < TARGET_REFUSAL_CPU_MS),
-            )
-        over = self.data.get("overload")
-        if over:
-            self.rows.append(f"OVERLOAD (open loop, {over['offered'] / over['capacity']:.1f}x capacity)")
-            odd = {k: v for k, v in over["statuses"].items() if k not in (202, 429, 503)}
-            self._row(
-                "  answers other than 202/429/503, refusals without Retry-After",
-                f"{sum(odd.values())}, {over['refusals_without_retry_after']}",
-                str(odd) if odd else "",
-                "0, 0",
-                _verdict(not odd and over["refusals_without_retry_after"] == 0),
-            )
-            for label, key, target in (
-                ("accepted", "accepted_ms", TARGET_OVERLOAD_ACCEPTED_P99),
-                ("refused", "refused_ms", TARGET_OVERLOAD_REFUSED_P99),
-            ):
-                p99 = over[key].get(99, float("nan"))
-                self._row(
-                    f"  {label} p50/p99 ms",
-                    f"{over[key].get(50, float('nan')):.1f} / {p99:.1f}",
-                    "",
-                    f"p99 < {target:g} ms",
-                    _verdict(None if _nan(p99) else p99 < target),
-                )
-            goodput = over["goodput"] / over["capacity"]
-            self._row(
-                "  goodput (accepted / time until the last is final)",
-                f"{goodput:.2f}x",
-                f"{_r(over['goodput'])}/s",
-                f">= {TARGET_OVERLOAD_GOODPUT:g}x",
-                _verdict(None if _nan(goodput) else goodput >= TARGET_OVERLOAD_GOODPUT),
-            )
-            self._row(
-                "  accepted, settled afterwards",
-                f"{over['accepted']}, {over['settled']}",
-                "",
-                "all",
-                _verdict(over["settled"] == over["accepted"]),
-            )
 
     def _format_cpu(self) -> str:
         if not self._cpu:
@@ -567,7 +320,7 @@ class Report:
             return ""
         parts = []
         for label, per in self._census.items():
-            roles = [r for r in ("api", "relay", "worker") if r in per]
+            roles: list[str] = [r for r in ("api", "relay", "worker") if r in per]
             keys = sorted(
                 {k for r in roles for k in per[r]},
                 key=lambda k: (not k.startswith("pg t"), not k.startswith("pg r"), k),
