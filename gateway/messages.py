@@ -19,7 +19,7 @@ from gateway.timefmt import iso
 
 COMMANDS_EXCHANGE = "payments.commands"
 # Each merchant's events go to a topic exchange of its own, payments.events.<merchant>, which
-# its broker account alone may read (README: events by merchant; worker/brokeraccount.py).
+# its broker account alone may read (README: events by merchant; gatewayctl/brokeraccount.py).
 EVENTS_EXCHANGE_PREFIX = "payments.events."
 # The exchange every merchant's events shared before: rows an earlier version wrote may still
 # name it (schema.sql moves those it finds to their merchant's exchange).

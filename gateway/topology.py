@@ -9,7 +9,7 @@
     payments.dead      quorum    operations that exhausted their retries (ops replays)
     payments.events.<merchant>
                        topic     payment.<status> of that merchant's payments, read with
-                                 its own broker account (worker/brokeraccount.py); declared
+                                 its own broker account (gatewayctl/brokeraccount.py); declared
                                  by the relay before it publishes the merchant's first event
                                  and by `gatewayctl broker-account`. Published without
                                  `mandatory`: with nobody bound, the broker drops them

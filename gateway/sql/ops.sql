@@ -1,4 +1,4 @@
--- Ops: gatewayctl (worker/cli.py, worker/replay.py), reconciliation
+-- Ops: gatewayctl and the /ops console (gateway/ops/), reconciliation
 -- (worker/reconcile.py, worker/sweeper.py) and the readiness probe. Nothing here
 -- is scoped by merchant: these are the operator's views.
 

@@ -16,10 +16,10 @@ import orjson
 import pytest
 
 from gateway import messages, topology
+from gatewayctl.brokeraccount import vhost_of
 from harness.procs import run_script
 from tests.support.brokeraccounts import MANAGEMENT_URL, account_url, delete_users, management, refused
 from worker import settings as wsettings
-from worker.brokeraccount import vhost_of
 from worker.relay import Relay
 
 pytestmark = pytest.mark.timeout(120)

@@ -24,12 +24,12 @@ from gateway import config, db, domain, payments, topology
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action, BankOutcome, Verdict
 from gateway.ops import rules
+from gatewayctl import main as gatewayctl
 from harness import services
 from harness.mockbank_client import MockBankClient
 from harness.procs import ScriptProcess, free_port, script_path
 from tests.support import factories
 from tests.support.parked import QUORUM, ParkedWork
-from worker import cli
 from worker import settings as wsettings
 from worker.consumer import Worker
 from worker.relay import Relay
@@ -149,11 +149,11 @@ async def test_help_everywhere(cli_env, capsys):
         ["reconcile"],
     ):
         with pytest.raises(SystemExit) as exit_:
-            cli.main([*args, "--help"])
+            gatewayctl.main([*args, "--help"])
         assert exit_.value.code == 0
         assert capsys.readouterr().out.startswith(f"usage: gatewayctl {' '.join(args)}"), args
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["dlq"])
+        gatewayctl.main(["dlq"])
     assert exit_.value.code == 2 and "DLQ_COMMAND" in capsys.readouterr().err
 
 

@@ -7,8 +7,8 @@ import re
 import pytest
 
 from gateway.config import ConfigError
-from worker import brokeraccount
-from worker.brokeraccount import BrokerAdminSettings
+from gatewayctl import brokeraccount
+from gatewayctl.brokeraccount import BrokerAdminSettings
 
 
 def allowed(pattern: str, name: str) -> bool:

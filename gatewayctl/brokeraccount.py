@@ -41,6 +41,7 @@ from pydantic import Field, field_validator
 
 from gateway import broker, config, messages
 from gateway.config import ConfigError, EnvSettings, _is_loopback, _url, shown_url
+from gatewayctl.kit import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, FORMATTER, json_flag
 
 # Names whose `<name>.` prefix is someone else's: the gateway's exchanges and queues, RabbitMQ's.
 RESERVED_NAMES = ("payments", "amq")
@@ -52,7 +53,6 @@ REQUEST_TIMEOUT = 15.0
 MAX_QUEUED_EVENTS = 100_000
 MAX_CONNECTIONS = 20
 MAX_CHANNELS = 100
-EXIT_USAGE, EXIT_UNAVAILABLE = 2, 3  # gatewayctl's exit codes
 
 
 class BrokerAdminSettings(EnvSettings):
@@ -234,11 +234,11 @@ async def make_account(management: Management, merchant: str, user: str, vhost: 
     return Account(merchant, user, password, created, vhost, exchange, queue_prefix(merchant), allowed, limits)
 
 
-def add_parser(commands: Any, parents: list[argparse.ArgumentParser], formatter_class: type) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "broker-account",
-        parents=parents,
-        formatter_class=formatter_class,
+        parents=[json_flag()],
+        formatter_class=FORMATTER,
         help="a merchant's own RabbitMQ account, to read its events",
         description=__doc__.split("\n\n", 1)[1],
         epilog=textwrap.fill(
@@ -253,17 +253,20 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser], formatter_
         metavar="USER",
         help="the broker user's name (default: the merchant's; name it when one broker serves several gateways)",
     )
-    p.set_defaults(handler=cmd_broker_account)
+    p.set_defaults(
+        handler=lambda args, settings: make_for(settings, args.merchant, args.user or args.merchant, as_json=args.json)
+    )
 
 
-async def cmd_broker_account(args: argparse.Namespace, settings: config.Settings) -> int:
+async def make_for(settings: config.Settings, merchant: str, user: str, *, as_json: bool) -> int:
+    """Make (or give a new password to) the merchant's account, and print how to use it."""
     admin = BrokerAdminSettings.load()
     try:
         admin.checked(development=settings.development)
     except ConfigError as exc:
         print(f"gatewayctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    problem = refusal(args.merchant, set(settings.api_keys.values()))
+    problem = refusal(merchant, set(settings.api_keys.values()))
     if problem:
         print(f"gatewayctl: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -271,18 +274,18 @@ async def cmd_broker_account(args: argparse.Namespace, settings: config.Settings
         try:
             account = await make_account(
                 Management(admin.management_url, session),
-                args.merchant,
-                args.user or args.merchant,
+                merchant,
+                user,
                 vhost_of(settings.amqp_url),
             )
         except ManagementError as exc:
             print(f"gatewayctl: {exc}", file=sys.stderr)
             return EXIT_UNAVAILABLE
-    if args.json:
+    if as_json:
         print(orjson.dumps(asdict(account), option=orjson.OPT_INDENT_2).decode())
     else:
         print(_instructions(account, settings.amqp_url))
-    return 0
+    return EXIT_OK
 
 
 def _instructions(account: Account, amqp_url: str) -> str:

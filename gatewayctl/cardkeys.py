@@ -1,4 +1,4 @@
-"""gatewayctl's key commands (mounted by worker/cli.py with add_commands):
+"""gatewayctl's key commands:
 
     gatewayctl rekey-cards [--batch N]    seal every vaulted card under the newest card key
     gatewayctl ops-key NAME               a new /ops key, as the NAME:KEY pair of GATEWAY_OPS_KEYS
@@ -13,37 +13,24 @@ import argparse
 import secrets
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable
-from functools import partial
 
-import asyncpg
 import orjson
 
 from gateway import config
 from gateway.cards import CardVault
 from gateway.ops import cardkeys
+from gatewayctl.kit import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, FORMATTER, connect, emit_json, json_flag
 
-EXIT_OK = 0
-EXIT_ATTENTION = 1
-EXIT_USAGE = 2
 # 32 random bytes, URL-safe base64 (43 characters): well above the 128 bits config asks of an ops key.
 OPS_KEY_BYTES = 32
 OPS_KEY_PREFIX = "ops_"  # says what the key is where it turns up (a log, a ticket, GATEWAY_API_KEYS)
 
-OpenPool = Callable[[config.Settings], Awaitable[asyncpg.Pool]]
 
-
-def add_commands(
-    commands: argparse._SubParsersAction,
-    *,
-    parents: list[argparse.ArgumentParser],
-    formatter_class: type[argparse.HelpFormatter],
-    open_pool: OpenPool,
-) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "rekey-cards",
-        parents=parents,
-        formatter_class=formatter_class,
+        parents=[json_flag()],
+        formatter_class=FORMATTER,
         help="seal every vaulted card under the newest card key (after a key rotation)",
         description=textwrap.fill(
             "Seal every card of the vault that is under an older card key under the newest one "
@@ -61,12 +48,12 @@ def add_commands(
         metavar="N",
         help=f"cards per transaction (default {cardkeys.DEFAULT_BATCH})",
     )
-    p.set_defaults(handler=partial(rekey_cards, open_pool=open_pool))
+    p.set_defaults(handler=lambda args, settings: rekey_cards(settings, batch=args.batch, as_json=args.json))
 
     p = commands.add_parser(
         "ops-key",
-        parents=parents,
-        formatter_class=formatter_class,
+        parents=[json_flag()],
+        formatter_class=FORMATTER,
         help="make a key for the /ops console",
         description=textwrap.fill(
             f"Print NAME:KEY with a new key of {OPS_KEY_BYTES * 8} random bits, to add to "
@@ -77,30 +64,30 @@ def add_commands(
         ),
     )
     p.add_argument("name", metavar="NAME", help="the operator, as payment histories will name them")
-    p.set_defaults(handler=ops_key)
+    p.set_defaults(handler=lambda args, settings: ops_key(args.name, as_json=args.json))
 
 
-async def rekey_cards(args: argparse.Namespace, settings: config.Settings, *, open_pool: OpenPool) -> int:
-    if args.batch < 1:
+async def rekey_cards(settings: config.Settings, *, batch: int, as_json: bool) -> int:
+    if batch < 1:
         print("gatewayctl: --batch must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     if not settings.card_keyring:
         print("gatewayctl: rekey-cards needs the card keys: set CARD_ENCRYPTION_KEYS (newest first)", file=sys.stderr)
         return EXIT_USAGE
     vault = CardVault(settings.card_keyring)
-    pool = await open_pool(settings)
+    pool = await connect(settings)
     try:
-        report = await cardkeys.reseal_all(pool, vault, batch=args.batch)
+        report = await cardkeys.reseal_all(pool, vault, batch=batch)
     finally:
         await pool.close()
-    if args.json:
+    if as_json:
         doc = {
             "key_id": report.key_id,
             "resealed": report.resealed,
             "unreadable": [{"payment_id": p, "key_id": k} for p, k in report.unreadable],
             "left": report.left,
         }
-        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        emit_json(doc)
     else:
         print(f"{report.resealed} card(s) sealed again under card key {report.key_id!r}")
         for payment_id, key_id in report.unreadable:
@@ -113,14 +100,14 @@ async def rekey_cards(args: argparse.Namespace, settings: config.Settings, *, op
     return EXIT_ATTENTION if report.left else EXIT_OK
 
 
-async def ops_key(args: argparse.Namespace, _settings: config.Settings) -> int:
-    problem = config.ops_name_problem(args.name)
+async def ops_key(name: str, *, as_json: bool) -> int:
+    problem = config.ops_name_problem(name)
     if problem:
         print(f"gatewayctl: {problem}", file=sys.stderr)
         return EXIT_USAGE
     key = OPS_KEY_PREFIX + secrets.token_urlsafe(OPS_KEY_BYTES)
-    if args.json:
-        sys.stdout.write(orjson.dumps({"name": args.name, "key": key, "pair": f"{args.name}:{key}"}).decode() + "\n")
+    if as_json:
+        sys.stdout.write(orjson.dumps({"name": name, "key": key, "pair": f"{name}:{key}"}).decode() + "\n")
     else:
-        print(f"{args.name}:{key}")
+        print(f"{name}:{key}")
     return EXIT_OK

@@ -8,20 +8,21 @@
     gatewayctl webhooks resend EVENT_ID... | --all-failed [--merchant NAME]
 
 What each does is gateway/webhooks.py (the /ops console calls the same); this module parses,
-prints and picks the exit code (worker/ctlkit.py).
+prints and picks the exit code (gatewayctl/kit.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Awaitable
 from typing import Any
 
 from gateway import config, webhooks
 from gateway.config import PUBLISHED_CARD_KEYS
 from gateway.timefmt import iso
 from gateway.webhook_rules import SecretBox, UrlRefused
-from worker.ctlkit import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, connect, emit_json, table
+from gatewayctl.kit import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, FORMATTER, connect, emit_json, json_flag, table
 
 
 class _Usage(Exception):
@@ -38,14 +39,14 @@ def _box(settings: config.Settings) -> SecretBox:
     return SecretBox(keys)
 
 
-async def cmd_set(args, settings: config.Settings) -> int:
+async def register(settings: config.Settings, merchant: str, url: str, *, as_json: bool) -> int:
     box = _box(settings)
     pool = await connect(settings)
     try:
-        done = await webhooks.register(pool, box, args.merchant, args.url, development=settings.development)
+        done = await webhooks.register(pool, box, merchant, url, development=settings.development)
     finally:
         await pool.close()
-    if args.json:
+    if as_json:
         emit_json({"merchant": done.merchant, "url": done.url, "created": done.created, "secret": done.secret})
         return EXIT_OK
     print(f"{'registered' if done.created else 'changed'} the webhook endpoint of {done.merchant}: {done.url}")
@@ -54,14 +55,14 @@ async def cmd_set(args, settings: config.Settings) -> int:
     return EXIT_OK
 
 
-async def cmd_rotate(args, settings: config.Settings) -> int:
+async def rotate_secret(settings: config.Settings, merchant: str, *, as_json: bool) -> int:
     box = _box(settings)
     pool = await connect(settings)
     try:
-        done = await webhooks.rotate(pool, box, args.merchant)
+        done = await webhooks.rotate(pool, box, merchant)
     finally:
         await pool.close()
-    if args.json:
+    if as_json:
         emit_json({"merchant": done.merchant, "secret": done.secret, "old_secret_until": iso(done.old_secret_until)})
         return EXIT_OK
     print(f"new signing secret of {done.merchant}; the old one still signs until {iso(done.old_secret_until)}")
@@ -69,13 +70,13 @@ async def cmd_rotate(args, settings: config.Settings) -> int:
     return EXIT_OK
 
 
-async def cmd_list(args, settings: config.Settings) -> int:
+async def list_endpoints(settings: config.Settings, *, as_json: bool) -> int:
     pool = await connect(settings)
     try:
         rows = await webhooks.endpoints(pool)
     finally:
         await pool.close()
-    if args.json:
+    if as_json:
         emit_json([{**r, "old_secret_until": iso(r["old_secret_until"])} for r in rows])
         return EXIT_OK
     if not rows:
@@ -94,16 +95,16 @@ async def cmd_list(args, settings: config.Settings) -> int:
     return EXIT_OK
 
 
-async def cmd_disable(args, settings: config.Settings) -> int:
+async def disable(settings: config.Settings, merchant: str, *, as_json: bool) -> int:
     pool = await connect(settings)
     try:
-        await webhooks.disable(pool, args.merchant)
+        await webhooks.disable(pool, merchant)
     finally:
         await pool.close()
-    if args.json:
-        emit_json({"merchant": args.merchant, "enabled": False})
+    if as_json:
+        emit_json({"merchant": merchant, "enabled": False})
     else:
-        print(f"webhook endpoint of {args.merchant} disabled; `webhooks set` enables it again")
+        print(f"webhook endpoint of {merchant} disabled; `webhooks set` enables it again")
     return EXIT_OK
 
 
@@ -111,13 +112,13 @@ def _failed_json(row: dict[str, Any]) -> dict[str, Any]:
     return {k: iso(v) if k in ("retry_since", "finished_at", "created_at") else v for k, v in row.items()}
 
 
-async def cmd_failed(args, settings: config.Settings) -> int:
+async def failed(settings: config.Settings, merchant: str | None, limit: int, *, as_json: bool) -> int:
     pool = await connect(settings)
     try:
-        rows = await webhooks.failed(pool, args.merchant, args.limit)
+        rows = await webhooks.failed(pool, merchant, limit)
     finally:
         await pool.close()
-    if args.json:
+    if as_json:
         emit_json([_failed_json(r) for r in rows])
         return EXIT_OK
     if not rows:
@@ -133,20 +134,22 @@ async def cmd_failed(args, settings: config.Settings) -> int:
     return EXIT_OK
 
 
-async def cmd_resend(args, settings: config.Settings) -> int:
-    if bool(args.event_ids) == args.all_failed:
+async def resend(
+    settings: config.Settings, event_ids: list[str], merchant: str | None, *, all_failed: bool, as_json: bool
+) -> int:
+    if bool(event_ids) == all_failed:
         raise _Usage("name the events to resend, or --all-failed (not both)")
     pool = await connect(settings)
     try:
-        if args.all_failed:
-            count = await webhooks.resend_failed(pool, args.merchant)
+        if all_failed:
+            count = await webhooks.resend_failed(pool, merchant)
             queued, missing = count, []
         else:
-            done = await webhooks.resend(pool, args.event_ids)
-            queued, missing = len(done), [e for e in args.event_ids if e not in set(done)]
+            done = await webhooks.resend(pool, event_ids)
+            queued, missing = len(done), [e for e in event_ids if e not in set(done)]
     finally:
         await pool.close()
-    if args.json:
+    if as_json:
         emit_json({"queued": queued, "not_queued": missing})
     else:
         print(f"{queued} delivery(ies) queued again")
@@ -155,26 +158,22 @@ async def cmd_resend(args, settings: config.Settings) -> int:
     return EXIT_ATTENTION if missing else EXIT_OK
 
 
-def _guarded(handler):
+async def _guarded(work: Awaitable[int]) -> int:
     """Bad input to this group (a refused URL, no such endpoint) is exit 2 or 1 with a message."""
-
-    async def run(args, settings: config.Settings) -> int:
-        try:
-            return await handler(args, settings)
-        except (_Usage, UrlRefused, ValueError) as exc:
-            print(f"gatewayctl webhooks: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except webhooks.NoEndpoint as exc:
-            print(f"gatewayctl webhooks: {exc} has no webhook endpoint", file=sys.stderr)
-            return EXIT_ATTENTION
-
-    return run
+    try:
+        return await work
+    except (_Usage, UrlRefused, ValueError) as exc:
+        print(f"gatewayctl webhooks: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except webhooks.NoEndpoint as exc:
+        print(f"gatewayctl webhooks: {exc} has no webhook endpoint", file=sys.stderr)
+        return EXIT_ATTENTION
 
 
-def add_parser(commands: Any, json_flag: argparse.ArgumentParser, fmt: type[argparse.HelpFormatter]) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     group = commands.add_parser(
         "webhooks",
-        formatter_class=fmt,
+        formatter_class=FORMATTER,
         help="merchants' webhook endpoints: set, rotate-secret, list, disable, failed, resend",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
@@ -185,35 +184,43 @@ def add_parser(commands: Any, json_flag: argparse.ArgumentParser, fmt: type[argp
 
     p = sub.add_parser(
         "set",
-        parents=[json_flag],
+        parents=[json_flag()],
         help="register or change an endpoint; prints its signing secret as secret=<value>",
         description="Register the merchant's endpoint, or point it at URL and enable it (secret kept). "
         "https only (a loopback http URL in development mode); private addresses are refused.",
     )
     merchant(p)
     p.add_argument("--url", required=True, help="https://... the shop's receiver")
-    p.set_defaults(handler=_guarded(cmd_set))
+    p.set_defaults(
+        handler=lambda args, settings: _guarded(register(settings, args.merchant, args.url, as_json=args.json))
+    )
 
     p = sub.add_parser(
-        "rotate-secret", parents=[json_flag], help="new secret; the old one keeps signing beside it for 24 h"
+        "rotate-secret", parents=[json_flag()], help="new secret; the old one keeps signing beside it for 24 h"
     )
     merchant(p)
-    p.set_defaults(handler=_guarded(cmd_rotate))
+    p.set_defaults(handler=lambda args, settings: _guarded(rotate_secret(settings, args.merchant, as_json=args.json)))
 
-    p = sub.add_parser("list", parents=[json_flag], help="endpoints, with deliveries pending and failed")
-    p.set_defaults(handler=_guarded(cmd_list))
+    p = sub.add_parser("list", parents=[json_flag()], help="endpoints, with deliveries pending and failed")
+    p.set_defaults(handler=lambda args, settings: _guarded(list_endpoints(settings, as_json=args.json)))
 
-    p = sub.add_parser("disable", parents=[json_flag], help="stop delivering to the merchant's endpoint")
+    p = sub.add_parser("disable", parents=[json_flag()], help="stop delivering to the merchant's endpoint")
     merchant(p)
-    p.set_defaults(handler=_guarded(cmd_disable))
+    p.set_defaults(handler=lambda args, settings: _guarded(disable(settings, args.merchant, as_json=args.json)))
 
-    p = sub.add_parser("failed", parents=[json_flag], help="deliveries that ran out of retries (3 days)")
+    p = sub.add_parser("failed", parents=[json_flag()], help="deliveries that ran out of retries (3 days)")
     merchant(p, required=False)
     p.add_argument("--limit", type=int, default=webhooks.FAILED_LIST_LIMIT, metavar="N", help="newest N (100)")
-    p.set_defaults(handler=_guarded(cmd_failed))
+    p.set_defaults(
+        handler=lambda args, settings: _guarded(failed(settings, args.merchant, args.limit, as_json=args.json))
+    )
 
-    p = sub.add_parser("resend", parents=[json_flag], help="deliver events again, by id or every failed one")
+    p = sub.add_parser("resend", parents=[json_flag()], help="deliver events again, by id or every failed one")
     p.add_argument("event_ids", nargs="*", metavar="EVENT_ID", help="evt_... ids")
     p.add_argument("--all-failed", action="store_true", help="every failed delivery (of --merchant, or all)")
     merchant(p, required=False)
-    p.set_defaults(handler=_guarded(cmd_resend))
+    p.set_defaults(
+        handler=lambda args, settings: _guarded(
+            resend(settings, args.event_ids, args.merchant, all_failed=args.all_failed, as_json=args.json)
+        )
+    )
