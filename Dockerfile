@@ -36,7 +36,7 @@ RUN pip install --require-hashes -r requirements/runtime.txt -r requirements/bui
 # in /app, not from a copy in site-packages (where `pip install .` would put
 # them, without schema.sql). An editable install does exactly that: it puts
 # only metadata, the console scripts and a path hook into the venv, and the
-# hook maps gateway, worker and mockbank to /app/<package>. The final stage
+# hook maps gateway, gatewayctl, worker and mockbank to /app/<package>. The final stage
 # therefore keeps the source tree at the same path, /app, and the venv at
 # the same path, /opt/venv.
 COPY . .
@@ -63,11 +63,11 @@ COPY --from=builder /opt/venv /opt/venv
 
 WORKDIR /app
 # Only what .dockerignore lets through: pyproject.toml, schema.sql, the
-# runtime lock and the gateway, worker and mockbank packages (the same files
+# runtime lock and the gateway, gatewayctl, worker and mockbank packages (the same files
 # the builder installed from). Compiled once here, since the processes
 # cannot write bytecode next to the sources.
 COPY . .
-RUN python -m compileall -q gateway worker mockbank \
+RUN python -m compileall -q gateway gatewayctl worker mockbank \
     && python -c "from gateway import store; assert store.SCHEMA_PATH.is_file(), store.SCHEMA_PATH"
 
 USER 10001:10001
