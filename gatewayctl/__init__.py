@@ -28,7 +28,7 @@ module of its own that registers its commands (add_commands) and parses, prints 
 picks the exit code; what they share is kit.py; main.py assembles the parser.
 
     migrate.py       migrate
-    deadletters.py   dlq list|show|replay|drop
+    deadletters.py   dlq list|replay|drop (deadletter_show.py: dlq show)
     decisions.py     settle, resolve, payments set-reference, abandon
     reconcile.py     reconcile
     cardkeys.py      rekey-cards, ops-key
