@@ -33,6 +33,7 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 
+import asyncpg
 import orjson
 
 from gateway import db, logs, store
@@ -72,6 +73,7 @@ class PaymentWatcher:
         self._dsn = dsn
         self._waiters: dict[str, set[_Waiter]] = {}
         self._task: asyncio.Task | None = None
+        self._conn: asyncpg.Connection | None = None  # the LISTEN connection, while there is one
         self._connected = asyncio.Event()
         self._closing = False
         # payment id -> merchant: accepted here a moment ago, pending since (until a wake-up)
@@ -111,7 +113,13 @@ class PaymentWatcher:
     async def close(self) -> None:
         self._closing = True
         self._wake_all()
+        if self._conn is not None and not self._conn.is_closed():
+            # Ended under the task rather than by cancelling a ping in flight: a cancelled query
+            # makes asyncpg send a cancel request of its own, which could outlive the shutdown.
+            self._conn.terminate()
         if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), 2)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -203,7 +211,7 @@ class PaymentWatcher:
         while not self._closing:
             conn = None
             try:
-                conn = await db.listen_connection(self._dsn, timeout=5, application_name=APPLICATION_NAME)
+                conn = self._conn = await db.listen_connection(self._dsn, timeout=5, application_name=APPLICATION_NAME)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._notified)
