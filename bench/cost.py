@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
+import asyncpg
 import orjson
 
 from bench import load, rawhttp
 from bench.system import BenchSystem, Snapshot
 from bench.util import pcts
+from harness.system import HARNESS_APP
 from worker.relay import BUSY_SECONDS
 
 GATEWAY_PARTS = ("api", "relay", "worker", "postgres", "rabbitmq")
@@ -197,6 +199,12 @@ class Overload:
     # accepted / seconds from the window's start until the last of them was final
     goodput: float = float("nan")
     last_final_after_s: float = float("nan")  # seconds after the window's end the last accepted was final
+    # seconds after the window's start by which 50/90/99% of the accepted were final: a slow
+    # drain moves them all, a few stragglers (a command gone round a retry queue) only the last
+    final_after_s: dict[float, float] = field(default_factory=dict)
+    # one line per second from the window's start until all are final: payments finished in
+    # it, and each part's CPU in it (percent of one core): where the cores went meanwhile
+    timeline: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)
 
     def table(self) -> str:
         answers = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items(), key=str))
@@ -212,9 +220,56 @@ class Overload:
                 f"accepted {self.accepted}, settled afterwards {self.settled}, the last "
                 f"{self.last_final_after_s:.1f} s after the window; goodput {self.goodput:,.0f}/s = "
                 f"{self.goodput / self.capacity:.2f}x capacity",
+                "final by (s after the window's start): "
+                + ", ".join(f"{p:g}% {s:.1f}" for p, s in self.final_after_s.items()),
                 f"the load generator sent p99 {self.generator_late_ms:.1f} ms late (counted in the latencies)",
+                "second: finished, CPU % of a core per part",
+                *(
+                    f"  {at:5.1f}: {finished:5d}  " + " ".join(f"{part} {pct:3.0f}" for part, pct in cpu.items())
+                    for at, finished, cpu in self.timeline
+                ),
             ]
         )
+
+
+class Timeline:
+    """Samples, once a second, how many of the accepted are final and each part's CPU."""
+
+    def __init__(self, system: BenchSystem, accepted: list[str], started: float):
+        self.system, self.accepted, self.started = system, accepted, started
+        self.lines: list[tuple[float, int, dict[str, float]]] = []
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        # a connection of its own: the bench's is busy waiting for the accepted to settle
+        conn = await asyncpg.connect(self.system.database_url, server_settings={"application_name": HARNESS_APP})
+        try:
+            await self._sample(conn)
+        finally:
+            await conn.close()
+
+    async def _sample(self, conn: asyncpg.Connection) -> None:
+        before, finals = await self.system.snapshot(), 0
+        while True:
+            await asyncio.sleep(1.0)
+            now = await self.system.snapshot()
+            done = await conn.fetchval(
+                "SELECT count(*) FROM payments WHERE id = ANY($1) AND status <> 'pending'", self.accepted
+            )
+            seconds = now.at - before.at
+            cpu = {part: 100 * used / seconds for part, used in sorted(now.cpu_delta(before).items())}
+            self.lines.append((now.at - self.started, done - finals, cpu))
+            before, finals = now, done
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> list[tuple[float, int, dict[str, float]]]:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        return self.lines
 
 
 @contextlib.contextmanager
@@ -287,6 +342,8 @@ async def overload(
     rate = capacity * factor
     with collector_paused():
         started, started_wall = time.perf_counter(), time.time()
+        timeline = Timeline(system, accepted, started)
+        timeline.start()
         tasks = []
         for i in range(int(rate * seconds)):
             due = started + i / rate
@@ -314,10 +371,17 @@ async def overload(
             break
         await asyncio.sleep(0.5)
     result.settled = len(accepted) - left
-    last_final = await system.conn.fetchval(
-        "SELECT extract(epoch FROM max(updated_at))::float8 FROM payments WHERE id = ANY($1) AND status <> 'pending'",
+    result.timeline = await timeline.stop()
+    finals = await system.conn.fetchval(
+        "SELECT array_agg(extract(epoch FROM updated_at)::float8 ORDER BY updated_at) FROM payments"
+        " WHERE id = ANY($1) AND status <> 'pending'",
         accepted,
     )
+    last_final = finals[-1] if finals else None
+    if finals:
+        result.final_after_s = {
+            p: finals[min(len(finals) - 1, int(len(finals) * p / 100))] - started_wall for p in (50, 90, 99)
+        }
     if last_final is not None and accepted:
         result.goodput = len(accepted) / (last_final - started_wall)
         result.last_final_after_s = last_final - started_wall - sent_seconds
