@@ -14,6 +14,13 @@ refused with 503 and Retry-After only when:
   overload a durable queue. A backlog
   held by an open bank circuit counts as none (the query says 0): taking
   payments while the bank is away is the point;
+- the backlog is past that cushion (`max_in_flight` operations) and new work
+  comes faster than work is finished: there, new work is paced to the
+  completion rate and GROWTH more, after a burst of BURST_SECONDS of it. On a
+  shared machine, accepting costs the CPU that finishing needs: a standing
+  overload that filled the backlog to its bound at the offered rate took the
+  cores from the relay and the worker, which then finished less than half of
+  what they do in a closed loop (bench `--scenario overload`, timeline);
 - `max_in_flight` requests are being worked on in this process (a memory
   bound, in thousands). A caller already holding its share then gets 429 and
   the others keep their room;
@@ -51,7 +58,8 @@ log = logs.get("gateway.api")
 PROBE_SECONDS = 0.25
 WINDOW = 5.0  # seconds of work over which the completion rate is measured
 MIN_RETRY_AFTER = 1
-BURST_SECONDS = 5.0  # a caller's bucket holds this many seconds of its rate
+BURST_SECONDS = 5.0  # a caller's bucket holds this many seconds of its rate, and so does the pace
+GROWTH = 0.1  # past the cushion, the backlog may still grow by this fraction of the completion rate
 
 
 @dataclass(frozen=True)
@@ -138,14 +146,23 @@ class TokenBucket:
         self.tokens = self.capacity
         self._at = now
 
-    def take(self, now: float) -> float:
-        """0 when a token was taken, else the seconds until there is one."""
+    def _refill(self, now: float) -> None:
         self.tokens = min(self.capacity, self.tokens + (now - self._at) * self.rate)
         self._at = now
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else the seconds until there is one."""
+        self._refill(now)
         if self.tokens >= 1:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
+
+    def retune(self, rate: float, now: float) -> None:
+        """From now on, refill at `rate` and hold BURST_SECONDS of it."""
+        self._refill(now)  # up to now at the old rate
+        self.rate, self.capacity = rate, rate * BURST_SECONDS
+        self.tokens = min(self.tokens, self.capacity)
 
 
 class Admission:
@@ -173,6 +190,7 @@ class Admission:
         self.long_polls = Holders()  # waiting for a wake-up
         self.backlog = 0  # operations waiting for a worker, as the last probe counted them
         self.rate = CompletionRate()
+        self._pace: TokenBucket | None = None  # new work past the cushion; None while no rate is known
         self._probe: asyncio.Task | None = None
 
     @property
@@ -190,10 +208,18 @@ class Admission:
         (None: not known, the wake-ups are not being received)."""
         busy = self.backlog > 0 or backlog > 0
         self.backlog = backlog
+        now = self._clock()
         if finished_so_far is None:
             self.rate.forget()
         else:
-            self.rate.sample(self._clock(), finished_so_far, busy)
+            self.rate.sample(now, finished_so_far, busy)
+        rate = self.rate.per_second
+        if not rate:
+            self._pace = None
+        elif self._pace is None:
+            self._pace = TokenBucket(rate * (1 + GROWTH), now)
+        else:
+            self._pace.retune(rate * (1 + GROWTH), now)
 
     def backlog_bound(self) -> int:
         """Waiting operations past which new work is refused: what finishes within
@@ -270,14 +296,15 @@ class Admission:
                 max(MIN_RETRY_AFTER, math.ceil(wait)),
             )
         excess = self.backlog - self.backlog_bound()
-        if excess >= 0:
+        paced = self._pace.take(now) if excess < 0 and self._pace and self.backlog >= self.max_in_flight else 0.0
+        if excess >= 0 or paced:
             bucket.tokens += 1  # not taken after all
             return Refusal(
                 503,
                 "service_unavailable",
                 "the gateway has more work waiting than it can finish soon; retry later",
                 "backlog",
-                self._seconds_for(excess + 1),
+                self._seconds_for(excess + 1) if excess >= 0 else max(MIN_RETRY_AFTER, math.ceil(paced)),
             )
         return None
 

@@ -152,6 +152,48 @@ def test_recovery_once_the_backlog_drains_below_the_bound():
     assert gate.refusal("a", adds_work=True) is None
 
 
+def offer(gate: Admission, clock: Clock, *, offered: float, rate: float, seconds: float) -> int:
+    """New work offered at `offered`/s while `rate`/s finish: the backlog grows by what is
+    admitted and shrinks by what finishes (probed every 0.25 s); returns the admitted count."""
+    admitted, finished, backlog = 0, getattr(gate, "_test_finished", 0), gate.backlog
+    for _ in range(int(seconds / 0.25)):
+        for _ in range(int(offered * 0.25)):
+            if gate.refusal("a", adds_work=True) is None:
+                admitted += 1
+                backlog += 1
+        clock.now += 0.25
+        done = min(backlog, int(rate * 0.25))
+        backlog, finished = backlog - done, finished + done
+        gate.observe(backlog, finished)
+    gate._test_finished = finished  # type: ignore[attr-defined]
+    return admitted
+
+
+def test_past_the_cushion_a_standing_overload_is_paced_to_the_completion_rate():
+    clock = Clock()
+    gate = admission(max_in_flight=100, clock=clock)
+    run_at(gate, clock, rate=200, backlog=150, seconds=5)  # 200/s; the 30 s bound is 6000
+    admitted = offer(gate, clock, offered=600, rate=200, seconds=20)
+    # a burst of 5 s at 220/s, then 220/s: far from the 12,000 offered, and from the bound
+    assert 20 * 200 <= admitted <= 5 * 220 + 20 * 220 + 100
+    assert gate.backlog < gate.backlog_bound()
+    # what the last quarter second finished may be taken again, and no more
+    refusals = [gate.refusal("a", adds_work=True) for _ in range(60)]
+    taken = refusals.index(next(r for r in refusals if r is not None))
+    assert taken <= 0.25 * 220 + 1
+    refused = refusals[taken]
+    assert refused is not None and (refused.status, refused.reason, refused.retry_after) == (503, "backlog", 1)
+    assert gate.refusal("a", adds_work=False) is None  # reads are served
+
+
+def test_below_the_cushion_a_burst_is_not_paced():
+    clock = Clock()
+    gate = admission(max_in_flight=2000, clock=clock)
+    run_at(gate, clock, rate=200, backlog=10, seconds=5)
+    assert offer(gate, clock, offered=7996, rate=200, seconds=0.25) == 1999  # the cushion, at once
+    assert offer(gate, clock, offered=400, rate=200, seconds=10) <= 5 * 220 + 10 * 220 + 100
+
+
 def test_a_stalled_pipeline_is_bounded_by_the_in_flight_floor_and_a_slower_one_by_its_rate():
     clock = Clock()
     gate = admission(max_in_flight=100, clock=clock)
