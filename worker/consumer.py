@@ -65,8 +65,9 @@ from gateway.payments import Claim, OperationState
 from worker import sweeper
 from worker.bank import OPERATION, BankClient
 from worker.breaker import CircuitBreaker
-from worker.handling import CannotRecord, Handling
+from worker.handling import Handling
 from worker.metrics import REFRESH_SECONDS, WorkerMetrics
+from worker.ports import CannotRecord
 from worker.settings import WorkerSettings
 
 log = logs.get("worker")
@@ -78,7 +79,7 @@ _KINDS = {kind.value: kind for kind in OperationKind}
 
 
 class PoolPayments:
-    """handling.Payments: the worker phases of gateway.payments on one pool. The claims and the
+    """ports.Payments: the worker phases of gateway.payments on one pool. The claims and the
     outcomes of concurrent handlings go to the database together (gateway.batching)."""
 
     def __init__(self, pool: asyncpg.Pool, metrics: WorkerMetrics):
@@ -146,7 +147,7 @@ _UNRECORDABLE = (
 
 
 class AmqpDelivery:
-    """handling.Delivery for one aio-pika message. A command leaving for a retry rung or
+    """ports.Delivery for one aio-pika message. A command leaving for a retry rung or
     payments.dead keeps its body and carries the current trace."""
 
     def __init__(

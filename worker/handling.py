@@ -1,5 +1,7 @@
-"""The worker's policy for one command message, run against small interfaces (Bank,
-Payments, Delivery), so that every path can be tested with fakes (tests/unit/test_handling.py).
+"""The worker's policy for one command message, run against small interfaces (worker/ports.py:
+Bank, Payments, Delivery), so that every path can be tested with fakes (tests/unit/test_handling.py).
+The bank's availability (worker/bank_gate.py) and the pause after database failures
+(worker/db_pause.py) are shared by the concurrent handlings of one worker.
 
 Per message (body {"operation_id"}), with the operation's ids bound to every log line:
 
@@ -49,7 +51,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
@@ -60,275 +62,17 @@ from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.payments import Claim, OperationState
 from gateway.store import AttemptReport
 from gateway.timefmt import iso, now
-from worker.breaker import CircuitBreaker, Permit, Policy, State, judge
+from worker.bank_gate import BankGate, policy
+from worker.breaker import Permit
+from worker.db_pause import DatabasePause
+from worker.ports import Bank, CannotRecord, Delivery, Payments
 from worker.settings import WorkerSettings
 
 log = logs.get("worker")
 
 
-# ---- what the policy runs against ------------------------------------------------------------
-
-
-class Bank(Protocol):
-    """The bank calls the worker makes (worker.bank.BankClient)."""
-
-    async def authorize(
-        self, key: str, *, card_number: str, cvv: str, expiry_month: int, expiry_year: int, amount: int
-    ) -> BankOutcome: ...
-
-    async def capture(self, key: str, *, authorization_id: str, amount: int) -> BankOutcome: ...
-
-    async def void(self, key: str, *, authorization_id: str) -> BankOutcome: ...
-
-    async def refund(self, key: str, *, capture_id: str, amount: int) -> BankOutcome: ...
-
-    async def health(self) -> bool: ...
-
-
-class Payments(Protocol):
-    """The worker's atomic phases of gateway.payments, on the worker's pool."""
-
-    async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState: ...
-
-    async def release(
-        self,
-        operation_id: str,
-        owner: str,
-        error: dict | None,
-        bank_ms: int,
-        report: AttemptReport,
-        *,
-        rung_taken: bool = False,
-    ) -> None: ...
-
-    async def note(self, operation_id: str, owner: str, report: AttemptReport) -> None:
-        """Record what the lease holder learnt of its latest attempts, keeping the lease."""
-        ...
-
-    async def record_outcome(
-        self,
-        claim: Claim,
-        verdict: Verdict,
-        outcome: BankOutcome,
-        bank_ms: int,
-        doubt: domain.Doubt | None = None,
-    ) -> dict | None:
-        """Raises CannotRecord when the outcome cannot be stored for a reason of its own
-        (not because the database is away)."""
-        ...
-
-    async def park(self, operation_id: str, error: dict) -> dict | None: ...
-
-    async def kinds_tried(self, payment_id: str, operation_id: str) -> frozenset[OperationKind]: ...
-
-
-class CannotRecord(Exception):
-    """The bank's answer could not be stored, and trying again at once will not help."""
-
-
-class Delivery(Protocol):
-    """The broker's side of one delivered command. A handling ends with ack() (after any
-    publish it needed, confirmed), requeue(), or nothing at all when the worker stops (the
-    command goes back to the queue when the channel closes)."""
-
-    @property
-    def body(self) -> bytes: ...
-
-    @property
-    def message_id(self) -> str | None: ...
-
-    @property
-    def deliveries(self) -> int:
-        """How often the broker has delivered this very message (1 the first time), as the
-        broker counts it."""
-        ...
-
-    async def ack(self) -> None: ...
-
-    async def requeue(self) -> None: ...
-
-    async def retry_later(self, delay: int, kind: str | None, rung: int | None) -> None:
-        """The same command into the retry queue of `delay` seconds; it comes back with the
-        routing key `kind` (None: the one it was delivered with). `rung`: the ladder's rung this
-        is (counted in the metrics), None for a wait that is not one."""
-        ...
-
-    async def dead_letter(self, headers: dict[str, Any]) -> None:
-        """The same command into payments.dead with these headers (for ops)."""
-        ...
-
-
-# ---- the bank's availability --------------------------------------------------------------------
-
-
-class BankGate:
-    """The circuit breaker for the concurrent handlings of one worker. A handling asks here
-    for a permit before each bank call and waits while the breaker holds calls back; one of
-    the waiters probes the bank's GET /health when a probe is due."""
-
-    def __init__(
-        self, policy: Policy, bank: Bank, stopping: asyncio.Event, clock: Callable[[], float] = time.monotonic
-    ):
-        self.breaker = CircuitBreaker(policy, clock, on_change=self._state_changed)
-        self._bank = bank
-        self._stopping = stopping
-        self._changed = asyncio.Event()
-        self._probing = False
-
-    async def permit(self, source: str, hold: float) -> Permit | None:
-        """A permit for a call for `source`, waiting up to `hold` seconds for the bank to be
-        available again; None when that time is up or the worker is stopping."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + hold
-        while not self._stopping.is_set():
-            permit = self.breaker.acquire(source)
-            if permit is not None:
-                return permit
-            left = deadline - loop.time()
-            if left <= 0:
-                return None
-            due = self.breaker.probe_wait()
-            if due is not None and due <= 0 and not self._probing:
-                await self._probe()
-                continue
-            changed = self._changed
-            await process.wait(changed, min(left, due) if due is not None and due > 0 else left)
-        return None
-
-    def try_permit(self, source: str) -> Permit | None:
-        """A permit now, or None (no waiting): for the next quick try of a running handling."""
-        return self.breaker.acquire(source)
-
-    def record(self, permit: Permit, outcome: BankOutcome) -> None:
-        self.breaker.record(permit, judge(outcome))
-        if self.breaker.state is State.HALF_OPEN:
-            self.notify()  # a trial slot is free again
-
-    def cancel(self, permit: Permit) -> None:
-        self.breaker.cancel(permit)
-        if self.breaker.state is State.HALF_OPEN:
-            self.notify()
-
-    async def bank_down(self) -> bool:
-        """Ask the bank's health check; if it fails, open the breaker (True). For the last word
-        before parking: too few operations may have failed to open the breaker, yet the bank
-        may be down, and parking would then be for the outage, not for the operation."""
-        if await self._healthy():
-            return False
-        self.breaker.trip("the bank's health check failed before an operation was parked")
-        return True
-
-    def notify(self) -> None:
-        """Wake every waiter to look again (state change, free trial slot, stopping)."""
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _probe(self) -> None:
-        self._probing = True
-        try:
-            healthy = await self._healthy()
-        finally:
-            self._probing = False
-        self.breaker.probed(healthy)
-        self.notify()
-
-    async def _healthy(self) -> bool:
-        try:
-            return await self._bank.health()
-        except Exception:  # a probe that cannot be made says the same as a failed one
-            return False
-
-    def _state_changed(self, old: State, new: State, why: str) -> None:
-        if new is State.OPEN:
-            log.warning(
-                "bank circuit breaker open: bank calls held back", reason=why, times_opened=self.breaker.times_opened
-            )
-        else:
-            log.info(f"bank circuit breaker {new.value}", reason=why, previous=old.value)
-        self.notify()
-
-
-# ---- pausing after database failures ------------------------------------------------------------
-
-
-class DatabasePause:
-    """Shared by the handlings of one worker: after one failed on the database (or the broker),
-    none starts until `probe` answers. Probes back off exponentially, and so does the first
-    probe of each new round while handlings keep failing although the probe answers."""
-
-    def __init__(
-        self, probe: Callable[[], Awaitable[object]], stopping: asyncio.Event, *, first: float = 0.5, cap: float = 30.0
-    ):
-        self._probe = probe
-        self._stopping = stopping
-        self._first = first
-        self._cap = cap
-        self.paused = False
-        self._rounds = 0  # pauses since the last handling that went through
-        self._probing = False
-        self._changed = asyncio.Event()
-
-    def failed(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self._rounds += 1
-
-    def succeeded(self) -> None:
-        self._rounds = 0
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def ready(self) -> bool:
-        """Wait while paused; False when the worker is stopping instead."""
-        while self.paused and not self._stopping.is_set():
-            if self._probing:
-                changed = self._changed
-                await process.wait(changed, self._cap)
-                continue
-            self._probing = True
-            try:
-                await self._probe_until_answered()
-            finally:
-                self._probing = False
-                self.notify()
-        return not self._stopping.is_set()
-
-    async def _probe_until_answered(self) -> None:
-        failures = self._rounds
-        while not self._stopping.is_set():
-            delay = process.backoff_delay(failures, first=self._first, cap=self._cap)
-            log.warning("database or broker failed a handling; pausing before the next probe", pause=round(delay, 2))
-            if await process.wait(self._stopping, delay):
-                return
-            try:
-                await self._probe()
-            except Exception as exc:
-                failures += 1
-                log.warning("database probe failed", error=type(exc).__name__, detail=str(exc)[:200])
-                continue
-            self.paused = False
-            log.info("database answers again; handling resumes")
-            return
-
-
-# ---- one message --------------------------------------------------------------------------------
-
-
 def _error(code: str, message: str, retryable: bool = False) -> dict:
     return {"code": code, "message": message, "retryable": retryable}
-
-
-def policy(cfg: WorkerSettings) -> Policy:
-    return Policy(
-        window=cfg.breaker_window,
-        min_operations=cfg.breaker_min_operations,
-        failure_ratio=cfg.breaker_failure_ratio,
-        unreachable_operations=cfg.breaker_unreachable_operations,
-        probe_interval=cfg.breaker_probe_interval,
-        trial_calls=cfg.breaker_trial_calls,
-    )
 
 
 @dataclass

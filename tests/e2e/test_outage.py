@@ -25,8 +25,8 @@ import pytest
 from harness.procs import ScriptProcess, free_port
 from tests.e2e.stack import GATEWAY_ENV, Stack
 from worker.bank import BankClient
+from worker.bank_gate import policy
 from worker.breaker import CircuitBreaker, judge
-from worker.handling import policy
 from worker.settings import RelaySettings, WorkerSettings
 
 pytestmark = pytest.mark.timeout(240)

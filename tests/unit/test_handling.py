@@ -19,7 +19,9 @@ from gateway.payments import Claim, OperationState
 from gateway.store import AttemptReport
 from gateway.timefmt import now
 from worker.breaker import Failure, State
-from worker.handling import CannotRecord, DatabasePause, Handling
+from worker.db_pause import DatabasePause
+from worker.handling import Handling
+from worker.ports import CannotRecord
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(30)
