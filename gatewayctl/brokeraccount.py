@@ -40,7 +40,8 @@ import orjson
 from pydantic import Field, field_validator
 
 from gateway import broker, config, messages
-from gateway.config import ConfigError, EnvSettings, _is_loopback, _url, shown_url
+from gateway.config import ConfigError, EnvSettings
+from gateway.config.checks import checked_url, is_loopback, shown_url
 from gatewayctl.kit import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, FORMATTER, json_flag
 
 # Names whose `<name>.` prefix is someone else's: the gateway's exchanges and queues, RabbitMQ's.
@@ -68,7 +69,7 @@ class BrokerAdminSettings(EnvSettings):
     @field_validator("management_url")
     @classmethod
     def _management_url(cls, value: str) -> str:
-        parsed = urlparse(_url("RABBITMQ_MANAGEMENT_URL", value, ("http", "https")))
+        parsed = urlparse(checked_url("RABBITMQ_MANAGEMENT_URL", value, ("http", "https")))
         if not parsed.username or parsed.password is None:
             raise ConfigError(
                 f"RABBITMQ_MANAGEMENT_URL must name the management user, http://user:password@host:15672/, "
@@ -80,7 +81,7 @@ class BrokerAdminSettings(EnvSettings):
         """The administrator's password travels in every request: in clear only within this
         machine, or in development mode."""
         parsed = urlparse(self.management_url)
-        if parsed.scheme != "https" and not development and not _is_loopback(parsed.hostname or ""):
+        if parsed.scheme != "https" and not development and not is_loopback(parsed.hostname or ""):
             raise ConfigError(
                 "RABBITMQ_MANAGEMENT_URL must be https unless its host is a loopback address or "
                 f"GATEWAY_ENV=development, got {shown_url(self.management_url)}"
