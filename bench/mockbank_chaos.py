@@ -28,7 +28,7 @@ import aiohttp
 
 from harness.mockbank_client import MockBankClient
 from harness.procs import ScriptProcess, free_port
-from mockbank.ledger import extra_card
+from mockbank.cards import extra_card
 
 CHAOS_VARS = ("MIN_LATENCY_MS", "MAX_LATENCY_MS", "FAILURE_RATE", "RESPONSE_LOSS_RATE", "AUTH_EXPIRY_HOURS")
 

@@ -9,6 +9,6 @@
 * ``mockbank.config`` - environment variables and their validation.
 """
 
-from mockbank.ledger import TEST_ACCOUNTS, extra_card, luhn_valid
+from mockbank.cards import TEST_ACCOUNTS, extra_card, luhn_valid
 
 __all__ = ["TEST_ACCOUNTS", "extra_card", "luhn_valid"]

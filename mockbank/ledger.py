@@ -1,4 +1,6 @@
-"""Pure, synchronous state of the mock bank: accounts, books and idempotency memory.
+"""Pure, synchronous state of the mock bank: the accounts and the books (authorizations,
+captures, voids, refunds), with the idempotency memory (mockbank.idempotency) that a reset
+clears too. The cards are mockbank.cards.
 
 Nothing in this module awaits. The HTTP layer (``mockbank.server``) calls one
 method per operation, and each method checks and mutates the books in one go,
@@ -71,26 +73,16 @@ balance until it is voided (the contract's void rule releases it).
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
 
-CURRENCY = "USD"
-IDEMPOTENCY_TTL_SECONDS = 24 * 3600.0
-EXTRA_ACCOUNT_BALANCE = 10_000_000_000  # $100,000,000.00 in cents
-EXTRA_CARD_PREFIX = "400000"
-EXTRA_EXPIRY_YEAR = 2035
+from mockbank.cards import TEST_ACCOUNTS, card_brand, extra_card, luhn_valid
+from mockbank.idempotency import IdempotencyStore
 
-# (account_id, card_number, cvv, expiry_month, expiry_year, balance_cents, use)
-TEST_ACCOUNTS: tuple[tuple[str, str, str, int, int, int, str], ...] = (
-    ("acct_1", "4111111111111111", "123", 12, 2030, 1_000_000, "happy path"),
-    ("acct_2", "4242424242424242", "456", 6, 2030, 50_000, "limited balance"),
-    ("acct_3", "5555555555554444", "789", 9, 2030, 0, "insufficient funds"),
-    ("acct_4", "5105105105105100", "321", 3, 2020, 500_000, "expired card"),
-)
+CURRENCY = "USD"
 
 Result = tuple[int, dict[str, Any]]
 
@@ -103,62 +95,6 @@ def utcnow() -> datetime:
 def rfc3339(dt: datetime) -> str:
     """RFC 3339 UTC timestamp with microseconds and a 'Z' suffix."""
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _luhn_sum(number: str) -> int:
-    total = 0
-    for i, ch in enumerate(reversed(number)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total
-
-
-def luhn_valid(number: str) -> bool:
-    return _luhn_sum(number) % 10 == 0
-
-
-def luhn_check_digit(partial: str) -> str:
-    """The digit that makes ``partial + digit`` pass the Luhn check."""
-    return str((10 - _luhn_sum(partial + "0") % 10) % 10)
-
-
-def extra_card(index: int) -> dict[str, Any]:
-    """Card data of generated account ``index`` (0-based), for load generators.
-
-    card_number = "400000" + index as 9 zero-padded digits + Luhn check digit
-                  (16 digits, Visa range, never one of the four test cards)
-    cvv         = str(100 + index % 900)          (3 digits)
-    expiry      = (index % 12 + 1) / 2035
-    balance     = 10_000_000_000 cents ($100,000,000.00)
-    account_id  = "acct_x{index}"
-    """
-    if not 0 <= index < 1_000_000_000:
-        raise ValueError("index out of range")
-    partial = f"{EXTRA_CARD_PREFIX}{index:09d}"
-    return {
-        "account_id": f"acct_x{index}",
-        "card_number": partial + luhn_check_digit(partial),
-        "cvv": str(100 + index % 900),
-        "expiry_month": index % 12 + 1,
-        "expiry_year": EXTRA_EXPIRY_YEAR,
-        "balance": EXTRA_ACCOUNT_BALANCE,
-    }
-
-
-def card_brand(number: str) -> str:
-    if number.startswith("4"):
-        return "visa"
-    if number[:2] in {"51", "52", "53", "54", "55"} or "2221" <= number[:4] <= "2720":
-        return "mastercard"
-    if number[:2] in {"34", "37"}:
-        return "amex"
-    if number.startswith("6011") or number.startswith("65"):
-        return "discover"
-    return "unknown"
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -338,65 +274,6 @@ class Refund:
             "refunded_at": rfc3339(self.refunded_at),
             "idempotency_key": self.idempotency_key,
         }
-
-
-# ----------------------------------------------------------------- idempotency
-@dataclass
-class StoredResponse:
-    status: int
-    body: bytes
-    stored_at: float  # monotonic seconds
-    stored_at_wall: datetime
-
-
-class IdempotencyStore:
-    """Remembered 2xx responses per (Idempotency-Key, path), dropped after a TTL.
-
-    No in-flight lock: ``get`` misses for a key whose first request is still
-    running, so both requests execute. When both succeed, the response stored
-    first is kept (later ones do not overwrite it).
-    """
-
-    def __init__(
-        self,
-        ttl_seconds: float = IDEMPOTENCY_TTL_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.ttl = ttl_seconds
-        self.clock = clock
-        self._entries: dict[tuple[str, str], StoredResponse] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str, path: str) -> StoredResponse | None:
-        entry = self._entries.get((key, path))
-        if entry is None:
-            return None
-        if self.clock() - entry.stored_at >= self.ttl:
-            del self._entries[(key, path)]
-            return None
-        return entry
-
-    def put(self, key: str, path: str, status: int, body: bytes) -> None:
-        if not 200 <= status < 300:
-            return  # errors are never remembered
-        existing = self.get(key, path)
-        if existing is None:
-            self._entries[(key, path)] = StoredResponse(status, body, self.clock(), utcnow())
-
-    def sweep(self) -> int:
-        """Delete expired entries; returns how many were deleted."""
-        now = self.clock()
-        dead = [k for k, e in self._entries.items() if now - e.stored_at >= self.ttl]
-        for k in dead:
-            del self._entries[k]
-        return len(dead)
-
-    def forget_all(self) -> int:
-        n = len(self._entries)
-        self._entries.clear()
-        return n
 
 
 # ------------------------------------------------------------------------ bank

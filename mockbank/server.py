@@ -163,7 +163,8 @@ from gateway import process
 from gateway.config import epilog
 from mockbank.config import Chaos, Config, ConfigError, validate_chaos_update
 from mockbank.contention import Database
-from mockbank.ledger import Bank, Result, StoredResponse
+from mockbank.idempotency import StoredResponse
+from mockbank.ledger import Bank, Result
 
 log = logging.getLogger("mockbank")
 

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from harness.procs import ScriptProcess, free_port, run_script
-from mockbank.ledger import extra_card, luhn_valid
+from mockbank.cards import extra_card, luhn_valid
 from tests.contract.bankclient import CARDS, HAPPY, running_bank
 
 

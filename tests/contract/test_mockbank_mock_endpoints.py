@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from mockbank.ledger import IdempotencyStore
+from mockbank.idempotency import IdempotencyStore
 from tests.contract.bankclient import CARDS, HAPPY, LIMITED
 
 

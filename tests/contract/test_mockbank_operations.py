@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from mockbank.ledger import luhn_check_digit
+from mockbank.cards import luhn_check_digit
 from tests.contract.bankclient import EMPTY, EXPIRED, HAPPY, LIMITED, BankClient
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"

@@ -13,8 +13,8 @@ import asyncio
 import aiohttp
 import pytest
 
+from mockbank.cards import extra_card
 from mockbank.config import Config
-from mockbank.ledger import extra_card
 from tests.contract.bankclient import HAPPY, LIMITED, running_bank
 
 TRANSACTION_S = 0.2
