@@ -1,4 +1,4 @@
-"""The mock bank's test API (/_mock/*, documented in mockbank/server.py), for tests, bench and `make run`.
+"""The mock bank's test API (/_mock/*, documented in mockbank/mock_api.py), for tests, bench and `make run`.
 
     async with MockBankClient("http://127.0.0.1:8787") as bank:   # or MockBankClient(url, session)
         await bank.chaos(failure_rate=0.4, down=False)   # change switches; chaos() alone reads them
