@@ -1,10 +1,11 @@
-"""gateway/store.py without a database: loading the .sql files and mapping named parameters to `$n`.
+"""gateway/store/ without a database: loading the .sql files and mapping named parameters to `$n`.
 
 The statements themselves run against real PostgreSQL in tests/integration.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 from datetime import UTC, datetime
@@ -59,6 +60,14 @@ def test_every_statement_has_one_function_of_its_name():
         assert fn is not None and inspect.iscoroutinefunction(fn), name
         params = list(inspect.signature(fn).parameters.values())[1:]
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params), name
+
+
+def test_each_sql_file_is_issued_by_the_store_module_of_its_name():
+    for path in sorted(store.SQL_DIR.glob("*.sql")):
+        module = importlib.import_module(f"gateway.store.{path.stem}")
+        named = re.findall(r"(?m)^-- name: (\w+)", path.read_text())
+        assert named and all(inspect.iscoroutinefunction(getattr(module, n, None)) for n in named), path.name
+        assert all(getattr(store, n) is getattr(module, n) for n in named), path.name
 
 
 def test_statements_are_rewritten_to_numbered_parameters():

@@ -1,4 +1,5 @@
--- The worker's sweeper (worker/sweeper.py).
+-- The sweeper's housekeeping (gateway/store/housekeeping.py, worker/sweeper.py): stuck work
+-- sent again, lapsed holds and doubts, old cards and old idempotency keys.
 
 -- name: lock_stuck_operations
 -- Pending operations nobody is working on: not parked, no live lease and idle
@@ -39,6 +40,14 @@ SELECT id
  WHERE status = 'authorized' AND authorization_expires_at < now()
  ORDER BY authorization_expires_at
  LIMIT :limit;
+
+-- name: lock_payment^
+-- A lapsed hold's payment, locked with its history: expire_hold() re-checks it
+-- before the payment expires and its release starts.
+SELECT p.*, payment_history_json(p.id) AS history
+  FROM payments p
+ WHERE p.id = :payment_id
+   FOR UPDATE;
 
 -- name: lapsed_doubts
 -- Payments flagged because an attempt's answer was lost before the approval (a

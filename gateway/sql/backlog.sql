@@ -1,6 +1,7 @@
--- The gauges gateway-relay and gateway-worker refresh every few seconds
--- (worker/metrics.py): one round trip each, over tables or partial indexes that
--- hold exactly the rows counted, so their cost follows the backlog.
+-- How much work waits (gateway/store/backlog.py): the gauges gateway-relay and
+-- gateway-worker refresh every few seconds (worker/metrics.py), and the count the API's
+-- admission asks for: one round trip each, over tables or partial indexes that hold
+-- exactly the rows counted, so their cost follows the backlog.
 
 -- name: outbox_backlog^
 -- Rows not yet published (the relay deletes what it published) and the oldest
