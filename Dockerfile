@@ -30,8 +30,8 @@ WORKDIR /app
 COPY requirements/runtime.txt requirements/build.txt requirements/
 RUN pip install --require-hashes -r requirements/runtime.txt -r requirements/build.txt
 
-# The project. gateway/store.py reads the schema as
-# Path(__file__).resolve().parent.parent / "schema.sql", i.e. next to the
+# The project. gateway/store/database.py reads the schema as
+# Path(__file__).resolve().parent.parent.parent / "schema.sql", i.e. next to the
 # package directory, so the packages must be imported from the source tree
 # in /app, not from a copy in site-packages (where `pip install .` would put
 # them, without schema.sql). An editable install does exactly that: it puts

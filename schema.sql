@@ -230,7 +230,7 @@ CREATE OR REPLACE TRIGGER payment_updated AFTER UPDATE ON payments
     EXECUTE FUNCTION notify_payment();
 
 -- The advisory-lock key of a merchant's idempotency key: "a request with this
--- key is running" is a transaction-scoped lock on it (gateway/sql/payments.sql).
+-- key is running" is a transaction-scoped lock on it (gateway/sql/intake.sql).
 -- The unit separator keeps ('ab', 'c') and ('a', 'bc') apart. IMMUTABLE and
 -- plain SQL, so the planner inlines it: no function call per statement.
 CREATE OR REPLACE FUNCTION idempotency_lock_key(merchant text, key text) RETURNS bigint

@@ -1,6 +1,6 @@
 """PostgreSQL connections: the pool every process uses, and applying the schema.
 
-The statements themselves are gateway/store.py's; this module opens
+The statements themselves are the gateway/store package's; this module opens
 connections (with the json/jsonb codecs) and runs a migration.
 """
 

@@ -1,4 +1,4 @@
-"""What the console's pages show, read from PostgreSQL (through gateway/store.py) and the desk.
+"""What the console's pages show, read from PostgreSQL (through gateway/store/) and the desk.
 
 Plain values for the templates; nothing here writes.
 """
