@@ -1,8 +1,8 @@
 """How much work waits: the gauges of gateway-relay and gateway-worker, and the API's admission count.
 
-worker/metrics.py refreshes outbox_backlog and pipeline_backlog every few seconds; the
-API's load shedding asks work_waiting whether the backlog passed its bound. SQL in
-gateway/sql/backlog.sql.
+gateway-relay (outbox_backlog) and gateway-worker (pipeline_backlog) refresh their gauges
+(worker/metrics.py) with these every few seconds; the API's load shedding asks work_waiting
+whether the backlog passed its bound. SQL in gateway/sql/backlog.sql.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Each worker's bank circuit breaker as it last reported it.
 
-gateway-worker records its breaker's state when it changes (worker/consumer.py); the /ops
-console shows them, and the API's admission reads them (backlog.work_waiting). SQL in
+gateway-worker records its breaker's state when it changes and every minute anyway
+(worker/consumer.py); the /ops console shows them, and the API's admission reads them (backlog.work_waiting). SQL in
 gateway/sql/circuit.sql.
 """
 

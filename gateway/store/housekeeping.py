@@ -2,9 +2,9 @@
 
 worker/sweeper.py finds what the pipeline left behind (pending operations nobody works on,
 holds past their expiry, doubts whose hold has lapsed) and what must not be kept (sealed
-cards past their age, stored idempotent responses past their retention); gateway/payments.py
-acts on a lapsed hold (lock_payment) or an old card (lock_old_cards, purge_card). SQL in
-gateway/sql/housekeeping.sql.
+cards past their age, stored idempotent responses past their retention); the payment
+phases (gateway/payments) act on a lapsed hold (lock_payment) or an old card
+(lock_old_cards, purge_card). SQL in gateway/sql/housekeeping.sql.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Authorize (submit_authorizations) and capture, void and refund requests
 (lock_keys_and_payments, then start_operations) each write the payment's change, its
 history, the operation, the command for a worker and the 202 they are answered with
-(`StoredReply`) together; gateway/payments.py calls them. SQL in gateway/sql/intake.sql.
+(`StoredReply`) together; the payment phases (gateway/payments) call them. SQL in
+gateway/sql/intake.sql.
 """
 
 from __future__ import annotations

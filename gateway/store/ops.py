@@ -1,9 +1,9 @@
 """The operator's side: operations and payments of any merchant, and the decisions ops records by hand.
 
-gateway/ops/ (dead letters, replays, reconciliation) reads operations and payments with
-their history here, and gateway/payments.py records a settle, resolve, set-reference or
-abandon decision (gatewayctl, the /ops console). Nothing here is scoped by merchant. SQL in
-gateway/sql/ops.sql.
+gateway/ops/ (dead letters, replays) and the console read operations and payments with
+their history here; an operator's settle, resolve, set-reference or abandon (gatewayctl,
+the /ops console) is recorded with ops_lock_operation, ops_finish_operation and
+ops_resolve_payment. Nothing here is scoped by merchant. SQL in gateway/sql/ops.sql.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Reconciliation: settled payments compared with the bank, safe repairs, findings and flags.
 
 gateway/ops/reconcile.py runs a pass (gatewayctl reconcile, or the sweeper periodically
-under try_lock_reconciliation: one pass at a time across workers); gateway/payments.py
-records findings of its own and locks a payment with reconcile_lock_payment before an
-operator's decision. SQL in gateway/sql/reconciliation.sql.
+under try_lock_reconciliation: one pass at a time across workers); an operator's decision
+locks its payment with reconcile_lock_payment, and an abandoned authorization is recorded as a
+finding. SQL in gateway/sql/reconciliation.sql.
 """
 
 from __future__ import annotations

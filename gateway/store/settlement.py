@@ -4,8 +4,8 @@ A handling claims the operation under a lease before each bank attempt
 (claim_operations), reports attempts that changed nothing or lost their answer
 (release_lease, note_attempts), and records the final outcome (finish_operations), a
 doubt for a human (flag_doubt) or the operation parked for ops (park_operation);
-insert_operation starts the bank work an outcome makes necessary. gateway/payments.py
-calls them. SQL in gateway/sql/settlement.sql.
+insert_operation starts the bank work an outcome makes necessary. The payment phases
+(gateway/payments) call them. SQL in gateway/sql/settlement.sql.
 """
 
 from __future__ import annotations
