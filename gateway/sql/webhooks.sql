@@ -35,9 +35,6 @@ SELECT w.merchant, w.url, w.enabled, w.created_at, w.updated_at,
   FROM webhook_endpoints w
  ORDER BY w.merchant;
 
--- name: webhook_endpoint^
-SELECT merchant, url, enabled, secret FROM webhook_endpoints WHERE merchant = :merchant;
-
 -- name: failed_webhook_deliveries
 -- Deliveries that ran out of retries, newest first; :merchant null: every merchant's.
 SELECT e.event_id, d.merchant, d.attempts, d.last_error, d.retry_since, d.finished_at, e.created_at

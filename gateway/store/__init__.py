@@ -117,7 +117,6 @@ from gateway.store.webhooks import (
     resend_webhook_events,
     rotate_webhook_secret,
     upsert_webhook_endpoint,
-    webhook_endpoint,
     webhook_endpoints,
 )
 
@@ -178,7 +177,6 @@ __all__ = [
     "resend_webhook_events",
     "rotate_webhook_secret",
     "upsert_webhook_endpoint",
-    "webhook_endpoint",
     "webhook_endpoints",
     "lapsed_doubts",
     "lapsed_holds",

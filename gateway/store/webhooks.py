@@ -38,10 +38,6 @@ async def webhook_endpoints(db: Executor) -> list[asyncpg.Record]:
     return await all_rows(_sql.webhook_endpoints, db)
 
 
-async def webhook_endpoint(db: Executor, *, merchant: str) -> asyncpg.Record | None:
-    return await _sql.webhook_endpoint(db, merchant=merchant)
-
-
 async def failed_webhook_deliveries(db: Executor, *, merchant: str | None, limit: int) -> list[asyncpg.Record]:
     return await all_rows(_sql.failed_webhook_deliveries, db, merchant=merchant, limit=limit)
 
