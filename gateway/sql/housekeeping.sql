@@ -22,7 +22,7 @@ SELECT o.id, o.kind, o.payment_id
 -- operation.
 WITH bumped AS (
     UPDATE operations SET updated_at = now()
-     WHERE id = ANY(:operation_ids::text[]) AND status = 'pending'
+     WHERE id = ANY(:operation_ids::text[]) AND (status = 'pending') IS TRUE  -- by key: see settlement.sql
     RETURNING id
 )
 INSERT INTO outbox (exchange, routing_key, message_id, body, headers)

@@ -1,6 +1,15 @@
 -- The worker's phases (gateway/store/settlement.py): an operation's bank attempts claimed
 -- under a lease and reported, its outcome recorded or the operation parked for ops, and
 -- the bank work an outcome makes necessary.
+--
+-- The statements that take a batch of operations by id test `(o.status = 'pending') IS
+-- TRUE`, not `o.status = 'pending'`: the same test, which the partial indexes on pending
+-- operations cannot serve, so that each operation is found by its key. With the plain
+-- form the planner chose, whenever its estimate of pending operations was stale (a
+-- backlog grows faster than autoanalyze runs: an overload, the bank back after an
+-- outage), a hash join over EVERY pending operation, once per batch: draining a backlog
+-- of 5,000 cost PostgreSQL about 3 ms of CPU per payment instead of 0.6 (bench
+-- --scenario overload; tests/integration/test_query_plans.py keeps it so).
 
 -- name: claim_operations
 -- Take the lease for one bank attempt of each operation asked for (`owners[i]`
@@ -35,7 +44,7 @@ WITH asked AS (
                         'code', 'worker_stopped'))
                ELSE o.lost_answers END
       FROM asked a
-     WHERE o.id = a.operation_id AND o.status = 'pending' AND NOT o.parked
+     WHERE o.id = a.operation_id AND (o.status = 'pending') IS TRUE AND NOT o.parked
        AND (o.lease_until IS NULL OR o.lease_until < now() OR o.lease_owner = a.owner)
     RETURNING o.*
 )
@@ -85,7 +94,7 @@ UPDATE operations o
    SET clean_attempts = o.clean_attempts + n.clean_attempts,
        lost_answers = nullif(coalesce(o.lost_answers, '[]') || n.lost_answers::jsonb, '[]')
   FROM noted n
- WHERE o.id = n.operation_id AND o.lease_owner = n.owner AND o.status = 'pending'
+ WHERE o.id = n.operation_id AND o.lease_owner = n.owner AND (o.status = 'pending') IS TRUE
 RETURNING o.id;
 
 -- name: lock_operation^
@@ -125,7 +134,7 @@ WITH settled AS (
            bank_response = s.bank_response, bank_ms = o.bank_ms + s.bank_ms,
            lease_owner = NULL, lease_until = NULL, parked = false
       FROM settled s
-     WHERE o.id = s.operation_id AND o.status = 'pending' AND o.lease_owner = s.owner
+     WHERE o.id = s.operation_id AND (o.status = 'pending') IS TRUE AND o.lease_owner = s.owner
     RETURNING o.payment_id, s.n
 ), payment AS (
     UPDATE payments p
