@@ -33,7 +33,7 @@ import asyncpg
 import orjson
 
 from bench import load, rawhttp
-from bench.system import BenchSystem, Snapshot
+from bench.system import BenchSystem, CostUnknown, Snapshot
 from bench.util import pcts
 from harness.system import HARNESS_APP
 from worker.relay import BUSY_SECONDS
@@ -257,7 +257,10 @@ class Timeline:
                 "SELECT count(*) FROM payments WHERE id = ANY($1) AND status <> 'pending'", self.accepted
             )
             seconds = now.at - before.at
-            cpu = {part: 100 * used / seconds for part, used in sorted(now.cpu_delta(before).items())}
+            try:
+                cpu = {part: 100 * used / seconds for part, used in sorted(now.cpu_delta(before).items())}
+            except CostUnknown:  # a backend ended within the second: that line shows no CPU
+                cpu = {}
             self.lines.append((now.at - self.started, done - finals, cpu))
             before, finals = now, done
 
