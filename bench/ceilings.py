@@ -3,7 +3,7 @@
 PostgreSQL (in a throwaway database with the gateway's schema, triggers included):
   same_sql  - the API's submit of one request, run directly: store.submit_authorizations,
               one autocommit statement (advisory lock, key lookup, six INSERTs), exactly
-              as gateway.payments.authorize does (same pool size, same concurrency);
+              as gateway.payments.intake.authorize does (same pool size, same concurrency);
   naive     - for reference, four separate INSERTs (idempotency key, payment,
               history, outbox) in one transaction;
   same_sql_no_notify - diagnostic: same_sql with the outbox NOTIFY trigger dropped
@@ -31,7 +31,8 @@ from bench.util import pcts
 from gateway import db, messages, store
 from gateway.cards import CardKey, CardVault
 from gateway.fingerprints import Fingerprinter
-from gateway.payments import IdempotentRequest, bank_key
+from gateway.payments.intake import IdempotentRequest
+from gateway.payments.operations import bank_key
 from gateway.timefmt import now
 from gateway.views import payment_json
 from harness import services
@@ -105,7 +106,7 @@ class _Template:
         self.run = uuid.uuid4().hex[:8]
 
     async def same_sql(self, pool: asyncpg.Pool) -> asyncpg.Record:
-        """The statement gateway.payments.authorize sends, with fresh ids."""
+        """The statement gateway.payments.intake.authorize sends, with fresh ids."""
         pid, op = messages.new_id("pay"), messages.new_id("op")
         key = f"ceil-{uuid.uuid4().hex}"
         req = IdempotentRequest(

@@ -24,7 +24,7 @@ which point fired:
 The points (one line each in the code; every one sits after something durable
 happened and before it was acknowledged or answered):
 
-    api.after_commit      gateway/payments.py: authorize() and request_action(),
+    api.after_commit      gateway/payments/intake.py: authorize() and request_action(),
                           after the transaction committed, before the 202 is sent
     relay.after_publish   worker/relay.py: the broker confirmed a batch, the rows
                           are not yet marked published (their transaction is open)

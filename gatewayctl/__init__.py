@@ -23,7 +23,7 @@ usage or configuration, 3 PostgreSQL or RabbitMQ cannot be reached (an
 unreachable bank makes reconcile report `unverified` findings). Log lines
 (LOG_LEVEL; only errors unless it is set) go to stderr, never into the output.
 
-A front-end over gateway/ops/ and gateway/payments.py: each command group is a
+A front-end over gateway/ops/: each command group is a
 module of its own that registers its commands (add_commands) and parses, prints and
 picks the exit code; what they share is kit.py; main.py assembles the parser.
 

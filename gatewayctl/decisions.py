@@ -1,5 +1,5 @@
 """gatewayctl settle, resolve, payments set-reference and abandon: the decisions a human
-takes after checking the bank. Each is a phase of gateway/payments.py; this module parses,
+takes after checking the bank. Each is a phase of gateway/ops/decisions.py; this module parses,
 prints and picks the exit code.
 """
 
@@ -13,7 +13,8 @@ from datetime import timedelta
 
 import asyncpg
 
-from gateway import config, domain, payments
+from gateway import config, domain
+from gateway.ops import decisions
 from gateway.ops.rules import OpsRules
 from gatewayctl.kit import (
     ENVIRONMENT,
@@ -29,7 +30,7 @@ from gatewayctl.kit import (
     reference,
 )
 
-Decide = Callable[[asyncpg.Pool], Awaitable[payments.OpsDecision]]
+Decide = Callable[[asyncpg.Pool], Awaitable[decisions.OpsDecision]]
 
 
 @dataclass(frozen=True)
@@ -201,14 +202,14 @@ async def _decide(settings: config.Settings, act: str, who: Who, decide: Decide,
     """Run one ops phase (`act`, the history's name for it); OpsRefused is a human's matter
     (exit 1), ValueError bad usage (2)."""
     try:
-        payments.ops_cause(who.by, act, who.reason)  # bad names and empty reasons, before connecting
+        decisions.ops_cause(who.by, act, who.reason)  # bad names and empty reasons, before connecting
     except ValueError as exc:
         print(f"gatewayctl {act}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     pool = await connect(settings)
     try:
         decision = await decide(pool)
-    except payments.OpsRefused as exc:
+    except decisions.OpsRefused as exc:
         print(f"gatewayctl {act}: refused: {exc}", file=sys.stderr)
         return EXIT_ATTENTION
     except ValueError as exc:
@@ -240,7 +241,7 @@ async def _decide(settings: config.Settings, act: str, who: Who, decide: Decide,
     return EXIT_OK
 
 
-def _summary(command: str, decision: payments.OpsDecision) -> str:
+def _summary(command: str, decision: decisions.OpsDecision) -> str:
     kind = decision.kind
     if command == "settle" and kind is not None:
         text = f"settled {kind.value} operation {decision.operation_id} by hand"
@@ -273,7 +274,7 @@ async def settle(
         settings,
         "settle",
         who,
-        lambda pool: payments.settle_by_hand(
+        lambda pool: decisions.settle_by_hand(
             pool, operation_id, succeeded=succeeded, reason=who.reason, by=who.by, bank_id=bank_id
         ),
         as_json=as_json,
@@ -290,7 +291,7 @@ async def resolve(settings: config.Settings, who: Who, payment_id: str, pairs: l
         settings,
         "resolve",
         who,
-        lambda pool: payments.resolve(pool, payment_id, reason=who.reason, by=who.by, references=references),
+        lambda pool: decisions.resolve(pool, payment_id, reason=who.reason, by=who.by, references=references),
         as_json=as_json,
     )
 
@@ -303,7 +304,7 @@ async def set_reference(
         settings,
         "set-reference",
         who,
-        lambda pool: payments.set_reference(pool, payment_id, name, value, reason=who.reason, by=who.by),
+        lambda pool: decisions.set_reference(pool, payment_id, name, value, reason=who.reason, by=who.by),
         as_json=as_json,
     )
 
@@ -315,6 +316,6 @@ async def abandon(
         settings,
         "abandon",
         who,
-        lambda pool: payments.abandon(pool, payment_id, reason=who.reason, by=who.by, parked_at_least=parked_at_least),
+        lambda pool: decisions.abandon(pool, payment_id, reason=who.reason, by=who.by, parked_at_least=parked_at_least),
         as_json=as_json,
     )

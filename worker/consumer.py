@@ -50,7 +50,6 @@ from gateway import (
     logs,
     messages,
     monitoring,
-    payments,
     process,
     redact,
     store,
@@ -61,7 +60,8 @@ from gateway import (
 from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import BankOutcome, OperationKind, Verdict
-from gateway.payments import Claim, OperationState
+from gateway.payments import settlement
+from gateway.payments.settlement import Claim, OperationState
 from worker import sweeper
 from worker.bank import OPERATION, BankClient
 from worker.breaker import CircuitBreaker
@@ -86,15 +86,15 @@ class PoolPayments:
         self._pool = pool
         self._metrics = metrics
         self.claims: Batcher[store.ClaimRequest, Claim | None] = Batcher(
-            lambda claims: payments.claim_many(pool, claims)
+            lambda claims: settlement.claim_many(pool, claims)
         )
-        self.outcomes: Batcher[payments.Settlement, dict | None] = Batcher(
-            lambda settlements: payments.record_many(pool, settlements)
+        self.outcomes: Batcher[settlement.Settlement, dict | None] = Batcher(
+            lambda settlements: settlement.record_many(pool, settlements)
         )
-        self.notes: Batcher[store.AttemptNote, bool] = Batcher(lambda notes: payments.note_many(pool, notes))
+        self.notes: Batcher[store.AttemptNote, bool] = Batcher(lambda notes: settlement.note_many(pool, notes))
 
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
-        return await payments.claim(self._pool, operation_id, owner, lease_seconds, take=self.claims.submit)
+        return await settlement.claim(self._pool, operation_id, owner, lease_seconds, take=self.claims.submit)
 
     async def release(
         self,
@@ -106,7 +106,7 @@ class PoolPayments:
         *,
         rung_taken: bool = False,
     ) -> None:
-        await payments.release(self._pool, operation_id, owner, error, bank_ms, report, rung_taken=rung_taken)
+        await settlement.release(self._pool, operation_id, owner, error, bank_ms, report, rung_taken=rung_taken)
 
     async def note(self, operation_id: str, owner: str, report: store.AttemptReport) -> None:
         await self.notes.submit(store.AttemptNote(operation_id, owner, report))
@@ -120,7 +120,7 @@ class PoolPayments:
         doubt: domain.Doubt | None = None,
     ) -> dict | None:
         try:
-            payment = await payments.record_outcome(
+            payment = await settlement.record_outcome(
                 self._pool, claim, verdict, outcome, bank_ms, doubt, record=self.outcomes.submit
             )
         except _UNRECORDABLE as exc:
@@ -129,10 +129,10 @@ class PoolPayments:
         return payment
 
     async def park(self, operation_id: str, error: dict) -> dict | None:
-        return await payments.park(self._pool, operation_id, error)
+        return await settlement.park(self._pool, operation_id, error)
 
     async def kinds_tried(self, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
-        return await payments.kinds_tried(self._pool, payment_id, operation_id)
+        return await settlement.kinds_tried(self._pool, payment_id, operation_id)
 
 
 # The database refused what we asked it to store (not: the database is away, which the

@@ -59,7 +59,7 @@ from gateway import db, domain, logs, messages, process, topology
 from gateway.cards import CardVault, VaultError
 from gateway.crashpoints import crash_point
 from gateway.domain import BankOutcome, OperationKind, Verdict
-from gateway.payments import Claim, OperationState
+from gateway.payments.settlement import Claim, OperationState
 from gateway.store import AttemptReport
 from gateway.timefmt import iso, now
 from worker.bank_gate import BankGate, policy

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from gateway import domain
 from gateway.domain import BankOutcome, OperationKind, Verdict
-from gateway.payments import Claim, OperationState
+from gateway.payments.settlement import Claim, OperationState
 from gateway.store import AttemptReport
 
 

@@ -6,11 +6,11 @@
     through the outbox. The bank key does not change, so if the old command
     turns up after all, the second one finds the operation finished.
 (b) Lapsed holds: authorized payments whose authorization_expires_at has
-    passed are expired by payments.expire_hold(), which also starts the
+    passed are expired by lapses.expire_hold(), which also starts the
     RELEASE (void) of the hold at the bank.
 
 (c) Old cards: the vault keeps no card longer than ABANDON_AFTER_HOURS
-    (payments.purge_old_cards); an authorization still waiting for one is
+    (lapses.purge_old_cards); an authorization still waiting for one is
     parked with last_error card_purged, for ops to abandon.
 (d) Old idempotency keys: stored API responses older than
     IDEMPOTENCY_KEY_RETENTION_HOURS are deleted, IDEMPOTENCY_PRUNE_BATCH_SIZE
@@ -26,7 +26,7 @@
 (f) Lapsed doubts: a payment flagged possible_duplicate_hold (an attempt's answer lost
     before the approval) whose own hold expired over BANK_CLOCK_MARGIN ago has its
     flag cleared with that reason: the second hold, placed earlier, lapsed too, so
-    nothing is left for ops to void (payments.close_lapsed_doubt re-checks under the
+    nothing is left for ops to void (decisions.close_lapsed_doubt re-checks under the
     payment's lock).
 
 Several workers may sweep at once: (a), (c) and (d) lock with SKIP LOCKED;
@@ -45,9 +45,10 @@ from datetime import timedelta
 
 import asyncpg
 
-from gateway import db, logs, messages, payments, store
-from gateway.ops import reconcile
+from gateway import db, logs, messages, store
+from gateway.ops import decisions, reconcile
 from gateway.ops.rules import DEFAULT_ABANDON_AFTER_HOURS
+from gateway.payments import lapses
 from gateway.timefmt import iso
 from worker.settings import (
     DEFAULT_EVENT_RETENTION_DAYS,
@@ -115,7 +116,7 @@ async def expire_lapsed_holds(pool: asyncpg.Pool, limit: int) -> int:
     moved = 0
     for payment_id in await store.lapsed_holds(pool, limit=limit):
         try:
-            expired = await payments.expire_hold(pool, payment_id)
+            expired = await lapses.expire_hold(pool, payment_id)
         except db.TIMED_OUT as exc:
             _held_elsewhere(payment_id, exc)
             continue
@@ -140,8 +141,8 @@ async def close_lapsed_doubts(pool: asyncpg.Pool, limit: int) -> int:
             f"whose hold expired at {iso(row['authorization_expires_at'])}"
         )
         try:
-            await payments.close_lapsed_doubt(pool, row["id"], reason=reason)
-        except payments.OpsRefused as exc:  # in flight or changed meanwhile: a later pass looks again
+            await decisions.close_lapsed_doubt(pool, row["id"], reason=reason)
+        except decisions.OpsRefused as exc:  # in flight or changed meanwhile: a later pass looks again
             log.info("possible second hold left flagged", payment_id=row["id"], why=str(exc))
             continue
         except db.TIMED_OUT as exc:
@@ -154,7 +155,7 @@ async def close_lapsed_doubts(pool: asyncpg.Pool, limit: int) -> int:
 
 async def purge_old_cards(pool: asyncpg.Pool, max_age: timedelta, limit: int) -> int:
     """Delete every card kept longer than `max_age`; returns how many."""
-    purged = await payments.purge_old_cards(pool, max_age, limit)
+    purged = await lapses.purge_old_cards(pool, max_age, limit)
     for payment_id in purged:
         log.warning("card purged from the vault; its authorization is parked for ops", payment_id=payment_id)
     return len(purged)

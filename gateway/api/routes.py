@@ -1,6 +1,6 @@
 """Thin handlers: read the request, call payments / views, answer.
 
-Every write goes through one atomic phase of gateway/payments.py; every
+Every write goes through one atomic phase of gateway/payments/intake.py; every
 read through gateway/views.py. Nothing here touches SQL.
 """
 
@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
-from gateway import feed, logs, payments, store, views
+from gateway import feed, logs, store, views
 from gateway.api import docs, schemas
 from gateway.api.admission import Refused
 from gateway.api.errors import JSON, ApiError
@@ -32,6 +32,7 @@ from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import REFERENCE_UNKNOWN, Action, InvalidTransition, ReferenceUnknown
 from gateway.fingerprints import Fingerprinter
+from gateway.payments import intake
 
 SUBMIT_BATCH = 512
 
@@ -51,13 +52,13 @@ class State:
     # Concurrent authorize requests recorded together (one statement, one commit), and
     # concurrent captures, voids and refunds (two statements, one commit).
     _submits: Batcher[store.Submission, asyncpg.Record] | None = None
-    _actions: Batcher[payments.ActionRequest, payments.ActionOutcome] | None = None
+    _actions: Batcher[intake.ActionRequest, intake.ActionOutcome] | None = None
 
     def connect(self, pool: asyncpg.Pool, readiness: Readiness) -> None:
         self._pool, self._readiness = pool, readiness
         # Up to SUBMIT_BATCH authorizations a commit: under load the batches grow rather than queue.
-        self._submits = Batcher(lambda submissions: payments.submit_many(pool, submissions), max_size=SUBMIT_BATCH)
-        self._actions = Batcher(lambda asked: payments.request_actions(pool, asked))
+        self._submits = Batcher(lambda submissions: intake.submit_many(pool, submissions), max_size=SUBMIT_BATCH)
+        self._actions = Batcher(lambda asked: intake.request_actions(pool, asked))
 
     @property
     def submits(self) -> Batcher[store.Submission, asyncpg.Record]:
@@ -66,7 +67,7 @@ class State:
         return self._submits
 
     @property
-    def actions(self) -> Batcher[payments.ActionRequest, payments.ActionOutcome]:
+    def actions(self) -> Batcher[intake.ActionRequest, intake.ActionOutcome]:
         if self._actions is None:
             raise RuntimeError("the app has not started: no database pool yet")
         return self._actions
@@ -109,9 +110,9 @@ def _idempotency_key(request: web.Request) -> str:
     return key
 
 
-def _idempotent(request: web.Request, key: str, body: bytes) -> payments.IdempotentRequest:
+def _idempotent(request: web.Request, key: str, body: bytes) -> intake.IdempotentRequest:
     fingerprints = request.app[STATE].fingerprinter.of("POST", request.path, body)
-    return payments.IdempotentRequest(request[CALLER], key, "POST", request.path, fingerprints)
+    return intake.IdempotentRequest(request[CALLER], key, "POST", request.path, fingerprints)
 
 
 def _payment_id(request: web.Request) -> str:
@@ -206,7 +207,7 @@ def _invalid(message: str, details: list[dict]) -> ApiError:
     return ApiError(422, "validation_error", message, details=details)
 
 
-def _respond(response: payments.Response) -> web.Response:
+def _respond(response: intake.Response) -> web.Response:
     headers = {}
     if response.location:
         headers["Location"] = response.location
@@ -216,7 +217,7 @@ def _respond(response: payments.Response) -> web.Response:
 
 
 def _key_errors(exc: Exception) -> ApiError:
-    if isinstance(exc, payments.RequestInProgress):
+    if isinstance(exc, intake.RequestInProgress):
         return ApiError(
             409,
             "request_in_progress",
@@ -247,19 +248,19 @@ async def authorize(request: web.Request) -> web.Response:
         raise
     card = data.card
     try:
-        response = await payments.authorize(
+        response = await intake.authorize(
             state.pool,
             state.vault,
             req,
             order_id=data.order_id,
             customer_id=data.customer_id,
             amount=data.amount,
-            card=payments.CardInput(card.number, card.cvv, card.expiry_month, card.expiry_year),
+            card=intake.CardInput(card.number, card.cvv, card.expiry_month, card.expiry_year),
             submit=state.submits.submit,
         )
-    except (payments.RequestInProgress, payments.IdempotencyKeyReused) as exc:
+    except (intake.RequestInProgress, intake.IdempotencyKeyReused) as exc:
         raise _key_errors(exc) from None
-    except payments.OrderAlreadyPaid as exc:
+    except intake.OrderAlreadyPaid as exc:
         raise ApiError(
             409,
             "order_already_paid",
@@ -274,10 +275,10 @@ async def authorize(request: web.Request) -> web.Response:
     return _respond(response)
 
 
-async def _stored(state: State, req: payments.IdempotentRequest) -> payments.Response | None:
+async def _stored(state: State, req: intake.IdempotentRequest) -> intake.Response | None:
     try:
-        return await payments.stored_response(state.pool, req)
-    except (payments.RequestInProgress, payments.IdempotencyKeyReused):
+        return await intake.stored_response(state.pool, req)
+    except (intake.RequestInProgress, intake.IdempotencyKeyReused):
         return None
 
 
@@ -290,14 +291,12 @@ def action(kind: Action):
         state = request.app[STATE]
         req = _idempotent(request, key, body)
         try:
-            response = await payments.request_action(
-                state.pool, req, payment_id, kind, amount, send=state.actions.submit
-            )
-        except (payments.RequestInProgress, payments.IdempotencyKeyReused) as exc:
+            response = await intake.request_action(state.pool, req, payment_id, kind, amount, send=state.actions.submit)
+        except (intake.RequestInProgress, intake.IdempotencyKeyReused) as exc:
             raise _key_errors(exc) from None
-        except payments.PaymentNotFound:
+        except intake.PaymentNotFound:
             raise ApiError(404, "payment_not_found", "no such payment") from None
-        except payments.AmountMismatch as exc:
+        except intake.AmountMismatch as exc:
             raise ApiError(
                 422,
                 "amount_mismatch",

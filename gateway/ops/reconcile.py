@@ -27,7 +27,7 @@ Findings (stored in reconciliation_findings under the run's id):
 With repair=True, and only if the payment did not move while it was checked
 (same fields, still no operation running; checked again under its row lock):
 an expiry mismatch takes the bank's value, and a hold that has thereby lapsed
-on an authorized payment is expired with payments.expire_hold (which starts
+on an authorized payment is expired with lapses.expire_hold (which starts
 the release); a money finding is never settled by the gateway: the payment
 gets attention_required (with a payment.attention_required event) for a
 human. Without repair nothing but the findings is written.
@@ -46,8 +46,9 @@ from typing import Any
 import asyncpg
 import backoff
 
-from gateway import db, domain, logs, messages, payments, store
+from gateway import db, domain, logs, messages, store
 from gateway.domain import BankOutcome, Status
+from gateway.payments import lapses
 from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
 
@@ -345,7 +346,7 @@ class _Pass:
                     found_at=at,
                 )
         if expire_after:
-            expired = await payments.expire_hold(self.pool, snapshot["id"])
+            expired = await lapses.expire_hold(self.pool, snapshot["id"])
             for f in found:
                 if f.kind == EXPIRY_MISMATCH:
                     f.note = "payment expired, release started" if expired else "payment moved on before expiry"

@@ -39,9 +39,10 @@ from typing import Any, Literal, Protocol
 import asyncpg
 import orjson
 
-from gateway import messages, payments, store
+from gateway import messages, store
 from gateway.domain import CARD_PURGED, OperationKind
 from gateway.ops.deadletters import MAX_DEAD_LETTERS, DeadLetter
+from gateway.payments import settlement
 from gateway.redact import clean
 from gateway.timefmt import iso, now
 from gateway.views import payment_json
@@ -127,7 +128,7 @@ class StoreOperations:
         return [Operation.from_row(r) for r in await store.ops_parked_operations(self.pool, limit=limit)]
 
     async def unpark(self, operation_id: str, *, forced: bool) -> bool:
-        return await payments.unpark(self.pool, operation_id, forced=forced)
+        return await settlement.unpark(self.pool, operation_id, forced=forced)
 
     async def details(self, operation_id: str) -> Details | None:
         op = await store.ops_operation(self.pool, operation_id=operation_id)

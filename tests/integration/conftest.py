@@ -1,8 +1,8 @@
 """The API against a real Postgres: app fixtures, a small client and worker stand-ins.
 
 There is no worker in these tests: where a payment has to move on, the test
-plays the worker with payments.claim + payments.record_outcome (or
-payments.expire_hold), the same phases the worker calls.
+plays the worker with settlement.claim + settlement.record_outcome (or
+lapses.expire_hold), the same phases the worker calls.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import structlog
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import generate_latest
 
-from gateway import config, logs, payments
+from gateway import config, logs
 from gateway.api import admin, routes
 from gateway.api.app import create_app
 from gateway.domain import BankOutcome, Verdict
+from gateway.payments import settlement
 
 API_KEY = "sk_test_ficmart_dev"
 OTHER_KEY = "sk_test_other_merchant"
@@ -153,8 +154,8 @@ async def pending_operation(pool, payment_id: str) -> str:
 async def settle(pool, payment_id: str, verdict: Verdict = Verdict.SUCCEEDED, code: str = "insufficient_funds") -> dict:
     """Finish the payment's pending operation as the worker would, with a plausible bank answer."""
     op = await pending_operation(pool, payment_id)
-    claimed = await payments.claim(pool, op, "test-worker", 30)
-    assert isinstance(claimed, payments.Claim), claimed
+    claimed = await settlement.claim(pool, op, "test-worker", 30)
+    assert isinstance(claimed, settlement.Claim), claimed
     if verdict is Verdict.SUCCEEDED:
         at = datetime.now(UTC)
         body = {
@@ -167,7 +168,7 @@ async def settle(pool, payment_id: str, verdict: Verdict = Verdict.SUCCEEDED, co
         outcome = BankOutcome(kind="ok", http_status=200, body=body)
     else:
         outcome = BankOutcome(kind="error", http_status=400, code=code, message=code.replace("_", " "))
-    payment = await payments.record_outcome(pool, claimed, verdict, outcome, bank_ms=3)
+    payment = await settlement.record_outcome(pool, claimed, verdict, outcome, bank_ms=3)
     assert payment is not None
     return payment
 

@@ -7,8 +7,10 @@ import uuid
 
 import pytest
 
-from gateway import domain, payments
+from gateway import domain
 from gateway.domain import BankOutcome, OperationKind, Verdict
+from gateway.ops import decisions
+from gateway.payments import lapses, settlement
 from tests.integration.conftest import authorized, captured, pending_operation, settle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -119,7 +121,7 @@ async def _refunded(api, pool):
 
 async def _expired(api, pool):
     payment = await authorized(api, pool)
-    return await payments.expire_hold(pool, payment["id"])
+    return await lapses.expire_hold(pool, payment["id"])
 
 
 INVALID = [
@@ -222,10 +224,10 @@ async def _captured_unnamed(api, pool) -> dict:
     payment = await authorized(api, pool)
     resp, _ = await api.post(f"/v1/payments/{payment['id']}/capture")
     assert resp.status == 202
-    claim = await payments.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
-    assert isinstance(claim, payments.Claim)
+    claim = await settlement.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
+    assert isinstance(claim, settlement.Claim)
     done = BankOutcome("ok", http_status=400)
-    recorded = await payments.record_outcome(
+    recorded = await settlement.record_outcome(
         pool, claim, Verdict.SUCCEEDED, done, 3, domain.unnamed_work(OperationKind.CAPTURE)
     )
     assert recorded is not None and recorded["status"] == "captured" and recorded["bank"]["capture_id"] is None
@@ -255,7 +257,7 @@ async def test_a_refund_of_a_capture_the_bank_never_named_is_refused_until_ops_r
     assert after["attention_required"] and after["last_error"]["code"] == "bank_reference_unknown"
 
     capture_id = f"cap_{uuid.uuid4()}"
-    decision = await payments.set_reference(
+    decision = await decisions.set_reference(
         pool, payment["id"], "capture_id", capture_id, reason="found in the bank's back office", by="alice"
     )
     assert decision.payment["bank"]["capture_id"] == capture_id and decision.payment["status"] == "captured"
@@ -266,10 +268,10 @@ async def test_a_refund_of_a_capture_the_bank_never_named_is_refused_until_ops_r
 
     resp, body = await api.post(path, {"amount": payment["amount"]}, key=key)  # the same request, accepted now
     assert resp.status == 202 and body["status"] == "refunding", body
-    claim = await payments.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
-    assert isinstance(claim, payments.Claim) and claim.capture_id == capture_id  # what the bank call is sent with
+    claim = await settlement.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
+    assert isinstance(claim, settlement.Claim) and claim.capture_id == capture_id  # what the bank call is sent with
     refund = BankOutcome("ok", http_status=200, body={"refund_id": f"ref_{uuid.uuid4()}"})
-    done = await payments.record_outcome(pool, claim, Verdict.SUCCEEDED, refund, 3)
+    done = await settlement.record_outcome(pool, claim, Verdict.SUCCEEDED, refund, 3)
     assert done is not None and done["status"] == "refunded" and done["bank"]["capture_id"] == capture_id
     again, replayed = await api.post(path, {"amount": payment["amount"]}, key=key)
     assert again.headers["Idempotent-Replayed"] == "true" and replayed == body
@@ -277,10 +279,10 @@ async def test_a_refund_of_a_capture_the_bank_never_named_is_refused_until_ops_r
 
 async def test_a_capture_or_void_of_an_authorization_the_bank_never_named_is_refused(api, pool):
     payment = await api.authorize()
-    claim = await payments.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
-    assert isinstance(claim, payments.Claim)
-    await payments.park(pool, claim.operation_id, {"code": "bank_timeout", "message": "m", "retryable": True})
-    await payments.settle_by_hand(pool, claim.operation_id, succeeded=True, reason="a hold at the bank", by="bob")
+    claim = await settlement.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
+    assert isinstance(claim, settlement.Claim)
+    await settlement.park(pool, claim.operation_id, {"code": "bank_timeout", "message": "m", "retryable": True})
+    await decisions.settle_by_hand(pool, claim.operation_id, succeeded=True, reason="a hold at the bank", by="bob")
     for action in ("capture", "void"):
         key = uuid.uuid4().hex
         resp, err = await api.post(f"/v1/payments/{payment['id']}/{action}", key=key)

@@ -9,9 +9,10 @@ import uuid
 import orjson
 import pytest
 
-from gateway import db, payments
+from gateway import db
 from gateway.domain import Verdict
 from gateway.fingerprints import Fingerprinter
+from gateway.payments import intake, lapses
 from tests.integration.conftest import API_KEY, CARD_NUMBER, OTHER_KEY, Api, auth_body, authorized, card, settle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -156,7 +157,7 @@ async def _voided(api, pool, order):
 
 async def _expired(api, pool, order):
     payment = await authorized(api, pool, order_id=order)
-    return await payments.expire_hold(pool, payment["id"])
+    return await lapses.expire_hold(pool, payment["id"])
 
 
 @pytest.mark.parametrize("finish", [_declined, _voided, _expired], ids=["declined", "voided", "expired"])
@@ -334,7 +335,7 @@ async def test_a_retry_after_the_card_expired_still_gets_its_answer(api, pool, a
     key = uuid.uuid4().hex
     stored = orjson.dumps({"id": "pay_" + "0" * 32, "status": "pending"})
     fingerprints = Fingerprinter([api_settings.card_key]).of("POST", "/v1/payments", raw)
-    req = payments.IdempotentRequest("ficmart", key, "POST", "/v1/payments", fingerprints)
+    req = intake.IdempotentRequest("ficmart", key, "POST", "/v1/payments", fingerprints)
     # Plant what the first, accepted, request stored.
     await pool.execute(
         "INSERT INTO idempotency_keys (merchant, key, method, path, fingerprint, response_status, response_body,"

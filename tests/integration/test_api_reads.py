@@ -9,10 +9,11 @@ import uuid
 import orjson
 import pytest
 
-from gateway import payments, views
+from gateway import views
 from gateway.api.longpoll import APPLICATION_NAME
 from gateway.api.routes import STATE
 from gateway.domain import Verdict
+from gateway.payments import settlement
 from tests.integration.conftest import OTHER_KEY, Api, authorized, pending_operation, settle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -39,8 +40,8 @@ async def test_long_poll_returns_when_the_worker_settles(api, pool):
 
     async def worker():
         await asyncio.sleep(0.3)
-        claimed = await payments.claim(pool, op, "test-worker", 30)
-        assert isinstance(claimed, payments.Claim)
+        claimed = await settlement.claim(pool, op, "test-worker", 30)
+        assert isinstance(claimed, settlement.Claim)
         await asyncio.sleep(0.2)  # the claim updates operations only: no wake-up for that
         await settle(pool, payment["id"])
 
@@ -195,7 +196,7 @@ async def test_long_poll_survives_losing_the_listen_connection(api, api_client, 
 async def test_parked_operation_is_still_in_progress_but_flagged(api, pool):
     payment = await api.authorize()
     op = await pending_operation(pool, payment["id"])
-    await payments.park(pool, op, {"code": "bank_timeout", "message": "the bank did not answer", "retryable": True})
+    await settlement.park(pool, op, {"code": "bank_timeout", "message": "the bank did not answer", "retryable": True})
     _resp, body = await api.get(f"/v1/payments/{payment['id']}", params={"wait": "0.5"})
     assert body["status"] == "pending" and body["attention_required"] is True
     assert body["last_error"]["code"] == "bank_timeout"

@@ -10,15 +10,16 @@ import uuid
 import pytest
 from opentelemetry.trace import SpanKind
 
-from gateway import domain, payments, store, tracing
+from gateway import domain, store, tracing
 from gateway.batching import Batcher
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, InvalidTransition, Verdict
+from gateway.payments import intake, settlement
 from tests.integration.conftest import CARD_NUMBER, CVV, authorized, pending_operation
 from tests.support import factories
 
 
-def _request(key: str, order_id: str) -> tuple[payments.IdempotentRequest, dict]:
+def _request(key: str, order_id: str) -> tuple[intake.IdempotentRequest, dict]:
     fields = {"order_id": order_id, "customer_id": "cus_batch", "amount": 1200}
     body = f'{{"order_id":"{order_id}","key":"{key}"}}'.encode()  # a body of its own per order
     return factories.request("/v1/payments", body, key=key), fields
@@ -48,14 +49,14 @@ async def _sent_together(run_batch, callers) -> tuple[list[object], list[int]]:
 
 async def _authorize_together(pool, card_keys, asked: list[tuple[str, str]]) -> list[object]:
     """payments.authorize for each (key, order_id) at once: they go in one statement."""
-    vault, card = CardVault(card_keys), payments.CardInput(CARD_NUMBER, CVV, 12, 2030)
+    vault, card = CardVault(card_keys), intake.CardInput(CARD_NUMBER, CVV, 12, 2030)
 
     def caller(key: str, order_id: str):
         req, fields = _request(key, order_id)
-        return lambda submit: payments.authorize(pool, vault, req, card=card, submit=submit, **fields)
+        return lambda submit: intake.authorize(pool, vault, req, card=card, submit=submit, **fields)
 
     results, sizes = await _sent_together(
-        lambda batch: payments.submit_many(pool, batch), [caller(key, order_id) for key, order_id in asked]
+        lambda batch: intake.submit_many(pool, batch), [caller(key, order_id) for key, order_id in asked]
     )
     assert sizes[:2] == [1, len(asked)]  # the blocker's, then every request's together
     return results
@@ -68,7 +69,7 @@ async def _payments_of(pool, order_ids: list[str]) -> int:
 async def test_authorizations_sent_together_are_each_recorded_once(pool, api_settings):
     asked = [(uuid.uuid4().hex, f"ord_{uuid.uuid4().hex[:10]}") for _ in range(5)]
     results = await _authorize_together(pool, api_settings.card_keyring, asked)
-    assert all(isinstance(r, payments.Response) and r.status == 202 and not r.replayed for r in results), results
+    assert all(isinstance(r, intake.Response) and r.status == 202 and not r.replayed for r in results), results
     orders = [o for _, o in asked]
     assert await _payments_of(pool, orders) == 5
     recorded = await pool.fetchrow(
@@ -87,8 +88,8 @@ async def test_a_conflict_in_a_batch_is_the_conflicting_request_s_alone(pool, ap
     others = [(uuid.uuid4().hex, f"ord_{uuid.uuid4().hex[:10]}") for _ in range(3)]
     asked = [(uuid.uuid4().hex, same_order), *others, (uuid.uuid4().hex, same_order)]
     results = await _authorize_together(pool, api_settings.card_keyring, asked)
-    accepted = [r for r in results if isinstance(r, payments.Response) and r.status == 202]
-    refused = [r for r in results if isinstance(r, payments.OrderAlreadyPaid)]
+    accepted = [r for r in results if isinstance(r, intake.Response) and r.status == 202]
+    refused = [r for r in results if isinstance(r, intake.OrderAlreadyPaid)]
     assert len(accepted) == 4 and len(refused) == 1, results
     assert await _payments_of(pool, [same_order]) == 1
     assert await _payments_of(pool, [o for _, o in others]) == 3
@@ -98,8 +99,8 @@ async def test_one_key_twice_in_a_batch_makes_one_payment(pool, api_settings):
     key, order = uuid.uuid4().hex, f"ord_{uuid.uuid4().hex[:10]}"
     results = await _authorize_together(pool, api_settings.card_keyring, [(key, order), (key, order)])
     assert await _payments_of(pool, [order]) == 1
-    answered = [r for r in results if isinstance(r, payments.Response)]
-    busy = [r for r in results if isinstance(r, payments.RequestInProgress)]
+    answered = [r for r in results if isinstance(r, intake.Response)]
+    busy = [r for r in results if isinstance(r, intake.RequestInProgress)]
     assert len(answered) + len(busy) == 2 and answered, results
     assert len({r.location for r in answered}) == 1  # a replay, if any, names the same payment
 
@@ -123,13 +124,13 @@ async def _act_together(pool, asked: list[tuple], traceparents: list[str] | None
 
     async def act(a: tuple, traceparent: str | None, submit):
         if traceparent is None:
-            return await payments.request_action(pool, *a, send=submit)
+            return await intake.request_action(pool, *a, send=submit)
         with tracing.continued({"traceparent": traceparent}, "POST capture", SpanKind.SERVER):
-            return await payments.request_action(pool, *a, send=submit)
+            return await intake.request_action(pool, *a, send=submit)
 
     traces = traceparents or [None] * len(asked)
     results, sizes = await _sent_together(
-        lambda batch: payments.request_actions(pool, batch),
+        lambda batch: intake.request_actions(pool, batch),
         [functools.partial(act, a, t) for a, t in zip(asked, traces, strict=True)],
     )
     assert sizes == [1, len(asked)]  # the blocker's, then every request's together, not again alone
@@ -188,7 +189,7 @@ async def test_each_command_of_a_batch_carries_its_own_request_s_trace(api, pool
 async def test_each_request_of_a_batch_is_decided_as_if_after_the_ones_before_it(api, pool):
     first, second, third, fourth = [(await authorized(api, pool))["id"] for _ in range(4)]
     replayed_key = uuid.uuid4().hex
-    earlier = await payments.request_action(pool, *_action(fourth, Action.VOID, key=replayed_key))
+    earlier = await intake.request_action(pool, *_action(fourth, Action.VOID, key=replayed_key))
     twin_key = uuid.uuid4().hex
     results = await _act_together(
         pool,
@@ -205,9 +206,9 @@ async def test_each_request_of_a_batch_is_decided_as_if_after_the_ones_before_it
     captured, refused, mismatch, missing, twin, busy, replay = results
     assert captured.status == 202 and twin.status == 202
     assert isinstance(refused, InvalidTransition) and refused.status.value == "capturing"
-    assert isinstance(mismatch, payments.AmountMismatch) and mismatch.got == 1
-    assert isinstance(missing, payments.PaymentNotFound)
-    assert isinstance(busy, payments.RequestInProgress)
+    assert isinstance(mismatch, intake.AmountMismatch) and mismatch.got == 1
+    assert isinstance(missing, intake.PaymentNotFound)
+    assert isinstance(busy, intake.RequestInProgress)
     assert replay.replayed and replay.body == earlier.body
     assert await _started(pool, first) == {"status": "capturing", "operations": 1, "history": 3, "keys": 1}
     assert await _started(pool, second) == {"status": "authorized", "operations": 0, "history": 2, "keys": 0}
@@ -226,7 +227,7 @@ async def two_pending(api, pool) -> list[str]:
 
 async def test_an_operation_asked_for_twice_in_one_claim_goes_to_one_owner(pool, two_pending):
     first, second = two_pending
-    claims = await payments.claim_many(
+    claims = await settlement.claim_many(
         pool,
         [
             store.ClaimRequest(first, "w/a", 30),
@@ -238,29 +239,29 @@ async def test_an_operation_asked_for_twice_in_one_claim_goes_to_one_owner(pool,
     assert len(won) == 1 and won[0].operation_id == first and won[0].attempts == 1
     assert claims[2] is not None and claims[2].owner == "w/c"
     loser = "w/b" if won[0].owner == "w/a" else "w/a"
-    state = await payments.claim(pool, first, loser, 30)
-    assert isinstance(state, payments.OperationState) and state.lease_left > 0  # leased elsewhere
+    state = await settlement.claim(pool, first, loser, 30)
+    assert isinstance(state, settlement.OperationState) and state.lease_left > 0  # leased elsewhere
 
 
 async def test_outcomes_recorded_together_each_settle_their_own_payment(pool, two_pending):
     first, second = two_pending
-    claims = await payments.claim_many(
+    claims = await settlement.claim_many(
         pool, [store.ClaimRequest(first, "w/1", 30), store.ClaimRequest(second, "w/2", 30)]
     )
     approved, declined = claims
     assert approved is not None and declined is not None
     body = {"authorization_id": f"auth_{uuid.uuid4().hex}", "expires_at": "2030-01-08T00:00:00Z"}
     settlements = [
-        payments.settlement(approved, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 5),
-        payments.settlement(declined, Verdict.REFUSED, BankOutcome("error", 402, code="card_declined"), 5),
+        settlement.settlement(approved, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 5),
+        settlement.settlement(declined, Verdict.REFUSED, BankOutcome("error", 402, code="card_declined"), 5),
     ]
-    stale = payments.settlement(
-        payments.Claim(**{**approved.__dict__, "owner": "w/gone"}),
+    stale = settlement.settlement(
+        settlement.Claim(**{**approved.__dict__, "owner": "w/gone"}),
         Verdict.SUCCEEDED,
         BankOutcome("ok", 200, body=body),
         5,
     )
-    recorded = await payments.record_many(pool, [*settlements, stale])
+    recorded = await settlement.record_many(pool, [*settlements, stale])
     assert recorded[0] is not None and recorded[0]["status"] == "authorized"
     assert recorded[1] is not None and recorded[1]["status"] == "declined"
     assert recorded[2] is None  # its lease was never its owner's
@@ -280,14 +281,14 @@ async def test_outcomes_recorded_together_each_settle_their_own_payment(pool, tw
 
 async def test_attempts_are_reported_by_their_holder_or_by_the_claim_after_a_holder_that_stopped(pool, two_pending):
     op, other = two_pending
-    first = await payments.claim(pool, op, "w/1", 30)
-    assert isinstance(first, payments.Claim) and (first.attempts, first.unknown_outcomes, first.lost_answers) == (
+    first = await settlement.claim(pool, op, "w/1", 30)
+    assert isinstance(first, settlement.Claim) and (first.attempts, first.unknown_outcomes, first.lost_answers) == (
         1,
         0,
         (),
     )
     timeout = domain.lost_answer(1, "2030-01-01T00:00:00Z", "w/1", domain.error_for(BankOutcome("timeout")))
-    noted = await payments.note_many(
+    noted = await settlement.note_many(
         pool,
         [
             store.AttemptNote(op, "w/1", store.AttemptReport(0, [timeout])),
@@ -295,22 +296,22 @@ async def test_attempts_are_reported_by_their_holder_or_by_the_claim_after_a_hol
         ],
     )
     assert noted == [True, False]
-    renewed = await payments.claim(pool, op, "w/1", 0.01)  # the holder's next try: nothing unreported
-    assert isinstance(renewed, payments.Claim) and renewed.attempts == 2
+    renewed = await settlement.claim(pool, op, "w/1", 0.01)  # the holder's next try: nothing unreported
+    assert isinstance(renewed, settlement.Claim) and renewed.attempts == 2
     assert renewed.unknown_outcomes == 1 and renewed.lost_answers == [timeout]
 
     await asyncio.sleep(0.05)  # w/1 died during its second try, unreported; its lease runs out
-    taken = await payments.claim(pool, op, "w/2", 30)
-    assert isinstance(taken, payments.Claim) and (taken.attempts, taken.unknown_outcomes) == (3, 2)
+    taken = await settlement.claim(pool, op, "w/2", 30)
+    assert isinstance(taken, settlement.Claim) and (taken.attempts, taken.unknown_outcomes) == (3, 2)
     stopped = taken.lost_answers[-1]
     assert (stopped["attempt"], stopped["worker"], stopped["code"]) == (2, "w/1", domain.WORKER_STOPPED)
     assert stopped["at"] is not None
-    await payments.release(pool, op, "w/2", {"code": "bank_internal_error"}, 5, store.AttemptReport(1, []))
+    await settlement.release(pool, op, "w/2", {"code": "bank_internal_error"}, 5, store.AttemptReport(1, []))
     row = await pool.fetchrow(
         "SELECT attempts, clean_attempts, lost_answers, lease_owner FROM operations WHERE id = $1", op
     )
     assert (row["attempts"], row["clean_attempts"], len(row["lost_answers"]), row["lease_owner"]) == (3, 1, 2, None)
-    last = await payments.claim(pool, op, "w/3", 30)  # everything was reported: no entry added
-    assert isinstance(last, payments.Claim) and last.unknown_outcomes == 2 and len(last.lost_answers) == 2
+    last = await settlement.claim(pool, op, "w/3", 30)  # everything was reported: no entry added
+    assert isinstance(last, settlement.Claim) and last.unknown_outcomes == 2 and len(last.lost_answers) == 2
     untouched = await pool.fetchrow("SELECT clean_attempts, lost_answers FROM operations WHERE id = $1", other)
     assert (untouched["clean_attempts"], untouched["lost_answers"]) == (0, None)

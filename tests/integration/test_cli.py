@@ -2,7 +2,7 @@
 
 The module has its own database and vhost: `dlq list` and `replay --all` see
 everything parked, so no other module's operations may be in the way.
-Dead letters are put in place the way the worker does it (payments.park, then
+Dead letters are put in place the way the worker does it (settlement.park, then
 a message on payments.dead with the consumer's headers); the last test lets
 the real worker park an authorization against a bank that is down, and
 replays it once the bank is back.
@@ -20,10 +20,11 @@ import aio_pika
 import orjson
 import pytest
 
-from gateway import config, db, domain, payments, topology
+from gateway import config, db, domain, topology
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action, BankOutcome, Verdict
 from gateway.ops import rules
+from gateway.payments import intake, settlement
 from gatewayctl import main as gatewayctl
 from harness import services
 from harness.mockbank_client import MockBankClient
@@ -265,17 +266,17 @@ async def test_replay_lowers_only_the_flag_its_park_raised(env):
     """The payment was flagged before its capture was parked (a possible second hold): the
     replay must not erase that doubt, which only a human can clear."""
     pid, op = await env.authorize()
-    claim = await payments.claim(env.pool, op, "test", 30)
-    assert isinstance(claim, payments.Claim)
+    claim = await settlement.claim(env.pool, op, "test", 30)
+    assert isinstance(claim, settlement.Claim)
     approval = BankOutcome(
         "ok", 200, body={"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": "2030-01-01T00:00:00Z"}
     )
     doubt = domain.Doubt(domain.POSSIBLE_DUPLICATE_HOLD, "maybe a second hold", domain.POSSIBLE_DUPLICATE_HOLD)
-    assert await payments.record_outcome(env.pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
-    await payments.request_action(env.pool, factories.request(f"/v1/payments/{pid}/capture"), pid, Action.CAPTURE, None)
+    assert await settlement.record_outcome(env.pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
+    await intake.request_action(env.pool, factories.request(f"/v1/payments/{pid}/capture"), pid, Action.CAPTURE, None)
     capture = await env.pending_op(pid)
-    assert isinstance(await payments.claim(env.pool, capture, "test-worker", 30), payments.Claim)
-    assert await payments.park(env.pool, capture, ERROR) is not None
+    assert isinstance(await settlement.claim(env.pool, capture, "test-worker", 30), settlement.Claim)
+    assert await settlement.park(env.pool, capture, ERROR) is not None
     await env.dead_letter(capture, pid, "capture")
     _, out, _ = await env.cli("dlq", "replay", capture)
     assert "was parked" in out and not (await env.operation(capture))["parked"]
@@ -285,7 +286,7 @@ async def test_replay_lowers_only_the_flag_its_park_raised(env):
 async def test_replay_of_a_finished_operation_drops_the_message_and_does_nothing(env):
     pid, op = await env.parked("capture")
     # Finished meanwhile, e.g. an earlier replay whose worker succeeded while a duplicate dead letter stayed.
-    assert await payments.unpark(env.pool, op, forced=False)
+    assert await settlement.unpark(env.pool, op, forced=False)
     await env.settle(op, {"capture_id": f"cap_{uuid.uuid4()}"})
     doc = await env.cli_json("dlq", "replay", op)
     (result,) = doc["results"]
@@ -333,7 +334,7 @@ async def test_old_authorization_is_refused_without_force(env):
 async def test_replay_all_handles_each_case(env):
     parked = [await env.parked("capture") for _ in range(2)]
     done_pid, done_op = await env.parked("capture")
-    assert await payments.unpark(env.pool, done_op, forced=False)
+    assert await settlement.unpark(env.pool, done_op, forced=False)
     await env.settle(done_op, {"capture_id": f"cap_{uuid.uuid4()}"})
     db_only = await env.parked("capture", dead_letters=0)
     await env.dead_letter("", "", "", headers={}, body=b"{}")

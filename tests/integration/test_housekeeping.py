@@ -18,9 +18,11 @@ import asyncpg
 import orjson
 import pytest
 
-from gateway import domain, payments, store
+from gateway import domain, store
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import BankOutcome, Verdict
+from gateway.ops import decisions
+from gateway.payments import settlement
 from gateway.timefmt import iso
 from tests.integration.conftest import auth_body
 from tests.support import factories
@@ -144,12 +146,12 @@ async def attention_events(pool, pid: str) -> int:
 async def test_the_vault_keeps_no_card_past_its_time_and_the_authorization_parks_for_ops(pool, vault):
     waiting_pid, waiting_op = await aged_card(pool, vault, 25)  # pending, its command in a retry queue
     parked_pid, parked_op = await aged_card(pool, vault, 30)  # parked 10 hours ago
-    assert isinstance(await payments.claim(pool, parked_op, "w", 30), payments.Claim)
-    await payments.park(pool, parked_op, {"code": "bank_connection", "message": "down", "retryable": True})
+    assert isinstance(await settlement.claim(pool, parked_op, "w", 30), settlement.Claim)
+    await settlement.park(pool, parked_op, {"code": "bank_connection", "message": "down", "retryable": True})
     await pool.execute("UPDATE operations SET updated_at = now() - interval '10 hours' WHERE id = $1", parked_op)
     parked_since = await pool.fetchval("SELECT updated_at FROM operations WHERE id = $1", parked_op)
     leased_pid, leased_op = await aged_card(pool, vault, 26)  # a bank call may be running with it
-    assert isinstance(await payments.claim(pool, leased_op, "w", 30), payments.Claim)
+    assert isinstance(await settlement.claim(pool, leased_op, "w", 30), settlement.Claim)
     fresh_pid, fresh_op = await aged_card(pool, vault, 23)
 
     purged = await sweeper.purge_old_cards(pool, CARD_MAX_AGE, limit=500)
@@ -170,13 +172,13 @@ async def test_the_vault_keeps_no_card_past_its_time_and_the_authorization_parks
     # Parked since when it was parked, not since the purge: ops may abandon it 14 h from now.
     assert await pool.fetchval("SELECT updated_at FROM operations WHERE id = $1", parked_op) == parked_since
     # The command still waiting in a retry queue will find it parked: no bank call without a card.
-    assert not isinstance(await payments.claim(pool, waiting_op, "w2", 30), payments.Claim)
+    assert not isinstance(await settlement.claim(pool, waiting_op, "w2", 30), settlement.Claim)
 
     # Abandoned once parked long enough; and a later pass has nothing left to purge of these.
-    with pytest.raises(payments.OpsRefused, match="parked for 10"):
-        await payments.abandon(pool, parked_pid, reason="card gone", by="ops", parked_at_least=CARD_MAX_AGE)
+    with pytest.raises(decisions.OpsRefused, match="parked for 10"):
+        await decisions.abandon(pool, parked_pid, reason="card gone", by="ops", parked_at_least=CARD_MAX_AGE)
     await pool.execute("UPDATE operations SET updated_at = now() - interval '25 hours' WHERE id = $1", parked_op)
-    decision = await payments.abandon(pool, parked_pid, reason="card gone", by="ops", parked_at_least=CARD_MAX_AGE)
+    decision = await decisions.abandon(pool, parked_pid, reason="card gone", by="ops", parked_at_least=CARD_MAX_AGE)
     assert decision.payment["status"] == "declined"
     assert await sweeper.purge_old_cards(pool, CARD_MAX_AGE, limit=500) == 0
 
@@ -186,12 +188,12 @@ async def flagged_approval(pool, vault, *, expired_hours_ago: float, code: str =
     `expired_hours_ago` hours ago at the bank."""
     pid = await factories.authorize(pool, vault, 700)
     op = await pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
-    claim = await payments.claim(pool, op, "test-worker", 30)
-    assert isinstance(claim, payments.Claim)
+    claim = await settlement.claim(pool, op, "test-worker", 30)
+    assert isinstance(claim, settlement.Claim)
     expires = datetime.now(UTC) - timedelta(hours=expired_hours_ago)
     approval = BankOutcome("ok", 200, body={"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": iso(expires)})
     doubt = domain.Doubt(code, "maybe a second hold", code)
-    assert await payments.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
+    assert await settlement.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
     return pid
 
 
@@ -215,11 +217,11 @@ async def lapsed_hold(pool, vault) -> str:
     """An authorized payment whose hold lapsed at the bank an hour ago."""
     pid = await factories.authorize(pool, vault, 800)
     op = await pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
-    claim = await payments.claim(pool, op, "test-worker", 30)
-    assert isinstance(claim, payments.Claim)
+    claim = await settlement.claim(pool, op, "test-worker", 30)
+    assert isinstance(claim, settlement.Claim)
     expired = iso(datetime.now(UTC) - timedelta(hours=1))
     approval = BankOutcome("ok", 200, body={"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": expired})
-    assert await payments.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1)
+    assert await settlement.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1)
     return pid
 
 

@@ -2,7 +2,7 @@
 
 The module has its own database and vhost, like test_cli: the dead-letter
 pages and "replay all" see everything parked. Parked operations are made the
-way the worker makes them (payments.park, then a message on payments.dead
+way the worker makes them (settlement.park, then a message on payments.dead
 with the consumer's headers); replays go through the console's forms, with
 the form tokens read from the pages as a browser would.
 """
@@ -22,12 +22,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDictProxy
 
-from gateway import config, db, messages, payments, store, topology, webhooks
+from gateway import config, db, messages, store, topology, webhooks
 from gateway.api import routes
 from gateway.api.ops import auth
 from gateway.api.ops.throttle import FREE_FAILURES
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
-from gateway.ops import rules
+from gateway.ops import decisions, rules
 from gateway.timefmt import now
 from gateway.webhook_rules import SecretBox
 from harness import services
@@ -529,7 +529,7 @@ async def test_record_a_capture_id_the_bank_never_gave_us(ops):
     pid, op = await ops.parked()
     status, text, _ = await ops.get(f"/ops/payments/{pid}")
     assert "Record a bank reference" not in text  # the capture is in flight: nothing to record yet
-    await payments.settle_by_hand(ops.pool, op, succeeded=True, reason="bank shows it", by="bob")
+    await decisions.settle_by_hand(ops.pool, op, succeeded=True, reason="bank shows it", by="bob")
     action = f"/ops/payments/{pid}/reference"
     token = await ops.token(f"/ops/payments/{pid}", action)
     status, text, _ = await ops.get(f"/ops/payments/{pid}")

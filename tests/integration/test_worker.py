@@ -1,7 +1,7 @@
 """The whole asynchronous path against a REAL mock bank process:
 
-    payments.authorize/request_action -> outbox -> relay -> payments.work -> worker
-    -> mockbank -> payments.record_outcome -> outbox (event)
+    intake.authorize/request_action -> outbox -> relay -> payments.work -> worker
+    -> mockbank -> settlement.record_outcome -> outbox (event)
 
 The relay and the worker run in this process (short retry ladder 1,2,3 s);
 the bank is the `mockbank` console script, driven through its /_mock API
@@ -28,10 +28,11 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway import config, db, payments, topology
+from gateway import config, db, topology
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action
 from gateway.messages import COMMANDS_EXCHANGE, events_exchange
+from gateway.payments import intake, settlement
 from harness.system import System
 from tests.support import factories
 from worker import settings as wsettings
@@ -141,20 +142,20 @@ class Pipeline:
     async def authorize(self, card=HAPPY, amount: int = 1500) -> str:
         number, cvv, month, year = card
         req = factories.request(body=uuid.uuid4().bytes)
-        resp = await payments.authorize(
+        resp = await intake.authorize(
             self.pool,
             self.vault,
             req,
             order_id=f"ord_{uuid.uuid4().hex[:10]}",
             customer_id="cus_1",
             amount=amount,
-            card=payments.CardInput(number, cvv, month, year),
+            card=intake.CardInput(number, cvv, month, year),
         )
         return orjson.loads(resp.body)["id"]
 
     async def request(self, payment_id: str, action: Action) -> None:
         req = factories.request(f"/v1/payments/{payment_id}/{action.value}")
-        await payments.request_action(self.pool, req, payment_id, action, None)
+        await intake.request_action(self.pool, req, payment_id, action, None)
 
     async def wait(self, payment_id: str, until, timeout: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -225,7 +226,7 @@ class Pipeline:
 
     async def replay(self, operation_id: str, kind: str, *, force: bool = False) -> None:
         """What ops replay does: unpark (forced if asked), then send the command again."""
-        assert await payments.unpark(self.pool, operation_id, forced=force)
+        assert await settlement.unpark(self.pool, operation_id, forced=force)
         await self.send_command(orjson.dumps({"operation_id": operation_id}), kind)
 
     async def send_command(self, body: bytes, kind: str, headers: dict | None = None) -> None:

@@ -8,9 +8,10 @@ import uuid
 import aio_pika
 import orjson
 
-from gateway import payments, topology
+from gateway import topology
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, Verdict
+from gateway.payments import intake, settlement
 from tests.support import factories
 from worker.handling import _dead_headers
 
@@ -31,9 +32,9 @@ class ParkedWork:
         return await self.pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
 
     async def settle(self, op: str, body: dict) -> None:
-        claim = await payments.claim(self.pool, op, "test", 30)
-        assert isinstance(claim, payments.Claim), claim
-        await payments.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
+        claim = await settlement.claim(self.pool, op, "test", 30)
+        assert isinstance(claim, settlement.Claim), claim
+        await settlement.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
 
     async def parked(
         self, kind: str = "capture", *, first_attempt_hours_ago: float | None = None, dead_letters: int = 1
@@ -43,17 +44,17 @@ class ParkedWork:
         if kind == "capture":
             await self.settle(op, {"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": "2030-01-01T00:00:00Z"})
             req = factories.request(f"/v1/payments/{pid}/capture")
-            await payments.request_action(self.pool, req, pid, Action.CAPTURE, None)
+            await intake.request_action(self.pool, req, pid, Action.CAPTURE, None)
             op = await self.pending_op(pid)
-        claim = await payments.claim(self.pool, op, "test-worker", 30)
-        assert isinstance(claim, payments.Claim)
+        claim = await settlement.claim(self.pool, op, "test-worker", 30)
+        assert isinstance(claim, settlement.Claim)
         if first_attempt_hours_ago is not None:
             await self.pool.execute(
                 "UPDATE operations SET first_attempt_at = now() - make_interval(secs => $2 * 3600) WHERE id = $1",
                 op,
                 first_attempt_hours_ago,
             )
-        assert await payments.park(self.pool, op, self.error) is not None
+        assert await settlement.park(self.pool, op, self.error) is not None
         for _ in range(dead_letters):
             await self.dead_letter(op, pid, kind, claim.attempts)
         return pid, op

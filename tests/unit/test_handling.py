@@ -15,7 +15,7 @@ import pytest
 from gateway import domain
 from gateway.cards import CardKey, CardVault, SealedCard
 from gateway.domain import BankOutcome, OperationKind, Verdict
-from gateway.payments import Claim, OperationState
+from gateway.payments.settlement import Claim, OperationState
 from gateway.store import AttemptReport
 from gateway.timefmt import now
 from worker.breaker import Failure, State

@@ -1,4 +1,4 @@
-"""The long polls' wake-up (payments.wake_up -> PaymentWatcher): the payment comes through whole.
+"""The long polls' wake-up (settlement.wake_up -> PaymentWatcher): the payment comes through whole.
 
 Its payload is "<id> <json>": a payment id holds no space, so the first space ends it, whatever
 the payment says (a merchant's name once stood between them and broke the split when it held
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import orjson
 
-from gateway import payments
 from gateway.api.longpoll import CHANNEL, PaymentWatcher
+from gateway.payments import settlement
 
 PAYMENT = {
     "id": "pay_" + "ab" * 16,
@@ -31,20 +31,20 @@ def _woken(payload: str) -> bytes | None:
 
 
 def test_a_wake_up_carries_the_payment_whole():
-    body = _woken(payments.wake_up(PAYMENT))
+    body = _woken(settlement.wake_up(PAYMENT))
     assert body is not None and orjson.loads(body) == PAYMENT
 
 
 def test_a_payment_too_large_for_a_notify_wakes_with_its_id_alone():
     large = {**PAYMENT, "history": [{"status": "pending", "at": "x" * 100}] * 100}
-    payload = payments.wake_up(large)
+    payload = settlement.wake_up(large)
     assert payload == PAYMENT["id"] and _woken(payload) is None
 
 
 def test_wake_ups_count_the_payments_finished_while_listening_only():
     """Admission's completion rate comes from this count: unknown while wake-ups may be missed."""
     watcher = PaymentWatcher("postgresql://unused")
-    watcher._notified(None, 0, CHANNEL, payments.wake_up(PAYMENT))
+    watcher._notified(None, 0, CHANNEL, settlement.wake_up(PAYMENT))
     assert watcher.finished_so_far() is None  # not listening
     watcher._connected.set()
     watcher._notified(None, 0, CHANNEL, PAYMENT["id"])
@@ -54,7 +54,7 @@ def test_wake_ups_count_the_payments_finished_while_listening_only():
 def test_a_wake_up_heard_just_before_the_listen_connection_died_makes_the_waiter_read():
     watcher = PaymentWatcher("postgresql://unused")
     with watcher.watch(PAYMENT["id"]) as waiter:
-        watcher._notified(None, 0, CHANNEL, payments.wake_up(PAYMENT))
+        watcher._notified(None, 0, CHANNEL, settlement.wake_up(PAYMENT))
         assert not waiter.event.is_set()
         watcher._wake_all()  # the connection was lost before the ping came back
         assert waiter.event.is_set() and waiter.body is None

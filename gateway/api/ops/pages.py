@@ -2,7 +2,7 @@
 
 Reads go through reads.py, dead letters through the desk (port.py); a replay
 goes through the desk as `gatewayctl dlq replay` does it, and recording a bank
-reference through payments.set_reference as `gatewayctl payments set-reference`.
+reference through decisions.set_reference as `gatewayctl payments set-reference`.
 The console's middleware (console_middleware) answers for every /ops request:
 not configured, not logged in, cross-site POST, errors, and the security
 headers of every response.
@@ -20,11 +20,12 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import Counter
 
-from gateway import logs, payments, webhooks
+from gateway import logs, webhooks
 from gateway.api import routes
 from gateway.api.ops import auth, reads, render, throttle
 from gateway.api.ops.port import BrokerUnavailable, DeadLetterDesk
 from gateway.api.ops.throttle import LoginThrottle
+from gateway.ops import decisions
 
 log = logs.get("gateway.ops")
 
@@ -328,11 +329,11 @@ async def set_reference(request: web.Request) -> web.Response:
         return form
     name, value = form.get("name", ""), form.get("value", "").strip()
     try:
-        await payments.set_reference(
+        await decisions.set_reference(
             _pool(request), payment_id, name, value, reason=form.get("reason", ""), by=_operator(request).name
         )
-    except (payments.OpsRefused, ValueError) as exc:
-        status = 409 if isinstance(exc, payments.OpsRefused) else 400
+    except (decisions.OpsRefused, ValueError) as exc:
+        status = 409 if isinstance(exc, decisions.OpsRefused) else 400
         return _notice(request, status, "Not recorded", f"Nothing was recorded: {exc}.")
     log.info("ops recorded a bank reference", payment_id=payment_id, reference=name)  # ops_user: the middleware's
     location = request.app.router["payment"].url_for(payment_id=payment_id)

@@ -1,0 +1,336 @@
+"""Settlement: a worker's side of an operation. It claims the lease for a bank attempt, reports
+attempts that settled nothing, and records what the bank's final answer does to the payment:
+the operation, the payment's status and bank ids, history, the card deleted, the completion
+event and the long polls' wake-up, in one transaction; with a doubt (an outcome the bank will
+not name) the flag and the finding, and the follow-up operation the domain asks for. An
+operation whose retries are exhausted is parked for ops, and unparked when ops replay it.
+
+The domain (gateway.domain) says what each answer means; this module writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from gateway import domain, messages, store
+from gateway.cards import SealedCard
+from gateway.domain import OperationKind, Verdict
+from gateway.payments import operations
+from gateway.timefmt import now, parse
+from gateway.views import payment_json
+
+
+@dataclass(frozen=True)
+class Claim:
+    owner: str  # who holds the lease: one handling of one message
+    operation_id: str
+    kind: OperationKind
+    bank_key: str
+    attempts: int
+    first_attempt_at: datetime
+    payment_id: str
+    amount: int
+    authorization_id: str | None
+    capture_id: str | None
+    card_expiry_month: int
+    card_expiry_year: int
+    sealed_card: SealedCard | None
+    unknown_outcomes: int = 0  # earlier attempts that may have done the work unbeknown to us
+    lost_answers: Sequence[Mapping[str, Any]] = ()  # what is known of each (operations.lost_answers)
+    rungs: int = 0  # retry-ladder rungs taken since it started or ops last replayed it
+    forced: bool = False  # ops replayed it with --force: send an old authorization anyway
+    # The payment row (with `history`) as it stood when the lease was taken: nothing else
+    # changes it while the lease is held, so the outcome is recorded from it.
+    payment: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OperationState:
+    """Why an operation could not be claimed."""
+
+    exists: bool
+    finished: bool = False
+    parked: bool = False
+    lease_left: float = 0.0
+    kind: str | None = None
+    payment_id: str | None = None
+    attempts: int = 0
+    last_error: dict | None = None
+
+
+async def claim(
+    pool: asyncpg.Pool,
+    operation_id: str,
+    owner: str,
+    lease_seconds: float,
+    take: Callable[[store.ClaimRequest], Awaitable[Claim | None]] | None = None,
+) -> Claim | OperationState:
+    """Take the lease for one bank attempt, or say why not (finished, leased elsewhere, unknown).
+    `take` claims it (the worker's gateway.batching.Batcher of claim_many); by default alone."""
+    request = store.ClaimRequest(operation_id, owner, lease_seconds)
+    claimed = await take(request) if take else (await claim_many(pool, [request]))[0]
+    return claimed if claimed is not None else await _why_not_claimed(pool, operation_id)
+
+
+async def claim_many(pool: asyncpg.Pool, claims: Sequence[store.ClaimRequest]) -> list[Claim | None]:
+    """The lease of each request, in one transaction: its Claim, or None when it cannot be
+    claimed now (claim() says why)."""
+    rows = await store.claim_operations(pool, claims=claims)
+    by_owner = {row["owner"]: row for row in rows}
+    return [_claim(by_owner[c.owner]) if c.owner in by_owner else None for c in claims]
+
+
+def _claim(row: asyncpg.Record) -> Claim:
+    return Claim(
+        owner=row["owner"],
+        operation_id=row["operation_id"],
+        kind=OperationKind(row["operation_kind"]),
+        bank_key=row["bank_key"],
+        attempts=row["attempts"],
+        first_attempt_at=row["first_attempt_at"],
+        payment_id=row["id"],
+        amount=row["amount"],
+        authorization_id=row["authorization_id"],
+        capture_id=row["capture_id"],
+        card_expiry_month=row["card_expiry_month"],
+        card_expiry_year=row["card_expiry_year"],
+        sealed_card=SealedCard(row["card_key_id"], bytes(row["sealed"])) if row["sealed"] is not None else None,
+        unknown_outcomes=row["unknown_outcomes"],
+        lost_answers=row["lost_answers"] or (),
+        rungs=row["rungs"],
+        forced=row["forced_replay"],
+        payment=dict(row),
+    )
+
+
+async def _why_not_claimed(pool: asyncpg.Pool, operation_id: str) -> OperationState:
+    state = await store.operation_state(pool, operation_id=operation_id)
+    if state is None:
+        return OperationState(exists=False)
+    return OperationState(
+        exists=True,
+        finished=state["status"] != "pending",
+        parked=state["parked"],
+        lease_left=state["lease_left"] or 0.0,
+        kind=state["kind"],
+        payment_id=state["payment_id"],
+        attempts=state["attempts"],
+        last_error=state["last_error"],
+    )
+
+
+async def release(
+    pool: asyncpg.Pool,
+    operation_id: str,
+    owner: str,
+    error: dict | None,
+    bank_ms: int,
+    report: store.AttemptReport,
+    *,
+    rung_taken: bool = False,
+) -> None:
+    """Give the lease back after attempts that settled nothing (transient failures), with the
+    `report` of those not reported yet (note_many): how many are known to have done nothing at
+    the bank, and what is known of the others, which may have done the work unbeknown to us.
+    `rung_taken`: the operation goes to the next rung of the retry ladder (Claim.rungs)."""
+    await store.release_lease(
+        pool,
+        operation_id=operation_id,
+        owner=owner,
+        error=error,
+        bank_ms=bank_ms,
+        report=report,
+        rung_taken=rung_taken,
+    )
+
+
+async def note_many(pool: asyncpg.Pool, notes: Sequence[store.AttemptNote]) -> list[bool]:
+    """Lease holders' reports of their latest attempts, in one statement, the leases kept: whether
+    each was recorded (not when its lease is no longer its owner's)."""
+    noted = await store.note_attempts(pool, notes=notes)
+    return [n.operation_id in noted for n in notes]
+
+
+async def kinds_tried(pool: asyncpg.Pool, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
+    """The kinds of the payment's other operations that were ever sent to the bank."""
+    return await store.operation_kinds_tried(pool, payment_id=payment_id, operation_id=operation_id)
+
+
+# Bank response fields copied onto the receipt, per operation.
+_BANK_IDS = {
+    OperationKind.AUTHORIZE: ("authorization_id", "expires_at"),
+    OperationKind.CAPTURE: ("capture_id",),
+    OperationKind.VOID: ("void_id",),
+    OperationKind.RELEASE: ("void_id",),
+    OperationKind.REFUND: ("refund_id",),
+}
+
+
+def _bank_fields(kind: OperationKind, verdict: Verdict, body: dict | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if verdict is not Verdict.SUCCEEDED or not body:
+        return fields
+    for name in _BANK_IDS[kind]:
+        if name == "expires_at":
+            fields["authorization_expires_at"] = parse(body["expires_at"])
+        else:
+            fields[name] = body[name]
+    return fields
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A claimed operation's final verdict, ready to record: the payment as it will read, and
+    what the recording writes."""
+
+    claim: Claim
+    payment: dict  # as GET will show it once recorded
+    finish: store.Finish
+    doubt: domain.Doubt | None
+    follow_up: OperationKind | None
+    fields: dict[str, Any]  # the bank's ids copied onto the receipt
+
+    @property
+    def alone(self) -> bool:
+        """One statement records it (finish_operations), so it can go with others'."""
+        return self.doubt is None and self.follow_up is None
+
+
+def settlement(
+    claim: Claim, verdict: Verdict, outcome: domain.BankOutcome, bank_ms: int, doubt: domain.Doubt | None = None
+) -> Settlement:
+    """What recording `verdict` for the claim writes, built from the claim's snapshot of the
+    payment: the operation, the payment, history, card deletion, completion event and the long
+    polls' wake-up; with a `doubt` (domain: outcomes the bank will not name), or a follow-up
+    operation the domain asks for, those too."""
+    row, kind = claim.payment, claim.kind
+    status = domain.settle(kind, verdict)
+    at = now()
+    error: dict | None
+    if doubt is not None:
+        error = doubt.error()
+    else:
+        error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome, kind)
+    fields = _bank_fields(kind, verdict, outcome.body)
+    moved = status.value != row["status"]
+    updated = {
+        **row,
+        **fields,
+        "status": status.value,
+        "last_error": error,
+        # A flag is cleared by the human who looked (unpark, resolve), not by later work.
+        "attention_required": row["attention_required"] or doubt is not None,
+        "updated_at": at,
+    }
+    payment = payment_json(updated)
+    if moved:
+        payment["history"].append({"status": status.value, "at": payment["updated_at"]})
+    finish = store.Finish(
+        operation_id=claim.operation_id,
+        owner=claim.owner,
+        operation_status="succeeded" if verdict is Verdict.SUCCEEDED else "failed",
+        at=at,
+        error=error,
+        bank_response=outcome.body,
+        bank_ms=bank_ms,
+        payment_status=status,
+        cause=f"bank:{kind.value}:{verdict.value}" + (f":{doubt.code}" if doubt else ""),
+        status_moved=moved,
+        drop_card=kind is OperationKind.AUTHORIZE,
+        event=messages.event(domain.event_type(status), payment, at, merchant=row["merchant"]) if moved else None,
+        notify=wake_up(payment),
+        **fields,
+    )
+    return Settlement(claim, payment, finish, doubt, domain.follow_up(kind, verdict), fields)
+
+
+async def record_outcome(
+    pool: asyncpg.Pool,
+    claim: Claim,
+    verdict: Verdict,
+    outcome: domain.BankOutcome,
+    bank_ms: int,
+    doubt: domain.Doubt | None = None,
+    record: Callable[[Settlement], Awaitable[dict | None]] | None = None,
+) -> dict | None:
+    """Settle a claimed operation with a final verdict. Returns the payment, or None when the
+    lease is no longer the claim's (another handling records the outcome). `record` records a
+    settlement that goes `alone` (the worker's gateway.batching.Batcher of record_many); by
+    default in a statement of its own."""
+    settled = settlement(claim, verdict, outcome, bank_ms, doubt)
+    if settled.alone:
+        return await record(settled) if record else (await record_many(pool, [settled]))[0]
+    return await _record_with_doubt_or_follow_up(pool, settled)
+
+
+async def record_many(pool: asyncpg.Pool, settlements: Sequence[Settlement]) -> list[dict | None]:
+    """Settlements that each record `alone`, in one statement: each one's payment, or None when
+    its lease is no longer its claim's."""
+    recorded = await store.finish_operations(pool, finishes=[s.finish for s in settlements])
+    return [s.payment if (s.claim.operation_id, s.claim.owner) in recorded else None for s in settlements]
+
+
+async def _record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlement) -> dict | None:
+    """A settlement that does not record `alone`: one transaction with the doubt's flag and
+    finding, and the follow-up operation."""
+    claim, doubt, payment = settled.claim, settled.doubt, settled.payment
+    at, merchant = settled.finish.at, claim.payment["merchant"]
+    async with pool.acquire() as conn, conn.transaction():
+        if not await store.finish_operations(conn, finishes=[settled.finish]):
+            return None
+        if doubt is not None:
+            await store.flag_doubt(
+                conn,
+                payment_id=claim.payment_id,
+                at=at,
+                error=doubt.error(),
+                event=messages.event(domain.ATTENTION_EVENT, payment, at, merchant=merchant),
+                run_id=f"worker:{claim.operation_id}",
+                finding_kind=doubt.finding,
+                finding_detail={
+                    "operation_id": claim.operation_id,
+                    "bank_key": claim.bank_key,
+                    **settled.fields,
+                    "note": doubt.message,
+                    **doubt.evidence,
+                },
+            )
+        if settled.follow_up is not None:
+            await operations.enqueue(conn, claim.payment_id, settled.follow_up, at)
+    return payment
+
+
+# NOTIFY payloads are limited to 8000 bytes; a payment too large to send is re-read.
+_WAKE_UP_LIMIT = 7900
+
+
+def wake_up(payment: dict) -> str:
+    """The long polls' wake-up for this payment: its id (`pay_` and hex), a space, then the
+    payment as GET shows it (just the id when that does not fit a NOTIFY payload)."""
+    text = f"{payment['id']} {orjson.dumps(payment).decode()}"
+    return text if len(text) <= _WAKE_UP_LIMIT else payment["id"]
+
+
+async def park(pool: asyncpg.Pool, operation_id: str, error: dict) -> dict | None:
+    """Retries are exhausted: flag the payment for ops and announce it. None if already settled."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await store.lock_operation(conn, operation_id=operation_id)
+        if row is None:
+            return None
+        at = now()
+        payment = payment_json({**row, "attention_required": True, "last_error": error, "updated_at": at})
+        event = messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"])
+        await store.park_operation(conn, operation_id=operation_id, at=at, error=error, event=event)
+    return payment
+
+
+async def unpark(pool: asyncpg.Pool, operation_id: str, *, forced: bool) -> bool:
+    """Back from the dead-letter queue (forced: an authorization past the key horizon is sent
+    anyway): False when the operation has meanwhile finished."""
+    return await store.unpark_operation(pool, operation_id=operation_id, forced=forced)
