@@ -3,7 +3,7 @@
 PostgreSQL (in a throwaway database with the gateway's schema, triggers included):
   same_sql  - the API's submit of one request, run directly: store.submit_authorizations,
               one autocommit statement (advisory lock, key lookup, six INSERTs), exactly
-              as gateway.payments.intake.authorize does (same pool size, same concurrency);
+              as gateway.payments.intake.submit_many does (same pool size, same concurrency);
   naive     - for reference, four separate INSERTs (idempotency key, payment,
               history, outbox) in one transaction;
   same_sql_no_notify - diagnostic: same_sql with the outbox NOTIFY trigger dropped
@@ -106,7 +106,7 @@ class _Template:
         self.run = uuid.uuid4().hex[:8]
 
     async def same_sql(self, pool: asyncpg.Pool) -> asyncpg.Record:
-        """The statement gateway.payments.intake.authorize sends, with fresh ids."""
+        """The statement gateway.payments.intake.submit_many sends, with fresh ids."""
         pid, op = messages.new_id("pay"), messages.new_id("op")
         key = f"ceil-{uuid.uuid4().hex}"
         req = IdempotentRequest(

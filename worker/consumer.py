@@ -94,7 +94,8 @@ class PoolPayments:
         self.notes: Batcher[store.AttemptNote, bool] = Batcher(lambda notes: settlement.note_many(pool, notes))
 
     async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
-        return await settlement.claim(self._pool, operation_id, owner, lease_seconds, take=self.claims.submit)
+        claimed = await self.claims.submit(store.ClaimRequest(operation_id, owner, lease_seconds))
+        return claimed if claimed is not None else await settlement.why_not_claimed(self._pool, operation_id)
 
     async def release(
         self,
@@ -120,9 +121,11 @@ class PoolPayments:
         doubt: domain.Doubt | None = None,
     ) -> dict | None:
         try:
-            payment = await settlement.record_outcome(
-                self._pool, claim, verdict, outcome, bank_ms, doubt, record=self.outcomes.submit
-            )
+            settled = settlement.settlement(claim, verdict, outcome, bank_ms, doubt)
+            if settled.alone:
+                payment = await self.outcomes.submit(settled)
+            else:
+                payment = await settlement.record_with_doubt_or_follow_up(self._pool, settled)
         except _UNRECORDABLE as exc:
             raise CannotRecord(f"{type(exc).__name__}: {redact.clean(str(exc), 200)}") from exc
         self._metrics.outcome_recorded(payment)

@@ -247,17 +247,16 @@ async def authorize(request: web.Request) -> web.Response:
                 return _respond(stored)
         raise
     card = data.card
+    submission = intake.authorization(
+        state.vault,
+        req,
+        order_id=data.order_id,
+        customer_id=data.customer_id,
+        amount=data.amount,
+        card=intake.CardInput(card.number, card.cvv, card.expiry_month, card.expiry_year),
+    )
     try:
-        response = await intake.authorize(
-            state.pool,
-            state.vault,
-            req,
-            order_id=data.order_id,
-            customer_id=data.customer_id,
-            amount=data.amount,
-            card=intake.CardInput(card.number, card.cvv, card.expiry_month, card.expiry_year),
-            submit=state.submits.submit,
-        )
+        response = await intake.answer_authorization(state.pool, req, submission, state.submits.submit(submission))
     except (intake.RequestInProgress, intake.IdempotencyKeyReused) as exc:
         raise _key_errors(exc) from None
     except intake.OrderAlreadyPaid as exc:
@@ -291,7 +290,8 @@ def action(kind: Action):
         state = request.app[STATE]
         req = _idempotent(request, key, body)
         try:
-            response = await intake.request_action(state.pool, req, payment_id, kind, amount, send=state.actions.submit)
+            outcome = await state.actions.submit(intake.action_request(req, payment_id, kind, amount))
+            response = await intake.answer_action(state.pool, req, outcome)
         except (intake.RequestInProgress, intake.IdempotencyKeyReused) as exc:
             raise _key_errors(exc) from None
         except intake.PaymentNotFound:

@@ -10,6 +10,8 @@ before it commits: no state in between that a crash could leave half-written.
 
 The phases that many concurrent requests make take and return batches (`*_many`, each list
 in one statement); the batchers that gather them (gateway.batching) are built where a process
-is composed: the API's in gateway/api/routes.py, the worker's in worker/consumer.py. The
-decisions operators take are in gateway/ops/decisions.py.
+is composed, the API's in gateway/api/routes.py and the worker's in worker/consumer.py, and
+each request goes through them. What one request then gets (a replay after a conflict, the
+reason for a refusal) is read from its batch result by a thin function (intake.answer_*).
+The decisions operators take are in gateway/ops/decisions.py.
 """

@@ -12,7 +12,7 @@ for a refusal, the key included.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias
 
@@ -102,8 +102,7 @@ def _stored(row: asyncpg.Record, req: IdempotentRequest) -> Response | None:
     return Response(row["response_status"], bytes(row["response_body"]), row["location"], replayed=True)
 
 
-async def authorize(
-    pool: asyncpg.Pool,
+def authorization(
     vault: CardVault,
     req: IdempotentRequest,
     *,
@@ -111,10 +110,9 @@ async def authorize(
     customer_id: str,
     amount: int,
     card: CardInput,
-    submit: Callable[[store.Submission], Awaitable[asyncpg.Record]] | None = None,
-) -> Response:
-    """Record a new payment and its authorize operation; the bank is called later by a worker.
-    `submit` records it (the API's gateway.batching.Batcher of submit_many); by default alone."""
+) -> store.Submission:
+    """A new payment and its authorize operation, ready for submit_many: the card sealed, the
+    command made, and the 202 the request is answered with once it is recorded."""
     payment_id = messages.new_id("pay")
     operation_id = messages.new_id("op")
     at = now()
@@ -144,7 +142,7 @@ async def authorize(
     location = f"/v1/payments/{payment_id}"
     body = orjson.dumps(payment_json(row))
     cmd = messages.command(operation_id, OperationKind.AUTHORIZE.value)
-    submission = store.Submission(
+    return store.Submission(
         payment_id=payment_id,
         order_id=order_id,
         customer_id=customer_id,
@@ -160,8 +158,16 @@ async def authorize(
         command=cmd,
         reply=store.StoredReply(request=req, body=body, location=location),
     )
+
+
+async def answer_authorization(
+    pool: asyncpg.Pool, req: IdempotentRequest, submission: store.Submission, recorded: Awaitable[asyncpg.Record]
+) -> Response:
+    """The answer to one authorize request, from `recorded`: its submission's row of submit_many,
+    as the API's batcher (gateway/api/routes.py) returns it. The 202, or the stored response
+    of a twin request; raises the key's errors, or OrderAlreadyPaid."""
     try:
-        outcome = await submit(submission) if submit else (await submit_many(pool, [submission]))[0]
+        outcome = await recorded
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name not in ("payments_one_live_per_order", "idempotency_keys_pkey"):
             raise
@@ -169,7 +175,7 @@ async def authorize(
             stored = await _recheck_key(conn, req)
             if stored:
                 return stored
-            existing = await store.live_payment_for_order(conn, merchant=req.merchant, order_id=order_id)
+            existing = await store.live_payment_for_order(conn, merchant=req.merchant, order_id=submission.order_id)
         raise OrderAlreadyPaid(existing or "unknown") from None
     if not outcome["inserted"]:
         if not outcome["locked"]:
@@ -180,7 +186,7 @@ async def authorize(
             raise RuntimeError("idempotency key row vanished")  # keys are kept >= 24 h
         return stored
     crash_point("api.after_commit")
-    return Response(202, body, location)
+    return Response(202, submission.reply.body, submission.reply.location)
 
 
 async def submit_many(pool: asyncpg.Pool, submissions: Sequence[store.Submission]) -> list[asyncpg.Record]:
@@ -240,19 +246,15 @@ _REFUSALS = (
 )
 
 
-async def request_action(
-    pool: asyncpg.Pool,
-    req: IdempotentRequest,
-    payment_id: str,
-    action: Action,
-    amount: int | None,
-    *,
-    send: Callable[[ActionRequest], Awaitable[ActionOutcome]] | None = None,
-) -> Response:
-    """Capture, void or refund: move the payment to its in-progress status and enqueue the work.
-    `send` records it (the API's gateway.batching.Batcher of request_actions); by default alone."""
-    asked = ActionRequest(req, payment_id, action, amount, contextvars.copy_context())
-    outcome = await send(asked) if send else (await request_actions(pool, [asked]))[0]
+def action_request(req: IdempotentRequest, payment_id: str, action: Action, amount: int | None) -> ActionRequest:
+    """A capture, void or refund for request_actions, made in the current request's context."""
+    return ActionRequest(req, payment_id, action, amount, contextvars.copy_context())
+
+
+async def answer_action(pool: asyncpg.Pool, req: IdempotentRequest, outcome: ActionOutcome) -> Response:
+    """The answer to one capture, void or refund, from its `outcome` in request_actions (as the
+    API's batcher returns it): the 202, or the stored response of a twin request that moved the
+    payment first; raises the refusal."""
     if isinstance(outcome, Response):
         crash_point("api.after_commit")
         return outcome

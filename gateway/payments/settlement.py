@@ -10,7 +10,7 @@ The domain (gateway.domain) says what each answer means; this module writes it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -64,23 +64,9 @@ class OperationState:
     last_error: dict | None = None
 
 
-async def claim(
-    pool: asyncpg.Pool,
-    operation_id: str,
-    owner: str,
-    lease_seconds: float,
-    take: Callable[[store.ClaimRequest], Awaitable[Claim | None]] | None = None,
-) -> Claim | OperationState:
-    """Take the lease for one bank attempt, or say why not (finished, leased elsewhere, unknown).
-    `take` claims it (the worker's gateway.batching.Batcher of claim_many); by default alone."""
-    request = store.ClaimRequest(operation_id, owner, lease_seconds)
-    claimed = await take(request) if take else (await claim_many(pool, [request]))[0]
-    return claimed if claimed is not None else await _why_not_claimed(pool, operation_id)
-
-
 async def claim_many(pool: asyncpg.Pool, claims: Sequence[store.ClaimRequest]) -> list[Claim | None]:
-    """The lease of each request, in one transaction: its Claim, or None when it cannot be
-    claimed now (claim() says why)."""
+    """The lease of each request for one bank attempt, in one transaction: its Claim, or None
+    when it cannot be claimed now (why_not_claimed says why)."""
     rows = await store.claim_operations(pool, claims=claims)
     by_owner = {row["owner"]: row for row in rows}
     return [_claim(by_owner[c.owner]) if c.owner in by_owner else None for c in claims]
@@ -109,7 +95,8 @@ def _claim(row: asyncpg.Record) -> Claim:
     )
 
 
-async def _why_not_claimed(pool: asyncpg.Pool, operation_id: str) -> OperationState:
+async def why_not_claimed(pool: asyncpg.Pool, operation_id: str) -> OperationState:
+    """Finished, parked, leased elsewhere or unknown: what stopped its claim."""
     state = await store.operation_state(pool, operation_id=operation_id)
     if state is None:
         return OperationState(exists=False)
@@ -250,25 +237,6 @@ def settlement(
     return Settlement(claim, payment, finish, doubt, domain.follow_up(kind, verdict), fields)
 
 
-async def record_outcome(
-    pool: asyncpg.Pool,
-    claim: Claim,
-    verdict: Verdict,
-    outcome: domain.BankOutcome,
-    bank_ms: int,
-    doubt: domain.Doubt | None = None,
-    record: Callable[[Settlement], Awaitable[dict | None]] | None = None,
-) -> dict | None:
-    """Settle a claimed operation with a final verdict. Returns the payment, or None when the
-    lease is no longer the claim's (another handling records the outcome). `record` records a
-    settlement that goes `alone` (the worker's gateway.batching.Batcher of record_many); by
-    default in a statement of its own."""
-    settled = settlement(claim, verdict, outcome, bank_ms, doubt)
-    if settled.alone:
-        return await record(settled) if record else (await record_many(pool, [settled]))[0]
-    return await _record_with_doubt_or_follow_up(pool, settled)
-
-
 async def record_many(pool: asyncpg.Pool, settlements: Sequence[Settlement]) -> list[dict | None]:
     """Settlements that each record `alone`, in one statement: each one's payment, or None when
     its lease is no longer its claim's."""
@@ -276,7 +244,7 @@ async def record_many(pool: asyncpg.Pool, settlements: Sequence[Settlement]) -> 
     return [s.payment if (s.claim.operation_id, s.claim.owner) in recorded else None for s in settlements]
 
 
-async def _record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlement) -> dict | None:
+async def record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlement) -> dict | None:
     """A settlement that does not record `alone`: one transaction with the doubt's flag and
     finding, and the follow-up operation."""
     claim, doubt, payment = settled.claim, settled.doubt, settled.payment

@@ -1,7 +1,7 @@
 """The API against a real Postgres: app fixtures, a small client and worker stand-ins.
 
 There is no worker in these tests: where a payment has to move on, the test
-plays the worker with settlement.claim + settlement.record_outcome (or
+plays the worker with tests/support/phases.py's claim + record_outcome (or
 lapses.expire_hold), the same phases the worker calls.
 """
 
@@ -24,6 +24,7 @@ from gateway.api import admin, routes
 from gateway.api.app import create_app
 from gateway.domain import BankOutcome, Verdict
 from gateway.payments import settlement
+from tests.support import phases
 
 API_KEY = "sk_test_ficmart_dev"
 OTHER_KEY = "sk_test_other_merchant"
@@ -154,7 +155,7 @@ async def pending_operation(pool, payment_id: str) -> str:
 async def settle(pool, payment_id: str, verdict: Verdict = Verdict.SUCCEEDED, code: str = "insufficient_funds") -> dict:
     """Finish the payment's pending operation as the worker would, with a plausible bank answer."""
     op = await pending_operation(pool, payment_id)
-    claimed = await settlement.claim(pool, op, "test-worker", 30)
+    claimed = await phases.claim(pool, op, "test-worker", 30)
     assert isinstance(claimed, settlement.Claim), claimed
     if verdict is Verdict.SUCCEEDED:
         at = datetime.now(UTC)
@@ -168,7 +169,7 @@ async def settle(pool, payment_id: str, verdict: Verdict = Verdict.SUCCEEDED, co
         outcome = BankOutcome(kind="ok", http_status=200, body=body)
     else:
         outcome = BankOutcome(kind="error", http_status=400, code=code, message=code.replace("_", " "))
-    payment = await settlement.record_outcome(pool, claimed, verdict, outcome, bank_ms=3)
+    payment = await phases.record_outcome(pool, claimed, verdict, outcome, bank_ms=3)
     assert payment is not None
     return payment
 

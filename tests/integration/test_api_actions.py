@@ -12,6 +12,7 @@ from gateway.domain import BankOutcome, OperationKind, Verdict
 from gateway.ops import decisions
 from gateway.payments import lapses, settlement
 from tests.integration.conftest import authorized, captured, pending_operation, settle
+from tests.support import phases
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -224,10 +225,10 @@ async def _captured_unnamed(api, pool) -> dict:
     payment = await authorized(api, pool)
     resp, _ = await api.post(f"/v1/payments/{payment['id']}/capture")
     assert resp.status == 202
-    claim = await settlement.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
+    claim = await phases.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
     assert isinstance(claim, settlement.Claim)
     done = BankOutcome("ok", http_status=400)
-    recorded = await settlement.record_outcome(
+    recorded = await phases.record_outcome(
         pool, claim, Verdict.SUCCEEDED, done, 3, domain.unnamed_work(OperationKind.CAPTURE)
     )
     assert recorded is not None and recorded["status"] == "captured" and recorded["bank"]["capture_id"] is None
@@ -268,10 +269,10 @@ async def test_a_refund_of_a_capture_the_bank_never_named_is_refused_until_ops_r
 
     resp, body = await api.post(path, {"amount": payment["amount"]}, key=key)  # the same request, accepted now
     assert resp.status == 202 and body["status"] == "refunding", body
-    claim = await settlement.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
+    claim = await phases.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
     assert isinstance(claim, settlement.Claim) and claim.capture_id == capture_id  # what the bank call is sent with
     refund = BankOutcome("ok", http_status=200, body={"refund_id": f"ref_{uuid.uuid4()}"})
-    done = await settlement.record_outcome(pool, claim, Verdict.SUCCEEDED, refund, 3)
+    done = await phases.record_outcome(pool, claim, Verdict.SUCCEEDED, refund, 3)
     assert done is not None and done["status"] == "refunded" and done["bank"]["capture_id"] == capture_id
     again, replayed = await api.post(path, {"amount": payment["amount"]}, key=key)
     assert again.headers["Idempotent-Replayed"] == "true" and replayed == body
@@ -279,7 +280,7 @@ async def test_a_refund_of_a_capture_the_bank_never_named_is_refused_until_ops_r
 
 async def test_a_capture_or_void_of_an_authorization_the_bank_never_named_is_refused(api, pool):
     payment = await api.authorize()
-    claim = await settlement.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
+    claim = await phases.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
     assert isinstance(claim, settlement.Claim)
     await settlement.park(pool, claim.operation_id, {"code": "bank_timeout", "message": "m", "retryable": True})
     await decisions.settle_by_hand(pool, claim.operation_id, succeeded=True, reason="a hold at the bank", by="bob")

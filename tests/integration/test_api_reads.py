@@ -15,6 +15,7 @@ from gateway.api.routes import STATE
 from gateway.domain import Verdict
 from gateway.payments import settlement
 from tests.integration.conftest import OTHER_KEY, Api, authorized, pending_operation, settle
+from tests.support import phases
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -40,7 +41,7 @@ async def test_long_poll_returns_when_the_worker_settles(api, pool):
 
     async def worker():
         await asyncio.sleep(0.3)
-        claimed = await settlement.claim(pool, op, "test-worker", 30)
+        claimed = await phases.claim(pool, op, "test-worker", 30)
         assert isinstance(claimed, settlement.Claim)
         await asyncio.sleep(0.2)  # the claim updates operations only: no wake-up for that
         await settle(pool, payment["id"])

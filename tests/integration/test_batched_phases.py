@@ -16,7 +16,7 @@ from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, InvalidTransition, Verdict
 from gateway.payments import intake, settlement
 from tests.integration.conftest import CARD_NUMBER, CVV, authorized, pending_operation
-from tests.support import factories
+from tests.support import factories, phases
 
 
 def _request(key: str, order_id: str) -> tuple[intake.IdempotentRequest, dict]:
@@ -53,7 +53,8 @@ async def _authorize_together(pool, card_keys, asked: list[tuple[str, str]]) -> 
 
     def caller(key: str, order_id: str):
         req, fields = _request(key, order_id)
-        return lambda submit: intake.authorize(pool, vault, req, card=card, submit=submit, **fields)
+        submission = intake.authorization(vault, req, card=card, **fields)
+        return lambda submit: intake.answer_authorization(pool, req, submission, submit(submission))
 
     results, sizes = await _sent_together(
         lambda batch: intake.submit_many(pool, batch), [caller(key, order_id) for key, order_id in asked]
@@ -124,9 +125,9 @@ async def _act_together(pool, asked: list[tuple], traceparents: list[str] | None
 
     async def act(a: tuple, traceparent: str | None, submit):
         if traceparent is None:
-            return await intake.request_action(pool, *a, send=submit)
+            return await intake.answer_action(pool, a[0], await submit(intake.action_request(*a)))
         with tracing.continued({"traceparent": traceparent}, "POST capture", SpanKind.SERVER):
-            return await intake.request_action(pool, *a, send=submit)
+            return await intake.answer_action(pool, a[0], await submit(intake.action_request(*a)))
 
     traces = traceparents or [None] * len(asked)
     results, sizes = await _sent_together(
@@ -189,7 +190,7 @@ async def test_each_command_of_a_batch_carries_its_own_request_s_trace(api, pool
 async def test_each_request_of_a_batch_is_decided_as_if_after_the_ones_before_it(api, pool):
     first, second, third, fourth = [(await authorized(api, pool))["id"] for _ in range(4)]
     replayed_key = uuid.uuid4().hex
-    earlier = await intake.request_action(pool, *_action(fourth, Action.VOID, key=replayed_key))
+    earlier = await phases.request_action(pool, *_action(fourth, Action.VOID, key=replayed_key))
     twin_key = uuid.uuid4().hex
     results = await _act_together(
         pool,
@@ -239,7 +240,7 @@ async def test_an_operation_asked_for_twice_in_one_claim_goes_to_one_owner(pool,
     assert len(won) == 1 and won[0].operation_id == first and won[0].attempts == 1
     assert claims[2] is not None and claims[2].owner == "w/c"
     loser = "w/b" if won[0].owner == "w/a" else "w/a"
-    state = await settlement.claim(pool, first, loser, 30)
+    state = await phases.claim(pool, first, loser, 30)
     assert isinstance(state, settlement.OperationState) and state.lease_left > 0  # leased elsewhere
 
 
@@ -281,7 +282,7 @@ async def test_outcomes_recorded_together_each_settle_their_own_payment(pool, tw
 
 async def test_attempts_are_reported_by_their_holder_or_by_the_claim_after_a_holder_that_stopped(pool, two_pending):
     op, other = two_pending
-    first = await settlement.claim(pool, op, "w/1", 30)
+    first = await phases.claim(pool, op, "w/1", 30)
     assert isinstance(first, settlement.Claim) and (first.attempts, first.unknown_outcomes, first.lost_answers) == (
         1,
         0,
@@ -296,12 +297,12 @@ async def test_attempts_are_reported_by_their_holder_or_by_the_claim_after_a_hol
         ],
     )
     assert noted == [True, False]
-    renewed = await settlement.claim(pool, op, "w/1", 0.01)  # the holder's next try: nothing unreported
+    renewed = await phases.claim(pool, op, "w/1", 0.01)  # the holder's next try: nothing unreported
     assert isinstance(renewed, settlement.Claim) and renewed.attempts == 2
     assert renewed.unknown_outcomes == 1 and renewed.lost_answers == [timeout]
 
     await asyncio.sleep(0.05)  # w/1 died during its second try, unreported; its lease runs out
-    taken = await settlement.claim(pool, op, "w/2", 30)
+    taken = await phases.claim(pool, op, "w/2", 30)
     assert isinstance(taken, settlement.Claim) and (taken.attempts, taken.unknown_outcomes) == (3, 2)
     stopped = taken.lost_answers[-1]
     assert (stopped["attempt"], stopped["worker"], stopped["code"]) == (2, "w/1", domain.WORKER_STOPPED)
@@ -311,7 +312,7 @@ async def test_attempts_are_reported_by_their_holder_or_by_the_claim_after_a_hol
         "SELECT attempts, clean_attempts, lost_answers, lease_owner FROM operations WHERE id = $1", op
     )
     assert (row["attempts"], row["clean_attempts"], len(row["lost_answers"]), row["lease_owner"]) == (3, 1, 2, None)
-    last = await settlement.claim(pool, op, "w/3", 30)  # everything was reported: no entry added
+    last = await phases.claim(pool, op, "w/3", 30)  # everything was reported: no entry added
     assert isinstance(last, settlement.Claim) and last.unknown_outcomes == 2 and len(last.lost_answers) == 2
     untouched = await pool.fetchrow("SELECT clean_attempts, lost_answers FROM operations WHERE id = $1", other)
     assert (untouched["clean_attempts"], untouched["lost_answers"]) == (0, None)

@@ -24,12 +24,12 @@ from gateway import config, db, domain, topology
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action, BankOutcome, Verdict
 from gateway.ops import rules
-from gateway.payments import intake, settlement
+from gateway.payments import settlement
 from gatewayctl import main as gatewayctl
 from harness import services
 from harness.mockbank_client import MockBankClient
 from harness.procs import ScriptProcess, free_port, script_path
-from tests.support import factories
+from tests.support import factories, phases
 from tests.support.parked import QUORUM, ParkedWork
 from worker import settings as wsettings
 from worker.consumer import Worker
@@ -266,16 +266,16 @@ async def test_replay_lowers_only_the_flag_its_park_raised(env):
     """The payment was flagged before its capture was parked (a possible second hold): the
     replay must not erase that doubt, which only a human can clear."""
     pid, op = await env.authorize()
-    claim = await settlement.claim(env.pool, op, "test", 30)
+    claim = await phases.claim(env.pool, op, "test", 30)
     assert isinstance(claim, settlement.Claim)
     approval = BankOutcome(
         "ok", 200, body={"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": "2030-01-01T00:00:00Z"}
     )
     doubt = domain.Doubt(domain.POSSIBLE_DUPLICATE_HOLD, "maybe a second hold", domain.POSSIBLE_DUPLICATE_HOLD)
-    assert await settlement.record_outcome(env.pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
-    await intake.request_action(env.pool, factories.request(f"/v1/payments/{pid}/capture"), pid, Action.CAPTURE, None)
+    assert await phases.record_outcome(env.pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
+    await phases.request_action(env.pool, factories.request(f"/v1/payments/{pid}/capture"), pid, Action.CAPTURE, None)
     capture = await env.pending_op(pid)
-    assert isinstance(await settlement.claim(env.pool, capture, "test-worker", 30), settlement.Claim)
+    assert isinstance(await phases.claim(env.pool, capture, "test-worker", 30), settlement.Claim)
     assert await settlement.park(env.pool, capture, ERROR) is not None
     await env.dead_letter(capture, pid, "capture")
     _, out, _ = await env.cli("dlq", "replay", capture)

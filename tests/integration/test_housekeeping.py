@@ -25,7 +25,7 @@ from gateway.ops import decisions
 from gateway.payments import settlement
 from gateway.timefmt import iso
 from tests.integration.conftest import auth_body
-from tests.support import factories
+from tests.support import factories, phases
 from worker import sweeper
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,12 +146,12 @@ async def attention_events(pool, pid: str) -> int:
 async def test_the_vault_keeps_no_card_past_its_time_and_the_authorization_parks_for_ops(pool, vault):
     waiting_pid, waiting_op = await aged_card(pool, vault, 25)  # pending, its command in a retry queue
     parked_pid, parked_op = await aged_card(pool, vault, 30)  # parked 10 hours ago
-    assert isinstance(await settlement.claim(pool, parked_op, "w", 30), settlement.Claim)
+    assert isinstance(await phases.claim(pool, parked_op, "w", 30), settlement.Claim)
     await settlement.park(pool, parked_op, {"code": "bank_connection", "message": "down", "retryable": True})
     await pool.execute("UPDATE operations SET updated_at = now() - interval '10 hours' WHERE id = $1", parked_op)
     parked_since = await pool.fetchval("SELECT updated_at FROM operations WHERE id = $1", parked_op)
     leased_pid, leased_op = await aged_card(pool, vault, 26)  # a bank call may be running with it
-    assert isinstance(await settlement.claim(pool, leased_op, "w", 30), settlement.Claim)
+    assert isinstance(await phases.claim(pool, leased_op, "w", 30), settlement.Claim)
     fresh_pid, fresh_op = await aged_card(pool, vault, 23)
 
     purged = await sweeper.purge_old_cards(pool, CARD_MAX_AGE, limit=500)
@@ -172,7 +172,7 @@ async def test_the_vault_keeps_no_card_past_its_time_and_the_authorization_parks
     # Parked since when it was parked, not since the purge: ops may abandon it 14 h from now.
     assert await pool.fetchval("SELECT updated_at FROM operations WHERE id = $1", parked_op) == parked_since
     # The command still waiting in a retry queue will find it parked: no bank call without a card.
-    assert not isinstance(await settlement.claim(pool, waiting_op, "w2", 30), settlement.Claim)
+    assert not isinstance(await phases.claim(pool, waiting_op, "w2", 30), settlement.Claim)
 
     # Abandoned once parked long enough; and a later pass has nothing left to purge of these.
     with pytest.raises(decisions.OpsRefused, match="parked for 10"):
@@ -188,12 +188,12 @@ async def flagged_approval(pool, vault, *, expired_hours_ago: float, code: str =
     `expired_hours_ago` hours ago at the bank."""
     pid = await factories.authorize(pool, vault, 700)
     op = await pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
-    claim = await settlement.claim(pool, op, "test-worker", 30)
+    claim = await phases.claim(pool, op, "test-worker", 30)
     assert isinstance(claim, settlement.Claim)
     expires = datetime.now(UTC) - timedelta(hours=expired_hours_ago)
     approval = BankOutcome("ok", 200, body={"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": iso(expires)})
     doubt = domain.Doubt(code, "maybe a second hold", code)
-    assert await settlement.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
+    assert await phases.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1, doubt)
     return pid
 
 
@@ -217,11 +217,11 @@ async def lapsed_hold(pool, vault) -> str:
     """An authorized payment whose hold lapsed at the bank an hour ago."""
     pid = await factories.authorize(pool, vault, 800)
     op = await pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
-    claim = await settlement.claim(pool, op, "test-worker", 30)
+    claim = await phases.claim(pool, op, "test-worker", 30)
     assert isinstance(claim, settlement.Claim)
     expired = iso(datetime.now(UTC) - timedelta(hours=1))
     approval = BankOutcome("ok", 200, body={"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": expired})
-    assert await settlement.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1)
+    assert await phases.record_outcome(pool, claim, Verdict.SUCCEEDED, approval, 1)
     return pid
 
 

@@ -1,6 +1,6 @@
 """Settle by hand, resolve and abandon (gateway/ops/decisions.py), against a real PostgreSQL.
 
-Parked operations are made the way the worker makes them: settlement.claim then
+Parked operations are made the way the worker makes them: a claim then
 settlement.park; a parked operation is made "old" by moving its updated_at (the
 time it was parked) back, as the clock would. What each phase writes is read
 back from the tables: operation, payment, history with its cause, the card
@@ -19,8 +19,8 @@ import pytest
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action, BankOutcome, Verdict
 from gateway.ops import decisions
-from gateway.payments import intake, lapses, settlement
-from tests.support import factories
+from gateway.payments import lapses, settlement
+from tests.support import factories, phases
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,15 +41,13 @@ class Payments:
 
     async def succeed(self, pid: str, body: dict) -> None:
         op = await self.pending_op(pid)
-        claim = await settlement.claim(self.pool, op, "test", 30)
+        claim = await phases.claim(self.pool, op, "test", 30)
         assert isinstance(claim, settlement.Claim)
-        assert await settlement.record_outcome(
-            self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1
-        )
+        assert await phases.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
 
     async def act(self, pid: str, action: Action) -> None:
         req = factories.request(f"/v1/payments/{pid}/{action}")
-        await intake.request_action(self.pool, req, pid, action, None)
+        await phases.request_action(self.pool, req, pid, action, None)
 
     async def running(self, kind: str) -> str:
         """A payment whose `kind` operation is pending (not parked yet)."""
@@ -77,7 +75,7 @@ class Payments:
     async def parked(self, kind: str, *, hours_ago: float = 0) -> tuple[str, str]:
         pid = await self.running(kind)
         op = await self.pending_op(pid)
-        assert isinstance(await settlement.claim(self.pool, op, "test-worker", 30), settlement.Claim)
+        assert isinstance(await phases.claim(self.pool, op, "test-worker", 30), settlement.Claim)
         assert await settlement.park(self.pool, op, ERROR) is not None
         if hours_ago:
             await self.pool.execute(
@@ -212,7 +210,7 @@ async def test_settle_refuses_what_it_must_not_decide(book):
     op = await book.pending_op(pid)
     with pytest.raises(decisions.OpsRefused, match="not parked"):
         await decisions.settle_by_hand(book.pool, op, succeeded=True, reason="r", by="e")
-    assert isinstance(await settlement.claim(book.pool, op, "worker", 30), settlement.Claim)
+    assert isinstance(await phases.claim(book.pool, op, "worker", 30), settlement.Claim)
     with pytest.raises(decisions.OpsRefused, match="holds its lease"):
         await decisions.settle_by_hand(book.pool, op, succeeded=True, reason="r", by="e")
     await settlement.park(book.pool, op, ERROR)

@@ -1,8 +1,8 @@
 """Reconciliation against a REAL mock bank: real holds, captures and refunds, then receipts
 made to disagree on purpose.
 
-Payments are made the way the gateway makes them: intake.authorize /
-request_action, then the worker's part played here (claim, the bank call
+Payments are made the way the gateway makes them (tests/support/phases.py:
+authorize, request_action), then the worker's part played here (claim, the bank call
 with the operation's own key through worker.bank.BankClient, record_outcome),
 so every bank id on a receipt is a real one. The module has its own
 database: reconciliation looks at every payment in it.
@@ -25,12 +25,12 @@ from gateway import db, domain, store
 from gateway.cards import SINGLE_KEY_ID, CardKey, CardVault
 from gateway.domain import Action, OperationKind, Verdict
 from gateway.ops.reconcile import run_reconciliation
-from gateway.payments import intake, settlement
+from gateway.payments import settlement
 from gateway.timefmt import parse
 from harness import services
 from harness.mockbank_client import MockBankClient
 from harness.procs import ScriptProcess, free_port, script_path
-from tests.support import factories
+from tests.support import factories, phases
 from worker.bank import BankClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,12 +61,12 @@ class Books:
 
     async def request(self, pid: str, action: Action) -> None:
         req = factories.request(f"/v1/payments/{pid}/{action}")
-        await intake.request_action(self.pool, req, pid, action, None)
+        await phases.request_action(self.pool, req, pid, action, None)
 
     async def work(self, pid: str) -> None:
         """The worker's part for the payment's pending operation, with the real bank."""
         op = await self.pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
-        claim = await settlement.claim(self.pool, op, "test-worker", 30)
+        claim = await phases.claim(self.pool, op, "test-worker", 30)
         assert isinstance(claim, settlement.Claim), claim
         if claim.kind is OperationKind.AUTHORIZE:
             number, cvv = self.vault.open(pid, claim.sealed_card)
@@ -88,7 +88,7 @@ class Books:
             outcome = await self.bank.void(claim.bank_key, authorization_id=claim.authorization_id)
         verdict = domain.classify(claim.kind, outcome)
         assert verdict is Verdict.SUCCEEDED, outcome
-        await settlement.record_outcome(self.pool, claim, verdict, outcome, 1)
+        await phases.record_outcome(self.pool, claim, verdict, outcome, 1)
 
     async def row(self, pid: str) -> dict:
         return dict(await self.pool.fetchrow("SELECT * FROM payments WHERE id = $1", pid))

@@ -1,7 +1,7 @@
 """The whole asynchronous path against a REAL mock bank process:
 
-    intake.authorize/request_action -> outbox -> relay -> payments.work -> worker
-    -> mockbank -> settlement.record_outcome -> outbox (event)
+    intake (authorize, request_actions) -> outbox -> relay -> payments.work -> worker
+    -> mockbank -> settlement (record_many) -> outbox (event)
 
 The relay and the worker run in this process (short retry ladder 1,2,3 s);
 the bank is the `mockbank` console script, driven through its /_mock API
@@ -34,7 +34,7 @@ from gateway.domain import Action
 from gateway.messages import COMMANDS_EXCHANGE, events_exchange
 from gateway.payments import intake, settlement
 from harness.system import System
-from tests.support import factories
+from tests.support import factories, phases
 from worker import settings as wsettings
 from worker.breaker import State
 from worker.consumer import Worker
@@ -142,7 +142,7 @@ class Pipeline:
     async def authorize(self, card=HAPPY, amount: int = 1500) -> str:
         number, cvv, month, year = card
         req = factories.request(body=uuid.uuid4().bytes)
-        resp = await intake.authorize(
+        resp = await phases.authorize(
             self.pool,
             self.vault,
             req,
@@ -155,7 +155,7 @@ class Pipeline:
 
     async def request(self, payment_id: str, action: Action) -> None:
         req = factories.request(f"/v1/payments/{payment_id}/{action.value}")
-        await intake.request_action(self.pool, req, payment_id, action, None)
+        await phases.request_action(self.pool, req, payment_id, action, None)
 
     async def wait(self, payment_id: str, until, timeout: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout

@@ -9,6 +9,7 @@ import orjson
 from gateway.cards import CardVault
 from gateway.fingerprints import Fingerprinter
 from gateway.payments import intake
+from tests.support import phases
 
 HAPPY = ("4111111111111111", "123", 12, 2030)  # docs/bank.md's happy-path card
 # Fingerprints under the tests' card key (tests/conftest.py DEV_CARD_KEY).
@@ -25,7 +26,7 @@ async def authorize(pool, vault: CardVault, amount: int, card: tuple = HAPPY) ->
     """A new pending payment (fresh order and idempotency key); returns its id."""
     number, cvv, month, year = card
     req = request(body=uuid.uuid4().bytes)
-    resp = await intake.authorize(
+    resp = await phases.authorize(
         pool,
         vault,
         req,

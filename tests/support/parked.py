@@ -11,8 +11,8 @@ import orjson
 from gateway import topology
 from gateway.cards import CardVault
 from gateway.domain import Action, BankOutcome, Verdict
-from gateway.payments import intake, settlement
-from tests.support import factories
+from gateway.payments import settlement
+from tests.support import factories, phases
 from worker.handling import _dead_headers
 
 QUORUM = {"x-queue-type": "quorum"}
@@ -32,9 +32,9 @@ class ParkedWork:
         return await self.pool.fetchval("SELECT id FROM operations WHERE payment_id = $1 AND status = 'pending'", pid)
 
     async def settle(self, op: str, body: dict) -> None:
-        claim = await settlement.claim(self.pool, op, "test", 30)
+        claim = await phases.claim(self.pool, op, "test", 30)
         assert isinstance(claim, settlement.Claim), claim
-        await settlement.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
+        await phases.record_outcome(self.pool, claim, Verdict.SUCCEEDED, BankOutcome("ok", 200, body=body), 1)
 
     async def parked(
         self, kind: str = "capture", *, first_attempt_hours_ago: float | None = None, dead_letters: int = 1
@@ -44,9 +44,9 @@ class ParkedWork:
         if kind == "capture":
             await self.settle(op, {"authorization_id": f"auth_{uuid.uuid4()}", "expires_at": "2030-01-01T00:00:00Z"})
             req = factories.request(f"/v1/payments/{pid}/capture")
-            await intake.request_action(self.pool, req, pid, Action.CAPTURE, None)
+            await phases.request_action(self.pool, req, pid, Action.CAPTURE, None)
             op = await self.pending_op(pid)
-        claim = await settlement.claim(self.pool, op, "test-worker", 30)
+        claim = await phases.claim(self.pool, op, "test-worker", 30)
         assert isinstance(claim, settlement.Claim)
         if first_attempt_hours_ago is not None:
             await self.pool.execute(
