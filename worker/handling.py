@@ -59,6 +59,7 @@ from gateway import db, domain, logs, messages, process, topology
 from gateway.cards import CardVault, VaultError
 from gateway.crashpoints import crash_point
 from gateway.domain import BankOutcome, OperationKind, Verdict
+from gateway.payments import settlement
 from gateway.payments.settlement import Claim, OperationState
 from gateway.store import AttemptReport
 from gateway.timefmt import iso, now
@@ -255,14 +256,9 @@ class Handling:
             await self._already_done(delivery, claim, run)
             return False
         if domain.is_final(run.verdict):
-            doubt = None
-            if claim.kind is OperationKind.AUTHORIZE:
-                doubt = domain.doubt_of_approval(
-                    run.outcome,
-                    unknown_before=run.unknown_before_last,
-                    lost=run.lost_before_last,
-                    hold=_hold(claim, run.outcome),
-                )
+            doubt = settlement.doubt_of(
+                claim, run.outcome, unknown_before=run.unknown_before_last, lost=run.lost_before_last
+            )
             await self._record(delivery, claim, run, run.verdict, run.outcome, doubt)
             return False
         await self._retry_later(delivery, claim, domain.error_for(run.outcome), run)
@@ -302,9 +298,10 @@ class Handling:
         assert run.outcome is not None
         code = run.outcome.code
         tried = await self.payments.kinds_tried(claim.payment_id, claim.operation_id)
-        if domain.proves_own_work(claim.kind, code, unknown_before=run.unknown_before_last, other_kinds_tried=tried):
-            done = BankOutcome("ok", http_status=run.outcome.http_status)
-            await self._record(delivery, claim, run, Verdict.SUCCEEDED, done, domain.unnamed_work(claim.kind))
+        own = settlement.own_work(claim, run.outcome, unknown_before=run.unknown_before_last, other_kinds_tried=tried)
+        if own is not None:
+            done, doubt = own
+            await self._record(delivery, claim, run, Verdict.SUCCEEDED, done, doubt)
             return
         await self._park(
             delivery,
@@ -494,14 +491,6 @@ class Handling:
             )
             log.error("operation parked for ops", error_code=error["code"], attempts=attempts)
         await delivery.ack()
-
-
-def _hold(claim: Claim, outcome: BankOutcome) -> domain.Hold:
-    """The hold an approval names, as ops would look for a twin of it at the bank."""
-    payment = claim.payment
-    card = f"{payment.get('card_brand', 'card')} ending {payment.get('card_last4', '????')}"
-    authorization_id = (outcome.body or {}).get("authorization_id")
-    return domain.Hold(claim.amount, card, authorization_id, iso(now()))
 
 
 def _dead_headers(

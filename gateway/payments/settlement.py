@@ -5,7 +5,9 @@ event and the long polls' wake-up, in one transaction; with a doubt (an outcome 
 not name) the flag and the finding, and the follow-up operation the domain asks for. An
 operation whose retries are exhausted is parked for ops, and unparked when ops replay it.
 
-The domain (gateway.domain) says what each answer means; this module writes it.
+The domain (gateway.domain) says what each answer means; this module decides what it does to
+the payment (the doubt it leaves, an "already done" proven our own work, the follow-up) and
+writes it. The worker's handling (worker/handling.py) only chooses when: record, retry or park.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from gateway import domain, messages, store
 from gateway.cards import SealedCard
 from gateway.domain import OperationKind, Verdict
 from gateway.payments import operations
-from gateway.timefmt import now, parse
+from gateway.timefmt import iso, now, parse
 from gateway.views import payment_json
 
 
@@ -169,6 +171,37 @@ def _bank_fields(kind: OperationKind, verdict: Verdict, body: dict | None) -> di
         else:
             fields[name] = body[name]
     return fields
+
+
+def doubt_of(
+    claim: Claim, outcome: domain.BankOutcome, *, unknown_before: int, lost: Sequence[Mapping[str, Any]]
+) -> domain.Doubt | None:
+    """What a final answer leaves in doubt, recorded with it: for an authorization, maybe a second
+    hold (domain.doubt_of_approval), named as ops would look for its twin at the bank.
+    `unknown_before`, `lost`: the earlier attempts whose outcome we never learnt."""
+    if claim.kind is not OperationKind.AUTHORIZE:
+        return None
+    payment = claim.payment
+    card = f"{payment.get('card_brand', 'card')} ending {payment.get('card_last4', '????')}"
+    hold = domain.Hold(claim.amount, card, (outcome.body or {}).get("authorization_id"), iso(now()))
+    return domain.doubt_of_approval(outcome, unknown_before=unknown_before, lost=lost, hold=hold)
+
+
+def own_work(
+    claim: Claim,
+    refusal: domain.BankOutcome,
+    *,
+    unknown_before: int,
+    other_kinds_tried: frozenset[OperationKind],
+) -> tuple[domain.BankOutcome, domain.Doubt] | None:
+    """Still "already done" when asked again with our key: if the domain's proof holds, the work
+    is our own earlier attempt's, recorded as a success whose bank reference we were never given
+    (the outcome and the doubt to record). None: nobody can tell whether the money moved."""
+    if not domain.proves_own_work(
+        claim.kind, refusal.code, unknown_before=unknown_before, other_kinds_tried=other_kinds_tried
+    ):
+        return None
+    return domain.BankOutcome("ok", http_status=refusal.http_status), domain.unnamed_work(claim.kind)
 
 
 @dataclass(frozen=True)
