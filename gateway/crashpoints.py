@@ -24,8 +24,9 @@ which point fired:
 The points (one line each in the code; every one sits after something durable
 happened and before it was acknowledged or answered):
 
-    api.after_commit      gateway/payments/intake.py: authorize() and request_action(),
-                          after the transaction committed, before the 202 is sent
+    api.after_commit      gateway/payments/intake.py: answer_authorization() and
+                          answer_action(), after the batch's transaction committed,
+                          before the 202 is sent
     relay.after_publish   worker/relay.py: the broker confirmed a batch, the rows
                           are not yet marked published (their transaction is open)
     worker.after_bank     worker/consumer.py: the bank answered with a final

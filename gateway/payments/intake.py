@@ -7,6 +7,11 @@ worker (gateway.payments.settlement records what it answers).
 A replayed key gets its stored response; a busy key, a reused one and a request the payment's
 status refuses are the errors below, which the API turns into responses. Nothing is recorded
 for a refusal, the key included.
+
+Requests are recorded in batches: the API's batchers (gateway/api/routes.py) send the
+authorizations that came meanwhile through submit_many, captures, voids and refunds through
+request_actions; answer_authorization and answer_action read one request's answer from its
+result.
 """
 
 from __future__ import annotations
