@@ -48,7 +48,7 @@ async def _sent_together(run_batch, callers) -> tuple[list[object], list[int]]:
 
 
 async def _authorize_together(pool, card_keys, asked: list[tuple[str, str]]) -> list[object]:
-    """payments.authorize for each (key, order_id) at once: they go in one statement."""
+    """An authorization for each (key, order_id) at once: they go in one statement (submit_many)."""
     vault, card = CardVault(card_keys), intake.CardInput(CARD_NUMBER, CVV, 12, 2030)
 
     def caller(key: str, order_id: str):
@@ -118,7 +118,7 @@ def _action(payment_id: str, action: Action, *, key: str | None = None, amount: 
 
 
 async def _act_together(pool, asked: list[tuple], traceparents: list[str] | None = None) -> list[object]:
-    """payments.request_action for each (request, payment id, action, amount) at once: they go
+    """A capture, void or refund for each (request, payment id, action, amount) at once: they go
     in one transaction, which must not fail (a failed batch is sent again one request at a time).
     With `traceparents`, each request runs in the trace its traceparent names (as each API request
     runs in the trace it started)."""
