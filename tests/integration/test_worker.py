@@ -666,6 +666,15 @@ async def test_gauges_come_from_the_database_and_the_broker_and_readiness_checks
         names = ("gateway_operations_parked", "gateway_payments_flagged", "gateway_dead_letters")
         return tuple(registry.get_sample_value(name) for name in names)
 
+    async def gauges_reach(expected: tuple[float | None, ...]) -> tuple[float | None, ...]:
+        # A quorum queue's count in declare-ok may trail a confirm, or a requeue, a little.
+        deadline = time.monotonic() + 10
+        await worker.refresh_gauges()
+        while gauges() != expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            await worker.refresh_gauges()
+        return gauges()
+
     assert await worker.readiness() == {"database": True, "broker": True, "consuming": True}
     await worker.refresh_gauges()
     parked, flagged, dead = gauges()
@@ -682,19 +691,13 @@ async def test_gauges_come_from_the_database_and_the_broker_and_readiness_checks
     )
     await channel.close()
     try:
-        deadline = time.monotonic() + 10
-        while True:  # a quorum queue's count in declare-ok may trail the confirm a little
-            await worker.refresh_gauges()
-            if gauges() == (parked + 1, flagged + 1, dead + 1) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
-        assert gauges() == (parked + 1, flagged + 1, dead + 1)
+        assert await gauges_reach((parked + 1, flagged + 1, dead + 1)) == (parked + 1, flagged + 1, dead + 1)
     finally:
         await pipe.pool.execute("UPDATE operations SET status = 'succeeded', parked = false WHERE id = $1", op_id)
         await pipe.pool.execute("UPDATE payments SET attention_required = false WHERE id = $1", pid)
         assert len(await pipe.dead_letters(op_id)) == 1
-    await worker.refresh_gauges()
-    assert gauges() == (parked, flagged, dead)
+    # The other letters dead_letters took and put back count again.
+    assert await gauges_reach((parked, flagged, dead)) == (parked, flagged, dead)
     stopped = Worker(pipe.settings, WORKER_CFG)
     assert await stopped.readiness() == {"database": False, "broker": False, "consuming": False}
 
