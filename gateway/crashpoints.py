@@ -29,9 +29,9 @@ happened and before it was acknowledged or answered):
                           before the 202 is sent
     relay.after_publish   worker/relay.py: the broker confirmed a batch, the rows
                           are not yet marked published (their transaction is open)
-    worker.after_bank     worker/consumer.py: the bank answered with a final
+    worker.after_bank     worker/handling.py: the bank answered with a final
                           verdict, record_outcome() has not run
-    worker.after_record   worker/consumer.py: record_outcome() committed, the
+    worker.after_record   worker/handling.py: record_outcome() committed, the
                           command is not yet acked
 
 Never set it outside tests: it kills the process on purpose.
