@@ -34,7 +34,7 @@ Each runs again against a bank that forgets keys as the upstream bank can (docs/
 once, long 1000 as above. Their audit tells lost, doubled (flagged or not) and done but
 unnamed apart and explains every flagged case after the summary line: work the bank did
 but never named must be in its true status with the reference unknown and flagged, and a
-possible second hold flagged with a reconciliation finding (gateway/domain.py, "outcomes
+possible second hold flagged with a reconciliation finding (gateway/domain/doubts.py, "outcomes
 the bank will not name").
 """
 

@@ -1,7 +1,7 @@
 """Exhaustive tests of gateway.domain against docs/api.md and docs/bank.md.
 
 Every expectation below is written from the two contract documents, not
-copied from domain.py: the tables are the contract, the code must match them.
+copied from gateway/domain/: the tables are the contract, the code must match them.
 """
 
 from __future__ import annotations
@@ -826,7 +826,7 @@ TestPaymentLifecycle = PaymentLifecycle.TestCase
 
 # ---- outcomes the bank will not name --------------------------------------------------------------
 
-ALREADY_CODES = [*sorted({c for codes in domain._ALREADY_DONE.values() for c in codes} | {"insufficient_funds"}), None]
+ALREADY_CODES = [*sorted({c for codes in domain.ALREADY_DONE.values() for c in codes} | {"insufficient_funds"}), None]
 OTHER_KIND_SETS = [frozenset(s) for n in range(3) for s in itertools.combinations(OperationKind, n)]
 
 
@@ -839,7 +839,7 @@ def test_proof_of_our_own_work_follows_the_table(kind, code, unknown, others):
     expected = (
         unknown > 0
         and kind is not OperationKind.AUTHORIZE
-        and code in domain._ALREADY_DONE[kind]
+        and code in domain.ALREADY_DONE[kind]
         and not {
             OperationKind.REFUND: set(),
             OperationKind.CAPTURE: {OperationKind.VOID, OperationKind.RELEASE},

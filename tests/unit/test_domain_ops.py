@@ -2,7 +2,7 @@
 references a receipt may be given.
 
 Written from the brief of issue 11 row 13 and docs/bank.md (ids are a
-prefix plus a lowercase UUID), not copied from domain.py.
+prefix plus a lowercase UUID), not copied from gateway/domain/.
 """
 
 from __future__ import annotations
