@@ -1,4 +1,9 @@
-"""The read side: the receipt FicMart sees, built from a payments row and its history."""
+"""The read side: the receipt FicMart sees (docs/api.md), and the payments the API reads.
+
+receipt() is the receipt's one serializer: the API's replies, the `payment` of every event,
+the long polls' wake-ups and the /ops console all show what it makes of a Payment.
+gateway.api.schemas.Payment describes the same shape for /openapi.json.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +13,44 @@ from typing import Any
 import asyncpg
 
 from gateway import store
+from gateway.domain import Payment
 from gateway.timefmt import iso
 
 
-def payment_json(row: Mapping[str, Any] | asyncpg.Record) -> dict:
-    """The payment (receipt) of docs/api.md. `row` is a payments row plus `history`."""
+def receipt(payment: Payment) -> dict[str, Any]:
+    """The payment as FicMart reads it: the card's public details and the bank's references
+    grouped, timestamps in the API's format."""
     return {
-        "id": row["id"],
-        "order_id": row["order_id"],
-        "customer_id": row["customer_id"],
-        "amount": row["amount"],
-        "currency": row["currency"],
-        "status": row["status"],
+        "id": payment.id,
+        "order_id": payment.order_id,
+        "customer_id": payment.customer_id,
+        "amount": payment.amount,
+        "currency": payment.currency,
+        "status": payment.status.value,
         "card": {
-            "brand": row["card_brand"],
-            "last4": row["card_last4"],
-            "expiry_month": row["card_expiry_month"],
-            "expiry_year": row["card_expiry_year"],
+            "brand": payment.card_brand,
+            "last4": payment.card_last4,
+            "expiry_month": payment.card_expiry_month,
+            "expiry_year": payment.card_expiry_year,
         },
         "bank": {
-            "authorization_id": row["authorization_id"],
-            "authorization_expires_at": iso(row["authorization_expires_at"]),
-            "capture_id": row["capture_id"],
-            "void_id": row["void_id"],
-            "refund_id": row["refund_id"],
+            "authorization_id": payment.authorization_id,
+            "authorization_expires_at": iso(payment.authorization_expires_at),
+            "capture_id": payment.capture_id,
+            "void_id": payment.void_id,
+            "refund_id": payment.refund_id,
         },
-        "last_error": row["last_error"],
-        "attention_required": row["attention_required"],
-        "history": list(row["history"]),
-        "created_at": iso(row["created_at"]),
-        "updated_at": iso(row["updated_at"]),
+        "last_error": payment.last_error,
+        "attention_required": payment.attention_required,
+        "history": [{"status": entry.status.value, "at": iso(entry.at)} for entry in payment.history],
+        "created_at": iso(payment.created_at),
+        "updated_at": iso(payment.updated_at),
     }
+
+
+def payment_json(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
+    """The receipt of a store row: a payments row plus `history` (Payment.from_row)."""
+    return receipt(Payment.from_row(row))
 
 
 async def get_payment(db: store.Executor, merchant: str, payment_id: str) -> dict | None:

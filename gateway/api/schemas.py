@@ -2,8 +2,9 @@
 
 Requests are strict (no coercion: 5000 is an amount, "5000" and 50.0 are not)
 and closed (unknown fields are errors). Response models are never used to
-build responses (payments.py and views.py produce the bodies); they exist so
-that the OpenAPI document describes exactly what those functions return.
+build responses (a payment's body is gateway.views.receipt's, whoever sends
+it); they exist so that the OpenAPI document describes exactly what is
+returned, which tests/unit/test_payment.py holds the receipt to.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The payment domain: statuses and transitions, and what a bank answer
+"""The payment domain: the Payment type, its statuses and transitions, and what a bank answer
 means. Pure Python, no I/O: everything that decides "may this happen" or "what does this bank
 outcome do to the payment" lives here, so that it can be tested exhaustively without a
 database, a broker or a bank.
@@ -9,6 +9,7 @@ database, a broker or a bank.
   the last_error a payment shows;
 - doubts.py: answers that prove less than they seem (the bank forgot our key) and attempts
   whose outcome we never learnt;
+- payment.py: the Payment a store row is read into, and what entering a status makes of it.
 
 Callers import from the package (`from gateway import domain`, `from gateway.domain import
 Status`); the modules are how it is read, not how it is used.
@@ -41,6 +42,7 @@ from gateway.domain.outcomes import (
     may_have_acted,
     settle,
 )
+from gateway.domain.payment import HistoryEntry, Payment
 from gateway.domain.states import (
     ABANDONED,
     ATTENTION_EVENT,
@@ -90,9 +92,11 @@ __all__ = [
     "Action",
     "BankOutcome",
     "Doubt",
+    "HistoryEntry",
     "Hold",
     "InvalidTransition",
     "OperationKind",
+    "Payment",
     "ReferenceUnknown",
     "Status",
     "Verdict",
