@@ -30,11 +30,12 @@ import orjson
 from bench.util import pcts
 from gateway import db, messages, store
 from gateway.cards import CardKey, CardVault
+from gateway.domain import Payment
 from gateway.fingerprints import Fingerprinter
 from gateway.payments.intake import IdempotentRequest
 from gateway.payments.operations import bank_key
 from gateway.timefmt import now
-from gateway.views import payment_json
+from gateway.views import receipt
 from harness import services
 
 
@@ -69,33 +70,21 @@ class _Template:
     def __init__(self) -> None:
         vault = CardVault([CardKey("bench", os.urandom(32))])
         self.sealed = vault.seal("pay_" + "0" * 32, "4000000000000002", "123")
-        at = now()
-        row = {
-            "id": "pay_" + "0" * 32,
-            "order_id": "ord_" + "0" * 40,
-            "customer_id": "cus_ceiling",
-            "amount": 5000,
-            "currency": "USD",
-            "status": "pending",
-            "card_brand": "visa",
-            "card_last4": "0002",
-            "card_expiry_month": 12,
-            "card_expiry_year": 2035,
-            "authorization_id": None,
-            "authorization_expires_at": None,
-            "capture_id": None,
-            "void_id": None,
-            "refund_id": None,
-            "last_error": None,
-            "attention_required": False,
-            "created_at": at,
-            "updated_at": at,
-            "history": [{"status": "pending", "at": "2030-01-01T00:00:00.000000Z"}],
-        }
-        self.body = orjson.dumps(payment_json(row))
+        payment = Payment.pending(
+            id="pay_" + "0" * 32,
+            order_id="ord_" + "0" * 40,
+            customer_id="cus_ceiling",
+            amount=5000,
+            card_brand="visa",
+            card_last4="0002",
+            card_expiry_month=12,
+            card_expiry_year=2035,
+            at=now(),
+        )
+        self.body = orjson.dumps(receipt(payment))
         self.request_body = orjson.dumps(
             {
-                "order_id": row["order_id"],
+                "order_id": payment.order_id,
                 "customer_id": "cus_ceiling",
                 "amount": 5000,
                 "currency": "USD",

@@ -39,7 +39,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -47,10 +47,10 @@ import asyncpg
 import backoff
 
 from gateway import db, domain, logs, messages, store
-from gateway.domain import BankOutcome, Status
+from gateway.domain import BankOutcome, Payment, Status
 from gateway.payments import lapses
 from gateway.timefmt import iso, now, parse
-from gateway.views import payment_json
+from gateway.views import receipt
 
 log = logs.get("reconcile")
 
@@ -329,8 +329,8 @@ class _Pass:
                             f.detail["repair"] += "; the hold has lapsed: payment expired, release started"
                 money = [f for f in found if f.money]
                 if money:
-                    payment = payment_json({**row, "attention_required": True, "updated_at": at})
-                    event = messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"])
+                    payment = replace(Payment.from_row(row), attention_required=True, updated_at=at)
+                    event = messages.event(domain.ATTENTION_EVENT, receipt(payment), at, merchant=row["merchant"])
                     await store.flag_attention(conn, payment_id=row["id"], at=at, event=event)
                     for f in money:
                         f.flagged = True

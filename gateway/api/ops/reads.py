@@ -14,10 +14,10 @@ import orjson
 
 from gateway import domain, store
 from gateway.api.ops import port
-from gateway.domain import Status
+from gateway.domain import Payment
 from gateway.messages import is_events_exchange
 from gateway.timefmt import now
-from gateway.views import payment_json
+from gateway.views import receipt
 
 LIST_LIMIT = 200  # rows on a listing page; the page says when there may be more
 SEARCH_LIMIT = 50
@@ -142,15 +142,14 @@ async def timeline(pool: asyncpg.Pool, payment_id: str) -> Timeline | None:
     row = await store.ops_payment(pool, payment_id=payment_id)
     if row is None:
         return None
-    payment = payment_json(row)
-    payment["merchant"] = row["merchant"]
+    payment = Payment.from_row(row)
     operations = await store.ops_timeline_operations(pool, payment_id=payment_id)
     needles = [payment_id, *(op["id"] for op in operations)]
     busy = any(op["status"] == "pending" for op in operations)
     return Timeline(
-        payment=payment,
+        payment={**receipt(payment), "merchant": row["merchant"]},
         history=await store.ops_payment_history(pool, payment_id=payment_id),
         operations=operations,
         messages=[_message(m) for m in await store.ops_timeline_messages(pool, needles=needles)],
-        recordable=[] if busy else domain.missing_references(Status(row["status"]), payment["bank"]),
+        recordable=[] if busy else domain.missing_references(payment.status, payment.references),
     )
