@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from gateway import messages
 from gateway.api import schemas
-from gateway.domain import BANK_REFERENCES, HistoryEntry, Payment, Status
+from gateway.domain import ATTENTION_EVENT, BANK_REFERENCES, EVENT_STATUSES, HistoryEntry, Payment, Status, event_type
 from gateway.views import payment_json, receipt
 
 AT = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -87,6 +88,17 @@ def test_the_receipt_is_exactly_the_openapi_payment(payment):
 def test_a_row_reads_into_the_payment_it_was_written_from(payment):
     assert Payment.from_row(row_of(payment)) == payment
     assert payment_json(row_of(payment)) == receipt(payment)
+
+
+EVENT_TYPES = sorted({event_type(s) for s in EVENT_STATUSES} | {ATTENTION_EVENT})
+
+
+@settings(max_examples=100, deadline=None)
+@given(payments(), st.sampled_from(EVENT_TYPES))
+def test_an_event_carries_the_receipt_as_openapi_describes_it(payment, kind):
+    body = orjson.loads(messages.event(kind, receipt(payment), AT, merchant="ficmart").body)
+    schemas.Event.model_validate(body)
+    assert body["payment"] == receipt(payment)
 
 
 def test_the_receipt_groups_the_card_and_the_bank_and_formats_times():
