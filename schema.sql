@@ -239,7 +239,9 @@ CREATE OR REPLACE FUNCTION idempotency_lock_key(merchant text, key text) RETURNS
 $$;
 
 -- A payment's history as the receipt shows it: each status it entered, oldest
--- first; timestamps in the API's format. A row that left the status where it
+-- first; timestamps in the API's format. The one part of the receipt built in
+-- SQL: gateway.views.receipt defines the shape, Payment.entering adds entries
+-- the same way, tests/integration/test_receipts.py holds the two equal. A row that left the status where it
 -- was (ops resolving a flag, or abandoning the release of an expired hold:
 -- each names who and why in its cause) is for ops, who read every row with
 -- `gatewayctl dlq show`; FicMart sees statuses, one event for each.
