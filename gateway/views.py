@@ -7,7 +7,6 @@ gateway.api.schemas.Payment describes the same shape for /openapi.json.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -48,14 +47,9 @@ def receipt(payment: Payment) -> dict[str, Any]:
     }
 
 
-def payment_json(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
-    """The receipt of a store row: a payments row plus `history` (Payment.from_row)."""
-    return receipt(Payment.from_row(row))
-
-
 async def get_payment(db: store.Executor, merchant: str, payment_id: str) -> dict | None:
     row = await store.payment_by_id(db, payment_id=payment_id, merchant=merchant)
-    return payment_json(row) if row else None
+    return receipt(Payment.from_row(row)) if row else None
 
 
 async def list_payments(
@@ -84,4 +78,4 @@ async def list_payments(
         )
     else:
         raise ValueError("list_payments needs order_id or customer_id")
-    return [payment_json(r) for r in rows[:limit]], len(rows) > limit
+    return [receipt(Payment.from_row(r)) for r in rows[:limit]], len(rows) > limit

@@ -16,11 +16,11 @@ from datetime import timedelta
 import asyncpg
 
 from gateway import domain, messages, store
-from gateway.domain import OperationKind, Status, Verdict
+from gateway.domain import OperationKind, Payment, Status, Verdict
 from gateway.payments import operations
 from gateway.redact import clean
 from gateway.timefmt import now
-from gateway.views import payment_json
+from gateway.views import receipt
 
 
 class OpsRefused(Exception):
@@ -116,17 +116,9 @@ async def settle_by_hand(
         at = now()
         moved = status.value != row["status"]
         filled = {name: row[name] or value for name, value in references._asdict().items() if value}
-        updated = {
-            **row,
-            **filled,
-            "status": status.value,
-            "last_error": error,
-            "attention_required": attention,
-            "updated_at": at,
-        }
-        payment = payment_json(updated)
-        if moved:
-            payment["history"].append({"status": status.value, "at": payment["updated_at"]})
+        payment = receipt(
+            Payment.from_row(row).entering(status, at, **filled, last_error=error, attention_required=attention)
+        )
         finished = await store.ops_finish_operation(
             conn,
             operation_id=operation_id,
@@ -239,7 +231,8 @@ async def _record_references(
         ):  # cannot happen under the row lock; never report a decision not recorded
             raise OpsRefused(f"payment {payment_id} changed meanwhile; look again")
     flag = row["attention_required"] and not clear_flag
-    return OpsDecision(payment_json({**row, **references, "attention_required": flag, "updated_at": at}), cause)
+    resolved = Payment.from_row({**row, **references, "attention_required": flag, "updated_at": at})
+    return OpsDecision(receipt(resolved), cause)
 
 
 async def abandon(
@@ -283,16 +276,7 @@ async def abandon(
         error = _ops_error(domain.ABANDONED, reason)
         at = now()
         moved = plan.status.value != row["status"]
-        updated = {
-            **row,
-            "status": plan.status.value,
-            "last_error": error,
-            "attention_required": False,
-            "updated_at": at,
-        }
-        payment = payment_json(updated)
-        if moved:
-            payment["history"].append({"status": plan.status.value, "at": payment["updated_at"]})
+        payment = receipt(Payment.from_row(row).entering(plan.status, at, last_error=error, attention_required=False))
         announce = moved and plan.status in domain.EVENT_STATUSES
         finished = await store.ops_finish_operation(
             conn,

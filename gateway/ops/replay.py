@@ -40,12 +40,12 @@ import asyncpg
 import orjson
 
 from gateway import messages, store
-from gateway.domain import CARD_PURGED, OperationKind
+from gateway.domain import CARD_PURGED, OperationKind, Payment
 from gateway.ops.deadletters import MAX_DEAD_LETTERS, DeadLetter
 from gateway.payments import settlement
 from gateway.redact import clean
 from gateway.timefmt import iso, now
-from gateway.views import payment_json
+from gateway.views import receipt
 
 # ---- what the policy runs against --------------------------------------------------------
 
@@ -137,8 +137,7 @@ class StoreOperations:
         row = await store.ops_payment(self.pool, payment_id=op["payment_id"])
         if row is None:
             raise LookupError(f"payment {op['payment_id']} of {operation_id} does not exist")
-        payment = payment_json(row)
-        payment["merchant"] = row["merchant"]
+        payment = {**receipt(Payment.from_row(row)), "merchant": row["merchant"]}
         history = [
             {"status": h["status"], "cause": h["cause"], "at": iso(h["at"])}
             for h in await store.ops_payment_history(self.pool, payment_id=op["payment_id"])

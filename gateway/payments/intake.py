@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeAlias
+from typing import NamedTuple, TypeAlias
 
 import asyncpg
 import orjson
@@ -27,10 +27,10 @@ import orjson
 from gateway import domain, fingerprints, messages, store
 from gateway.cards import CardVault, brand
 from gateway.crashpoints import crash_point
-from gateway.domain import Action, InvalidTransition, OperationKind, ReferenceUnknown, Status
+from gateway.domain import Action, InvalidTransition, OperationKind, Payment, ReferenceUnknown, Status
 from gateway.payments import operations
-from gateway.timefmt import iso, now
-from gateway.views import payment_json
+from gateway.timefmt import now
+from gateway.views import receipt
 
 
 class RequestInProgress(Exception):
@@ -120,43 +120,30 @@ def authorization(
     command made, and the 202 the request is answered with once it is recorded."""
     payment_id = messages.new_id("pay")
     operation_id = messages.new_id("op")
-    at = now()
-    card_brand, card_last4 = brand(card.number), card.number[-4:]
-    row: dict[str, Any] = {
-        "id": payment_id,
-        "order_id": order_id,
-        "customer_id": customer_id,
-        "amount": amount,
-        "currency": "USD",
-        "status": Status.PENDING.value,
-        "card_brand": card_brand,
-        "card_last4": card_last4,
-        "card_expiry_month": card.expiry_month,
-        "card_expiry_year": card.expiry_year,
-        "authorization_id": None,
-        "authorization_expires_at": None,
-        "capture_id": None,
-        "void_id": None,
-        "refund_id": None,
-        "last_error": None,
-        "attention_required": False,
-        "created_at": at,
-        "updated_at": at,
-    }
-    row["history"] = [{"status": Status.PENDING.value, "at": iso(at)}]
+    payment = Payment.pending(
+        id=payment_id,
+        order_id=order_id,
+        customer_id=customer_id,
+        amount=amount,
+        card_brand=brand(card.number),
+        card_last4=card.number[-4:],
+        card_expiry_month=card.expiry_month,
+        card_expiry_year=card.expiry_year,
+        at=now(),
+    )
     location = f"/v1/payments/{payment_id}"
-    body = orjson.dumps(payment_json(row))
+    body = orjson.dumps(receipt(payment))
     cmd = messages.command(operation_id, OperationKind.AUTHORIZE.value)
     return store.Submission(
         payment_id=payment_id,
         order_id=order_id,
         customer_id=customer_id,
         amount=amount,
-        card_brand=card_brand,
-        card_last4=card_last4,
+        card_brand=payment.card_brand,
+        card_last4=payment.card_last4,
         card_expiry_month=card.expiry_month,
         card_expiry_year=card.expiry_year,
-        at=at,
+        at=payment.created_at,
         operation_id=operation_id,
         bank_key=operations.bank_key(operation_id),
         sealed_card=vault.seal(payment_id, card.number, card.cvv),

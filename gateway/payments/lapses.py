@@ -4,15 +4,16 @@ limit is deleted, and an authorization still waiting for it is parked for ops.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import asyncpg
 
 from gateway import domain, messages, store
-from gateway.domain import Status
+from gateway.domain import Payment, Status
 from gateway.payments import operations
 from gateway.timefmt import now
-from gateway.views import payment_json
+from gateway.views import receipt
 
 
 async def expire_hold(pool: asyncpg.Pool, payment_id: str) -> dict | None:
@@ -64,7 +65,9 @@ async def purge_old_cards(pool: asyncpg.Pool, max_age: timedelta, limit: int) ->
         for row in rows:
             event = None
             if row["operation_id"] is not None and not row["attention_required"]:
-                payment = payment_json({**row, "attention_required": True, "last_error": error, "updated_at": at})
+                payment = receipt(
+                    replace(Payment.from_row(row), attention_required=True, last_error=error, updated_at=at)
+                )
                 event = messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"])
             await store.purge_card(
                 conn, payment_id=row["payment_id"], operation_id=row["operation_id"], at=at, error=error, event=event

@@ -10,8 +10,8 @@ from datetime import datetime
 import asyncpg
 
 from gateway import messages, store
-from gateway.domain import OperationKind, Status
-from gateway.views import payment_json
+from gateway.domain import OperationKind, Payment, Status
+from gateway.views import receipt
 
 
 def bank_key(operation_id: str) -> str:
@@ -21,10 +21,7 @@ def bank_key(operation_id: str) -> str:
 
 def begin(row: asyncpg.Record, status: Status, kind: OperationKind, at: datetime):
     """The payment as it will read once `status` is entered, a new operation id and its command."""
-    updated = {**row, "status": status.value, "last_error": None, "updated_at": at}
-    payment = payment_json(updated)
-    if status.value != row["status"]:
-        payment["history"].append({"status": status.value, "at": payment["updated_at"]})
+    payment = receipt(Payment.from_row(row).entering(status, at, last_error=None))
     op_id = messages.new_id("op")
     return payment, op_id, messages.command(op_id, kind.value)
 

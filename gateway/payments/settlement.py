@@ -13,7 +13,7 @@ writes it. The worker's handling (worker/handling.py) only chooses when: record,
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -22,10 +22,10 @@ import orjson
 
 from gateway import domain, messages, store
 from gateway.cards import SealedCard
-from gateway.domain import OperationKind, Verdict
+from gateway.domain import OperationKind, Payment, Verdict
 from gateway.payments import operations
 from gateway.timefmt import iso, now, parse
-from gateway.views import payment_json
+from gateway.views import receipt
 
 
 @dataclass(frozen=True)
@@ -239,18 +239,16 @@ def settlement(
         error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome, kind)
     fields = _bank_fields(kind, verdict, outcome.body)
     moved = status.value != row["status"]
-    updated = {
-        **row,
+    before = Payment.from_row(row)
+    after = before.entering(
+        status,
+        at,
         **fields,
-        "status": status.value,
-        "last_error": error,
+        last_error=error,
         # A flag is cleared by the human who looked (unpark, resolve), not by later work.
-        "attention_required": row["attention_required"] or doubt is not None,
-        "updated_at": at,
-    }
-    payment = payment_json(updated)
-    if moved:
-        payment["history"].append({"status": status.value, "at": payment["updated_at"]})
+        attention_required=before.attention_required or doubt is not None,
+    )
+    payment = receipt(after)
     finish = store.Finish(
         operation_id=claim.operation_id,
         owner=claim.owner,
@@ -325,7 +323,7 @@ async def park(pool: asyncpg.Pool, operation_id: str, error: dict) -> dict | Non
         if row is None:
             return None
         at = now()
-        payment = payment_json({**row, "attention_required": True, "last_error": error, "updated_at": at})
+        payment = receipt(replace(Payment.from_row(row), attention_required=True, last_error=error, updated_at=at))
         event = messages.event(domain.ATTENTION_EVENT, payment, at, merchant=row["merchant"])
         await store.park_operation(conn, operation_id=operation_id, at=at, error=error, event=event)
     return payment
