@@ -296,17 +296,20 @@ class Admission:
                 max(MIN_RETRY_AFTER, math.ceil(wait)),
             )
         excess = self.backlog - self.backlog_bound()
-        paced = self._pace.take(now) if excess < 0 and self._pace and self.backlog >= self.max_in_flight else 0.0
-        if excess >= 0 or paced:
-            bucket.tokens += 1  # not taken after all
-            return Refusal(
-                503,
-                "service_unavailable",
-                "the gateway has more work waiting than it can finish soon; retry later",
-                "backlog",
-                self._seconds_for(excess + 1) if excess >= 0 else max(MIN_RETRY_AFTER, math.ceil(paced)),
-            )
-        return None
+        if excess >= 0:
+            retry_after = self._seconds_for(excess + 1)
+        elif self._pace is not None and self.backlog >= self.max_in_flight and (paced := self._pace.take(now)):
+            retry_after = max(MIN_RETRY_AFTER, math.ceil(paced))
+        else:
+            return None
+        bucket.tokens += 1  # not taken after all
+        return Refusal(
+            503,
+            "service_unavailable",
+            "the gateway has more work waiting than it can finish soon; retry later",
+            "backlog",
+            retry_after,
+        )
 
     @contextlib.asynccontextmanager
     async def admitted(self, caller: str, *, adds_work: bool) -> AsyncIterator[None]:
