@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
-import asyncpg
 import orjson
 
 from bench import load, rawhttp
 from bench.system import BenchSystem, CostUnknown, Snapshot
 from bench.util import pcts
-from harness.system import HARNESS_APP
 from worker.relay import BUSY_SECONDS
 
 GATEWAY_PARTS = ("api", "relay", "worker", "postgres", "rabbitmq")
@@ -233,27 +231,22 @@ class Overload:
 
 
 class Timeline:
-    """Samples, once a second, how many of the accepted are final and each part's CPU."""
+    """Samples, once a second, how many of the accepted are final and each part's CPU; the
+    overload waits on its count for the accepted to settle."""
 
     def __init__(self, system: BenchSystem, accepted: list[str], started: float):
         self.system, self.accepted, self.started = system, accepted, started
         self.lines: list[tuple[float, int, dict[str, float]]] = []
+        self.finished = 0  # of the accepted, final at the last sample
         self._task: asyncio.Task | None = None
 
     async def _run(self) -> None:
-        # a connection of its own: the bench's is busy waiting for the accepted to settle
-        conn = await asyncpg.connect(self.system.database_url, server_settings={"application_name": HARNESS_APP})
-        try:
-            await self._sample(conn)
-        finally:
-            await conn.close()
-
-    async def _sample(self, conn: asyncpg.Connection) -> None:
-        before, finals = await self.system.snapshot(), 0
+        assert self.system.conn is not None
+        before = await self.system.snapshot()
         while True:
             await asyncio.sleep(1.0)
             now = await self.system.snapshot()
-            done = await conn.fetchval(
+            done = await self.system.conn.fetchval(
                 "SELECT count(*) FROM payments WHERE id = ANY($1) AND status <> 'pending'", self.accepted
             )
             seconds = now.at - before.at
@@ -261,8 +254,8 @@ class Timeline:
                 cpu = {part: 100 * used / seconds for part, used in sorted(now.cpu_delta(before).items())}
             except CostUnknown:  # a backend ended within the second: that line shows no CPU
                 cpu = {}
-            self.lines.append((now.at - self.started, done - finals, cpu))
-            before, finals = now, done
+            self.lines.append((now.at - self.started, done - self.finished, cpu))
+            before, self.finished = now, done
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -365,16 +358,11 @@ async def overload(
     result.accepted = len(accepted)
     result.generator_late_ms = pcts(late, (99,))[99]
     deadline = time.monotonic() + settle_timeout
-    assert system.conn is not None
-    while True:
-        left = await system.conn.fetchval(
-            "SELECT count(*) FROM payments WHERE id = ANY($1) AND status = 'pending'", accepted
-        )
-        if left == 0 or time.monotonic() > deadline:
-            break
+    while timeline.finished < len(accepted) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
-    result.settled = len(accepted) - left
     result.timeline = await timeline.stop()
+    result.settled = timeline.finished
+    assert system.conn is not None
     finals = await system.conn.fetchval(
         "SELECT array_agg(extract(epoch FROM updated_at)::float8 ORDER BY updated_at) FROM payments"
         " WHERE id = ANY($1) AND status <> 'pending'",
