@@ -29,6 +29,9 @@
     nothing is left for ops to void (decisions.close_lapsed_doubt re-checks under the
     payment's lock).
 
+(g) The busy tables vacuumed and analyzed as autovacuum would, when the server runs without
+    it (worker/upkeep.py), every UPKEEP_SECONDS beside the sweep.
+
 Several workers may sweep at once: (a), (c) and (d) lock with SKIP LOCKED;
 (a) bumps updated_at in the same transaction; (b) re-checks each payment under
 its lock; (e) runs in one worker at a time, under a session advisory lock.
@@ -50,6 +53,7 @@ from gateway.ops import decisions, reconcile
 from gateway.ops.rules import DEFAULT_ABANDON_AFTER_HOURS
 from gateway.payments import lapses
 from gateway.timefmt import iso
+from worker import upkeep
 from worker.settings import (
     DEFAULT_EVENT_RETENTION_DAYS,
     DEFAULT_KEY_RETENTION_HOURS,
@@ -241,6 +245,7 @@ async def run(
     """
     loop = asyncio.get_running_loop()
     next_reconcile = loop.time() + reconcile_interval
+    tables = asyncio.create_task(upkeep.run(pool, stop))
     while not stop.is_set():
         try:
             await sweep_once(pool, idle_seconds, limit, housekeeping, requeue=not bank_unavailable())
@@ -253,3 +258,4 @@ async def run(
             await asyncio.wait_for(stop.wait(), interval)
         except TimeoutError:
             pass
+    await tables

@@ -17,7 +17,8 @@ One module per capability, each reading the .sql file of its name:
     views           the read side: payments as FicMart sees them
     feed            the events feed and its retention
     webhooks        webhook endpoints and their deliveries
-    housekeeping    the sweeper: stuck work, lapsed holds and doubts, old cards and keys
+    housekeeping    the sweeper: stuck work, lapsed holds and doubts, old cards and keys;
+                    the busy tables' upkeep when autovacuum is off
     reconciliation  payments compared with the bank, repairs, findings, one pass at a time
     ops             the operator's operations and payments, and decisions taken by hand
     console         the /ops console's pages
@@ -52,6 +53,8 @@ from gateway.store.housekeeping import (
     prune_idempotency_keys,
     purge_card,
     requeue_operations,
+    tables_due_upkeep,
+    vacuum_or_analyze,
 )
 from gateway.store.intake import (
     KeyAndPayment,
@@ -185,6 +188,8 @@ __all__ = [
     "lock_stuck_operations",
     "prune_idempotency_keys",
     "purge_card",
+    "tables_due_upkeep",
+    "vacuum_or_analyze",
     "requeue_operations",
     "flag_attention",
     "insert_finding",

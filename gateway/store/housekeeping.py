@@ -80,3 +80,32 @@ async def prune_idempotency_keys(db: Executor, *, retention_seconds: float, limi
     """Delete up to `limit` stored responses older than `retention_seconds`; returns how many."""
     status = await _sql.prune_idempotency_keys(db, retention_seconds=retention_seconds, limit=limit)
     return int(status.split()[-1])
+
+
+# The tables whose rows the payment flow inserts, updates and deletes all day: the queue-like
+# ones (outbox, operations, card_vault) bloat with dead rows, and all of them grow from empty.
+BUSY_TABLES = (
+    "payments",
+    "payment_history",
+    "operations",
+    "outbox",
+    "card_vault",
+    "idempotency_keys",
+    "events",
+    "webhook_deliveries",
+)
+
+
+async def tables_due_upkeep(db: Executor) -> list[asyncpg.Record]:
+    """table_name and vacuum (else analyze only) of the busy tables autovacuum would see to now,
+    when it is off; none when it is on."""
+    return await all_rows(_sql.tables_due_upkeep, db, tables=list(BUSY_TABLES))
+
+
+async def vacuum_or_analyze(db: Executor, *, table: str, vacuum: bool) -> None:
+    """VACUUM (ANALYZE) or ANALYZE one busy table; SKIP_LOCKED: a table another session is
+    vacuuming is left to it. (Not a named statement: neither takes a table as a parameter,
+    so the name is checked against BUSY_TABLES instead.)"""
+    if table not in BUSY_TABLES:
+        raise ValueError(f"not a table the gateway keeps up: {table!r}")
+    await db.execute(f"{'VACUUM (ANALYZE, SKIP_LOCKED)' if vacuum else 'ANALYZE (SKIP_LOCKED)'} {table}")
