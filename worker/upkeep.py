@@ -13,7 +13,8 @@ Every UPKEEP_SECONDS this asks which busy tables autovacuum would see to by its 
 thresholds, and runs VACUUM (ANALYZE) or ANALYZE on them. An ANALYZE also makes every session
 plan its statements on that table again. With autovacuum on, the query returns nothing and
 this costs one small query per interval. Several workers may run it: SKIP_LOCKED leaves a
-table one of them is vacuuming to it.
+table one of them is vacuuming to it. A VACUUM runs under the pool's DB_STATEMENT_TIMEOUT_SECONDS
+like any statement: a table too big to vacuum in that time needs the server's autovacuum on.
 """
 
 from __future__ import annotations
