@@ -46,28 +46,23 @@ from gateway import (
     broker,
     config,
     db,
-    domain,
     logs,
     messages,
     monitoring,
     process,
-    redact,
     store,
     timefmt,
     topology,
     tracing,
 )
-from gateway.batching import Batcher
 from gateway.cards import CardVault
-from gateway.domain import BankOutcome, OperationKind, Verdict
-from gateway.payments import settlement
-from gateway.payments.settlement import Claim, OperationState
+from gateway.domain import OperationKind
 from worker import sweeper
 from worker.bank import OPERATION, BankClient
 from worker.breaker import CircuitBreaker
 from worker.handling import Handling
 from worker.metrics import REFRESH_SECONDS, WorkerMetrics
-from worker.ports import CannotRecord
+from worker.payments import PoolPayments
 from worker.settings import WorkerSettings
 
 log = logs.get("worker")
@@ -76,77 +71,6 @@ PUBLISH_TIMEOUT = 30.0
 DATABASE_PROBE_TIMEOUT = 5.0
 BREAKER_REPORT_SECONDS = 60.0  # the ops console shows a worker silent for 3 minutes as stale
 _KINDS = {kind.value: kind for kind in OperationKind}
-
-
-class PoolPayments:
-    """ports.Payments: the worker phases of gateway.payments on one pool. The claims and the
-    outcomes of concurrent handlings go to the database together (gateway.batching)."""
-
-    def __init__(self, pool: asyncpg.Pool, metrics: WorkerMetrics):
-        self._pool = pool
-        self._metrics = metrics
-        self.claims: Batcher[store.ClaimRequest, Claim | None] = Batcher(
-            lambda claims: settlement.claim_many(pool, claims)
-        )
-        self.outcomes: Batcher[settlement.Settlement, dict | None] = Batcher(
-            lambda settlements: settlement.record_many(pool, settlements)
-        )
-        self.notes: Batcher[store.AttemptNote, bool] = Batcher(lambda notes: settlement.note_many(pool, notes))
-
-    async def claim(self, operation_id: str, owner: str, lease_seconds: float) -> Claim | OperationState:
-        claimed = await self.claims.submit(store.ClaimRequest(operation_id, owner, lease_seconds))
-        return claimed if claimed is not None else await settlement.why_not_claimed(self._pool, operation_id)
-
-    async def release(
-        self,
-        operation_id: str,
-        owner: str,
-        error: dict | None,
-        bank_ms: int,
-        report: store.AttemptReport,
-        *,
-        rung_taken: bool = False,
-    ) -> None:
-        await settlement.release(self._pool, operation_id, owner, error, bank_ms, report, rung_taken=rung_taken)
-
-    async def note(self, operation_id: str, owner: str, report: store.AttemptReport) -> None:
-        await self.notes.submit(store.AttemptNote(operation_id, owner, report))
-
-    async def record_outcome(
-        self,
-        claim: Claim,
-        verdict: Verdict,
-        outcome: BankOutcome,
-        bank_ms: int,
-        doubt: domain.Doubt | None = None,
-    ) -> dict | None:
-        try:
-            settled = settlement.settlement(claim, verdict, outcome, bank_ms, doubt)
-            if settled.alone:
-                payment = await self.outcomes.submit(settled)
-            else:
-                payment = await settlement.record_with_doubt_or_follow_up(self._pool, settled)
-        except _UNRECORDABLE as exc:
-            raise CannotRecord(f"{type(exc).__name__}: {redact.clean(str(exc), 200)}") from exc
-        self._metrics.outcome_recorded(payment)
-        return payment
-
-    async def park(self, operation_id: str, error: dict) -> dict | None:
-        return await settlement.park(self._pool, operation_id, error)
-
-    async def kinds_tried(self, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
-        return await settlement.kinds_tried(self._pool, payment_id, operation_id)
-
-
-# The database refused what we asked it to store (not: the database is away, which the
-# handling's pause deals with): the same answer stored again fails the same way.
-_UNRECORDABLE = (
-    asyncpg.DataError,
-    asyncpg.IntegrityConstraintViolationError,
-    ValueError,
-    KeyError,
-    TypeError,
-)
 
 
 class AmqpDelivery:

@@ -16,9 +16,12 @@ Per message (body {"operation_id"}), with the operation's ids bound to every log
                                               ops replayed it with --force (on its row)
     call the bank with the operation's own key, a few quick tries (backoff), re-claiming the
     lease before each one; a try starts only after the previous one is over
-    SUCCEEDED / REFUSED / EXPIRED             payments.record_outcome, ack
+    SUCCEEDED / REFUSED / EXPIRED             payments.record_outcome (settlement decides the
+                                              doubt it leaves), ack
     CONFIRM ("already done")                  wait, same request + same key again: a replayed
-                                              2xx is our own work; still refused -> park
+                                              2xx is our own work; still refused: proven our own
+                                              (payments.proves_own_work) -> record_own_work,
+                                              else park
     RETRY after the quick tries               payments.release (a rung counted on the row), next
                                               retry queue, ack; after the last rung ->
                                               payments.park + payments.dead.
@@ -59,7 +62,6 @@ from gateway import db, domain, logs, messages, process, topology
 from gateway.cards import CardVault, VaultError
 from gateway.crashpoints import crash_point
 from gateway.domain import BankOutcome, OperationKind, Verdict
-from gateway.payments import settlement
 from gateway.payments.settlement import Claim, OperationState
 from gateway.store import AttemptReport
 from gateway.timefmt import iso, now
@@ -256,10 +258,22 @@ class Handling:
             await self._already_done(delivery, claim, run)
             return False
         if domain.is_final(run.verdict):
-            doubt = settlement.doubt_of(
-                claim, run.outcome, unknown_before=run.unknown_before_last, lost=run.lost_before_last
+            verdict, outcome = run.verdict, run.outcome
+            await self._record(
+                delivery,
+                claim,
+                run,
+                verdict,
+                outcome,
+                lambda: self.payments.record_outcome(
+                    claim,
+                    verdict,
+                    outcome,
+                    run.bank_ms,
+                    unknown_before=run.unknown_before_last,
+                    lost=run.lost_before_last,
+                ),
             )
-            await self._record(delivery, claim, run, run.verdict, run.outcome, doubt)
             return False
         await self._retry_later(delivery, claim, domain.error_for(run.outcome), run)
         return False
@@ -271,11 +285,11 @@ class Handling:
         run: _Run,
         verdict: Verdict,
         outcome: BankOutcome,
-        doubt: domain.Doubt | None,
+        recording: Callable[[], Awaitable[domain.Doubt | None]],
     ) -> None:
         crash_point("worker.after_bank")
         try:
-            await self.payments.record_outcome(claim, verdict, outcome, run.bank_ms, doubt)
+            doubt = await recording()
         except CannotRecord as exc:
             # Bounded like any other failure: the ladder, then parked with the reason. The
             # bank did its part; asking again with our key gets the same answer back.
@@ -295,20 +309,24 @@ class Handling:
     async def _already_done(self, delivery: Delivery, claim: Claim, run: _Run) -> None:
         """Still "already done" when asked again with our key: our own work if the domain's
         proof holds (recorded, reference unknown, flagged), else parked as uncertain."""
-        assert run.outcome is not None
-        code = run.outcome.code
-        tried = await self.payments.kinds_tried(claim.payment_id, claim.operation_id)
-        own = settlement.own_work(claim, run.outcome, unknown_before=run.unknown_before_last, other_kinds_tried=tried)
-        if own is not None:
-            done, doubt = own
-            await self._record(delivery, claim, run, Verdict.SUCCEEDED, done, doubt)
+        refusal = run.outcome
+        assert refusal is not None
+        if await self.payments.proves_own_work(claim, refusal, unknown_before=run.unknown_before_last):
+            await self._record(
+                delivery,
+                claim,
+                run,
+                Verdict.SUCCEEDED,
+                refusal,
+                lambda: self.payments.record_own_work(claim, refusal, run.bank_ms),
+            )
             return
         await self._park(
             delivery,
             claim,
             _error(
                 "bank_outcome_uncertain",
-                f"the bank answers {code} and does not replay an answer for our key: "
+                f"the bank answers {refusal.code} and does not replay an answer for our key: "
                 "we cannot tell whether the money moved; check the bank before replaying",
             ),
             run=run,

@@ -1,14 +1,16 @@
 """What the worker's per-message policy (worker/handling.py) runs against: the bank, the
 worker's atomic phases of gateway.payments, and the broker's side of one delivered command.
 Small protocols, so that the policy runs as well against fakes (tests/unit/test_handling.py)
-as against worker.bank.BankClient and worker/consumer.py's pool and aio-pika adapters."""
+as against worker.bank.BankClient, worker/payments.py's pool adapter and worker/consumer.py's
+aio-pika one."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from gateway import domain
-from gateway.domain import BankOutcome, OperationKind, Verdict
+from gateway.domain import BankOutcome, Verdict
 from gateway.payments.settlement import Claim, OperationState
 from gateway.store import AttemptReport
 
@@ -55,15 +57,26 @@ class Payments(Protocol):
         verdict: Verdict,
         outcome: BankOutcome,
         bank_ms: int,
-        doubt: domain.Doubt | None = None,
-    ) -> dict | None:
-        """Raises CannotRecord when the outcome cannot be stored for a reason of its own
+        *,
+        unknown_before: int,
+        lost: Sequence[Mapping[str, Any]],
+    ) -> domain.Doubt | None:
+        """Record a final answer with the doubt it leaves, which settlement decides from the
+        earlier attempts whose outcome we never learnt (`unknown_before`, `lost`); the doubt
+        recorded. Raises CannotRecord when the outcome cannot be stored for a reason of its own
         (not because the database is away)."""
         ...
 
-    async def park(self, operation_id: str, error: dict) -> dict | None: ...
+    async def proves_own_work(self, claim: Claim, refusal: BankOutcome, *, unknown_before: int) -> bool:
+        """Whether "already done", answered again to our key, is provably our own earlier work."""
+        ...
 
-    async def kinds_tried(self, payment_id: str, operation_id: str) -> frozenset[OperationKind]: ...
+    async def record_own_work(self, claim: Claim, refusal: BankOutcome, bank_ms: int) -> domain.Doubt | None:
+        """Record work proven our own as a success whose bank reference is unknown; the doubt
+        recorded. Raises CannotRecord as record_outcome does."""
+        ...
+
+    async def park(self, operation_id: str, error: dict) -> dict | None: ...
 
 
 class CannotRecord(Exception):

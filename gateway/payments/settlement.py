@@ -146,11 +146,6 @@ async def note_many(pool: asyncpg.Pool, notes: Sequence[store.AttemptNote]) -> l
     return [n.operation_id in noted for n in notes]
 
 
-async def kinds_tried(pool: asyncpg.Pool, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
-    """The kinds of the payment's other operations that were ever sent to the bank."""
-    return await store.operation_kinds_tried(pool, payment_id=payment_id, operation_id=operation_id)
-
-
 # Bank response fields copied onto the receipt, per operation.
 _BANK_IDS = {
     OperationKind.AUTHORIZE: ("authorization_id", "expires_at"),
@@ -187,21 +182,15 @@ def doubt_of(
     return domain.doubt_of_approval(outcome, unknown_before=unknown_before, lost=lost, hold=hold)
 
 
-def own_work(
-    claim: Claim,
-    refusal: domain.BankOutcome,
-    *,
-    unknown_before: int,
-    other_kinds_tried: frozenset[OperationKind],
-) -> tuple[domain.BankOutcome, domain.Doubt] | None:
-    """Still "already done" when asked again with our key: if the domain's proof holds, the work
-    is our own earlier attempt's, recorded as a success whose bank reference we were never given
-    (the outcome and the doubt to record). None: nobody can tell whether the money moved."""
-    if not domain.proves_own_work(
-        claim.kind, refusal.code, unknown_before=unknown_before, other_kinds_tried=other_kinds_tried
-    ):
-        return None
-    return domain.BankOutcome("ok", http_status=refusal.http_status), domain.unnamed_work(claim.kind)
+async def proves_own_work(
+    pool: asyncpg.Pool, claim: Claim, refusal: domain.BankOutcome, *, unknown_before: int
+) -> bool:
+    """Still "already done" when asked again with our key: whether the domain's proof holds that
+    the work is our own earlier attempt's (then recorded by own_work), given the kinds of the
+    payment's other operations ever sent to the bank. False: nobody can tell whether the money
+    moved."""
+    tried = await store.operation_kinds_tried(pool, payment_id=claim.payment_id, operation_id=claim.operation_id)
+    return domain.proves_own_work(claim.kind, refusal.code, unknown_before=unknown_before, other_kinds_tried=tried)
 
 
 @dataclass(frozen=True)
@@ -266,6 +255,27 @@ def settlement(
         **fields,
     )
     return Settlement(claim, payment, finish, doubt, domain.follow_up(kind, verdict), fields)
+
+
+def final(
+    claim: Claim,
+    verdict: Verdict,
+    outcome: domain.BankOutcome,
+    bank_ms: int,
+    *,
+    unknown_before: int,
+    lost: Sequence[Mapping[str, Any]],
+) -> Settlement:
+    """A final answer to record, with the doubt it leaves (doubt_of)."""
+    doubt = doubt_of(claim, outcome, unknown_before=unknown_before, lost=lost)
+    return settlement(claim, verdict, outcome, bank_ms, doubt)
+
+
+def own_work(claim: Claim, refusal: domain.BankOutcome, bank_ms: int) -> Settlement:
+    """An "already done" proven our own earlier attempt's work (proves_own_work), to record as a
+    success whose bank reference we were never given."""
+    done = domain.BankOutcome("ok", http_status=refusal.http_status)
+    return settlement(claim, Verdict.SUCCEEDED, done, bank_ms, domain.unnamed_work(claim.kind))
 
 
 async def record_many(pool: asyncpg.Pool, settlements: Sequence[Settlement]) -> list[dict | None]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 import orjson
@@ -15,6 +16,7 @@ import pytest
 from gateway import domain
 from gateway.cards import CardKey, CardVault, SealedCard
 from gateway.domain import BankOutcome, OperationKind, Verdict
+from gateway.payments import settlement
 from gateway.payments.settlement import Claim, OperationState
 from gateway.store import AttemptReport
 from gateway.timefmt import now
@@ -165,9 +167,35 @@ class FakePayments:
         if op.lease_owner == owner:
             self._report(op, report)
 
-    async def record_outcome(self, claim: Claim, verdict: Verdict, outcome: BankOutcome, bank_ms: int, doubt=None):
+    async def record_outcome(
+        self,
+        claim: Claim,
+        verdict: Verdict,
+        outcome: BankOutcome,
+        bank_ms: int,
+        *,
+        unknown_before: int,
+        lost: Sequence[Mapping[str, Any]],
+    ) -> domain.Doubt | None:
+        # The doubt as the real adapter decides it (settlement.final), from what the handling knew.
+        doubt = settlement.doubt_of(claim, outcome, unknown_before=unknown_before, lost=lost)
+        return self._record("record_outcome", claim, verdict, doubt)
+
+    async def proves_own_work(self, claim: Claim, refusal: BankOutcome, *, unknown_before: int) -> bool:
+        self._touch("proves_own_work", claim.payment_id)
+        tried = frozenset(
+            op.kind
+            for op in self.ops.values()
+            if op.payment_id == claim.payment_id and op.id != claim.operation_id and op.attempts
+        )
+        return domain.proves_own_work(claim.kind, refusal.code, unknown_before=unknown_before, other_kinds_tried=tried)
+
+    async def record_own_work(self, claim: Claim, refusal: BankOutcome, bank_ms: int) -> domain.Doubt | None:
+        return self._record("record_own_work", claim, Verdict.SUCCEEDED, domain.unnamed_work(claim.kind))
+
+    def _record(self, name: str, claim: Claim, verdict: Verdict, doubt: domain.Doubt | None) -> domain.Doubt | None:
         operation_id = claim.operation_id
-        self._touch("record_outcome", operation_id, verdict)
+        self._touch(name, operation_id, verdict)
         if self.failing_records:
             self.failing_records -= 1
             raise DatabaseDown("connection reset while recording")
@@ -179,13 +207,7 @@ class FakePayments:
         op = self.ops[operation_id]
         op.status = "succeeded" if verdict is Verdict.SUCCEEDED else "failed"
         op.verdict, op.lease_owner, op.doubt = verdict, None, doubt
-        return {"id": op.payment_id}
-
-    async def kinds_tried(self, payment_id: str, operation_id: str) -> frozenset[OperationKind]:
-        self._touch("kinds_tried", payment_id)
-        return frozenset(
-            op.kind for op in self.ops.values() if op.payment_id == payment_id and op.id != operation_id and op.attempts
-        )
+        return doubt
 
     async def park(self, operation_id: str, error: dict):
         self._touch("park", operation_id, error)
