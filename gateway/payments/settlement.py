@@ -13,7 +13,7 @@ writes it. The worker's handling (worker/handling.py) only chooses when: record,
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -43,13 +43,14 @@ class Claim:
     card_expiry_month: int
     card_expiry_year: int
     sealed_card: SealedCard | None
+    # The payment as it stood when the lease was taken: nothing else changes it while the
+    # lease is held, so the outcome is recorded from it.
+    payment: Payment
+    merchant: str
     unknown_outcomes: int = 0  # earlier attempts that may have done the work unbeknown to us
     lost_answers: Sequence[Mapping[str, Any]] = ()  # what is known of each (operations.lost_answers)
     rungs: int = 0  # retry-ladder rungs taken since it started or ops last replayed it
     forced: bool = False  # ops replayed it with --force: send an old authorization anyway
-    # The payment row (with `history`) as it stood when the lease was taken: nothing else
-    # changes it while the lease is held, so the outcome is recorded from it.
-    payment: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,12 @@ def _claim(row: asyncpg.Record) -> Claim:
         card_expiry_month=row["card_expiry_month"],
         card_expiry_year=row["card_expiry_year"],
         sealed_card=SealedCard(row["card_key_id"], bytes(row["sealed"])) if row["sealed"] is not None else None,
+        payment=Payment.from_row(row),
+        merchant=row["merchant"],
         unknown_outcomes=row["unknown_outcomes"],
         lost_answers=row["lost_answers"] or (),
         rungs=row["rungs"],
         forced=row["forced_replay"],
-        payment=dict(row),
     )
 
 
@@ -176,8 +178,7 @@ def doubt_of(
     `unknown_before`, `lost`: the earlier attempts whose outcome we never learnt."""
     if claim.kind is not OperationKind.AUTHORIZE:
         return None
-    payment = claim.payment
-    card = f"{payment.get('card_brand', 'card')} ending {payment.get('card_last4', '????')}"
+    card = f"{claim.payment.card_brand} ending {claim.payment.card_last4}"
     hold = domain.Hold(claim.amount, card, (outcome.body or {}).get("authorization_id"), iso(now()))
     return domain.doubt_of_approval(outcome, unknown_before=unknown_before, lost=lost, hold=hold)
 
@@ -214,11 +215,11 @@ class Settlement:
 def settlement(
     claim: Claim, verdict: Verdict, outcome: domain.BankOutcome, bank_ms: int, doubt: domain.Doubt | None = None
 ) -> Settlement:
-    """What recording `verdict` for the claim writes, built from the claim's snapshot of the
-    payment: the operation, the payment, history, card deletion, completion event and the long
-    polls' wake-up; with a `doubt` (domain: outcomes the bank will not name), or a follow-up
+    """What recording `verdict` for the claim writes, built from the claim's payment: the
+    operation, the payment, history, card deletion, completion event and the long polls'
+    wake-up; with a `doubt` (domain: outcomes the bank will not name), or a follow-up
     operation the domain asks for, those too."""
-    row, kind = claim.payment, claim.kind
+    before, kind = claim.payment, claim.kind
     status = domain.settle(kind, verdict)
     at = now()
     error: dict | None
@@ -227,8 +228,7 @@ def settlement(
     else:
         error = None if verdict is Verdict.SUCCEEDED else domain.error_for(outcome, kind)
     fields = _bank_fields(kind, verdict, outcome.body)
-    moved = status.value != row["status"]
-    before = Payment.from_row(row)
+    moved = status is not before.status
     after = before.entering(
         status,
         at,
@@ -250,7 +250,7 @@ def settlement(
         cause=f"bank:{kind.value}:{verdict.value}" + (f":{doubt.code}" if doubt else ""),
         status_moved=moved,
         drop_card=kind is OperationKind.AUTHORIZE,
-        event=messages.event(domain.event_type(status), payment, at, merchant=row["merchant"]) if moved else None,
+        event=messages.event(domain.event_type(status), payment, at, merchant=claim.merchant) if moved else None,
         notify=wake_up(payment),
         **fields,
     )
@@ -289,7 +289,7 @@ async def record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlement
     """A settlement that does not record `alone`: one transaction with the doubt's flag and
     finding, and the follow-up operation."""
     claim, doubt, payment = settled.claim, settled.doubt, settled.payment
-    at, merchant = settled.finish.at, claim.payment["merchant"]
+    at, merchant = settled.finish.at, claim.merchant
     async with pool.acquire() as conn, conn.transaction():
         if not await store.finish_operations(conn, finishes=[settled.finish]):
             return None

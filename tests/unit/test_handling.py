@@ -15,7 +15,7 @@ import pytest
 
 from gateway import domain
 from gateway.cards import CardKey, CardVault, SealedCard
-from gateway.domain import BankOutcome, OperationKind, Verdict
+from gateway.domain import BankOutcome, OperationKind, Payment, Verdict
 from gateway.payments import settlement
 from gateway.payments.settlement import Claim, OperationState
 from gateway.store import AttemptReport
@@ -132,11 +132,22 @@ class FakePayments:
             card_expiry_month=12,
             card_expiry_year=2030,
             sealed_card=op.sealed_card,
+            payment=Payment.pending(
+                id=op.payment_id,
+                order_id="ord_1",
+                customer_id="cus_1",
+                amount=op.amount,
+                card_brand="visa",
+                card_last4="1111",
+                card_expiry_month=12,
+                card_expiry_year=2030,
+                at=now(),
+            ),
+            merchant="ficmart",
             unknown_outcomes=op.attempts - 1 - op.clean_attempts,
             lost_answers=list(op.lost_answers),
             rungs=op.rungs,
             forced=op.forced,
-            payment={"card_brand": "visa", "card_last4": "1111"},
         )
 
     def _report(self, op: Op, report: AttemptReport) -> None:
