@@ -31,6 +31,8 @@ _UNRECORDABLE = (
 
 
 class PoolPayments:
+    """ports.Payments: the worker's phases of gateway.payments.settlement on one pool."""
+
     def __init__(self, pool: asyncpg.Pool, metrics: WorkerMetrics):
         self._pool = pool
         self._metrics = metrics
