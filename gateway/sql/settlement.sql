@@ -14,7 +14,7 @@
 -- name: claim_operations
 -- Take the lease for one bank attempt of each operation asked for (`owners[i]`
 -- for `operation_ids[i]`, for `lease_seconds[i]`; the worker sends the claims of its concurrent handlings
--- together, worker/batching.py). An operation is not claimed (no row) when it is
+-- together, gateway/batching.py). An operation is not claimed (no row) when it is
 -- finished or another worker's lease has not run out: a bank call of that
 -- worker may still be running, and the bank has no in-flight lock. A parked
 -- operation waits for ops (unpark_operation) and is not claimed either. Asked
@@ -107,7 +107,7 @@ SELECT o.id AS operation_id, o.kind, o.bank_key, p.*, payment_history_json(p.id)
 
 -- name: finish_operations
 -- Final outcomes, one per row of the arrays (the worker sends those of its
--- concurrent handlings together, worker/batching.py): the operation, the
+-- concurrent handlings together, gateway/batching.py): the operation, the
 -- payment (with a history row when the status moves), the sealed card gone once
 -- the authorization is decided, the completion event, and the payment as it now
 -- reads to the API's long polls (NOTIFY at commit, after the trigger's bare
