@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -132,16 +132,20 @@ class FakePayments:
             card_expiry_month=12,
             card_expiry_year=2030,
             sealed_card=op.sealed_card,
-            payment=Payment.pending(
-                id=op.payment_id,
-                order_id="ord_1",
-                customer_id="cus_1",
-                amount=op.amount,
-                card_brand="visa",
-                card_last4="1111",
-                card_expiry_month=12,
-                card_expiry_year=2030,
-                at=now(),
+            payment=replace(
+                Payment.pending(
+                    id=op.payment_id,
+                    order_id="ord_1",
+                    customer_id="cus_1",
+                    amount=op.amount,
+                    card_brand="visa",
+                    card_last4="1111",
+                    card_expiry_month=12,
+                    card_expiry_year=2030,
+                    at=now(),
+                ),
+                authorization_id=op.authorization_id,
+                capture_id=op.capture_id,
             ),
             merchant="ficmart",
             unknown_outcomes=op.attempts - 1 - op.clean_attempts,
