@@ -215,7 +215,7 @@ class Handling:
             await self._not_claimed(delivery, got)
             return False
         claim = got
-        logs.bind(payment_id=claim.payment_id, operation_kind=claim.kind.value)
+        logs.bind(payment_id=claim.payment.id, operation_kind=claim.kind.value)
 
         if claim.kind is OperationKind.AUTHORIZE and not claim.forced and self._key_too_old(claim):
             self.gate.cancel(permit)
@@ -338,21 +338,21 @@ class Handling:
 
     def _call(self, claim: Claim) -> Callable[[], Awaitable[BankOutcome]]:
         """The bank request for this operation; the card stays inside the closure."""
-        bank, key, kind, amount = self.bank, claim.bank_key, claim.kind, claim.amount
+        bank, key, kind, amount = self.bank, claim.bank_key, claim.kind, claim.payment.amount
         if kind is OperationKind.AUTHORIZE:
             if claim.sealed_card is None or self.vault is None:
                 raise ValueError("the card of this authorization is not in the vault (or no card key)")
-            number, cvv = self.vault.open(claim.payment_id, claim.sealed_card)
-            month, year = claim.card_expiry_month, claim.card_expiry_year
+            number, cvv = self.vault.open(claim.payment.id, claim.sealed_card)
+            month, year = claim.payment.card_expiry_month, claim.payment.card_expiry_year
             return lambda: bank.authorize(
                 key, card_number=number, cvv=cvv, expiry_month=month, expiry_year=year, amount=amount
             )
         if kind is OperationKind.REFUND:
-            capture_id = claim.capture_id
+            capture_id = claim.payment.capture_id
             if not capture_id:
                 raise ValueError("the payment has no capture_id to refund")
             return lambda: bank.refund(key, capture_id=capture_id, amount=amount)
-        authorization_id = claim.authorization_id
+        authorization_id = claim.payment.authorization_id
         if not authorization_id:
             raise ValueError("the payment has no authorization_id")
         if kind is OperationKind.CAPTURE:
@@ -505,7 +505,7 @@ class Handling:
         payment = await self.payments.park(claim.operation_id, error)
         if payment is not None:
             await delivery.dead_letter(
-                _dead_headers(claim.operation_id, claim.payment_id, claim.kind.value, attempts, error)
+                _dead_headers(claim.operation_id, claim.payment.id, claim.kind.value, attempts, error)
             )
             log.error("operation parked for ops", error_code=error["code"], attempts=attempts)
         await delivery.ack()

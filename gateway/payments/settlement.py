@@ -36,15 +36,9 @@ class Claim:
     bank_key: str
     attempts: int
     first_attempt_at: datetime
-    payment_id: str
-    amount: int
-    authorization_id: str | None
-    capture_id: str | None
-    card_expiry_month: int
-    card_expiry_year: int
     sealed_card: SealedCard | None
     # The payment as it stood when the lease was taken: nothing else changes it while the
-    # lease is held, so the outcome is recorded from it.
+    # lease is held, so the bank call is sent with it and the outcome recorded from it.
     payment: Payment
     merchant: str
     unknown_outcomes: int = 0  # earlier attempts that may have done the work unbeknown to us
@@ -83,12 +77,6 @@ def _claim(row: asyncpg.Record) -> Claim:
         bank_key=row["bank_key"],
         attempts=row["attempts"],
         first_attempt_at=row["first_attempt_at"],
-        payment_id=row["id"],
-        amount=row["amount"],
-        authorization_id=row["authorization_id"],
-        capture_id=row["capture_id"],
-        card_expiry_month=row["card_expiry_month"],
-        card_expiry_year=row["card_expiry_year"],
         sealed_card=SealedCard(row["card_key_id"], bytes(row["sealed"])) if row["sealed"] is not None else None,
         payment=Payment.from_row(row),
         merchant=row["merchant"],
@@ -179,7 +167,7 @@ def doubt_of(
     if claim.kind is not OperationKind.AUTHORIZE:
         return None
     card = f"{claim.payment.card_brand} ending {claim.payment.card_last4}"
-    hold = domain.Hold(claim.amount, card, (outcome.body or {}).get("authorization_id"), iso(now()))
+    hold = domain.Hold(claim.payment.amount, card, (outcome.body or {}).get("authorization_id"), iso(now()))
     return domain.doubt_of_approval(outcome, unknown_before=unknown_before, lost=lost, hold=hold)
 
 
@@ -190,7 +178,7 @@ async def proves_own_work(
     the work is our own earlier attempt's (then recorded by own_work), given the kinds of the
     payment's other operations ever sent to the bank. False: nobody can tell whether the money
     moved."""
-    tried = await store.operation_kinds_tried(pool, payment_id=claim.payment_id, operation_id=claim.operation_id)
+    tried = await store.operation_kinds_tried(pool, payment_id=claim.payment.id, operation_id=claim.operation_id)
     return domain.proves_own_work(claim.kind, refusal.code, unknown_before=unknown_before, other_kinds_tried=tried)
 
 
@@ -296,7 +284,7 @@ async def record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlement
         if doubt is not None:
             await store.flag_doubt(
                 conn,
-                payment_id=claim.payment_id,
+                payment_id=claim.payment.id,
                 at=at,
                 error=doubt.error(),
                 event=messages.event(domain.ATTENTION_EVENT, payment, at, merchant=merchant),
@@ -311,7 +299,7 @@ async def record_with_doubt_or_follow_up(pool: asyncpg.Pool, settled: Settlement
                 },
             )
         if settled.follow_up is not None:
-            await operations.enqueue(conn, claim.payment_id, settled.follow_up, at)
+            await operations.enqueue(conn, claim.payment.id, settled.follow_up, at)
     return payment
 
 

@@ -270,7 +270,8 @@ async def test_a_refund_of_a_capture_the_bank_never_named_is_refused_until_ops_r
     resp, body = await api.post(path, {"amount": payment["amount"]}, key=key)  # the same request, accepted now
     assert resp.status == 202 and body["status"] == "refunding", body
     claim = await phases.claim(pool, await pending_operation(pool, payment["id"]), "test-worker", 30)
-    assert isinstance(claim, settlement.Claim) and claim.capture_id == capture_id  # what the bank call is sent with
+    assert isinstance(claim, settlement.Claim)
+    assert claim.payment.capture_id == capture_id  # what the bank call is sent with
     refund = BankOutcome("ok", http_status=200, body={"refund_id": f"ref_{uuid.uuid4()}"})
     done = await phases.record_outcome(pool, claim, Verdict.SUCCEEDED, refund, 3)
     assert done is not None and done["status"] == "refunded" and done["bank"]["capture_id"] == capture_id

@@ -74,18 +74,20 @@ class Books:
                 claim.bank_key,
                 card_number=number,
                 cvv=cvv,
-                expiry_month=claim.card_expiry_month,
-                expiry_year=claim.card_expiry_year,
-                amount=claim.amount,
+                expiry_month=claim.payment.card_expiry_month,
+                expiry_year=claim.payment.card_expiry_year,
+                amount=claim.payment.amount,
             )
         elif claim.kind is OperationKind.CAPTURE:
             outcome = await self.bank.capture(
-                claim.bank_key, authorization_id=claim.authorization_id, amount=claim.amount
+                claim.bank_key, authorization_id=claim.payment.authorization_id, amount=claim.payment.amount
             )
         elif claim.kind is OperationKind.REFUND:
-            outcome = await self.bank.refund(claim.bank_key, capture_id=claim.capture_id, amount=claim.amount)
+            outcome = await self.bank.refund(
+                claim.bank_key, capture_id=claim.payment.capture_id, amount=claim.payment.amount
+            )
         else:
-            outcome = await self.bank.void(claim.bank_key, authorization_id=claim.authorization_id)
+            outcome = await self.bank.void(claim.bank_key, authorization_id=claim.payment.authorization_id)
         verdict = domain.classify(claim.kind, outcome)
         assert verdict is Verdict.SUCCEEDED, outcome
         await phases.record_outcome(self.pool, claim, verdict, outcome, 1)

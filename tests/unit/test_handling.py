@@ -125,12 +125,6 @@ class FakePayments:
             bank_key=f"gw-{op.id}",
             attempts=op.attempts,
             first_attempt_at=op.first_attempt_at,
-            payment_id=op.payment_id,
-            amount=op.amount,
-            authorization_id=op.authorization_id,
-            capture_id=op.capture_id,
-            card_expiry_month=12,
-            card_expiry_year=2030,
             sealed_card=op.sealed_card,
             payment=replace(
                 Payment.pending(
@@ -197,11 +191,11 @@ class FakePayments:
         return self._record("record_outcome", claim, verdict, doubt)
 
     async def proves_own_work(self, claim: Claim, refusal: BankOutcome, *, unknown_before: int) -> bool:
-        self._touch("proves_own_work", claim.payment_id)
+        self._touch("proves_own_work", claim.payment.id)
         tried = frozenset(
             op.kind
             for op in self.ops.values()
-            if op.payment_id == claim.payment_id and op.id != claim.operation_id and op.attempts
+            if op.payment_id == claim.payment.id and op.id != claim.operation_id and op.attempts
         )
         return domain.proves_own_work(claim.kind, refusal.code, unknown_before=unknown_before, other_kinds_tried=tried)
 
