@@ -3,6 +3,7 @@
     process.run(serve)       serve(stop) on uvloop (when installed), the garbage collector tuned
                              for a server; SIGTERM and SIGINT set `stop`, and serve() decides
                              how to wind down
+    process.started()        start-up is over: what it made is frozen out of the collector
     await process.start_with_retries(start, what=..., stop=stop)
                              start() again and again with exponential backoff until it works,
                              `stop` is set, or the attempts run out
@@ -43,7 +44,8 @@ def run(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         await serve(stop)
 
-    _tune_garbage_collector()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
 
@@ -51,15 +53,18 @@ def run(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 # A request allocates thousands of containers, nearly all freed by reference counting; at
 # Python's default threshold (700) the cyclic collector still ran every few requests and
 # took 4-6% of each process's CPU under load (py-spy --native, bench closed-64). Fewer young
-# collections, and the objects made at start-up (modules, settings, pools) frozen out of the
-# old generation that full collections walk, bring it under 0.5%. Cycles are still collected.
+# collections, and start-up's objects frozen (started()), bring it under 0.5%. Cycles are
+# still collected.
 GC_YOUNG_THRESHOLD = 20_000
 
 
-def _tune_garbage_collector() -> None:
+def started() -> None:
+    """Start-up is over. What it made (modules, settings, pools, the app) lives as long as the
+    process: out of the collector's sight, a full collection no longer walks it, and the pauses
+    it makes every answer wait (about 100 ms under load in the API) shrink to what the work
+    allocates."""
+    gc.collect()
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def supervise(workers: int, serve_one: Callable[[int], None]) -> int:

@@ -362,6 +362,7 @@ async def serve(settings: config.Settings, cfg: WorkerSettings, stop: asyncio.Ev
         log.info("metrics and health served", host=metrics_host, port=cfg.metrics_port)
     try:
         await process.start_with_retries(worker.start, what="worker", stop=stop)
+        process.started()
         await stop.wait()
         log.info("stopping: no new messages, finishing the bank calls under way")
         await worker.stop()

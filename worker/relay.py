@@ -326,6 +326,7 @@ async def serve(
         await process.start_with_retries(relay.start, what="relay", stop=stop, undo=relay.close)
         if not stop.is_set():
             log.info("relay started", batch_size=cfg.batch_size, poll_seconds=cfg.poll_seconds)
+            process.started()
             await relay.run(stop)
     finally:
         await relay.close()

@@ -17,13 +17,12 @@ waiting for a wake-up: it is cancelled, so that it frees its place at once.
 from __future__ import annotations
 
 import asyncio
-import gc
 from dataclasses import dataclass
 
 from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.web_request import BaseRequest
 
-from gateway import logs
+from gateway import logs, process
 from gateway.api.errors import HTTP_CODES, error_response
 from gateway.api.middleware import ENDS_WITH_CLIENT, new_request_id
 
@@ -133,11 +132,7 @@ async def serve(
                     f"(API_ADMIN_PORT): {exc.strerror or exc}"
                 ) from None
             log.info("gateway-api admin listening", host=admin.host, port=admin.port)
-        # What start-up made (modules, the app, the OpenAPI document) lives as long as the process:
-        # out of the collector's sight, a full collection no longer walks it, and the pauses it
-        # makes every answer wait (about 100 ms under load here) shrink to what requests allocate.
-        gc.collect()
-        gc.freeze()
+        process.started()
         await stop.wait()
     finally:
         if admin_runner is not None:
