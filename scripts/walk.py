@@ -10,8 +10,11 @@ sys.setprofile records every call into a file under gateway/ or worker/ made by 
 (and the batches it starts); a coroutine resumed after an await is not a new call.
 
 Printed: the modules entered, distinct; the stops (each change of module from one call to the
-next); the walk without the leaves, and its climbs back (a module entered again after the walk
-had left it for another one, marked ^); how often each module was entered.
+next); the calls back up (a call into a module that is already lower on the stack, made from
+another module: a callback, which sends a reader back up to a module they came from); the walk
+without the leaves, and its returns (a module entered again after the walk had left it for
+another one, marked ^: mostly handling calling its next step once a call it made is over, the
+story going on where it was); how often each module was entered.
 
 Leaves are the modules a reader consults and comes back from without the walk going anywhere
 from them: the domain's rules (gateway/domain/, pure), the store and its SQL (gateway/store/,
@@ -19,6 +22,7 @@ gateway/sql/), the generic group commit (gateway/batching.py, which runs the cal
 given), and utilities that decide nothing about the payment: logs, timefmt, messages, redact,
 tracing, crashpoints, db, process, views (the receipt's serializer), cards (the vault), answers
 (a bank answer checked against the request), worker/breaker.py (the breaker's state machine),
+worker/delivery.py (the broker side of the message: ack, publish to a retry queue),
 worker/metrics.py (counters) and worker/settings.py (values). Not leaves: what decides the
 capture's way, worker/db_pause.py and worker/bank_gate.py included (whether a handling may go on).
 """
@@ -71,9 +75,25 @@ LEAF_FILES = frozenset(
         "cards",
         "answers",
     )
-) | {"worker/breaker.py", "worker/metrics.py", "worker/settings.py"}
+) | {"worker/breaker.py", "worker/delivery.py", "worker/metrics.py", "worker/settings.py"}
 # The mock bank's test card that it approves (docs/bank.md).
 CARD = intake.CardInput(number="4111111111111111", cvv="123", expiry_month=12, expiry_year=2030)
+
+
+def project_module(frame: FrameType) -> str | None:
+    """The frame's file, relative to the repository, if it is one of gateway/ or worker/."""
+    path = Path(frame.f_code.co_filename)
+    if path.is_relative_to(ROOT) and path.relative_to(ROOT).as_posix().startswith(PACKAGES):
+        return path.relative_to(ROOT).as_posix()
+    return None
+
+
+def _callers(frame: FrameType) -> Iterator[FrameType]:
+    """The frames below `frame` on its stack (for a coroutine, the chain that awaits it)."""
+    caller = frame.f_back
+    while caller is not None:
+        yield caller
+        caller = caller.f_back
 
 
 def is_leaf(module: str) -> bool:
@@ -87,6 +107,9 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        # Calls into a module (not a leaf) that is already below on the stack, from another
+        # module: a callback, the walk climbing back up to a caller (caller -> module called).
+        self.callbacks: list[tuple[str, str]] = []
         self._root: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         # Frames seen, kept alive so that no id is reused: one seen again is a coroutine resumed.
@@ -102,9 +125,13 @@ class Recorder:
                 self._tasks.add(self._root)
         if asyncio.current_task() not in self._tasks:
             return
-        path = Path(frame.f_code.co_filename)
-        if path.is_relative_to(ROOT) and path.relative_to(ROOT).as_posix().startswith(PACKAGES):
-            self.calls.append(path.relative_to(ROOT).as_posix())
+        module = project_module(frame)
+        if module is None:
+            return
+        self.calls.append(module)
+        callers = [m for m in map(project_module, _callers(frame)) if m is not None]
+        if not is_leaf(module) and callers and callers[0] != module and module in callers:
+            self.callbacks.append((callers[0], module))
 
     def _task(
         self, loop: asyncio.AbstractEventLoop, coro: Generator[Any, None, T] | Coroutine[Any, Any, T], /, **context: Any
@@ -142,15 +169,17 @@ class Figures:
     distinct: int
     stops: int
     walk: list[str]  # without the leaves, one entry per stop
-    climbs: int
+    returns: int
     entered: Counter[str]
+    callbacks: Counter[tuple[str, str]]
 
     @classmethod
-    def of(cls, calls: list[str]) -> Figures:
+    def of(cls, recorder: Recorder) -> Figures:
+        calls = recorder.calls
         stops = collapsed(calls)
         walk = collapsed([m for m in calls if not is_leaf(m)])
-        climbs = sum(1 for i, m in enumerate(walk) if m in walk[:i])
-        return cls(len(set(calls)), len(stops) - 1, walk, climbs, Counter(stops))
+        returns = sum(1 for i, m in enumerate(walk) if m in walk[:i])
+        return cls(len(set(calls)), len(stops) - 1, walk, returns, Counter(stops), Counter(recorder.callbacks))
 
 
 async def final(pool: asyncpg.Pool, payment_id: str, status: str) -> None:
@@ -164,7 +193,7 @@ def request(path: str) -> intake.IdempotentRequest:
     return intake.IdempotentRequest("ficmart", uuid.uuid4().hex, "POST", path, ("walk",))
 
 
-async def capture_walk(pool: asyncpg.Pool, vault: CardVault) -> list[str]:
+async def capture_walk(pool: asyncpg.Pool, vault: CardVault) -> Recorder:
     """A payment authorized through the pipeline, then captured while recording: the modules
     the capture's handling entered."""
     submission = intake.authorization(
@@ -183,10 +212,10 @@ async def capture_walk(pool: asyncpg.Pool, vault: CardVault) -> list[str]:
             raise SystemExit(f"the capture was refused: {answer!r}")
         await final(pool, payment_id, "captured")
         await recorder.handled()
-    return recorder.calls
+    return recorder
 
 
-async def walk(database_url: str, amqp_url: str) -> list[str]:
+async def walk(database_url: str, amqp_url: str) -> Recorder:
     """A private database and vhost, the mock bank as a process, relay and worker in this one."""
     port, card_key = free_port(), os.urandom(32)
     bank_env = {"MIN_LATENCY_MS": "0", "MAX_LATENCY_MS": "0", "FAILURE_RATE": "0", "LOG_LEVEL": "warning"}
@@ -231,7 +260,9 @@ def report(figures: Figures) -> str:
     lines = [
         f"modules entered (distinct): {figures.distinct}",
         f"stops (module changes):     {figures.stops}",
-        f"climbs back (leaves aside): {figures.climbs}",
+        f"calls back up (callbacks):  {sum(figures.callbacks.values())}",
+        *(f"  {count:3d}  {caller} -> {called}" for (caller, called), count in figures.callbacks.most_common()),
+        f"returns (leaves aside):     {figures.returns}",
         "walk, leaves aside:",
         *(f"  {'^ ' if module in figures.walk[:i] else '  '}{module}" for i, module in enumerate(figures.walk)),
         "entered (times):",

@@ -2,10 +2,9 @@
 
 This module is the plumbing: the pool, the bank client, the AMQP channels and
 the topology; one task per delivered message (up to WORKER_CONCURRENCY
-handled at once, WORKER_PREFETCH unacknowledged); the broker side of a
-message (ack, requeue, publish to a retry rung or to payments.dead, each
-publish confirmed before the ack); start and stop. What happens to a message
-is worker.handling's business.
+handled at once, WORKER_PREFETCH unacknowledged), wrapped in worker.delivery's
+AmqpDelivery (ack, requeue, publish to a retry rung or to payments.dead); start
+and stop. What happens to a message is worker.handling's business.
 
 Watching it: each command is handled inside its trace (the `traceparent` of the message,
 gateway.tracing), which goes on into the bank calls, the events written and any retry or
@@ -29,9 +28,7 @@ import os
 import socket
 import sys
 import uuid
-from typing import Any
 
-import aio_pika
 import asyncpg
 from aio_pika.abc import (
     AbstractChannel,
@@ -47,7 +44,6 @@ from gateway import (
     config,
     db,
     logs,
-    messages,
     monitoring,
     process,
     store,
@@ -60,6 +56,7 @@ from gateway.domain import OperationKind
 from worker import sweeper
 from worker.bank import OPERATION, BankClient
 from worker.breaker import CircuitBreaker
+from worker.delivery import AmqpDelivery
 from worker.handling import Handling
 from worker.metrics import REFRESH_SECONDS, WorkerMetrics
 from worker.payments import PoolPayments
@@ -67,75 +64,9 @@ from worker.settings import WorkerSettings
 
 log = logs.get("worker")
 
-PUBLISH_TIMEOUT = 30.0
 DATABASE_PROBE_TIMEOUT = 5.0
 BREAKER_REPORT_SECONDS = 60.0  # the ops console shows a worker silent for 3 minutes as stale
 _KINDS = {kind.value: kind for kind in OperationKind}
-
-
-class AmqpDelivery:
-    """ports.Delivery for one aio-pika message. A command leaving for a retry rung or
-    payments.dead keeps its body and carries the current trace."""
-
-    def __init__(
-        self,
-        message: AbstractIncomingMessage,
-        retry: AbstractExchange,
-        default: AbstractExchange,
-        metrics: WorkerMetrics,
-    ):
-        headers = message.headers or {}
-        self.body = message.body
-        self.message_id = message.message_id
-        # A quorum queue counts the times it handed a message out again in x-delivery-count,
-        # which it writes on every redelivery; on a first delivery the header, if any, is the
-        # publisher's (RabbitMQ leaves it as it came), so it counts only on a redelivery.
-        self.deliveries = 1 + _int(headers.get("x-delivery-count")) if message.redelivered else 1
-        self._message = message
-        self._retry = retry
-        self._default = default
-        self._metrics = metrics
-
-    async def ack(self) -> None:
-        await self._message.ack()
-
-    async def requeue(self) -> None:
-        await self._message.nack(requeue=True)
-
-    async def retry_later(self, delay: int, kind: str | None, rung: int | None) -> None:
-        # Only where it goes: the headers exchange routes on it to the rung of that delay.
-        headers: dict[str, Any] = {topology.RETRY_QUEUE_HEADER: topology.retry_queue_name(delay)}
-        await self._retry.publish(
-            self._again(headers),
-            routing_key=kind or self._message.routing_key or "",
-            mandatory=True,
-            timeout=PUBLISH_TIMEOUT,
-        )
-        if rung is not None:  # a rung taken (not a wait for a lease or for the bank)
-            self._metrics.retried(rung)
-
-    async def dead_letter(self, headers: dict[str, Any]) -> None:
-        await self._default.publish(
-            self._again(headers), routing_key=topology.DEAD_QUEUE, mandatory=True, timeout=PUBLISH_TIMEOUT
-        )
-
-    def _again(self, headers: dict[str, Any]) -> aio_pika.Message:
-        """The same command (same body, same message id: one command's journey reads as one
-        in the broker and the logs), with `headers` and the current trace."""
-        return aio_pika.Message(
-            body=self.body,
-            headers=tracing.inject(headers),
-            message_id=self.message_id or messages.new_id("cmd"),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-
-
-def _int(value: object) -> int:
-    try:
-        return max(0, int(value))  # type: ignore[call-overload]  # any header value; bad ones count as 0
-    except (TypeError, ValueError):
-        return 0
 
 
 class Worker:

@@ -1,4 +1,4 @@
-"""What the worker takes from a delivered command's AMQP properties (worker.consumer.AmqpDelivery)."""
+"""What the worker takes from a delivered command's AMQP properties (worker.delivery.AmqpDelivery)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from worker.consumer import AmqpDelivery
+from worker.delivery import AmqpDelivery
 from worker.metrics import WorkerMetrics
 
 
