@@ -203,6 +203,9 @@ class Overload:
     # one line per second from the window's start until all are final: payments finished in
     # it, and each part's CPU in it (percent of one core): where the cores went meanwhile
     timeline: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)
+    # one line per second of the window, by when requests were due: how many were accepted and
+    # refused, and their p99 ms (when in the window the latency grew, and when it came back)
+    by_second: list[tuple[int, int, float, int, float]] = field(default_factory=list)
 
     def table(self) -> str:
         answers = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items(), key=str))
@@ -225,6 +228,11 @@ class Overload:
                 *(
                     f"  {at:5.1f}: {finished:5d}  " + " ".join(f"{part} {pct:3.0f}" for part, pct in cpu.items())
                     for at, finished, cpu in self.timeline
+                ),
+                "second due: accepted (p99 ms), refused (p99 ms)",
+                *(
+                    f"  {second:3d}: {accepted:5d} ({accepted_p99:6.0f})  {refused:5d} ({refused_p99:6.0f})"
+                    for second, accepted, accepted_p99, refused, refused_p99 in self.by_second
                 ),
             ]
         )
@@ -300,6 +308,21 @@ async def capacity(system: BenchSystem, http: aiohttp.ClientSession, cards: list
     return result.rate
 
 
+def by_second(samples: list[tuple[float, int | str, str | None, float]]) -> list[tuple[int, int, float, int, float]]:
+    """Per second of due time: accepted, their p99 ms, refused, their p99 ms."""
+    seconds: dict[int, tuple[list[float], list[float]]] = {}
+    for ms, status, _, due in samples:
+        accepted, refused = seconds.setdefault(int(due), ([], []))
+        if status == 202:
+            accepted.append(ms)
+        elif status in (429, 503):
+            refused.append(ms)
+    return [
+        (second, len(a), pcts(a, (99,))[99] if a else 0.0, len(r), pcts(r, (99,))[99] if r else 0.0)
+        for second, (a, r) in sorted(seconds.items())
+    ]
+
+
 async def overload(
     system: BenchSystem,
     cards: list[dict],
@@ -310,7 +333,8 @@ async def overload(
     settle_timeout: float,
     connections: int,
 ) -> Overload:
-    samples: list[tuple[float, int | str, str | None]] = []  # (latency ms, status, Retry-After)
+    # (latency ms, status, Retry-After, seconds after the start it was due)
+    samples: list[tuple[float, int | str, str | None, float]] = []
     accepted: list[str] = []
     late: list[float] = []  # ms each request started after it was due: the generator's own lag
 
@@ -325,7 +349,7 @@ async def overload(
                 accepted.append(answer.headers["location"].rsplit("/", 1)[-1])
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             status, retry_after = type(exc).__name__, None
-        samples.append(((time.perf_counter() - due) * 1000, status, retry_after))
+        samples.append(((time.perf_counter() - due) * 1000, status, retry_after, due - started))
 
     source = load.authorize_source("over", cards)
     # FicMart's HTTP client keeps a pool of connections; a request finding none free waits
@@ -351,10 +375,11 @@ async def overload(
         await asyncio.gather(*tasks)
     await pool.close()
     result = Overload(capacity=capacity, offered=len(tasks) / sent_seconds, seconds=sent_seconds)
-    result.statuses = Counter(status for _, status, _ in samples)
-    result.accepted_ms = pcts([ms for ms, status, _ in samples if status == 202], (50, 99))
-    result.refused_ms = pcts([ms for ms, status, _ in samples if status in (429, 503)], (50, 99))
-    result.refusals_without_retry_after = sum(1 for _, s, ra in samples if s in (429, 503) and not ra)
+    result.statuses = Counter(status for _, status, _, _ in samples)
+    result.accepted_ms = pcts([ms for ms, status, _, _ in samples if status == 202], (50, 99))
+    result.refused_ms = pcts([ms for ms, status, _, _ in samples if status in (429, 503)], (50, 99))
+    result.refusals_without_retry_after = sum(1 for _, s, ra, _ in samples if s in (429, 503) and not ra)
+    result.by_second = by_second(samples)
     result.accepted = len(accepted)
     result.generator_late_ms = pcts(late, (99,))[99]
     deadline = time.monotonic() + settle_timeout
