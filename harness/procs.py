@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -53,27 +54,47 @@ class ProcessError(RuntimeError):
     """The process died or did not become ready; the message has its stderr tail."""
 
 
+# Ports handed out by this process: never twice, though the first may not be bound yet.
+_HANDED_OUT: set[int] = set()
+FIRST_PORT = 20000
+
+
+def _port_range() -> range:
+    """Ports below the kernel's ephemeral range. A port the OS picks (bind to port 0) comes from
+    that range, and so does the source port of every outgoing connection, which can take it
+    between our check and the process's bind (CI once saw gateway-api fail with "address
+    already in use" that way)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(FIRST_PORT, max(FIRST_PORT + 1000, low))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now (the OS picks it; tiny race possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that is free right now, outside the ephemeral range and not handed out before."""
+    return free_ports(1, host)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> int:
-    """The first of `count` consecutive TCP ports that are free right now (tiny race possible)."""
-    while True:
-        first = free_port(host)
-        if first + count - 1 > 65535:
+    """The first of `count` consecutive TCP ports that are free right now, outside the ephemeral
+    range and not handed out before by this process."""
+    ports = _port_range()
+    for _ in range(1000):
+        first = random.randrange(ports.start, ports.stop - count + 1)
+        candidates = range(first, first + count)
+        if _HANDED_OUT.intersection(candidates):
             continue
         with contextlib.ExitStack() as held:
             try:
-                for port in range(first, first + count):
+                for port in candidates:
                     s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
                     s.bind((host, port))
             except OSError:
                 continue
+        _HANDED_OUT.update(candidates)
         return first
+    raise ProcessError(f"no {count} free consecutive ports between {ports.start} and {ports.stop}")
 
 
 def script_path(name: str) -> str:
