@@ -16,7 +16,11 @@ refused with 503 and Retry-After only when:
   payments while the bank is away is the point;
 - the backlog is past that cushion (`max_in_flight` operations) and new work
   comes faster than work is finished: there, new work is paced to the
-  completion rate and GROWTH more, after a burst of BURST_SECONDS of it. On a
+  completion rate and GROWTH more, after a burst of BURST_SECONDS of it. Once
+  new work was refused for the backlog, the overload stands for BURST_SECONDS
+  more: new work keeps to the pace below the cushion too, with no burst saved
+  up, so that a backlog hovering at the bound or the cushion does not let
+  seconds of pace in at the offered rate each time it dips. On a
   shared machine, accepting costs the CPU that finishing needs: a standing
   overload that filled the backlog to its bound at the offered rate took the
   cores from the relay and the worker, which then finished less than half of
@@ -191,6 +195,7 @@ class Admission:
         self.backlog = 0  # operations waiting for a worker, as the last probe counted them
         self.rate = CompletionRate()
         self._pace: TokenBucket | None = None  # new work past the cushion; None while no rate is known
+        self._standing_until = float("-inf")  # an overload stands until then (see refusal)
         self._probe: asyncio.Task | None = None
 
     @property
@@ -296,12 +301,24 @@ class Admission:
                 max(MIN_RETRY_AFTER, math.ceil(wait)),
             )
         excess = self.backlog - self.backlog_bound()
+        # Within BURST_SECONDS of the last refusal for the backlog the overload stands: new work
+        # keeps to the pace even where the backlog dipped below the bound or the cushion, and the
+        # pace holds no more than a probe period of its rate. Else each dip let in the seconds of
+        # pace saved up meanwhile at the offered rate, a burst the API answered late.
+        standing = now < self._standing_until
         if excess >= 0:
             retry_after = self._seconds_for(excess + 1)
-        elif self._pace is not None and self.backlog >= self.max_in_flight and (paced := self._pace.take(now)):
+            if self._pace is not None:
+                self._pace.tokens = min(self._pace.tokens, self._pace.rate * PROBE_SECONDS)
+        elif (
+            self._pace is not None
+            and (standing or self.backlog >= self.max_in_flight)
+            and (paced := self._pace.take(now))
+        ):
             retry_after = max(MIN_RETRY_AFTER, math.ceil(paced))
         else:
             return None
+        self._standing_until = now + BURST_SECONDS
         bucket.tokens += 1  # not taken after all
         return Refusal(
             503,

@@ -186,6 +186,24 @@ def test_past_the_cushion_a_standing_overload_is_paced_to_the_completion_rate():
     assert gate.refusal("a", adds_work=False) is None  # reads are served
 
 
+def test_a_standing_overload_stays_paced_when_its_backlog_dips_below_the_bound_and_the_cushion():
+    # The bench's overload showed a sawtooth: while everything was refused for the bound, the
+    # pace refilled to 5 s of its rate, and each dip below the bound (or the cushion) let that
+    # in at the offered rate, a burst the API answered hundreds of ms late.
+    clock = Clock()
+    gate = admission(max_in_flight=100, clock=clock)
+    run_at(gate, clock, rate=200, backlog=150, seconds=5)
+    offer(gate, clock, offered=600, rate=200, seconds=10)  # paced by now
+    run_at(gate, clock, rate=200, backlog=7000, seconds=3)  # the workers fell behind: past the bound
+    assert gate.refusal("a", adds_work=True) is not None
+    run_at(gate, clock, rate=200, backlog=50, seconds=0.25)  # they caught up: under the cushion
+    admitted = offer(gate, clock, offered=600, rate=200, seconds=2)
+    assert 2 * 200 <= admitted <= 2.25 * 220 + 5  # at the pace, not 1,200 at the offered rate
+    # Once new work comes no faster than the pace for BURST_SECONDS, a burst is absorbed again.
+    offer(gate, clock, offered=100, rate=200, seconds=6)
+    assert offer(gate, clock, offered=400, rate=200, seconds=0.25) == 100
+
+
 def test_below_the_cushion_a_burst_is_not_paced():
     clock = Clock()
     gate = admission(max_in_flight=2000, clock=clock)
