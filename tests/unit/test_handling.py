@@ -186,9 +186,10 @@ class FakePayments:
         unknown_before: int,
         lost: Sequence[Mapping[str, Any]],
     ) -> domain.Doubt | None:
-        # The doubt as the real adapter decides it (settlement.final), from what the handling knew.
-        doubt = settlement.doubt_of(claim, outcome, unknown_before=unknown_before, lost=lost)
-        return self._record("record_outcome", claim, verdict, doubt)
+        # The settlement the real adapter records, with the doubt it decides from what the
+        # handling knew.
+        settled = settlement.final(claim, verdict, outcome, bank_ms, unknown_before=unknown_before, lost=lost)
+        return self._record("record_outcome", claim, verdict, settled.doubt)
 
     async def proves_own_work(self, claim: Claim, refusal: BankOutcome, *, unknown_before: int) -> bool:
         self._touch("proves_own_work", claim.payment.id)
@@ -200,7 +201,8 @@ class FakePayments:
         return domain.proves_own_work(claim.kind, refusal.code, unknown_before=unknown_before, other_kinds_tried=tried)
 
     async def record_own_work(self, claim: Claim, refusal: BankOutcome, bank_ms: int) -> domain.Doubt | None:
-        return self._record("record_own_work", claim, Verdict.SUCCEEDED, domain.unnamed_work(claim.kind))
+        settled = settlement.own_work(claim, refusal, bank_ms)
+        return self._record("record_own_work", claim, Verdict.SUCCEEDED, settled.doubt)
 
     def _record(self, name: str, claim: Claim, verdict: Verdict, doubt: domain.Doubt | None) -> domain.Doubt | None:
         operation_id = claim.operation_id
