@@ -121,13 +121,14 @@ DELETE FROM idempotency_keys
 -- run it so): which of `tables` autovacuum would now vacuum or analyze, by its
 -- default thresholds (50 rows plus 20% of the table dead; 50 plus 10% changed
 -- since the last ANALYZE). Nothing while autovacuum is on: it does this itself.
-SELECT s.relname AS table_name,
-       s.n_dead_tup > 50 + 0.2 * greatest(c.reltuples, 0) AS vacuum
-  FROM pg_stat_user_tables s
-  JOIN pg_class c ON c.oid = s.relid
- WHERE current_setting('autovacuum') = 'off'
-   AND s.schemaname = current_schema()
-   AND s.relname = ANY(:tables::text[])
-   AND (s.n_dead_tup > 50 + 0.2 * greatest(c.reltuples, 0)
-        OR s.n_mod_since_analyze > 50 + 0.1 * greatest(c.reltuples, 0))
- ORDER BY s.relname;
+SELECT table_name, vacuum
+  FROM (SELECT s.relname AS table_name,
+               s.n_dead_tup > 50 + 0.2 * greatest(c.reltuples, 0) AS vacuum,
+               s.n_mod_since_analyze > 50 + 0.1 * greatest(c.reltuples, 0) AS stale
+          FROM pg_stat_user_tables s
+          JOIN pg_class c ON c.oid = s.relid
+         WHERE current_setting('autovacuum') = 'off'
+           AND s.schemaname = current_schema()
+           AND s.relname = ANY(:tables::text[])) due
+ WHERE vacuum OR stale
+ ORDER BY table_name;
