@@ -48,7 +48,7 @@ from datetime import timedelta
 
 import asyncpg
 
-from gateway import db, logs, messages, store
+from gateway import db, logs, messages, process, store
 from gateway.ops import decisions, reconcile
 from gateway.ops.rules import DEFAULT_ABANDON_AFTER_HOURS
 from gateway.payments import lapses
@@ -254,8 +254,5 @@ async def run(
                 await reconcile_once(pool, bank, rate=reconcile_rate, limit=reconcile_limit)
         except Exception as exc:
             log.warning("sweep failed", error=type(exc).__name__, detail=str(exc)[:200])
-        try:
-            await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass
+        await process.wait(stop, interval)
     await tables
