@@ -64,7 +64,7 @@ NAIVE = (
 )
 
 
-class _Template:
+class Template:
     """Realistic parameter values (sizes as the API writes them); only the ids vary per call."""
 
     def __init__(self) -> None:
@@ -96,12 +96,16 @@ class _Template:
 
     async def same_sql(self, pool: asyncpg.Pool) -> asyncpg.Record:
         """The statement gateway.payments.intake.submit_many sends, with fresh ids."""
+        return (await store.submit_authorizations(pool, submissions=[self.submission()]))[0]
+
+    def submission(self) -> store.Submission:
+        """One authorize request as the API records it, with fresh ids."""
         pid, op = messages.new_id("pay"), messages.new_id("op")
         key = f"ceil-{uuid.uuid4().hex}"
         req = IdempotentRequest(
             "ceiling", key, "POST", "/v1/payments", self.fingerprinter.of("POST", "/v1/payments", self.request_body)
         )
-        submission = store.Submission(
+        return store.Submission(
             payment_id=pid,
             order_id=f"ord_{key}",
             customer_id="cus_ceiling",
@@ -117,7 +121,6 @@ class _Template:
             command=messages.command(op, "authorize"),
             reply=store.StoredReply(request=req, body=self.body, location=f"/v1/payments/{pid}"),
         )
-        return (await store.submit_authorizations(pool, submissions=[submission]))[0]
 
     def naive(self, i: int) -> tuple[tuple, ...]:
         pid = messages.new_id("pay")
@@ -160,7 +163,7 @@ async def postgres(
 ) -> list[Ceiling]:
     """Each variant runs `rounds` slices of seconds/rounds, interleaved round-robin, so that a
     noisy neighbour's burst hits every variant alike; the figure is the median slice rate."""
-    template = _Template()
+    template = Template()
 
     async def same_sql(pool: asyncpg.Pool, i: int) -> None:
         row = await template.same_sql(pool)
