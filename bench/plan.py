@@ -125,6 +125,12 @@ def parse(argv: list[str] | None, doc: str) -> argparse.Namespace:
         help="offered authorizations/s at the default bank latency (default 500; target 400)",
     )
     p.add_argument(
+        "--overload-capacity",
+        type=float,
+        help="overload: take this as the capacity (authorizations/s) instead of measuring it, so "
+        "that runs compared A/B are offered the same rate (3x this)",
+    )
+    p.add_argument(
         "--max-in-flight",
         type=int,
         default=load.MAX_IN_FLIGHT,

@@ -304,7 +304,7 @@ class Bench:
 
     async def overload(self) -> None:
         seconds = self.plan.overload_seconds
-        capacity = self.capacity
+        capacity = self.args.overload_capacity or self.capacity
         if capacity is None:
             print("overload: capacity (64 clients to final), then 3x that, open loop ...")
             with self._pinned_if_asked():
