@@ -74,6 +74,7 @@ class Console(ParkedWork):
         super().__init__(pool, broker, vault, ERROR)
         self.client, self.key = client, key
         self.public: TestClient | None = None
+        self.database_url = ""
 
     @property
     def origin(self) -> str:
@@ -120,6 +121,9 @@ async def console_env(server_urls, card_key):
                         internal, pool, broker, CardVault([CardKey(SINGLE_KEY_ID, base64.b64decode(card_key))])
                     )
                     console.public = public  # the API's public port, where /v1 is
+                    # for the apps some tests start of their own: their long-poll watcher LISTENs
+                    # there, and waits 5 s at start-up for a database it cannot reach
+                    console.database_url = database_url
                     yield console
             finally:
                 await broker.close()
@@ -193,7 +197,7 @@ async def login_from(client: TestClient, address: str, key: str, user: str | Non
 
 async def test_failed_logins_are_counted_and_locked_out_per_source_and_per_name(console_env, card_key):
     # An app of its own: the names it locks out stay out of the other tests' way.
-    settings = settings_for("postgresql://postgres@127.0.0.1:1/none", "amqp://guest:guest@127.0.0.1:1/", card_key)
+    settings = settings_for(console_env.database_url, "amqp://guest:guest@127.0.0.1:1/", card_key)
     async with api_and_admin(settings, console_env.pool) as (_, client):
         wrong = "ops_key_wrong_0123456789"
         for _ in range(FREE_FAILURES):
@@ -230,7 +234,7 @@ async def test_the_console_is_not_on_the_public_port(ops):
 
 
 async def test_without_ops_keys_the_console_says_it_is_not_configured(console_env, card_key):
-    settings = settings_for("postgresql://postgres@127.0.0.1:1/none", "amqp://guest:guest@127.0.0.1:1/", card_key, None)
+    settings = settings_for(console_env.database_url, "amqp://guest:guest@127.0.0.1:1/", card_key, None)
     assert settings.ops_keys == {}
     async with api_and_admin(settings, console_env.pool) as (_, client):
         for path, headers in (("/ops/", {}), ("/ops/dead-letters", basic(ALICE)), ("/ops/x", basic(API_KEY))):
@@ -565,7 +569,7 @@ async def test_record_a_capture_id_the_bank_never_gave_us(ops):
 async def test_broker_down_the_dead_letter_pages_say_so(console_env, card_key):
     ops = console_env
     dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
-    settings = settings_for("postgresql://postgres@127.0.0.1:1/unused", dead_broker, card_key)
+    settings = settings_for(ops.database_url, dead_broker, card_key)
     async with api_and_admin(settings, ops.pool) as (_, client):
         resp = await client.get("/ops/", headers=basic(ALICE))
         text = await resp.text()
