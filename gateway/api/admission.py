@@ -162,6 +162,11 @@ class TokenBucket:
             return 0.0
         return (1 - self.tokens) / self.rate
 
+    def keep_at_most(self, seconds: float, now: float) -> None:
+        """Hold no more than `seconds` of the rate, counted up to now."""
+        self._refill(now)
+        self.tokens = min(self.tokens, self.rate * seconds)
+
     def retune(self, rate: float, now: float) -> None:
         """From now on, refill at `rate` and hold BURST_SECONDS of it."""
         self._refill(now)  # up to now at the old rate
@@ -309,7 +314,7 @@ class Admission:
         if excess >= 0:
             retry_after = self._seconds_for(excess + 1)
             if self._pace is not None:
-                self._pace.tokens = min(self._pace.tokens, self._pace.rate * PROBE_SECONDS)
+                self._pace.keep_at_most(PROBE_SECONDS, now)
         elif (
             self._pace is not None
             and (standing or self.backlog >= self.max_in_flight)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.api import middleware
-from gateway.api.admission import Admission, CompletionRate, Refused
+from gateway.api.admission import Admission, CompletionRate, Refused, TokenBucket
 
 
 class Clock:
@@ -377,3 +377,12 @@ async def test_refusals_are_logged_as_one_line_a_second_with_counts_by_reason(mo
     refusals.flush()  # at shutdown: at once, and the pending line is not written twice
     await asyncio.sleep(0.1)
     assert recorder.lines[1:] == [("requests refused for load", {"seconds": 0.05, "overload": 1})]
+
+
+def test_a_bucket_kept_to_a_few_seconds_counts_the_time_since_its_last_refill():
+    bucket = TokenBucket(100, now=0.0)  # full: 5 s of 100/s
+    for _ in range(500):
+        assert bucket.take(0.0) == 0
+    bucket.keep_at_most(0.25, now=10.0)  # 10 s refilled first, then 0.25 s of it kept
+    taken = sum(1 for _ in range(100) if bucket.take(10.0) == 0)
+    assert taken == 25
