@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -44,6 +45,7 @@ OTHER_PARTS = ("mockbank", "loadgen")
 SHARED_PARTS = ("postgres", "rabbitmq")
 IDLE_SECONDS = 2.0
 IN_PROGRESS = {"pending", "capturing", "voiding", "refunding"}
+REFUSED = (429, 503)  # refused for load
 WAIT = 30  # the long poll's ?wait=, seconds: FicMart's
 
 
@@ -165,7 +167,7 @@ async def submit(http: aiohttp.ClientSession, base: str, req: load.Request, refu
             await resp.read()
             if resp.status == 202:
                 return resp.headers["Location"].rsplit("/", 1)[-1]
-            if resp.status in (429, 503):  # refused for load: the same request again, as FicMart would
+            if resp.status in REFUSED:  # the same request again, as FicMart would
                 refusals[resp.status] += 1
                 await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
                 continue
@@ -308,15 +310,24 @@ async def capacity(system: BenchSystem, http: aiohttp.ClientSession, cards: list
     return result.rate
 
 
-def by_second(samples: list[tuple[float, int | str, str | None, float]]) -> list[tuple[int, int, float, int, float]]:
+class Answered(NamedTuple):
+    """One request of the overload, as its client saw it."""
+
+    ms: float  # from when it was due until its answer
+    status: int | str  # HTTP status, or the client exception's name
+    retry_after: str | None
+    due: float  # seconds after the window's start
+
+
+def by_second(samples: list[Answered]) -> list[tuple[int, int, float, int, float]]:
     """Per second of due time: accepted, their p99 ms, refused, their p99 ms."""
     seconds: dict[int, tuple[list[float], list[float]]] = {}
-    for ms, status, _, due in samples:
-        accepted, refused = seconds.setdefault(int(due), ([], []))
-        if status == 202:
-            accepted.append(ms)
-        elif status in (429, 503):
-            refused.append(ms)
+    for sample in samples:
+        accepted, refused = seconds.setdefault(int(sample.due), ([], []))
+        if sample.status == 202:
+            accepted.append(sample.ms)
+        elif sample.status in REFUSED:
+            refused.append(sample.ms)
     return [
         (second, len(a), pcts(a, (99,))[99] if a else 0.0, len(r), pcts(r, (99,))[99] if r else 0.0)
         for second, (a, r) in sorted(seconds.items())
@@ -333,8 +344,7 @@ async def overload(
     settle_timeout: float,
     connections: int,
 ) -> Overload:
-    # (latency ms, status, Retry-After, seconds after the start it was due)
-    samples: list[tuple[float, int | str, str | None, float]] = []
+    samples: list[Answered] = []
     accepted: list[str] = []
     late: list[float] = []  # ms each request started after it was due: the generator's own lag
 
@@ -349,7 +359,7 @@ async def overload(
                 accepted.append(answer.headers["location"].rsplit("/", 1)[-1])
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             status, retry_after = type(exc).__name__, None
-        samples.append(((time.perf_counter() - due) * 1000, status, retry_after, due - started))
+        samples.append(Answered((time.perf_counter() - due) * 1000, status, retry_after, due - started))
 
     source = load.authorize_source("over", cards)
     # FicMart's HTTP client keeps a pool of connections; a request finding none free waits
@@ -375,10 +385,10 @@ async def overload(
         await asyncio.gather(*tasks)
     await pool.close()
     result = Overload(capacity=capacity, offered=len(tasks) / sent_seconds, seconds=sent_seconds)
-    result.statuses = Counter(status for _, status, _, _ in samples)
-    result.accepted_ms = pcts([ms for ms, status, _, _ in samples if status == 202], (50, 99))
-    result.refused_ms = pcts([ms for ms, status, _, _ in samples if status in (429, 503)], (50, 99))
-    result.refusals_without_retry_after = sum(1 for _, s, ra, _ in samples if s in (429, 503) and not ra)
+    result.statuses = Counter(s.status for s in samples)
+    result.accepted_ms = pcts([s.ms for s in samples if s.status == 202], (50, 99))
+    result.refused_ms = pcts([s.ms for s in samples if s.status in REFUSED], (50, 99))
+    result.refusals_without_retry_after = sum(1 for s in samples if s.status in REFUSED and not s.retry_after)
     result.by_second = by_second(samples)
     result.accepted = len(accepted)
     result.generator_late_ms = pcts(late, (99,))[99]
