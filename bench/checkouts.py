@@ -24,8 +24,11 @@ decision and the 429 answer, all of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -131,7 +134,10 @@ class RefusalCost:
         )
 
 
-async def refusal_cost(system: BenchSystem, cards: list[dict], *, count: int) -> RefusalCost:
+async def refusal_cost(
+    system: BenchSystem, cards: list[dict], *, count: int, measuring: Callable[[], AsyncContextManager] | None = None
+) -> RefusalCost:
+    """`measuring`: entered around the measured refusals, the API restarted starved (a profiler)."""
     starving = ["--post-rate", "0.01"]  # a bucket of 0.05 tokens: every POST is refused
     system.api_args += starving
     for name in system.names("api"):
@@ -152,9 +158,10 @@ async def refusal_cost(system: BenchSystem, cards: list[dict], *, count: int) ->
 
         await asyncio.gather(*(one(i) for i in range(count // 10)))  # warm
         pid = system.pid(system.names("api")[0])
-        cpu0, started = cpu_seconds(pid) or 0.0, time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(count // 10, count // 10 + count)))
-        cpu1, seconds = cpu_seconds(pid) or 0.0, time.perf_counter() - started
+        async with measuring() if measuring else contextlib.nullcontext():
+            cpu0, started = cpu_seconds(pid) or 0.0, time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(count // 10, count // 10 + count)))
+            cpu1, seconds = cpu_seconds(pid) or 0.0, time.perf_counter() - started
         await pool.close()
     finally:
         system.api_args = system.api_args[: -len(starving)]

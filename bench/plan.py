@@ -25,7 +25,8 @@ SCENARIOS = (
 # Those that need the pipeline (relay and worker) running.
 PIPELINE = ("e2e", "capture", "latency", *CLOSED, "flash-sale", "overload", "refusal-cost")
 PROFILE_PHASE = {"api": "authorize", "worker": "e2e", "relay": "e2e", "mockbank": "e2e"}
-# --profile during a checkout scenario instead: --profile worker --scenario closed-64
+# --profile during a checkout scenario instead: --profile worker --scenario closed-64 (or the
+# refusals: --profile api --scenario refusal-cost)
 
 
 @dataclass

@@ -68,7 +68,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import aiohttp
@@ -127,8 +128,9 @@ class Bench:
     def _profiling(self, phase: str) -> bool:
         if self.args.profile is None:
             return False
-        checkouts = [s for s in self.args.chosen if s in CLOSED]
-        return phase == (checkouts[0] if checkouts else PROFILE_PHASE[self.args.profile])
+        # The first checkout scenario chosen, or the refusals, else the profiled process's own load.
+        chosen = [s for s in self.args.chosen if s in CLOSED or s == "refusal-cost"]
+        return phase == (chosen[0] if chosen else PROFILE_PHASE[self.args.profile])
 
     def _start_profile(self, phase: str) -> profiling.Recorder | None:
         if not self._profiling(phase):
@@ -140,6 +142,19 @@ class Bench:
         assert pid is not None, f"{self.args.profile} is not running"
         print(f"  py-spy attached to {self.args.profile} (pid {pid}) -> {out}")
         return profiling.Recorder(pid, out, rate=self.args.profile_rate, native=self.args.profile_native)
+
+    def _profiled(self, phase: str) -> Callable[[], AbstractAsyncContextManager] | None:
+        """A profile of `phase` to enter when its load starts, or None when it is not the one profiled."""
+        if not self._profiling(phase):
+            return None
+
+        @contextlib.asynccontextmanager
+        async def recording() -> AsyncIterator[None]:
+            recorder = self._start_profile(phase)
+            yield
+            await self._stop_profile(recorder, "POST /v1/payments, every one refused")
+
+        return recording
 
     async def _stop_profile(self, recorder: profiling.Recorder | None, title: str) -> None:
         if recorder is None:
@@ -295,7 +310,9 @@ class Bench:
 
     async def refusal_cost(self) -> None:
         print("refusal-cost: every POST refused (429), lean client, API CPU per refusal ...")
-        result = await checkouts.refusal_cost(self.system, self.cards, count=5000 if self.args.quick else 20000)
+        result = await checkouts.refusal_cost(
+            self.system, self.cards, count=5000 if self.args.quick else 20000, measuring=self._profiled("refusal-cost")
+        )
         self.shipped = None  # restarted cold
         self.report.sections.append(("THE COST OF A REFUSAL (API CPU, from /proc)", result.table()))
         self.report.data["refusal-cost"] = {"api_cpu_ms": result.api_cpu_ms, "per_second": result.per_second}
