@@ -33,6 +33,7 @@ unsampled. That costs a few microseconds per hop instead of a recorded span's te
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 
@@ -43,7 +44,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = [
@@ -151,11 +152,25 @@ class _Current:
             self._span.end()
 
 
+def _unrecorded() -> Span:
+    """A new trace's first span, recorded nowhere: fresh ids (from the process's Mersenne
+    Twister, as the SDK's id generator takes them) without the SDK's sampling, its span
+    object and their end (timeit: 4.6 against 7.0 µs per API request)."""
+    return NonRecordingSpan(
+        SpanContext(
+            trace_id=random.getrandbits(128) or 1,
+            span_id=random.getrandbits(64) or 1,
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.DEFAULT),
+        )
+    )
+
+
 def continued(headers: Mapping[str, object] | None, name: str, kind: SpanKind) -> AbstractContextManager[Span]:
     """A span (the current one inside) continuing the trace in `headers`, or starting one."""
     parent = extract(headers)
-    if parent is not None and not _exporting:
-        return _Current(parent, end=False)  # recording nothing: the trace goes on unchanged
+    if not _exporting:  # recording nothing: the trace goes on unchanged, or a new one starts
+        return _Current(parent or _unrecorded(), end=False)
     start_in = trace.set_span_in_context(parent) if parent is not None else Context()
     return _Current(_tracer.start_span(name, context=start_in, kind=kind), end=True)
 
@@ -163,6 +178,8 @@ def continued(headers: Mapping[str, object] | None, name: str, kind: SpanKind) -
 def started(headers: Mapping[str, object] | None, name: str, kind: SpanKind) -> AbstractContextManager[Span]:
     """A span starting a trace of our own (the current one inside), linked to the caller's
     span in `headers` when they name one: a request from outside."""
+    if not _exporting:  # nothing to link: the link would be recorded nowhere
+        return _Current(_unrecorded(), end=False)
     caller = extract(headers)
     links = [Link(caller.get_span_context())] if caller is not None else None
     return _Current(_tracer.start_span(name, context=Context(), kind=kind, links=links), end=True)
@@ -177,8 +194,8 @@ def traceresponse(span: Span) -> str:
 def span(name: str, kind: SpanKind = SpanKind.INTERNAL) -> AbstractContextManager[Span]:
     """A child span of the current one (the current one inside); a new trace outside any."""
     current = trace.get_current_span()
-    if not _exporting and current.get_span_context().is_valid:
-        return nullcontext(current)  # recording nothing: already current, unchanged
+    if not _exporting:  # recording nothing: the current span unchanged, or a new trace
+        return nullcontext(current) if current.get_span_context().is_valid else _Current(_unrecorded(), end=False)
     return _Current(_tracer.start_span(name, kind=kind), end=True)
 
 

@@ -93,6 +93,14 @@ class HttpMetrics:
             registry=registry,
         )
         self._children: dict[tuple[str, str, str], tuple] = {}
+        self._refused_by_reason: dict[str, Counter] = {}
+
+    def count_refused(self, reason: str) -> None:
+        # The labelled child kept: labels() costs more than the rest of counting a refusal.
+        child = self._refused_by_reason.get(reason)
+        if child is None:
+            child = self._refused_by_reason[reason] = self.refused.labels(reason)
+        child.inc()
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, str(status))
@@ -154,7 +162,7 @@ REFUSALS = web.AppKey("refusal_log", RefusalLog)
 def refused(request: web.Request, refusal: Refusal) -> web.Response:
     """The answer to a request refused for load (nothing was done: the same request may be sent
     again, with the same Idempotency-Key), counted by reason."""
-    request.app[METRICS].refused.labels(refusal.reason).inc()
+    request.app[METRICS].count_refused(refusal.reason)
     request.app[REFUSALS].add(refusal.reason)
     return error_response(
         refusal.status, refusal.code, refusal.message, headers={"Retry-After": str(refusal.retry_after)}
