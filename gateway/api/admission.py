@@ -50,7 +50,7 @@ import contextlib
 import math
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -333,17 +333,18 @@ class Admission:
             retry_after,
         )
 
-    @contextlib.asynccontextmanager
-    async def admitted(self, caller: str, *, adds_work: bool) -> AsyncIterator[None]:
-        """Hold room for a request for the duration of the block, or raise Refused before it."""
+    def admit(self, caller: str, *, adds_work: bool) -> Refusal | None:
+        """Why a new request is refused (holding nothing), or None: then it holds room until
+        release(caller). Not a context manager: a refusal for load is answered by the thousand a
+        second, and one costs less without its frames."""
         refusal = self.refusal(caller, adds_work=adds_work)
-        if refusal is not None:
-            raise Refused(refusal)
-        self.requests.add(caller, 1)
-        try:
-            yield
-        finally:
-            self.requests.add(caller, -1)
+        if refusal is None:
+            self.requests.add(caller, 1)
+        return refusal
+
+    def release(self, caller: str) -> None:
+        """The room an admitted request of `caller` held is free again."""
+        self.requests.add(caller, -1)
 
     def wait_refusal(self, caller: str) -> Refusal | None:
         """Why `caller` may not start waiting for a wake-up now, or None."""

@@ -120,13 +120,13 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def _authenticate(request: web.Request) -> str:
+def _authenticate(request: web.Request, app: web.Application) -> str:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
             401, "unauthorized", "send Authorization: Bearer <api key>", headers={"WWW-Authenticate": BEARER}
         )
-    merchant = request.app[MERCHANT].get(key_digest(token.strip()))
+    merchant = app[MERCHANT].get(key_digest(token.strip()))
     if merchant is None:
         raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": BEARER})
     return merchant
@@ -159,11 +159,11 @@ class RefusalLog:
 REFUSALS = web.AppKey("refusal_log", RefusalLog)
 
 
-def refused(request: web.Request, refusal: Refusal) -> web.Response:
+def refused(app: web.Application, refusal: Refusal) -> web.Response:
     """The answer to a request refused for load (nothing was done: the same request may be sent
     again, with the same Idempotency-Key), counted by reason."""
-    request.app[METRICS].count_refused(refusal.reason)
-    request.app[REFUSALS].add(refusal.reason)
+    app[METRICS].count_refused(refusal.reason)
+    app[REFUSALS].add(refusal.reason)
     return error_response(
         refusal.status, refusal.code, refusal.message, headers={"Retry-After": str(refusal.retry_after)}
     )
@@ -172,6 +172,7 @@ def refused(request: web.Request, refusal: Refusal) -> web.Response:
 @web.middleware
 async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
     started = time.perf_counter()
+    app = request.app  # a property that asks the route each time
     request_id = request.headers.get("X-Request-Id")
     if request_id is None or not _REQUEST_ID.match(request_id):
         request_id = new_request_id()
@@ -185,16 +186,23 @@ async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
             try:
                 path = request.path
                 if path.startswith("/v1/") or path == "/v1":
-                    merchant = request[CALLER] = _authenticate(request)
+                    merchant = request[CALLER] = _authenticate(request, app)
                     structlog.contextvars.bind_contextvars(merchant=merchant)
-                    admission = request.app[ADMISSION]
-                    async with admission.admitted(merchant, adds_work=request.method == "POST"):
-                        response = await handler(request)
+                    admission = app[ADMISSION]
+                    refusal = admission.admit(merchant, adds_work=request.method == "POST")
+                    if refusal is None:
+                        try:
+                            response = await handler(request)
+                        finally:
+                            admission.release(merchant)
+                    else:
+                        shed = True
+                        response = refused(app, refusal)
                 else:
                     response = await handler(request)
-            except Refused as exc:
+            except Refused as exc:  # by a handler: a long poll past its share
                 shed = True
-                response = refused(request, exc.refusal)
+                response = refused(app, exc.refusal)
             except ApiError as exc:
                 response = exc.response()
             except web.HTTPException as exc:
@@ -227,7 +235,7 @@ async def api_middleware(request: web.Request, handler) -> web.StreamResponse:
             return response
         finally:
             seconds = time.perf_counter() - started
-            request.app[METRICS].observe(method, route, status, seconds)
+            app[METRICS].observe(method, route, status, seconds)
             if not shed:
                 log.info("request", method=method, route=route, status=status, duration_ms=round(seconds * 1000, 2))
             structlog.contextvars.unbind_contextvars(*_CONTEXT)

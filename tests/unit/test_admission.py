@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.api import middleware
-from gateway.api.admission import Admission, CompletionRate, Refused, TokenBucket
+from gateway.api.admission import Admission, CompletionRate, TokenBucket
 
 
 class Clock:
@@ -304,14 +304,14 @@ def test_one_caller_cannot_take_another_callers_room_among_the_long_polls():
         assert greedy is not None and (greedy.status, greedy.reason) == (429, "long_polls")
 
 
-async def test_a_refused_request_holds_no_room():
+def test_an_admitted_request_holds_room_until_released_and_a_refused_one_holds_none():
     gate = admission(max_in_flight=1)
-    async with gate.admitted("a", adds_work=True):
-        assert gate.in_flight == 1
-        with pytest.raises(Refused) as refused:
-            async with gate.admitted("a", adds_work=True):
-                raise AssertionError("admitted past max_in_flight")
-        assert refused.value.refusal.reason == "overload"
+    assert gate.admit("a", adds_work=True) is None
+    assert gate.in_flight == 1
+    refused = gate.admit("a", adds_work=True)
+    assert refused is not None and refused.reason == "overload"
+    assert gate.in_flight == 1
+    gate.release("a")
     assert gate.in_flight == 0
 
 
