@@ -7,8 +7,8 @@ handling of a command needs to pass nothing for the payment's trace to go on.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -45,7 +45,9 @@ def is_events_exchange(name: str) -> bool:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    # The 128 bits uuid4 takes from the kernel, without building a UUID: 0.47 against 2.08 µs
+    # (timeit), and a payment makes several ids.
+    return f"{prefix}_{os.urandom(16).hex()}"
 
 
 # An operation id as the gateway writes them (op_ + hex) fits this; anything else in a command
