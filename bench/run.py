@@ -143,8 +143,9 @@ class Bench:
         print(f"  py-spy attached to {self.args.profile} (pid {pid}) -> {out}")
         return profiling.Recorder(pid, out, rate=self.args.profile_rate, native=self.args.profile_native)
 
-    def _profiled(self, phase: str) -> Callable[[], AbstractAsyncContextManager] | None:
-        """A profile of `phase` to enter when its load starts, or None when it is not the one profiled."""
+    def _profiled(self, phase: str, title: str) -> Callable[[], AbstractAsyncContextManager] | None:
+        """A profile of `phase` (reported as during `title`) to enter when its load starts, or
+        None when it is not the one profiled."""
         if not self._profiling(phase):
             return None
 
@@ -152,7 +153,7 @@ class Bench:
         async def recording() -> AsyncIterator[None]:
             recorder = self._start_profile(phase)
             yield
-            await self._stop_profile(recorder, "POST /v1/payments, every one refused")
+            await self._stop_profile(recorder, title)
 
         return recording
 
@@ -311,7 +312,10 @@ class Bench:
     async def refusal_cost(self) -> None:
         print("refusal-cost: every POST refused (429), lean client, API CPU per refusal ...")
         result = await checkouts.refusal_cost(
-            self.system, self.cards, count=5000 if self.args.quick else 20000, measuring=self._profiled("refusal-cost")
+            self.system,
+            self.cards,
+            count=5000 if self.args.quick else 20000,
+            measuring=self._profiled("refusal-cost", "POST /v1/payments, every one refused"),
         )
         self.shipped = None  # restarted cold
         self.report.sections.append(("THE COST OF A REFUSAL (API CPU, from /proc)", result.table()))
